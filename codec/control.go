@@ -109,7 +109,7 @@ type Control struct {
 	RID     ID      // cfg, acc, done, ack
 	Nonce   ID      // chg, ack
 	What    What    // chg
-	Mode    Mode    // chg
+	Mode    Mode    // chg; acc (always ModeSMS)
 	Code    ErrCode // err
 	Wrapped string  // sk, cfg: see Wrap
 	BKD     string  // ack: bkd of the new basic key, or "" if bk did not change
@@ -333,6 +333,9 @@ func (c *Control) Sign(id Identity, pwd []byte) ([]byte, error) {
 	}
 	if err := c.validate(); err != nil {
 		return nil, err
+	}
+	if c.Kind == KindAcc {
+		c.Mode = ModeSMS // acc always announces the SMS mode
 	}
 	prefix := c.appendPrefix(make([]byte, 0, 128+len(c.Wrapped)))
 	c.Digest = string(appendDigest(nil, c.Alg, pwd, id, id.SN, c.Kind.Topic(id.SN), prefix, c.TS))

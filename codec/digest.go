@@ -14,13 +14,19 @@ const (
 	imsiPad = 15
 )
 
-// appendDigest appends D(alg, pwd, S(a, b, prefix), ts) as lower-case hex:
+// appendDigest appends D(alg, pwd, S(a, b, prefix), ts) as lower-case hex.
+func appendDigest(dst []byte, alg Alg, pwd []byte, id Identity, a, b string, prefix []byte, ts uint32) []byte {
+	var sum [sha256.Size]byte
+	return hex.AppendEncode(dst, rawDigest(sum[:0], alg, pwd, id, a, b, prefix, ts))
+}
+
+// rawDigest appends the bytes of D(alg, pwd, S(a, b, prefix), ts):
 //
 //	md5:   MD5(S || be32(ts) || pad(IMEI,16) || pad(IMSI,15) || pwd)
 //	hs256: HMAC-SHA256(pwd, S || be32(ts) || pad(IMEI,16) || pad(IMSI,15))
 //
 // with S = a + "\n" + b + "\n" + prefix.
-func appendDigest(dst []byte, alg Alg, pwd []byte, id Identity, a, b string, prefix []byte, ts uint32) []byte {
+func rawDigest(dst []byte, alg Alg, pwd []byte, id Identity, a, b string, prefix []byte, ts uint32) []byte {
 	n := len(a) + 1 + len(b) + 1 + len(prefix) + 4 + imeiPad + imsiPad
 	msg := make([]byte, 0, n+len(pwd))
 	msg = append(msg, a...)
@@ -31,21 +37,17 @@ func appendDigest(dst []byte, alg Alg, pwd []byte, id Identity, a, b string, pre
 	msg = binary.BigEndian.AppendUint32(msg, ts)
 	msg = appendPadded(msg, id.IMEI, imeiPad)
 	msg = appendPadded(msg, id.IMSI, imsiPad)
-
-	var sum [sha256.Size]byte
-	var raw []byte
-	switch alg {
-	case MD5:
+	if alg == MD5 {
 		msg = append(msg, pwd...)
 		s := md5.Sum(msg)
-		raw = append(sum[:0], s[:]...)
-	default:
+		dst = append(dst, s[:]...)
+	} else {
 		mac := hmac.New(sha256.New, pwd)
 		mac.Write(msg)
-		raw = mac.Sum(sum[:0])
+		dst = mac.Sum(dst)
 	}
 	clear(msg) // it may hold the password
-	return hex.AppendEncode(dst, raw)
+	return dst
 }
 
 func appendPadded(dst []byte, s string, n int) []byte {
@@ -56,12 +58,36 @@ func appendPadded(dst []byte, s string, n int) []byte {
 	return dst
 }
 
-// digestEqual computes the expected digest and compares it with got in
-// constant time (for a given length).
+// digestEqual computes the expected digest and compares it with the hex
+// digest got in constant time (for a given length).
 func digestEqual(got string, alg Alg, pwd []byte, id Identity, a, b string, prefix []byte, ts uint32) bool {
-	var buf [2 * sha256.Size]byte
-	want := appendDigest(buf[:0], alg, pwd, id, a, b, prefix, ts)
-	return hmac.Equal(want, []byte(got))
+	var wantBuf, gotBuf [sha256.Size]byte
+	gotRaw, ok := decodeHex(gotBuf[:0], got)
+	want := rawDigest(wantBuf[:0], alg, pwd, id, a, b, prefix, ts)
+	return hmac.Equal(want, gotRaw) && ok
+}
+
+// decodeHex appends the bytes of the lower-case hex string s to dst; it
+// reports false for an odd length or a character that is not lower-case hex.
+func decodeHex(dst []byte, s string) ([]byte, bool) {
+	ok := len(s)%2 == 0
+	for i := 0; i+1 < len(s); i += 2 {
+		hi, ok1 := fromHex(s[i])
+		lo, ok2 := fromHex(s[i+1])
+		ok = ok && ok1 && ok2
+		dst = append(dst, hi<<4|lo)
+	}
+	return dst, ok
+}
+
+func fromHex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	}
+	return 0, false
 }
 
 // BasicKeyDigest returns bkd(alg, bk, bkexp), the digest of the basic key
@@ -69,31 +95,30 @@ func digestEqual(got string, alg Alg, pwd []byte, id Identity, a, b string, pref
 // md5: hex MD5(bk || be32(bkexp)); hs256: hex of the first 16 bytes of
 // SHA-256(bk || be32(bkexp)). Both are 32 hex digits.
 func BasicKeyDigest(alg Alg, bk []byte, bkexp uint32) string {
-	var buf [32]byte
-	return string(appendBKD(buf[:0], alg, bk, bkexp))
-}
-
-func appendBKD(dst []byte, alg Alg, bk []byte, bkexp uint32) []byte {
-	var in [BasicKeySize + 4]byte
-	msg := append(in[:0], bk...)
-	msg = binary.BigEndian.AppendUint32(msg, bkexp)
-	var sum []byte
-	if alg == MD5 {
-		s := md5.Sum(msg)
-		sum = s[:]
-	} else {
-		s := sha256.Sum256(msg)
-		sum = s[:16]
-	}
-	clear(in[:])
-	return hex.AppendEncode(dst, sum)
+	var raw [16]byte
+	return hex.EncodeToString(rawBKD(&raw, alg, bk, bkexp))
 }
 
 // BasicKeyDigestEqual reports, in constant time, whether got is
 // bkd(alg, bk, bkexp).
 func BasicKeyDigestEqual(got string, alg Alg, bk []byte, bkexp uint32) bool {
-	var buf [32]byte
-	return hmac.Equal(appendBKD(buf[:0], alg, bk, bkexp), []byte(got))
+	var want, gotBuf [16]byte
+	gotRaw, ok := decodeHex(gotBuf[:0], got)
+	return hmac.Equal(rawBKD(&want, alg, bk, bkexp), gotRaw) && ok
+}
+
+func rawBKD(out *[16]byte, alg Alg, bk []byte, bkexp uint32) []byte {
+	var in [BasicKeySize + 4]byte
+	msg := append(in[:0], bk...)
+	msg = binary.BigEndian.AppendUint32(msg, bkexp)
+	if alg == MD5 {
+		*out = md5.Sum(msg)
+	} else {
+		s := sha256.Sum256(msg)
+		copy(out[:], s[:16])
+	}
+	clear(msg)
+	return out[:]
 }
 
 // validBKD reports whether s has the form of a bkd: 32 lower-case hex digits.
