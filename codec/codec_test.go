@@ -180,6 +180,7 @@ func TestParseControlRefuses(t *testing.T) {
 		{"done fields", "M2M1.done.md5.1.0000000000000001.x." + d32, "payload"},
 		{"too few", "M2M1.done.md5", "payload"},
 		{"sk wrapped padded", "M2M1.sk.md5.1.2.0000000000000001.AAAA==." + d32, "wrapped"},
+		{"sk wrapped newline", "M2M1.sk.md5.1.2.0000000000000001.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\nA." + d32, "wrapped"},
 		{"sk wrapped short", "M2M1.sk.md5.1.2.0000000000000001.AAAA." + d32, "wrapped"},
 		{"ack bkd", "M2M1.ack.md5.0000000000000001.1.0000000000000002.abc." + d32, "bkd"},
 		{"T leading zero", "M2M1.done.md5.01.0000000000000001." + d32, "T"},
@@ -225,8 +226,9 @@ func TestParams(t *testing.T) {
 		"up=abc;upexp=1;down=abcdefgh;downexp=1",       // short password
 		"up=abcdefgh;upexp=01;down=abcdefgh;downexp=1", // leading zero
 		"bk=AAAA;bkexp=1", // short key
-		"up=abcd efgh;upexp=1;down=abcdefgh;downexp=1",   // space
-		"up=abcdefgh;upexp=1;down=abcdefgh;downexp=1;x=", // extra
+		"up=abcd efgh;upexp=1;down=abcdefgh;downexp=1",             // space
+		"up=abcdefgh;upexp=1;down=abcdefgh;downexp=1;x=",           // extra
+		"bk=0000000000000\r000000000000000000000000000000;bkexp=0", // base64 decoders skip \r: not canonical
 	}
 	for _, s := range bad {
 		if _, err := codec.ParseParams([]byte(s)); !errors.Is(err, codec.ErrMalformed) {

@@ -1,7 +1,6 @@
 package codec
 
 import (
-	"encoding/base64"
 	"strconv"
 )
 
@@ -356,6 +355,6 @@ func validWrapped(s string) bool {
 	if len(s) > MaxControlLen {
 		return false
 	}
-	b, err := base64.RawURLEncoding.Strict().DecodeString(s)
-	return err == nil && len(b) >= gcmNonceSize+gcmTagSize
+	b, ok := decodeB64([]byte(s))
+	return ok && len(b) >= gcmNonceSize+gcmTagSize
 }

@@ -81,12 +81,11 @@ func ParseParams(text []byte) (Params, error) {
 }
 
 func decodeKey(field string, v []byte) ([]byte, error) {
-	k := make([]byte, b64.DecodedLen(len(v)))
-	n, err := b64.Decode(k, v)
-	if err != nil || n != BasicKeySize {
+	k, ok := decodeB64(v)
+	if !ok || len(k) != BasicKeySize {
 		return nil, malformed(field, "want 32 bytes as unpadded base64url")
 	}
-	return k[:n], nil
+	return k, nil
 }
 
 // AppendTo appends the params text to dst. It fails if a value is missing

@@ -15,6 +15,23 @@ const (
 
 var b64 = base64.RawURLEncoding.Strict()
 
+// decodeB64 decodes canonical unpadded base64url. Unlike the encoding
+// package alone it refuses '\r' and '\n' (which the decoder skips), so that
+// only one spelling of a value parses.
+func decodeB64(s []byte) ([]byte, bool) {
+	for _, c := range s {
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return nil, false
+		}
+	}
+	out := make([]byte, b64.DecodedLen(len(s)))
+	n, err := b64.Decode(out, s)
+	if err != nil {
+		return nil, false
+	}
+	return out[:n], true
+}
+
 // NewAEAD returns AES-256-GCM under a 32-byte key. Create it once per key
 // and reuse it: GCM setup costs more than sealing a short message.
 func NewAEAD(key []byte) (cipher.AEAD, error) {
@@ -54,8 +71,8 @@ func Unwrap(key []byte, wrapped string, aad []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	raw, err := b64.DecodeString(wrapped)
-	if err != nil || len(raw) < gcmNonceSize+gcmTagSize {
+	raw, ok := decodeB64([]byte(wrapped))
+	if !ok || len(raw) < gcmNonceSize+gcmTagSize {
 		return nil, malformed("wrapped", "want unpadded base64url of nonce, ciphertext and tag")
 	}
 	plain, err := aead.Open(nil, raw[:gcmNonceSize], raw[gcmNonceSize:], aad)
