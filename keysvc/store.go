@@ -99,8 +99,8 @@ type Terminal struct {
 	Status            Status
 	RequireEncryption bool
 	Creds             Credentials
-	Pending           *Change  // at most one change in flight
-	LastCommitted     codec.ID // rid of the last committed change (0 = none), for idempotent commits
+	Pending           *Change   // at most one change in flight
+	LastCommitted     codec.ID  // rid of the last committed change (0 = none), for idempotent commits
 	Created, Updated  time.Time // UTC, second precision
 	// Version is the store's opaque check-and-set version, set by the store on
 	// read, create and update. Callers copy it, never invent it.
