@@ -163,7 +163,8 @@ type Store interface {
 	UpdateTerminal(ctx context.Context, t *Terminal) error
 	// DeleteTerminal removes the record of sn, or fails with ErrNotFound.
 	DeleteTerminal(ctx context.Context, sn string) error
-	// ListTerminals returns up to limit serial numbers greater than after, sorted.
+	// ListTerminals returns up to limit serial numbers greater than after,
+	// sorted ascending (byte order); limit <= 0 means no limit.
 	ListTerminals(ctx context.Context, after string, limit int) ([]string, error)
 
 	// GetApp returns the application called name, or ErrNotFound.
@@ -175,7 +176,7 @@ type Store interface {
 	// ListApps returns the names of all applications, sorted.
 	ListApps(ctx context.Context) ([]string, error)
 
-	// Close releases the store. Calls after Close fail with ErrUnavailable.
+	// Close releases the store. Operations after Close fail.
 	Close() error
 }
 
