@@ -1,0 +1,458 @@
+package vaultstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+// Options configure a Store. The zero value of every field but the
+// credentials is useful: Address from $VAULT_ADDR (else
+// https://127.0.0.1:8200), mount "secret", prefix "m2mguard", 5 s timeout.
+type Options struct {
+	Address string // Vault address; "" = $VAULT_ADDR
+	Mount   string // KV v2 mount; "" = "secret"
+	Prefix  string // path below the mount; "" = "m2mguard"
+
+	// Exactly one of Token and AppRole.
+	Token   string
+	AppRole *AppRole
+
+	Timeout time.Duration // per request; 0 = 5 s
+	CACert  string        // PEM file to verify Vault's TLS certificate; "" = system roots
+	Logger  *slog.Logger  // nil = slog.Default()
+}
+
+// AppRole are the credentials of an AppRole login.
+type AppRole struct {
+	MountPath string // "" = "approle"
+	RoleID    string
+	SecretID  []byte
+}
+
+// Store is a keysvc.Store on Vault KV v2. It is safe for concurrent use.
+type Store struct {
+	client *vault.Client
+	kv     *vault.KVv2
+	mount  string
+	prefix string
+	log    *slog.Logger
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var _ keysvc.Store = (*Store)(nil)
+
+// Open connects to Vault, logs in, checks that the token works and starts
+// keeping it alive (renewal; with AppRole, a new login when renewal ends).
+func Open(ctx context.Context, opts Options) (*Store, error) {
+	if (opts.Token == "") == (opts.AppRole == nil) {
+		return nil, fmt.Errorf("vaultstore: set exactly one of a token or AppRole credentials: %w", keysvc.ErrInvalid)
+	}
+	cfg := vault.DefaultConfig()
+	if cfg.Error != nil {
+		return nil, fmt.Errorf("vaultstore: config: %w", cfg.Error)
+	}
+	if opts.Address != "" {
+		cfg.Address = opts.Address
+	}
+	cfg.Timeout = opts.Timeout
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	cfg.MaxRetries = 1
+	if opts.CACert != "" {
+		if err := cfg.ConfigureTLS(&vault.TLSConfig{CACert: opts.CACert}); err != nil {
+			return nil, fmt.Errorf("vaultstore: tls: %w", err)
+		}
+	}
+	client, err := vault.NewClient(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("vaultstore: client: %w", err)
+	}
+	client.SetToken("") // never pick up $VAULT_TOKEN behind the caller's back
+	s := &Store{
+		client: client,
+		mount:  strings.Trim(opts.Mount, "/"),
+		prefix: strings.Trim(opts.Prefix, "/"),
+		log:    opts.Logger,
+	}
+	if s.mount == "" {
+		s.mount = "secret"
+	}
+	if s.prefix == "" {
+		s.prefix = "m2mguard"
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	s.kv = client.KVv2(s.mount)
+
+	var auth *vault.Secret
+	if opts.AppRole != nil {
+		if auth, err = s.appRoleLogin(ctx, opts.AppRole); err != nil {
+			return nil, err
+		}
+	} else {
+		client.SetToken(opts.Token)
+		if auth, err = s.tokenLogin(ctx, opts.Token); err != nil {
+			return nil, err
+		}
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.keepAlive(bg, auth, opts)
+	}()
+	return s, nil
+}
+
+// tokenLogin checks the token and returns it as an auth secret, the form
+// the LifetimeWatcher renews.
+func (s *Store) tokenLogin(ctx context.Context, token string) (*vault.Secret, error) {
+	self, err := s.client.Auth().Token().LookupSelfWithContext(ctx)
+	if err != nil {
+		return nil, s.wrap("log in", "auth/token/lookup-self", err)
+	}
+	renewable, _ := self.TokenIsRenewable()
+	ttl, _ := self.TokenTTL()
+	return &vault.Secret{Auth: &vault.SecretAuth{
+		ClientToken: token, Renewable: renewable, LeaseDuration: int(ttl.Seconds()),
+	}}, nil
+}
+
+func (s *Store) appRoleLogin(ctx context.Context, ar *AppRole) (*vault.Secret, error) {
+	mount := ar.MountPath
+	if mount == "" {
+		mount = "approle"
+	}
+	p := "auth/" + mount + "/login"
+	secret, err := s.client.Logical().WriteWithContext(ctx, p, map[string]any{
+		"role_id": ar.RoleID, "secret_id": string(ar.SecretID),
+	})
+	if err != nil {
+		return nil, s.wrap("log in", p, err)
+	}
+	if secret == nil || secret.Auth == nil || secret.Auth.ClientToken == "" {
+		return nil, fmt.Errorf("vaultstore: log in %s: no token in the answer: %w", p, keysvc.ErrForbidden)
+	}
+	s.client.SetToken(secret.Auth.ClientToken)
+	return secret, nil
+}
+
+// keepAlive renews the token while it is renewable. With AppRole it logs in
+// again whenever renewal ends (max TTL reached, token revoked); with a plain
+// token it can only report that the token will expire.
+func (s *Store) keepAlive(ctx context.Context, auth *vault.Secret, opts Options) {
+	backoff := time.Second
+	for {
+		renewable := auth.Auth != nil && auth.Auth.Renewable && auth.Auth.LeaseDuration > 0
+		if renewable {
+			w, err := s.client.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: auth})
+			if err == nil {
+				go w.Start()
+				err = s.watch(ctx, w)
+				w.Stop()
+				if ctx.Err() != nil {
+					return
+				}
+				s.log.Warn("vault token renewal ended", "err", errString(err))
+			}
+		}
+		if opts.AppRole == nil {
+			if !renewable {
+				s.log.Info("vault token is not renewable; it will not be renewed")
+			}
+			<-ctx.Done()
+			return
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			var err error
+			if auth, err = s.appRoleLogin(ctx, opts.AppRole); err == nil {
+				s.log.Info("vault AppRole login renewed")
+				backoff = time.Second
+				break
+			}
+			s.log.Warn("vault AppRole login failed; retrying", "err", err.Error(), "retry_in", backoff)
+			backoff = min(2*backoff, time.Minute)
+		}
+	}
+}
+
+func (s *Store) watch(ctx context.Context, w *vault.LifetimeWatcher) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-w.DoneCh():
+			return err
+		case <-w.RenewCh():
+			s.log.Debug("vault token renewed")
+		}
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "token reached its max TTL"
+	}
+	return err.Error()
+}
+
+// Close stops the token renewal. It does not revoke the token.
+func (s *Store) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Store) terminalPath(sn string) string { return path.Join(s.prefix, "terminals", sn) }
+func (s *Store) appPath(name string) string    { return path.Join(s.prefix, "apps", name) }
+
+// GetTerminal implements keysvc.Store.
+func (s *Store) GetTerminal(ctx context.Context, sn string) (*keysvc.Terminal, error) {
+	if err := codec.ValidateSN(sn); err != nil {
+		return nil, fmt.Errorf("vaultstore: get terminal: %w: %w", keysvc.ErrInvalid, err)
+	}
+	p := s.terminalPath(sn)
+	sec, err := s.kv.Get(ctx, p)
+	if err != nil {
+		return nil, s.wrap("get", p, err)
+	}
+	t, err := decodeTerminal(sec.Data, versionOf(sec))
+	if err != nil {
+		return nil, fmt.Errorf("vaultstore: get %s: %w", p, err)
+	}
+	if t.SN != sn {
+		return nil, fmt.Errorf("vaultstore: get %s: field \"sn\" names another terminal: %w", p, keysvc.ErrInvalid)
+	}
+	return t, nil
+}
+
+func versionOf(sec *vault.KVSecret) int {
+	if sec == nil || sec.VersionMetadata == nil {
+		return 0
+	}
+	return sec.VersionMetadata.Version
+}
+
+// CreateTerminal implements keysvc.Store: it writes with cas=0, which Vault
+// accepts only if the entry does not exist.
+func (s *Store) CreateTerminal(ctx context.Context, t *keysvc.Terminal) error {
+	if err := codec.ValidateSN(t.SN); err != nil {
+		return fmt.Errorf("vaultstore: create terminal: %w: %w", keysvc.ErrInvalid, err)
+	}
+	p := s.terminalPath(t.SN)
+	sec, err := s.kv.Put(ctx, p, encodeTerminal(t), vault.WithCheckAndSet(0))
+	if err != nil {
+		err = s.wrap("create", p, err)
+		if errors.Is(err, keysvc.ErrConflict) {
+			return fmt.Errorf("vaultstore: create %s: %w", p, keysvc.ErrExists)
+		}
+		return err
+	}
+	t.Version = uint64(versionOf(sec))
+	return nil
+}
+
+// UpdateTerminal implements keysvc.Store: it writes with cas=t.Version.
+func (s *Store) UpdateTerminal(ctx context.Context, t *keysvc.Terminal) error {
+	if err := codec.ValidateSN(t.SN); err != nil {
+		return fmt.Errorf("vaultstore: update terminal: %w: %w", keysvc.ErrInvalid, err)
+	}
+	p := s.terminalPath(t.SN)
+	if t.Version == 0 {
+		return fmt.Errorf("vaultstore: update %s: record was never read: %w", p, keysvc.ErrConflict)
+	}
+	sec, err := s.kv.Put(ctx, p, encodeTerminal(t), vault.WithCheckAndSet(int(t.Version)))
+	if err != nil {
+		err = s.wrap("update", p, err)
+		if errors.Is(err, keysvc.ErrConflict) && !s.exists(ctx, p) {
+			return fmt.Errorf("vaultstore: update %s: %w", p, keysvc.ErrNotFound)
+		}
+		return err
+	}
+	t.Version = uint64(versionOf(sec))
+	return nil
+}
+
+// exists reports whether an entry exists; on doubt it says yes, so that a
+// CAS conflict is never turned into a false "not found".
+func (s *Store) exists(ctx context.Context, p string) bool {
+	_, err := s.kv.GetMetadata(ctx, p)
+	return !errors.Is(s.wrap("", p, err), keysvc.ErrNotFound)
+}
+
+// DeleteTerminal implements keysvc.Store. It removes the entry with all its
+// versions (KV v2 metadata delete).
+func (s *Store) DeleteTerminal(ctx context.Context, sn string) error {
+	if err := codec.ValidateSN(sn); err != nil {
+		return fmt.Errorf("vaultstore: delete terminal: %w: %w", keysvc.ErrInvalid, err)
+	}
+	return s.delete(ctx, s.terminalPath(sn))
+}
+
+func (s *Store) delete(ctx context.Context, p string) error {
+	if _, err := s.kv.GetMetadata(ctx, p); err != nil {
+		return s.wrap("delete", p, err)
+	}
+	if err := s.kv.DeleteMetadata(ctx, p); err != nil {
+		return s.wrap("delete", p, err)
+	}
+	return nil
+}
+
+// ListTerminals implements keysvc.Store.
+func (s *Store) ListTerminals(ctx context.Context, after string, limit int) ([]string, error) {
+	keys, err := s.list(ctx, path.Join(s.prefix, "terminals"))
+	if err != nil {
+		return nil, err
+	}
+	i := sort.SearchStrings(keys, after)
+	if i < len(keys) && keys[i] == after {
+		i++
+	}
+	keys = keys[i:]
+	if limit > 0 && len(keys) > limit {
+		keys = keys[:limit]
+	}
+	return keys, nil
+}
+
+func (s *Store) list(ctx context.Context, dir string) ([]string, error) {
+	p := s.mount + "/metadata/" + dir
+	sec, err := s.client.Logical().ListWithContext(ctx, p)
+	if err != nil {
+		return nil, s.wrap("list", p, err)
+	}
+	if sec == nil || sec.Data == nil {
+		return nil, nil
+	}
+	raw, _ := sec.Data["keys"].([]any)
+	keys := make([]string, 0, len(raw))
+	for _, k := range raw {
+		if name, ok := k.(string); ok && !strings.HasSuffix(name, "/") {
+			keys = append(keys, name)
+		}
+	}
+	sort.Strings(keys)
+	return keys, nil
+}
+
+// GetApp implements keysvc.Store.
+func (s *Store) GetApp(ctx context.Context, name string) (*keysvc.App, error) {
+	if err := validateAppName(name); err != nil {
+		return nil, err
+	}
+	p := s.appPath(name)
+	sec, err := s.kv.Get(ctx, p)
+	if err != nil {
+		return nil, s.wrap("get", p, err)
+	}
+	a, err := decodeApp(sec.Data)
+	if err != nil {
+		return nil, fmt.Errorf("vaultstore: get %s: %w", p, err)
+	}
+	return a, nil
+}
+
+// PutApp implements keysvc.Store.
+func (s *Store) PutApp(ctx context.Context, a *keysvc.App) error {
+	if err := validateAppName(a.Name); err != nil {
+		return err
+	}
+	p := s.appPath(a.Name)
+	if _, err := s.kv.Put(ctx, p, encodeApp(a)); err != nil {
+		return s.wrap("put", p, err)
+	}
+	return nil
+}
+
+// DeleteApp implements keysvc.Store.
+func (s *Store) DeleteApp(ctx context.Context, name string) error {
+	if err := validateAppName(name); err != nil {
+		return err
+	}
+	return s.delete(ctx, s.appPath(name))
+}
+
+// ListApps implements keysvc.Store.
+func (s *Store) ListApps(ctx context.Context) ([]string, error) {
+	return s.list(ctx, path.Join(s.prefix, "apps"))
+}
+
+// validateAppName keeps application names to one path segment.
+func validateAppName(name string) error {
+	ok := len(name) >= 1 && len(name) <= 64
+	for i := 0; ok && i < len(name); i++ {
+		c := name[i]
+		ok = '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || c == '-' || c == '_' || c == '.'
+	}
+	if !ok || name == "." || name == ".." {
+		return fmt.Errorf("vaultstore: application name: want 1 to 64 of [A-Za-z0-9._-]: %w", keysvc.ErrInvalid)
+	}
+	return nil
+}
+
+// wrap turns a Vault client error into one that wraps a keysvc sentinel
+// and names the operation and path (never a token or a secret).
+func (s *Store) wrap(op, p string, err error) error {
+	if err == nil {
+		return nil
+	}
+	kind, detail := keysvc.ErrUnavailable, "vault unreachable"
+	var re *vault.ResponseError
+	var ue *url.Error
+	var ne net.Error
+	switch {
+	case errors.Is(err, vault.ErrSecretNotFound):
+		kind, detail = keysvc.ErrNotFound, "no such entry"
+	case errors.As(err, &re):
+		detail = strings.Join(re.Errors, "; ")
+		switch {
+		case re.StatusCode == http.StatusNotFound:
+			kind = keysvc.ErrNotFound
+		case re.StatusCode == http.StatusForbidden:
+			kind, detail = keysvc.ErrForbidden, "permission denied (token invalid, expired or without a policy for this path)"
+		case re.StatusCode == http.StatusBadRequest && strings.Contains(detail, "check-and-set"):
+			kind = keysvc.ErrConflict
+		case re.StatusCode == http.StatusServiceUnavailable:
+			kind, detail = keysvc.ErrUnavailable, "vault is sealed or not ready: "+detail
+		case re.StatusCode >= 500 || re.StatusCode == http.StatusTooManyRequests:
+			kind = keysvc.ErrUnavailable
+		default:
+			kind = keysvc.ErrInvalid
+		}
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		detail = "timed out"
+	case errors.As(err, &ne), errors.As(err, &ue), errors.Is(err, os.ErrDeadlineExceeded):
+		detail = "vault unreachable"
+	}
+	if op == "" {
+		return fmt.Errorf("vaultstore: %s: %s: %w", p, detail, kind)
+	}
+	return fmt.Errorf("vaultstore: %s %s: %s: %w", op, p, detail, kind)
+}
