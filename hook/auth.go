@@ -1,0 +1,302 @@
+package hook
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+// Refusal reasons, as they appear in logs and in the reason label of
+// m2mguard_logins_total.
+const (
+	reasonMalformed   = "malformed"
+	reasonUnknown     = "unknown-terminal"
+	reasonBinding     = "binding-mismatch"
+	reasonAlg         = "alg-mismatch"
+	reasonSkew        = "skew"
+	reasonReplay      = "replay"
+	reasonDigest      = "bad-digest"
+	reasonThrottled   = "throttled"
+	reasonExpired     = "expired"
+	reasonDisabled    = "disabled"
+	reasonUnavailable = "store-unavailable"
+	reasonBadApp      = "bad-application-credentials"
+	reasonAnonymous   = "anonymous"
+)
+
+// dummyUp is verified against when the terminal is unknown, so that an
+// unknown sn costs the same work as a known one.
+var dummyUp = []byte("m2mguard-dummy-password")
+
+// authenticate runs the checks of SPEC section 3 and returns the new
+// session, or nil and the CONNACK code of the refusal.
+func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packets.Code) {
+	clientID := pk.Connect.ClientIdentifier
+	username := string(pk.Connect.Username)
+	addr := remoteHost(cl.Net.Remote)
+	// ClientIDs that are valid serial numbers belong to terminals: nobody
+	// else can take over a terminal's session (mochi lets a new connection
+	// take over any ClientID).
+	if codec.ValidateSN(clientID) == nil {
+		return h.authTerminal(cl, clientID, username, pk.Connect.Password, addr)
+	}
+	if !pk.Connect.UsernameFlag || username == "" {
+		h.refused("", addr, reasonAnonymous, "client_id", clientID)
+		return nil, packets.ErrBadUsernameOrPassword
+	}
+	return h.authApp(cl, username, pk.Connect.Password, addr)
+}
+
+func remoteHost(remote string) string {
+	if host, _, err := net.SplitHostPort(remote); err == nil {
+		return host
+	}
+	return remote
+}
+
+// refused records a refusal: a security event and the metric.
+func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
+	h.metrics.logins.WithLabelValues("refused", reason).Inc()
+	h.event(slog.LevelWarn, "login_refused", append([]any{"sn", sn, "remote", addr, "reason", reason}, attrs...)...)
+}
+
+func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
+	now := h.opts.Now()
+	tk := throttleKey{id: sn, addr: addr}
+	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
+		h.refused(sn, addr, reason, attrs...)
+		if d := h.throttle.fail(tk, now); d > 0 {
+			time.Sleep(d)
+		}
+		return nil, code
+	}
+
+	// 1. Every field parses.
+	l, err := codec.ParseLogin(sn, username, password)
+	if err != nil {
+		field := ""
+		var cerr *codec.Error
+		if errors.As(err, &cerr) {
+			field = cerr.Field
+		}
+		return fail(reasonMalformed, packets.ErrBadUsernameOrPassword, "field", field)
+	}
+	// 8 (checked before the digest, so that the answer to a throttled
+	// address never says whether its guess was right).
+	if h.throttle.blocked(tk, now) {
+		h.metrics.throttled.Inc()
+		h.refused(sn, addr, reasonThrottled)
+		return nil, packets.ErrBanned
+	}
+	// 2. The terminal exists.
+	ctx, cancel := h.ctx()
+	defer cancel()
+	start := time.Now()
+	t, err := h.reg.Lookup(ctx, sn)
+	h.metrics.storeLatency.WithLabelValues("lookup").Observe(time.Since(start).Seconds())
+	switch {
+	case errors.Is(err, keysvc.ErrNotFound):
+		l.Verify(dummyUp) // same work as for a known terminal
+		return fail(reasonUnknown, packets.ErrBadUsernameOrPassword)
+	case err != nil:
+		h.refused(sn, addr, reasonUnavailable, "err", err.Error())
+		return nil, packets.ErrServerUnavailable
+	}
+	// 3. The binding sn ↔ IMEI ↔ IMSI.
+	imeiChanged, imsiChanged := l.IMEI != t.IMEI, l.IMSI != t.IMSI
+	if imeiChanged || imsiChanged {
+		changed := "imsi" // SIM moved to another device
+		switch {
+		case imeiChanged && imsiChanged:
+			changed = "imei+imsi"
+		case imeiChanged:
+			changed = "imei" // device swapped
+		}
+		h.metrics.binding.WithLabelValues(changed).Inc()
+		h.event(slog.LevelWarn, "binding_mismatch", "sn", sn, "remote", addr, "changed", changed)
+		l.Verify(dummyUp)
+		return fail(reasonBinding, packets.ErrBadUsernameOrPassword, "changed", changed)
+	}
+	// 4. No downgrade.
+	if l.Alg != t.Alg {
+		return fail(reasonAlg, packets.ErrBadUsernameOrPassword, "alg", l.Alg.String())
+	}
+	// 5. Clock skew.
+	if d := now.Sub(time.Unix(int64(l.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
+		return fail(reasonSkew, packets.ErrBadUsernameOrPassword)
+	}
+	// 6. Replay of an accepted (sn, nonce).
+	rk := replayKey{sn: sn, nonce: uint64(l.Nonce)}
+	if h.replay.seen(rk, now) {
+		h.metrics.replays.WithLabelValues("login").Inc()
+		return fail(reasonReplay, packets.ErrBadUsernameOrPassword)
+	}
+	// 7. The digest, with up or with the pending new up (which commits).
+	switch t.MatchUplink(l.Verify) {
+	case keysvc.MatchNone:
+		return fail(reasonDigest, packets.ErrBadUsernameOrPassword)
+	case keysvc.MatchPending:
+		rid := t.Pending.RID
+		committed, err := h.reg.CommitChange(ctx, sn, rid)
+		if err != nil {
+			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
+			return nil, packets.ErrServerUnavailable
+		}
+		h.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", "login")
+		t = committed
+	}
+	h.replay.add(rk, now)
+	h.throttle.succeed(tk)
+	// 9. Expiry of up, with the grace period.
+	if t.Creds.UpExp != codec.Never {
+		expired := time.Unix(int64(t.Creds.UpExp), 0)
+		if now.After(expired.Add(h.opts.Grace)) {
+			return fail(reasonExpired, packets.ErrBadUsernameOrPassword)
+		}
+		if now.After(expired) {
+			h.startExpiryChange(sn)
+		}
+	}
+	// 10. Active.
+	if t.Status != keysvc.StatusActive {
+		h.refused(sn, addr, reasonDisabled)
+		return nil, packets.ErrNotAuthorized
+	}
+
+	s := newTerminalSession(t)
+	if l.WantsSessionKey() {
+		h.issueKey(s, t, l.BKD, now)
+	}
+	h.restrictTerminal(cl, s)
+	h.metrics.logins.WithLabelValues("accepted", "").Inc()
+	h.metrics.sessions.WithLabelValues(s.kind.String()).Inc()
+	h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
+		"session_key", s.aead != nil, "protocol", cl.Properties.ProtocolVersion)
+	return s, packets.CodeSuccess
+}
+
+// startExpiryChange asks the key service for a change of the passwords of
+// a terminal whose up expired inside the grace period.
+func (h *Hook) startExpiryChange(sn string) {
+	ctx, cancel := h.ctx()
+	defer cancel()
+	_, err := h.reg.StartChange(ctx, sn, keysvc.ChangeRequest{What: codec.WhatPwd, Mode: codec.ModeCipher, Origin: "expiry"})
+	switch {
+	case err == nil:
+		h.event(slog.LevelInfo, "change_started", "sn", sn, "origin", "expiry", "what", "pwd")
+	case errors.Is(err, keysvc.ErrBusy):
+	default:
+		h.event(slog.LevelWarn, "change_start_failed", "sn", sn, "origin", "expiry", "err", err.Error())
+	}
+}
+
+// issueKey prepares the key-topic message of a login with flag 01: a
+// session key wrapped under bk if bkd matches and bk is valid, else err
+// bk-mismatch or bk-expired (SPEC section 5).
+func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Time) {
+	T := uint32(now.Unix())
+	msg := codec.Control{Alg: t.Alg, TS: T}
+	bkValid := t.Creds.BKExp == codec.Never || now.Before(time.Unix(int64(t.Creds.BKExp), 0))
+	switch {
+	case !codec.BasicKeyDigestEqual(bkd, t.Alg, t.Creds.BK, t.Creds.BKExp):
+		msg.Kind, msg.Code = codec.KindErr, codec.CodeBKMismatch
+	case !bkValid:
+		msg.Kind, msg.Code = codec.KindErr, codec.CodeBKExpired
+	default:
+		if err := h.newSessionKey(s, t, &msg, now); err != nil {
+			h.event(slog.LevelWarn, "session_key_failed", "sn", s.sn, "err", err.Error())
+			return
+		}
+	}
+	payload, err := msg.Sign(s.id, t.Creds.Down)
+	if err != nil {
+		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
+		return
+	}
+	s.keyMsg = payload
+	if msg.Kind == codec.KindErr {
+		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
+	}
+}
+
+func (h *Hook) newSessionKey(s *session, t *keysvc.Terminal, msg *codec.Control, now time.Time) error {
+	ctx, cancel := h.ctx()
+	defer cancel()
+	ks, err := h.reg.NewSessionKey(ctx, s.sn)
+	if err != nil {
+		return err
+	}
+	defer clear(ks)
+	var sid [8]byte
+	if _, err := h.opts.Rand.Read(sid[:]); err != nil {
+		return err
+	}
+	s.sid = codec.ID(uint64(sid[0])<<56 | uint64(sid[1])<<48 | uint64(sid[2])<<40 | uint64(sid[3])<<32 |
+		uint64(sid[4])<<24 | uint64(sid[5])<<16 | uint64(sid[6])<<8 | uint64(sid[7]))
+	wrapped, err := codec.WrapSessionKey(t.Creds.BK, s.sn, s.sid, ks, h.opts.Rand)
+	if err != nil {
+		return err
+	}
+	aead, err := codec.NewAEAD(ks)
+	if err != nil {
+		return err
+	}
+	s.aead = aead
+	s.exp = now.Add(h.opts.SessionLifetime)
+	msg.Kind, msg.Exp, msg.SID, msg.Wrapped = codec.KindSK, uint32(s.exp.Unix()), s.sid, wrapped
+	h.metrics.keysIssued.Inc()
+	h.event(slog.LevelInfo, "session_key_issued", "sn", s.sn, "sid", s.sid.String(), "exp", s.exp.Unix())
+	return nil
+}
+
+// restrictTerminal applies the per-connection rules of a terminal: no
+// outbound topic aliases (downlink envelopes need the topic name for their
+// AAD), and no will message outside what the terminal may publish.
+func (h *Hook) restrictTerminal(cl *mqtt.Client, s *session) {
+	cl.Properties.Props.TopicAliasMaximum = 0
+	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
+		h.event(slog.LevelWarn, "will_refused", "sn", s.sn)
+		cl.Properties.Will = mqtt.Will{}
+	}
+}
+
+func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr string) (*session, packets.Code) {
+	now := h.opts.Now()
+	tk := throttleKey{id: "app:" + name, addr: addr}
+	if h.throttle.blocked(tk, now) {
+		h.metrics.throttled.Inc()
+		h.refused("", addr, reasonThrottled, "app", name)
+		return nil, packets.ErrBanned
+	}
+	ctx, cancel := h.ctx()
+	defer cancel()
+	app, err := h.reg.VerifyApp(ctx, name, password)
+	if err != nil {
+		if errors.Is(err, keysvc.ErrUnavailable) {
+			h.refused("", addr, reasonUnavailable, "app", name, "err", err.Error())
+			return nil, packets.ErrServerUnavailable
+		}
+		h.refused("", addr, reasonBadApp, "app", name)
+		if d := h.throttle.fail(tk, now); d > 0 {
+			time.Sleep(d)
+		}
+		return nil, packets.ErrBadUsernameOrPassword
+	}
+	h.throttle.succeed(tk)
+	s := &session{kind: kindApp, app: app}
+	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
+		h.event(slog.LevelWarn, "will_refused", "app", name)
+		cl.Properties.Will = mqtt.Will{}
+	}
+	h.metrics.logins.WithLabelValues("accepted", "").Inc()
+	h.metrics.sessions.WithLabelValues(s.kind.String()).Inc()
+	h.event(slog.LevelInfo, "login_accepted", "app", name, "remote", addr, "protocol", cl.Properties.ProtocolVersion)
+	return s, packets.CodeSuccess
+}

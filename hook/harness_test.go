@@ -1,0 +1,214 @@
+package hook_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+)
+
+// passwordLifetime is the life of the passwords the test key service
+// generates.
+const passwordLifetime = 30 * 24 * time.Hour
+
+// env is a real mochi broker with the hook on a loopback port, backed by the
+// key service on the embedded store.
+type env struct {
+	t       *testing.T
+	svc     *keysvc.Service
+	server  *mqtt.Server
+	hook    *hook.Hook
+	addr    string // host:port
+	logs    *syncBuffer
+	metrics *prometheus.Registry
+	clock   *clock
+	secrets [][]byte // every secret handed out, for the log scan
+}
+
+type clock struct{ offset atomic.Int64 }
+
+func (c *clock) now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *clock) advance(d time.Duration) { c.offset.Add(int64(d)) }
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func newEnv(t *testing.T, tune func(*hook.Options)) *env {
+	t.Helper()
+	e := &env{t: t, logs: &syncBuffer{}, metrics: prometheus.NewRegistry(), clock: &clock{}}
+	key := make([]byte, 32)
+	rand.Read(key)
+	store, err := boltstore.Open(filepath.Join(t.TempDir(), "m2mguard.db"), boltstore.Options{MasterKey: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	e.svc, err = keysvc.New(keysvc.Options{
+		Store: store, Now: e.clock.now, PasswordLifetime: passwordLifetime,
+		AppHash: keysvc.AppHashParams{Time: 1, Memory: 1024},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.server = mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.NewTextHandler(e.logs, nil))})
+	opts := hook.Options{
+		Registry: e.svc, Server: e.server, Now: e.clock.now, Registerer: e.metrics,
+		Logger:   slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Throttle: hook.ThrottleOptions{Free: 3, Base: time.Hour},
+	}
+	if tune != nil {
+		tune(&opts)
+	}
+	e.hook, err = hook.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.server.AddHook(e.hook, nil); err != nil {
+		t.Fatal(err)
+	}
+	tcp := listeners.NewTCP(listeners.Config{ID: "tcp", Address: "127.0.0.1:0"})
+	if err := e.server.AddListener(tcp); err != nil {
+		t.Fatal(err)
+	}
+	go e.server.Serve()
+	t.Cleanup(func() { e.server.Close() })
+	e.addr = tcp.Address()
+	t.Cleanup(e.scanLogs)
+	return e
+}
+
+// scanLogs fails the test if any secret handed out appears in the logs.
+func (e *env) scanLogs() {
+	logs := e.logs.String()
+	for _, s := range e.secrets {
+		if len(s) >= 8 && (strings.Contains(logs, string(s)) || strings.Contains(logs, fmtHex(s))) {
+			e.t.Errorf("a secret appears in the log output")
+		}
+	}
+}
+
+func fmtHex(b []byte) string {
+	const digits = "0123456789abcdef"
+	out := make([]byte, 0, 2*len(b))
+	for _, c := range b {
+		out = append(out, digits[c>>4], digits[c&15])
+	}
+	return string(out)
+}
+
+// register adds a terminal and returns the terminal as SPEC sees it.
+func (e *env) register(sn string, alg codec.Alg) specTerminal {
+	e.t.Helper()
+	term, err := e.svc.Register(context.Background(), keysvc.RegisterRequest{
+		SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: alg,
+	})
+	if err != nil {
+		e.t.Fatalf("register %s: %v", sn, err)
+	}
+	return e.spec(term)
+}
+
+func (e *env) spec(term *keysvc.Terminal) specTerminal {
+	e.secrets = append(e.secrets, term.Creds.Up, term.Creds.Down, term.Creds.BK)
+	return specTerminal{
+		sn: term.SN, imei: term.IMEI, imsi: term.IMSI, alg: term.Alg.String(),
+		up: string(term.Creds.Up), down: string(term.Creds.Down), bk: term.Creds.BK, bkexp: term.Creds.BKExp,
+	}
+}
+
+// login returns a fresh password for now.
+func (e *env) login(term specTerminal, wantKey bool) []byte {
+	var n [8]byte
+	rand.Read(n[:])
+	nonce := uint64(n[0])<<56 | uint64(n[1])<<48 | uint64(n[2])<<40 | uint64(n[3])<<32 | uint64(n[4])<<24 | uint64(n[5])<<16 | uint64(n[6])<<8 | uint64(n[7])
+	return []byte(term.password(wantKey, uint32(e.clock.now().Unix()), nonce))
+}
+
+// pahoConnect connects a 3.1.1 paho client and returns it with the CONNACK
+// return code.
+func (e *env) pahoConnect(clientID, username string, password []byte, clean bool, onMsg paho.MessageHandler) (paho.Client, byte) {
+	e.t.Helper()
+	o := paho.NewClientOptions().AddBroker("tcp://" + e.addr).SetClientID(clientID).
+		SetUsername(username).SetPassword(string(password)).SetCleanSession(clean).
+		SetAutoReconnect(false).SetConnectRetry(false).SetProtocolVersion(4).
+		SetConnectTimeout(5 * time.Second).SetDefaultPublishHandler(onMsg)
+	c := paho.NewClient(o)
+	tok := c.Connect()
+	tok.WaitTimeout(5 * time.Second)
+	ct := tok.(*paho.ConnectToken)
+	if ct.ReturnCode() == 0 && tok.Error() == nil {
+		e.t.Cleanup(func() { c.Disconnect(50) })
+	}
+	return c, ct.ReturnCode()
+}
+
+// addApp registers an application with the default reach.
+func (e *env) addApp(name string) []byte {
+	e.t.Helper()
+	pw := []byte("app-password-" + name)
+	if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: name, Password: pw}); err != nil {
+		e.t.Fatalf("add app: %v", err)
+	}
+	e.secrets = append(e.secrets, pw)
+	return pw
+}
+
+func (e *env) counter(name string, labels ...string) float64 {
+	e.t.Helper()
+	mfs, err := e.metrics.Gather()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var total float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				found := false
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+						found = true
+					}
+				}
+				if !found {
+					continue next
+				}
+			}
+			total += m.GetCounter().GetValue()
+		}
+	}
+	return total
+}

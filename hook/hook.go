@@ -1,0 +1,256 @@
+// Package hook makes a mochi-mqtt v2 server an M2M1 platform (SPEC.md
+// sections 3 to 6): it authenticates terminals and applications at CONNECT,
+// enforces the topic rules of section 4, issues session keys, and opens and
+// seals the data envelopes of section 6.
+//
+// An embedder adds it with a few lines:
+//
+//	server := mqtt.New(&mqtt.Options{InlineClient: true})
+//	h, err := hook.New(hook.Options{Registry: svc, Server: server})
+//	if err != nil { ... }
+//	server.AddHook(h, nil)
+//
+// Add no other auth or ACL hook beside it: mochi ORs their answers, so an
+// allow-all hook would open every door this one closes.
+package hook
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+// Registry is what the hook needs of the key service; *keysvc.Service
+// implements it. Lookup is called on every terminal CONNECT and must be
+// served from a cache.
+type Registry interface {
+	Lookup(ctx context.Context, sn string) (*keysvc.Terminal, error)
+	CommitChange(ctx context.Context, sn string, rid codec.ID) (*keysvc.Terminal, error)
+	StartChange(ctx context.Context, sn string, req keysvc.ChangeRequest) (*keysvc.Change, error)
+	NewSessionKey(ctx context.Context, sn string) ([]byte, error)
+	VerifyApp(ctx context.Context, name string, password []byte) (*keysvc.App, error)
+}
+
+// Options configure a Hook. Registry and Server are required; every other
+// zero value means the default of SPEC.md.
+type Options struct {
+	Registry Registry
+	Server   *mqtt.Server // the server the hook is added to: key delivery and session ends go through it
+
+	Skew            time.Duration // allowed |now - ts| at login; 0 = 300 s
+	Grace           time.Duration // login still allowed after up expired; 0 = 7 days
+	SessionLifetime time.Duration // a session key's life (exp - T); 0 = 24 h
+	StoreTimeout    time.Duration // per registry call; 0 = 2 s
+	Throttle        ThrottleOptions
+
+	// MaxEnvelopeFailures is how many envelopes of one session may fail
+	// before the session is ended; 0 = 3.
+	MaxEnvelopeFailures int
+
+	Now        func() time.Time      // nil = time.Now
+	Rand       io.Reader             // nil = crypto/rand.Reader
+	Logger     *slog.Logger          // security events; nil = slog.Default()
+	Registerer prometheus.Registerer // metrics; nil = a private registry, see Hook.Gatherer
+}
+
+// Hook is the M2M1 platform hook. Create it with New.
+type Hook struct {
+	mqtt.HookBase
+	opts     Options
+	reg      Registry
+	server   *mqtt.Server
+	log      *slog.Logger
+	metrics  *metrics
+	gatherer prometheus.Gatherer
+
+	sessions sync.Map // *mqtt.Client → *session, for every authenticated client
+	replay   *replayCache
+	throttle *throttle
+}
+
+// New validates the options and returns the hook.
+func New(opts Options) (*Hook, error) {
+	if opts.Registry == nil || opts.Server == nil {
+		return nil, errors.New("hook: Options.Registry and Options.Server are required")
+	}
+	if opts.Skew <= 0 {
+		opts.Skew = 300 * time.Second
+	}
+	if opts.Grace <= 0 {
+		opts.Grace = 7 * 24 * time.Hour
+	}
+	if opts.SessionLifetime <= 0 {
+		opts.SessionLifetime = 24 * time.Hour
+	}
+	if opts.StoreTimeout <= 0 {
+		opts.StoreTimeout = 2 * time.Second
+	}
+	if opts.MaxEnvelopeFailures <= 0 {
+		opts.MaxEnvelopeFailures = 3
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Rand == nil {
+		opts.Rand = rand.Reader
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	opts.Throttle = opts.Throttle.withDefaults()
+	h := &Hook{
+		opts:     opts,
+		reg:      opts.Registry,
+		server:   opts.Server,
+		log:      opts.Logger,
+		replay:   newReplayCache(2 * opts.Skew),
+		throttle: newThrottle(opts.Throttle),
+	}
+	registerer := opts.Registerer
+	if registerer == nil {
+		r := prometheus.NewRegistry()
+		registerer, h.gatherer = r, r
+	}
+	m, err := newMetrics(registerer, opts.Registry)
+	if err != nil {
+		return nil, fmt.Errorf("hook: metrics: %w", err)
+	}
+	h.metrics = m
+	return h, nil
+}
+
+// ID names the hook to mochi.
+func (h *Hook) ID() string { return "m2mguard" }
+
+// Provides lists the events the hook handles.
+func (h *Hook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
+		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnWill:
+		return true
+	}
+	return false
+}
+
+// Gatherer returns the private metrics registry when Options.Registerer was
+// nil (serve it on /metrics), else nil.
+func (h *Hook) Gatherer() prometheus.Gatherer { return h.gatherer }
+
+func (h *Hook) session(cl *mqtt.Client) *session {
+	s, ok := h.sessions.Load(cl)
+	if !ok {
+		return nil
+	}
+	return s.(*session)
+}
+
+// event logs a security event. Attributes never carry secrets.
+func (h *Hook) event(level slog.Level, name string, attrs ...any) {
+	h.log.Log(context.Background(), level, "m2mguard "+name, append([]any{"event", name}, attrs...)...)
+}
+
+// refuse answers a CONNECT with the CONNACK code and closes the
+// connection. Under MQTT 3.1.1 every refusal is 0x05 (SPEC section 3).
+func (h *Hook) refuse(cl *mqtt.Client, code packets.Code) error {
+	if cl.Properties.ProtocolVersion < 5 {
+		code = packets.ErrBadUsernameOrPassword // sent as 3.1.1's 0x05 not authorized
+	}
+	if err := h.server.SendConnack(cl, code, false, nil); err != nil {
+		return fmt.Errorf("hook: connack: %w", err)
+	}
+	return code
+}
+
+// OnConnect authenticates the client. It runs before
+// OnConnectAuthenticate so that it can choose the CONNACK code of a
+// refusal (0x86, 0x87 or 0x8A under MQTT 5); a refused client gets its
+// CONNACK here and the connection is closed.
+func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	s, code := h.authenticate(cl, pk)
+	if s == nil {
+		return h.refuse(cl, code)
+	}
+	h.sessions.Store(cl, s)
+	return nil
+}
+
+// OnConnectAuthenticate accepts exactly the clients OnConnect authenticated.
+func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	return h.session(cl) != nil
+}
+
+// OnSessionEstablished delivers a waiting key message to a terminal that
+// is already subscribed to its key topic from an earlier persistent
+// session, and arms the end of the session at the key's exp.
+func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	s := h.session(cl)
+	if s == nil || s.kind != kindTerminal {
+		return
+	}
+	if !s.exp.IsZero() {
+		d := s.exp.Sub(h.opts.Now())
+		s.timer = time.AfterFunc(d, func() {
+			h.event(slog.LevelInfo, "session_expired", "sn", s.sn, "sid", s.sid.String())
+			h.server.DisconnectClient(cl, packets.ErrMaxConnectTime)
+		})
+	}
+	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
+		h.deliverKey(cl, s)
+	}
+}
+
+// OnSubscribed delivers the waiting key message once the terminal has
+// subscribed to its key topic.
+func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	s := h.session(cl)
+	if s == nil || s.kind != kindTerminal {
+		return
+	}
+	for i, f := range pk.Filters {
+		if f.Filter == s.keyTopic && i < len(reasonCodes) && reasonCodes[i] < 0x80 {
+			h.deliverKey(cl, s)
+		}
+	}
+}
+
+// deliverKey writes the session's sk or err message to the terminal, once.
+func (h *Hook) deliverKey(cl *mqtt.Client, s *session) {
+	if s.keyMsg == nil || !s.keyDelivered.CompareAndSwap(false, true) {
+		return
+	}
+	err := cl.WritePacket(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish},
+		TopicName:   s.keyTopic,
+		Payload:     s.keyMsg,
+	})
+	if err != nil {
+		h.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
+	}
+}
+
+// OnDisconnect forgets the client's session.
+func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if s := h.session(cl); s != nil {
+		if s.timer != nil {
+			s.timer.Stop()
+		}
+		h.sessions.Delete(cl)
+		h.metrics.sessions.WithLabelValues(s.kind.String()).Dec()
+	}
+}
+
+func (h *Hook) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), h.opts.StoreTimeout)
+}

@@ -1,0 +1,78 @@
+package hook
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+// metrics are the hook's Prometheus collectors, all prefixed m2mguard_.
+type metrics struct {
+	logins           *prometheus.CounterVec   // result, reason
+	binding          *prometheus.CounterVec   // changed
+	replays          *prometheus.CounterVec   // kind: login, envelope, control
+	throttled        prometheus.Counter       //
+	keysIssued       prometheus.Counter       //
+	envelopeFailures *prometheus.CounterVec   // direction, reason
+	storeLatency     *prometheus.HistogramVec // op
+	sessions         *prometheus.GaugeVec     // kind
+}
+
+// cacheStatser is implemented by registries with a read cache
+// (*keysvc.Service); the hook then exports its hit ratio.
+type cacheStatser interface {
+	CacheStats() keysvc.CacheStats
+}
+
+func hitRatio(c cacheStatser) func() float64 {
+	return func() float64 {
+		st := c.CacheStats()
+		total := st.Hits + st.Misses + st.Stale + st.FailClosed
+		if total == 0 {
+			return 0
+		}
+		return float64(st.Hits) / float64(total)
+	}
+}
+
+func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
+	m := &metrics{
+		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_logins_total", Help: "CONNECT attempts by result and refusal reason.",
+		}, []string{"result", "reason"}),
+		binding: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_binding_events_total", Help: "Logins whose IMEI or IMSI differ from the stored binding, by what changed.",
+		}, []string{"changed"}),
+		replays: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_replays_total", Help: "Replayed logins, envelopes and control messages.",
+		}, []string{"kind"}),
+		throttled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "m2mguard_throttled_total", Help: "Logins refused because their identity and address are throttled.",
+		}),
+		keysIssued: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "m2mguard_session_keys_issued_total", Help: "Session keys issued.",
+		}),
+		envelopeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_envelope_failures_total", Help: "Data envelopes dropped, by direction and reason.",
+		}, []string{"direction", "reason"}),
+		storeLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "m2mguard_store_latency_seconds", Help: "Key service calls made by the hook.",
+			Buckets: []float64{1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1, 2},
+		}, []string{"op"}),
+		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "m2mguard_sessions", Help: "Authenticated connections by kind.",
+		}, []string{"kind"}),
+	}
+	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions}
+	if c, ok := reg.(cacheStatser); ok {
+		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "m2mguard_cache_hit_ratio", Help: "Share of terminal lookups served fresh from the key service cache.",
+		}, hitRatio(c)))
+	}
+	for _, c := range cs {
+		if err := r.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

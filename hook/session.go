@@ -1,0 +1,67 @@
+package hook
+
+import (
+	"crypto/cipher"
+	"sync/atomic"
+	"time"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+type clientKind uint8
+
+const (
+	kindTerminal clientKind = iota + 1
+	kindApp
+)
+
+func (k clientKind) String() string {
+	if k == kindTerminal {
+		return "terminal"
+	}
+	return "application"
+}
+
+// session is what the hook knows of one authenticated connection. Fields
+// set at login are read-only afterwards; the rest are atomics or belong to
+// the connection's read goroutine.
+type session struct {
+	kind clientKind
+
+	// terminals
+	sn         string
+	id         codec.Identity
+	alg        codec.Alg
+	down       []byte // downlink password at login: signs key-topic messages
+	requireEnc bool
+	keyTopic   string // $m2m/<sn>/key
+	downFilter string // m2m/<sn>/down/#
+
+	aead         cipher.AEAD // session key; nil without one
+	sid          codec.ID
+	exp          time.Time
+	keyMsg       []byte // sk or err message waiting for the key-topic subscription
+	keyDelivered atomic.Bool
+	timer        *time.Timer
+
+	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
+	downSeq   atomic.Uint64 // last downlink seq sealed
+	envFailed atomic.Int32  // envelopes of this session that failed
+
+	// applications
+	app *keysvc.App
+}
+
+func newTerminalSession(t *keysvc.Terminal) *session {
+	return &session{
+		kind:       kindTerminal,
+		sn:         t.SN,
+		id:         codec.Identity{SN: t.SN, IMEI: t.IMEI, IMSI: t.IMSI},
+		alg:        t.Alg,
+		down:       t.Creds.Down,
+		requireEnc: t.RequireEncryption,
+		keyTopic:   codec.KeyTopic(t.SN),
+		downFilter: "m2m/" + t.SN + "/down/#",
+	}
+}
