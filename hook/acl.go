@@ -27,7 +27,11 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	}
 	s := h.session(cl)
 	if s == nil {
-		return false
+		v, ok := h.offline.Load(cl.ID) // a message queued for a persistent session
+		if !ok || !cl.Closed() {
+			return false
+		}
+		s = v.(*session)
 	}
 	if s.kind == kindTerminal {
 		return s.terminalMay(topic, write)

@@ -127,11 +127,13 @@ func fmtHex(b []byte) string {
 }
 
 // register adds a terminal and returns the terminal as SPEC sees it.
-func (e *env) register(sn string, alg codec.Alg) specTerminal {
+func (e *env) register(sn string, alg codec.Alg, tune ...func(*keysvc.RegisterRequest)) specTerminal {
 	e.t.Helper()
-	term, err := e.svc.Register(context.Background(), keysvc.RegisterRequest{
-		SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: alg,
-	})
+	req := keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: alg}
+	for _, f := range tune {
+		f(&req)
+	}
+	term, err := e.svc.Register(context.Background(), req)
 	if err != nil {
 		e.t.Fatalf("register %s: %v", sn, err)
 	}

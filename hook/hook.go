@@ -75,7 +75,8 @@ type Hook struct {
 	metrics  *metrics
 	gatherer prometheus.Gatherer
 
-	sessions sync.Map // *mqtt.Client → *session, for every authenticated client
+	sessions sync.Map // *mqtt.Client → *session, for every authenticated connection
+	offline  sync.Map // ClientID → *session (identity only) of persistent sessions whose client is gone
 	replay   *replayCache
 	throttle *throttle
 }
@@ -138,7 +139,7 @@ func (h *Hook) ID() string { return "m2mguard" }
 func (h *Hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
-		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnWill:
+		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnWill:
 		return true
 	}
 	return false
@@ -183,6 +184,7 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return h.refuse(cl, code)
 	}
 	h.sessions.Store(cl, s)
+	h.offline.Delete(cl.ID)
 	return nil
 }
 
@@ -240,15 +242,27 @@ func (h *Hook) deliverKey(cl *mqtt.Client, s *session) {
 	}
 }
 
-// OnDisconnect forgets the client's session.
+// OnDisconnect forgets the connection's session. If the MQTT session
+// persists, its identity (not its key) is kept, so that messages queued for
+// it pass the per-recipient ACL and are sealed for the next session.
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	if s := h.session(cl); s != nil {
-		if s.timer != nil {
-			s.timer.Stop()
-		}
-		h.sessions.Delete(cl)
-		h.metrics.sessions.WithLabelValues(s.kind.String()).Dec()
+	s := h.session(cl)
+	if s == nil {
+		return
 	}
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	h.sessions.Delete(cl)
+	h.metrics.sessions.WithLabelValues(s.kind.String()).Dec()
+	if !expire && !cl.IsTakenOver() {
+		h.offline.Store(cl.ID, s.identityOnly())
+	}
+}
+
+// OnClientExpired forgets a persistent session that mochi expired.
+func (h *Hook) OnClientExpired(cl *mqtt.Client) {
+	h.offline.Delete(cl.ID)
 }
 
 func (h *Hook) ctx() (context.Context, context.CancelFunc) {

@@ -20,6 +20,7 @@ type v5Client struct {
 	conn net.Conn
 	r    *bufio.Reader
 	id   uint16
+	held []packets.Packet // packets read while waiting for an ack
 }
 
 // dialV5 connects and returns the client and the CONNACK reason code.
@@ -28,7 +29,13 @@ func dialV5(t *testing.T, addr, clientID, username string, password []byte, clea
 	return dialV5Via(t, net.Dialer{Timeout: 5 * time.Second}, addr, clientID, username, password, clean)
 }
 
-func dialV5Via(t *testing.T, d net.Dialer, addr, clientID, username string, password []byte, clean bool) (*v5Client, byte) {
+// will, when set, is sent in the next dialV5 CONNECT.
+type will struct {
+	topic   string
+	payload []byte
+}
+
+func dialV5Via(t *testing.T, d net.Dialer, addr, clientID, username string, password []byte, clean bool, w ...will) (*v5Client, byte) {
 	t.Helper()
 	conn, err := d.Dial("tcp", addr)
 	if err != nil {
@@ -44,6 +51,9 @@ func dialV5Via(t *testing.T, d net.Dialer, addr, clientID, username string, pass
 			UsernameFlag: username != "", Username: []byte(username),
 			PasswordFlag: password != nil, Password: password,
 		},
+	}
+	if len(w) > 0 {
+		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, w[0].topic, w[0].payload
 	}
 	if !clean {
 		pk.Properties.SessionExpiryInterval = 3600
@@ -127,7 +137,11 @@ func (c *v5Client) subscribe(filter string, qos byte) byte {
 	c.write(&pk, (*packets.Packet).SubscribeEncode)
 	for {
 		ack := c.read()
-		if ack.FixedHeader.Type == packets.Suback {
+		if ack.FixedHeader.Type != packets.Suback {
+			c.held = append(c.held, ack)
+			continue
+		}
+		{
 			if len(ack.ReasonCodes) != 1 {
 				c.t.Fatalf("suback with %d codes", len(ack.ReasonCodes))
 			}
@@ -156,6 +170,7 @@ func (c *v5Client) publish(topic string, payload []byte, qos byte) byte {
 		if ack.FixedHeader.Type == packets.Puback {
 			return ack.ReasonCode
 		}
+		c.held = append(c.held, ack)
 	}
 }
 
@@ -163,7 +178,13 @@ func (c *v5Client) publish(topic string, payload []byte, qos byte) byte {
 func (c *v5Client) nextPublish(wait time.Duration) (packets.Packet, error) {
 	deadline := time.Now().Add(wait)
 	for {
-		pk, err := c.tryRead(time.Until(deadline))
+		var pk packets.Packet
+		var err error
+		if len(c.held) > 0 {
+			pk, c.held = c.held[0], c.held[1:]
+		} else {
+			pk, err = c.tryRead(time.Until(deadline))
+		}
 		if err != nil {
 			return pk, err
 		}
@@ -181,4 +202,23 @@ func dialV5From(t *testing.T, local, addr, clientID, username string, password [
 	t.Helper()
 	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
 	return dialV5Via(t, d, addr, clientID, username, password, true)
+}
+
+// retained publishes a retained QoS 1 message.
+func retained(t *testing.T, c *v5Client, topic string, payload []byte) {
+	t.Helper()
+	c.id++
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true}, ProtocolVersion: 5,
+		PacketID: c.id, TopicName: topic, Payload: payload,
+	}
+	c.write(&pk, (*packets.Packet).PublishEncode)
+	for {
+		if ack := c.read(); ack.FixedHeader.Type == packets.Puback {
+			if ack.ReasonCode >= 0x80 {
+				t.Fatalf("retained publish: 0x%02x", ack.ReasonCode)
+			}
+			return
+		}
+	}
 }

@@ -65,3 +65,12 @@ func newTerminalSession(t *keysvc.Terminal) *session {
 		downFilter: "m2m/" + t.SN + "/down/#",
 	}
 }
+
+// identityOnly returns what the ACL needs of a session whose connection is
+// gone: who it was and its reach, without its key.
+func (s *session) identityOnly() *session {
+	return &session{
+		kind: s.kind, sn: s.sn, id: s.id, requireEnc: s.requireEnc,
+		keyTopic: s.keyTopic, downFilter: s.downFilter, app: s.app,
+	}
+}
