@@ -76,7 +76,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Second
 	}
-	cfg.MaxRetries = 1
+	// No retries inside the client: a failed read is answered from the
+	// cache (keysvc), and a write is retried by the caller's CAS loop.
+	cfg.MaxRetries = 0
 	if opts.CACert != "" {
 		if err := cfg.ConfigureTLS(&vault.TLSConfig{CACert: opts.CACert}); err != nil {
 			return nil, fmt.Errorf("vaultstore: tls: %w", err)
@@ -285,6 +287,9 @@ func (s *Store) UpdateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 	}
 	p := s.terminalPath(t.SN)
 	if t.Version == 0 {
+		if !s.exists(ctx, p) {
+			return fmt.Errorf("vaultstore: update %s: %w", p, keysvc.ErrNotFound)
+		}
 		return fmt.Errorf("vaultstore: update %s: record was never read: %w", p, keysvc.ErrConflict)
 	}
 	sec, err := s.kv.Put(ctx, p, encodeTerminal(t), vault.WithCheckAndSet(int(t.Version)))
