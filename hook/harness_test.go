@@ -2,9 +2,9 @@ package hook_test
 
 import (
 	"bytes"
-	"encoding/base64"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"log/slog"
 	"path/filepath"
 	"strings"
