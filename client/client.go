@@ -226,7 +226,7 @@ func (c *Client) waitReady(ctx context.Context) error {
 		c.mu.Unlock()
 		if s != nil {
 			s.mu.Lock()
-			ok := s.ready || s.ended
+			ok := s.ready && s.connected || s.ended
 			s.mu.Unlock()
 			if ok {
 				return nil
@@ -432,11 +432,20 @@ func (c *Client) newPaho(retry bool) (mqtt.Client, *sessionStore) {
 	o.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { c.onMessage(m) })
 	o.SetOnConnectHandler(c.onConnect)
 	o.SetConnectionLostHandler(func(_ mqtt.Client, err error) {
+		// paho calls this on a goroutine of its own, possibly after its
+		// reconnection already started a new attempt: that attempt's
+		// session (not connected yet) must not be ended. The session that
+		// was lost is also ended by the next attempt's credentials call.
 		c.mu.Lock()
 		s := c.sess
 		c.mu.Unlock()
 		if s != nil {
-			s.end()
+			s.mu.Lock()
+			live := s.connected
+			s.mu.Unlock()
+			if live {
+				s.end()
+			}
 		}
 		c.notify()
 		c.emit(Event{Kind: EventConnectionLost, Err: err})

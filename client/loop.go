@@ -74,6 +74,14 @@ func (c *Client) handleConnected(s *session, reconnect bool) {
 		c.preferCurrent = false
 		c.mu.Unlock()
 	}
+	s.mu.Lock()
+	ready := s.ready
+	s.mu.Unlock()
+	if ready {
+		// The key message overtook the subscription's acknowledgement.
+		c.resumeChange(s)
+		return
+	}
 	if !s.wantKey {
 		c.settle(s)
 		return
@@ -93,6 +101,7 @@ func (c *Client) settle(s *session) {
 	s.ready = true
 	connected := s.connected && !s.ended
 	s.mu.Unlock()
+	// (If not connected yet, handleConnected resumes the change.)
 	if s.keyTimerStop != nil {
 		s.keyTimerStop()
 	}
@@ -102,12 +111,16 @@ func (c *Client) settle(s *session) {
 	for _, it := range held {
 		c.handleData(it)
 	}
-	if !connected {
-		return
+	if connected {
+		c.resumeChange(s)
 	}
-	// A change stored as pending but not known to be committed: send its
-	// ack (again). This recovers a lost ack, a kill between cfg and ack, and
-	// a lost done (the platform then answers unknown-rid or commits).
+}
+
+// resumeChange sends the ack of a change stored as pending but not known to
+// be committed, once per session. This recovers a lost ack, a kill between
+// cfg and ack, and a lost done (the platform then commits, or answers
+// unknown-rid).
+func (c *Client) resumeChange(s *session) {
 	c.mu.Lock()
 	p := c.rec.Pending
 	c.mu.Unlock()
