@@ -327,8 +327,6 @@ type rig struct {
 	rand  *nonces
 }
 
-
-
 // newRig starts a broker and a client (not connected). mod adjusts the
 // config.
 func newRig(t *testing.T, alg codec.Alg, rec *Record, mod func(*Config)) *rig {
