@@ -53,6 +53,7 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, packets.CodeSuccessIgnore
 	}
 	s.upWindow.Accept(seq)
+	s.upTop.Store(s.upWindow.Top())
 	pk.Payload = plain
 	return pk, nil
 }

@@ -169,3 +169,24 @@ func TestLogScanFindsLeaks(t *testing.T) {
 	}
 	e.secrets = nil // the leak above is this test's own doing
 }
+
+func TestSessionsAndDisconnect(t *testing.T) {
+	e := newEnv(t, nil)
+	term := e.register("A00MS8011390002S", codec.HS256)
+	pw := e.addApp("dash")
+	c, _ := loginWithKey(t, e, term, true)
+	dialV5(t, e.addr, "dash-1", "dash", pw, true)
+	got := e.hook.Sessions()
+	if len(got) != 2 || got[0].SN != term.sn || !got[0].SessionKey || got[0].SID == "" || got[1].App != "dash" {
+		t.Fatalf("sessions: %+v", got)
+	}
+	if err := e.hook.Disconnect("nobody"); err != hook.ErrNoSession {
+		t.Fatalf("disconnect unknown: %v", err)
+	}
+	if err := e.hook.Disconnect(term.sn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.nextPublish(5 * time.Second); err == nil || !strings.Contains(err.Error(), "0x98") {
+		t.Fatalf("got %v, want DISCONNECT 0x98", err)
+	}
+}

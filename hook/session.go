@@ -46,6 +46,7 @@ type session struct {
 	timer        *time.Timer
 
 	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
+	upTop     atomic.Uint64 // upWindow.Top(), for Sessions
 	downSeq   atomic.Uint64 // last downlink seq sealed
 	envFailed atomic.Int32  // envelopes of this session that failed
 

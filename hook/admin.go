@@ -1,0 +1,65 @@
+package hook
+
+import (
+	"errors"
+	"sort"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// SessionInfo describes one authenticated connection, for operators. It
+// carries no secret.
+type SessionInfo struct {
+	ClientID   string    `json:"client_id"`
+	Kind       string    `json:"kind"`          // "terminal" or "application"
+	SN         string    `json:"sn,omitempty"`  // terminals
+	App        string    `json:"app,omitempty"` // applications
+	Remote     string    `json:"remote"`
+	Protocol   byte      `json:"protocol"`               // 4 = MQTT 3.1.1, 5 = MQTT 5
+	SessionKey bool      `json:"session_key"`            // data is sealed
+	SID        string    `json:"sid,omitempty"`          // session key id
+	KeyExpires time.Time `json:"key_expires,omitzero"`   // when the platform ends the session
+	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`   // highest uplink envelope accepted
+	DownSeq    uint64    `json:"downlink_seq,omitempty"` // last downlink envelope sealed
+}
+
+// ErrNoSession: no connected client has that ClientID.
+var ErrNoSession = errors.New("hook: no such session")
+
+// Sessions lists the connected, authenticated clients, sorted by ClientID.
+func (h *Hook) Sessions() []SessionInfo {
+	var out []SessionInfo
+	h.sessions.Range(func(k, v any) bool {
+		cl, s := k.(*mqtt.Client), v.(*session)
+		info := SessionInfo{
+			ClientID: cl.ID, Kind: s.kind.String(), Remote: cl.Net.Remote,
+			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.aead != nil,
+		}
+		if s.kind == kindTerminal {
+			info.SN = s.sn
+			if s.aead != nil {
+				info.SID, info.KeyExpires = s.sid.String(), s.exp.UTC()
+				info.UplinkSeq, info.DownSeq = s.upTop.Load(), s.downSeq.Load()
+			}
+		} else {
+			info.App = s.app.Name
+		}
+		out = append(out, info)
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ClientID < out[j].ClientID })
+	return out
+}
+
+// Disconnect ends the connection of clientID (MQTT 5: DISCONNECT 0x98
+// administrative action). A terminal may log in again at once; disable it
+// in the key service to keep it out.
+func (h *Hook) Disconnect(clientID string) error {
+	cl, ok := h.server.Clients.Get(clientID)
+	if !ok || h.session(cl) == nil {
+		return ErrNoSession
+	}
+	return h.server.DisconnectClient(cl, packets.ErrAdministrativeAction)
+}
