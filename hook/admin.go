@@ -61,5 +61,9 @@ func (h *Hook) Disconnect(clientID string) error {
 	if !ok || h.session(cl) == nil {
 		return ErrNoSession
 	}
-	return h.server.DisconnectClient(cl, packets.ErrAdministrativeAction)
+	// mochi returns the reason code itself once the client is stopped.
+	if err := h.server.DisconnectClient(cl, packets.ErrAdministrativeAction); !errors.Is(err, packets.ErrAdministrativeAction) {
+		return err
+	}
+	return nil
 }
