@@ -186,12 +186,8 @@ func (s *Store) keepAlive(ctx context.Context, auth *vault.Secret, opts Options)
 			<-ctx.Done()
 			return
 		}
+		// Log in again at once; on failure, back off up to a minute.
 		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
 			var err error
 			if auth, err = s.appRoleLogin(ctx, opts.AppRole); err == nil {
 				s.log.Info("vault AppRole login renewed")
@@ -199,6 +195,11 @@ func (s *Store) keepAlive(ctx context.Context, auth *vault.Secret, opts Options)
 				break
 			}
 			s.log.Warn("vault AppRole login failed; retrying", "err", err.Error(), "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
 			backoff = min(2*backoff, time.Minute)
 		}
 	}
