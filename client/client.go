@@ -43,6 +43,7 @@ type Client struct {
 	committed     map[codec.ID]bool
 	dropped       map[string]uint64
 	closed        bool
+	connectedOnce bool          // a login was accepted before (for Event.Reconnect)
 	changed       chan struct{} // closed and replaced on every session state change
 
 	in      chan item
@@ -56,11 +57,12 @@ type Client struct {
 // session is the state of one MQTT connection (one login).
 type session struct {
 	gen         uint64
-	usedPending bool     // the login's digest used the pending new up
-	pendingRID  codec.ID // the pending change at login time
-	bk          []byte   // the basic key whose bkd the login carried, or nil
-	bkPending   bool     // that key is the pending new one
-	wantKey     bool     // the login carried flag 01
+	usedPending bool        // the login's digest used the pending new up
+	pendingRID  codec.ID    // the pending change at login time
+	bk          []byte      // the basic key whose bkd the login carried, or nil
+	bkPending   bool        // that key is the pending new one
+	wantKey     bool        // the login carried flag 01
+	pc          mqtt.Client // the paho client of this connection
 
 	mu        sync.Mutex
 	aead      cipher.AEAD
@@ -101,14 +103,13 @@ const (
 )
 
 type item struct {
-	kind      itemKind
-	sess      *session
-	topic     string
-	payload   []byte
-	reconnect bool
-	rid       codec.ID
-	params    codec.Params
-	fn        func()
+	kind    itemKind
+	sess    *session
+	topic   string
+	payload []byte
+	rid     codec.ID
+	params  codec.Params
+	fn      func()
 }
 
 type chgAnswer struct {
@@ -167,24 +168,28 @@ func (c *Client) Connect(ctx context.Context) error {
 	var err error
 	for attempt := 0; attempt < 2; attempt++ {
 		pc, st := c.newPaho(false)
+		c.mu.Lock()
+		c.pc, c.ostore = pc, st
+		c.mu.Unlock()
 		tok := pc.Connect()
 		select {
 		case <-tok.Done():
 		case <-ctx.Done():
 			pc.Disconnect(0)
+			c.forget(pc)
 			return ctx.Err()
 		}
 		if err = tok.Error(); err == nil {
 			c.mu.Lock()
-			if c.closed {
-				c.mu.Unlock()
+			closed := c.closed
+			c.mu.Unlock()
+			if closed {
 				pc.Disconnect(0)
 				return ErrNotConnected
 			}
-			c.pc, c.ostore = pc, st
-			c.mu.Unlock()
 			return c.waitReady(ctx)
 		}
+		c.forget(pc)
 		err = connectError(tok, err)
 		c.mu.Lock()
 		retry := errors.Is(err, ErrRefused) && c.rec.Pending != nil && c.rec.Pending.Params.What.Passwords()
@@ -194,6 +199,15 @@ func (c *Client) Connect(ctx context.Context) error {
 		}
 	}
 	return err
+}
+
+// forget drops pc as the client's paho client after a failed Connect.
+func (c *Client) forget(pc mqtt.Client) {
+	c.mu.Lock()
+	if c.pc == pc {
+		c.pc, c.ostore = nil, nil
+	}
+	c.mu.Unlock()
 }
 
 func connectError(tok mqtt.Token, err error) error {
@@ -255,7 +269,7 @@ func (c *Client) activeSession(ctx context.Context) (*session, mqtt.Client, erro
 			ok := s.connected && s.ready && !s.ended
 			s.mu.Unlock()
 			if ok {
-				return s, pc, nil
+				return s, s.pc, nil
 			}
 		}
 		select {
@@ -402,6 +416,7 @@ func (s *sessionStore) purgeOutbound() {
 
 func (c *Client) newPaho(retry bool) (mqtt.Client, *sessionStore) {
 	st := &sessionStore{mqtt.NewMemoryStore()}
+	var self mqtt.Client // set below, before any connection attempt
 	o := mqtt.NewClientOptions()
 	for _, b := range c.cfg.Brokers {
 		o.AddBroker(b)
@@ -427,7 +442,7 @@ func (c *Client) newPaho(retry bool) (mqtt.Client, *sessionStore) {
 	}
 	o.SetCredentialsProvider(func() (string, string) {
 		st.purgeOutbound()
-		return c.credentials()
+		return c.credentials(self)
 	})
 	o.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { c.onMessage(m) })
 	o.SetOnConnectHandler(c.onConnect)
@@ -470,7 +485,8 @@ func (c *Client) newPaho(retry bool) (mqtt.Client, *sessionStore) {
 		c.cfg.Logger.Warn("m2m: login refused", "sn", c.id.SN, "code", code, "pending", usedPending)
 		c.emit(Event{Kind: EventRefused, Code: code, UsedPending: usedPending})
 	})
-	return mqtt.NewClient(o), st
+	self = mqtt.NewClient(o)
+	return self, st
 }
 
 // login is what one connection attempt presents.
@@ -497,7 +513,7 @@ func (c *Client) LoginCredentials() (clientID, username, password string, err er
 
 // credentials is paho's credentials provider: a fresh token for every
 // attempt, and the session that attempt starts.
-func (c *Client) credentials() (string, string) {
+func (c *Client) credentials(pc mqtt.Client) (string, string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l, err := c.buildLogin()
@@ -508,6 +524,7 @@ func (c *Client) credentials() (string, string) {
 	if c.sess != nil {
 		c.sess.end()
 	}
+	l.sess.pc = pc
 	c.sess = l.sess
 	return l.username, l.password
 }
@@ -578,9 +595,8 @@ func (c *Client) nonce() (codec.ID, error) {
 func (c *Client) onConnect(pc mqtt.Client) {
 	c.mu.Lock()
 	s := c.sess
-	first := c.pc == nil || c.pc != pc
 	c.mu.Unlock()
-	if s == nil {
+	if s == nil || s.pc != pc {
 		return
 	}
 	downQoS := byte(1)
@@ -605,7 +621,7 @@ func (c *Client) onConnect(pc mqtt.Client) {
 			}
 		}
 	}
-	c.enqueue(item{kind: itemConnected, sess: s, reconnect: !first})
+	c.enqueue(item{kind: itemConnected, sess: s})
 }
 
 func (c *Client) onMessage(m mqtt.Message) {

@@ -84,6 +84,12 @@ type Config struct {
 	KeyTimeout time.Duration
 	// DownQoS is the QoS of the downlink data subscription (default 1).
 	DownQoS *byte
+
+	// reconnectGrace is how long the client waits, after committing a
+	// change on done, for the platform to close the connection before it
+	// reconnects by itself with the new values (default 3 s; tests shorten
+	// it).
+	reconnectGrace time.Duration
 }
 
 func (c *Config) withDefaults() (Config, error) {
@@ -128,6 +134,9 @@ func (c *Config) withDefaults() (Config, error) {
 	}
 	if cfg.MaxReconnectInterval <= 0 {
 		cfg.MaxReconnectInterval = time.Minute
+	}
+	if cfg.reconnectGrace <= 0 {
+		cfg.reconnectGrace = 3 * time.Second
 	}
 	if cfg.KeyTimeout <= 0 {
 		cfg.KeyTimeout = 10 * time.Second

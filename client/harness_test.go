@@ -259,9 +259,10 @@ func (r *nonces) Read(b []byte) (int, error) {
 
 // events collects OnEvent calls.
 type events struct {
-	mu  sync.Mutex
-	all []Event
-	ch  chan Event
+	mu      sync.Mutex
+	all     []Event
+	ch      chan Event
+	backlog []Event // received by wait, not taken yet (test goroutine only)
 }
 
 func newEvents() *events { return &events{ch: make(chan Event, 256)} }
@@ -273,9 +274,16 @@ func (e *events) on(ev Event) {
 	e.ch <- ev
 }
 
-// wait returns the next event of kind k, failing after a generous timeout.
+// wait returns the oldest event of kind k not taken yet, failing after a
+// generous timeout. Events of other kinds are kept for later waits.
 func (e *events) wait(t *testing.T, k EventKind) Event {
 	t.Helper()
+	for i, ev := range e.backlog {
+		if ev.Kind == k {
+			e.backlog = append(e.backlog[:i:i], e.backlog[i+1:]...)
+			return ev
+		}
+	}
 	deadline := time.After(15 * time.Second)
 	for {
 		select {
@@ -283,8 +291,19 @@ func (e *events) wait(t *testing.T, k EventKind) Event {
 			if ev.Kind == k {
 				return ev
 			}
+			e.backlog = append(e.backlog, ev)
 		case <-deadline:
 			t.Fatalf("no %s event", k)
+		}
+	}
+}
+
+// waitReconnect waits for an EventConnected of an automatic reconnection.
+func (e *events) waitReconnect(t *testing.T) Event {
+	t.Helper()
+	for {
+		if ev := e.wait(t, EventConnected); ev.Reconnect {
+			return ev
 		}
 	}
 }

@@ -11,11 +11,6 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 )
 
-// reconnectGrace is how long the client waits, after committing a change on
-// done, for the platform to close the connection before it reconnects by
-// itself with the new values.
-var reconnectGrace = 3 * time.Second
-
 // loop handles, one at a time, everything that arrives: messages, accepted
 // logins, key timeouts and SMS texts. It is the only goroutine that acts
 // on control messages, so changes are applied in order.
@@ -34,7 +29,7 @@ func (c *Client) loop() {
 func (c *Client) handle(it item) {
 	switch it.kind {
 	case itemConnected:
-		c.handleConnected(it.sess, it.reconnect)
+		c.handleConnected(it.sess)
 	case itemKeyTimeout:
 		s := it.sess
 		s.mu.Lock()
@@ -54,7 +49,7 @@ func (c *Client) handle(it item) {
 	}
 }
 
-func (c *Client) handleConnected(s *session, reconnect bool) {
+func (c *Client) handleConnected(s *session) {
 	s.mu.Lock()
 	if s.ended {
 		s.mu.Unlock()
@@ -62,6 +57,10 @@ func (c *Client) handleConnected(s *session, reconnect bool) {
 	}
 	s.connected = true
 	s.mu.Unlock()
+	c.mu.Lock()
+	reconnect := c.connectedOnce
+	c.connectedOnce = true
+	c.mu.Unlock()
 	c.notify()
 	c.cfg.Logger.Info("m2m: connected", "sn", c.id.SN, "session_key_requested", s.wantKey, "pending", s.usedPending)
 	c.emit(Event{Kind: EventConnected, Reconnect: reconnect, UsedPending: s.usedPending})
@@ -485,8 +484,8 @@ func (c *Client) applyChange(s *session, rid codec.ID, p codec.Params, mode code
 func (c *Client) sendAck(s *session) {
 	c.mu.Lock()
 	rec := c.rec.Clone()
-	pc := c.pc
 	c.mu.Unlock()
+	pc := s.pc
 	if rec.Pending == nil || pc == nil {
 		return
 	}
@@ -542,7 +541,7 @@ func (c *Client) handleDone(s *session, m codec.Control, rec *Record) {
 		select {
 		case <-s.done:
 		case <-c.ctx.Done():
-		case <-time.After(reconnectGrace):
+		case <-time.After(c.cfg.reconnectGrace):
 			c.forceReconnect()
 		}
 	}()

@@ -310,7 +310,7 @@ func TestPlatformInitiatedCipherChange(t *testing.T) {
 	r.p.publishKey(r.p.sign(codec.Control{Kind: codec.KindDone, Alg: codec.HS256, TS: 4, RID: 0x55}))
 	r.ev.wait(t, EventChangeCommitted)
 	r.p.kick()
-	r.ev.wait(t, EventConnected)
+	r.ev.waitReconnect(t)
 	logins := r.p.gate.logins()
 	l, _ := codec.ParseLogin(testID.SN, testID.Username(), []byte(logins[len(logins)-1]))
 	if !l.Verify(newPwdParams.Up) {

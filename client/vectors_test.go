@@ -56,8 +56,7 @@ func TestVectorsSession(t *testing.T) {
 	for _, alg := range []codec.Alg{codec.MD5, codec.HS256} {
 		t.Run(alg.String(), func(t *testing.T) {
 			v := vs[alg.String()]
-			r := newRig(t, alg, nil, func(c *Config) { c.SessionKey = true })
-			reconnectGrace = 200 * time.Millisecond
+			r := newRig(t, alg, nil, func(c *Config) { c.SessionKey = true; c.reconnectGrace = 200 * time.Millisecond })
 			r.rand.push(0x0123456789abcdef)
 			done := r.connect()
 			r.p.waitSub(codec.KeyTopic(testID.SN))
@@ -132,7 +131,7 @@ func TestVectorsSession(t *testing.T) {
 			}
 			// The platform did not close the connection: the client logs in
 			// again by itself, with the new values.
-			r.ev.wait(t, EventConnected)
+			r.ev.waitReconnect(t)
 			logins := r.p.gate.logins()
 			l, err := codec.ParseLogin(testID.SN, testID.Username(), []byte(logins[len(logins)-1]))
 			if err != nil || !l.Verify(params.Up) {

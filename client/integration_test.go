@@ -1,0 +1,338 @@
+package client_test
+
+// Integration tests: the client against a real mochi broker with the
+// platform hook and the key service (bbolt store) on a loopback port.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+)
+
+type platformEnv struct {
+	t    *testing.T
+	svc  *keysvc.Service
+	addr string
+	tune func(*hook.Options)
+
+	mu     sync.Mutex
+	server *mochi.Server
+	up     chan [2]string // topic, plaintext as applications see it
+}
+
+func newPlatformEnv(t *testing.T, tune func(*hook.Options)) *platformEnv {
+	t.Helper()
+	key := make([]byte, 32)
+	rand.Read(key)
+	store, err := boltstore.Open(filepath.Join(t.TempDir(), "m2mguard.db"), boltstore.Options{MasterKey: key, NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	svc, err := keysvc.New(keysvc.Options{Store: store, AppHash: keysvc.AppHashParams{Time: 1, Memory: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	e := &platformEnv{t: t, svc: svc, addr: addr, tune: tune, up: make(chan [2]string, 64)}
+	e.start()
+	t.Cleanup(e.stop)
+	return e
+}
+
+// start starts a broker with a fresh hook on the same address.
+func (e *platformEnv) start() {
+	e.t.Helper()
+	srv := mochi.New(&mochi.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
+	opts := hook.Options{Registry: e.svc, Server: srv, Logger: slog.New(slog.DiscardHandler)}
+	if e.tune != nil {
+		e.tune(&opts)
+	}
+	h, err := hook.New(opts)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := srv.AddHook(h, nil); err != nil {
+		e.t.Fatal(err)
+	}
+	var ln net.Listener
+	for i := 0; i < 50; i++ { // the port may linger for a moment after a restart
+		if ln, err = net.Listen("tcp", e.addr); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := srv.AddListener(listeners.NewNet("tcp", ln)); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := srv.Subscribe("m2m/+/up/#", 1, func(_ *mochi.Client, _ packets.Subscription, pk packets.Packet) {
+		e.up <- [2]string{pk.TopicName, string(pk.Payload)}
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	go srv.Serve()
+	e.mu.Lock()
+	e.server = srv
+	e.mu.Unlock()
+}
+
+func (e *platformEnv) stop() {
+	e.mu.Lock()
+	srv := e.server
+	e.mu.Unlock()
+	srv.Close()
+}
+
+func (e *platformEnv) publishDown(sn, sub, text string) {
+	e.t.Helper()
+	e.mu.Lock()
+	srv := e.server
+	e.mu.Unlock()
+	if err := srv.Publish(codec.DownTopic(sn, sub), []byte(text), false, 1); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *platformEnv) register(sn string) *keysvc.Terminal {
+	e.t.Helper()
+	term, err := e.svc.Register(context.Background(), keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: codec.HS256})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return term
+}
+
+func credsOf(k keysvc.Credentials) client.Credentials {
+	return client.Credentials{Up: bytes.Clone(k.Up), UpExp: k.UpExp, Down: bytes.Clone(k.Down), DownExp: k.DownExp,
+		BK: bytes.Clone(k.BK), BKExp: k.BKExp}
+}
+
+// evlog collects events; wait takes the oldest not yet taken event of a
+// kind, so events that arrive in either order are not lost.
+type evlog struct {
+	ch      chan client.Event
+	backlog *[]client.Event
+}
+
+func (l evlog) wait(t *testing.T, k client.EventKind) client.Event {
+	t.Helper()
+	for i, ev := range *l.backlog {
+		if ev.Kind == k {
+			*l.backlog = append((*l.backlog)[:i:i], (*l.backlog)[i+1:]...)
+			return ev
+		}
+	}
+	deadline := time.After(20 * time.Second)
+	for {
+		select {
+		case ev := <-l.ch:
+			if ev.Kind == k {
+				return ev
+			}
+			*l.backlog = append(*l.backlog, ev)
+		case <-deadline:
+			t.Fatalf("no %s event", k)
+		}
+	}
+}
+
+func (e *platformEnv) newClient(term *keysvc.Terminal, rec *client.Record, sessionKey bool) (*client.Client, evlog, chan string) {
+	e.t.Helper()
+	if rec == nil {
+		rec = &client.Record{Current: credsOf(term.Creds)}
+	}
+	ev := evlog{ch: make(chan client.Event, 256), backlog: new([]client.Event)}
+	data := make(chan string, 16)
+	c, err := client.New(client.Config{
+		Brokers: []string{"tcp://" + e.addr}, Identity: term.Identity(), Alg: term.Alg,
+		Store: client.NewMemStore(rec), SessionKey: sessionKey,
+		OnEvent:    func(x client.Event) { ev.ch <- x },
+		OnData:     func(sub string, p []byte) { data <- sub + ":" + string(p) },
+		KeyTimeout: 5 * time.Second, ConnectTimeout: 5 * time.Second, MaxReconnectInterval: 300 * time.Millisecond,
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c, ev, data
+}
+
+func connect(t *testing.T, c *client.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (e *platformEnv) nextUp(t *testing.T) [2]string {
+	t.Helper()
+	select {
+	case m := <-e.up:
+		return m
+	case <-time.After(10 * time.Second):
+		t.Fatal("no uplink at the application")
+	}
+	return [2]string{}
+}
+
+func nextData(t *testing.T, ch chan string) string {
+	t.Helper()
+	select {
+	case d := <-ch:
+		return d
+	case <-time.After(10 * time.Second):
+		t.Fatal("no downlink data")
+	}
+	return ""
+}
+
+// First login, session key, data both ways, a broker restart, and a
+// session ended by the platform at exp: each new login gets a new key.
+func TestHookLife(t *testing.T) {
+	e := newPlatformEnv(t, func(o *hook.Options) { o.SessionLifetime = time.Hour })
+	term := e.register("LIFE0001")
+	c, ev, data := e.newClient(term, nil, true)
+	connect(t, c)
+	k1 := ev.wait(t, client.EventSessionKey)
+	ctx := context.Background()
+	if err := c.Publish(ctx, "temp", []byte(`{"t":21.5}`), 1); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.nextUp(t); m[0] != "m2m/LIFE0001/up/temp" || m[1] != `{"t":21.5}` {
+		t.Fatalf("application got %q", m)
+	}
+	e.publishDown("LIFE0001", "cmd", "reboot")
+	if d := nextData(t, data); d != "cmd:reboot" {
+		t.Fatalf("terminal got %q", d)
+	}
+	if got := c.Session(); !got.Encrypted || got.UplinkSeq != 1 {
+		t.Fatalf("session %+v", got)
+	}
+
+	// The broker restarts: paho reconnects with a fresh login, new key.
+	e.stop()
+	ev.wait(t, client.EventConnectionLost)
+	e.start()
+	for r := ev.wait(t, client.EventConnected); !r.Reconnect; r = ev.wait(t, client.EventConnected) {
+	}
+	k2 := ev.wait(t, client.EventSessionKey)
+	if k2.SID == k1.SID {
+		t.Fatal("same session key after a restart")
+	}
+	if err := c.Publish(ctx, "temp", []byte("after-restart"), 1); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.nextUp(t); m[1] != "after-restart" {
+		t.Fatalf("application got %q", m)
+	}
+}
+
+func TestHookSessionEnd(t *testing.T) {
+	e := newPlatformEnv(t, func(o *hook.Options) { o.SessionLifetime = 2 * time.Second })
+	term := e.register("EXP00001")
+	c, ev, _ := e.newClient(term, nil, true)
+	connect(t, c)
+	k1 := ev.wait(t, client.EventSessionKey)
+	ev.wait(t, client.EventConnectionLost) // the platform ends the session at exp
+	k2 := ev.wait(t, client.EventSessionKey)
+	if k1.SID == k2.SID {
+		t.Fatal("same key in the next session")
+	}
+	if err := c.Publish(context.Background(), "x", []byte("y"), 1); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.nextUp(t); m[1] != "y" {
+		t.Fatalf("application got %q", m)
+	}
+}
+
+func TestHookRefused(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("REFU0001")
+	bad := credsOf(term.Creds)
+	bad.Up = []byte("WrongPassword123")
+	c, _, _ := e.newClient(term, &client.Record{Current: bad}, false)
+	err := c.Connect(context.Background())
+	var re *client.RefusedError
+	if !errors.Is(err, client.ErrRefused) || !errors.As(err, &re) || re.Code != 0x05 {
+		t.Fatalf("got %v", err)
+	}
+}
+
+// A change whose ack was lost (or a kill between cfg and ack): the terminal
+// holds the new values as pending; its next login with the new password
+// commits the change on the platform, and locally.
+func TestHookLostAckRecoveredByLogin(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("LOST0001")
+	ch, err := e.svc.StartChange(context.Background(), term.SN, keysvc.ChangeRequest{What: codec.WhatAll, Mode: codec.ModeCipher})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := ch.New
+	rec := &client.Record{Current: credsOf(term.Creds), Pending: &client.Pending{RID: ch.RID, Mode: codec.ModeCipher,
+		Params: codec.Params{What: codec.WhatAll, Up: n.Up, UpExp: n.UpExp, Down: n.Down, DownExp: n.DownExp, BK: n.BK, BKExp: n.BKExp}}}
+	c, ev, _ := e.newClient(term, rec, true)
+	connect(t, c)
+	if got := ev.wait(t, client.EventChangeCommitted); got.RID != ch.RID {
+		t.Fatalf("committed %s", got.RID)
+	}
+	ev.wait(t, client.EventSessionKey) // under the new bk
+	now, err := e.svc.Get(context.Background(), term.SN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now.Pending != nil || !bytes.Equal(now.Creds.Up, n.Up) {
+		t.Fatal("platform did not commit")
+	}
+	if got := c.Record(); got.Pending != nil || !bytes.Equal(got.Current.BK, n.BK) {
+		t.Fatal("client did not commit")
+	}
+}
+
+// New values the platform never had (the change was dropped): the login
+// with them is refused and the client falls back to the current ones.
+func TestHookFallback(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("FALL0001")
+	rec := &client.Record{Current: credsOf(term.Creds), Pending: &client.Pending{RID: 0x99, Mode: codec.ModeCipher,
+		Params: codec.Params{What: codec.WhatPwd, Up: []byte("NeverKnownUp0001"), UpExp: codec.Never, Down: []byte("NeverKnownDown01"), DownExp: codec.Never}}}
+	c, ev, _ := e.newClient(term, rec, false)
+	connect(t, c)
+	if r := ev.wait(t, client.EventRefused); !r.UsedPending {
+		t.Fatal("the new password was not tried first")
+	}
+	if r := ev.wait(t, client.EventConnected); r.UsedPending {
+		t.Fatal("connected with the new password")
+	}
+	if c.Record().Pending == nil {
+		t.Fatal("pending values lost without an answer from the platform")
+	}
+}
