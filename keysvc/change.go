@@ -111,10 +111,14 @@ func (s *Service) CommitChange(ctx context.Context, sn string, rid codec.ID) (*T
 	return t, nil
 }
 
-// MarkDelivered records that the new values of change rid were sent (a
-// cfg published or an SMS handed to the gateway). ErrUnknownRID if rid is
-// not pending.
-func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID) (*Terminal, error) {
+// MarkDelivered records that the new values of change rid were sent, and
+// by which mode (the platform decides it when it delivers, which for an
+// offline terminal is after its next login): a cfg published or an SMS
+// handed to the gateway. ErrUnknownRID if rid is not pending.
+func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*Terminal, error) {
+	if mode != codec.ModeCipher && mode != codec.ModeSMS {
+		return nil, fmt.Errorf("keysvc: mark delivered %s: %w: mode must be cipher or sms", safeSN(sn), ErrInvalid)
+	}
 	t, err := s.update(ctx, sn, func(t *Terminal) error {
 		if dropExpired(t, s.now1()) {
 			return writeThen{ErrUnknownRID}
@@ -122,10 +126,13 @@ func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID) (*
 		if t.Pending == nil || t.Pending.RID != rid {
 			return ErrUnknownRID
 		}
-		if t.Pending.Delivered {
+		if t.Pending.Delivered && t.Pending.Mode == mode {
 			return errSkip
 		}
-		t.Pending.Delivered = true
+		if mode == codec.ModeSMS && t.MSISDN == "" {
+			return fmt.Errorf("%w: sms mode needs an msisdn", ErrInvalid)
+		}
+		t.Pending.Delivered, t.Pending.Mode = true, mode
 		return nil
 	})
 	if err != nil {

@@ -464,9 +464,9 @@ func testChange(t *testing.T, s keysvc.Store, sn func() string) {
 	}
 
 	// delivered, unknown rid, commit, idempotent commit
-	_, err = svc.MarkDelivered(ctx, id, ch.RID+1)
+	_, err = svc.MarkDelivered(ctx, id, ch.RID+1, codec.ModeCipher)
 	wantErr(t, "mark delivered, wrong rid", err, keysvc.ErrUnknownRID)
-	d, err := svc.MarkDelivered(ctx, id, ch.RID)
+	d, err := svc.MarkDelivered(ctx, id, ch.RID, codec.ModeCipher)
 	must(t, "mark delivered", err)
 	if !d.Pending.Delivered {
 		t.Fatal("not marked delivered")
@@ -630,7 +630,7 @@ func testRestart(t *testing.T, s keysvc.Store, reopen func(t *testing.T) keysvc.
 	register(t, svc, id)
 	ch, err := svc.StartChange(ctx, id, keysvc.ChangeRequest{What: codec.WhatAll, Mode: codec.ModeCipher})
 	must(t, "start", err)
-	_, err = svc.MarkDelivered(ctx, id, ch.RID)
+	_, err = svc.MarkDelivered(ctx, id, ch.RID, codec.ModeCipher)
 	must(t, "mark delivered", err)
 
 	s2 := reopen(t)
