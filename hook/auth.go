@@ -155,14 +155,8 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	h.replay.add(rk, now)
 	h.throttle.succeed(tk)
 	// 9. Expiry of up, with the grace period.
-	if t.Creds.UpExp != codec.Never {
-		expired := time.Unix(int64(t.Creds.UpExp), 0)
-		if now.After(expired.Add(h.opts.Grace)) {
-			return fail(reasonExpired, packets.ErrBadUsernameOrPassword)
-		}
-		if now.After(expired) {
-			h.startExpiryChange(sn)
-		}
+	if t.Creds.UpExp != codec.Never && now.After(time.Unix(int64(t.Creds.UpExp), 0).Add(h.opts.Grace)) {
+		return fail(reasonExpired, packets.ErrBadUsernameOrPassword)
 	}
 	// 10. Active.
 	if t.Status != keysvc.StatusActive {
@@ -174,27 +168,15 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	if l.WantsSessionKey() {
 		h.issueKey(s, t, l.BKD, now)
 	}
+	if t.Pending == nil {
+		h.startRenewal(s, t, now)
+	}
 	h.restrictTerminal(cl, s)
 	h.metrics.logins.WithLabelValues("accepted", "").Inc()
 	h.metrics.sessions.WithLabelValues(s.kind.String()).Inc()
 	h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
 		"session_key", s.aead != nil, "protocol", cl.Properties.ProtocolVersion)
 	return s, packets.CodeSuccess
-}
-
-// startExpiryChange asks the key service for a change of the passwords of
-// a terminal whose up expired inside the grace period.
-func (h *Hook) startExpiryChange(sn string) {
-	ctx, cancel := h.ctx()
-	defer cancel()
-	_, err := h.reg.StartChange(ctx, sn, keysvc.ChangeRequest{What: codec.WhatPwd, Mode: codec.ModeCipher, Origin: "expiry"})
-	switch {
-	case err == nil:
-		h.event(slog.LevelInfo, "change_started", "sn", sn, "origin", "expiry", "what", "pwd")
-	case errors.Is(err, keysvc.ErrBusy):
-	default:
-		h.event(slog.LevelWarn, "change_start_failed", "sn", sn, "origin", "expiry", "err", err.Error())
-	}
 }
 
 // issueKey prepares the key-topic message of a login with flag 01: a
@@ -210,6 +192,7 @@ func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Tim
 	case !bkValid:
 		msg.Kind, msg.Code = codec.KindErr, codec.CodeBKExpired
 	default:
+		s.bkSync = true
 		if err := h.newSessionKey(s, t, &msg, now); err != nil {
 			h.event(slog.LevelWarn, "session_key_failed", "sn", s.sn, "err", err.Error())
 			return
@@ -220,7 +203,7 @@ func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Tim
 		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
 		return
 	}
-	s.keyMsg = payload
+	s.outbox = append(s.outbox, payload) // sent once the key topic is subscribed
 	if msg.Kind == codec.KindErr {
 		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
 	}

@@ -68,13 +68,6 @@ func (h *Hook) envelopeFailed(cl *mqtt.Client, s *session, reason string) {
 	}
 }
 
-// onControl handles a terminal's control message on $m2m/<sn>/ctl. The
-// messages are for the platform only: they are never delivered.
-func (h *Hook) onControl(cl *mqtt.Client, s *session, pk packets.Packet) (packets.Packet, error) {
-	h.event(slog.LevelInfo, "control_ignored", "sn", s.sn, "reason", "credential changes are not enabled")
-	return pk, packets.CodeSuccessIgnore
-}
-
 // OnPacketEncode seals downlink data for a terminal with a session key, at
 // the moment of delivery and under the key of the session that receives it:
 // a message queued while the terminal was offline is sealed for the session

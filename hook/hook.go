@@ -30,6 +30,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/sms"
 )
 
 // Registry is what the hook needs of the key service; *keysvc.Service
@@ -37,8 +38,11 @@ import (
 // served from a cache.
 type Registry interface {
 	Lookup(ctx context.Context, sn string) (*keysvc.Terminal, error)
+	Get(ctx context.Context, sn string) (*keysvc.Terminal, error) // fresh, for control messages
 	CommitChange(ctx context.Context, sn string, rid codec.ID) (*keysvc.Terminal, error)
 	StartChange(ctx context.Context, sn string, req keysvc.ChangeRequest) (*keysvc.Change, error)
+	MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*keysvc.Terminal, error)
+	ExpireChange(ctx context.Context, sn string) (bool, error)
 	NewSessionKey(ctx context.Context, sn string) ([]byte, error)
 	VerifyApp(ctx context.Context, name string, password []byte) (*keysvc.App, error)
 }
@@ -48,6 +52,17 @@ type Registry interface {
 type Options struct {
 	Registry Registry
 	Server   *mqtt.Server // the server the hook is added to: key delivery and session ends go through it
+
+	// SMS is the gateway for credential changes in plaintext (SPEC section
+	// 7); nil means no SMS channel: changes go in ciphertext or not at all.
+	SMS sms.Sender
+	// RenewBefore starts a change of a password or basic key this long
+	// before it expires (and at any login inside the grace period after);
+	// 0 = Grace.
+	RenewBefore time.Duration
+	// SMSRetry is the first wait after a failed SMS send; it doubles up to
+	// 5 minutes until the change's deadline. 0 = 5 s.
+	SMSRetry time.Duration
 
 	Skew            time.Duration // allowed |now - ts| at login; 0 = 300 s
 	Grace           time.Duration // login still allowed after up expired; 0 = 7 days
@@ -79,6 +94,8 @@ type Hook struct {
 	offline  sync.Map // ClientID → *session (identity only) of persistent sessions whose client is gone
 	replay   *replayCache
 	throttle *throttle
+	changes  *changeWatch
+	done     chan struct{} // closed by Stop
 }
 
 // New validates the options and returns the hook.
@@ -97,6 +114,12 @@ func New(opts Options) (*Hook, error) {
 	}
 	if opts.StoreTimeout <= 0 {
 		opts.StoreTimeout = 2 * time.Second
+	}
+	if opts.RenewBefore <= 0 {
+		opts.RenewBefore = opts.Grace
+	}
+	if opts.SMSRetry <= 0 {
+		opts.SMSRetry = 5 * time.Second
 	}
 	if opts.MaxEnvelopeFailures <= 0 {
 		opts.MaxEnvelopeFailures = 3
@@ -118,6 +141,8 @@ func New(opts Options) (*Hook, error) {
 		log:      opts.Logger,
 		replay:   newReplayCache(2 * opts.Skew),
 		throttle: newThrottle(opts.Throttle),
+		changes:  &changeWatch{deadlines: map[string]time.Time{}},
+		done:     make(chan struct{}),
 	}
 	registerer := opts.Registerer
 	if registerer == nil {
@@ -139,7 +164,8 @@ func (h *Hook) ID() string { return "m2mguard" }
 func (h *Hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
-		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPacketEncode, mqtt.OnWill:
+		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPublished,
+		mqtt.OnPacketEncode, mqtt.OnWill:
 		return true
 	}
 	return false
@@ -209,8 +235,9 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
-		h.deliverKey(cl, s)
+		h.keySubscribed(cl, s)
 	}
+	h.deliverPending(cl, s)
 }
 
 // OnSubscribed delivers the waiting key message once the terminal has
@@ -222,20 +249,40 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 	for i, f := range pk.Filters {
 		if f.Filter == s.keyTopic && i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			h.deliverKey(cl, s)
+			h.keySubscribed(cl, s)
 		}
 	}
 }
 
-// deliverKey writes the session's sk or err message to the terminal, once.
-func (h *Hook) deliverKey(cl *mqtt.Client, s *session) {
-	if s.keyMsg == nil || !s.keyDelivered.CompareAndSwap(false, true) {
+// sendKey sends a message on the terminal's key topic, or keeps it until
+// the terminal has subscribed there. Platform messages go straight to the
+// one connection they are for (QoS 0), never through the topic tree.
+func (h *Hook) sendKey(cl *mqtt.Client, s *session, payload []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.subscribed {
+		s.outbox = append(s.outbox, payload)
 		return
 	}
+	h.writeKey(cl, s, payload)
+}
+
+// keySubscribed flushes the outbox once the key topic is subscribed.
+func (h *Hook) keySubscribed(cl *mqtt.Client, s *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.subscribed = true
+	for _, m := range s.outbox {
+		h.writeKey(cl, s, m)
+	}
+	s.outbox = nil
+}
+
+func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 	err := cl.WritePacket(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   s.keyTopic,
-		Payload:     s.keyMsg,
+		Payload:     payload,
 	})
 	if err != nil {
 		h.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())

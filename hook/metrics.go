@@ -16,6 +16,7 @@ type metrics struct {
 	envelopeFailures *prometheus.CounterVec   // direction, reason
 	storeLatency     *prometheus.HistogramVec // op
 	sessions         *prometheus.GaugeVec     // kind
+	changes          *prometheus.CounterVec   // event, detail
 }
 
 // cacheStatser is implemented by registries with a read cache
@@ -59,11 +60,15 @@ func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
 			Name: "m2mguard_store_latency_seconds", Help: "Key service calls made by the hook.",
 			Buckets: []float64{1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1, 2},
 		}, []string{"op"}),
+		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_changes_total",
+			Help: "Credential changes by event (started, delivered, committed, expired, refused, failed) and detail (origin, mode, by, reason or step).",
+		}, []string{"event", "detail"}),
 		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "m2mguard_sessions", Help: "Authenticated connections by kind.",
 		}, []string{"kind"}),
 	}
-	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions}
+	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions, m.changes}
 	if c, ok := reg.(cacheStatser); ok {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "m2mguard_cache_hit_ratio", Help: "Share of terminal lookups served fresh from the key service cache.",

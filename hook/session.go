@@ -2,6 +2,7 @@ package hook
 
 import (
 	"crypto/cipher"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,12 +39,19 @@ type session struct {
 	keyTopic   string // $m2m/<sn>/key
 	downFilter string // m2m/<sn>/down/#
 
-	aead         cipher.AEAD // session key; nil without one
-	sid          codec.ID
-	exp          time.Time
-	keyMsg       []byte // sk or err message waiting for the key-topic subscription
-	keyDelivered atomic.Bool
-	timer        *time.Timer
+	aead   cipher.AEAD // session key; nil without one
+	sid    codec.ID
+	exp    time.Time
+	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible
+	timer  *time.Timer
+
+	// Key-topic messages wait in outbox until the terminal has subscribed
+	// to $m2m/<sn>/key; closeAfter ends the connection once the PUBACK of
+	// the control message being handled is out (after a committed change).
+	mu         sync.Mutex
+	subscribed bool
+	outbox     [][]byte
+	closeAfter atomic.Bool
 
 	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
 	upTop     atomic.Uint64 // upWindow.Top(), for Sessions

@@ -141,3 +141,78 @@ func openDown(ks []byte, topic string, env []byte) (uint64, []byte, error) {
 	plain, err := newGCM(ks).Open(nil, envNonce("DNLK", seq), env[9:], []byte(topic))
 	return seq, plain, err
 }
+
+// chg builds a change request (SPEC section 7), digested with up.
+func (t specTerminal) chg(what, mode string, ts uint32, nonce uint64) []byte {
+	prefix := fmt.Sprintf("M2M1.chg.%s.%s.%s.%d.%016x.", t.alg, what, mode, ts, nonce)
+	return []byte(prefix + t.digest(t.up, t.sn, "$m2m/"+t.sn+"/ctl", prefix, ts))
+}
+
+// ack confirms change rid with the new values held in next.
+func (t specTerminal) ack(next specTerminal, rid string, bkChanged bool, ts uint32, nonce uint64) []byte {
+	bkd := ""
+	if bkChanged {
+		bkd = next.bkd()
+	}
+	prefix := fmt.Sprintf("M2M1.ack.%s.%s.%d.%016x.%s.", t.alg, rid, ts, nonce, bkd)
+	return []byte(prefix + next.digest(next.up, t.sn, "$m2m/"+t.sn+"/ctl", prefix, ts))
+}
+
+// applyParams returns the terminal with the new values of a params text.
+func (t specTerminal) applyParams(params string) (specTerminal, error) {
+	next := t
+	for _, kv := range strings.Split(params, ";") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return t, fmt.Errorf("bad params item")
+		}
+		switch k {
+		case "up":
+			next.up = v
+		case "down":
+			next.down = v
+		case "bk":
+			bk, err := base64.RawURLEncoding.DecodeString(v)
+			if err != nil || len(bk) != 32 {
+				return t, fmt.Errorf("bad bk")
+			}
+			next.bk = bk
+		case "bkexp":
+			n, err := strconv.ParseUint(v, 10, 32)
+			if err != nil {
+				return t, err
+			}
+			next.bkexp = uint32(n)
+		case "upexp", "downexp":
+		default:
+			return t, fmt.Errorf("unknown params key %q", k)
+		}
+	}
+	return next, nil
+}
+
+// cfg verifies a cfg message and returns its rid and params.
+func (t specTerminal) cfg(payload string) (rid, params string, err error) {
+	f, err := t.verifyDown(payload)
+	if err != nil {
+		return "", "", err
+	}
+	if f[1] != "cfg" || len(f) != 7 {
+		return "", "", fmt.Errorf("not a cfg message: %s", f[1])
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(f[5])
+	if err != nil || len(raw) < 28 {
+		return "", "", fmt.Errorf("bad wrapped params")
+	}
+	plain, err := newGCM(t.bk).Open(nil, raw[:12], raw[12:], []byte("M2M1.cfg."+t.sn+"."+f[4]))
+	return f[4], string(plain), err
+}
+
+// smsText parses the SMS of a change for this terminal.
+func (t specTerminal) smsText(text, wantRID string) (string, error) {
+	prefix := "M2M1.cfg." + t.sn + "." + wantRID + "."
+	if !strings.HasPrefix(text, prefix) {
+		return "", fmt.Errorf("not the SMS of change %s", wantRID)
+	}
+	return text[len(prefix):], nil
+}

@@ -1,0 +1,291 @@
+package hook_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smstest"
+)
+
+func nonce() uint64 {
+	var b [8]byte
+	rand.Read(b[:])
+	return binary.BigEndian.Uint64(b[:])
+}
+
+func (e *env) ts() uint32 { return uint32(e.clock.now().Unix()) }
+
+// keyMessage waits for the next message on the key topic and verifies it
+// with down; it returns the fields.
+func keyMessage(t *testing.T, c *v5Client, term specTerminal) []string {
+	t.Helper()
+	pk, err := c.nextPublish(5 * time.Second)
+	if err != nil {
+		t.Fatalf("waiting for a key-topic message: %v", err)
+	}
+	f, err := term.verifyDown(string(pk.Payload))
+	if err != nil {
+		t.Fatalf("key-topic message %q: %v", pk.Payload, err)
+	}
+	return f
+}
+
+// expectClosed waits for the platform to close the connection.
+func expectClosed(t *testing.T, c *v5Client) {
+	t.Helper()
+	for {
+		pk, err := c.tryRead(5 * time.Second)
+		if err != nil || pk.FixedHeader.Type == 14 /* DISCONNECT */ {
+			if err != nil && strings.Contains(err.Error(), "timeout") {
+				t.Fatal("connection not closed after done")
+			}
+			return
+		}
+	}
+}
+
+// TestTerminalCipherChange: chg in ciphertext for each what, the whole way:
+// cfg, ack with the new values, done signed with the new down, the
+// connection closed, the new values in and the old ones out.
+func TestTerminalCipherChange(t *testing.T) {
+	for _, what := range []string{"pwd", "bk", "all"} {
+		t.Run(what, func(t *testing.T) {
+			e := newEnv(t, nil)
+			term := e.register("A00MS8011390002S", codec.HS256)
+			c, _ := loginWithKey(t, e, term, true)
+			if rc := c.publish("$m2m/"+term.sn+"/ctl", term.chg(what, "cipher", e.ts(), nonce()), 1); rc >= 0x80 {
+				t.Fatalf("chg puback 0x%02x", rc)
+			}
+			pk, err := c.nextPublish(5 * time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rid, params, err := term.cfg(string(pk.Payload))
+			if err != nil {
+				t.Fatalf("cfg: %v", err)
+			}
+			next, err := term.applyParams(params)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.secrets = append(e.secrets, []byte(next.up), []byte(next.down), next.bk)
+			if (next.up != term.up) != (what != "bk") || (string(next.bk) != string(term.bk)) != (what != "pwd") {
+				t.Fatalf("params change the wrong values for %s", what)
+			}
+			c.publish("$m2m/"+term.sn+"/ctl", term.ack(next, rid, what != "pwd", e.ts(), nonce()), 1)
+			f := keyMessage(t, c, next) // done is signed with the new down
+			if f[1] != "done" || f[4] != rid {
+				t.Fatalf("got %v, want done %s", f, rid)
+			}
+			expectClosed(t, c)
+			if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(next, what != "pwd"), true); code != 0 {
+				t.Fatalf("login with the new values: 0x%02x", code)
+			}
+			if what != "bk" {
+				if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != v5BadCredentials {
+					t.Fatalf("login with the old password: 0x%02x, want refused", code)
+				}
+			}
+			if got := e.counter("m2mguard_changes_total", "event", "committed", "detail", "ack"); got != 1 {
+				t.Fatalf("commits by ack: %v", got)
+			}
+			if !strings.Contains(e.logs.String(), `"event":"change_started"`) || !strings.Contains(e.logs.String(), `"event":"change_delivered"`) {
+				t.Fatal("audit events missing")
+			}
+		})
+	}
+}
+
+// TestTerminalSMSChange: without a basic key in sync the platform answers
+// acc and sends the new values by SMS through the gateway.
+func TestTerminalSMSChange(t *testing.T) {
+	gw, err := smstest.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	e := newEnv(t, func(o *hook.Options) { o.SMS = newSender(gw.URL()) })
+	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
+	c, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true) // no flag 01: bk not in sync
+	if code != 0 {
+		t.Fatal(code)
+	}
+	c.subscribe("$m2m/"+term.sn+"/key", 0)
+	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "cipher", e.ts(), nonce()), 1)
+	f := keyMessage(t, c, term)
+	if f[1] != "acc" || f[5] != "sms" {
+		t.Fatalf("got %v, want acc ... sms", f)
+	}
+	rid := f[4]
+	var text string
+	for deadline := time.Now().Add(5 * time.Second); text == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		for _, m := range gw.Messages() {
+			if m.To == "8613800000001" {
+				text = m.Text
+			}
+		}
+	}
+	params, err := term.smsText(text, rid)
+	if err != nil {
+		t.Fatalf("sms: %v", err)
+	}
+	next, _ := term.applyParams(params)
+	e.secrets = append(e.secrets, []byte(next.up), []byte(next.down))
+	c.publish("$m2m/"+term.sn+"/ctl", term.ack(next, rid, false, e.ts(), nonce()), 1)
+	if f := keyMessage(t, c, next); f[1] != "done" {
+		t.Fatalf("got %v, want done", f)
+	}
+	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil || string(rec.Creds.Up) != next.up {
+		t.Fatal("change not committed")
+	}
+}
+
+// TestChangeErrors: busy, no-channel, replay, skew and a bad digest are
+// answered with err messages signed with the downlink password.
+func TestChangeErrors(t *testing.T) {
+	e := newEnv(t, nil)
+	term := e.register("A00MS8011390002S", codec.HS256)
+	plain := e.register("PLAIN1", codec.HS256)
+	ctl := "$m2m/" + term.sn + "/ctl"
+
+	// no-channel: no bk in sync (no flag 01), no MSISDN, no gateway.
+	cp, _ := dialV5(t, e.addr, plain.sn, plain.username(), e.login(plain, false), true)
+	cp.subscribe("$m2m/"+plain.sn+"/key", 0)
+	cp.publish("$m2m/"+plain.sn+"/ctl", plain.chg("pwd", "cipher", e.ts(), nonce()), 1)
+	if f := keyMessage(t, cp, plain); f[1] != "err" || f[4] != "no-channel" {
+		t.Fatalf("got %v, want err no-channel", f)
+	}
+
+	c, _ := loginWithKey(t, e, term, true)
+	first := term.chg("pwd", "cipher", e.ts(), nonce())
+	c.publish(ctl, first, 1)
+	if f := keyMessage(t, c, term); f[1] != "cfg" {
+		t.Fatalf("got %v, want cfg", f)
+	}
+	cases := []struct {
+		name    string
+		payload []byte
+		code    string
+	}{
+		{"busy", term.chg("bk", "cipher", e.ts(), nonce()), "busy"},
+		{"replay", first, "replay"},
+		{"skew", term.chg("pwd", "cipher", e.ts()-400, nonce()), "skew"},
+		{"bad digest", func() []byte { o := term; o.up = "NotThePassword00"; return o.chg("pwd", "cipher", e.ts(), nonce()) }(), "bad-request"},
+		{"garbage", []byte("M2M1.chg.hs256.x"), "bad-request"},
+		{"unknown rid", term.ack(term, "00000000000000ff", false, e.ts(), nonce()), "unknown-rid"},
+	}
+	for _, tc := range cases {
+		c.publish(ctl, tc.payload, 1)
+		if f := keyMessage(t, c, term); f[1] != "err" || f[4] != tc.code {
+			t.Errorf("%s: got %v, want err %s", tc.name, f, tc.code)
+		}
+	}
+}
+
+// TestPlatformChangeOnlineAndOffline: an operator's change reaches an
+// online terminal at once, and an offline one after its next login.
+func TestPlatformChangeOnlineAndOffline(t *testing.T) {
+	e := newEnv(t, nil)
+	term := e.register("A00MS8011390002S", codec.HS256)
+	c, _ := loginWithKey(t, e, term, true)
+	ch, err := e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := keyMessage(t, c, term); f[1] != "cfg" || f[4] != ch.RID.String() {
+		t.Fatalf("online: got %v, want cfg %s", f, ch.RID)
+	}
+
+	off := e.register("OFFLINE1", codec.HS256)
+	ch2, err := e.hook.StartChange(context.Background(), off.sn, codec.WhatAll)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec, _ := e.svc.Get(context.Background(), off.sn); rec.Pending == nil || rec.Pending.Delivered {
+		t.Fatal("offline terminal: change should wait undelivered")
+	}
+	oc, _ := dialV5(t, e.addr, off.sn, off.username(), e.login(off, true), true)
+	oc.subscribe("$m2m/"+off.sn+"/key", 0)
+	var gotCfg bool
+	for i := 0; i < 2; i++ { // sk and cfg, in either order
+		f := keyMessage(t, oc, off)
+		gotCfg = gotCfg || (f[1] == "cfg" && f[4] == ch2.RID.String())
+	}
+	if !gotCfg {
+		t.Fatal("offline terminal: no cfg after its login")
+	}
+}
+
+// TestSMSGatewayDown: a failing gateway is retried; the change stays
+// pending meanwhile and goes out when the gateway is back.
+func TestSMSGatewayDown(t *testing.T) {
+	gw, err := smstest.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	gw.FailNext(100) // more than the sender's own retries: the hook must retry
+	e := newEnv(t, func(o *hook.Options) { o.SMS = newSender(gw.URL()); o.SMSRetry = 20 * time.Millisecond })
+	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
+	c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
+	c.subscribe("$m2m/"+term.sn+"/key", 0)
+	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "sms", e.ts(), nonce()), 1)
+	if f := keyMessage(t, c, term); f[1] != "acc" {
+		t.Fatalf("got %v, want acc", f)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(e.logs.String(), `"step":"sms-send"`); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no sms-send failure recorded")
+		}
+	}
+	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
+		t.Fatal("pending change lost or marked delivered while the gateway is down")
+	}
+	gw.FailNext(0)
+	for deadline := time.Now().Add(10 * time.Second); len(gw.Messages()) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("SMS never sent after the gateway came back")
+		}
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil && rec.Pending.Delivered && rec.Pending.Mode == codec.ModeSMS {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("change not marked delivered by SMS")
+		}
+	}
+}
+
+// TestChangeExpires: past its deadline a change is dropped, recorded, and
+// the old values stay valid.
+func TestChangeExpires(t *testing.T) {
+	e := newEnv(t, nil)
+	term := e.register("A00MS8011390002S", codec.HS256)
+	if _, err := e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.advance(25 * time.Hour)
+	e.hook.ExpireChanges(context.Background())
+	if !strings.Contains(e.logs.String(), `"event":"change_expired"`) {
+		t.Fatal("expiry not recorded")
+	}
+	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil {
+		t.Fatal("expired change still pending")
+	}
+	if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != 0 {
+		t.Fatalf("old values after expiry: 0x%02x", code)
+	}
+}
+
+func newSender(url string) *sms.HTTPSender {
+	return &sms.HTTPSender{URL: url + "/send", Retries: 1, Backoff: 10 * time.Millisecond, Timeout: 2 * time.Second}
+}
