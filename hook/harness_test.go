@@ -40,6 +40,8 @@ type env struct {
 	metrics *prometheus.Registry
 	clock   *clock
 	secrets [][]byte // every secret handed out, for the log scan
+
+	stopServer func()
 }
 
 type clock struct{ offset atomic.Int64 }
@@ -71,7 +73,12 @@ func newEnv(t *testing.T, tune func(*hook.Options)) *env {
 
 func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) *env {
 	t.Helper()
-	e := &env{t: t, logs: &syncBuffer{}, metrics: prometheus.NewRegistry(), clock: &clock{}}
+	return newEnvOn(t, embedded(t), tuneSvc, tune)
+}
+
+// embedded opens a fresh embedded store in the test's temporary folder.
+func embedded(t *testing.T) keysvc.Store {
+	t.Helper()
 	key := make([]byte, 32)
 	rand.Read(key)
 	store, err := boltstore.Open(filepath.Join(t.TempDir(), "m2mguard.db"), boltstore.Options{MasterKey: key})
@@ -79,6 +86,23 @@ func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Opt
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
+	return store
+}
+
+// newEnvOn starts a broker with the hook on store.
+func newEnvOn(t *testing.T, store keysvc.Store, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) *env {
+	t.Helper()
+	e := &env{t: t, logs: &syncBuffer{}, clock: &clock{}}
+	e.start(store, tuneSvc, tune)
+	t.Cleanup(e.scanLogs)
+	return e
+}
+
+// start (re)starts the key service, mochi and the hook on store.
+func (e *env) start(store keysvc.Store, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) {
+	t := e.t
+	t.Helper()
+	e.metrics = prometheus.NewRegistry()
 	svcOpts := keysvc.Options{
 		Store: store, Now: e.clock.now, PasswordLifetime: passwordLifetime,
 		AppHash: keysvc.AppHashParams{Time: 1, Memory: 1024},
@@ -86,6 +110,7 @@ func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Opt
 	if tuneSvc != nil {
 		tuneSvc(&svcOpts)
 	}
+	var err error
 	e.svc, err = keysvc.New(svcOpts)
 	if err != nil {
 		t.Fatal(err)
@@ -114,11 +139,15 @@ func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Opt
 		t.Fatal(err)
 	}
 	go e.server.Serve()
-	t.Cleanup(func() { e.server.Close() })
+	var once sync.Once
+	server := e.server
+	e.stopServer = func() { once.Do(func() { server.Close() }) }
+	t.Cleanup(e.stopServer)
 	e.addr = tcp.Address()
-	t.Cleanup(e.scanLogs)
-	return e
 }
+
+// stop kills the broker: every connection drops, nothing is flushed.
+func (e *env) stop() { e.stopServer() }
 
 // scanLogs fails the test if any secret handed out appears in the logs
 // (the hook's security events and mochi's own debug log).
