@@ -99,7 +99,7 @@ type upMsg struct {
 	payload []byte
 }
 
-func newPlatform(t *testing.T, alg codec.Alg) *platform {
+func newPlatform(t *testing.T, alg codec.Alg, extra ...listeners.Listener) *platform {
 	t.Helper()
 	srv := mochi.New(&mochi.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
 	g := &gate{subs: make(chan string, 64)}
@@ -112,6 +112,11 @@ func newPlatform(t *testing.T, alg codec.Alg) *platform {
 	}
 	if err := srv.AddListener(listeners.NewNet("tcp", ln)); err != nil {
 		t.Fatal(err)
+	}
+	for _, l := range extra {
+		if err := srv.AddListener(l); err != nil {
+			t.Fatal(err)
+		}
 	}
 	p := &platform{t: t, srv: srv, gate: g, addr: ln.Addr().String(), ctl: make(chan []byte, 16),
 		up: make(chan upMsg, 64), id: testID, alg: alg, creds: testCreds()}

@@ -24,6 +24,8 @@ import (
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smstest"
 )
 
 type platformEnv struct {
@@ -34,6 +36,7 @@ type platformEnv struct {
 
 	mu     sync.Mutex
 	server *mochi.Server
+	hook   *hook.Hook
 	up     chan [2]string // topic, plaintext as applications see it
 }
 
@@ -97,7 +100,7 @@ func (e *platformEnv) start() {
 	}
 	go srv.Serve()
 	e.mu.Lock()
-	e.server = srv
+	e.server, e.hook = srv, h
 	e.mu.Unlock()
 }
 
@@ -118,9 +121,13 @@ func (e *platformEnv) publishDown(sn, sub, text string) {
 	}
 }
 
-func (e *platformEnv) register(sn string) *keysvc.Terminal {
+func (e *platformEnv) register(sn string, msisdn ...string) *keysvc.Terminal {
 	e.t.Helper()
-	term, err := e.svc.Register(context.Background(), keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: codec.HS256})
+	req := keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120", Alg: codec.HS256}
+	if len(msisdn) > 0 {
+		req.MSISDN = msisdn[0]
+	}
+	term, err := e.svc.Register(context.Background(), req)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -161,20 +168,33 @@ func (l evlog) wait(t *testing.T, k client.EventKind) client.Event {
 	}
 }
 
-func (e *platformEnv) newClient(term *keysvc.Terminal, rec *client.Record, sessionKey bool) (*client.Client, evlog, chan string) {
+func (e *platformEnv) newClient(term *keysvc.Terminal, rec *client.Record, sessionKey bool, mod ...func(*client.Config)) (*client.Client, evlog, chan string) {
 	e.t.Helper()
-	if rec == nil {
-		rec = &client.Record{Current: credsOf(term.Creds)}
+	var store client.CredentialStore
+	switch {
+	case rec == nil:
+		store = client.NewMemStore(&client.Record{Current: credsOf(term.Creds)})
+	default:
+		store = client.NewMemStore(rec)
+	}
+	for _, m := range mod {
+		cfg := client.Config{Store: store}
+		m(&cfg)
+		store = cfg.Store
 	}
 	ev := evlog{ch: make(chan client.Event, 256), backlog: new([]client.Event)}
 	data := make(chan string, 16)
-	c, err := client.New(client.Config{
+	cfg := client.Config{
 		Brokers: []string{"tcp://" + e.addr}, Identity: term.Identity(), Alg: term.Alg,
-		Store: client.NewMemStore(rec), SessionKey: sessionKey,
+		Store: store, SessionKey: sessionKey,
 		OnEvent:    func(x client.Event) { ev.ch <- x },
 		OnData:     func(sub string, p []byte) { data <- sub + ":" + string(p) },
 		KeyTimeout: 5 * time.Second, ConnectTimeout: 5 * time.Second, MaxReconnectInterval: 300 * time.Millisecond,
-	})
+	}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	c, err := client.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -332,7 +352,150 @@ func TestHookFallback(t *testing.T) {
 	if r := ev.wait(t, client.EventConnected); r.UsedPending {
 		t.Fatal("connected with the new password")
 	}
-	if c.Record().Pending == nil {
-		t.Fatal("pending values lost without an answer from the platform")
+	// The client sends the ack again; the platform does not know the rid
+	// and says so: the pending values are discarded.
+	if d := ev.wait(t, client.EventChangeDiscarded); d.RID != 0x99 {
+		t.Fatalf("discarded %s", d.RID)
 	}
+	if c.Record().Pending != nil {
+		t.Fatal("pending values kept")
+	}
+}
+
+// checkInSync fails unless the platform and the terminal hold the same
+// current credentials and nothing pending.
+func (e *platformEnv) checkInSync(t *testing.T, c *client.Client, sn string) {
+	t.Helper()
+	pt, err := e.svc.Get(context.Background(), sn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr := c.Record()
+	if pt.Pending != nil || cr.Pending != nil {
+		t.Fatalf("still pending: platform %v, terminal %v", pt.Pending != nil, cr.Pending != nil)
+	}
+	if !bytes.Equal(pt.Creds.Up, cr.Current.Up) || !bytes.Equal(pt.Creds.Down, cr.Current.Down) || !bytes.Equal(pt.Creds.BK, cr.Current.BK) ||
+		pt.Creds.UpExp != cr.Current.UpExp || pt.Creds.BKExp != cr.Current.BKExp {
+		t.Fatal("platform and terminal hold different credentials")
+	}
+}
+
+// A terminal-initiated change in ciphertext: chg, cfg, ack, done, the
+// platform closes, the terminal logs in with the new values and gets a
+// session key under the new basic key.
+func TestHookCipherChange(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("CIPH0001")
+	c, ev, data := e.newClient(term, nil, true)
+	connect(t, c)
+	k1 := ev.wait(t, client.EventSessionKey)
+	rid, err := c.RequestChange(context.Background(), codec.WhatAll, codec.ModeCipher)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ev.wait(t, client.EventChangeCommitted); got.RID != rid {
+		t.Fatalf("committed %s, want %s", got.RID, rid)
+	}
+	for r := ev.wait(t, client.EventConnected); !r.Reconnect; r = ev.wait(t, client.EventConnected) {
+	}
+	if k2 := ev.wait(t, client.EventSessionKey); k2.SID == k1.SID {
+		t.Fatal("no new session key")
+	}
+	e.checkInSync(t, c, term.SN)
+	e.publishDown(term.SN, "cmd", "after-change")
+	if d := nextData(t, data); d != "cmd:after-change" {
+		t.Fatalf("terminal got %q", d)
+	}
+}
+
+// A change by SMS through the test gateway: chg (sms), acc, the SMS from
+// the platform's number, ack, done, new login.
+func TestHookSMSChange(t *testing.T) {
+	gw, err := smstest.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	const msisdn = "8613800000001"
+	e := newPlatformEnv(t, func(o *hook.Options) { o.SMS = &sms.HTTPSender{URL: gw.URL() + "/send", Retries: 2} })
+	term := e.register("SMS00001", msisdn)
+	c, ev, _ := e.newClient(term, nil, false, func(cfg *client.Config) {
+		cfg.SMS = &client.GatewayInbox{URL: gw.URL(), MSISDN: msisdn, PollInterval: 20 * time.Millisecond}
+		cfg.PlatformNumber = gw.From()
+	})
+	connect(t, c)
+	rid, err := c.RequestChange(context.Background(), codec.WhatPwd, codec.ModeSMS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev.wait(t, client.EventAwaitingSMS)
+	if got := ev.wait(t, client.EventChangeReceived); got.RID != rid || got.Mode != codec.ModeSMS {
+		t.Fatalf("received %+v", got)
+	}
+	ev.wait(t, client.EventChangeCommitted)
+	for r := ev.wait(t, client.EventConnected); !r.Reconnect; r = ev.wait(t, client.EventConnected) {
+	}
+	e.checkInSync(t, c, term.SN)
+}
+
+// A platform-initiated change for an offline terminal goes out after its
+// next login.
+func TestHookPlatformInitiated(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("PLAT0001")
+	e.mu.Lock()
+	h := e.hook
+	e.mu.Unlock()
+	ch, err := h.StartChange(context.Background(), term.SN, codec.WhatBK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, ev, _ := e.newClient(term, nil, true)
+	connect(t, c)
+	if got := ev.wait(t, client.EventChangeCommitted); got.RID != ch.RID {
+		t.Fatalf("committed %s", got.RID)
+	}
+	for r := ev.wait(t, client.EventConnected); !r.Reconnect; r = ev.wait(t, client.EventConnected) {
+	}
+	ev.wait(t, client.EventSessionKey)
+	e.checkInSync(t, c, term.SN)
+}
+
+// failingStore stores the pending change, then fails as if the power went
+// out before the ack left: the client never acks.
+type failingStore struct{ client.CredentialStore }
+
+func (f failingStore) SavePending(p client.Pending) error {
+	if err := f.CredentialStore.SavePending(p); err != nil {
+		return err
+	}
+	return errors.New("power cut")
+}
+
+// A kill between cfg and ack: the store holds the pending values, the
+// platform holds the pending change, nobody acked. The terminal restarts
+// and its login with the new password commits the change on both sides.
+func TestHookKillBetweenCfgAndAck(t *testing.T) {
+	e := newPlatformEnv(t, nil)
+	term := e.register("KILL0001")
+	store := client.NewMemStore(&client.Record{Current: credsOf(term.Creds)})
+	c, ev, _ := e.newClient(term, nil, true, func(cfg *client.Config) { cfg.Store = failingStore{store} })
+	connect(t, c)
+	go c.RequestChange(context.Background(), codec.WhatPwd, codec.ModeCipher)
+	ev.wait(t, client.EventError) // storing "failed": no ack
+	c.Close()
+	if rec, _ := store.Load(); rec.Pending == nil {
+		t.Fatal("nothing pending in the store")
+	}
+	if pt, _ := e.svc.Get(context.Background(), term.SN); pt.Pending == nil {
+		t.Fatal("nothing pending on the platform")
+	}
+	// The terminal after the reboot.
+	c2, ev2, _ := e.newClient(term, nil, true, func(cfg *client.Config) { cfg.Store = store })
+	connect(t, c2)
+	if got := ev2.wait(t, client.EventConnected); !got.UsedPending {
+		t.Fatal("the login did not use the new password")
+	}
+	ev2.wait(t, client.EventChangeCommitted)
+	e.checkInSync(t, c2, term.SN)
 }
