@@ -171,6 +171,7 @@ type RefusedError struct {
 	Code byte // the CONNACK return or reason code
 }
 
+// Error names the CONNACK code.
 func (e *RefusedError) Error() string {
 	return fmt.Sprintf("client: credentials refused by the broker (CONNACK 0x%02x)", e.Code)
 }
@@ -184,6 +185,7 @@ type PlatformError struct {
 	Code codec.ErrCode
 }
 
+// Error names the platform's code.
 func (e *PlatformError) Error() string { return "client: platform answered " + string(e.Code) }
 
 // EventKind names what an Event reports.
@@ -214,6 +216,7 @@ var eventNames = map[EventKind]string{
 	EventError: "error",
 }
 
+// String returns the event's name, e.g. "session-key".
 func (k EventKind) String() string {
 	if s, ok := eventNames[k]; ok {
 		return s

@@ -66,6 +66,7 @@ type StatusError struct {
 	Code int
 }
 
+// Error names the HTTP status (never the text of the SMS).
 func (e *StatusError) Error() string { return fmt.Sprintf("sms: gateway answered HTTP %d", e.Code) }
 
 // ErrNoURL is returned by Send when HTTPSender.URL is empty.
