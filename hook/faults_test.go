@@ -91,7 +91,7 @@ func (h *heldTerminal) resendAck(e *env, c *v5Client) {
 
 type faultStats struct {
 	attempts, logins, lockouts, disagreements, commits int
-	faults                                            map[string]int
+	faults                                             map[string]int
 }
 
 // TestRandomizedChangesWithFaults drives 1,000 change attempts (either side,
