@@ -25,6 +25,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/mochifix"
 )
 
 var testID = codec.Identity{SN: "A00MS8011390002S", IMEI: "354494040518570", IMSI: "460020084678120"}
@@ -113,10 +114,12 @@ func newPlatform(t *testing.T, alg codec.Alg, extra ...listeners.Listener) *plat
 	if err := srv.AddListener(listeners.NewNet("tcp", ln)); err != nil {
 		t.Fatal(err)
 	}
+	ids := []string{"tcp"}
 	for _, l := range extra {
 		if err := srv.AddListener(l); err != nil {
 			t.Fatal(err)
 		}
+		ids = append(ids, l.ID())
 	}
 	p := &platform{t: t, srv: srv, gate: g, addr: ln.Addr().String(), ctl: make(chan []byte, 16),
 		up: make(chan upMsg, 64), id: testID, alg: alg, creds: testCreds()}
@@ -131,7 +134,7 @@ func newPlatform(t *testing.T, alg codec.Alg, extra ...listeners.Listener) *plat
 		t.Fatal(err)
 	}
 	go srv.Serve()
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(func() { mochifix.Close(srv, ids, 10*time.Second) }) // mochi's Close can deadlock: mochi-mqtt/server#488
 	return p
 }
 

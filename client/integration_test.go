@@ -22,6 +22,7 @@ import (
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/sms"
@@ -108,7 +109,7 @@ func (e *platformEnv) stop() {
 	e.mu.Lock()
 	srv := e.server
 	e.mu.Unlock()
-	srv.Close()
+	mochifix.Close(srv, []string{"tcp"}, 10*time.Second) // mochi's Close can deadlock: mochi-mqtt/server#488
 }
 
 func (e *platformEnv) publishDown(sn, sub, text string) {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 )
@@ -148,31 +149,14 @@ func (e *env) start(store keysvc.Store, tuneSvc func(*keysvc.Options), tune func
 	server := e.server
 	e.stopServer = func() {
 		once.Do(func() {
-			// As a killed process would: no new connections, every socket
-			// drops at once. Then wait until mochi has let go of every
-			// client before Close: mochi v2.7.9 deadlocks in Close when a
-			// client is deleted concurrently (mochi-mqtt/server#488).
-			tl.Listener.Close()
+			// As a killed process would: every socket drops at once. Then
+			// close without mochi's deadlock (mochi-mqtt/server#488).
 			tl.closeConns()
-			time.Sleep(5 * time.Millisecond) // let accepted connections reach attachClient
-			waitClients(server, 10*time.Second)
-			server.Close()
+			mochifix.Close(server, []string{"tcp"}, 10*time.Second)
 		})
 	}
 	t.Cleanup(e.stopServer)
 	e.addr = ln.Addr().String()
-}
-
-// waitClients waits until mochi has finished with every connection (its
-// attachClient goroutines, the last of which deletes the client), or
-// until timeout.
-func waitClients(server *mqtt.Server, timeout time.Duration) {
-	done := make(chan struct{})
-	go func() { server.Listeners.ClientsWg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(timeout):
-	}
 }
 
 // trackingListener remembers the connections it accepted, so that a test
