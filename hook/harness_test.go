@@ -33,7 +33,7 @@ const passwordLifetime = 30 * 24 * time.Hour
 // env is a real mochi broker with the hook on a loopback port, backed by the
 // key service on the embedded store.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	svc     *keysvc.Service
 	server  *mqtt.Server
 	hook    *hook.Hook
@@ -79,7 +79,7 @@ func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Opt
 }
 
 // embedded opens a fresh embedded store in the test's temporary folder.
-func embedded(t *testing.T) keysvc.Store {
+func embedded(t testing.TB) keysvc.Store {
 	t.Helper()
 	key := make([]byte, 32)
 	rand.Read(key)
@@ -92,7 +92,7 @@ func embedded(t *testing.T) keysvc.Store {
 }
 
 // newEnvOn starts a broker with the hook on store.
-func newEnvOn(t *testing.T, store keysvc.Store, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) *env {
+func newEnvOn(t testing.TB, store keysvc.Store, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) *env {
 	t.Helper()
 	e := &env{t: t, logs: &syncBuffer{}, clock: &clock{}}
 	e.start(store, tuneSvc, tune)
@@ -197,7 +197,7 @@ func (e *env) scanLogs() {
 	}
 }
 
-// leaks counts the occurrences of secrets in the logs, as bytes, hex or
+// leaks counts the occurrences of secrets in the logs and metrics, as bytes, hex or
 // base64, in one pass over the logs (strings.Replacer matches all the
 // patterns at once with a trie).
 func (e *env) leaks() int {
@@ -213,7 +213,20 @@ func (e *env) leaks() int {
 	if len(pairs) == 0 {
 		return 0
 	}
-	return strings.Count(strings.NewReplacer(pairs...).Replace(e.logs.String()), mark)
+	return strings.Count(strings.NewReplacer(pairs...).Replace(e.logs.String()+e.metricsText()), mark)
+}
+
+// metricsText is every metric name, label and value the hook exports.
+func (e *env) metricsText() string {
+	mfs, err := e.metrics.Gather()
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, mf := range mfs {
+		b.WriteString(mf.String())
+	}
+	return b.String()
 }
 
 func fmtHex(b []byte) string {

@@ -16,7 +16,7 @@ import (
 // the CONNACK, SUBACK and PUBACK reason codes that the 3.1.1-only paho
 // client cannot show.
 type v5Client struct {
-	t    *testing.T
+	t    testing.TB
 	conn net.Conn
 	r    *bufio.Reader
 	id   uint16
@@ -24,7 +24,7 @@ type v5Client struct {
 }
 
 // dialV5 connects and returns the client and the CONNACK reason code.
-func dialV5(t *testing.T, addr, clientID, username string, password []byte, clean bool) (*v5Client, byte) {
+func dialV5(t testing.TB, addr, clientID, username string, password []byte, clean bool) (*v5Client, byte) {
 	t.Helper()
 	return dialV5Via(t, net.Dialer{Timeout: 5 * time.Second}, addr, clientID, username, password, clean)
 }
@@ -35,7 +35,18 @@ type will struct {
 	payload []byte
 }
 
-func dialV5Via(t *testing.T, d net.Dialer, addr, clientID, username string, password []byte, clean bool, w ...will) (*v5Client, byte) {
+func dialV5Via(t testing.TB, d net.Dialer, addr, clientID, username string, password []byte, clean bool, w ...will) (*v5Client, byte) {
+	t.Helper()
+	c, code, err := tryDialV5(t, d, addr, clientID, username, password, clean, w...)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	return c, code
+}
+
+// tryDialV5 is dialV5Via that returns an error, instead of failing the
+// test, when the broker drops the connection without a CONNACK.
+func tryDialV5(t testing.TB, d net.Dialer, addr, clientID, username string, password []byte, clean bool, w ...will) (*v5Client, byte, error) {
 	t.Helper()
 	conn, err := d.Dial("tcp", addr)
 	if err != nil {
@@ -59,12 +70,22 @@ func dialV5Via(t *testing.T, d net.Dialer, addr, clientID, username string, pass
 		pk.Properties.SessionExpiryInterval = 3600
 		pk.Properties.SessionExpiryIntervalFlag = true
 	}
-	c.write(&pk, (*packets.Packet).ConnectEncode)
-	ack := c.read()
-	if ack.FixedHeader.Type != packets.Connack {
-		t.Fatalf("got packet type %d, want CONNACK", ack.FixedHeader.Type)
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		return c, 0, err
 	}
-	return c, ack.ReasonCode
+	conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write(buf.Bytes()); err != nil {
+		return c, 0, err
+	}
+	ack, err := c.tryRead(5 * time.Second)
+	if err != nil {
+		return c, 0, err
+	}
+	if ack.FixedHeader.Type != packets.Connack {
+		return c, 0, fmt.Errorf("got packet type %d, want CONNACK", ack.FixedHeader.Type)
+	}
+	return c, ack.ReasonCode, nil
 }
 
 func (c *v5Client) write(pk *packets.Packet, enc func(*packets.Packet, *bytes.Buffer) error) {
