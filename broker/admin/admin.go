@@ -1,0 +1,585 @@
+// Package admin is the m2mguard broker's admin HTTP API: terminals,
+// credential changes, sessions and applications, as JSON over HTTP with a
+// bearer token, plus /metrics and /healthz.
+//
+//	GET    /healthz                          store reachability (no token)
+//	GET    /metrics                          Prometheus (no token)
+//	POST   /v1/terminals                     register; answers the provisioning Bundle (secrets, once)
+//	GET    /v1/terminals?after=&limit=       list, paged
+//	GET    /v1/terminals/{sn}                one record, without secrets
+//	DELETE /v1/terminals/{sn}                delete
+//	POST   /v1/terminals/{sn}/disable        disable (its logins are refused)
+//	POST   /v1/terminals/{sn}/enable         enable
+//	POST   /v1/terminals/import              CSV body; NDJSON stream of progress, then the report
+//	POST   /v1/terminals/{sn}/changes        start a credential change {"what":"pwd|bk|all"}
+//	GET    /v1/terminals/{sn}/changes        the pending change (metadata only)
+//	GET    /v1/sessions                      connected clients
+//	DELETE /v1/sessions/{client_id}          disconnect one
+//	GET    /v1/apps                          application names
+//	POST   /v1/apps                          add or replace an application
+//	GET    /v1/apps/{name}                   one application (no password)
+//	DELETE /v1/apps/{name}                   remove
+//
+// Errors are JSON {"error": "...", "field": "..."}: 400 bad input, 401 no
+// or wrong token, 404 not found, 409 exists or busy, 503 store unavailable.
+package admin
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+// Options configure the API.
+type Options struct {
+	Service   *keysvc.Service      // required
+	Hook      *hook.Hook           // required: sessions and changes
+	Token     string               // bearer token; required, at least 16 characters
+	Gatherer  prometheus.Gatherer  // served on /metrics; nil = no /metrics
+	BrokerURL string               // written into provisioning bundles
+	Logger    *slog.Logger         // nil = slog.Default()
+	MaxImport int64                // largest CSV body, bytes; 0 = 1 GiB
+	Timeout   time.Duration        // per store call outside imports; 0 = 30 s
+	Now       func() time.Time     // nil = time.Now
+	Rand      func(b []byte) error // nil = crypto/rand
+}
+
+type api struct {
+	opts  Options
+	token [32]byte
+	log   *slog.Logger
+}
+
+// New returns the API's handler.
+func New(opts Options) (http.Handler, error) {
+	if opts.Service == nil || opts.Hook == nil {
+		return nil, errors.New("admin: Service and Hook are required")
+	}
+	if len(opts.Token) < 16 {
+		return nil, errors.New("admin: the token must have at least 16 characters")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MaxImport <= 0 {
+		opts.MaxImport = 1 << 30
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = 30 * time.Second
+	}
+	if opts.Rand == nil {
+		opts.Rand = func(b []byte) error { _, err := rand.Read(b); return err }
+	}
+	a := &api{opts: opts, token: sha256.Sum256([]byte(opts.Token)), log: opts.Logger}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", a.healthz)
+	if opts.Gatherer != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
+	}
+	auth := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, a.auth(h)) }
+	auth("POST /v1/terminals", a.register)
+	auth("GET /v1/terminals", a.list)
+	auth("POST /v1/terminals/import", a.importCSV)
+	auth("GET /v1/terminals/{sn}", a.get)
+	auth("DELETE /v1/terminals/{sn}", a.delete)
+	auth("POST /v1/terminals/{sn}/disable", a.setStatus(keysvc.StatusDisabled))
+	auth("POST /v1/terminals/{sn}/enable", a.setStatus(keysvc.StatusActive))
+	auth("POST /v1/terminals/{sn}/changes", a.startChange)
+	auth("GET /v1/terminals/{sn}/changes", a.changeStatus)
+	auth("GET /v1/sessions", a.sessions)
+	auth("DELETE /v1/sessions/{id}", a.disconnect)
+	auth("GET /v1/apps", a.listApps)
+	auth("POST /v1/apps", a.addApp)
+	auth("GET /v1/apps/{name}", a.getApp)
+	auth("DELETE /v1/apps/{name}", a.removeApp)
+	mux.Handle("/", a.auth(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, Error{Error: "no such endpoint: " + r.Method + " " + r.URL.Path})
+	}))
+	return mux, nil
+}
+
+// auth requires "Authorization: Bearer <token>", compared in constant time
+// (of the hashes, so the length does not leak either).
+func (a *api) auth(next http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := r.Header.Get("Authorization")
+		tok, ok := strings.CutPrefix(h, "Bearer ")
+		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+		if !ok || subtle.ConstantTimeCompare(sum[:], a.token[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="m2mguard"`)
+			writeJSON(w, http.StatusUnauthorized, Error{Error: "missing or wrong bearer token"})
+			a.log.Warn("admin request refused", "reason", "bad-token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+			return
+		}
+		next(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// fieldError is bad input in a named field.
+type fieldError struct {
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string { return e.field + ": " + e.msg }
+
+func badField(field, format string, a ...any) error {
+	return &fieldError{field: field, msg: fmt.Sprintf(format, a...)}
+}
+
+// fail answers err with the status its sentinel maps to.
+func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
+	var fe *fieldError
+	var ce *codec.Error
+	var mbe *http.MaxBytesError
+	status, body := http.StatusInternalServerError, Error{Error: err.Error()}
+	switch {
+	case errors.As(err, &fe):
+		status, body = http.StatusBadRequest, Error{Error: fe.Error(), Field: fe.field}
+	case errors.As(err, &mbe):
+		status = http.StatusRequestEntityTooLarge
+	case errors.As(err, &ce):
+		status, body.Field = http.StatusBadRequest, ce.Field
+	case errors.Is(err, keysvc.ErrInvalid):
+		status = http.StatusBadRequest
+	case errors.Is(err, keysvc.ErrNotFound), errors.Is(err, hook.ErrNoSession):
+		status = http.StatusNotFound
+	case errors.Is(err, keysvc.ErrExists), errors.Is(err, keysvc.ErrBusy), errors.Is(err, keysvc.ErrConflict):
+		status = http.StatusConflict
+	case errors.Is(err, keysvc.ErrUnavailable), errors.Is(err, keysvc.ErrForbidden),
+		errors.Is(err, context.DeadlineExceeded):
+		status = http.StatusServiceUnavailable
+	}
+	if status >= 500 {
+		a.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
+	}
+	writeJSON(w, status, body)
+}
+
+// decode reads a JSON body of at most 64 KiB into v, refusing unknown
+// fields.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			return badField(strings.Trim(f, `"`), "unknown field")
+		}
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return badField(te.Field, "want a %s", te.Type)
+		}
+		return badField("body", "want a JSON object: %v", err)
+	}
+	if dec.More() {
+		return badField("body", "trailing data after the JSON object")
+	}
+	return nil
+}
+
+func (a *api) ctx(r *http.Request) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(r.Context(), a.opts.Timeout)
+}
+
+func pathSN(r *http.Request) (string, error) {
+	sn := r.PathValue("sn")
+	if err := codec.ValidateSN(sn); err != nil {
+		return "", badField("sn", "want 1 to 16 of [A-Za-z0-9]")
+	}
+	return sn, nil
+}
+
+// healthz reports whether the store answers: a read of a serial number that
+// can never exist must come back "not found".
+func (a *api) healthz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	_, err := a.opts.Service.Store().GetTerminal(ctx, "-healthz-")
+	if err == nil || errors.Is(err, keysvc.ErrNotFound) || errors.Is(err, keysvc.ErrInvalid) {
+		writeJSON(w, http.StatusOK, Health{Status: "ok", Store: "ok"})
+		return
+	}
+	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: err.Error()})
+}
+
+func (a *api) register(w http.ResponseWriter, r *http.Request) {
+	var req RegisterRequest
+	if err := decode(w, r, &req); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	rr := keysvc.RegisterRequest{SN: req.SN, IMEI: req.IMEI, IMSI: req.IMSI, MSISDN: req.MSISDN, RequireEncryption: req.RequireEncryption}
+	if err := (codec.Identity{SN: req.SN, IMEI: req.IMEI, IMSI: req.IMSI}).Validate(); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	if req.Alg != "" {
+		alg, err := codec.ParseAlg(req.Alg)
+		if err != nil {
+			a.fail(w, r, badField("alg", "want md5 or hs256"))
+			return
+		}
+		rr.Alg = alg
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	t, err := a.opts.Service.Register(ctx, rr)
+	if err != nil {
+		if errors.Is(err, keysvc.ErrExists) {
+			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + req.SN + " exists", Field: "sn"})
+			return
+		}
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("terminal registered", "sn", t.SN, "alg", t.Alg.String(), "remote", r.RemoteAddr)
+	w.Header().Set("Location", "/v1/terminals/"+t.SN)
+	writeJSON(w, http.StatusCreated, bundleOf(t, a.opts.BrokerURL))
+}
+
+func (a *api) get(w http.ResponseWriter, r *http.Request) {
+	sn, err := pathSN(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	t, err := a.opts.Service.Get(ctx, sn)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, terminalView(t))
+}
+
+func (a *api) list(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	after := q.Get("after")
+	if after != "" && codec.ValidateSN(after) != nil {
+		a.fail(w, r, badField("after", "want a serial number (1 to 16 of [A-Za-z0-9])"))
+		return
+	}
+	limit := 100
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 1000 {
+			a.fail(w, r, badField("limit", "want 1 to 1000"))
+			return
+		}
+		limit = n
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	ts, next, err := a.opts.Service.List(ctx, after, limit)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	out := TerminalList{Terminals: make([]Terminal, 0, len(ts)), Next: next}
+	for _, t := range ts {
+		out.Terminals = append(out.Terminals, terminalView(t))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *api) delete(w http.ResponseWriter, r *http.Request) {
+	sn, err := pathSN(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	if err := a.opts.Service.Delete(ctx, sn); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("terminal deleted", "sn", sn, "remote", r.RemoteAddr)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sn, err := pathSN(r)
+		if err != nil {
+			a.fail(w, r, err)
+			return
+		}
+		ctx, cancel := a.ctx(r)
+		defer cancel()
+		t, err := a.opts.Service.SetStatus(ctx, sn, st)
+		if err != nil {
+			a.fail(w, r, err)
+			return
+		}
+		a.log.Info("terminal status set", "sn", sn, "status", string(st), "remote", r.RemoteAddr)
+		writeJSON(w, http.StatusOK, terminalView(t))
+	}
+}
+
+// importCSV streams NDJSON: a progress line after every batch, then the
+// report. Errors found before anything was streamed (a bad header) get
+// their own status code; later ones end the stream with an error line.
+func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
+	body := http.MaxBytesReader(w, r.Body, a.opts.MaxImport)
+	started := false
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	start := func() {
+		if !started {
+			started = true
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.Header().Set("Cache-Control", "no-store")
+			w.WriteHeader(http.StatusOK)
+		}
+	}
+	rep, err := a.opts.Service.Import(r.Context(), body, keysvc.ImportOptions{Progress: func(done, total int) {
+		start()
+		enc.Encode(ImportEvent{Progress: &Progress{Done: done, Total: total}})
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}})
+	out := &ImportReport{Rows: rep.Rows, Created: rep.Created, Rejected: make([]RowResult, 0, len(rep.Rejected))}
+	for _, rr := range rep.Rejected {
+		out.Rejected = append(out.Rejected, RowResult{Line: rr.Line, SN: rr.SN, Reason: rr.Reason})
+	}
+	a.log.Info("terminals imported", "rows", rep.Rows, "created", rep.Created, "rejected", len(rep.Rejected), "remote", r.RemoteAddr)
+	if err != nil && !started {
+		a.fail(w, r, err)
+		return
+	}
+	start()
+	ev := ImportEvent{Report: out}
+	if err != nil {
+		ev.Error = err.Error()
+	}
+	enc.Encode(ev)
+}
+
+func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
+	sn, err := pathSN(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	var req ChangeRequest
+	if err := decode(w, r, &req); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	what := codec.What(req.What)
+	switch what {
+	case codec.WhatPwd, codec.WhatBK, codec.WhatAll:
+	default:
+		a.fail(w, r, badField("what", "want pwd, bk or all"))
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	// The hook picks the mode and delivers at once when the terminal is
+	// online, else after its next login.
+	ch, err := a.opts.Hook.StartChange(ctx, sn, what)
+	if err != nil {
+		if errors.Is(err, keysvc.ErrBusy) {
+			writeJSON(w, http.StatusConflict, Error{Error: "a change is already pending for " + sn})
+			return
+		}
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("credential change started", "sn", sn, "what", string(what), "rid", ch.RID.String(), "remote", r.RemoteAddr)
+	w.Header().Set("Location", "/v1/terminals/"+sn+"/changes")
+	writeJSON(w, http.StatusAccepted, changeView(ch))
+}
+
+func (a *api) changeStatus(w http.ResponseWriter, r *http.Request) {
+	sn, err := pathSN(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	t, err := a.opts.Service.Get(ctx, sn)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	if t.Pending == nil || t.Pending.Expired(a.now()) {
+		body := Error{Error: "no change pending for " + sn}
+		if t.LastCommitted != 0 {
+			body.Error += " (last committed rid " + t.LastCommitted.String() + ")"
+		}
+		writeJSON(w, http.StatusNotFound, body)
+		return
+	}
+	writeJSON(w, http.StatusOK, changeView(t.Pending))
+}
+
+func (a *api) now() time.Time {
+	if a.opts.Now != nil {
+		return a.opts.Now()
+	}
+	return time.Now()
+}
+
+func (a *api) sessions(w http.ResponseWriter, r *http.Request) {
+	s := a.opts.Hook.Sessions()
+	if s == nil {
+		s = []hook.SessionInfo{}
+	}
+	writeJSON(w, http.StatusOK, struct {
+		Sessions []hook.SessionInfo `json:"sessions"`
+	}{s})
+}
+
+func (a *api) disconnect(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if id == "" || len(id) > 65535 {
+		a.fail(w, r, badField("client_id", "want a client id"))
+		return
+	}
+	if err := a.opts.Hook.Disconnect(id); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("session disconnected", "client_id", id, "remote", r.RemoteAddr)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *api) listApps(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	names, err := a.opts.Service.ListApps(ctx)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	if names == nil {
+		names = []string{}
+	}
+	writeJSON(w, http.StatusOK, AppList{Apps: names})
+}
+
+const appPasswordAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+func (a *api) addApp(w http.ResponseWriter, r *http.Request) {
+	var req AppRequest
+	if err := decode(w, r, &req); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	if err := keysvc.ValidateAppName(req.Name); err != nil {
+		a.fail(w, r, badField("name", "want 1 to 64 of [A-Za-z0-9._-], not starting with '.'"))
+		return
+	}
+	generated := req.Password == ""
+	if generated {
+		pw, err := a.password(24)
+		if err != nil {
+			a.fail(w, r, err)
+			return
+		}
+		req.Password = pw
+	} else if n := len(req.Password); n < 12 || n > 128 {
+		a.fail(w, r, badField("password", "want 12 to 128 bytes"))
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	app, err := a.opts.Service.AddApp(ctx, keysvc.AddAppRequest{Name: req.Name, Password: []byte(req.Password), Subscribe: req.Subscribe, Publish: req.Publish})
+	if err != nil {
+		if errors.Is(err, keysvc.ErrInvalid) && strings.Contains(err.Error(), "topic filter") {
+			writeJSON(w, http.StatusBadRequest, Error{Error: err.Error(), Field: "subscribe/publish"})
+			return
+		}
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("application added", "app", app.Name, "remote", r.RemoteAddr)
+	out := appView(app)
+	if generated {
+		out.Password = req.Password
+	}
+	writeJSON(w, http.StatusCreated, out)
+}
+
+func (a *api) getApp(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := keysvc.ValidateAppName(name); err != nil {
+		a.fail(w, r, badField("name", "want 1 to 64 of [A-Za-z0-9._-]"))
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	app, err := a.opts.Service.GetApp(ctx, name)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, appView(app))
+}
+
+func (a *api) removeApp(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := keysvc.ValidateAppName(name); err != nil {
+		a.fail(w, r, badField("name", "want 1 to 64 of [A-Za-z0-9._-]"))
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	if err := a.opts.Service.RemoveApp(ctx, name); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.log.Info("application removed", "app", name, "remote", r.RemoteAddr)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// password returns n characters of [A-Za-z0-9], without modulo bias.
+func (a *api) password(n int) (string, error) {
+	out := make([]byte, 0, n)
+	buf := make([]byte, 2*n)
+	for len(out) < n {
+		if err := a.opts.Rand(buf); err != nil {
+			return "", err
+		}
+		for _, b := range buf {
+			if int(b) < 256/len(appPasswordAlphabet)*len(appPasswordAlphabet) && len(out) < n {
+				out = append(out, appPasswordAlphabet[int(b)%len(appPasswordAlphabet)])
+			}
+		}
+	}
+	return string(out), nil
+}

@@ -1,0 +1,506 @@
+// Package broker is the runnable m2mguard broker: a mochi-mqtt server with
+// the M2M1 hook, the key service on the embedded store or Vault, the MQTT
+// listeners (TCP, TLS, WebSocket) and the admin HTTP API (package
+// broker/admin), configured by one YAML file, environment variables and
+// flags (see Config, Resolve and Reference).
+//
+//	cfg, err := broker.Resolve(flags, os.LookupEnv) // errors name the key
+//	err = broker.Run(ctx, cfg, logger)              // until ctx is cancelled
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/sms"
+)
+
+// Broker is a started broker. Stop it with Close.
+type Broker struct {
+	cfg      *Config
+	log      *slog.Logger
+	store    keysvc.Store
+	svc      *keysvc.Service
+	hook     *hook.Hook
+	server   *mqtt.Server
+	registry *prometheus.Registry
+
+	listenerIDs []string
+	addrs       map[string]string // listener id -> bound address
+
+	adminSrv *http.Server
+	adminLn  net.Listener
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewLogger returns the logger cfg.Log asks for, writing to w.
+func NewLogger(cfg LogConfig, w io.Writer) *slog.Logger {
+	level, err := parseLevel(cfg.Level)
+	if err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(s))
+	return l, err
+}
+
+// Run starts the broker and serves until ctx is cancelled, then shuts down
+// cleanly: the admin API stops accepting, every MQTT client is disconnected,
+// the store is closed.
+func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
+	b, err := Start(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	if err := b.Close(); err != nil {
+		return err
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+// Start starts the broker and returns once every listener is bound.
+func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, err error) {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	b := &Broker{cfg: cfg, log: logger, addrs: map[string]string{}}
+	defer func() {
+		if err != nil {
+			b.Close()
+		}
+	}()
+	if err := b.openStore(ctx); err != nil {
+		return nil, err
+	}
+	b.svc, err = keysvc.New(keysvc.Options{
+		Store:            b.store,
+		ChangeDeadline:   cfg.Keys.ChangeDeadline,
+		PasswordLifetime: cfg.Keys.PasswordLifetime,
+		KeyLifetime:      cfg.Keys.KeyLifetime,
+		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
+		SessionKeys:      b.sessionKeys(),
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	b.registry = prometheus.NewRegistry()
+	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	b.server = mqtt.New(MochiOptions(cfg, logger))
+	hopts := hook.Options{
+		Registry: b.svc, Server: b.server,
+		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
+		StoreTimeout: cfg.Auth.StoreTimeout,
+		Throttle:     hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		Logger:       logger.With("component", "hook"),
+		Registerer:   b.registry,
+	}
+	if cfg.SMS.URL != "" {
+		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
+	}
+	b.hook, err = hook.New(hopts)
+	if err != nil {
+		return nil, err
+	}
+	// The M2M1 hook is the only auth/ACL hook: mochi ORs their answers.
+	if err := b.server.AddHook(b.hook, nil); err != nil {
+		return nil, err
+	}
+	if err := b.addListeners(); err != nil {
+		return nil, err
+	}
+	if err := b.server.Serve(); err != nil {
+		return nil, err
+	}
+	if err := b.startAdmin(); err != nil {
+		return nil, err
+	}
+	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
+	return b, nil
+}
+
+// MochiOptions are the mochi server options of cfg: the inline client on
+// (the hook publishes key messages through it), the per-client buffers and
+// outbound queue tuned down from mochi's defaults (about 89 KiB per idle
+// client) and mochi's log filtered so that no packet is ever logged.
+func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClientWritesPending = int32(cfg.MQTT.MaxWritesPending)
+	caps.MaximumPacketSize = uint32(cfg.MQTT.MaxPacketSize)
+	return &mqtt.Options{
+		InlineClient:             true,
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  cfg.MQTT.ReadBuffer,
+		ClientNetWriteBufferSize: cfg.MQTT.WriteBuffer,
+		Logger:                   slog.New(redactHandler{logger.With("component", "mqtt").Handler()}),
+	}
+}
+
+// redactHandler drops the attributes in which mochi logs whole packets
+// (a repeated CONNECT would carry a password token, a PUBLISH its payload).
+type redactHandler struct{ slog.Handler }
+
+func (h redactHandler) Handle(ctx context.Context, r slog.Record) error {
+	n := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "pk", "packet", "pkv":
+			n.AddAttrs(slog.String(a.Key, "[redacted]"))
+		default:
+			n.AddAttrs(a)
+		}
+		return true
+	})
+	return h.Handler.Handle(ctx, n)
+}
+
+func (h redactHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return redactHandler{h.Handler.WithAttrs(as)}
+}
+
+func (h redactHandler) WithGroup(name string) slog.Handler {
+	return redactHandler{h.Handler.WithGroup(name)}
+}
+
+func (b *Broker) openStore(ctx context.Context) error {
+	cfg := b.cfg
+	switch cfg.Store.Type {
+	case "vault":
+		v := cfg.Store.Vault
+		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
+			Logger: b.log.With("component", "vault")}
+		if v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "" {
+			roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
+			if err != nil {
+				return err
+			}
+			secretID, err := valueOrFile(v.AppRoleSecretID, v.AppRoleSecretIDFile, "store.vault.approle.secret_id_file")
+			if err != nil {
+				return err
+			}
+			opts.AppRole = &vaultstore.AppRole{MountPath: v.AppRoleMount, RoleID: roleID, SecretID: []byte(secretID)}
+		} else {
+			token, err := valueOrFile(v.Token, v.TokenFile, "store.vault.token_file")
+			if err != nil {
+				return err
+			}
+			opts.Token = token
+		}
+		s, err := vaultstore.Open(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("vault store at %s: %w", v.Address, err)
+		}
+		b.store = s
+		auth := "token"
+		if opts.AppRole != nil {
+			auth = "approle"
+		}
+		b.log.Info("vault store", "address", v.Address, "mount", v.Mount, "prefix", v.Prefix, "auth", auth, "transit", v.Transit)
+	default:
+		e := cfg.Store.Embedded
+		if err := os.MkdirAll(filepath.Dir(e.MasterKeyFile), 0o700); err != nil {
+			return &ConfigError{Key: "store.embedded.master_key_file", Err: err}
+		}
+		_, fromEnv := os.LookupEnv(boltstore.EnvMasterKey)
+		key, err := boltstore.LoadOrCreateMasterKey("", e.MasterKeyFile)
+		if err != nil {
+			if fromEnv {
+				return &ConfigError{Key: "store.embedded.master_key_file", Source: "env " + boltstore.EnvMasterKey, Err: err}
+			}
+			return &ConfigError{Key: "store.embedded.master_key_file", Err: err}
+		}
+		if err := os.MkdirAll(filepath.Dir(e.File), 0o700); err != nil {
+			return &ConfigError{Key: "store.embedded.file", Err: err}
+		}
+		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key})
+		clear(key)
+		if err != nil {
+			return fmt.Errorf("embedded store %s: %w", e.File, err)
+		}
+		b.store = s
+		keySrc := e.MasterKeyFile
+		if fromEnv {
+			keySrc = "$" + boltstore.EnvMasterKey
+		}
+		b.log.Info("embedded store", "file", e.File, "master_key", keySrc)
+	}
+	return nil
+}
+
+func (b *Broker) sessionKeys() keysvc.SessionKeySource {
+	v := b.cfg.Store.Vault
+	if b.cfg.Store.Type != "vault" || !v.Transit {
+		return nil
+	}
+	return &vaultstore.TransitKeys{Store: b.store.(*vaultstore.Store), Mount: v.TransitMount, Key: v.TransitKey}
+}
+
+// valueOrFile returns v, or the trimmed content of file.
+func valueOrFile(v, file, key string) (string, error) {
+	if v != "" || file == "" {
+		return v, nil
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return "", &ConfigError{Key: key, Err: err}
+	}
+	s := strings.TrimSpace(string(data))
+	if s == "" {
+		return "", &ConfigError{Key: key, Err: errors.New("file is empty")}
+	}
+	return s, nil
+}
+
+func (b *Broker) addListeners() error {
+	cfg := b.cfg.MQTT
+	var tlsConf *tls.Config
+	if cfg.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return &ConfigError{Key: "mqtt.tls_cert", Err: err}
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	add := func(id, key, address string, tc *tls.Config) error {
+		ln, err := net.Listen("tcp", address)
+		if err != nil {
+			return &ConfigError{Key: key, Err: err}
+		}
+		b.addrs[id] = ln.Addr().String()
+		if tc != nil {
+			ln = tls.NewListener(ln, tc)
+		}
+		if err := b.server.AddListener(listeners.NewNet(id, ln)); err != nil {
+			ln.Close()
+			return err
+		}
+		b.listenerIDs = append(b.listenerIDs, id)
+		return nil
+	}
+	if cfg.TCP != "" {
+		if err := add("tcp", "mqtt.tcp", cfg.TCP, nil); err != nil {
+			return err
+		}
+	}
+	if cfg.TLS != "" && tlsConf != nil {
+		if err := add("tls", "mqtt.tls", cfg.TLS, tlsConf); err != nil {
+			return err
+		}
+	}
+	if cfg.WS != "" {
+		// mochi's WebSocket listener binds when it serves: check the
+		// address first so that a taken port is a startup error.
+		probe, err := net.Listen("tcp", cfg.WS)
+		if err != nil {
+			return &ConfigError{Key: "mqtt.ws", Err: err}
+		}
+		probe.Close()
+		ws := listeners.NewWebsocket(listeners.Config{ID: "ws", Address: cfg.WS, TLSConfig: tlsConf})
+		if err := b.server.AddListener(ws); err != nil {
+			return &ConfigError{Key: "mqtt.ws", Err: err}
+		}
+		b.addrs["ws"] = cfg.WS
+		b.listenerIDs = append(b.listenerIDs, "ws")
+	}
+	for _, id := range b.listenerIDs {
+		b.log.Info("mqtt listener", "id", id, "address", b.addrs[id])
+	}
+	return nil
+}
+
+func (b *Broker) startAdmin() error {
+	cfg := b.cfg.Admin
+	if cfg.Listen == "" {
+		b.log.Info("admin API disabled (admin.listen off)")
+		return nil
+	}
+	token, err := b.adminToken()
+	if err != nil {
+		return err
+	}
+	h, err := admin.New(admin.Options{
+		Service: b.svc, Hook: b.hook, Token: token, Gatherer: b.registry,
+		BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return &ConfigError{Key: "admin.listen", Err: err}
+	}
+	b.adminLn = ln
+	b.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(b.log.With("component", "admin").Handler(), slog.LevelWarn)}
+	go func() {
+		if err := b.adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			b.log.Error("admin API stopped", "err", err)
+		}
+	}()
+	b.log.Info("admin API", "address", ln.Addr().String())
+	return nil
+}
+
+// adminToken returns the configured token, or the token of the token file,
+// generating it there (0600) on first run. It logs the file path, never the
+// token.
+func (b *Broker) adminToken() (string, error) {
+	cfg := b.cfg.Admin
+	if cfg.Token != "" {
+		return cfg.Token, nil
+	}
+	data, err := os.ReadFile(cfg.TokenFile)
+	switch {
+	case err == nil:
+		tok := strings.TrimSpace(string(data))
+		if len(tok) < 16 {
+			return "", &ConfigError{Key: "admin.token_file", Err: errors.New("token shorter than 16 characters")}
+		}
+		if fi, err := os.Stat(cfg.TokenFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			b.log.Warn("admin token file is readable by others; chmod 600 it", "file", cfg.TokenFile)
+		}
+		b.log.Info("admin token", "file", cfg.TokenFile)
+		return tok, nil
+	case errors.Is(err, fs.ErrNotExist):
+		raw := make([]byte, 32)
+		if _, err := rand.Read(raw); err != nil {
+			return "", err
+		}
+		tok := base64.RawURLEncoding.EncodeToString(raw)
+		if err := os.MkdirAll(filepath.Dir(cfg.TokenFile), 0o700); err != nil {
+			return "", &ConfigError{Key: "admin.token_file", Err: err}
+		}
+		f, err := os.OpenFile(cfg.TokenFile, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return "", &ConfigError{Key: "admin.token_file", Err: err}
+		}
+		_, werr := f.WriteString(tok + "\n")
+		if err := errors.Join(werr, f.Sync(), f.Close()); err != nil {
+			return "", &ConfigError{Key: "admin.token_file", Err: err}
+		}
+		b.log.Info("admin token generated", "file", cfg.TokenFile)
+		return tok, nil
+	default:
+		return "", &ConfigError{Key: "admin.token_file", Err: err}
+	}
+}
+
+// PublicURL is the broker URL of provisioning bundles: mqtt.public_url, else
+// tcp://<host>:<tcp port> with localhost for a wildcard address.
+func (b *Broker) PublicURL() string {
+	if b.cfg.MQTT.PublicURL != "" {
+		return b.cfg.MQTT.PublicURL
+	}
+	scheme, a := "tcp", b.addrs["tcp"]
+	if a == "" {
+		scheme, a = "ssl", b.addrs["tls"]
+	}
+	if a == "" {
+		return "ws://localhost" + portOf(b.addrs["ws"]) + "/mqtt"
+	}
+	host, port, _ := net.SplitHostPort(a)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "localhost"
+	}
+	return scheme + "://" + net.JoinHostPort(host, port)
+}
+
+func portOf(a string) string {
+	if _, p, err := net.SplitHostPort(a); err == nil {
+		if _, err := strconv.Atoi(p); err == nil {
+			return ":" + p
+		}
+	}
+	return ""
+}
+
+// Addr returns the bound address of a listener: "tcp", "tls", "ws" or
+// "admin" ("" if it is not enabled).
+func (b *Broker) Addr(id string) string {
+	if id == "admin" {
+		if b.adminLn == nil {
+			return ""
+		}
+		return b.adminLn.Addr().String()
+	}
+	return b.addrs[id]
+}
+
+// Service returns the key service.
+func (b *Broker) Service() *keysvc.Service { return b.svc }
+
+// Hook returns the M2M1 hook.
+func (b *Broker) Hook() *hook.Hook { return b.hook }
+
+// Server returns the mochi server.
+func (b *Broker) Server() *mqtt.Server { return b.server }
+
+// Close stops the admin API, disconnects every client, stops mochi and
+// closes the store. It is safe to call more than once.
+func (b *Broker) Close() error {
+	b.closeOnce.Do(func() {
+		var errs []error
+		if b.adminSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := b.adminSrv.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("admin API: %w", err))
+			}
+			cancel()
+		}
+		if b.server != nil {
+			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
+				errs = append(errs, fmt.Errorf("mqtt: %w", err))
+			}
+		}
+		if b.store != nil {
+			if err := b.store.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("store: %w", err))
+			}
+		}
+		b.closeErr = errors.Join(errs...)
+	})
+	return b.closeErr
+}
