@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/auth"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+)
+
+// BrokerConfig describes a benchmark broker. The mochi options (write
+// queue and buffer sizes) are the same whatever the mode, so that the
+// baseline and the hook are compared on equal terms.
+type BrokerConfig struct {
+	Mode   string // "allow": mochi with auth.AllowHook only; "hook": mochi with the m2mguard hook only
+	Store  string // hook mode: "bolt" or "vault"
+	Listen string // host:port; "" = 127.0.0.1:0
+
+	BoltPath   string // bolt store file
+	MasterKey  []byte // bolt master key
+	VaultAddr  string
+	VaultToken string
+	VaultPfx   string // KV prefix; "" = "m2mguard"
+
+	CacheTTL time.Duration // keysvc read cache TTL; 0 = keysvc's default (30 s)
+	Prewarm  bool          // look every terminal up once before listening (a warm cache)
+
+	WritesPending int // mochi Capabilities.MaximumClientWritesPending
+	NetBuf        int // mochi ClientNetReadBufferSize and ClientNetWriteBufferSize
+}
+
+// Broker is a running benchmark broker.
+type Broker struct {
+	Addr   string
+	Server *mqtt.Server
+	Hook   *hook.Hook      // nil in allow mode
+	Svc    *keysvc.Service // nil in allow mode
+	store  keysvc.Store
+}
+
+// mochiOptions returns the mochi options every benchmark broker runs with.
+func mochiOptions(cfg BrokerConfig) *mqtt.Options {
+	caps := mqtt.NewDefaultServerCapabilities()
+	if cfg.WritesPending > 0 {
+		caps.MaximumClientWritesPending = int32(cfg.WritesPending)
+	}
+	return &mqtt.Options{
+		InlineClient:             true,
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  cfg.NetBuf,
+		ClientNetWriteBufferSize: cfg.NetBuf,
+		Logger:                   slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	}
+}
+
+// openStore opens the key store of cfg.
+func openStore(ctx context.Context, cfg BrokerConfig) (keysvc.Store, error) {
+	switch cfg.Store {
+	case "bolt":
+		return boltstore.Open(cfg.BoltPath, boltstore.Options{MasterKey: cfg.MasterKey, NoSync: true})
+	case "vault":
+		return vaultstore.Open(ctx, vaultstore.Options{Address: cfg.VaultAddr, Token: cfg.VaultToken, Prefix: cfg.VaultPfx,
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	}
+	return nil, fmt.Errorf("unknown store %q (bolt or vault)", cfg.Store)
+}
+
+// StartBroker starts a broker as cfg says and returns once it listens.
+func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
+	b := &Broker{Server: mqtt.New(mochiOptions(cfg))}
+	switch cfg.Mode {
+	case "allow":
+		if err := b.Server.AddHook(new(auth.AllowHook), nil); err != nil {
+			return nil, err
+		}
+	case "hook":
+		store, err := openStore(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		b.store = store
+		b.Svc, err = keysvc.New(keysvc.Options{Store: store, Cache: keysvc.CacheOptions{TTL: cfg.CacheTTL, MaxEntries: 1_000_000}})
+		if err != nil {
+			store.Close()
+			return nil, err
+		}
+		if cfg.Prewarm {
+			if err := prewarm(ctx, b.Svc); err != nil {
+				store.Close()
+				return nil, err
+			}
+		}
+		b.Hook, err = hook.New(hook.Options{Registry: b.Svc, Server: b.Server,
+			Registerer: prometheus.NewRegistry(),
+			// The hook's security events are formatted as in production,
+			// then discarded.
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+		if err != nil {
+			store.Close()
+			return nil, err
+		}
+		if err := b.Server.AddHook(b.Hook, nil); err != nil {
+			store.Close()
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("unknown mode %q (allow or hook)", cfg.Mode)
+	}
+	listen := cfg.Listen
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		b.closeStore()
+		return nil, err
+	}
+	if err := b.Server.AddListener(listeners.NewNet("tcp", ln)); err != nil {
+		ln.Close()
+		b.closeStore()
+		return nil, err
+	}
+	go b.Server.Serve()
+	b.Addr = ln.Addr().String()
+	return b, nil
+}
+
+// prewarm looks every stored terminal up once, so that logins are served
+// from the cache.
+func prewarm(ctx context.Context, svc *keysvc.Service) error {
+	after := ""
+	for {
+		ts, next, err := svc.List(ctx, after, 1000)
+		if err != nil {
+			return fmt.Errorf("prewarm: %w", err)
+		}
+		for _, t := range ts {
+			if _, err := svc.Lookup(ctx, t.SN); err != nil {
+				return fmt.Errorf("prewarm %s: %w", t.SN, err)
+			}
+		}
+		if next == "" {
+			return nil
+		}
+		after = next
+	}
+}
+
+func (b *Broker) closeStore() {
+	if b.store != nil {
+		b.store.Close()
+	}
+}
+
+// Close stops the broker (through mochifix, never mochi's Close alone:
+// mochi-mqtt/server#488) and closes its store.
+func (b *Broker) Close() error {
+	err := mochifix.Close(b.Server, []string{"tcp"}, 30*time.Second)
+	b.closeStore()
+	return err
+}
+
+// MemReport is the broker process's memory after a full GC.
+type MemReport struct {
+	HeapAlloc  uint64 `json:"heap_alloc"`
+	HeapInuse  uint64 `json:"heap_inuse"`
+	StackInuse uint64 `json:"stack_inuse"`
+	Sys        uint64 `json:"sys"`
+	Goroutines int    `json:"goroutines"`
+	Clients    int    `json:"clients"`
+}
+
+// Mem runs two full GCs and reads the memory statistics.
+func (b *Broker) Mem() MemReport {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return MemReport{HeapAlloc: m.HeapAlloc, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys,
+		Goroutines: runtime.NumGoroutine(), Clients: b.Server.Clients.Len()}
+}
+
+// CacheStats returns the key service's cache counters (zero in allow mode).
+func (b *Broker) CacheStats() keysvc.CacheStats {
+	if b.Svc == nil {
+		return keysvc.CacheStats{}
+	}
+	return b.Svc.CacheStats()
+}

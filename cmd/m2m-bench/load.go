@@ -1,0 +1,455 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/codec"
+)
+
+// LoadConfig describes one load run against a broker.
+type LoadConfig struct {
+	Addr        string      // broker host:port
+	Kind        string      // "plain": paho clients without credentials; "terminal": the reference client
+	SessionKey  bool        // terminal kind: ask for a session key and seal data (SPEC sections 5, 6)
+	Terminals   []*Terminal // the terminals to drive (the first N)
+	N           int         // terminals connected at once
+	Concurrency int         // connection attempts in flight during the storm
+	RTTSamples  int         // sequential CONNECT round trips measured before the storm (connect only)
+
+	Publishers  int           // connected terminals that publish during the steady load
+	Duration    time.Duration // steady publish load; 0 = no publish phase
+	QoS         byte          // of the uplink publishes
+	PayloadSize int           // bytes of plaintext per message (at least 8: the send time)
+
+	AppUser, AppPassword string // the application subscriber's credentials ("" under allow-all)
+
+	Progress io.Writer // progress lines; nil = none
+	// AfterConnect, if set, runs once all N are connected, before the
+	// publish phase (the suite reads the broker's memory there).
+	AfterConnect func()
+}
+
+// ConnectResult is the connect storm's outcome.
+type ConnectResult struct {
+	Attempted int     `json:"attempted"`
+	Connected int     `json:"connected"`
+	Failed    int     `json:"failed"`
+	Seconds   float64 `json:"seconds"`
+	PerSec    float64 `json:"connects_per_sec"`
+	Latency   Latency `json:"latency"`
+}
+
+// PublishResult is the steady publish load's outcome.
+type PublishResult struct {
+	Publishers   int     `json:"publishers"`
+	QoS          byte    `json:"qos"`
+	PayloadBytes int     `json:"payload_bytes"`
+	Seconds      float64 `json:"seconds"`
+	Sent         int64   `json:"sent"`
+	Received     int64   `json:"received"`
+	PerSec       float64 `json:"received_per_sec"` // messages/s delivered to the application
+	Publish      Latency `json:"publish_latency"`  // Publish call to its return (PUBACK at QoS 1)
+	EndToEnd     Latency `json:"end_to_end"`       // Publish call to the application's handler
+}
+
+// LoadResult is the machine-readable result of one load run.
+type LoadResult struct {
+	Kind       string         `json:"kind"`
+	SessionKey bool           `json:"session_key"`
+	Addr       string         `json:"addr"`
+	N          int            `json:"n"`
+	RTT        Latency        `json:"connect_rtt"` // sequential CONNECT→CONNACK, nothing else in flight
+	Connect    ConnectResult  `json:"connect"`
+	Publish    *PublishResult `json:"publish,omitempty"`
+	Errors     []string       `json:"errors,omitempty"` // the first few
+}
+
+// benchConn is one connected terminal, whatever drives it.
+type benchConn interface {
+	publish(ctx context.Context, payload []byte, qos byte) error
+	close()
+}
+
+type plainConn struct {
+	pc    paho.Client
+	topic string
+}
+
+func (p *plainConn) publish(ctx context.Context, payload []byte, qos byte) error {
+	tok := p.pc.Publish(p.topic, qos, false, payload)
+	select {
+	case <-tok.Done():
+		return tok.Error()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (p *plainConn) close() { p.pc.Disconnect(0) }
+
+type termConn struct{ c *client.Client }
+
+func (t *termConn) publish(ctx context.Context, payload []byte, qos byte) error {
+	return t.c.Publish(ctx, "data", payload, qos)
+}
+
+func (t *termConn) close() { t.c.Close() }
+
+func pahoOptions(addr, clientID string) *paho.ClientOptions {
+	return paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(clientID).
+		SetProtocolVersion(4).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
+		SetKeepAlive(60 * time.Second).SetConnectTimeout(10 * time.Second).SetWriteTimeout(10 * time.Second)
+}
+
+// connectPlain connects a paho client with ClientID sn and no credentials,
+// and subscribes to the same two filters the reference client subscribes
+// to after every login (key topic, then downlink data, both QoS 1).
+func connectPlain(ctx context.Context, addr string, t *Terminal) (benchConn, error) {
+	pc := paho.NewClient(pahoOptions(addr, t.ID.SN))
+	if err := wait(ctx, pc.Connect()); err != nil {
+		return nil, err
+	}
+	for _, f := range []string{codec.KeyTopic(t.ID.SN), codec.DownTopic(t.ID.SN, "#")} {
+		if err := wait(ctx, pc.Subscribe(f, 1, nil)); err != nil {
+			pc.Disconnect(0)
+			return nil, err
+		}
+	}
+	return &plainConn{pc: pc, topic: codec.UpTopic(t.ID.SN, "data")}, nil
+}
+
+func wait(ctx context.Context, tok paho.Token) error {
+	select {
+	case <-tok.Done():
+		return tok.Error()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// connectTerminal logs t in with the reference client.
+func connectTerminal(ctx context.Context, addr string, t *Terminal, sessionKey bool) (benchConn, error) {
+	c, err := client.New(client.Config{
+		Brokers:  []string{"tcp://" + addr},
+		Identity: t.ID, Alg: codec.HS256,
+		Store:        client.NewMemStore(t.Record()),
+		SessionKey:   sessionKey,
+		CleanSession: true,
+		KeepAlive:    60 * time.Second, ConnectTimeout: 10 * time.Second, KeyTimeout: 10 * time.Second,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Connect(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if sessionKey && !c.Session().Encrypted {
+		c.Close()
+		return nil, errors.New("no session key issued")
+	}
+	return &termConn{c: c}, nil
+}
+
+// loginPassword returns a fresh M2M1 login token for t (no session key).
+func loginPassword(t *Terminal) (string, error) {
+	var n [8]byte
+	rand.Read(n[:])
+	l := codec.Login{Identity: t.ID, Alg: codec.HS256, TS: uint32(time.Now().Unix()), Nonce: codec.ID(binary.BigEndian.Uint64(n[:]))}
+	pw, err := l.Sign(t.Up)
+	return string(pw), err
+}
+
+// connectRTT measures one CONNECT→CONNACK (TCP set-up included) with a
+// bare paho client: M2M1 credentials for the terminal kind, none for plain.
+func connectRTT(ctx context.Context, cfg *LoadConfig, t *Terminal) (time.Duration, error) {
+	o := pahoOptions(cfg.Addr, t.ID.SN)
+	if cfg.Kind == "terminal" {
+		pw, err := loginPassword(t)
+		if err != nil {
+			return 0, err
+		}
+		o.SetUsername(t.ID.Username()).SetPassword(pw)
+	}
+	pc := paho.NewClient(o)
+	start := time.Now()
+	err := wait(ctx, pc.Connect())
+	d := time.Since(start)
+	if err == nil {
+		pc.Disconnect(0)
+	}
+	return d, err
+}
+
+type errList struct {
+	mu   sync.Mutex
+	errs []string
+	n    int
+}
+
+func (e *errList) add(format string, args ...any) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.n++
+	if len(e.errs) < 10 {
+		e.errs = append(e.errs, fmt.Sprintf(format, args...))
+	}
+}
+
+func (c *LoadConfig) progress(format string, args ...any) {
+	if c.Progress != nil {
+		fmt.Fprintf(c.Progress, format+"\n", args...)
+	}
+}
+
+// RunLoad runs the RTT samples, the connect storm and the publish load, then
+// disconnects every client.
+func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
+	if cfg.N > len(cfg.Terminals) {
+		return nil, fmt.Errorf("%d terminals asked, %d available", cfg.N, len(cfg.Terminals))
+	}
+	if cfg.Kind != "plain" && cfg.Kind != "terminal" {
+		return nil, fmt.Errorf("unknown kind %q (plain or terminal)", cfg.Kind)
+	}
+	if cfg.Concurrency <= 0 {
+		cfg.Concurrency = 1
+	}
+	if cfg.PayloadSize < 8 {
+		cfg.PayloadSize = 8
+	}
+	res := &LoadResult{Kind: cfg.Kind, SessionKey: cfg.SessionKey && cfg.Kind == "terminal", Addr: cfg.Addr, N: cfg.N}
+	errs := &errList{}
+
+	// 1. Sequential CONNECT round trips, nothing else in flight.
+	var rtts []time.Duration
+	for i := 0; i < cfg.RTTSamples && i < len(cfg.Terminals); i++ {
+		d, err := connectRTT(ctx, &cfg, cfg.Terminals[i])
+		if err != nil {
+			errs.add("rtt %s: %v", cfg.Terminals[i].ID.SN, err)
+			continue
+		}
+		rtts = append(rtts, d)
+	}
+	res.RTT = summarize(rtts)
+	if cfg.RTTSamples > 0 {
+		cfg.progress("rtt: %d samples, p50 %.3f ms", res.RTT.N, res.RTT.P50)
+	}
+
+	// 2. The connect storm.
+	conns := make([]benchConn, cfg.N)
+	lat := make([]time.Duration, cfg.N)
+	var next, done atomic.Int64
+	var wg sync.WaitGroup
+	stopProgress := make(chan struct{})
+	start := time.Now()
+	go func() {
+		tk := time.NewTicker(time.Second)
+		defer tk.Stop()
+		for {
+			select {
+			case <-tk.C:
+				n := done.Load()
+				cfg.progress("connect: %d/%d (%.0f/s)", n, cfg.N, float64(n)/time.Since(start).Seconds())
+			case <-stopProgress:
+				return
+			}
+		}
+	}()
+	for range cfg.Concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= cfg.N || ctx.Err() != nil {
+					return
+				}
+				t := cfg.Terminals[i]
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				t0 := time.Now()
+				var c benchConn
+				var err error
+				if cfg.Kind == "plain" {
+					c, err = connectPlain(cctx, cfg.Addr, t)
+				} else {
+					c, err = connectTerminal(cctx, cfg.Addr, t, cfg.SessionKey)
+				}
+				lat[i] = time.Since(t0)
+				cancel()
+				if err != nil {
+					errs.add("connect %s: %v", t.ID.SN, err)
+				} else {
+					conns[i] = c
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(stopProgress)
+	var ok []time.Duration
+	var live []benchConn
+	for i, c := range conns {
+		if c != nil {
+			ok = append(ok, lat[i])
+			live = append(live, c)
+		}
+	}
+	res.Connect = ConnectResult{Attempted: cfg.N, Connected: len(live), Failed: cfg.N - len(live),
+		Seconds: elapsed.Seconds(), PerSec: float64(len(live)) / elapsed.Seconds(), Latency: summarize(ok)}
+	cfg.progress("connect: %d connected, %d failed in %.2fs: %.0f/s, p50 %.2f ms p99 %.2f ms",
+		res.Connect.Connected, res.Connect.Failed, res.Connect.Seconds, res.Connect.PerSec, res.Connect.Latency.P50, res.Connect.Latency.P99)
+	if cfg.AfterConnect != nil {
+		cfg.AfterConnect()
+	}
+
+	// 3. Steady publish load.
+	if cfg.Duration > 0 && len(live) > 0 {
+		pr, err := publishLoad(ctx, &cfg, live, errs)
+		if err != nil {
+			errs.add("publish: %v", err)
+		}
+		res.Publish = pr
+	}
+
+	closeAll(live)
+	res.Errors = errs.errs
+	if errs.n > len(errs.errs) {
+		res.Errors = append(res.Errors, fmt.Sprintf("... %d errors in all", errs.n))
+	}
+	return res, nil
+}
+
+// closeAll disconnects conns, many at a time.
+func closeAll(conns []benchConn) {
+	ch := make(chan benchConn)
+	var wg sync.WaitGroup
+	for range 256 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range ch {
+				c.close()
+			}
+		}()
+	}
+	for _, c := range conns {
+		ch <- c
+	}
+	close(ch)
+	wg.Wait()
+}
+
+// publishLoad has cfg.Publishers of conns publish back to back for
+// cfg.Duration while an application subscriber counts what arrives.
+func publishLoad(ctx context.Context, cfg *LoadConfig, conns []benchConn, errs *errList) (*PublishResult, error) {
+	var (
+		mu       sync.Mutex
+		e2e      []time.Duration
+		received atomic.Int64
+		counting atomic.Bool
+	)
+	var id [6]byte
+	rand.Read(id[:])
+	o := pahoOptions(cfg.Addr, "bench-app-"+hex.EncodeToString(id[:]))
+	if cfg.AppUser != "" {
+		o.SetUsername(cfg.AppUser).SetPassword(cfg.AppPassword)
+	}
+	o.SetOrderMatters(false)
+	app := paho.NewClient(o)
+	if err := wait(ctx, app.Connect()); err != nil {
+		return nil, fmt.Errorf("application subscriber: %w", err)
+	}
+	defer app.Disconnect(0)
+	if err := wait(ctx, app.Subscribe("m2m/+/up/#", 0, func(_ paho.Client, m paho.Message) {
+		p := m.Payload()
+		if !counting.Load() || len(p) < 8 {
+			return
+		}
+		d := time.Duration(time.Now().UnixNano() - int64(binary.BigEndian.Uint64(p)))
+		received.Add(1)
+		mu.Lock()
+		e2e = append(e2e, d)
+		mu.Unlock()
+	})); err != nil {
+		return nil, fmt.Errorf("application subscribe: %w", err)
+	}
+
+	pubs := cfg.Publishers
+	if pubs <= 0 || pubs > len(conns) {
+		pubs = len(conns)
+	}
+	var sent atomic.Int64
+	pubLat := make([][]time.Duration, pubs)
+	pctx, cancel := context.WithTimeout(ctx, cfg.Duration)
+	defer cancel()
+	counting.Store(true)
+	start := time.Now()
+	go func() {
+		tk := time.NewTicker(time.Second)
+		defer tk.Stop()
+		for {
+			select {
+			case <-tk.C:
+				cfg.progress("publish: sent %d received %d (%.0f/s)", sent.Load(), received.Load(), float64(received.Load())/time.Since(start).Seconds())
+			case <-pctx.Done():
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for p := range pubs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			payload := make([]byte, cfg.PayloadSize)
+			for pctx.Err() == nil {
+				t0 := time.Now()
+				binary.BigEndian.PutUint64(payload, uint64(t0.UnixNano()))
+				err := conns[p].publish(pctx, payload, cfg.QoS)
+				if err != nil {
+					if pctx.Err() == nil {
+						errs.add("publish: %v", err)
+						time.Sleep(10 * time.Millisecond)
+					}
+					continue
+				}
+				sent.Add(1)
+				pubLat[p] = append(pubLat[p], time.Since(t0))
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	// Messages still in flight count for the end-to-end latency, not for
+	// the rate: the rate is what arrived inside the window.
+	inWindow := received.Load()
+	time.Sleep(500 * time.Millisecond)
+	counting.Store(false)
+	var all []time.Duration
+	for _, l := range pubLat {
+		all = append(all, l...)
+	}
+	mu.Lock()
+	e := append([]time.Duration(nil), e2e...)
+	mu.Unlock()
+	r := &PublishResult{Publishers: pubs, QoS: cfg.QoS, PayloadBytes: cfg.PayloadSize, Seconds: elapsed.Seconds(),
+		Sent: sent.Load(), Received: received.Load(), PerSec: float64(inWindow) / elapsed.Seconds(),
+		Publish: summarize(all), EndToEnd: summarize(e)}
+	cfg.progress("publish: %d sent, %d received, %.0f msg/s end to end, e2e p50 %.2f ms p99 %.2f ms",
+		r.Sent, r.Received, r.PerSec, r.EndToEnd.P50, r.EndToEnd.P99)
+	return r, nil
+}

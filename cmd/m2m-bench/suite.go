@@ -1,0 +1,600 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/vaulttest"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+)
+
+// Scenario is one broker set-up and the clients driven against it.
+type Scenario struct {
+	Name       string `json:"name"`
+	Broker     string `json:"broker"` // what runs in the child process
+	Mode       string `json:"-"`
+	Store      string `json:"-"`
+	Kind       string `json:"-"`
+	SessionKey bool   `json:"-"`
+}
+
+// The scenarios of issue 8. Each broker runs in a child process of its own
+// (`m2m-bench serve`); the load generator is the suite's process.
+var allScenarios = []Scenario{
+	{Name: "allow", Broker: "mochi + auth.AllowHook; bare paho clients, no credentials", Mode: "allow", Kind: "plain"},
+	{Name: "bolt", Broker: "mochi + m2mguard hook, embedded store; reference client, session key, sealed data", Mode: "hook", Store: "bolt", Kind: "terminal", SessionKey: true},
+	{Name: "vault", Broker: "mochi + m2mguard hook, Vault (warm cache); reference client, session key, sealed data", Mode: "hook", Store: "vault", Kind: "terminal", SessionKey: true},
+	{Name: "bolt-plain", Broker: "mochi + m2mguard hook, embedded store; reference client, no session key, plaintext data", Mode: "hook", Store: "bolt", Kind: "terminal"},
+}
+
+// RoundResult is one scenario's run in one round.
+type RoundResult struct {
+	Scenario   string          `json:"scenario"`
+	Round      int             `json:"round"`
+	Load       *LoadResult     `json:"load"`
+	MemBase    MemReport       `json:"mem_before"`
+	MemLoaded  MemReport       `json:"mem_connected"`
+	HeapPerCon float64         `json:"heap_per_conn_bytes"`
+	StackPerCn float64         `json:"stack_per_conn_bytes"`
+	Cache      json.RawMessage `json:"cache,omitempty"`
+}
+
+// Summary is a scenario's medians over the rounds.
+type Summary struct {
+	Scenario     string  `json:"scenario"`
+	ConnectsPerS float64 `json:"connects_per_sec"`
+	ConnectP50   float64 `json:"connect_p50_ms"`
+	ConnectP95   float64 `json:"connect_p95_ms"`
+	ConnectP99   float64 `json:"connect_p99_ms"`
+	RTTP50       float64 `json:"connect_rtt_p50_ms"`
+	MsgsPerS     float64 `json:"msgs_per_sec"`
+	E2EP50       float64 `json:"e2e_p50_ms"`
+	E2EP95       float64 `json:"e2e_p95_ms"`
+	E2EP99       float64 `json:"e2e_p99_ms"`
+	HeapPerConn  float64 `json:"heap_per_conn_bytes"`
+	StackPerConn float64 `json:"stack_per_conn_bytes"`
+	Failed       int     `json:"connect_failures"` // over all rounds
+}
+
+// Ratio is a target of issue 8: the median over the rounds of the ratio
+// measured within each round.
+type Ratio struct {
+	Name   string    `json:"name"`
+	Value  float64   `json:"median"`
+	Rounds []float64 `json:"rounds"`
+	Target string    `json:"target"`
+	Met    bool      `json:"met"`
+}
+
+// SuiteResult is the JSON result of the suite.
+type SuiteResult struct {
+	Command     string        `json:"command"`
+	Started     time.Time     `json:"started"`
+	Machine     Machine       `json:"machine"`
+	Settings    SuiteSettings `json:"settings"`
+	LoginVerify VerifyCost    `json:"login_verify"`
+	Rounds      []RoundResult `json:"rounds"`
+	Summaries   []Summary     `json:"summaries"`
+	Ratios      []Ratio       `json:"ratios"`
+}
+
+// VerifyCost is the cost of one login verification (codec.ParseLogin and
+// Login.Verify, hs256), measured with testing.Benchmark in the suite.
+type VerifyCost struct {
+	NsPerOp     int64   `json:"ns_per_op"`
+	AllocsPerOp int64   `json:"allocs_per_op"`
+	BytesPerOp  int64   `json:"bytes_per_op"`
+	ShareOfRTT  float64 `json:"share_of_connect_rtt"` // of the hook's median sequential CONNECT round trip (bolt)
+}
+
+// SuiteSettings are the knobs every scenario ran with.
+type SuiteSettings struct {
+	N             int        `json:"n"`
+	Rounds        int        `json:"rounds"`
+	Concurrency   int        `json:"concurrency"`
+	RTTSamples    int        `json:"rtt_samples"`
+	Publishers    int        `json:"publishers"`
+	Duration      string     `json:"duration"`
+	QoS           int        `json:"qos"`
+	Payload       int        `json:"payload_bytes"`
+	WritesPending int        `json:"mochi_max_client_writes_pending"`
+	NetBuf        int        `json:"mochi_client_net_buffers"`
+	GOGC          string     `json:"gogc"`
+	GOMEMLIMIT    string     `json:"gomemlimit"`
+	CacheTTL      string     `json:"cache_ttl"`
+	Scenarios     []Scenario `json:"scenarios"`
+}
+
+// Machine describes where the suite ran.
+type Machine struct {
+	CPU       string  `json:"cpu"`
+	CPUs      int     `json:"cpus"`
+	MemGiB    float64 `json:"mem_gib"`
+	Kernel    string  `json:"kernel"`
+	GoVersion string  `json:"go"`
+}
+
+func machine() Machine {
+	m := Machine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				m.CPU = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+				break
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
+		var kb float64
+		fmt.Sscanf(strings.TrimPrefix(strings.SplitN(string(data), "\n", 2)[0], "MemTotal:"), "%f", &kb)
+		m.MemGiB = kb / (1 << 20)
+	}
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = "Linux " + strings.TrimSpace(string(data))
+	}
+	return m
+}
+
+func cmdSuite(ctx context.Context, args []string) error {
+	fs := newFlags("suite", "Runs, in one run on this machine, interleaved and repeated, each scenario:\n"+
+		"  allow       mochi + auth.AllowHook (the baseline), bare paho clients without credentials\n"+
+		"  bolt        mochi + the m2mguard hook on the embedded store, reference client with session key\n"+
+		"  vault       the same on a real Vault (`vault server -dev`, .bin/vault), warm cache\n"+
+		"  bolt-plain  the hook on the embedded store, reference client without session key (plaintext)\n"+
+		"Each broker runs in a child process (m2m-bench serve) with the same GOGC/GOMEMLIMIT and mochi\n"+
+		"options; this process drives the clients. Writes the medians and ratios to --md and --json.")
+	s := SuiteSettings{}
+	fs.IntVar(&s.N, "n", 10000, "terminals connected at once in every scenario")
+	fs.IntVar(&s.Rounds, "rounds", 3, "rounds; each runs every scenario once, in a rotated order")
+	fs.IntVar(&s.Concurrency, "concurrency", 64, "connection attempts in flight during the storm")
+	fs.IntVar(&s.RTTSamples, "rtt", 200, "sequential CONNECT round trips before each storm")
+	fs.IntVar(&s.Publishers, "publishers", 64, "terminals publishing during the publish load")
+	dur := fs.Duration("duration", 10*time.Second, "publish load duration")
+	fs.IntVar(&s.QoS, "qos", 1, "QoS of the uplink publishes")
+	fs.IntVar(&s.Payload, "payload", 64, "plaintext bytes per message")
+	fs.IntVar(&s.WritesPending, "writes-pending", 256, "mochi Capabilities.MaximumClientWritesPending, every broker")
+	fs.IntVar(&s.NetBuf, "netbuf", 2048, "mochi client read and write buffer sizes, every broker")
+	fs.StringVar(&s.GOGC, "gogc", "100", "GOGC of every broker process and of this one")
+	fs.StringVar(&s.GOMEMLIMIT, "gomemlimit", "off", "GOMEMLIMIT of every broker process and of this one")
+	only := fs.String("scenarios", "allow,bolt,vault,bolt-plain", "scenarios to run (comma-separated)")
+	mdPath := fs.String("md", "BENCHMARKS.md", "Markdown report to write (empty: none)")
+	jsonPath := fs.String("json", "", "JSON result file (empty: stdout)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	s.Duration = dur.String()
+	s.CacheTTL = "1h (every terminal looked up once before the broker listens)"
+	for _, name := range strings.Split(*only, ",") {
+		found := false
+		for _, sc := range allScenarios {
+			if sc.Name == strings.TrimSpace(name) {
+				s.Scenarios = append(s.Scenarios, sc)
+				found = true
+			}
+		}
+		if !found {
+			return fmt.Errorf("unknown scenario %q", name)
+		}
+	}
+	res := &SuiteResult{Command: "go run ./cmd/m2m-bench suite " + strings.Join(args, " "), Started: time.Now().UTC(),
+		Machine: machine(), Settings: s}
+	if err := runSuite(ctx, res, *dur); err != nil {
+		return err
+	}
+	if *mdPath != "" {
+		if err := os.WriteFile(*mdPath, []byte(renderMarkdown(res)), 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintln(os.Stderr, "wrote", *mdPath)
+	}
+	return writeJSON(*jsonPath, res)
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, time.Now().Format("15:04:05 ")+format+"\n", args...)
+}
+
+// appName is the application subscriber of the hook scenarios.
+const appName = "bench-app"
+
+func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
+	s := res.Settings
+	// This process runs under the same GC settings as the brokers.
+	os.Setenv("GOGC", s.GOGC)
+	os.Setenv("GOMEMLIMIT", s.GOMEMLIMIT)
+	if s.GOGC == "off" {
+		debug.SetGCPercent(-1)
+	} else {
+		var p int
+		fmt.Sscanf(s.GOGC, "%d", &p)
+		debug.SetGCPercent(p)
+	}
+
+	dir, err := os.MkdirTemp("", "m2m-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	logf("generating %d terminals", s.N)
+	terms := genTerminals(s.N)
+	var csvBuf bytes.Buffer
+	if err := writeTerminals(&csvBuf, terms); err != nil {
+		return err
+	}
+	appPw := make([]byte, 18)
+	rand.Read(appPw)
+	appPassword := base64.RawURLEncoding.EncodeToString(appPw)
+
+	need := map[string]bool{}
+	for _, sc := range s.Scenarios {
+		need[sc.Store] = true
+	}
+	env := []string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}
+	boltPath := filepath.Join(dir, "m2mguard.db")
+	if need["bolt"] {
+		key := make([]byte, boltstore.MasterKeySize)
+		rand.Read(key)
+		env = append(env, boltstore.EnvMasterKey+"="+base64.StdEncoding.EncodeToString(key))
+		logf("importing %d terminals into the embedded store", s.N)
+		st, err := boltstore.Open(boltPath, boltstore.Options{MasterKey: key})
+		if err != nil {
+			return err
+		}
+		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
+		st.Close()
+		if err != nil {
+			return err
+		}
+	}
+	var vaultAddr string
+	if need["vault"] {
+		v, err := startVault(dir)
+		if err != nil {
+			return err
+		}
+		defer v.stop()
+		vaultAddr = v.addr
+		env = append(env, "VAULT_TOKEN="+v.token)
+		logf("importing %d terminals into Vault at %s", s.N, v.addr)
+		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.addr, Token: v.token})
+		if err != nil {
+			return err
+		}
+		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
+		st.Close()
+		if err != nil {
+			return err
+		}
+	}
+
+	for r := range s.Rounds {
+		n := len(s.Scenarios)
+		for k := range n {
+			sc := s.Scenarios[(k+r)%n] // rotate the order from round to round
+			logf("round %d/%d: %s", r+1, s.Rounds, sc.Name)
+			rr, err := runScenario(ctx, sc, s, dur, terms, env, boltPath, vaultAddr, appPassword)
+			if err != nil {
+				return fmt.Errorf("round %d %s: %w", r+1, sc.Name, err)
+			}
+			rr.Round = r + 1
+			res.Rounds = append(res.Rounds, *rr)
+		}
+	}
+	res.Summaries = summarizeRounds(res.Rounds, s.Scenarios)
+	res.LoginVerify = verifyCost()
+	for _, sm := range res.Summaries {
+		if sm.Scenario == "bolt" && sm.RTTP50 > 0 {
+			res.LoginVerify.ShareOfRTT = float64(res.LoginVerify.NsPerOp) / (sm.RTTP50 * 1e6)
+		}
+	}
+	res.Ratios = ratios(res.Rounds, s.Rounds)
+	return nil
+}
+
+// provision imports the terminals and adds the application subscriber.
+func provision(ctx context.Context, st keysvc.Store, csv []byte, appPassword string) error {
+	svc, err := keysvc.New(keysvc.Options{Store: st})
+	if err != nil {
+		return err
+	}
+	rep, err := svc.Import(ctx, bytes.NewReader(csv), keysvc.ImportOptions{})
+	if err != nil {
+		return err
+	}
+	if len(rep.Rejected) > 0 {
+		return fmt.Errorf("import: %d rows rejected, first: line %d %s", len(rep.Rejected), rep.Rejected[0].Line, rep.Rejected[0].Reason)
+	}
+	_, err = svc.AddApp(ctx, keysvc.AddAppRequest{Name: appName, Password: []byte(appPassword)})
+	return err
+}
+
+// child is a broker child process.
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Reader
+	addr  string
+}
+
+func startChild(ctx context.Context, sc Scenario, s SuiteSettings, env []string, boltPath, vaultAddr string) (*child, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"serve", "--mode", sc.Mode, "--store", sc.Store, "--bolt", boltPath, "--vault-addr", vaultAddr,
+		"--cache-ttl", "1h", "--prewarm", "--writes-pending", fmt.Sprint(s.WritesPending), "--netbuf", fmt.Sprint(s.NetBuf)}
+	if sc.Store == "" {
+		args[4] = "bolt"
+	}
+	cmd := exec.CommandContext(ctx, exe, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	c := &child{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}
+	var hello struct{ Addr string }
+	if err := c.read(&hello); err != nil {
+		c.stop()
+		return nil, fmt.Errorf("broker child: %w", err)
+	}
+	c.addr = hello.Addr
+	return c, nil
+}
+
+func (c *child) read(v any) error {
+	line, err := c.out.ReadBytes('\n')
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(line, v)
+}
+
+// ask sends a command and decodes the answer line.
+func (c *child) ask(cmd string, v any) error {
+	if _, err := fmt.Fprintln(c.stdin, cmd); err != nil {
+		return err
+	}
+	return c.read(v)
+}
+
+// stop closes the child's stdin (it closes its broker and exits) and waits.
+func (c *child) stop() error {
+	c.stdin.Close()
+	done := make(chan error, 1)
+	go func() { done <- c.cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(60 * time.Second):
+		c.cmd.Process.Kill()
+		return errors.New("broker child did not exit; killed")
+	}
+}
+
+func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Duration, terms []*Terminal, env []string, boltPath, vaultAddr, appPassword string) (*RoundResult, error) {
+	c, err := startChild(ctx, sc, s, env, boltPath, vaultAddr)
+	if err != nil {
+		return nil, err
+	}
+	defer c.stop()
+	rr := &RoundResult{Scenario: sc.Name}
+	if err := c.ask("mem", &rr.MemBase); err != nil {
+		return nil, err
+	}
+	var askErr error
+	cfg := LoadConfig{Addr: c.addr, Kind: sc.Kind, SessionKey: sc.SessionKey, Terminals: terms, N: s.N,
+		Concurrency: s.Concurrency, RTTSamples: s.RTTSamples, Publishers: s.Publishers, Duration: dur,
+		QoS: byte(s.QoS), PayloadSize: s.Payload, Progress: os.Stderr,
+		AfterConnect: func() {
+			askErr = errors.Join(c.ask("mem", &rr.MemLoaded), c.ask("cache", &rr.Cache))
+		}}
+	if sc.Mode == "hook" {
+		cfg.AppUser, cfg.AppPassword = appName, appPassword
+	}
+	runtime.GC()
+	rr.Load, err = RunLoad(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if askErr != nil {
+		return nil, askErr
+	}
+	if n := rr.Load.Connect.Connected; n > 0 {
+		rr.HeapPerCon = (float64(rr.MemLoaded.HeapAlloc) - float64(rr.MemBase.HeapAlloc)) / float64(n)
+		rr.StackPerCn = (float64(rr.MemLoaded.StackInuse) - float64(rr.MemBase.StackInuse)) / float64(n)
+	}
+	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker)", sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients)
+	return rr, nil
+}
+
+func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
+	var out []Summary
+	for _, sc := range scs {
+		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack []float64
+		sm := Summary{Scenario: sc.Name}
+		for _, r := range rounds {
+			if r.Scenario != sc.Name {
+				continue
+			}
+			l := r.Load
+			cps, p50 = append(cps, l.Connect.PerSec), append(p50, l.Connect.Latency.P50)
+			p95, p99 = append(p95, l.Connect.Latency.P95), append(p99, l.Connect.Latency.P99)
+			rtt = append(rtt, l.RTT.P50)
+			heap, stack = append(heap, r.HeapPerCon), append(stack, r.StackPerCn)
+			sm.Failed += l.Connect.Failed
+			if l.Publish != nil {
+				mps, e50 = append(mps, l.Publish.PerSec), append(e50, l.Publish.EndToEnd.P50)
+				e95, e99 = append(e95, l.Publish.EndToEnd.P95), append(e99, l.Publish.EndToEnd.P99)
+			}
+		}
+		sm.ConnectsPerS, sm.ConnectP50, sm.ConnectP95, sm.ConnectP99 = median(cps), median(p50), median(p95), median(p99)
+		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = median(rtt), median(mps), median(e50), median(e95), median(e99)
+		sm.HeapPerConn, sm.StackPerConn = median(heap), median(stack)
+		out = append(out, sm)
+	}
+	return out
+}
+
+// ratios computes the targets of issue 8 round by round.
+func ratios(rounds []RoundResult, n int) []Ratio {
+	get := func(round int, sc string) *RoundResult {
+		for i := range rounds {
+			if rounds[i].Round == round && rounds[i].Scenario == sc {
+				return &rounds[i]
+			}
+		}
+		return nil
+	}
+	connect := func(r *RoundResult) float64 { return r.Load.Connect.PerSec }
+	msgs := func(r *RoundResult) float64 {
+		if r.Load.Publish == nil {
+			return 0
+		}
+		return r.Load.Publish.PerSec
+	}
+	heap := func(r *RoundResult) float64 { return r.HeapPerCon }
+	defs := []struct {
+		name, num, den string
+		f              func(*RoundResult) float64
+		target         string
+		min, max       float64
+	}{
+		{"connect rate, hook on bolt (session key) / allow-all", "bolt", "allow", connect, ">= 0.9", 0.9, 0},
+		{"connect rate, hook on Vault, warm cache (session key) / allow-all", "vault", "allow", connect, ">= 0.9", 0.9, 0},
+		{"connect rate, hook on bolt (login only, no session key) / allow-all", "bolt-plain", "allow", connect, ">= 0.9", 0.9, 0},
+		{"publish throughput end to end, encrypted / plaintext (same hook broker)", "bolt", "bolt-plain", msgs, ">= 0.8", 0.8, 0},
+		{"heap per connected terminal, hook on bolt / allow-all", "bolt", "allow", heap, "<= 1.2", 0, 1.2},
+		{"heap per connected terminal, hook on Vault / allow-all", "vault", "allow", heap, "<= 1.2", 0, 1.2},
+	}
+	var out []Ratio
+	for _, d := range defs {
+		r := Ratio{Name: d.name, Target: d.target}
+		for round := 1; round <= n; round++ {
+			a, b := get(round, d.num), get(round, d.den)
+			if a == nil || b == nil {
+				continue
+			}
+			r.Rounds = append(r.Rounds, ratio(d.f(a), d.f(b)))
+		}
+		if len(r.Rounds) == 0 {
+			continue
+		}
+		r.Value = median(r.Rounds)
+		r.Met = (d.min == 0 || r.Value >= d.min) && (d.max == 0 || r.Value <= d.max)
+		out = append(out, r)
+	}
+	return out
+}
+
+// verifyCost measures codec.ParseLogin + Login.Verify (hs256), the
+// platform's share of the cryptography of a CONNECT.
+func verifyCost() VerifyCost {
+	t := genTerminals(1)[0]
+	var n [8]byte
+	rand.Read(n[:])
+	l := codec.Login{Identity: t.ID, Alg: codec.HS256, TS: uint32(time.Now().Unix()), Nonce: codec.ID(binary.BigEndian.Uint64(n[:]))}
+	pw, err := l.Sign(t.Up)
+	if err != nil {
+		return VerifyCost{}
+	}
+	cid, user := l.ClientID(), t.ID.Username()
+	r := testing.Benchmark(func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			got, err := codec.ParseLogin(cid, user, pw)
+			if err != nil || !got.Verify(t.Up) {
+				b.Fatal("login does not verify")
+			}
+		}
+	})
+	return VerifyCost{NsPerOp: r.NsPerOp(), AllocsPerOp: r.AllocsPerOp(), BytesPerOp: r.AllocedBytesPerOp()}
+}
+
+// vaultProc is a `vault server -dev` child.
+type vaultProc struct {
+	cmd         *exec.Cmd
+	addr, token string
+}
+
+// startVault runs the Vault binary of internal/vaulttest (.bin/vault or
+// $M2MGUARD_VAULT_BIN) as a dev server on a free loopback port.
+func startVault(dir string) (*vaultProc, error) {
+	bin, err := vaulttest.Binary()
+	if err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	tok := make([]byte, 16)
+	rand.Read(tok)
+	v := &vaultProc{addr: fmt.Sprintf("http://127.0.0.1:%d", port), token: "m2m-bench-" + hex.EncodeToString(tok)}
+	logFile, err := os.Create(filepath.Join(dir, "vault.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logFile.Close()
+	v.cmd = exec.Command(bin, "server", "-dev", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),
+		"-dev-root-token-id="+v.token, "-dev-no-store-token")
+	v.cmd.Env = append(os.Environ(), "HOME="+dir, "VAULT_ADDR=", "VAULT_TOKEN=")
+	v.cmd.Stdout, v.cmd.Stderr = logFile, logFile
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := v.cmd.Start(); err != nil {
+		return nil, err
+	}
+	hc := &http.Client{Timeout: time.Second}
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, err := hc.Get(v.addr + "/v1/sys/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return v, nil
+			}
+		}
+	}
+	v.stop()
+	return nil, errors.New("vault dev server not healthy within 60 s")
+}
+
+// stop ends the Vault process group by its pid.
+func (v *vaultProc) stop() {
+	if v.cmd.Process != nil {
+		syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
+		v.cmd.Wait()
+	}
+}
