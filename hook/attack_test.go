@@ -68,15 +68,17 @@ func TestBadConnectFlood(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := 0; time.Now().Before(stop); i++ {
+				var c *v5Client
 				var code byte
 				switch i % 3 {
 				case 0:
-					_, code = dialV5(t, e.addr, term.sn, term.username(), e.login(bad, false), true)
+					c, code = dialV5(t, e.addr, term.sn, term.username(), e.login(bad, false), true)
 				case 1:
-					_, code = dialV5(t, e.addr, unknown.sn, unknown.username(), e.login(unknown, false), true)
+					c, code = dialV5(t, e.addr, unknown.sn, unknown.username(), e.login(unknown, false), true)
 				default:
-					_, code = dialV5(t, e.addr, term.sn, "x", []byte("garbage"), true)
+					c, code = dialV5(t, e.addr, term.sn, "x", []byte("garbage"), true)
 				}
+				c.conn.Close()
 				attempts.Add(1)
 				if code == 0 {
 					accepted.Add(1)
