@@ -3,6 +3,7 @@
 GO        ?= go
 VAULT_BIN := $(CURDIR)/.bin/vault
 FUZZTIME  ?= 60s
+FUZZTIME_SHORT ?= 2s
 GOFILES    = $(shell find . -name '*.go' -not -path './.bin/*')
 
 .PHONY: help test check vet fmt-check vault fuzz bench clean
@@ -10,8 +11,13 @@ GOFILES    = $(shell find . -name '*.go' -not -path './.bin/*')
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-test: vault fmt-check vet ## the whole suite: gofmt, go vet, go test -race, Vault included
+.PHONY: run
+run: ## the broker on the embedded store in ./data, no Vault, no config (ARGS="--help" for flags)
+	$(GO) run ./cmd/m2mguard-broker $(ARGS)
+
+test: vault fmt-check vet ## the whole suite: gofmt, go vet, go test -race, Vault included, short fuzzing
 	M2MGUARD_VAULT_BIN=$(VAULT_BIN) $(GO) test -race -count=1 ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME_SHORT)
 
 fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $(GOFILES)); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
@@ -26,13 +32,15 @@ $(VAULT_BIN): tools/vault/go.mod
 	cd tools/vault && $(GO) build -mod=mod -o $(VAULT_BIN) github.com/hashicorp/vault
 	@touch $(VAULT_BIN)
 
-fuzz: ## run every fuzz target for FUZZTIME each (default 60s)
-	@for pkg in $$($(GO) list ./...); do \
+fuzz: ## run every fuzz target for FUZZTIME each (default 60s; make test runs 2s each)
+	@n=0; for pkg in $$($(GO) list ./...); do \
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
-	    echo "== $$pkg $$f"; \
-	    $(GO) test $$pkg -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) || exit 1; \
+	    echo "== fuzz $$pkg $$f ($(FUZZTIME))"; \
+	    M2MGUARD_VAULT_BIN=$(VAULT_BIN) $(GO) test $$pkg -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) > .fuzz.log 2>&1 \
+	      || { cat .fuzz.log; rm -f .fuzz.log; exit 1; }; \
+	    n=$$((n+1)); \
 	  done; \
-	done
+	done; rm -f .fuzz.log; echo "fuzzed $$n targets for $(FUZZTIME) each: no failure"
 
 bench: ## Go benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem ./...

@@ -1,0 +1,718 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/codec"
+)
+
+// errRejected: an import left rows out.
+var errRejected = errors.New("rows rejected")
+
+func (o *options) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(cmd.Context(), o.timeout)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func table(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 2, 4, 2, ' ', 0) }
+
+func expiry(e uint32) string {
+	if e == codec.Never {
+		return "never"
+	}
+	return time.Unix(int64(e), 0).UTC().Format(time.RFC3339)
+}
+
+func ts(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func terminalCmd(o *options) *cobra.Command {
+	cmd := &cobra.Command{Use: "terminal", Short: "Register, inspect, disable, enable, delete and import terminals"}
+	cmd.AddCommand(terminalAddCmd(o), terminalGetCmd(o), terminalListCmd(o),
+		terminalStatusCmd(o, "disable", "Disable a terminal: its logins are refused (CONNACK 0x87 under MQTT 5)"),
+		terminalStatusCmd(o, "enable", "Enable a disabled terminal"),
+		terminalDeleteCmd(o), terminalImportCmd(o))
+	return cmd
+}
+
+func terminalAddCmd(o *options) *cobra.Command {
+	var req admin.RegisterRequest
+	var creds string
+	cmd := &cobra.Command{
+		Use:   "add --sn SN --imei IMEI --imsi IMSI [--msisdn N] [--alg hs256|md5] [--creds FILE]",
+		Short: "Register a terminal and print its provisioning bundle (the one place secrets are printed)",
+		Long: `Register a terminal with fresh credentials and print its provisioning bundle:
+sn, IMEI, IMSI, alg, the uplink and downlink passwords, the basic key (hex), their
+expiries and the broker URL. This is what a factory writes into the device.
+
+This command prints secrets, by design and only here: the broker returns them once,
+at registration, and never again. Keep the output safe (or use --creds to write the
+terminal's credential file for m2m-terminal and the client library, mode 0600).`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			for _, f := range []struct{ name, v string }{{"sn", req.SN}, {"imei", req.IMEI}, {"imsi", req.IMSI}} {
+				if f.v == "" {
+					return usagef("--%s is required", f.name)
+				}
+			}
+			if creds != "" {
+				if _, err := os.Stat(creds); err == nil {
+					return usagef("--creds: %s exists; not overwriting another terminal's credentials", creds)
+				}
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var b admin.Bundle
+			if err := c.do(ctx, "POST", "/v1/terminals", req, &b); err != nil {
+				return err
+			}
+			if creds != "" {
+				if err := writeCreds(creds, &b); err != nil {
+					return fmt.Errorf("terminal %s is registered, but the credential file failed: %w", b.SN, err)
+				}
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				return printJSON(w, b)
+			}
+			fmt.Fprintf(w, "Provisioning bundle of terminal %s (shown once: write it into the device)\n", b.SN)
+			tw := table(w)
+			fmt.Fprintf(tw, "sn\t%s\n", b.SN)
+			fmt.Fprintf(tw, "imei\t%s\n", b.IMEI)
+			fmt.Fprintf(tw, "imsi\t%s\n", b.IMSI)
+			if b.MSISDN != "" {
+				fmt.Fprintf(tw, "msisdn\t%s\n", b.MSISDN)
+			}
+			fmt.Fprintf(tw, "alg\t%s\n", b.Alg)
+			fmt.Fprintf(tw, "require_encryption\t%t\n", b.RequireEncryption)
+			fmt.Fprintf(tw, "up\t%s\n", b.Up)
+			fmt.Fprintf(tw, "upexp\t%d (%s)\n", b.UpExp, expiry(b.UpExp))
+			fmt.Fprintf(tw, "down\t%s\n", b.Down)
+			fmt.Fprintf(tw, "downexp\t%d (%s)\n", b.DownExp, expiry(b.DownExp))
+			fmt.Fprintf(tw, "bk\t%s\n", b.BK)
+			fmt.Fprintf(tw, "bkexp\t%d (%s)\n", b.BKExp, expiry(b.BKExp))
+			fmt.Fprintf(tw, "broker\t%s\n", b.BrokerURL)
+			tw.Flush()
+			if creds != "" {
+				fmt.Fprintf(w, "credential file %s written (mode 0600): m2m-terminal connect --broker %s --creds %s --session-key\n", creds, b.BrokerURL, creds)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&req.SN, "sn", "", "serial number: 1-16 of [A-Za-z0-9] (required)")
+	f.StringVar(&req.IMEI, "imei", "", "IMEI: 14-16 digits (required)")
+	f.StringVar(&req.IMSI, "imsi", "", "IMSI: 6-15 digits (required)")
+	f.StringVar(&req.MSISDN, "msisdn", "", "MSISDN for credential changes by SMS (digits)")
+	f.StringVar(&req.Alg, "alg", "hs256", "digest algorithm: hs256, or md5 for legacy WMMP firmware")
+	f.BoolVar(&req.RequireEncryption, "require-encryption", false, "refuse this terminal's data publishes without a session key")
+	f.StringVar(&creds, "creds", "", "also write the terminal's credential file here (m2m-terminal --creds; mode 0600; must not exist)")
+	return cmd
+}
+
+// writeCreds writes the bundle as a client.FileStore credential file.
+func writeCreds(path string, b *admin.Bundle) error {
+	alg, err := codec.ParseAlg(b.Alg)
+	if err != nil {
+		return err
+	}
+	bk, err := hex.DecodeString(b.BK)
+	if err != nil {
+		return err
+	}
+	rec := &client.Record{
+		Identity: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, Alg: alg,
+		Current: client.Credentials{Up: []byte(b.Up), UpExp: b.UpExp, Down: []byte(b.Down), DownExp: b.DownExp, BK: bk, BKExp: b.BKExp},
+	}
+	return client.NewFileStore(path).Save(rec)
+}
+
+func printTerminal(w io.Writer, t *admin.Terminal) {
+	tw := table(w)
+	fmt.Fprintf(tw, "sn\t%s\n", t.SN)
+	fmt.Fprintf(tw, "imei\t%s\n", t.IMEI)
+	fmt.Fprintf(tw, "imsi\t%s\n", t.IMSI)
+	fmt.Fprintf(tw, "msisdn\t%s\n", dash(t.MSISDN))
+	fmt.Fprintf(tw, "alg\t%s\n", t.Alg)
+	fmt.Fprintf(tw, "status\t%s\n", t.Status)
+	fmt.Fprintf(tw, "require_encryption\t%t\n", t.RequireEncryption)
+	fmt.Fprintf(tw, "upexp\t%s\n", expiry(t.UpExp))
+	fmt.Fprintf(tw, "downexp\t%s\n", expiry(t.DownExp))
+	fmt.Fprintf(tw, "bkexp\t%s\n", expiry(t.BKExp))
+	if t.Pending != nil {
+		fmt.Fprintf(tw, "pending change\t%s %s (%s, %s, deadline %s, delivered %t)\n", t.Pending.RID, t.Pending.What, t.Pending.Mode, t.Pending.Origin, ts(t.Pending.Deadline), t.Pending.Delivered)
+	} else {
+		fmt.Fprintf(tw, "pending change\t-\n")
+	}
+	fmt.Fprintf(tw, "last committed\t%s\n", dash(t.LastCommitted))
+	fmt.Fprintf(tw, "created\t%s\n", ts(t.Created))
+	fmt.Fprintf(tw, "updated\t%s\n", ts(t.Updated))
+	tw.Flush()
+}
+
+func snArg(args []string) (string, error) {
+	if err := codec.ValidateSN(args[0]); err != nil {
+		return "", usagef("serial number %q: want 1-16 of [A-Za-z0-9]", args[0])
+	}
+	return args[0], nil
+}
+
+func terminalGetCmd(o *options) *cobra.Command {
+	return &cobra.Command{
+		Use:   "get SN",
+		Short: "Show a terminal's record (no secrets)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var t admin.Terminal
+			if err := c.do(ctx, "GET", "/v1/terminals/"+sn, nil, &t); err != nil {
+				return err
+			}
+			if o.output == "json" {
+				return printJSON(cmd.OutOrStdout(), t)
+			}
+			printTerminal(cmd.OutOrStdout(), &t)
+			return nil
+		},
+	}
+}
+
+func terminalListCmd(o *options) *cobra.Command {
+	var after string
+	var limit int
+	var all bool
+	cmd := &cobra.Command{
+		Use:   "list [--after SN] [--limit N] [--all]",
+		Short: "List terminals, sorted by serial number, one page (or --all)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if limit < 1 || limit > 1000 {
+				return usagef("--limit: want 1 to 1000")
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			var out admin.TerminalList
+			out.Terminals = []admin.Terminal{}
+			for {
+				ctx, cancel := o.ctx(cmd)
+				var page admin.TerminalList
+				q := url.Values{"limit": {strconv.Itoa(limit)}}
+				if after != "" {
+					q.Set("after", after)
+				}
+				err := c.do(ctx, "GET", "/v1/terminals?"+q.Encode(), nil, &page)
+				cancel()
+				if err != nil {
+					return err
+				}
+				out.Terminals = append(out.Terminals, page.Terminals...)
+				out.Next = page.Next
+				if !all || page.Next == "" {
+					break
+				}
+				after = page.Next
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				return printJSON(w, out)
+			}
+			tw := table(w)
+			fmt.Fprintln(tw, "SN\tIMEI\tIMSI\tALG\tSTATUS\tPENDING\tUPDATED")
+			for _, t := range out.Terminals {
+				pending := "-"
+				if t.Pending != nil {
+					pending = t.Pending.What + "/" + t.Pending.Mode
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.SN, t.IMEI, t.IMSI, t.Alg, t.Status, pending, ts(t.Updated))
+			}
+			tw.Flush()
+			if out.Next != "" {
+				fmt.Fprintf(cmd.ErrOrStderr(), "more: m2mctl terminal list --after %s (or --all)\n", out.Next)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&after, "after", "", "start after this serial number")
+	f.IntVar(&limit, "limit", 100, "terminals per page (1-1000)")
+	f.BoolVar(&all, "all", false, "fetch every page")
+	return cmd
+}
+
+func terminalStatusCmd(o *options, action, short string) *cobra.Command {
+	return &cobra.Command{
+		Use:   action + " SN",
+		Short: short,
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var t admin.Terminal
+			if err := c.do(ctx, "POST", "/v1/terminals/"+sn+"/"+action, nil, &t); err != nil {
+				return err
+			}
+			if o.output == "json" {
+				return printJSON(cmd.OutOrStdout(), t)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "terminal %s is %s\n", t.SN, t.Status)
+			return nil
+		},
+	}
+}
+
+func terminalDeleteCmd(o *options) *cobra.Command {
+	return &cobra.Command{
+		Use:   "delete SN",
+		Short: "Delete a terminal (its credentials are gone for good)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			if err := c.do(ctx, "DELETE", "/v1/terminals/"+sn, nil, nil); err != nil {
+				return err
+			}
+			if o.output == "json" {
+				return printJSON(cmd.OutOrStdout(), map[string]string{"deleted": sn})
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "terminal %s deleted\n", sn)
+			return nil
+		},
+	}
+}
+
+func terminalImportCmd(o *options) *cobra.Command {
+	var progress string
+	cmd := &cobra.Command{
+		Use:   "import FILE.csv|-",
+		Short: "Register terminals from CSV, with a progress bar on stderr",
+		Long: `Register terminals from a CSV file ('-' reads stdin). The header names the columns,
+in any order: sn, imei, imsi, msisdn, alg (required), and optionally up, down
+(8-64 printable characters without . ; =) and bk (64 lower-case hex digits). Empty
+alg means hs256; empty credentials are generated (and cannot be shown later: import
+them from the file if the devices already hold them).
+
+Valid rows are stored; each rejected row is reported with its line and reason.
+The command exits 1 if any row was rejected.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			switch progress {
+			case "auto", "always", "never":
+			default:
+				return usagef("--progress: want auto, always or never")
+			}
+			var in io.Reader = o.stdin
+			if args[0] != "-" {
+				f, err := os.Open(args[0])
+				if err != nil {
+					return usagef("%v", err)
+				}
+				defer f.Close()
+				in = f
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			c.http.Timeout = 0 // an import may take long; the context bounds nothing but a cancel
+			resp, err := c.send(cmd.Context(), "POST", "/v1/terminals/import", in)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			bar := &progressBar{w: cmd.ErrOrStderr(), on: progress == "always" || (progress == "auto" && o.stderrTTY)}
+			var rep *admin.ImportReport
+			var streamErr string
+			sc := bufio.NewScanner(resp.Body)
+			sc.Buffer(make([]byte, 64<<10), 64<<20)
+			for sc.Scan() {
+				var ev admin.ImportEvent
+				if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+					return fmt.Errorf("reading the import stream: %w", err)
+				}
+				if ev.Progress != nil {
+					bar.update(ev.Progress.Done, ev.Progress.Total)
+				}
+				if ev.Report != nil {
+					rep = ev.Report
+				}
+				if ev.Error != "" {
+					streamErr = ev.Error
+				}
+			}
+			bar.finish()
+			if err := sc.Err(); err != nil {
+				return fmt.Errorf("reading the import stream: %w", err)
+			}
+			if rep == nil {
+				return errors.New("the import stream ended without a report")
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				if err := printJSON(w, rep); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(w, "rows %d, created %d, rejected %d\n", rep.Rows, rep.Created, len(rep.Rejected))
+				if len(rep.Rejected) > 0 {
+					tw := table(w)
+					fmt.Fprintln(tw, "LINE\tSN\tREASON")
+					for _, r := range rep.Rejected {
+						fmt.Fprintf(tw, "%d\t%s\t%s\n", r.Line, dash(r.SN), r.Reason)
+					}
+					tw.Flush()
+				}
+			}
+			if streamErr != "" {
+				return fmt.Errorf("import stopped: %s", streamErr)
+			}
+			if len(rep.Rejected) > 0 {
+				return fmt.Errorf("%w: %d of %d", errRejected, len(rep.Rejected), rep.Rows)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always or never")
+	return cmd
+}
+
+// progressBar draws "[#####.....] done/total pct%" on one line of w.
+type progressBar struct {
+	w     io.Writer
+	on    bool
+	drawn bool
+}
+
+func (p *progressBar) update(done, total int) {
+	if !p.on || total <= 0 {
+		return
+	}
+	const width = 30
+	filled := done * width / total
+	fmt.Fprintf(p.w, "\rimporting [%s%s] %d/%d %3d%%", strings.Repeat("#", filled), strings.Repeat(".", width-filled), done, total, done*100/total)
+	p.drawn = true
+}
+
+func (p *progressBar) finish() {
+	if p.drawn {
+		fmt.Fprintln(p.w)
+	}
+}
+
+func changeCmd(o *options) *cobra.Command {
+	cmd := &cobra.Command{Use: "change", Short: "Start a credential change of a terminal, or show the pending one"}
+	var what string
+	start := &cobra.Command{
+		Use:   "start SN --what pwd|bk|all",
+		Short: "Start a platform-initiated change of the passwords (pwd), the basic key (bk) or both (all)",
+		Long: `Start a platform-initiated credential change (SPEC section 7). The broker picks the
+mode: in ciphertext under the basic key while the terminal is online with its key in
+sync, else by SMS if the terminal has an MSISDN and an SMS gateway is configured.
+An offline terminal gets the change after its next login. The new values are never
+shown: only the change's id, mode and deadline.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			switch what {
+			case "pwd", "bk", "all":
+			default:
+				return usagef("--what: want pwd, bk or all")
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var ch admin.Change
+			if err := c.do(ctx, "POST", "/v1/terminals/"+sn+"/changes", admin.ChangeRequest{What: what}, &ch); err != nil {
+				return err
+			}
+			return printChange(cmd.OutOrStdout(), o, sn, &ch)
+		},
+	}
+	start.Flags().StringVar(&what, "what", "all", "what changes: pwd, bk or all")
+	status := &cobra.Command{
+		Use:   "status SN",
+		Short: "Show the pending change of a terminal (exit 4 if none is pending)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var ch admin.Change
+			if err := c.do(ctx, "GET", "/v1/terminals/"+sn+"/changes", nil, &ch); err != nil {
+				return err
+			}
+			return printChange(cmd.OutOrStdout(), o, sn, &ch)
+		},
+	}
+	cmd.AddCommand(start, status)
+	return cmd
+}
+
+func printChange(w io.Writer, o *options, sn string, ch *admin.Change) error {
+	if o.output == "json" {
+		return printJSON(w, ch)
+	}
+	tw := table(w)
+	fmt.Fprintf(tw, "sn\t%s\n", sn)
+	fmt.Fprintf(tw, "rid\t%s\n", ch.RID)
+	fmt.Fprintf(tw, "what\t%s\n", ch.What)
+	fmt.Fprintf(tw, "mode\t%s\n", ch.Mode)
+	fmt.Fprintf(tw, "origin\t%s\n", ch.Origin)
+	fmt.Fprintf(tw, "started\t%s\n", ts(ch.Started))
+	fmt.Fprintf(tw, "deadline\t%s\n", ts(ch.Deadline))
+	fmt.Fprintf(tw, "delivered\t%t\n", ch.Delivered)
+	return tw.Flush()
+}
+
+func sessionCmd(o *options) *cobra.Command {
+	cmd := &cobra.Command{Use: "session", Short: "List connected clients, or disconnect one"}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the connected, authenticated clients (terminals and applications)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var out struct {
+				Sessions []sessionInfo `json:"sessions"`
+			}
+			if err := c.do(ctx, "GET", "/v1/sessions", nil, &out); err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				return printJSON(w, out)
+			}
+			tw := table(w)
+			fmt.Fprintln(tw, "CLIENT ID\tKIND\tREMOTE\tMQTT\tSESSION KEY\tSID\tKEY EXPIRES\tUP SEQ\tDOWN SEQ")
+			for _, s := range out.Sessions {
+				mqttv := "3.1.1"
+				if s.Protocol == 5 {
+					mqttv = "5"
+				}
+				kind := s.Kind
+				if s.App != "" {
+					kind += " " + s.App
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%t\t%s\t%s\t%d\t%d\n", s.ClientID, kind, s.Remote, mqttv, s.SessionKey, dash(s.SID), ts(s.KeyExpires), s.UplinkSeq, s.DownSeq)
+			}
+			return tw.Flush()
+		},
+	}
+	disconnect := &cobra.Command{
+		Use:   "disconnect CLIENT_ID",
+		Short: "End a client's connection (a terminal may log in again at once: disable it to keep it out)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			if err := c.do(ctx, "DELETE", "/v1/sessions/"+url.PathEscape(args[0]), nil, nil); err != nil {
+				return err
+			}
+			if o.output == "json" {
+				return printJSON(cmd.OutOrStdout(), map[string]string{"disconnected": args[0]})
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s disconnected\n", args[0])
+			return nil
+		},
+	}
+	cmd.AddCommand(list, disconnect)
+	return cmd
+}
+
+// sessionInfo mirrors hook.SessionInfo (the admin API's JSON).
+type sessionInfo struct {
+	ClientID   string    `json:"client_id"`
+	Kind       string    `json:"kind"`
+	SN         string    `json:"sn,omitempty"`
+	App        string    `json:"app,omitempty"`
+	Remote     string    `json:"remote"`
+	Protocol   byte      `json:"protocol"`
+	SessionKey bool      `json:"session_key"`
+	SID        string    `json:"sid,omitempty"`
+	KeyExpires time.Time `json:"key_expires,omitzero"`
+	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`
+	DownSeq    uint64    `json:"downlink_seq,omitempty"`
+}
+
+func appCmd(o *options) *cobra.Command {
+	cmd := &cobra.Command{Use: "app", Short: "Add, remove and list applications (back-end MQTT clients)"}
+	var req admin.AppRequest
+	var pwFile string
+	add := &cobra.Command{
+		Use:   "add NAME [--password-file FILE] [--subscribe FILTERS] [--publish FILTERS]",
+		Short: "Add or replace an application; without --password-file a password is generated and printed once",
+		Long: `Add or replace an application: a back-end MQTT client that reads terminal data and
+sends commands. It connects with Username NAME and its password, and a ClientID that
+is NOT a valid serial number (1-16 of [A-Za-z0-9]: such ClientIDs are terminals'),
+e.g. "dash-1". By default it may subscribe to m2m/+/up/# and publish to m2m/+/down/#.
+
+Without --password-file the broker generates a password and this command prints it
+once (or give it in $M2MCTL_APP_PASSWORD).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req.Name = args[0]
+			req.Password = os.Getenv("M2MCTL_APP_PASSWORD")
+			if pwFile != "" {
+				data, err := os.ReadFile(pwFile)
+				if err != nil {
+					return usagef("--password-file: %v", err)
+				}
+				req.Password = strings.TrimRight(string(data), "\r\n")
+			}
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var app admin.App
+			if err := c.do(ctx, "POST", "/v1/apps", req, &app); err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				return printJSON(w, app)
+			}
+			tw := table(w)
+			fmt.Fprintf(tw, "name\t%s\n", app.Name)
+			if app.Password != "" {
+				fmt.Fprintf(tw, "password\t%s\t(generated; shown once)\n", app.Password)
+			}
+			fmt.Fprintf(tw, "subscribe\t%s\n", strings.Join(app.Subscribe, ", "))
+			fmt.Fprintf(tw, "publish\t%s\n", strings.Join(app.Publish, ", "))
+			return tw.Flush()
+		},
+	}
+	add.Flags().StringVar(&pwFile, "password-file", "", "file holding the password (12-128 bytes) [$M2MCTL_APP_PASSWORD]")
+	add.Flags().StringSliceVar(&req.Subscribe, "subscribe", nil, "topic filters it may subscribe to (default m2m/+/up/#)")
+	add.Flags().StringSliceVar(&req.Publish, "publish", nil, "topic filters it may publish to (default m2m/+/down/#)")
+	remove := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Remove an application (connected clients keep their session until they disconnect)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			if err := c.do(ctx, "DELETE", "/v1/apps/"+url.PathEscape(args[0]), nil, nil); err != nil {
+				return err
+			}
+			if o.output == "json" {
+				return printJSON(cmd.OutOrStdout(), map[string]string{"removed": args[0]})
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "application %s removed\n", args[0])
+			return nil
+		},
+	}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the applications",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newClient(o)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := o.ctx(cmd)
+			defer cancel()
+			var out admin.AppList
+			if err := c.do(ctx, "GET", "/v1/apps", nil, &out); err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if o.output == "json" {
+				return printJSON(w, out)
+			}
+			fmt.Fprintln(w, "NAME")
+			for _, n := range out.Apps {
+				fmt.Fprintln(w, n)
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(add, remove, list)
+	return cmd
+}

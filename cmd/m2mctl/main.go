@@ -1,0 +1,200 @@
+// Command m2mctl drives the admin API of an m2mguard broker from a
+// terminal: terminals, credential changes, sessions and applications.
+//
+//	m2mctl terminal add --sn A1 --imei 354494040518570 --imsi 460020084678120 --creds a1.json
+//	m2mctl terminal list
+//	m2mctl change start A1 --what all
+//	m2mctl session list -o json
+//
+// Output is a table for people, or JSON with -o json. The server and token
+// come from --server/$M2MCTL_SERVER (default http://127.0.0.1:8080) and
+// --token/$M2MCTL_TOKEN, else --token-file/$M2MCTL_TOKEN_FILE (default
+// ./data/admin.token, the file the broker generates on first run).
+//
+// Exit codes: 0 ok, 1 other failure (import: some rows rejected), 2 usage
+// error or bad input (HTTP 400), 3 unauthorized (401), 4 not found (404),
+// 5 conflict: exists or a change pending (409), 6 broker unreachable or
+// store unavailable (503).
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+)
+
+// Exit codes.
+const (
+	exitOK          = 0
+	exitFailure     = 1
+	exitUsage       = 2
+	exitUnauthorize = 3
+	exitNotFound    = 4
+	exitConflict    = 5
+	exitUnavailable = 6
+)
+
+const exitHelp = `Exit codes:
+  0  ok
+  1  other failure (terminal import: at least one row was rejected)
+  2  usage error, or input the broker refused (HTTP 400)
+  3  unauthorized: missing or wrong admin token (HTTP 401)
+  4  not found (HTTP 404)
+  5  conflict: the terminal or app exists, or a change is already pending (HTTP 409)
+  6  broker unreachable, or its store unavailable (HTTP 503)`
+
+// DefaultServer is the admin API address the broker listens on by default.
+const DefaultServer = "http://127.0.0.1:8080"
+
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// options are the global flags.
+type options struct {
+	server    string
+	token     string
+	tokenFile string
+	output    string
+	timeout   time.Duration
+	stdin     io.Reader
+	stderrTTY bool
+}
+
+// env binds a flag to an environment variable: the variable is the
+// default, the flag overrides it.
+func env(fs *pflag.FlagSet, name, variable string) {
+	f := fs.Lookup(name)
+	f.Usage += " [$" + variable + "]"
+	if v, ok := os.LookupEnv(variable); ok && v != "" {
+		if err := f.Value.Set(v); err == nil {
+			f.DefValue = v
+		}
+	}
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	o := &options{stdin: stdin}
+	if f, ok := stderr.(*os.File); ok {
+		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+			o.stderrTTY = true
+		}
+	}
+	root := &cobra.Command{
+		Use:   "m2mctl",
+		Short: "Operate an m2mguard broker through its admin API",
+		Long: `m2mctl drives the admin HTTP API of an m2mguard broker: terminals (add, get,
+list, disable, enable, delete, import), credential changes (start, status),
+sessions (list, disconnect) and applications (add, remove, list).
+
+Tables for people, JSON for scripts (-o json). The broker's admin API listens on
+127.0.0.1:8080 by default and needs its bearer token: --token or $M2MCTL_TOKEN,
+else the file --token-file (default ./data/admin.token, which the broker writes on
+first run; run m2mctl from the broker's working directory, or point to it).
+
+Secrets are printed in exactly one place, by design: 'terminal add' prints the
+provisioning bundle (passwords and basic key) a factory writes into the device,
+once. Nothing else ever shows a secret; the broker cannot show them again.
+
+` + exitHelp,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetContext(ctx)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	pf := root.PersistentFlags()
+	pf.StringVar(&o.server, "server", DefaultServer, "admin API base URL")
+	pf.StringVar(&o.token, "token", "", "admin bearer token (overrides --token-file)")
+	pf.StringVar(&o.tokenFile, "token-file", "./data/admin.token", "file holding the admin token")
+	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
+	pf.DurationVar(&o.timeout, "timeout", 30*time.Second, "timeout of one request (imports: of the connection, not the upload)")
+	env(pf, "server", "M2MCTL_SERVER")
+	env(pf, "token", "M2MCTL_TOKEN")
+	env(pf, "token-file", "M2MCTL_TOKEN_FILE")
+	env(pf, "output", "M2MCTL_OUTPUT")
+
+	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o))
+	var fix func(c *cobra.Command)
+	fix = func(c *cobra.Command) {
+		for _, sub := range c.Commands() {
+			fix(sub)
+		}
+		if c.Runnable() {
+			if c.Long == "" {
+				c.Long = c.Short
+			}
+			c.Long += "\n\n" + exitHelp
+			if c.Args == nil {
+				c.Args = cobra.NoArgs
+			}
+			a := c.Args
+			c.Args = func(cmd *cobra.Command, args []string) error {
+				if err := a(cmd, args); err != nil {
+					return usageError{err}
+				}
+				return nil
+			}
+		} else {
+			// A group without a subcommand: usage error.
+			c.RunE = func(cmd *cobra.Command, args []string) error {
+				if len(args) > 0 {
+					return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
+				}
+				return usagef("%s needs a subcommand (see --help)", cmd.CommandPath())
+			}
+			c.Args = cobra.ArbitraryArgs
+		}
+	}
+	fix(root)
+	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
+		switch o.output {
+		case "table", "json":
+		default:
+			return usagef("--output: want table or json")
+		}
+		return nil
+	}
+
+	err := root.Execute()
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintln(stderr, "m2mctl:", err)
+	var ue usageError
+	var ae *apiError
+	switch {
+	case errors.As(err, &ue), strings.HasPrefix(err.Error(), "unknown command"), strings.HasPrefix(err.Error(), "unknown flag"):
+		fmt.Fprintln(stderr, "Run 'm2mctl --help' for usage.")
+		return exitUsage
+	case errors.As(err, &ae):
+		return ae.exitCode()
+	case errors.Is(err, errUnreachable):
+		return exitUnavailable
+	case errors.Is(err, errRejected):
+		return exitFailure
+	}
+	return exitFailure
+}
