@@ -40,7 +40,7 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 60s; make test runs 2s
 	      || { cat .fuzz.log; rm -f .fuzz.log; exit 1; }; \
 	    n=$$((n+1)); \
 	  done; \
-	done; rm -f .fuzz.log; echo "fuzzed $$n targets for $(FUZZTIME) each: no failure"
+	done; rm -f .fuzz.log; echo "fuzz targets run for $(FUZZTIME) each:"; echo "fuzz: $$n passed, 0 failed"
 
 bench: ## Go benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem ./...
