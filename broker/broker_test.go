@@ -1,0 +1,275 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
+)
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testConfig is the default configuration on loopback ports chosen by the
+// kernel, in a fresh data directory.
+func testConfig(t *testing.T) *broker.Config {
+	cfg := broker.Default()
+	cfg.DataDir = filepath.Join(t.TempDir(), "data")
+	cfg.MQTT.TCP = "127.0.0.1:0"
+	cfg.MQTT.WS = ""
+	cfg.Admin.Listen = "127.0.0.1:0"
+	return cfg
+}
+
+func start(t *testing.T, cfg *broker.Config) (*broker.Broker, *syncBuffer) {
+	t.Helper()
+	logs := &syncBuffer{}
+	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b, logs
+}
+
+// login opens a raw MQTT 3.1.1 connection as terminal tm and returns it
+// once the broker accepted the login.
+func login(t testing.TB, addr string, tm *keysvc.Terminal) net.Conn {
+	t.Helper()
+	var nonce [8]byte
+	rand.Read(nonce[:])
+	l := codec.Login{Identity: tm.Identity(), Alg: tm.Alg, TS: uint32(time.Now().Unix()), Nonce: codec.ID(binary.BigEndian.Uint64(nonce[:]))}
+	pw, err := l.Sign(tm.Creds.Up)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 600, ClientIdentifier: tm.SN,
+			UsernameFlag: true, Username: []byte(tm.Identity().Username()), PasswordFlag: true, Password: pw}}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 4)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, ack); err != nil {
+		t.Fatalf("connack: %v", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	if ack[0] != 0x20 || ack[3] != 0 {
+		t.Fatalf("login refused: connack % x", ack)
+	}
+	return c
+}
+
+func TestStartFirstRunCreatesDataDir(t *testing.T) {
+	cfg := testConfig(t)
+	b, logs := start(t, cfg)
+
+	for _, f := range []string{"master.key", "admin.token", "m2mguard.db"} {
+		fi, err := os.Stat(filepath.Join(cfg.DataDir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f != "m2mguard.db" && fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v, want 0600", f, fi.Mode().Perm())
+		}
+	}
+	if fi, _ := os.Stat(cfg.DataDir); fi.Mode().Perm() != 0o700 {
+		t.Errorf("data dir mode %v, want 0700", fi.Mode().Perm())
+	}
+	tok, _ := os.ReadFile(filepath.Join(cfg.DataDir, "admin.token"))
+	if strings.Contains(logs.String(), strings.TrimSpace(string(tok))) {
+		t.Error("the admin token appears in the log")
+	}
+	if !strings.Contains(logs.String(), filepath.Join(cfg.DataDir, "admin.token")) {
+		t.Error("the log does not name the token file")
+	}
+	if !strings.HasPrefix(b.PublicURL(), "tcp://127.0.0.1:") {
+		t.Errorf("public url %q", b.PublicURL())
+	}
+
+	// A terminal registered in the service logs in over the TCP listener.
+	tm, err := b.Service().Register(context.Background(), keysvc.RegisterRequest{SN: "A1", IMEI: "354494040518570", IMSI: "460020084678120"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := login(t, b.Addr("tcp"), tm)
+	defer c.Close()
+	if err := b.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	if strings.Contains(logs.String(), string(tm.Creds.Up)) {
+		t.Error("a password appears in the log")
+	}
+
+	// Second run: same key, same token, the terminal is still there.
+	cfg2 := *cfg
+	b2, _ := start(t, &cfg2)
+	if _, err := b2.Service().Get(context.Background(), "A1"); err != nil {
+		t.Fatalf("after restart: %v", err)
+	}
+	tok2, _ := os.ReadFile(filepath.Join(cfg.DataDir, "admin.token"))
+	if !bytes.Equal(tok, tok2) {
+		t.Error("the admin token changed on restart")
+	}
+}
+
+func TestStartErrorsNameTheKey(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	for _, tc := range []struct {
+		name string
+		tune func(c *broker.Config)
+		key  string
+	}{
+		{"tcp port taken", func(c *broker.Config) { c.MQTT.TCP = taken.Addr().String() }, "mqtt.tcp"},
+		{"admin port taken", func(c *broker.Config) { c.Admin.Listen = taken.Addr().String() }, "admin.listen"},
+		{"ws port taken", func(c *broker.Config) { c.MQTT.WS = taken.Addr().String() }, "mqtt.ws"},
+		{"missing certificate", func(c *broker.Config) { c.MQTT.TLSCert, c.MQTT.TLSKey = "/nonexistent.pem", "/nonexistent.key" }, "mqtt.tls_cert"},
+		{"unreadable token file", func(c *broker.Config) { c.Admin.TokenFile = t.TempDir() }, "admin.token_file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t)
+			tc.tune(cfg)
+			_, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			ce, ok := err.(*broker.ConfigError)
+			if !ok || ce.Key != tc.key {
+				t.Fatalf("err = %v, want a ConfigError on %s", err, tc.key)
+			}
+		})
+	}
+}
+
+func TestRunStopsOnCancel(t *testing.T) {
+	cfg := testConfig(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	logs := &syncBuffer{}
+	go func() { done <- broker.Run(ctx, cfg, slog.New(slog.NewTextHandler(logs, nil))) }()
+	for !strings.Contains(logs.String(), "broker started") {
+		select {
+		case err := <-done:
+			t.Fatalf("Run: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if !strings.Contains(logs.String(), "stopped") {
+		t.Error("no stop in the log")
+	}
+}
+
+// TestIdleClientMemory measures what one idle, authenticated terminal
+// connection costs the broker, with mochi's defaults and with the tuned
+// settings. Run it by hand (it opens 2 x N connections):
+//
+//	M2MGUARD_MEASURE=1 go test ./broker -run TestIdleClientMemory -v
+func TestIdleClientMemory(t *testing.T) {
+	if os.Getenv("M2MGUARD_MEASURE") == "" {
+		t.Skip("set M2MGUARD_MEASURE=1 to measure")
+	}
+	n := 1000
+	if s := os.Getenv("M2MGUARD_MEASURE_N"); s != "" {
+		n, _ = strconv.Atoi(s)
+	}
+	for _, tc := range []struct {
+		name                     string
+		read, write, writesQueue int
+	}{
+		{"mochi defaults", 2048, 2048, 8192},
+		{"m2mguard defaults", broker.DefaultReadBuffer, broker.DefaultWriteBuffer, broker.DefaultMaxWritesPending},
+	} {
+		cfg := testConfig(t)
+		cfg.Admin.Listen = ""
+		cfg.MQTT.ReadBuffer, cfg.MQTT.WriteBuffer, cfg.MQTT.MaxWritesPending = tc.read, tc.write, tc.writesQueue
+		b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var csv strings.Builder
+		csv.WriteString("sn,imei,imsi,msisdn,alg\n")
+		for i := range n {
+			fmt.Fprintf(&csv, "M%d,35449404%07d,46002%07d,,hs256\n", i, i, i)
+		}
+		if _, err := b.Service().Import(context.Background(), strings.NewReader(csv.String()), keysvc.ImportOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		terms := make([]*keysvc.Terminal, n)
+		for i := range n {
+			if terms[i], err = b.Service().Get(context.Background(), fmt.Sprintf("M%d", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Warm up the code paths and pools with one connection.
+		login(t, b.Addr("tcp"), terms[0]).Close()
+		before := memUse()
+		conns := make([]net.Conn, 0, n)
+		for _, tm := range terms {
+			conns = append(conns, login(t, b.Addr("tcp"), tm))
+		}
+		after := memUse()
+		per := float64(after-before) / float64(n) / 1024
+		t.Logf("%-18s read %5d write %5d max_writes_pending %5d: %6.1f KiB per idle terminal (heap in use + goroutine stacks; the test side holds only a net.Conn)",
+			tc.name, tc.read, tc.write, tc.writesQueue, per)
+		for _, c := range conns {
+			c.Close()
+		}
+		b.Close()
+	}
+}
+
+// memUse is the heap in use plus goroutine stacks after a GC.
+func memUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse + m.StackInuse
+}
+

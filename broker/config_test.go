@@ -1,0 +1,256 @@
+package broker_test
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/m2mguard/m2mguard/broker"
+)
+
+// resolve runs the layers with a YAML file (if yaml != ""), env and args.
+func resolve(t *testing.T, yaml string, env map[string]string, args ...string) (*broker.Config, error) {
+	t.Helper()
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	broker.AddFlags(fs)
+	if yaml != "" {
+		path := filepath.Join(t.TempDir(), "m2mguard.yaml")
+		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args = append([]string{"--config", path}, args...)
+	}
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	return broker.Resolve(fs, func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+}
+
+func TestConfigPrecedence(t *testing.T) {
+	yaml := `
+data_dir: /var/lib/m2mguard
+log:
+  format: json
+mqtt:
+  tcp: ":2883"
+  ws: "off"
+auth.skew: 2m
+`
+	for _, tc := range []struct {
+		name  string
+		yaml  string
+		env   map[string]string
+		args  []string
+		check func(*broker.Config) string
+	}{
+		{"defaults", "", nil, nil, func(c *broker.Config) string {
+			if c.Store.Type != "embedded" || c.DataDir != "./data" || c.MQTT.TCP != ":1883" || c.MQTT.WS != ":8083" ||
+				c.Admin.Listen != "127.0.0.1:8080" || c.Store.Embedded.File != filepath.Join("data", "m2mguard.db") ||
+				c.Admin.TokenFile != filepath.Join("data", "admin.token") || c.MQTT.MaxWritesPending != broker.DefaultMaxWritesPending {
+				return "unexpected defaults"
+			}
+			return ""
+		}},
+		{"yaml over defaults", yaml, nil, nil, func(c *broker.Config) string {
+			if c.DataDir != "/var/lib/m2mguard" || c.Log.Format != "json" || c.MQTT.TCP != ":2883" || c.MQTT.WS != "" || c.Auth.Skew != 2*time.Minute {
+				return "yaml not applied"
+			}
+			if c.Store.Embedded.MasterKeyFile != "/var/lib/m2mguard/master.key" {
+				return "paths do not follow data_dir: " + c.Store.Embedded.MasterKeyFile
+			}
+			return ""
+		}},
+		{"env over yaml", yaml, map[string]string{"M2MGUARD_MQTT_TCP": "127.0.0.1:3883", "M2MGUARD_LOG_FORMAT": "text"}, nil, func(c *broker.Config) string {
+			if c.MQTT.TCP != "127.0.0.1:3883" || c.Log.Format != "text" || c.DataDir != "/var/lib/m2mguard" {
+				return "env did not override yaml"
+			}
+			return ""
+		}},
+		{"flag over env", yaml, map[string]string{"M2MGUARD_MQTT_TCP": "127.0.0.1:3883"}, []string{"--mqtt-tcp", "127.0.0.1:4883", "--auth-skew=90s"}, func(c *broker.Config) string {
+			if c.MQTT.TCP != "127.0.0.1:4883" || c.Auth.Skew != 90*time.Second {
+				return "flag did not override env"
+			}
+			return ""
+		}},
+		{"missing config file named by env", "", nil, nil, nil},
+		{"empty env is unset", "", map[string]string{"M2MGUARD_MQTT_TCP": ""}, nil, func(c *broker.Config) string {
+			if c.MQTT.TCP != ":1883" {
+				return "empty env var applied"
+			}
+			return ""
+		}},
+		{"vault with approle from files", `
+store:
+  type: vault
+  vault:
+    address: https://vault:8200
+    approle:
+      role_id_file: /run/role_id
+      secret_id_file: /run/secret_id
+`, map[string]string{"VAULT_TOKEN": "ignored-with-approle"}, nil, func(c *broker.Config) string {
+			if c.Store.Type != "vault" || c.Store.Vault.AppRoleRoleIDFile != "/run/role_id" || c.Store.Vault.Mount != "secret" {
+				return "vault config not applied"
+			}
+			return ""
+		}},
+		{"vault address and token from VAULT_ env", "store.type: vault\n", map[string]string{"VAULT_ADDR": "http://127.0.0.1:8200", "VAULT_TOKEN": "root"}, nil, func(c *broker.Config) string {
+			if c.Store.Vault.Address != "http://127.0.0.1:8200" || c.Store.Vault.Token != "root" {
+				return "VAULT_ADDR/VAULT_TOKEN not used"
+			}
+			return ""
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.check == nil {
+				// M2MGUARD_CONFIG pointing to a missing file names the source.
+				_, err := resolve(t, "", map[string]string{"M2MGUARD_CONFIG": filepath.Join(t.TempDir(), "missing.yaml")})
+				if err == nil || !strings.Contains(err.Error(), "env M2MGUARD_CONFIG") {
+					t.Fatalf("err = %v, want one naming env M2MGUARD_CONFIG", err)
+				}
+				return
+			}
+			c, err := resolve(t, tc.yaml, tc.env, tc.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if msg := tc.check(c); msg != "" {
+				t.Fatal(msg)
+			}
+		})
+	}
+}
+
+func TestConfigErrorsNameTheKey(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		yaml    string
+		env     map[string]string
+		args    []string
+		key     string
+		source  string // substring of the message
+		message string // substring of the message
+	}{
+		{"unknown yaml key", "mqtt:\n  tpc: :1883\n", nil, nil, "mqtt.tpc", "line 2", "unknown key"},
+		{"bad duration in yaml", "auth:\n  skew: soon\n", nil, nil, "auth.skew", "line 2", "duration"},
+		{"list value", "mqtt:\n  tcp: [a, b]\n", nil, nil, "mqtt.tcp", "line 2", "single value"},
+		{"not a mapping", "just a string\n", nil, nil, "(file)", "line 1", "mapping"},
+		{"broken yaml", "mqtt: [\n", nil, nil, "(file)", "config file", "YAML"},
+		{"bad env", "", map[string]string{"M2MGUARD_LOG_LEVEL": "loud"}, nil, "log.level", "env M2MGUARD_LOG_LEVEL", "debug"},
+		{"bad flag", "", nil, []string{"--mqtt-tcp", "1883"}, "mqtt.tcp", "flag --mqtt-tcp", "host:port"},
+		{"bad store type", "", nil, []string{"--store-type", "redis"}, "store.type", "flag --store-type", "embedded, vault"},
+		{"vault without address", "store.type: vault\n", nil, nil, "store.vault.address", "", "required"},
+		{"vault without credentials", "store.type: vault\nstore.vault.address: http://v:8200\n", nil, nil, "store.vault.token", "", "AppRole"},
+		{"approle without secret", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.approle.role_id: r\n", nil, nil, "store.vault.approle.secret_id_file", "", "secret_id"},
+		{"vault address not a URL", "store.type: vault\nstore.vault.address: vault:8200\nstore.vault.token: t\n", nil, nil, "store.vault.address", "", "URL"},
+		{"cert without key", "", nil, []string{"--mqtt-tls-cert", "c.pem"}, "mqtt.tls_key", "", "together"},
+		{"short admin token", "", map[string]string{"M2MGUARD_ADMIN_TOKEN": "short"}, nil, "admin.token", "", "16"},
+		{"no listener", "mqtt: {tcp: \"off\", ws: \"off\"}\n", nil, nil, "mqtt.tcp", "", "no MQTT listener"},
+		{"tiny queue", "", nil, []string{"--mqtt-max-writes-pending", "2"}, "mqtt.max_writes_pending", "flag", "16"},
+		{"throttle max below base", "auth: {throttle_base: 1m, throttle_max: 1s}\n", nil, nil, "auth.throttle_max", "", "throttle_base"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := resolve(t, tc.yaml, tc.env, tc.args...)
+			var ce *broker.ConfigError
+			if !errors.As(err, &ce) {
+				t.Fatalf("err = %v, want a *ConfigError", err)
+			}
+			if ce.Key != tc.key {
+				t.Errorf("key = %q, want %q (%v)", ce.Key, tc.key, err)
+			}
+			if !strings.Contains(err.Error(), tc.source) || !strings.Contains(err.Error(), tc.message) {
+				t.Errorf("error %q: want %q and %q in it", err, tc.source, tc.message)
+			}
+		})
+	}
+}
+
+func TestConfigSecretsNotInErrors(t *testing.T) {
+	// A secret given where a number is expected must not be echoed.
+	_, err := resolve(t, "", map[string]string{"M2MGUARD_SMS_RETRIES": "hunter2-secret"})
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestReferenceListsEveryKey(t *testing.T) {
+	ref := broker.Reference()
+	for _, f := range broker.Fields() {
+		for _, s := range []string{"`" + f.Key + "`", "`" + f.Env() + "`", "`--" + f.Flag() + "`"} {
+			if !strings.Contains(ref, s) {
+				t.Errorf("reference lacks %s", s)
+			}
+		}
+	}
+}
+
+// TestReadmeDocumentsEveryKey keeps the README's configuration reference
+// in step with the code.
+func TestReadmeDocumentsEveryKey(t *testing.T) {
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Skip("no README")
+	}
+	for _, f := range broker.Fields() {
+		for _, s := range []string{"`" + f.Key + "`", "`" + f.Env() + "`", "`--" + f.Flag() + "`"} {
+			if !strings.Contains(string(data), s) {
+				t.Errorf("README lacks %s", s)
+			}
+		}
+	}
+}
+
+func FuzzApplyYAML(f *testing.F) {
+	f.Add([]byte("mqtt:\n  tcp: \":1883\"\n"))
+	f.Add([]byte("store: {type: vault, vault: {address: 'http://v:8200', token: t}}\n"))
+	f.Add([]byte("auth.skew: 5m\nlog: {level: debug}\n"))
+	f.Add([]byte("a: &x {b: 1}\nc: *x\n"))
+	f.Add([]byte("- 1\n- 2\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c := broker.Default()
+		err := c.ApplyYAML(data, "fuzz")
+		if err != nil {
+			var ce *broker.ConfigError
+			if !errors.As(err, &ce) || ce.Key == "" {
+				t.Fatalf("error %v is not a ConfigError with a key", err)
+			}
+			return
+		}
+		// Whatever applies either validates or fails naming a key.
+		if err := c.Validate(); err != nil {
+			var ce *broker.ConfigError
+			if !errors.As(err, &ce) || ce.Key == "" {
+				t.Fatalf("validate error %v is not a ConfigError with a key", err)
+			}
+		}
+	})
+}
+
+func ExampleResolve() {
+	fs := pflag.NewFlagSet("m2mguard-broker", pflag.ContinueOnError)
+	broker.AddFlags(fs)
+	fs.Parse([]string{"--mqtt-tcp", "127.0.0.1:1883", "--admin-listen", "off"})
+	env := map[string]string{"M2MGUARD_LOG_FORMAT": "json"}
+	cfg, err := broker.Resolve(fs, func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(cfg.MQTT.TCP, cfg.Log.Format)
+	_, err = broker.Resolve(pflagWith("--auth-skew", "soon"), func(string) (string, bool) { return "", false })
+	fmt.Println(err)
+	// Output:
+	// 127.0.0.1:1883 json
+	// config key auth.skew (flag --auth-skew): want a duration such as 30s, 5m or 24h
+}
+
+func pflagWith(args ...string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+	broker.AddFlags(fs)
+	fs.Parse(args)
+	return fs
+}
