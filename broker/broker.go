@@ -469,6 +469,10 @@ func (b *Broker) Addr(id string) string {
 	return b.addrs[id]
 }
 
+// Registry returns the Prometheus registry the hook and the Go and process
+// collectors are registered with (served on /metrics).
+func (b *Broker) Registry() *prometheus.Registry { return b.registry }
+
 // Service returns the key service.
 func (b *Broker) Service() *keysvc.Service { return b.svc }
 

@@ -137,7 +137,8 @@ type AppList struct {
 // Health is the answer of GET /healthz.
 type Health struct {
 	Status string `json:"status"` // ok or unavailable
-	Store  string `json:"store"`  // ok, or the error
+	Store  string `json:"store"`  // ok or unavailable
+	Error  string `json:"error,omitempty"`
 }
 
 func terminalView(t *keysvc.Terminal) Terminal {
