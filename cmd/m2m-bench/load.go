@@ -20,9 +20,12 @@ import (
 
 // LoadConfig describes one load run against a broker.
 type LoadConfig struct {
-	Addr        string      // broker host:port
-	Kind        string      // "plain": paho clients without credentials; "terminal": the reference client
-	SessionKey  bool        // terminal kind: ask for a session key and seal data (SPEC sections 5, 6)
+	Addr string // broker host:port
+	// Kind of client: "plain" (bare paho, no credentials: the allow-all
+	// baseline), "m2m1" (bare paho with an M2M1 login: the broker's cost
+	// alone) or "terminal" (the reference client, client/).
+	Kind        string
+	SessionKey  bool        // m2m1 and terminal: ask for a session key (terminal: and seal data, SPEC sections 5, 6)
 	Terminals   []*Terminal // the terminals to drive (the first N)
 	N           int         // terminals connected at once
 	Concurrency int         // connection attempts in flight during the storm
@@ -113,18 +116,41 @@ func pahoOptions(addr, clientID string) *paho.ClientOptions {
 		SetKeepAlive(60 * time.Second).SetConnectTimeout(10 * time.Second).SetWriteTimeout(10 * time.Second)
 }
 
-// connectPlain connects a paho client with ClientID sn and no credentials,
-// and subscribes to the same two filters the reference client subscribes
-// to after every login (key topic, then downlink data, both QoS 1).
-func connectPlain(ctx context.Context, addr string, t *Terminal) (benchConn, error) {
-	pc := paho.NewClient(pahoOptions(addr, t.ID.SN))
+// connectPlain connects a bare paho client with ClientID sn and subscribes
+// to the same two filters the reference client subscribes to after every
+// login (key topic, then downlink data, both QoS 1). Without m2m1 it sends
+// no credentials (for the allow-all baseline); with m2m1 it logs in with an
+// M2M1 token (with sessionKey: flag 01 and the bkd, then it waits for the
+// platform's key message, which it does not unwrap). It measures the
+// broker's cost without the reference client's own.
+func connectPlain(ctx context.Context, addr string, t *Terminal, m2m1, sessionKey bool) (benchConn, error) {
+	o := pahoOptions(addr, t.ID.SN)
+	if m2m1 {
+		pw, err := loginPassword(t, sessionKey)
+		if err != nil {
+			return nil, err
+		}
+		o.SetUsername(t.ID.Username()).SetPassword(pw)
+	}
+	pc := paho.NewClient(o)
 	if err := wait(ctx, pc.Connect()); err != nil {
 		return nil, err
 	}
+	key := make(chan struct{})
+	var once sync.Once
+	onKey := func(paho.Client, paho.Message) { once.Do(func() { close(key) }) }
 	for _, f := range []string{codec.KeyTopic(t.ID.SN), codec.DownTopic(t.ID.SN, "#")} {
-		if err := wait(ctx, pc.Subscribe(f, 1, nil)); err != nil {
+		if err := wait(ctx, pc.Subscribe(f, 1, onKey)); err != nil {
 			pc.Disconnect(0)
 			return nil, err
+		}
+	}
+	if m2m1 && sessionKey {
+		select {
+		case <-key:
+		case <-ctx.Done():
+			pc.Disconnect(0)
+			return nil, fmt.Errorf("no key message: %w", ctx.Err())
 		}
 	}
 	return &plainConn{pc: pc, topic: codec.UpTopic(t.ID.SN, "data")}, nil
@@ -163,11 +189,14 @@ func connectTerminal(ctx context.Context, addr string, t *Terminal, sessionKey b
 	return &termConn{c: c}, nil
 }
 
-// loginPassword returns a fresh M2M1 login token for t (no session key).
-func loginPassword(t *Terminal) (string, error) {
+// loginPassword returns a fresh M2M1 login token for t.
+func loginPassword(t *Terminal, sessionKey bool) (string, error) {
 	var n [8]byte
 	rand.Read(n[:])
 	l := codec.Login{Identity: t.ID, Alg: codec.HS256, TS: uint32(time.Now().Unix()), Nonce: codec.ID(binary.BigEndian.Uint64(n[:]))}
+	if sessionKey {
+		l.Flags, l.BKD = codec.FlagSessionKey, codec.BasicKeyDigest(codec.HS256, t.BK, codec.Never)
+	}
 	pw, err := l.Sign(t.Up)
 	return string(pw), err
 }
@@ -176,8 +205,8 @@ func loginPassword(t *Terminal) (string, error) {
 // bare paho client: M2M1 credentials for the terminal kind, none for plain.
 func connectRTT(ctx context.Context, cfg *LoadConfig, t *Terminal) (time.Duration, error) {
 	o := pahoOptions(cfg.Addr, t.ID.SN)
-	if cfg.Kind == "terminal" {
-		pw, err := loginPassword(t)
+	if cfg.Kind != "plain" {
+		pw, err := loginPassword(t, false)
 		if err != nil {
 			return 0, err
 		}
@@ -220,8 +249,10 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	if cfg.N > len(cfg.Terminals) {
 		return nil, fmt.Errorf("%d terminals asked, %d available", cfg.N, len(cfg.Terminals))
 	}
-	if cfg.Kind != "plain" && cfg.Kind != "terminal" {
-		return nil, fmt.Errorf("unknown kind %q (plain or terminal)", cfg.Kind)
+	switch cfg.Kind {
+	case "plain", "m2m1", "terminal":
+	default:
+		return nil, fmt.Errorf("unknown kind %q (plain, m2m1 or terminal)", cfg.Kind)
 	}
 	if cfg.Concurrency <= 0 {
 		cfg.Concurrency = 1
@@ -229,7 +260,7 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	if cfg.PayloadSize < 8 {
 		cfg.PayloadSize = 8
 	}
-	res := &LoadResult{Kind: cfg.Kind, SessionKey: cfg.SessionKey && cfg.Kind == "terminal", Addr: cfg.Addr, N: cfg.N}
+	res := &LoadResult{Kind: cfg.Kind, SessionKey: cfg.SessionKey && cfg.Kind != "plain", Addr: cfg.Addr, N: cfg.N}
 	errs := &errList{}
 
 	// 1. Sequential CONNECT round trips, nothing else in flight.
@@ -281,10 +312,10 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 				t0 := time.Now()
 				var c benchConn
 				var err error
-				if cfg.Kind == "plain" {
-					c, err = connectPlain(cctx, cfg.Addr, t)
-				} else {
+				if cfg.Kind == "terminal" {
 					c, err = connectTerminal(cctx, cfg.Addr, t, cfg.SessionKey)
+				} else {
+					c, err = connectPlain(cctx, cfg.Addr, t, cfg.Kind == "m2m1", cfg.SessionKey)
 				}
 				lat[i] = time.Since(t0)
 				cancel()

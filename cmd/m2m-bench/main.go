@@ -19,6 +19,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -142,16 +143,33 @@ func finishBrokerFlags(c *BrokerConfig) error {
 // stdin: "mem" (memory after a full GC), "cache" (cache counters).
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
+	var cpuprof string
 	fs := newFlags("serve", "Runs one benchmark broker until stdin closes or SIGTERM. Prints {\"addr\":...} on stdout when it\n"+
 		"listens; then reads commands on stdin, one per line, and answers each with a JSON line:\n"+
 		"  mem    heap, stacks and clients after two full GCs\n"+
 		"  cache  keysvc cache counters")
 	addBrokerFlags(fs, &cfg)
+	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
+	importCSV := fs.String("import", "", "hook mode: import this 'gen' CSV into the store first (rows already there are skipped)")
+	app := fs.String("app", "", "hook mode: add (or replace) this application, password from $M2MBENCH_APP_PASSWORD")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if cpuprof != "" {
+		f, err := os.Create(cpuprof)
+		if err != nil {
+			return err
+		}
+		pprof.StartCPUProfile(f)
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	if err := finishBrokerFlags(&cfg); err != nil {
 		return err
+	}
+	if cfg.Mode == "hook" && (*importCSV != "" || *app != "") {
+		if err := provisionFile(ctx, cfg, *importCSV, *app, os.Getenv("M2MBENCH_APP_PASSWORD")); err != nil {
+			return err
+		}
 	}
 	b, err := StartBroker(ctx, cfg)
 	if err != nil {
@@ -196,8 +214,8 @@ func cmdRun(ctx context.Context, args []string) error {
 		"kind=terminal uses the reference client (client/); kind=plain uses bare paho clients without\n"+
 		"credentials (for an allow-all broker), doing the same subscriptions. Result: JSON on stdout or --out.")
 	fs.StringVar(&cfg.Addr, "addr", "127.0.0.1:1883", "broker host:port")
-	fs.StringVar(&cfg.Kind, "kind", "terminal", "terminal (reference client) or plain (paho, no credentials)")
-	fs.BoolVar(&cfg.SessionKey, "session-key", true, "terminal kind: ask for a session key and send sealed payloads")
+	fs.StringVar(&cfg.Kind, "kind", "terminal", "terminal (reference client), m2m1 (bare paho with an M2M1 login) or plain (bare paho, no credentials)")
+	fs.BoolVar(&cfg.SessionKey, "session-key", true, "terminal and m2m1 kinds: ask for a session key (terminal: and send sealed payloads)")
 	file := fs.String("terminals", "terminals.csv", "terminals CSV written by 'gen'")
 	fs.IntVar(&cfg.N, "n", 1000, "terminals connected at once")
 	fs.IntVar(&cfg.Concurrency, "concurrency", 64, "connection attempts in flight during the storm")
@@ -208,8 +226,17 @@ func cmdRun(ctx context.Context, args []string) error {
 	fs.IntVar(&cfg.PayloadSize, "payload", 64, "plaintext bytes per message (>= 8)")
 	fs.StringVar(&cfg.AppUser, "app-user", "", "application subscriber's name (empty for an allow-all broker); password from $M2MBENCH_APP_PASSWORD")
 	out := fs.String("out", "", "write the JSON result here instead of stdout")
+	cpuprof := fs.String("cpuprofile", "", "write a CPU profile of the load generator here")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *cpuprof != "" {
+		f, err := os.Create(*cpuprof)
+		if err != nil {
+			return err
+		}
+		pprof.StartCPUProfile(f)
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	cfg.QoS = byte(*qos)
 	cfg.AppPassword = os.Getenv("M2MBENCH_APP_PASSWORD")

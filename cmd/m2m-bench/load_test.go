@@ -1,0 +1,176 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/m2mguard/m2mguard/codec"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+const testAppPassword = "bench-test-app-password"
+
+// testBroker provisions terminals into a fresh embedded store (hook mode)
+// and starts an in-process broker.
+func testBroker(t testing.TB, mode string, terms []*Terminal) *Broker {
+	t.Helper()
+	ctx := context.Background()
+	key := make([]byte, 32)
+	rand.Read(key)
+	cfg := BrokerConfig{Mode: mode, Store: "bolt", BoltPath: filepath.Join(t.TempDir(), "s.db"), MasterKey: key,
+		CacheTTL: time.Hour, Prewarm: true, WritesPending: 256, NetBuf: 2048}
+	if mode == "hook" {
+		var csv bytes.Buffer
+		if err := writeTerminals(&csv, terms); err != nil {
+			t.Fatal(err)
+		}
+		if err := provisionFile0(ctx, cfg, csv.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := StartBroker(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+func provisionFile0(ctx context.Context, cfg BrokerConfig, csv []byte) error {
+	st, err := openStore(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return provisionApp(ctx, st, csv, appName, testAppPassword, false)
+}
+
+// TestRunLoad drives a few clients of every kind through a connect storm and
+// a short publish load. It checks counts, never times.
+func TestRunLoad(t *testing.T) {
+	terms := genTerminals(4)
+	tests := []struct {
+		name, mode, kind string
+		sessionKey       bool
+		publish          bool
+	}{
+		{"allow-all, bare paho", "allow", "plain", false, true},
+		{"hook, reference client, session key", "hook", "terminal", true, true},
+		{"hook, reference client, plaintext", "hook", "terminal", false, true},
+		{"hook, bare paho, M2M1 login and key", "hook", "m2m1", true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := testBroker(t, tt.mode, terms)
+			cfg := LoadConfig{Addr: b.Addr, Kind: tt.kind, SessionKey: tt.sessionKey, Terminals: terms, N: len(terms),
+				Concurrency: 2, RTTSamples: 2, Publishers: 2, QoS: 1, PayloadSize: 32}
+			if tt.publish {
+				cfg.Duration = 300 * time.Millisecond
+			}
+			if tt.mode == "hook" {
+				cfg.AppUser, cfg.AppPassword = appName, testAppPassword
+			}
+			var mem MemReport
+			cfg.AfterConnect = func() { mem = b.Mem() }
+			res, err := RunLoad(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Connect.Connected != len(terms) || res.Connect.Failed != 0 || res.RTT.N != 2 {
+				t.Fatalf("connected %d, failed %d, rtt samples %d; errors: %v", res.Connect.Connected, res.Connect.Failed, res.RTT.N, res.Errors)
+			}
+			if mem.Clients < len(terms) {
+				t.Errorf("broker saw %d clients after the storm, want >= %d", mem.Clients, len(terms))
+			}
+			if tt.publish {
+				if res.Publish == nil || res.Publish.Sent == 0 || res.Publish.Received == 0 || res.Publish.EndToEnd.N == 0 {
+					t.Fatalf("publish: %+v; errors: %v", res.Publish, res.Errors)
+				}
+			} else if res.Publish != nil {
+				t.Errorf("publish phase ran without a duration")
+			}
+		})
+	}
+}
+
+func TestRunLoadRefusesBadConfig(t *testing.T) {
+	terms := genTerminals(1)
+	for _, cfg := range []LoadConfig{
+		{Kind: "plain", Terminals: terms, N: 2},
+		{Kind: "bogus", Terminals: terms, N: 1},
+	} {
+		if _, err := RunLoad(context.Background(), cfg); err == nil {
+			t.Errorf("RunLoad(%+v) accepted", cfg)
+		}
+	}
+}
+
+// BenchmarkACLCheck measures hook.OnACLCheck on a connected terminal and
+// a connected application (it runs on every PUBLISH and again for every
+// recipient) and fails if it allocates.
+func BenchmarkACLCheck(b *testing.B) {
+	terms := genTerminals(1)
+	br := testBroker(b, "hook", terms)
+	ctx := context.Background()
+	conn, err := connectTerminal(ctx, br.Addr, terms[0], true)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.close()
+	app, err := connectApp(ctx, br.Addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer app.Disconnect(0)
+	sn := terms[0].ID.SN
+	termCl, ok1 := br.Server.Clients.Get(sn)
+	appCl, ok2 := br.Server.Clients.Get(appClientID)
+	if !ok1 || !ok2 {
+		b.Fatal("clients not found on the broker")
+	}
+	checks := []struct {
+		name  string
+		cl    any
+		topic string
+		write bool
+	}{
+		{"terminal/publish-up", termCl, codec.UpTopic(sn, "data"), true},
+		{"terminal/subscribe-down", termCl, codec.DownTopic(sn, "#"), false},
+		{"terminal/other-terminal", termCl, codec.UpTopic("OTHER1", "data"), true},
+		{"app/deliver-up", appCl, codec.UpTopic(sn, "data"), false},
+		{"app/publish-down", appCl, codec.DownTopic(sn, "cmd"), true},
+	}
+	for _, c := range checks {
+		b.Run(c.name, func(b *testing.B) {
+			cl := termCl
+			if c.cl == appCl {
+				cl = appCl
+			}
+			if a := testing.AllocsPerRun(100, func() { br.Hook.OnACLCheck(cl, c.topic, c.write) }); a != 0 {
+				b.Fatalf("OnACLCheck allocates %.0f times", a)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				br.Hook.OnACLCheck(cl, c.topic, c.write)
+			}
+		})
+	}
+}
+
+// appClientID is the ClientID of connectApp's application.
+const appClientID = "bench-app-acl"
+
+// connectApp connects the benchmark application (appName) with a bare
+// paho client.
+func connectApp(ctx context.Context, addr string) (paho.Client, error) {
+	pc := paho.NewClient(pahoOptions(addr, appClientID).SetUsername(appName).SetPassword(testAppPassword))
+	if err := wait(ctx, pc.Connect()); err != nil {
+		return nil, err
+	}
+	return pc, nil
+}
