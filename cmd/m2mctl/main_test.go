@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/client"
+)
+
+// startBroker runs a real broker with its admin API on a loopback port and
+// returns the admin URL and the token file.
+func startBroker(t *testing.T) (string, string) {
+	t.Helper()
+	cfg := broker.Default()
+	cfg.DataDir = filepath.Join(t.TempDir(), "data")
+	cfg.MQTT.TCP, cfg.MQTT.WS, cfg.Admin.Listen = "127.0.0.1:0", "", "127.0.0.1:0"
+	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return "http://" + b.Addr("admin"), filepath.Join(cfg.DataDir, "admin.token")
+}
+
+func ctl(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, strings.NewReader(stdin), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestCommands(t *testing.T) {
+	server, tokenFile := startBroker(t)
+	creds := filepath.Join(t.TempDir(), "t1.json")
+	g := []string{"--server", server, "--token-file", tokenFile}
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		stdin   string
+		code    int
+		stdout  string // substring
+		stderr  string // substring
+		notOut  string
+		jsonOut bool // stdout must be JSON
+	}{
+		{name: "add", args: []string{"terminal", "add", "--sn", "T1", "--imei", "354494040518570", "--imsi", "460020084678120", "--creds", creds}, stdout: "bk  "},
+		{name: "add json", args: []string{"terminal", "add", "--sn", "T2", "--imei", "354494040518571", "--imsi", "460020084678121", "--alg", "md5", "-o", "json"}, stdout: `"down":`, jsonOut: true},
+		{name: "add exists", args: []string{"terminal", "add", "--sn", "T1", "--imei", "354494040518570", "--imsi", "460020084678120"}, code: exitConflict, stderr: "exists"},
+		{name: "add missing flag", args: []string{"terminal", "add", "--sn", "T3"}, code: exitUsage, stderr: "--imei"},
+		{name: "add bad imei", args: []string{"terminal", "add", "--sn", "T3", "--imei", "1", "--imsi", "460020084678120"}, code: exitUsage, stderr: "HTTP 400"},
+		{name: "get", args: []string{"terminal", "get", "T1"}, stdout: "status              active", notOut: "bk  "},
+		{name: "get json", args: []string{"terminal", "get", "T1", "-o", "json"}, stdout: `"sn": "T1"`, jsonOut: true},
+		{name: "get unknown", args: []string{"terminal", "get", "T9"}, code: exitNotFound},
+		{name: "get bad sn", args: []string{"terminal", "get", "a-b"}, code: exitUsage},
+		{name: "list", args: []string{"terminal", "list"}, stdout: "T2  354494040518571"},
+		{name: "list page", args: []string{"terminal", "list", "--limit", "1"}, stdout: "T1", notOut: "T2", stderr: "--after T1"},
+		{name: "list all", args: []string{"terminal", "list", "--limit", "1", "--all", "-o", "json"}, stdout: `"sn": "T2"`, jsonOut: true},
+		{name: "disable", args: []string{"terminal", "disable", "T2"}, stdout: "T2 is disabled"},
+		{name: "enable", args: []string{"terminal", "enable", "T2"}, stdout: "T2 is active"},
+		{name: "change start", args: []string{"change", "start", "T2", "--what", "pwd"}, stdout: "origin     operator"},
+		{name: "change busy", args: []string{"change", "start", "T2"}, code: exitConflict},
+		{name: "change status json", args: []string{"change", "status", "T2", "-o", "json"}, stdout: `"what": "pwd"`, jsonOut: true},
+		{name: "change status none", args: []string{"change", "status", "T1"}, code: exitNotFound},
+		{name: "change bad what", args: []string{"change", "start", "T1", "--what", "x"}, code: exitUsage},
+		{name: "delete", args: []string{"terminal", "delete", "T2"}, stdout: "deleted"},
+		{name: "import", args: []string{"terminal", "import", "-", "--progress", "always"}, stdin: "sn,imei,imsi,msisdn,alg\nI1,354494040518572,460020084678122,,\nI1,354494040518573,460020084678123,,\n",
+			code: exitFailure, stdout: "rows 2, created 1, rejected 1", stderr: "importing [####"},
+		{name: "import json", args: []string{"terminal", "import", "-", "-o", "json"}, stdin: "sn,imei,imsi,msisdn,alg\nI2,354494040518574,460020084678124,,\n", stdout: `"created": 1`, jsonOut: true},
+		{name: "import bad header", args: []string{"terminal", "import", "-"}, stdin: "serial\nx\n", code: exitUsage},
+		{name: "import missing file", args: []string{"terminal", "import", "/nonexistent.csv"}, code: exitUsage},
+		{name: "sessions", args: []string{"session", "list"}, stdout: "CLIENT ID"},
+		{name: "sessions json", args: []string{"session", "list", "-o", "json"}, stdout: `"sessions": []`, jsonOut: true},
+		{name: "disconnect unknown", args: []string{"session", "disconnect", "nobody"}, code: exitNotFound},
+		{name: "app add", args: []string{"app", "add", "dash"}, stdout: "(generated; shown once)"},
+		{name: "app list", args: []string{"app", "list"}, stdout: "dash"},
+		{name: "app list json", args: []string{"app", "list", "-o", "json"}, stdout: `"apps"`, jsonOut: true},
+		{name: "app remove", args: []string{"app", "remove", "dash"}, stdout: "removed"},
+		{name: "app remove again", args: []string{"app", "remove", "dash"}, code: exitNotFound},
+		{name: "wrong token", args: []string{"--token", "wrong-token-0123456789", "app", "list"}, code: exitUnauthorize},
+		{name: "no token file", args: []string{"--token-file", "/nonexistent", "app", "list"}, code: exitUsage, stderr: "no admin token"},
+		{name: "unreachable", args: []string{"--server", "http://127.0.0.1:1", "--token", "some-token-0123456789", "app", "list"}, code: exitUnavailable},
+		{name: "bad output", args: []string{"app", "list", "-o", "yaml"}, code: exitUsage},
+		{name: "unknown command", args: []string{"terminal", "frobnicate"}, code: exitUsage},
+		{name: "group alone", args: []string{"terminal"}, code: exitUsage},
+		{name: "help", args: []string{"terminal", "add", "--help"}, stdout: "prints secrets, by design"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := tc.args
+			if !strings.HasPrefix(args[0], "--server") {
+				args = append(append([]string{}, g...), args...)
+			}
+			code, out, errs := ctl(t, tc.stdin, args...)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out, errs)
+			}
+			if !strings.Contains(out, tc.stdout) {
+				t.Errorf("stdout lacks %q:\n%s", tc.stdout, out)
+			}
+			if !strings.Contains(errs, tc.stderr) {
+				t.Errorf("stderr lacks %q:\n%s", tc.stderr, errs)
+			}
+			if tc.notOut != "" && strings.Contains(out, tc.notOut) {
+				t.Errorf("stdout contains %q:\n%s", tc.notOut, out)
+			}
+			if tc.jsonOut && !json.Valid([]byte(out)) {
+				t.Errorf("stdout is not JSON:\n%s", out)
+			}
+		})
+	}
+
+	// The credential file written by terminal add is one m2m-terminal and
+	// the client library load.
+	rec, err := client.NewFileStore(creds).Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Identity.SN != "T1" || len(rec.Current.BK) != 32 || len(rec.Current.Up) != 16 {
+		t.Fatalf("credential file: %+v", rec.Identity)
+	}
+	if fi, _ := os.Stat(creds); fi.Mode().Perm() != 0o600 {
+		t.Errorf("credential file mode %v", fi.Mode().Perm())
+	}
+	// It is not overwritten.
+	code, _, errs := ctl(t, "", append(g, "terminal", "add", "--sn", "T5", "--imei", "354494040518575", "--imsi", "460020084678125", "--creds", creds)...)
+	if code != exitUsage || !strings.Contains(errs, "exists") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+}
