@@ -38,6 +38,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/sms"
 )
 
@@ -310,6 +311,12 @@ func (b *Broker) addListeners() error {
 			return &ConfigError{Key: key, Err: err}
 		}
 		b.addrs[id] = ln.Addr().String()
+		ln = netguard.Wrap(ln, netguard.Options{
+			ConnectTimeout: cfg.ConnectTimeout, MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
+			OnRefuse: func(addr, reason string) {
+				b.log.Debug("connection refused", "component", "netguard", "listener", id, "remote", addr, "reason", reason)
+			},
+		})
 		if tc != nil {
 			ln = tls.NewListener(ln, tc)
 		}

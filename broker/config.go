@@ -88,6 +88,11 @@ type MQTTConfig struct {
 	MaxWritesPending int // outbound queue length per client
 	MaxPacketSize    int // bytes; 0 = no limit
 	PublicURL        string
+
+	// netguard on the TCP and TLS listeners
+	ConnectTimeout  time.Duration
+	MaxConnsPerAddr int
+	MaxConns        int // 0 = no limit
 }
 
 // AdminConfig is the admin HTTP API.
@@ -150,6 +155,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20,
+		ConnectTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
@@ -341,6 +347,12 @@ var fields = []Field{
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
 	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
+	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new TCP/TLS connection must send its CONNECT within this (slow-loris guard)",
+		set: dur(func(c *Config) *time.Duration { return &c.MQTT.ConnectTimeout })},
+	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open TCP/TLS connections from one IP address; more are closed at once",
+		set: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
+	{Key: "mqtt.max_conns", Default: "0", Help: "open TCP/TLS connections in all (0 = no limit)",
+		set: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
 		set: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
 
@@ -672,7 +684,7 @@ func (c *Config) Validate() error {
 		v   time.Duration
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
 		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"keys.change_deadline", c.Keys.ChangeDeadline},
-		{"cache.ttl", c.Cache.TTL}} {
+		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}
