@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -253,4 +254,27 @@ func pflagWith(args ...string) *pflag.FlagSet {
 	broker.AddFlags(fs)
 	fs.Parse(args)
 	return fs
+}
+
+// TestDocumentedEnvVarsExist checks every M2MGUARD_ variable the README,
+// the Dockerfile and docker-compose.yml mention against the real keys.
+func TestDocumentedEnvVarsExist(t *testing.T) {
+	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
+		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true}
+	for _, f := range broker.Fields() {
+		known[f.Env()] = true
+	}
+	re := regexp.MustCompile(`M2MGUARD_[A-Z0-9_]+`)
+	for _, file := range []string{"../README.md", "../Dockerfile", "../docker-compose.yml"} {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Errorf("%s: %v", file, err)
+			continue
+		}
+		for _, v := range re.FindAllString(string(data), -1) {
+			if !known[v] {
+				t.Errorf("%s mentions %s, which is no configuration variable", file, v)
+			}
+		}
+	}
 }
