@@ -40,9 +40,13 @@ func renderMarkdown(r *SuiteResult) string {
 	w("| scenario | connects/s | connect p50 / p95 / p99 ms | CONNECT RTT p50 ms | msgs/s end to end | e2e p50 / p95 / p99 ms | broker heap / conn | broker stacks / conn | failed connects |\n")
 	w("|---|---|---|---|---|---|---|---|---|\n")
 	for _, m := range r.Summaries {
-		w("| %s | %.0f | %.2f / %.2f / %.2f | %.3f | %.0f | %.2f / %.2f / %.2f | %.1f KiB | %.1f KiB | %d |\n",
-			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.RTTP50, m.MsgsPerS,
-			m.E2EP50, m.E2EP95, m.E2EP99, m.HeapPerConn/1024, m.StackPerConn/1024, m.Failed)
+		pub := "— | — (connections only)"
+		if m.MsgsPerS > 0 {
+			pub = fmt.Sprintf("%.0f | %.2f / %.2f / %.2f", m.MsgsPerS, m.E2EP50, m.E2EP95, m.E2EP99)
+		}
+		w("| %s | %.0f | %.2f / %.2f / %.2f | %.3f | %s | %.1f KiB | %.1f KiB | %d |\n",
+			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.RTTP50, pub,
+			m.HeapPerConn/1024, m.StackPerConn/1024, m.Failed)
 	}
 	w("\nScenarios:\n\n")
 	for _, sc := range s.Scenarios {

@@ -55,10 +55,10 @@ func summarize(ds []time.Duration) Latency {
 }
 
 // median returns the median of xs (the mean of the two middle values for an
-// even count); NaN for none. xs is not modified.
+// even count); 0 for none (JSON has no NaN). xs is not modified.
 func median(xs []float64) float64 {
 	if len(xs) == 0 {
-		return math.NaN()
+		return 0
 	}
 	s := append([]float64(nil), xs...)
 	sort.Float64s(s)
@@ -69,10 +69,10 @@ func median(xs []float64) float64 {
 	return (s[n/2-1] + s[n/2]) / 2
 }
 
-// ratio returns a/b, or NaN when b is 0.
+// ratio returns a/b, or 0 when b is 0 (JSON has no NaN).
 func ratio(a, b float64) float64 {
 	if b == 0 {
-		return math.NaN()
+		return 0
 	}
 	return a / b
 }
