@@ -454,6 +454,13 @@ func (c *Config) applyNode(n *yaml.Node, prefix, source string) error {
 		if k.Kind != yaml.ScalarNode {
 			return &ConfigError{Key: prefix + "?", Source: at, Err: errors.New("keys must be plain names")}
 		}
+		if k.Value == "" {
+			key := prefix
+			if key == "" {
+				key = "(file)"
+			}
+			return &ConfigError{Key: key, Source: fmt.Sprintf("%s line %d", source, k.Line), Err: errors.New("empty key name")}
+		}
 		key := k.Value
 		if prefix != "" {
 			key = prefix + "." + k.Value
