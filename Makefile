@@ -13,7 +13,8 @@ help: ## list the targets
 
 .PHONY: run
 run: ## the broker on the embedded store in ./data, no Vault, no config (ARGS="--help" for flags)
-	$(GO) run ./cmd/m2mguard-broker $(ARGS)
+	@$(GO) build -o bin/m2mguard-broker ./cmd/m2mguard-broker
+	exec ./bin/m2mguard-broker $(ARGS)
 
 test: vault fmt-check vet ## the whole suite: gofmt, go vet, go test -race, Vault included, short fuzzing
 	M2MGUARD_VAULT_BIN=$(VAULT_BIN) $(GO) test -race -count=1 ./...
