@@ -29,6 +29,18 @@ func (o *options) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) 
 	return context.WithTimeout(cmd.Context(), o.timeout)
 }
 
+// call makes one admin API request for cmd: in is sent as JSON, the
+// answer decoded into out (either may be nil).
+func (o *options) call(cmd *cobra.Command, method, path string, in, out any) error {
+	c, err := newClient(o)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := o.ctx(cmd)
+	defer cancel()
+	return c.do(ctx, method, path, in, out)
+}
+
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -323,13 +335,7 @@ func terminalDeleteCmd(o *options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
-			if err := c.do(ctx, "DELETE", "/v1/terminals/"+sn, nil, nil); err != nil {
+			if err := o.call(cmd, "DELETE", "/v1/terminals/"+sn, nil, nil); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -580,13 +586,7 @@ func sessionCmd(o *options) *cobra.Command {
 		Short: "End a client's connection (a terminal may log in again at once: disable it to keep it out)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
-			if err := c.do(ctx, "DELETE", "/v1/sessions/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			if err := o.call(cmd, "DELETE", "/v1/sessions/"+url.PathEscape(args[0]), nil, nil); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -672,13 +672,7 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 		Short: "Remove an application (connected clients keep their session until they disconnect)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
-			if err := c.do(ctx, "DELETE", "/v1/apps/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			if err := o.call(cmd, "DELETE", "/v1/apps/"+url.PathEscape(args[0]), nil, nil); err != nil {
 				return err
 			}
 			if o.output == "json" {
