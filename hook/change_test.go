@@ -61,22 +61,7 @@ func TestTerminalCipherChange(t *testing.T) {
 			e := newEnv(t, nil)
 			term := e.register("A00MS8011390002S", codec.HS256)
 			c, _ := loginWithKey(t, e, term, true)
-			if rc := c.publish("$m2m/"+term.sn+"/ctl", term.chg(what, "cipher", e.ts(), nonce()), 1); rc >= 0x80 {
-				t.Fatalf("chg puback 0x%02x", rc)
-			}
-			pk, err := c.nextPublish(5 * time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			rid, params, err := term.cfg(string(pk.Payload))
-			if err != nil {
-				t.Fatalf("cfg: %v", err)
-			}
-			next, err := term.applyParams(params)
-			if err != nil {
-				t.Fatal(err)
-			}
-			e.secrets = append(e.secrets, []byte(next.up), []byte(next.down), next.bk)
+			rid, next := requestChange(t, e, c, term, what)
 			if (next.up != term.up) != (what != "bk") || (string(next.bk) != string(term.bk)) != (what != "pwd") {
 				t.Fatalf("params change the wrong values for %s", what)
 			}
