@@ -111,3 +111,37 @@ func TestSlowVault(t *testing.T) {
 		t.Fatalf("after Vault recovered: %v", err)
 	}
 }
+
+// TestTokenRevokedMidRun: the broker's token is revoked while it runs.
+// Store calls fail with ErrForbidden naming the path, and the key service
+// refuses lookups at once instead of serving stale records: a revoked
+// token is a decision of the security team, not an outage (only
+// ErrUnavailable is bridged by the cache).
+func TestTokenRevokedMidRun(t *testing.T) {
+	v := vaulttest.Start(t)
+	token := v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t))
+	s := openStore(t, v, token)
+	now := time.Now()
+	svc, err := keysvc.New(keysvc.Options{Store: s, Now: func() time.Time { return now },
+		Cache: keysvc.CacheOptions{TTL: time.Second, MaxStale: time.Hour}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: "REVOKED1", IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Client(t).Auth().Token().RevokeTreeWithContext(ctx, token); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.GetTerminal(ctx, "REVOKED1")
+	if !errors.Is(err, keysvc.ErrForbidden) {
+		t.Fatalf("after revocation: got %v, want ErrForbidden", err)
+	}
+	now = now.Add(time.Minute)
+	_, err = svc.Lookup(ctx, "REVOKED1")
+	t.Logf("lookup of a known terminal after revocation: %v", err)
+	if err == nil {
+		t.Fatal("a revoked token still serves logins from the cache")
+	}
+}
