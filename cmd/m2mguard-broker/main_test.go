@@ -3,14 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -65,7 +70,11 @@ func freePort(t *testing.T) string {
 
 // TestSmoke builds the binary, runs it in an empty directory with no
 // configuration (only free ports), registers a terminal over the admin API,
-// connects it, and stops the broker with SIGTERM.
+// connects it, changes all its credentials while it is connected, refuses a
+// wrong login, and stops the broker with SIGTERM. Then it scans everything
+// the product wrote — the broker's log at debug level (mochi's included),
+// /metrics and the client library's log — for every secret of the run: the
+// admin token, both sets of passwords and basic keys (hex and base64).
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
@@ -79,7 +88,7 @@ func TestSmoke(t *testing.T) {
 	work := filepath.Join(dir, "work")
 	os.Mkdir(work, 0o755)
 	mqttAddr, adminAddr, wsAddr := freePort(t), freePort(t), freePort(t)
-	cmd := exec.Command(bin, "--mqtt-tcp", mqttAddr, "--mqtt-ws", wsAddr)
+	cmd := exec.Command(bin, "--mqtt-tcp", mqttAddr, "--mqtt-ws", wsAddr, "--log-level", "debug")
 	cmd.Dir = work
 	cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+adminAddr)
 	var logs bytes.Buffer
@@ -140,9 +149,13 @@ func TestSmoke(t *testing.T) {
 	bk, _ := hex.DecodeString(b.BK)
 	rec := &client.Record{Identity: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, Alg: codec.HS256,
 		Current: client.Credentials{Up: []byte(b.Up), UpExp: b.UpExp, Down: []byte(b.Down), DownExp: b.DownExp, BK: bk, BKExp: b.BKExp}}
+	var clientLog syncBuffer
+	store := client.NewMemStore(rec)
+	var last *client.Client
 	for _, url := range []string{b.BrokerURL, "ws://" + wsAddr + "/mqtt"} {
 		c, err := client.New(client.Config{Brokers: []string{url}, Identity: rec.Identity, Alg: rec.Alg,
-			Store: client.NewMemStore(rec), SessionKey: true, CleanSession: true})
+			Store: store, SessionKey: true, CleanSession: true,
+			Logger: slog.New(slog.NewTextHandler(&clientLog, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -157,8 +170,45 @@ func TestSmoke(t *testing.T) {
 		if !c.Session().Encrypted {
 			t.Errorf("%s: no session key", url)
 		}
-		c.Close()
+		if url == b.BrokerURL {
+			c.Close()
+		} else {
+			last = c
+		}
 	}
+
+	// An operator changes every credential of the connected terminal; the
+	// client applies, acknowledges and reconnects with the new values.
+	req, _ = http.NewRequest("POST", base+"/v1/terminals/S1/changes", strings.NewReader(`{"what":"all"}`))
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode >= 300 {
+		t.Fatalf("change start: %v %v", err, resp)
+	}
+	var after *client.Record
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if after, _ = store.Load(); after.Pending == nil && string(after.Current.Up) != b.Up {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the change did not complete\n%s", logs.String())
+		}
+	}
+	last.Close()
+	// A wrong password is refused (and logged, without the password).
+	bad, _ := client.New(client.Config{Brokers: []string{b.BrokerURL}, Identity: rec.Identity, Alg: rec.Alg,
+		Store: client.NewMemStore(rec), CleanSession: true}) // the old values, void now
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if err := bad.Connect(ctx); !errors.Is(err, client.ErrRefused) {
+		t.Fatalf("old password after the change: %v, want refused", err)
+	}
+	cancel()
+	bad.Close()
+	mresp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(mresp.Body)
+	mresp.Body.Close()
 
 	// SIGTERM: a clean exit with status 0.
 	cmd.Process.Signal(syscall.SIGTERM)
@@ -176,9 +226,34 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("log lacks %q", want)
 		}
 	}
-	for _, secret := range []string{strings.TrimSpace(string(tok)), b.Up, b.Down, b.BK} {
-		if strings.Contains(out, secret) {
-			t.Error("a secret appears in the log")
+	newBK := hex.EncodeToString(after.Current.BK)
+	secrets := []string{strings.TrimSpace(string(tok)), b.Up, b.Down, b.BK, string(after.Current.Up), string(after.Current.Down), newBK,
+		base64.RawURLEncoding.EncodeToString(bk), base64.RawURLEncoding.EncodeToString(after.Current.BK)}
+	for name, text := range map[string]string{"broker log": out, "metrics": string(metrics), "client log": clientLog.String()} {
+		if len(text) == 0 {
+			t.Errorf("%s is empty: the scan would prove nothing", name)
+		}
+		for i, secret := range secrets {
+			if strings.Contains(text, secret) {
+				t.Errorf("secret %d appears in the %s", i, name)
+			}
 		}
 	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
