@@ -103,14 +103,8 @@ terminal's credential file for m2m-terminal and the client library, mode 0600).`
 					return usagef("--creds: %s exists; not overwriting another terminal's credentials", creds)
 				}
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var b admin.Bundle
-			if err := c.do(ctx, "POST", "/v1/terminals", req, &b); err != nil {
+			if err := o.call(cmd, "POST", "/v1/terminals", req, &b); err != nil {
 				return err
 			}
 			if creds != "" {
@@ -214,14 +208,8 @@ func terminalGetCmd(o *options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var t admin.Terminal
-			if err := c.do(ctx, "GET", "/v1/terminals/"+sn, nil, &t); err != nil {
+			if err := o.call(cmd, "GET", "/v1/terminals/"+sn, nil, &t); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -306,14 +294,8 @@ func terminalStatusCmd(o *options, action, short string) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var t admin.Terminal
-			if err := c.do(ctx, "POST", "/v1/terminals/"+sn+"/"+action, nil, &t); err != nil {
+			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/"+action, nil, &t); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -487,14 +469,8 @@ shown: only the change's id, mode and deadline.`,
 			default:
 				return usagef("--what: want pwd, bk or all")
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var ch admin.Change
-			if err := c.do(ctx, "POST", "/v1/terminals/"+sn+"/changes", admin.ChangeRequest{What: what}, &ch); err != nil {
+			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/changes", admin.ChangeRequest{What: what}, &ch); err != nil {
 				return err
 			}
 			return printChange(cmd.OutOrStdout(), o, sn, &ch)
@@ -510,14 +486,8 @@ shown: only the change's id, mode and deadline.`,
 			if err != nil {
 				return err
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var ch admin.Change
-			if err := c.do(ctx, "GET", "/v1/terminals/"+sn+"/changes", nil, &ch); err != nil {
+			if err := o.call(cmd, "GET", "/v1/terminals/"+sn+"/changes", nil, &ch); err != nil {
 				return err
 			}
 			return printChange(cmd.OutOrStdout(), o, sn, &ch)
@@ -640,14 +610,8 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 				}
 				req.Password = strings.TrimRight(string(data), "\r\n")
 			}
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var app admin.App
-			if err := c.do(ctx, "POST", "/v1/apps", req, &app); err != nil {
+			if err := o.call(cmd, "POST", "/v1/apps", req, &app); err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
@@ -686,14 +650,8 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 		Use:   "list",
 		Short: "List the applications",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newClient(o)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
 			var out admin.AppList
-			if err := c.do(ctx, "GET", "/v1/apps", nil, &out); err != nil {
+			if err := o.call(cmd, "GET", "/v1/apps", nil, &out); err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
