@@ -209,44 +209,61 @@ func TestPlatformChangeOnlineAndOffline(t *testing.T) {
 	}
 }
 
-// TestSMSGatewayDown: a failing gateway is retried; the change stays
-// pending meanwhile and goes out when the gateway is back.
-func TestSMSGatewayDown(t *testing.T) {
-	gw, err := smstest.Start("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// TestSMSGatewayFaults: a gateway that fails, or answers slower than the
+// sender's timeout, is retried; the change stays pending and undelivered
+// meanwhile and goes out when the gateway is back.
+func TestSMSGatewayFaults(t *testing.T) {
+	tests := []struct {
+		name    string
+		fault   func(gw *smstest.Server)
+		recover func(gw *smstest.Server)
+		sender  func(url string) *sms.HTTPSender
+	}{
+		{"down", // more failures than the sender's own retries: the hook must retry
+			func(gw *smstest.Server) { gw.FailNext(100) }, func(gw *smstest.Server) { gw.FailNext(0) }, newSender},
+		{"timeout",
+			func(gw *smstest.Server) { gw.Delay(2 * time.Second) }, func(gw *smstest.Server) { gw.Delay(0) },
+			func(url string) *sms.HTTPSender {
+				return &sms.HTTPSender{URL: url + "/send", Retries: 0, Timeout: 100 * time.Millisecond}
+			}},
 	}
-	defer gw.Close()
-	gw.FailNext(100) // more than the sender's own retries: the hook must retry
-	e := newEnv(t, func(o *hook.Options) { o.SMS = newSender(gw.URL()); o.SMSRetry = 20 * time.Millisecond })
-	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
-	c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
-	c.subscribe("$m2m/"+term.sn+"/key", 0)
-	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "sms", e.ts(), nonce()), 1)
-	if f := keyMessage(t, c, term); f[1] != "acc" {
-		t.Fatalf("got %v, want acc", f)
-	}
-	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(e.logs.String(), `"step":"sms-send"`); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no sms-send failure recorded")
-		}
-	}
-	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
-		t.Fatal("pending change lost or marked delivered while the gateway is down")
-	}
-	gw.FailNext(0)
-	for deadline := time.Now().Add(10 * time.Second); len(gw.Messages()) == 0; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("SMS never sent after the gateway came back")
-		}
-	}
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil && rec.Pending.Delivered && rec.Pending.Mode == codec.ModeSMS {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("change not marked delivered by SMS")
-		}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			gw, err := smstest.Start("127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer gw.Close()
+			tc.fault(gw)
+			e := newEnv(t, func(o *hook.Options) { o.SMS = tc.sender(gw.URL()); o.SMSRetry = 20 * time.Millisecond })
+			term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
+			c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
+			c.subscribe("$m2m/"+term.sn+"/key", 0)
+			c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "sms", e.ts(), nonce()), 1)
+			if f := keyMessage(t, c, term); f[1] != "acc" {
+				t.Fatalf("got %v, want acc", f)
+			}
+			for deadline := time.Now().Add(5 * time.Second); !strings.Contains(e.logs.String(), `"step":"sms-send"`); time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("no failed sms-send recorded")
+				}
+			}
+			if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
+				t.Fatal("pending change lost or marked delivered while the gateway fails")
+			}
+			tc.recover(gw)
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+				if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil && rec.Pending.Delivered && rec.Pending.Mode == codec.ModeSMS {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("change not delivered by SMS after the gateway recovered")
+				}
+			}
+			if len(gw.Messages()) == 0 {
+				t.Fatal("delivered, but the gateway recorded no SMS")
+			}
+		})
 	}
 }
 
@@ -273,42 +290,4 @@ func TestChangeExpires(t *testing.T) {
 
 func newSender(url string) *sms.HTTPSender {
 	return &sms.HTTPSender{URL: url + "/send", Retries: 1, Backoff: 10 * time.Millisecond, Timeout: 2 * time.Second}
-}
-
-// TestSMSGatewayTimeout: a gateway slower than the sender's timeout is a
-// failed send: the change stays pending and goes out once the gateway
-// answers in time again.
-func TestSMSGatewayTimeout(t *testing.T) {
-	gw, err := smstest.Start("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gw.Close()
-	gw.Delay(2 * time.Second)
-	sender := &sms.HTTPSender{URL: gw.URL() + "/send", Retries: 0, Timeout: 100 * time.Millisecond}
-	e := newEnv(t, func(o *hook.Options) { o.SMS = sender; o.SMSRetry = 20 * time.Millisecond })
-	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
-	c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
-	c.subscribe("$m2m/"+term.sn+"/key", 0)
-	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "sms", e.ts(), nonce()), 1)
-	if f := keyMessage(t, c, term); f[1] != "acc" {
-		t.Fatalf("got %v, want acc", f)
-	}
-	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(e.logs.String(), `"step":"sms-send"`); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("gateway timeout not recorded as a failed send")
-		}
-	}
-	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
-		t.Fatal("pending change lost or marked delivered while the gateway times out")
-	}
-	gw.Delay(0)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil && rec.Pending.Delivered {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("change not delivered after the gateway recovered")
-		}
-	}
 }
