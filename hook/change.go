@@ -46,8 +46,8 @@ func (h *Hook) StartChange(ctx context.Context, sn string, what codec.What) (*ke
 		return nil, err
 	}
 	h.changeStarted(sn, ch)
-	if s != nil && ok {
-		h.deliver(cl, s, t, ch, mode)
+	if s != nil && ok && h.deliver(cl, s, t, ch, mode) {
+		ch.Delivered = true // the caller sees what the store now holds
 	}
 	return ch, nil
 }
@@ -143,27 +143,29 @@ func (h *Hook) deliverPending(cl *mqtt.Client, s *session) {
 	h.deliver(cl, s, t, ch, mode)
 }
 
-// deliver sends the new values of ch to the online terminal by mode.
-func (h *Hook) deliver(cl *mqtt.Client, s *session, t *keysvc.Terminal, ch *keysvc.Change, mode codec.Mode) {
+// deliver sends the new values of ch to the online terminal by mode. It
+// reports whether they were delivered already (a cfg); an SMS goes out in
+// the background and is recorded when the gateway takes it.
+func (h *Hook) deliver(cl *mqtt.Client, s *session, t *keysvc.Terminal, ch *keysvc.Change, mode codec.Mode) bool {
 	params := changeParams(ch)
 	if mode == codec.ModeCipher {
 		wrapped, err := codec.WrapParams(t.Creds.BK, s.sn, ch.RID, params, h.opts.Rand)
 		if err != nil {
 			h.changeFailed(s.sn, ch.RID, "wrap", err)
-			return
+			return false
 		}
 		h.sendKey(cl, s, h.signDown(s, t, codec.Control{Kind: codec.KindCfg, RID: ch.RID, Wrapped: wrapped}))
-		h.markDelivered(s.sn, ch.RID, mode)
-		return
+		return h.markDelivered(s.sn, ch.RID, mode)
 	}
 	h.sendKey(cl, s, h.signDown(s, t, codec.Control{Kind: codec.KindAcc, RID: ch.RID}))
 	msg := codec.SMS{SN: s.sn, RID: ch.RID, Params: params}
 	text, err := msg.Encode()
 	if err != nil {
 		h.changeFailed(s.sn, ch.RID, "sms-encode", err)
-		return
+		return false
 	}
 	go h.sendSMS(t.SN, t.MSISDN, ch.RID, ch.Deadline, string(text))
+	return false
 }
 
 // sendSMS hands the text to the gateway, retrying with back-off while the
@@ -202,15 +204,16 @@ func (h *Hook) stillPending(sn string, rid codec.ID) bool {
 	return err == nil && t.Pending != nil && t.Pending.RID == rid
 }
 
-func (h *Hook) markDelivered(sn string, rid codec.ID, mode codec.Mode) {
+func (h *Hook) markDelivered(sn string, rid codec.ID, mode codec.Mode) bool {
 	ctx, cancel := h.ctx()
 	defer cancel()
 	if _, err := h.reg.MarkDelivered(ctx, sn, rid, mode); err != nil {
 		h.changeFailed(sn, rid, "mark-delivered", err)
-		return
+		return false
 	}
 	h.metrics.changes.WithLabelValues("delivered", string(mode)).Inc()
 	h.event(slog.LevelInfo, "change_delivered", "sn", sn, "rid", rid.String(), "mode", string(mode))
+	return true
 }
 
 // changeParams are the params of SPEC section 7 for what the change replaces.

@@ -185,6 +185,9 @@ func TestPlatformChangeOnlineAndOffline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !ch.Delivered || ch.Mode != codec.ModeCipher {
+		t.Fatalf("online change returned as delivered=%v mode=%s, want delivered by cipher", ch.Delivered, ch.Mode)
+	}
 	if f := keyMessage(t, c, term); f[1] != "cfg" || f[4] != ch.RID.String() {
 		t.Fatalf("online: got %v, want cfg %s", f, ch.RID)
 	}
