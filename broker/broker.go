@@ -18,6 +18,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -171,6 +172,7 @@ func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClientWritesPending = int32(cfg.MQTT.MaxWritesPending)
 	caps.MaximumPacketSize = uint32(cfg.MQTT.MaxPacketSize)
+	caps.MaximumSessionExpiryInterval = uint32(min(cfg.MQTT.SessionExpiry/time.Second, math.MaxUint32))
 	return &mqtt.Options{
 		InlineClient:             true,
 		Capabilities:             caps,

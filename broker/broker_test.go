@@ -272,3 +272,16 @@ func memUse() uint64 {
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse + m.StackInuse
 }
+
+// TestSessionExpiryReachesMochi: disconnected sessions are not kept forever
+// (mochi's default); mqtt.session_expiry bounds them.
+func TestSessionExpiryReachesMochi(t *testing.T) {
+	cfg := broker.Default()
+	if got := broker.MochiOptions(cfg, slog.New(slog.DiscardHandler)).Capabilities.MaximumSessionExpiryInterval; got != 7*24*3600 {
+		t.Fatalf("default: %d s, want 7 days", got)
+	}
+	cfg.MQTT.SessionExpiry = time.Hour
+	if got := broker.MochiOptions(cfg, slog.New(slog.DiscardHandler)).Capabilities.MaximumSessionExpiryInterval; got != 3600 {
+		t.Fatalf("1h: %d s", got)
+	}
+}

@@ -83,10 +83,11 @@ type MQTTConfig struct {
 	TLSKey  string
 	WS      string // "" or "off" = no listener
 
-	ReadBuffer       int // bytes per client
-	WriteBuffer      int // bytes per client
-	MaxWritesPending int // outbound queue length per client
-	MaxPacketSize    int // bytes; 0 = no limit
+	ReadBuffer       int           // bytes per client
+	WriteBuffer      int           // bytes per client
+	MaxWritesPending int           // outbound queue length per client
+	MaxPacketSize    int           // bytes; 0 = no limit
+	SessionExpiry    time.Duration // how long mochi keeps the session of a disconnected client
 	PublicURL        string
 
 	// netguard on the TCP and TLS listeners
@@ -154,7 +155,7 @@ func Default() *Config {
 	c.MQTT = MQTTConfig{
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
-		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20,
+		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
 		ConnectTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
@@ -345,6 +346,8 @@ var fields = []Field{
 		set: integer(func(c *Config) *int { return &c.MQTT.WriteBuffer }, 256, 1<<20)},
 	{Key: "mqtt.max_writes_pending", Default: strconv.Itoa(DefaultMaxWritesPending), Help: "outbound queue per client, messages; allocated up front, 8 bytes each (mochi default 8192)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
+	{Key: "mqtt.session_expiry", Default: "168h0m0s", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
+		set: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
 	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
 	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new TCP/TLS connection must send its CONNECT within this (slow-loris guard)",
@@ -691,7 +694,7 @@ func (c *Config) Validate() error {
 		v   time.Duration
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
 		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"keys.change_deadline", c.Keys.ChangeDeadline},
-		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}} {
+		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}
