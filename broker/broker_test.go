@@ -14,7 +14,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,25 +21,9 @@ import (
 
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/syncbuf"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // testConfig is the default configuration on loopback ports chosen by the
 // kernel, in a fresh data directory.
@@ -53,9 +36,9 @@ func testConfig(t *testing.T) *broker.Config {
 	return cfg
 }
 
-func start(t *testing.T, cfg *broker.Config) (*broker.Broker, *syncBuffer) {
+func start(t *testing.T, cfg *broker.Config) (*broker.Broker, *syncbuf.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {
 		t.Fatal(err)
@@ -187,7 +170,7 @@ func TestRunStopsOnCancel(t *testing.T) {
 	cfg := testConfig(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	go func() { done <- broker.Run(ctx, cfg, slog.New(slog.NewTextHandler(logs, nil))) }()
 	for !strings.Contains(logs.String(), "broker started") {
 		select {

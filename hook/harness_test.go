@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -22,6 +21,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/internal/syncbuf"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 )
@@ -38,7 +38,7 @@ type env struct {
 	server  *mqtt.Server
 	hook    *hook.Hook
 	addr    string // host:port
-	logs    *syncBuffer
+	logs    *syncbuf.Buffer
 	metrics *prometheus.Registry
 	clock   *clock
 	secrets [][]byte // every secret handed out, for the log scan
@@ -50,23 +50,6 @@ type clock struct{ offset atomic.Int64 }
 
 func (c *clock) now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
 func (c *clock) advance(d time.Duration) { c.offset.Add(int64(d)) }
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 func newEnv(t *testing.T, tune func(*hook.Options)) *env {
 	t.Helper()
@@ -94,7 +77,7 @@ func embedded(t testing.TB) keysvc.Store {
 // newEnvOn starts a broker with the hook on store.
 func newEnvOn(t testing.TB, store keysvc.Store, tuneSvc func(*keysvc.Options), tune func(*hook.Options)) *env {
 	t.Helper()
-	e := &env{t: t, logs: &syncBuffer{}, clock: &clock{}}
+	e := &env{t: t, logs: &syncbuf.Buffer{}, clock: &clock{}}
 	e.start(store, tuneSvc, tune)
 	t.Cleanup(e.scanLogs)
 	return e

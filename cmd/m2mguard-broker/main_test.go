@@ -15,7 +15,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +22,7 @@ import (
 	"github.com/m2mguard/m2mguard/broker/admin"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/syncbuf"
 )
 
 func lookup(env map[string]string) func(string) (string, bool) {
@@ -149,7 +149,7 @@ func TestSmoke(t *testing.T) {
 	bk, _ := hex.DecodeString(b.BK)
 	rec := &client.Record{Identity: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, Alg: codec.HS256,
 		Current: client.Credentials{Up: []byte(b.Up), UpExp: b.UpExp, Down: []byte(b.Down), DownExp: b.DownExp, BK: bk, BKExp: b.BKExp}}
-	var clientLog syncBuffer
+	var clientLog syncbuf.Buffer
 	store := client.NewMemStore(rec)
 	var last *client.Client
 	for _, url := range []string{b.BrokerURL, "ws://" + wsAddr + "/mqtt"} {
@@ -239,21 +239,4 @@ func TestSmoke(t *testing.T) {
 			}
 		}
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -64,8 +64,8 @@ func connectAndLeave(addr string, i int) {
 	defer conn.Close()
 	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
 		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "c" + string(rune('a'+i))}}
-	var buf bytesBuffer
-	pk.ConnectEncode(&buf.Buffer)
+	var buf bytes.Buffer
+	pk.ConnectEncode(&buf)
 	conn.Write(buf.Bytes())
 	conn.SetReadDeadline(time.Now().Add(time.Second))
 	b := make([]byte, 4)
@@ -74,5 +74,3 @@ func connectAndLeave(addr string, i int) {
 		time.Sleep(time.Duration(i) * 100 * time.Microsecond)
 	}
 }
-
-type bytesBuffer struct{ bytes.Buffer }
