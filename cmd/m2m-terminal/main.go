@@ -273,25 +273,32 @@ func connectCmd(o *options) *cobra.Command {
 		Use:   "connect",
 		Short: "Log in and stay connected, printing events until interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			t, err := newTerminal(cmd, o, func(sub string, p []byte) {
-				fmt.Fprintf(cmd.OutOrStdout(), "data %s: %s\n", sub, p)
-			})
-			if err != nil {
-				return err
-			}
-			defer t.c.Close()
-			if err := t.connect(cmd.Context(), o); err != nil {
-				return err
-			}
-			for {
-				select {
-				case e := <-t.events:
-					printEvent(cmd.OutOrStdout(), e)
-				case <-cmd.Context().Done():
-					return nil
-				}
-			}
+			return stayConnected(cmd, o, "data %s: %s\n", cmd.OutOrStdout())
 		},
+	}
+}
+
+// stayConnected logs in and prints downlink data (with dataFormat, of the
+// sub-topic and payload) on stdout and events on events, until the
+// command's context ends.
+func stayConnected(cmd *cobra.Command, o *options, dataFormat string, events io.Writer) error {
+	t, err := newTerminal(cmd, o, func(sub string, p []byte) {
+		fmt.Fprintf(cmd.OutOrStdout(), dataFormat, sub, p)
+	})
+	if err != nil {
+		return err
+	}
+	defer t.c.Close()
+	if err := t.connect(cmd.Context(), o); err != nil {
+		return err
+	}
+	for {
+		select {
+		case e := <-t.events:
+			printEvent(events, e)
+		case <-cmd.Context().Done():
+			return nil
+		}
 	}
 }
 
@@ -300,24 +307,7 @@ func subCmd(o *options) *cobra.Command {
 		Use:   "sub",
 		Short: "Print downlink data (one line per message: <sub>: <payload>) until interrupted; events go to stderr",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			t, err := newTerminal(cmd, o, func(sub string, p []byte) {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s: %s\n", sub, p)
-			})
-			if err != nil {
-				return err
-			}
-			defer t.c.Close()
-			if err := t.connect(cmd.Context(), o); err != nil {
-				return err
-			}
-			for {
-				select {
-				case e := <-t.events:
-					printEvent(cmd.ErrOrStderr(), e)
-				case <-cmd.Context().Done():
-					return nil
-				}
-			}
+			return stayConnected(cmd, o, "%s: %s\n", cmd.ErrOrStderr())
 		},
 	}
 }
