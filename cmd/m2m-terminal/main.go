@@ -30,10 +30,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/cliflag"
 )
 
 // Exit codes.
@@ -81,18 +81,6 @@ type options struct {
 	verbose        bool
 }
 
-// env binds a flag to an environment variable: the variable's value is the
-// default, the flag overrides it.
-func env(fs *pflag.FlagSet, name, variable string) {
-	f := fs.Lookup(name)
-	f.Usage += " [$" + variable + "]"
-	if v, ok := os.LookupEnv(variable); ok && v != "" {
-		if err := f.Value.Set(v); err == nil {
-			f.DefValue = v
-		}
-	}
-}
-
 // run executes the command line and returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o options
@@ -136,7 +124,7 @@ sn, IMEI, IMSI and alg default to the values stored in the credential file.
 		"creds": "M2M_CREDS", "session-key": "M2M_SESSION_KEY", "ca-file": "M2M_CA_FILE", "timeout": "M2M_TIMEOUT",
 		"sms-gateway": "M2M_SMS_GATEWAY", "msisdn": "M2M_MSISDN", "platform-number": "M2M_PLATFORM_NUMBER",
 	} {
-		env(pf, flag, variable)
+		cliflag.Env(pf, flag, variable)
 	}
 
 	root.AddCommand(connectCmd(&o), pubCmd(&o), subCmd(&o), rotateCmd(&o), statusCmd(&o))

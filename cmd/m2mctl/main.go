@@ -29,7 +29,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
+
+	"github.com/m2mguard/m2mguard/internal/cliflag"
 )
 
 // Exit codes.
@@ -80,18 +81,6 @@ type options struct {
 	stderrTTY bool
 }
 
-// env binds a flag to an environment variable: the variable is the
-// default, the flag overrides it.
-func env(fs *pflag.FlagSet, name, variable string) {
-	f := fs.Lookup(name)
-	f.Usage += " [$" + variable + "]"
-	if v, ok := os.LookupEnv(variable); ok && v != "" {
-		if err := f.Value.Set(v); err == nil {
-			f.DefValue = v
-		}
-	}
-}
-
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	o := &options{stdin: stdin}
 	if f, ok := stderr.(*os.File); ok {
@@ -131,10 +120,10 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	pf.StringVar(&o.tokenFile, "token-file", "./data/admin.token", "file holding the admin token")
 	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&o.timeout, "timeout", 30*time.Second, "timeout of one request (imports: of the connection, not the upload)")
-	env(pf, "server", "M2MCTL_SERVER")
-	env(pf, "token", "M2MCTL_TOKEN")
-	env(pf, "token-file", "M2MCTL_TOKEN_FILE")
-	env(pf, "output", "M2MCTL_OUTPUT")
+	cliflag.Env(pf, "server", "M2MCTL_SERVER")
+	cliflag.Env(pf, "token", "M2MCTL_TOKEN")
+	cliflag.Env(pf, "token-file", "M2MCTL_TOKEN_FILE")
+	cliflag.Env(pf, "output", "M2MCTL_OUTPUT")
 
 	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o))
 	var fix func(c *cobra.Command)
