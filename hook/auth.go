@@ -168,8 +168,9 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	if l.WantsSessionKey() {
 		h.issueKey(s, t, l.BKD, now)
 	}
+	s.loginRecord, s.loginPending = t, t.Pending
 	if t.Pending == nil {
-		h.startRenewal(s, t, now)
+		s.loginPending = h.startRenewal(s, t, now)
 	}
 	h.restrictTerminal(cl, s)
 	h.metrics.logins.WithLabelValues("accepted", "").Inc()

@@ -86,7 +86,7 @@ func (h *Hook) chooseMode(s *session, t *keysvc.Terminal, preferred codec.Mode) 
 
 // startRenewal starts a change for a credential of t that expires within
 // RenewBefore (or expired, inside the grace period) at a login.
-func (h *Hook) startRenewal(s *session, t *keysvc.Terminal, now time.Time) {
+func (h *Hook) startRenewal(s *session, t *keysvc.Terminal, now time.Time) *keysvc.Change {
 	due := func(exp uint32) bool {
 		return exp != codec.Never && now.Add(h.opts.RenewBefore).After(time.Unix(int64(exp), 0))
 	}
@@ -101,7 +101,7 @@ func (h *Hook) startRenewal(s *session, t *keysvc.Terminal, now time.Time) {
 	case bk:
 		what = codec.WhatBK
 	default:
-		return
+		return nil
 	}
 	mode, ok := h.chooseMode(s, t, codec.ModeCipher)
 	if !ok {
@@ -113,23 +113,24 @@ func (h *Hook) startRenewal(s *session, t *keysvc.Terminal, now time.Time) {
 	switch {
 	case err == nil:
 		h.changeStarted(t.SN, ch) // delivered by deliverPending once the session is established
+		return ch
 	case errors.Is(err, keysvc.ErrBusy):
 	default:
 		h.changeFailed(t.SN, 0, "start", err)
 	}
+	return nil
 }
 
 // deliverPending sends, after a login, the change that waits for the
 // terminal: one started while it was offline, one whose cfg may have been
-// lost, or the renewal this login started.
+// lost, or the renewal this login started. The login left the record and
+// the change in the session; they are used once and dropped.
 func (h *Hook) deliverPending(cl *mqtt.Client, s *session) {
-	ctx, cancel := h.ctx()
-	defer cancel()
-	t, err := h.reg.Lookup(ctx, s.sn)
-	if err != nil || t.Pending == nil {
+	t, ch := s.loginRecord, s.loginPending
+	s.loginRecord, s.loginPending = nil, nil
+	if ch == nil {
 		return
 	}
-	ch := t.Pending
 	if ch.Delivered && ch.Mode == codec.ModeSMS {
 		// The SMS went out already: say again that it did, do not send it again.
 		h.sendKey(cl, s, h.signDown(s, t, codec.Control{Kind: codec.KindAcc, RID: ch.RID}))

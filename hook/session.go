@@ -53,6 +53,11 @@ type session struct {
 	outbox     [][]byte
 	closeAfter atomic.Bool
 
+	// The record and pending change seen at login, for deliverPending once
+	// the session is established (then nil).
+	loginRecord  *keysvc.Terminal
+	loginPending *keysvc.Change
+
 	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
 	upTop     atomic.Uint64 // upWindow.Top(), for Sessions
 	downSeq   atomic.Uint64 // last downlink seq sealed
