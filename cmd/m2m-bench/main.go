@@ -150,6 +150,7 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"  cache  keysvc cache counters")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
+	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
 	importCSV := fs.String("import", "", "hook mode: import this 'gen' CSV into the store first (rows already there are skipped)")
 	app := fs.String("app", "", "hook mode: add (or replace) this application, password from $M2MBENCH_APP_PASSWORD")
 	if err := fs.Parse(args); err != nil {
@@ -162,6 +163,9 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		}
 		pprof.StartCPUProfile(f)
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
+	if *memprof != "" {
+		defer writeHeapProfile(*memprof)
 	}
 	if err := finishBrokerFlags(&cfg); err != nil {
 		return err
@@ -203,6 +207,20 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}
 		}
+	}
+}
+
+// writeHeapProfile writes the allocation profile (pprof's alloc_space and
+// alloc_objects views show what was allocated since the start).
+func writeHeapProfile(path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "m2m-bench: memprofile:", err)
+		return
+	}
+	defer f.Close()
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "m2m-bench: memprofile:", err)
 	}
 }
 
