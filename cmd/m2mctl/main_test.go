@@ -61,7 +61,7 @@ func TestCommands(t *testing.T) {
 		{name: "get unknown", args: []string{"terminal", "get", "T9"}, code: exitNotFound},
 		{name: "get bad sn", args: []string{"terminal", "get", "a-b"}, code: exitUsage},
 		{name: "list", args: []string{"terminal", "list"}, stdout: "T2  354494040518571"},
-		{name: "list page", args: []string{"terminal", "list", "--limit", "1"}, stdout: "T1", notOut: "T2", stderr: "--after T1"},
+		{name: "list page", args: []string{"terminal", "list", "--limit", "1"}, stdout: "T1", notOut: "\nT2 ", stderr: "--after T1"},
 		{name: "list all", args: []string{"terminal", "list", "--limit", "1", "--all", "-o", "json"}, stdout: `"sn": "T2"`, jsonOut: true},
 		{name: "disable", args: []string{"terminal", "disable", "T2"}, stdout: "T2 is disabled"},
 		{name: "enable", args: []string{"terminal", "enable", "T2"}, stdout: "T2 is active"},
