@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -100,7 +101,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	defer cancel()
 	start := time.Now()
 	t, err := h.reg.Lookup(ctx, sn)
-	h.metrics.storeLatency.WithLabelValues("lookup").Observe(time.Since(start).Seconds())
+	h.metrics.lookupLatency.Observe(time.Since(start).Seconds())
 	switch {
 	case errors.Is(err, keysvc.ErrNotFound):
 		l.Verify(dummyUp) // same work as for a known terminal
@@ -166,24 +167,29 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 
 	s := newTerminalSession(t)
 	if l.WantsSessionKey() {
-		h.issueKey(s, t, l.BKD, now)
+		h.issueKey(ctx, s, t, l.BKD, now)
 	}
 	s.loginRecord, s.loginPending = t, t.Pending
 	if t.Pending == nil {
 		s.loginPending = h.startRenewal(s, t, now)
 	}
 	h.restrictTerminal(cl, s)
-	h.metrics.logins.WithLabelValues("accepted", "").Inc()
-	h.metrics.sessions.WithLabelValues(s.kind.String()).Inc()
-	h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
-		"session_key", s.aead != nil, "protocol", cl.Properties.ProtocolVersion)
+	h.metrics.accepted.Inc()
+	h.metrics.terminals.Inc()
+	if s.aead != nil {
+		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
+			"session_key", true, "sid", s.sid.String(), "key_exp", s.exp.Unix(), "protocol", cl.Properties.ProtocolVersion)
+	} else {
+		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
+			"session_key", false, "protocol", cl.Properties.ProtocolVersion)
+	}
 	return s, packets.CodeSuccess
 }
 
 // issueKey prepares the key-topic message of a login with flag 01: a
 // session key wrapped under bk if bkd matches and bk is valid, else err
-// bk-mismatch or bk-expired (SPEC section 5).
-func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Time) {
+// bk-mismatch or bk-expired (SPEC section 5). ctx is the login's.
+func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd string, now time.Time) {
 	T := uint32(now.Unix())
 	msg := codec.Control{Alg: t.Alg, TS: T}
 	bkValid := t.Creds.BKExp == codec.Never || now.Before(time.Unix(int64(t.Creds.BKExp), 0))
@@ -194,7 +200,7 @@ func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Tim
 		msg.Kind, msg.Code = codec.KindErr, codec.CodeBKExpired
 	default:
 		s.bkSync = true
-		if err := h.newSessionKey(s, t, &msg, now); err != nil {
+		if err := h.newSessionKey(ctx, s, t, &msg, now); err != nil {
 			h.event(slog.LevelWarn, "session_key_failed", "sn", s.sn, "err", err.Error())
 			return
 		}
@@ -210,9 +216,9 @@ func (h *Hook) issueKey(s *session, t *keysvc.Terminal, bkd string, now time.Tim
 	}
 }
 
-func (h *Hook) newSessionKey(s *session, t *keysvc.Terminal, msg *codec.Control, now time.Time) error {
-	ctx, cancel := h.ctx()
-	defer cancel()
+// newSessionKey draws a session key, keeps its AEAD in the session and
+// fills msg with the wrapped key. The login_accepted event carries its sid.
+func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal, msg *codec.Control, now time.Time) error {
 	ks, err := h.reg.NewSessionKey(ctx, s.sn)
 	if err != nil {
 		return err
@@ -236,7 +242,6 @@ func (h *Hook) newSessionKey(s *session, t *keysvc.Terminal, msg *codec.Control,
 	s.exp = now.Add(h.opts.SessionLifetime)
 	msg.Kind, msg.Exp, msg.SID, msg.Wrapped = codec.KindSK, uint32(s.exp.Unix()), s.sid, wrapped
 	h.metrics.keysIssued.Inc()
-	h.event(slog.LevelInfo, "session_key_issued", "sn", s.sn, "sid", s.sid.String(), "exp", s.exp.Unix())
 	return nil
 }
 
@@ -279,8 +284,8 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 		h.event(slog.LevelWarn, "will_refused", "app", name)
 		cl.Properties.Will = mqtt.Will{}
 	}
-	h.metrics.logins.WithLabelValues("accepted", "").Inc()
-	h.metrics.sessions.WithLabelValues(s.kind.String()).Inc()
+	h.metrics.accepted.Inc()
+	h.metrics.applications.Inc()
 	h.event(slog.LevelInfo, "login_accepted", "app", name, "remote", addr, "protocol", cl.Properties.ProtocolVersion)
 	return s, packets.CodeSuccess
 }

@@ -50,6 +50,11 @@ func TestSessionKeyAfterSubscribe(t *testing.T) {
 			if got := e.counter("m2mguard_session_keys_issued_total"); got != 1 {
 				t.Fatalf("keys issued %v, want 1", got)
 			}
+			// One event per login, naming the key by its sid.
+			logs := e.logs.String()
+			if n := strings.Count(logs, `"event":"login_accepted"`); n != 1 || !strings.Contains(logs, `"session_key":true,"sid":"`) {
+				t.Fatalf("want one login_accepted event with the sid, got %d in:\n%s", n, logs)
+			}
 		})
 	}
 }

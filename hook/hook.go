@@ -183,9 +183,19 @@ func (h *Hook) session(cl *mqtt.Client) *session {
 	return s.(*session)
 }
 
-// event logs a security event. Attributes never carry secrets.
+// event logs a security event. Attributes never carry secrets. It hands
+// the record to the handler itself: Logger.Log would also walk the stack
+// for a source position nobody asked for, once per login.
 func (h *Hook) event(level slog.Level, name string, attrs ...any) {
-	h.log.Log(context.Background(), level, "m2mguard "+name, append([]any{"event", name}, attrs...)...)
+	ctx := context.Background()
+	hd := h.log.Handler()
+	if !hd.Enabled(ctx, level) {
+		return
+	}
+	r := slog.NewRecord(time.Now(), level, "m2mguard "+name, 0)
+	r.AddAttrs(slog.String("event", name))
+	r.Add(attrs...)
+	_ = hd.Handle(ctx, r)
 }
 
 // refuse answers a CONNECT with the CONNACK code and closes the
@@ -301,7 +311,7 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		s.timer.Stop()
 	}
 	h.sessions.Delete(cl)
-	h.metrics.sessions.WithLabelValues(s.kind.String()).Dec()
+	h.metrics.sessionsOf(s.kind).Dec()
 	if !expire && !cl.IsTakenOver() {
 		h.offline.Store(cl.ID, s.identityOnly())
 	}

@@ -32,6 +32,9 @@ func TestLoginAccepted(t *testing.T) {
 			if got := e.counter("m2mguard_logins_total", "result", "accepted"); got != 2 {
 				t.Fatalf("accepted logins metric %v, want 2", got)
 			}
+			if n := strings.Count(e.logs.String(), `"event":"login_accepted","sn":"A00MS8011390002S"`); n != 2 {
+				t.Fatalf("%d login_accepted events, want 2:\n%s", n, e.logs.String())
+			}
 		})
 	}
 }

@@ -17,6 +17,21 @@ type metrics struct {
 	storeLatency     *prometheus.HistogramVec // op
 	sessions         *prometheus.GaugeVec     // kind
 	changes          *prometheus.CounterVec   // event, detail
+
+	// Children resolved once for the per-login path: WithLabelValues
+	// hashes and locks on every call.
+	accepted      prometheus.Counter  // logins{result="accepted"}
+	lookupLatency prometheus.Observer // store_latency{op="lookup"}
+	terminals     prometheus.Gauge    // sessions{kind="terminal"}
+	applications  prometheus.Gauge    // sessions{kind="application"}
+}
+
+// sessionsOf is the sessions gauge of one kind of client.
+func (m *metrics) sessionsOf(k clientKind) prometheus.Gauge {
+	if k == kindTerminal {
+		return m.terminals
+	}
+	return m.applications
 }
 
 // cacheStatser is implemented by registries with a read cache
@@ -68,6 +83,10 @@ func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
 			Name: "m2mguard_sessions", Help: "Authenticated connections by kind.",
 		}, []string{"kind"}),
 	}
+	m.accepted = m.logins.WithLabelValues("accepted", "")
+	m.lookupLatency = m.storeLatency.WithLabelValues("lookup")
+	m.terminals = m.sessions.WithLabelValues(kindTerminal.String())
+	m.applications = m.sessions.WithLabelValues(kindApp.String())
 	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions, m.changes}
 	if c, ok := reg.(cacheStatser); ok {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
