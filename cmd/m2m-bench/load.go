@@ -39,9 +39,11 @@ type LoadConfig struct {
 	AppUser, AppPassword string // the application subscriber's credentials ("" under allow-all)
 
 	Progress io.Writer // progress lines; nil = none
-	// AfterConnect, if set, runs once all N are connected, before the
-	// publish phase (the suite reads the broker's memory there).
-	AfterConnect func()
+	// BeforeStorm, if set, runs after the RTT samples, just before the
+	// connect storm; AfterConnect, if set, runs once the storm is over,
+	// before the publish phase (the suite reads the broker's CPU time and
+	// memory there).
+	BeforeStorm, AfterConnect func()
 }
 
 // ConnectResult is the connect storm's outcome.
@@ -52,6 +54,9 @@ type ConnectResult struct {
 	Seconds   float64 `json:"seconds"`
 	PerSec    float64 `json:"connects_per_sec"`
 	Latency   Latency `json:"latency"`
+	// ClientCPUPerConn is the CPU time the load generator's process used
+	// during the storm, per connected client, in microseconds.
+	ClientCPUPerConn float64 `json:"client_cpu_us_per_conn"`
 }
 
 // PublishResult is the steady publish load's outcome.
@@ -284,6 +289,10 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	var next, done atomic.Int64
 	var wg sync.WaitGroup
 	stopProgress := make(chan struct{})
+	if cfg.BeforeStorm != nil {
+		cfg.BeforeStorm()
+	}
+	cpu0 := processCPU()
 	start := time.Now()
 	go func() {
 		tk := time.NewTicker(time.Second)
@@ -330,6 +339,7 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu := processCPU() - cpu0
 	close(stopProgress)
 	var ok []time.Duration
 	var live []benchConn
@@ -341,6 +351,9 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	}
 	res.Connect = ConnectResult{Attempted: cfg.N, Connected: len(live), Failed: cfg.N - len(live),
 		Seconds: elapsed.Seconds(), PerSec: float64(len(live)) / elapsed.Seconds(), Latency: summarize(ok)}
+	if len(live) > 0 {
+		res.Connect.ClientCPUPerConn = float64(cpu.Microseconds()) / float64(len(live))
+	}
 	cfg.progress("connect: %d connected, %d failed in %.2fs: %.0f/s, p50 %.2f ms p99 %.2f ms",
 		res.Connect.Connected, res.Connect.Failed, res.Connect.Seconds, res.Connect.PerSec, res.Connect.Latency.P50, res.Connect.Latency.P99)
 	if cfg.AfterConnect != nil {

@@ -1,10 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"path/filepath"
+	"encoding/json"
+	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,35 +19,12 @@ const testAppPassword = "bench-test-app-password"
 // and starts an in-process broker.
 func testBroker(t testing.TB, mode string, terms []*Terminal) *Broker {
 	t.Helper()
-	ctx := context.Background()
-	key := make([]byte, 32)
-	rand.Read(key)
-	cfg := BrokerConfig{Mode: mode, Store: "bolt", BoltPath: filepath.Join(t.TempDir(), "s.db"), MasterKey: key,
-		CacheTTL: time.Hour, Prewarm: true, WritesPending: 256, NetBuf: 2048}
-	if mode == "hook" {
-		var csv bytes.Buffer
-		if err := writeTerminals(&csv, terms); err != nil {
-			t.Fatal(err)
-		}
-		if err := provisionFile0(ctx, cfg, csv.Bytes()); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := StartBroker(ctx, cfg)
+	b, err := startLocalBroker(context.Background(), t.TempDir(), mode, terms, testAppPassword)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
 	return b
-}
-
-func provisionFile0(ctx context.Context, cfg BrokerConfig, csv []byte) error {
-	st, err := openStore(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	return provisionApp(ctx, st, csv, appName, testAppPassword, false)
 }
 
 // TestRunLoad drives a few clients of every kind through a connect storm and
@@ -76,6 +53,8 @@ func TestRunLoad(t *testing.T) {
 				cfg.AppUser, cfg.AppPassword = appName, testAppPassword
 			}
 			var mem MemReport
+			var before bool
+			cfg.BeforeStorm = func() { before = true }
 			cfg.AfterConnect = func() { mem = b.Mem() }
 			res, err := RunLoad(context.Background(), cfg)
 			if err != nil {
@@ -83,6 +62,9 @@ func TestRunLoad(t *testing.T) {
 			}
 			if res.Connect.Connected != len(terms) || res.Connect.Failed != 0 || res.RTT.N != 2 {
 				t.Fatalf("connected %d, failed %d, rtt samples %d; errors: %v", res.Connect.Connected, res.Connect.Failed, res.RTT.N, res.Errors)
+			}
+			if !before || res.Connect.ClientCPUPerConn <= 0 {
+				t.Errorf("BeforeStorm ran: %v; client CPU per connect %v µs, want > 0", before, res.Connect.ClientCPUPerConn)
 			}
 			if mem.Clients < len(terms) {
 				t.Errorf("broker saw %d clients after the storm, want >= %d", mem.Clients, len(terms))
@@ -173,4 +155,54 @@ func connectApp(ctx context.Context, addr string) (paho.Client, error) {
 		return nil, err
 	}
 	return pc, nil
+}
+
+// BenchmarkHookLogin measures the hook's whole handling of an accepted
+// CONNECT with a session key (see benchHookLogin).
+func BenchmarkHookLogin(b *testing.B) {
+	terms := genTerminals(1)
+	benchHookLogin(b, testBroker(b, "hook", terms), terms[0])
+}
+
+// TestServeCommands drives `serve` as the suite does: the address line,
+// then one JSON answer per command on stdin, until stdin closes.
+func TestServeCommands(t *testing.T) {
+	inR, inW := io.Pipe()
+	outR, outW := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- cmdServe(context.Background(), []string{"--mode", "allow"}, inR, outW)
+		outW.Close()
+	}()
+	dec := json.NewDecoder(outR)
+	var addr map[string]string
+	if err := dec.Decode(&addr); err != nil || addr["addr"] == "" {
+		t.Fatalf("first line: %v %v", addr, err)
+	}
+	ask := func(cmd string, v any) {
+		t.Helper()
+		if _, err := io.WriteString(inW, cmd+"\n"); err != nil {
+			t.Fatal(err)
+		}
+		if err := dec.Decode(v); err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+	}
+	var c0, c1 CPUReport
+	ask("cpu", &c0)
+	var mem MemReport
+	ask("mem", &mem) // two full GCs: CPU time moves on
+	ask("cpu", &c1)
+	if c0.CPUNs <= 0 || c1.CPUNs <= c0.CPUNs {
+		t.Errorf("cpu answers %d then %d, want positive and growing", c0.CPUNs, c1.CPUNs)
+	}
+	var bad map[string]string
+	ask("bogus", &bad)
+	if !strings.Contains(bad["error"], "unknown command") {
+		t.Errorf("unknown command answered %v", bad)
+	}
+	inW.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("serve: %v", err)
+	}
 }

@@ -140,14 +140,16 @@ func finishBrokerFlags(c *BrokerConfig) error {
 
 // cmdServe runs a broker until stdin ends. It prints {"addr": ...} on
 // stdout once it listens, then answers one JSON line per command line on
-// stdin: "mem" (memory after a full GC), "cache" (cache counters).
+// stdin: "mem" (memory after a full GC), "cache" (cache counters), "cpu"
+// (the process's CPU time).
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
 	var cpuprof string
 	fs := newFlags("serve", "Runs one benchmark broker until stdin closes or SIGTERM. Prints {\"addr\":...} on stdout when it\n"+
 		"listens; then reads commands on stdin, one per line, and answers each with a JSON line:\n"+
 		"  mem    heap, stacks and clients after two full GCs\n"+
-		"  cache  keysvc cache counters")
+		"  cache  keysvc cache counters\n"+
+		"  cpu    CPU time (user + system) the broker process has used, in ns")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -203,6 +205,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(b.Mem())
 			case "cache":
 				enc.Encode(b.CacheStats())
+			case "cpu":
+				enc.Encode(CPUReport{CPUNs: int64(processCPU())})
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}

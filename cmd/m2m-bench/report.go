@@ -33,19 +33,22 @@ func renderMarkdown(r *SuiteResult) string {
 	if lv.ShareOfRTT >= 0.05 {
 		met = "**no**"
 	}
-	w("| login verification (ParseLogin + Verify, hs256) / sequential CONNECT round trip on the hook | **%.4f** (%d ns, %d allocs, %d B) | | < 0.05, few allocs | %s |\n\n",
+	w("| login verification (ParseLogin + Verify, hs256) / sequential CONNECT round trip on the hook | **%.4f** (%d ns, %d allocs, %d B) | | < 0.05, few allocs | %s |\n",
 		lv.ShareOfRTT, lv.NsPerOp, lv.AllocsPerOp, lv.BytesPerOp, met)
+	hl := r.HookLogin
+	w("| the hook's whole login with a session key (OnConnect + OnDisconnect, in process) / the same round trip | %.4f (%d ns, %d allocs, %d B) | | (for information) | |\n\n",
+		hl.ShareOfRTT, hl.NsPerOp, hl.AllocsPerOp, hl.BytesPerOp)
 
 	w("## Medians per scenario\n\n")
-	w("| scenario | connects/s | connect p50 / p95 / p99 ms | CONNECT RTT p50 ms | msgs/s end to end | e2e p50 / p95 / p99 ms | broker heap / conn | broker stacks / conn | failed connects |\n")
-	w("|---|---|---|---|---|---|---|---|---|\n")
+	w("| scenario | connects/s | connect p50 / p95 / p99 ms | storm CPU / connect: broker, clients µs | CONNECT RTT p50 ms | msgs/s end to end | e2e p50 / p95 / p99 ms | broker heap / conn | broker stacks / conn | failed connects |\n")
+	w("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, m := range r.Summaries {
 		pub := "— | — (connections only)"
 		if m.MsgsPerS > 0 {
 			pub = fmt.Sprintf("%.0f | %.2f / %.2f / %.2f", m.MsgsPerS, m.E2EP50, m.E2EP95, m.E2EP99)
 		}
-		w("| %s | %.0f | %.2f / %.2f / %.2f | %.3f | %s | %.1f KiB | %.1f KiB | %d |\n",
-			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.RTTP50, pub,
+		w("| %s | %.0f | %.2f / %.2f / %.2f | %.0f, %.0f | %.3f | %s | %.1f KiB | %.1f KiB | %d |\n",
+			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.BrokerCPU, m.ClientCPU, m.RTTP50, pub,
 			m.HeapPerConn/1024, m.StackPerConn/1024, m.Failed)
 	}
 	w("\nScenarios:\n\n")
@@ -58,6 +61,11 @@ func renderMarkdown(r *SuiteResult) string {
 	w("  it is ready to send data: for the reference client, `Connect` returned (CONNACK, SUBSCRIBE `$m2m/<sn>/key` and\n")
 	w("  `m2m/<sn>/down/#`, and with a session key the `sk` message received, unwrapped and verified); the baseline's\n")
 	w("  paho client does the same CONNECT and the same two SUBSCRIBEs, without credentials. connects/s = connected / wall time.\n")
+	w("- **Storm CPU**: user + system CPU time of the broker process (its answer to `cpu` on stdin, from getrusage) and of the\n")
+	w("  load generator's process, from just before the storm to its end, divided by the connected count. The broker's\n")
+	w("  **capacity** is its inverse: connects per second of broker CPU, the rate it sustains once it, not the load\n")
+	w("  generator, runs out of CPU. It is far steadier than the wall-clock rate on a machine whose 2 cores are shared\n")
+	w("  by the broker, the clients and whatever else runs there.\n")
 	w("- **CONNECT RTT**: %d sequential CONNECT→CONNACK round trips (TCP set-up included, nothing else in flight) with a bare\n", s.RTTSamples)
 	w("  paho client before each storm; on the hook with an M2M1 login token (no session key).\n")
 	w("- **Publish load**: %d of the connected terminals publish %d-byte payloads at QoS %d back to back for %s; one application\n", s.Publishers, s.Payload, s.QoS, s.Duration)
@@ -67,7 +75,9 @@ func renderMarkdown(r *SuiteResult) string {
 	w("- **Memory**: the broker child reports `runtime.ReadMemStats` after two `runtime.GC()` before the storm and with all\n")
 	w("  terminals connected; per-connection figures are the difference divided by the connected count (heap = HeapAlloc).\n")
 	w("- **Login verification**: `codec.ParseLogin` + `Login.Verify` (hs256) by `testing.Benchmark` in the suite process, divided by\n")
-	w("  the hook's median sequential CONNECT round trip.\n\n")
+	w("  the hook's median sequential CONNECT round trip. **The hook's whole login**: `hook.OnConnect` + `OnDisconnect` for a\n")
+	w("  terminal asking for a session key (parse, cached lookup, checks, digest, session key, signed `sk` message, metrics,\n")
+	w("  the `login_accepted` event) on an in-process broker, without sockets (`go test -bench HookLogin ./cmd/m2m-bench`).\n\n")
 
 	w("## Set-up\n\n")
 	m := r.Machine

@@ -86,11 +86,14 @@ func TestRatiosRoundByRound(t *testing.T) {
 		return RoundResult{Scenario: sc, Round: round, HeapPerCon: heap,
 			Load: &LoadResult{Connect: ConnectResult{PerSec: cps}, Publish: &PublishResult{PerSec: mps}}}
 	}
+	cpu := func(r RoundResult, us float64) RoundResult { r.BrokerCPUPerConn = us; return r }
 	rounds := []RoundResult{
+		cpu(mk(1, "bolt-m2m1", 900, 0, 110), 250), cpu(mk(2, "bolt-m2m1", 900, 0, 110), 105),
 		mk(1, "allow", 1000, 0, 100), mk(1, "bolt", 950, 800, 110), mk(1, "bolt-plain", 990, 1000, 105),
 		mk(2, "allow", 2000, 0, 100), mk(2, "bolt", 1600, 900, 130), mk(2, "bolt-plain", 1900, 1000, 105),
 		mk(3, "allow", 1000, 0, 100), mk(3, "bolt", 920, 700, 115), mk(3, "bolt-plain", 980, 1000, 105),
 	}
+	rounds[2].BrokerCPUPerConn, rounds[5].BrokerCPUPerConn = 200, 100 // allow, rounds 1 and 2; round 3 has no bolt-m2m1
 	got := map[string]Ratio{}
 	for _, r := range ratios(rounds, 3) {
 		got[r.Name] = r
@@ -103,6 +106,10 @@ func TestRatiosRoundByRound(t *testing.T) {
 		{"connect rate, reference client on the hook, bolt (session key) / bare paho on allow-all", 0.92, true},
 		{"publish throughput end to end, encrypted / plaintext (same hook broker)", 0.8, true},
 		{"heap per connected terminal, hook on bolt / allow-all", 1.15, true},
+	}
+	// capacity = 1/CPU per connect: 200/250 = 0.8 and 100/105 ≈ 0.952, median of two is their mean.
+	if r := got["broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on bolt / allow-all"]; math.Abs(r.Value-(0.8+100.0/105)/2) > 1e-9 || len(r.Rounds) != 2 || r.Met {
+		t.Errorf("capacity ratio %+v, want %v from 2 rounds, not met", r, (0.8+100.0/105)/2)
 	}
 	for _, tt := range tests {
 		r, ok := got[tt.name]

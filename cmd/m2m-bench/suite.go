@@ -62,6 +62,9 @@ type RoundResult struct {
 	HeapPerCon float64         `json:"heap_per_conn_bytes"`
 	StackPerCn float64         `json:"stack_per_conn_bytes"`
 	Cache      json.RawMessage `json:"cache,omitempty"`
+	// BrokerCPUPerConn is the CPU time the broker process used during the
+	// connect storm, per connected client, in microseconds.
+	BrokerCPUPerConn float64 `json:"broker_cpu_us_per_conn"`
 }
 
 // Summary is a scenario's medians over the rounds.
@@ -78,7 +81,9 @@ type Summary struct {
 	E2EP99       float64 `json:"e2e_p99_ms"`
 	HeapPerConn  float64 `json:"heap_per_conn_bytes"`
 	StackPerConn float64 `json:"stack_per_conn_bytes"`
-	Failed       int     `json:"connect_failures"` // over all rounds
+	BrokerCPU    float64 `json:"broker_cpu_us_per_conn"` // during the storm
+	ClientCPU    float64 `json:"client_cpu_us_per_conn"` // the load generator, during the storm
+	Failed       int     `json:"connect_failures"`       // over all rounds
 }
 
 // Ratio is a target of issue 8: the median over the rounds of the ratio
@@ -98,13 +103,15 @@ type SuiteResult struct {
 	Machine     Machine       `json:"machine"`
 	Settings    SuiteSettings `json:"settings"`
 	LoginVerify VerifyCost    `json:"login_verify"`
+	HookLogin   VerifyCost    `json:"hook_login"` // the hook's whole handling of a CONNECT with a session key
 	Rounds      []RoundResult `json:"rounds"`
 	Summaries   []Summary     `json:"summaries"`
 	Ratios      []Ratio       `json:"ratios"`
 }
 
-// VerifyCost is the cost of one login verification (codec.ParseLogin and
-// Login.Verify, hs256), measured with testing.Benchmark in the suite.
+// VerifyCost is the cost of one operation measured with testing.Benchmark
+// in the suite: a login verification alone (codec.ParseLogin and
+// Login.Verify, hs256), or the hook's whole handling of a login.
 type VerifyCost struct {
 	NsPerOp     int64   `json:"ns_per_op"`
 	AllocsPerOp int64   `json:"allocs_per_op"`
@@ -169,7 +176,9 @@ func cmdSuite(ctx context.Context, args []string) error {
 		"  bolt-m2m1, vault-m2m1  the hook, driven by the baseline's bare paho client with an M2M1 login\n"+
 		"              and session key: the broker's cost without the reference client's own\n"+
 		"Each broker runs in a child process (m2m-bench serve) with the same GOGC/GOMEMLIMIT and mochi\n"+
-		"options; this process drives the clients. Writes the medians and ratios to --md and --json.")
+		"options; this process drives the clients. Each storm also records the CPU time the broker and\n"+
+		"this process used (the broker's capacity: connects per second of its CPU). Then it measures the\n"+
+		"hook's login in process. Writes the medians and ratios to --md and --json.")
 	s := SuiteSettings{}
 	fs.IntVar(&s.N, "n", 10000, "terminals connected at once in every scenario")
 	fs.IntVar(&s.Rounds, "rounds", 3, "rounds; each runs every scenario once, in a rotated order")
@@ -309,9 +318,14 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 	}
 	res.Summaries = summarizeRounds(res.Rounds, s.Scenarios)
 	res.LoginVerify = verifyCost()
+	logf("measuring the hook's whole login in process")
+	if res.HookLogin, err = hookLoginCost(ctx, filepath.Join(dir, "login-cost")); err != nil {
+		return err
+	}
 	for _, sm := range res.Summaries {
 		if sm.Scenario == "bolt" && sm.RTTP50 > 0 {
 			res.LoginVerify.ShareOfRTT = float64(res.LoginVerify.NsPerOp) / (sm.RTTP50 * 1e6)
+			res.HookLogin.ShareOfRTT = float64(res.HookLogin.NsPerOp) / (sm.RTTP50 * 1e6)
 		}
 	}
 	res.Ratios = ratios(res.Rounds, s.Rounds)
@@ -450,11 +464,14 @@ func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Dur
 		return nil, err
 	}
 	var askErr error
+	var cpu0, cpu1 CPUReport
 	cfg := LoadConfig{Addr: c.addr, Kind: sc.Kind, SessionKey: sc.SessionKey, Terminals: terms, N: s.N,
 		Concurrency: s.Concurrency, RTTSamples: s.RTTSamples, Publishers: s.Publishers, Duration: dur,
 		QoS: byte(s.QoS), PayloadSize: s.Payload, Progress: os.Stderr,
+		BeforeStorm: func() { askErr = c.ask("cpu", &cpu0) },
 		AfterConnect: func() {
-			askErr = errors.Join(c.ask("mem", &rr.MemLoaded), c.ask("cache", &rr.Cache))
+			// CPU first: "mem" runs two full GCs.
+			askErr = errors.Join(askErr, c.ask("cpu", &cpu1), c.ask("mem", &rr.MemLoaded), c.ask("cache", &rr.Cache))
 		}}
 	if sc.Kind == "m2m1" {
 		// Bare paho sends plaintext, which a session with a key refuses:
@@ -475,15 +492,17 @@ func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Dur
 	if n := rr.Load.Connect.Connected; n > 0 {
 		rr.HeapPerCon = (float64(rr.MemLoaded.HeapAlloc) - float64(rr.MemBase.HeapAlloc)) / float64(n)
 		rr.StackPerCn = (float64(rr.MemLoaded.StackInuse) - float64(rr.MemBase.StackInuse)) / float64(n)
+		rr.BrokerCPUPerConn = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e3 / float64(n)
 	}
-	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker)", sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients)
+	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker); storm CPU per connect: broker %.0f µs, clients %.0f µs",
+		sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients, rr.BrokerCPUPerConn, rr.Load.Connect.ClientCPUPerConn)
 	return rr, nil
 }
 
 func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 	var out []Summary
 	for _, sc := range scs {
-		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack []float64
+		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, ccpu []float64
 		sm := Summary{Scenario: sc.Name}
 		for _, r := range rounds {
 			if r.Scenario != sc.Name {
@@ -494,6 +513,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 			p95, p99 = append(p95, l.Connect.Latency.P95), append(p99, l.Connect.Latency.P99)
 			rtt = append(rtt, l.RTT.P50)
 			heap, stack = append(heap, r.HeapPerCon), append(stack, r.StackPerCn)
+			bcpu, ccpu = append(bcpu, r.BrokerCPUPerConn), append(ccpu, l.Connect.ClientCPUPerConn)
 			sm.Failed += l.Connect.Failed
 			if l.Publish != nil {
 				mps, e50 = append(mps, l.Publish.PerSec), append(e50, l.Publish.EndToEnd.P50)
@@ -503,6 +523,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 		sm.ConnectsPerS, sm.ConnectP50, sm.ConnectP95, sm.ConnectP99 = median(cps), median(p50), median(p95), median(p99)
 		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = median(rtt), median(mps), median(e50), median(e95), median(e99)
 		sm.HeapPerConn, sm.StackPerConn = median(heap), median(stack)
+		sm.BrokerCPU, sm.ClientCPU = median(bcpu), median(ccpu)
 		out = append(out, sm)
 	}
 	return out
@@ -526,6 +547,14 @@ func ratios(rounds []RoundResult, n int) []Ratio {
 		return r.Load.Publish.PerSec
 	}
 	heap := func(r *RoundResult) float64 { return r.HeapPerCon }
+	// capacity: connects per second of broker CPU, the rate a broker
+	// sustains when it has a core to itself and is what runs out.
+	capacity := func(r *RoundResult) float64 {
+		if r.BrokerCPUPerConn <= 0 {
+			return 0
+		}
+		return 1e6 / r.BrokerCPUPerConn
+	}
 	defs := []struct {
 		name, num, den string
 		f              func(*RoundResult) float64
@@ -537,6 +566,8 @@ func ratios(rounds []RoundResult, n int) []Ratio {
 		{"connect rate, reference client on the hook, bolt (session key) / bare paho on allow-all", "bolt", "allow", connect, ">= 0.9", 0.9, 0},
 		{"connect rate, reference client on the hook, Vault warm (session key) / bare paho on allow-all", "vault", "allow", connect, ">= 0.9", 0.9, 0},
 		{"connect rate, reference client on the hook, bolt (no session key) / bare paho on allow-all", "bolt-plain", "allow", connect, ">= 0.9", 0.9, 0},
+		{"broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on bolt / allow-all", "bolt-m2m1", "allow", capacity, ">= 0.9", 0.9, 0},
+		{"broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on Vault, warm / allow-all", "vault-m2m1", "allow", capacity, ">= 0.9", 0.9, 0},
 		{"publish throughput end to end, encrypted / plaintext (same hook broker)", "bolt", "bolt-plain", msgs, ">= 0.8", 0.8, 0},
 		{"heap per connected terminal, hook on bolt / allow-all", "bolt", "allow", heap, "<= 1.2", 0, 1.2},
 		{"heap per connected terminal, hook on Vault / allow-all", "vault", "allow", heap, "<= 1.2", 0, 1.2},
