@@ -119,13 +119,11 @@ sn, IMEI, IMSI and alg default to the values stored in the credential file.
 	pf.StringVar(&o.msisdn, "msisdn", "", "the terminal's MSISDN on the SMS gateway")
 	pf.StringVar(&o.platformNumber, "platform-number", "", "the platform's SMS sender number")
 	pf.BoolVarP(&o.verbose, "verbose", "v", false, "log diagnostics to stderr (never secrets)")
-	for flag, variable := range map[string]string{
+	envErr := cliflag.EnvAll(pf, map[string]string{
 		"broker": "M2M_BROKER", "sn": "M2M_SN", "imei": "M2M_IMEI", "imsi": "M2M_IMSI", "alg": "M2M_ALG",
 		"creds": "M2M_CREDS", "session-key": "M2M_SESSION_KEY", "ca-file": "M2M_CA_FILE", "timeout": "M2M_TIMEOUT",
 		"sms-gateway": "M2M_SMS_GATEWAY", "msisdn": "M2M_MSISDN", "platform-number": "M2M_PLATFORM_NUMBER",
-	} {
-		cliflag.Env(pf, flag, variable)
-	}
+	})
 
 	root.AddCommand(connectCmd(&o), pubCmd(&o), subCmd(&o), rotateCmd(&o), statusCmd(&o))
 	for _, c := range root.Commands() {
@@ -135,6 +133,9 @@ sn, IMEI, IMSI and alg default to the values stored in the credential file.
 		}
 		args := c.Args
 		c.Args = func(cmd *cobra.Command, a []string) error {
+			if envErr != nil {
+				return usageError{envErr}
+			}
 			if err := args(cmd, a); err != nil {
 				return usageError{err}
 			}

@@ -136,6 +136,16 @@ func TestEnvFallback(t *testing.T) {
 	}
 }
 
+// TestEnvInvalid: a variable the flag cannot take is a usage error naming
+// the variable, not silently ignored.
+func TestEnvInvalid(t *testing.T) {
+	t.Setenv("M2M_TIMEOUT", "ten seconds")
+	code, _, errOut := runCLI("status", "--creds", credsFile(t, false))
+	if code != exitUsage || !strings.Contains(errOut, "$M2M_TIMEOUT") {
+		t.Fatalf("exit %d, want %d with the variable named; stderr: %s", code, exitUsage, errOut)
+	}
+}
+
 func TestStatusShowsNoSecrets(t *testing.T) {
 	creds := credsFile(t, true)
 	code, out, _ := runCLI("status", "--creds", creds)

@@ -120,10 +120,9 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	pf.StringVar(&o.tokenFile, "token-file", "./data/admin.token", "file holding the admin token")
 	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&o.timeout, "timeout", 30*time.Second, "timeout of one request (imports: of the connection, not the upload)")
-	cliflag.Env(pf, "server", "M2MCTL_SERVER")
-	cliflag.Env(pf, "token", "M2MCTL_TOKEN")
-	cliflag.Env(pf, "token-file", "M2MCTL_TOKEN_FILE")
-	cliflag.Env(pf, "output", "M2MCTL_OUTPUT")
+	envErr := cliflag.EnvAll(pf, map[string]string{
+		"server": "M2MCTL_SERVER", "token": "M2MCTL_TOKEN", "token-file": "M2MCTL_TOKEN_FILE", "output": "M2MCTL_OUTPUT",
+	})
 
 	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o))
 	var fix func(c *cobra.Command)
@@ -141,6 +140,9 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 			}
 			a := c.Args
 			c.Args = func(cmd *cobra.Command, args []string) error {
+				if envErr != nil {
+					return usageError{envErr}
+				}
 				if err := a(cmd, args); err != nil {
 					return usageError{err}
 				}
