@@ -1,6 +1,8 @@
 package main
 
 import (
+	"runtime"
+	"runtime/metrics"
 	"syscall"
 	"time"
 )
@@ -16,7 +18,26 @@ func processCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// gcCPU is the runtime's estimate of the CPU time its garbage collector has
+// used so far (mark assists, dedicated and idle mark workers, pauses).
+func gcCPU() time.Duration {
+	s := []metrics.Sample{{Name: "/cpu/classes/gc/total:cpu-seconds"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindFloat64 {
+		return 0
+	}
+	return time.Duration(s[0].Value.Float64() * 1e9)
+}
+
 // CPUReport is the answer of `serve` to the "cpu" command.
 type CPUReport struct {
-	CPUNs int64 `json:"cpu_ns"` // processCPU of the broker process
+	CPUNs int64  `json:"cpu_ns"` // processCPU of the broker process
+	GCNs  int64  `json:"gc_ns"`  // gcCPU: the share of it the garbage collector used
+	NumGC uint32 `json:"num_gc"` // GC cycles so far
+}
+
+func cpuReport() CPUReport {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return CPUReport{CPUNs: int64(processCPU()), GCNs: int64(gcCPU()), NumGC: ms.NumGC}
 }

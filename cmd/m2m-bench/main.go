@@ -149,7 +149,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"listens; then reads commands on stdin, one per line, and answers each with a JSON line:\n"+
 		"  mem    heap, stacks and clients after two full GCs\n"+
 		"  cache  keysvc cache counters\n"+
-		"  cpu    CPU time (user + system) the broker process has used, in ns")
+		"  cpu    CPU time (user + system) the broker process has used, the garbage collector's share\n"+
+		"         of it (the runtime's estimate), both in ns, and the number of GC cycles")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -206,7 +207,7 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 			case "cache":
 				enc.Encode(b.CacheStats())
 			case "cpu":
-				enc.Encode(CPUReport{CPUNs: int64(processCPU())})
+				enc.Encode(cpuReport())
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}

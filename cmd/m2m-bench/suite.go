@@ -65,6 +65,8 @@ type RoundResult struct {
 	// BrokerCPUPerConn is the CPU time the broker process used during the
 	// connect storm, per connected client, in microseconds.
 	BrokerCPUPerConn float64 `json:"broker_cpu_us_per_conn"`
+	BrokerGCPerConn  float64 `json:"broker_gc_us_per_conn"` // the garbage collector's share of it
+	StormGCs         uint32  `json:"storm_gc_cycles"`       // GC cycles the broker ran during the storm
 }
 
 // Summary is a scenario's medians over the rounds.
@@ -82,6 +84,7 @@ type Summary struct {
 	HeapPerConn  float64 `json:"heap_per_conn_bytes"`
 	StackPerConn float64 `json:"stack_per_conn_bytes"`
 	BrokerCPU    float64 `json:"broker_cpu_us_per_conn"` // during the storm
+	BrokerGC     float64 `json:"broker_gc_us_per_conn"`  // the garbage collector's share of BrokerCPU
 	ClientCPU    float64 `json:"client_cpu_us_per_conn"` // the load generator, during the storm
 	Failed       int     `json:"connect_failures"`       // over all rounds
 }
@@ -493,16 +496,18 @@ func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Dur
 		rr.HeapPerCon = (float64(rr.MemLoaded.HeapAlloc) - float64(rr.MemBase.HeapAlloc)) / float64(n)
 		rr.StackPerCn = (float64(rr.MemLoaded.StackInuse) - float64(rr.MemBase.StackInuse)) / float64(n)
 		rr.BrokerCPUPerConn = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e3 / float64(n)
+		rr.BrokerGCPerConn = float64(cpu1.GCNs-cpu0.GCNs) / 1e3 / float64(n)
+		rr.StormGCs = cpu1.NumGC - cpu0.NumGC
 	}
-	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker); storm CPU per connect: broker %.0f µs, clients %.0f µs",
-		sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients, rr.BrokerCPUPerConn, rr.Load.Connect.ClientCPUPerConn)
+	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker); storm CPU per connect: broker %.0f µs (GC %.0f µs, %d cycles), clients %.0f µs",
+		sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients, rr.BrokerCPUPerConn, rr.BrokerGCPerConn, rr.StormGCs, rr.Load.Connect.ClientCPUPerConn)
 	return rr, nil
 }
 
 func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 	var out []Summary
 	for _, sc := range scs {
-		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, ccpu []float64
+		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, bgc, ccpu []float64
 		sm := Summary{Scenario: sc.Name}
 		for _, r := range rounds {
 			if r.Scenario != sc.Name {
@@ -514,6 +519,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 			rtt = append(rtt, l.RTT.P50)
 			heap, stack = append(heap, r.HeapPerCon), append(stack, r.StackPerCn)
 			bcpu, ccpu = append(bcpu, r.BrokerCPUPerConn), append(ccpu, l.Connect.ClientCPUPerConn)
+			bgc = append(bgc, r.BrokerGCPerConn)
 			sm.Failed += l.Connect.Failed
 			if l.Publish != nil {
 				mps, e50 = append(mps, l.Publish.PerSec), append(e50, l.Publish.EndToEnd.P50)
@@ -523,7 +529,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 		sm.ConnectsPerS, sm.ConnectP50, sm.ConnectP95, sm.ConnectP99 = median(cps), median(p50), median(p95), median(p99)
 		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = median(rtt), median(mps), median(e50), median(e95), median(e99)
 		sm.HeapPerConn, sm.StackPerConn = median(heap), median(stack)
-		sm.BrokerCPU, sm.ClientCPU = median(bcpu), median(ccpu)
+		sm.BrokerCPU, sm.BrokerGC, sm.ClientCPU = median(bcpu), median(bgc), median(ccpu)
 		out = append(out, sm)
 	}
 	return out
