@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/spf13/pflag"
 )
@@ -15,7 +16,7 @@ import (
 // Env binds flag name of fs to the environment variable: the variable's
 // value, if set, becomes the default, and the flag overrides it. The
 // variable's name is appended to the flag's help. A value the flag does not
-// accept is an error naming the variable.
+// accept is an error naming the variable; the flag keeps its default.
 func Env(fs *pflag.FlagSet, name, variable string) error {
 	f := fs.Lookup(name)
 	f.Usage += " [$" + variable + "]"
@@ -24,6 +25,7 @@ func Env(fs *pflag.FlagSet, name, variable string) error {
 		return nil
 	}
 	if err := f.Value.Set(v); err != nil {
+		restore(f) // a failed Set may leave a zero value (durations do)
 		return fmt.Errorf("$%s: invalid value for --%s: %w", variable, name, err)
 	}
 	f.DefValue = v
@@ -38,4 +40,17 @@ func EnvAll(fs *pflag.FlagSet, vars map[string]string) error {
 		errs = append(errs, Env(fs, name, vars[name]))
 	}
 	return errors.Join(errs...)
+}
+
+// restore puts the flag's default back.
+func restore(f *pflag.Flag) {
+	if sv, ok := f.Value.(pflag.SliceValue); ok {
+		// A slice's DefValue is its printed form ("[a,b]"), not its input.
+		sv.Replace(nil)
+		if d := strings.Trim(f.DefValue, "[]"); d != "" {
+			sv.Replace(strings.Split(d, ","))
+		}
+		return
+	}
+	f.Value.Set(f.DefValue)
 }

@@ -46,3 +46,16 @@ func TestEnv(t *testing.T) {
 		t.Fatalf("after --timeout 7s: %v, %v", *d, err)
 	}
 }
+
+// A slice the variable cannot set keeps its default.
+func TestEnvSliceKeepsDefault(t *testing.T) {
+	t.Setenv("CLIFLAG_TEST_BROKERS", `"tcp://a`) // an unterminated CSV quote
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	b := fs.StringSlice("broker", []string{"tcp://x:1883", "tcp://y:1883"}, "brokers")
+	if err := Env(fs, "broker", "CLIFLAG_TEST_BROKERS"); err == nil {
+		t.Fatal("bad CSV accepted")
+	}
+	if got := strings.Join(*b, ","); got != "tcp://x:1883,tcp://y:1883" {
+		t.Errorf("value %q, want the default", got)
+	}
+}
