@@ -48,7 +48,7 @@ func (s *session) terminalMay(topic string, write bool) bool {
 		return false
 	}
 	if write {
-		return kind == codec.TopicCtl || (kind == codec.TopicUp && (s.aead != nil || !s.requireEnc))
+		return kind == codec.TopicCtl || (kind == codec.TopicUp && (s.hasKey() || !s.requireEnc))
 	}
 	return kind == codec.TopicKey || kind == codec.TopicDown
 }

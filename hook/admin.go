@@ -35,11 +35,11 @@ func (h *Hook) Sessions() []SessionInfo {
 		cl, s := k.(*mqtt.Client), v.(*session)
 		info := SessionInfo{
 			ClientID: cl.ID, Kind: s.kind.String(), Remote: cl.Net.Remote,
-			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.aead != nil,
+			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey(),
 		}
 		if s.kind == kindTerminal {
 			info.SN = s.sn
-			if s.aead != nil {
+			if s.hasKey() {
 				info.SID, info.KeyExpires = s.sid.String(), s.exp.UTC()
 				info.UplinkSeq, info.DownSeq = s.upTop.Load(), s.downSeq.Load()
 			}

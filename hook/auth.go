@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -176,7 +177,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	h.restrictTerminal(cl, s)
 	h.metrics.accepted.Inc()
 	h.metrics.terminals.Inc()
-	if s.aead != nil {
+	if s.hasKey() {
 		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
 			"session_key", true, "sid", s.sid.String(), "key_exp", s.exp.Unix(), "protocol", cl.Properties.ProtocolVersion)
 	} else {
@@ -234,11 +235,7 @@ func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal
 	if err != nil {
 		return err
 	}
-	aead, err := codec.NewAEAD(ks)
-	if err != nil {
-		return err
-	}
-	s.aead = aead
+	s.key = bytes.Clone(ks) // WrapSessionKey checked its length: aead() cannot fail
 	s.exp = now.Add(h.opts.SessionLifetime)
 	msg.Kind, msg.Exp, msg.SID, msg.Wrapped = codec.KindSK, uint32(s.exp.Unix()), s.sid, wrapped
 	h.metrics.keysIssued.Inc()

@@ -31,14 +31,19 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	case codec.TopicCtl:
 		return h.onControl(cl, s, pk)
 	case codec.TopicUp:
-		if s.aead == nil {
+		if !s.hasKey() {
 			return pk, nil // a terminal without a session key sends plaintext (ACL refused it if it must encrypt)
 		}
 	default:
 		return pk, nil
 	}
 
-	seq, plain, err := codec.Open(nil, s.aead, codec.Uplink, pk.TopicName, pk.Payload)
+	aead := s.aead()
+	if aead == nil {
+		h.envelopeFailed(cl, s, "open")
+		return pk, packets.CodeSuccessIgnore
+	}
+	seq, plain, err := codec.Open(nil, aead, codec.Uplink, pk.TopicName, pk.Payload)
 	if err != nil {
 		h.envelopeFailed(cl, s, "open")
 		return pk, packets.CodeSuccessIgnore
@@ -77,13 +82,18 @@ func (h *Hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet
 		return pk
 	}
 	s := h.session(cl)
-	if s == nil || s.aead == nil {
+	if s == nil || !s.hasKey() {
 		return pk
 	}
 	if kind, sn := codec.ParseTopic(pk.TopicName); kind != codec.TopicDown || sn != s.sn {
 		return pk
 	}
+	aead := s.aead()
+	if aead == nil {
+		pk.Payload = nil // never plaintext where an envelope is due
+		return pk
+	}
 	seq := s.downSeq.Add(1)
-	pk.Payload = codec.Seal(make([]byte, 0, len(pk.Payload)+codec.EnvelopeOverhead), s.aead, codec.Downlink, seq, pk.TopicName, pk.Payload)
+	pk.Payload = codec.Seal(make([]byte, 0, len(pk.Payload)+codec.EnvelopeOverhead), aead, codec.Downlink, seq, pk.TopicName, pk.Payload)
 	return pk
 }
