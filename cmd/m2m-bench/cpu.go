@@ -1,8 +1,11 @@
 package main
 
 import (
+	"errors"
+	"os"
 	"runtime"
 	"runtime/metrics"
+	"runtime/pprof"
 	"syscall"
 	"time"
 )
@@ -40,4 +43,44 @@ func cpuReport() CPUReport {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return CPUReport{CPUNs: int64(processCPU()), GCNs: int64(gcCPU()), NumGC: ms.NumGC}
+}
+
+// cpuProfile is a CPU profile started and stopped by `serve` commands.
+type cpuProfile struct{ f *os.File }
+
+func (p *cpuProfile) start(path string) error {
+	if p.f != nil {
+		return errors.New("a profile is already running")
+	}
+	if path == "" {
+		return errors.New("profile-start needs a file name")
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	p.f = f
+	return nil
+}
+
+func (p *cpuProfile) stop() error {
+	if p.f == nil {
+		return nil
+	}
+	pprof.StopCPUProfile()
+	err := p.f.Close()
+	p.f = nil
+	return err
+}
+
+// answer is a command's JSON answer: {"ok":true} or {"error":"..."}.
+func answer(err error) map[string]any {
+	if err != nil {
+		return map[string]any{"error": err.Error()}
+	}
+	return map[string]any{"ok": true}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -196,7 +198,21 @@ func TestServeCommands(t *testing.T) {
 	if c0.CPUNs <= 0 || c1.CPUNs <= c0.CPUNs {
 		t.Errorf("cpu answers %d then %d, want positive and growing", c0.CPUNs, c1.CPUNs)
 	}
+	prof := filepath.Join(t.TempDir(), "storm.pprof")
+	var ok map[string]any
+	for _, cmd := range []string{"profile-start " + prof, "profile-stop", "profile-stop"} {
+		if ask(cmd, &ok); ok["ok"] != true {
+			t.Errorf("%s answered %v", cmd, ok)
+		}
+	}
+	if fi, err := os.Stat(prof); err != nil || fi.Size() == 0 {
+		t.Errorf("no profile written: %v", err)
+	}
 	var bad map[string]string
+	ask("profile-start", &bad)
+	if bad["error"] == "" {
+		t.Errorf("profile-start without a file answered %v", bad)
+	}
 	ask("bogus", &bad)
 	if !strings.Contains(bad["error"], "unknown command") {
 		t.Errorf("unknown command answered %v", bad)
@@ -205,4 +221,11 @@ func TestServeCommands(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("serve: %v", err)
 	}
+}
+
+// BenchmarkHookConnection measures the hook's whole share of one storm
+// connection (see benchHookConnection).
+func BenchmarkHookConnection(b *testing.B) {
+	terms := genTerminals(1)
+	benchHookConnection(b, testBroker(b, "hook", terms), terms[0])
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/codec"
 )
 
 // startLocalBroker starts an in-process broker on a fresh embedded store in
@@ -77,9 +79,68 @@ func benchHookLogin(b *testing.B, br *Broker, t *Terminal) {
 	}
 }
 
-// hookLoginCost runs benchHookLogin with testing.Benchmark on an
-// in-process broker in a temporary directory.
-func hookLoginCost(ctx context.Context, dir string) (VerifyCost, error) {
+// discardConn is a net.Conn (addresses from a net.Pipe) whose writes
+// vanish: what the hook writes to a terminal (its sk message) is encoded
+// by mochi but sent nowhere.
+type discardConn struct{ net.Conn }
+
+func (discardConn) Write(p []byte) (int, error) { return len(p), nil }
+
+// benchHookConnection measures every hook call of one terminal's
+// connection as the connect storm makes them, in process and without
+// sockets: OnConnect (the login, as in benchHookLogin), OnSessionEstablished,
+// the ACL check of its two SUBSCRIBE filters, OnSubscribed on the key topic
+// (which encodes the sk message, through OnPacketEncode, for mochi's
+// writer), OnPacketEncode of the CONNACK and two SUBACKs, and
+// OnDisconnect. It is the hook's whole share of a storm connection.
+func benchHookConnection(b *testing.B, br *Broker, t *Terminal) {
+	conn, peer := net.Pipe()
+	defer peer.Close()
+	defer conn.Close()
+	cl := br.Server.NewClient(discardConn{conn}, "bench", t.ID.SN, false)
+	cl.Properties.ProtocolVersion = 4
+	user := []byte(t.ID.Username())
+	keyTopic, downFilter := codec.KeyTopic(t.ID.SN), codec.DownTopic(t.ID.SN, "#")
+	sub := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
+		Filters: packets.Subscriptions{{Filter: keyTopic}, {Filter: downFilter}}}
+	acks := []packets.Packet{{FixedHeader: packets.FixedHeader{Type: packets.Connack}},
+		{FixedHeader: packets.FixedHeader{Type: packets.Suback}}, {FixedHeader: packets.FixedHeader{Type: packets.Suback}}}
+	var tokens [][]byte
+	b.ReportAllocs()
+	for b.Loop() {
+		if len(tokens) == 0 {
+			b.StopTimer()
+			for range 1024 {
+				pw, err := loginPassword(t, true)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tokens = append(tokens, []byte(pw))
+			}
+			b.StartTimer()
+		}
+		pk := packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
+			UsernameFlag: true, Username: user, PasswordFlag: true, Password: tokens[0]}}
+		tokens = tokens[1:]
+		h := br.Hook
+		if err := h.OnConnect(cl, pk); err != nil || !h.OnConnectAuthenticate(cl, pk) {
+			b.Fatalf("login refused: %v", err)
+		}
+		h.OnPacketEncode(cl, acks[0])
+		h.OnSessionEstablished(cl, pk)
+		if !h.OnACLCheck(cl, keyTopic, false) || !h.OnACLCheck(cl, downFilter, false) {
+			b.Fatal("subscriptions refused")
+		}
+		h.OnSubscribed(cl, sub, []byte{0, 0})
+		h.OnPacketEncode(cl, acks[1])
+		h.OnPacketEncode(cl, acks[2])
+		h.OnDisconnect(cl, nil, true)
+	}
+}
+
+// hookLoginCost runs bench (benchHookLogin or benchHookConnection) with
+// testing.Benchmark on an in-process broker in a temporary directory.
+func hookLoginCost(ctx context.Context, dir string, bench func(*testing.B, *Broker, *Terminal)) (VerifyCost, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return VerifyCost{}, err
 	}
@@ -91,7 +152,7 @@ func hookLoginCost(ctx context.Context, dir string) (VerifyCost, error) {
 	defer br.Close()
 	var failed bool
 	r := testing.Benchmark(func(b *testing.B) {
-		benchHookLogin(b, br, terms[0])
+		bench(b, br, terms[0])
 		failed = b.Failed()
 	})
 	if failed || r.N == 0 {

@@ -150,7 +150,9 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"  mem    heap, stacks and clients after two full GCs\n"+
 		"  cache  keysvc cache counters\n"+
 		"  cpu    CPU time (user + system) the broker process has used, the garbage collector's share\n"+
-		"         of it (the runtime's estimate), both in ns, and the number of GC cycles")
+		"         of it (the runtime's estimate), both in ns, and the number of GC cycles\n"+
+		"  profile-start FILE  start a CPU profile of the broker into FILE\n"+
+		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -183,6 +185,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		return err
 	}
 	defer b.Close()
+	var prof cpuProfile
+	defer prof.stop()
 	enc := json.NewEncoder(out)
 	enc.Encode(map[string]string{"addr": b.Addr})
 	lines := make(chan string)
@@ -201,7 +205,12 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 			if !ok {
 				return nil
 			}
-			switch l {
+			cmd, arg, _ := strings.Cut(l, " ")
+			switch cmd {
+			case "profile-start":
+				enc.Encode(answer(prof.start(arg)))
+			case "profile-stop":
+				enc.Encode(answer(prof.stop()))
 			case "mem":
 				enc.Encode(b.Mem())
 			case "cache":

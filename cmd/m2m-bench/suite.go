@@ -46,6 +46,7 @@ type Scenario struct {
 var allScenarios = []Scenario{
 	{Name: "allow", Broker: "mochi + auth.AllowHook; bare paho clients, no credentials", Mode: "allow", Kind: "plain"},
 	{Name: "bolt-m2m1", Broker: "mochi + m2mguard hook, embedded store; bare paho clients with an M2M1 login asking for a session key (waits for the key message, does not unwrap it)", Mode: "hook", Store: "bolt", Kind: "m2m1", SessionKey: true},
+	{Name: "bolt-m2m1-nokey", Broker: "mochi + m2mguard hook, embedded store; bare paho clients with an M2M1 login without a session key (the login alone)", Mode: "hook", Store: "bolt", Kind: "m2m1"},
 	{Name: "vault-m2m1", Broker: "mochi + m2mguard hook, Vault (warm cache); bare paho clients with an M2M1 login asking for a session key", Mode: "hook", Store: "vault", Kind: "m2m1", SessionKey: true},
 	{Name: "bolt", Broker: "mochi + m2mguard hook, embedded store; reference client, session key, sealed data", Mode: "hook", Store: "bolt", Kind: "terminal", SessionKey: true},
 	{Name: "vault", Broker: "mochi + m2mguard hook, Vault (warm cache); reference client, session key, sealed data", Mode: "hook", Store: "vault", Kind: "terminal", SessionKey: true},
@@ -107,9 +108,12 @@ type SuiteResult struct {
 	Settings    SuiteSettings `json:"settings"`
 	LoginVerify VerifyCost    `json:"login_verify"`
 	HookLogin   VerifyCost    `json:"hook_login"` // the hook's whole handling of a CONNECT with a session key
-	Rounds      []RoundResult `json:"rounds"`
-	Summaries   []Summary     `json:"summaries"`
-	Ratios      []Ratio       `json:"ratios"`
+	// HookConnection is every hook call of one storm connection (login,
+	// session, subscriptions, sk message, disconnect), in process.
+	HookConnection VerifyCost    `json:"hook_connection"`
+	Rounds         []RoundResult `json:"rounds"`
+	Summaries      []Summary     `json:"summaries"`
+	Ratios         []Ratio       `json:"ratios"`
 }
 
 // VerifyCost is the cost of one operation measured with testing.Benchmark
@@ -137,6 +141,7 @@ type SuiteSettings struct {
 	GOGC          string     `json:"gogc"`
 	GOMEMLIMIT    string     `json:"gomemlimit"`
 	CacheTTL      string     `json:"cache_ttl"`
+	ProfileDir    string     `json:"-"` // CPU profiles of each storm, per broker
 	Scenarios     []Scenario `json:"scenarios"`
 }
 
@@ -178,6 +183,7 @@ func cmdSuite(ctx context.Context, args []string) error {
 		"  bolt-plain  the hook on the embedded store, reference client without session key (plaintext)\n"+
 		"  bolt-m2m1, vault-m2m1  the hook, driven by the baseline's bare paho client with an M2M1 login\n"+
 		"              and session key: the broker's cost without the reference client's own\n"+
+		"  bolt-m2m1-nokey  the same without a session key: the login alone\n"+
 		"Each broker runs in a child process (m2m-bench serve) with the same GOGC/GOMEMLIMIT and mochi\n"+
 		"options; this process drives the clients. Each storm also records the CPU time the broker and\n"+
 		"this process used (the broker's capacity: connects per second of its CPU). Then it measures the\n"+
@@ -195,7 +201,8 @@ func cmdSuite(ctx context.Context, args []string) error {
 	fs.IntVar(&s.NetBuf, "netbuf", 2048, "mochi client read and write buffer sizes, every broker")
 	fs.StringVar(&s.GOGC, "gogc", "100", "GOGC of every broker process and of this one")
 	fs.StringVar(&s.GOMEMLIMIT, "gomemlimit", "off", "GOMEMLIMIT of every broker process and of this one")
-	only := fs.String("scenarios", "allow,bolt-m2m1,vault-m2m1,bolt,vault,bolt-plain", "scenarios to run (comma-separated)")
+	only := fs.String("scenarios", "allow,bolt-m2m1,bolt-m2m1-nokey,vault-m2m1,bolt,vault,bolt-plain", "scenarios to run (comma-separated)")
+	fs.StringVar(&s.ProfileDir, "profile-dir", "", "write a CPU profile of each broker during each storm here (<scenario>-r<round>.pprof)")
 	mdPath := fs.String("md", "BENCHMARKS.md", "Markdown report to write (empty: none)")
 	jsonPath := fs.String("json", "", "JSON result file (empty: stdout)")
 	if err := fs.Parse(args); err != nil {
@@ -214,6 +221,16 @@ func cmdSuite(ctx context.Context, args []string) error {
 		if !found {
 			return fmt.Errorf("unknown scenario %q", name)
 		}
+	}
+	if s.ProfileDir != "" {
+		abs, err := filepath.Abs(s.ProfileDir)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(abs, 0o755); err != nil {
+			return fmt.Errorf("--profile-dir: %w", err)
+		}
+		s.ProfileDir = abs
 	}
 	res := &SuiteResult{Command: "go run ./cmd/m2m-bench suite " + strings.Join(args, " "), Started: time.Now().UTC(),
 		Machine: machine(), Settings: s}
@@ -311,7 +328,7 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 		for k := range n {
 			sc := s.Scenarios[(k+r)%n] // rotate the order from round to round
 			logf("round %d/%d: %s", r+1, s.Rounds, sc.Name)
-			rr, err := runScenario(ctx, sc, s, dur, terms, env, boltPath, vaultAddr, appPassword)
+			rr, err := runScenario(ctx, sc, r+1, s, dur, terms, env, boltPath, vaultAddr, appPassword)
 			if err != nil {
 				return fmt.Errorf("round %d %s: %w", r+1, sc.Name, err)
 			}
@@ -322,13 +339,17 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 	res.Summaries = summarizeRounds(res.Rounds, s.Scenarios)
 	res.LoginVerify = verifyCost()
 	logf("measuring the hook's whole login in process")
-	if res.HookLogin, err = hookLoginCost(ctx, filepath.Join(dir, "login-cost")); err != nil {
+	if res.HookLogin, err = hookLoginCost(ctx, filepath.Join(dir, "login-cost"), benchHookLogin); err != nil {
+		return err
+	}
+	if res.HookConnection, err = hookLoginCost(ctx, filepath.Join(dir, "connection-cost"), benchHookConnection); err != nil {
 		return err
 	}
 	for _, sm := range res.Summaries {
 		if sm.Scenario == "bolt" && sm.RTTP50 > 0 {
 			res.LoginVerify.ShareOfRTT = float64(res.LoginVerify.NsPerOp) / (sm.RTTP50 * 1e6)
 			res.HookLogin.ShareOfRTT = float64(res.HookLogin.NsPerOp) / (sm.RTTP50 * 1e6)
+			res.HookConnection.ShareOfRTT = float64(res.HookConnection.NsPerOp) / (sm.RTTP50 * 1e6)
 		}
 	}
 	res.Ratios = ratios(res.Rounds, s.Rounds)
@@ -442,6 +463,20 @@ func (c *child) ask(cmd string, v any) error {
 	return c.read(v)
 }
 
+// do sends a command answered by {"ok":true} or {"error":...}.
+func (c *child) do(cmd string) error {
+	var a struct {
+		Error string `json:"error"`
+	}
+	if err := c.ask(cmd, &a); err != nil {
+		return err
+	}
+	if a.Error != "" {
+		return fmt.Errorf("%s: %s", cmd, a.Error)
+	}
+	return nil
+}
+
 // stop closes the child's stdin (it closes its broker and exits) and waits.
 func (c *child) stop() error {
 	c.stdin.Close()
@@ -456,7 +491,7 @@ func (c *child) stop() error {
 	}
 }
 
-func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Duration, terms []*Terminal, env []string, boltPath, vaultAddr, appPassword string) (*RoundResult, error) {
+func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, dur time.Duration, terms []*Terminal, env []string, boltPath, vaultAddr, appPassword string) (*RoundResult, error) {
 	c, err := startChild(ctx, sc, s, env, boltPath, vaultAddr)
 	if err != nil {
 		return nil, err
@@ -471,10 +506,19 @@ func runScenario(ctx context.Context, sc Scenario, s SuiteSettings, dur time.Dur
 	cfg := LoadConfig{Addr: c.addr, Kind: sc.Kind, SessionKey: sc.SessionKey, Terminals: terms, N: s.N,
 		Concurrency: s.Concurrency, RTTSamples: s.RTTSamples, Publishers: s.Publishers, Duration: dur,
 		QoS: byte(s.QoS), PayloadSize: s.Payload, Progress: os.Stderr,
-		BeforeStorm: func() { askErr = c.ask("cpu", &cpu0) },
+		BeforeStorm: func() {
+			if s.ProfileDir != "" {
+				askErr = c.do("profile-start " + filepath.Join(s.ProfileDir, fmt.Sprintf("%s-r%d.pprof", sc.Name, round)))
+			}
+			askErr = errors.Join(askErr, c.ask("cpu", &cpu0))
+		},
 		AfterConnect: func() {
 			// CPU first: "mem" runs two full GCs.
-			askErr = errors.Join(askErr, c.ask("cpu", &cpu1), c.ask("mem", &rr.MemLoaded), c.ask("cache", &rr.Cache))
+			askErr = errors.Join(askErr, c.ask("cpu", &cpu1))
+			if s.ProfileDir != "" {
+				askErr = errors.Join(askErr, c.do("profile-stop"))
+			}
+			askErr = errors.Join(askErr, c.ask("mem", &rr.MemLoaded), c.ask("cache", &rr.Cache))
 		}}
 	if sc.Kind == "m2m1" {
 		// Bare paho sends plaintext, which a session with a key refuses:
