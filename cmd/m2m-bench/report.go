@@ -39,8 +39,11 @@ func renderMarkdown(r *SuiteResult) string {
 	w("| login verification (ParseLogin + Verify, hs256) / sequential CONNECT round trip on the hook | **%.4f** (%d ns, %d allocs, %d B) | | < 0.05, few allocs | %s |\n",
 		lv.ShareOfRTT, lv.NsPerOp, lv.AllocsPerOp, lv.BytesPerOp, met)
 	hl := r.HookLogin
-	w("| the hook's whole login with a session key (OnConnect + OnDisconnect, in process) / the same round trip | %.4f (%d ns, %d allocs, %d B) | | (for information) | |\n\n",
+	w("| the hook's whole login with a session key (OnConnect + OnDisconnect, in process) / the same round trip | %.4f (%d ns, %d allocs, %d B) | | (for information) | |\n",
 		hl.ShareOfRTT, hl.NsPerOp, hl.AllocsPerOp, hl.BytesPerOp)
+	hc := r.HookConnection
+	w("| every hook call of one storm connection (login, session, ACL, sk message, disconnect; in process) / the same round trip | %.4f (%d ns, %d allocs, %d B) | | (for information) | |\n\n",
+		hc.ShareOfRTT, hc.NsPerOp, hc.AllocsPerOp, hc.BytesPerOp)
 
 	w("## Medians per scenario\n\n")
 	w("| scenario | connects/s | connect p50 / p95 / p99 ms | storm CPU / connect: broker (its GC), clients µs | CONNECT RTT p50 ms | msgs/s end to end | e2e p50 / p95 / p99 ms | broker heap / conn | broker stacks / conn | failed connects |\n")
@@ -81,7 +84,10 @@ func renderMarkdown(r *SuiteResult) string {
 	w("- **Login verification**: `codec.ParseLogin` + `Login.Verify` (hs256) by `testing.Benchmark` in the suite process, divided by\n")
 	w("  the hook's median sequential CONNECT round trip. **The hook's whole login**: `hook.OnConnect` + `OnDisconnect` for a\n")
 	w("  terminal asking for a session key (parse, cached lookup, checks, digest, session key, signed `sk` message, metrics,\n")
-	w("  the `login_accepted` event) on an in-process broker, without sockets (`go test -bench HookLogin ./cmd/m2m-bench`).\n\n")
+	w("  the `login_accepted` event) on an in-process broker, without sockets (`go test -bench HookLogin ./cmd/m2m-bench`);\n")
+	w("  **every hook call of a storm connection** adds the session, the ACL of its two SUBSCRIBE filters, the `sk` message\n")
+	w("  encoded for mochi's writer and the disconnect (`-bench HookConnection`). `suite --profile-dir DIR` keeps a CPU profile\n")
+	w("  of every broker during every storm (`go tool pprof -diff_base` one scenario against another).\n\n")
 
 	w("## Set-up\n\n")
 	m := r.Machine
