@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
@@ -41,44 +42,6 @@ func startLocalBroker(ctx context.Context, dir, mode string, terms []*Terminal, 
 	return StartBroker(ctx, cfg)
 }
 
-// benchHookLogin measures everything the hook does for one accepted CONNECT
-// of a terminal asking for a session key: hook.OnConnect (parse, cached
-// lookup, binding, skew, replay and throttle checks, digest, session key
-// and its signed sk message, metrics, the login_accepted event) and
-// OnDisconnect. The client is mochi's own type on a net.Pipe that is never
-// read: what is measured is the hook, not sockets. Login tokens (each with
-// a fresh nonce) are signed outside the timed region.
-func benchHookLogin(b *testing.B, br *Broker, t *Terminal) {
-	conn, peer := net.Pipe()
-	defer peer.Close()
-	defer conn.Close()
-	cl := br.Server.NewClient(conn, "bench", t.ID.SN, false)
-	cl.Properties.ProtocolVersion = 4
-	user := []byte(t.ID.Username())
-	var tokens [][]byte
-	b.ReportAllocs()
-	for b.Loop() {
-		if len(tokens) == 0 {
-			b.StopTimer()
-			for range 1024 {
-				pw, err := loginPassword(t, true)
-				if err != nil {
-					b.Fatal(err)
-				}
-				tokens = append(tokens, []byte(pw))
-			}
-			b.StartTimer()
-		}
-		pk := packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
-			UsernameFlag: true, Username: user, PasswordFlag: true, Password: tokens[0]}}
-		tokens = tokens[1:]
-		if err := br.Hook.OnConnect(cl, pk); err != nil {
-			b.Fatalf("login refused: %v", err)
-		}
-		br.Hook.OnDisconnect(cl, nil, true)
-	}
-}
-
 // discardConn is a net.Conn (addresses from a net.Pipe) whose writes
 // vanish: what the hook writes to a terminal (its sk message) is encoded
 // by mochi but sent nowhere.
@@ -86,25 +49,18 @@ type discardConn struct{ net.Conn }
 
 func (discardConn) Write(p []byte) (int, error) { return len(p), nil }
 
-// benchHookConnection measures every hook call of one terminal's
-// connection as the connect storm makes them, in process and without
-// sockets: OnConnect (the login, as in benchHookLogin), OnSessionEstablished,
-// the ACL check of its two SUBSCRIBE filters, OnSubscribed on the key topic
-// (which encodes the sk message, through OnPacketEncode, for mochi's
-// writer), OnPacketEncode of the CONNACK and two SUBACKs, and
-// OnDisconnect. It is the hook's whole share of a storm connection.
-func benchHookConnection(b *testing.B, br *Broker, t *Terminal) {
+// benchLogins calls connect once per iteration of b with mochi's own client
+// type for t (on a discardConn: the hook, not sockets, is measured) and a
+// CONNECT carrying a fresh login token that asks for a session key. The
+// tokens (each with a fresh nonce) are signed in batches outside the timed
+// region.
+func benchLogins(b *testing.B, br *Broker, t *Terminal, connect func(*mqtt.Client, packets.Packet)) {
 	conn, peer := net.Pipe()
 	defer peer.Close()
 	defer conn.Close()
 	cl := br.Server.NewClient(discardConn{conn}, "bench", t.ID.SN, false)
 	cl.Properties.ProtocolVersion = 4
 	user := []byte(t.ID.Username())
-	keyTopic, downFilter := codec.KeyTopic(t.ID.SN), codec.DownTopic(t.ID.SN, "#")
-	sub := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
-		Filters: packets.Subscriptions{{Filter: keyTopic}, {Filter: downFilter}}}
-	acks := []packets.Packet{{FixedHeader: packets.FixedHeader{Type: packets.Connack}},
-		{FixedHeader: packets.FixedHeader{Type: packets.Suback}}, {FixedHeader: packets.FixedHeader{Type: packets.Suback}}}
 	var tokens [][]byte
 	b.ReportAllocs()
 	for b.Loop() {
@@ -119,23 +75,54 @@ func benchHookConnection(b *testing.B, br *Broker, t *Terminal) {
 			}
 			b.StartTimer()
 		}
-		pk := packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
-			UsernameFlag: true, Username: user, PasswordFlag: true, Password: tokens[0]}}
+		connect(cl, packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
+			UsernameFlag: true, Username: user, PasswordFlag: true, Password: tokens[0]}})
 		tokens = tokens[1:]
-		h := br.Hook
+	}
+}
+
+// benchHookLogin measures everything the hook does for one accepted CONNECT
+// of a terminal asking for a session key: hook.OnConnect (parse, cached
+// lookup, binding, skew, replay and throttle checks, digest, session key
+// and its signed sk message, metrics, the login_accepted event) and
+// OnDisconnect.
+func benchHookLogin(b *testing.B, br *Broker, t *Terminal) {
+	benchLogins(b, br, t, func(cl *mqtt.Client, pk packets.Packet) {
+		if err := br.Hook.OnConnect(cl, pk); err != nil {
+			b.Fatalf("login refused: %v", err)
+		}
+		br.Hook.OnDisconnect(cl, nil, true)
+	})
+}
+
+// benchHookConnection measures every hook call of one terminal's
+// connection as the connect storm makes them: OnConnect (the login, as in
+// benchHookLogin), OnSessionEstablished, the ACL check of its two SUBSCRIBE
+// filters, OnSubscribed on the key topic (which encodes the sk message,
+// through OnPacketEncode, for mochi's writer), OnPacketEncode of the
+// CONNACK and two SUBACKs, and OnDisconnect. It is the hook's whole share
+// of a storm connection.
+func benchHookConnection(b *testing.B, br *Broker, t *Terminal) {
+	h := br.Hook
+	keyTopic, downFilter := codec.KeyTopic(t.ID.SN), codec.DownTopic(t.ID.SN, "#")
+	sub := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
+		Filters: packets.Subscriptions{{Filter: keyTopic}, {Filter: downFilter}}}
+	connack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}}
+	suback := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}}
+	benchLogins(b, br, t, func(cl *mqtt.Client, pk packets.Packet) {
 		if err := h.OnConnect(cl, pk); err != nil || !h.OnConnectAuthenticate(cl, pk) {
 			b.Fatalf("login refused: %v", err)
 		}
-		h.OnPacketEncode(cl, acks[0])
+		h.OnPacketEncode(cl, connack)
 		h.OnSessionEstablished(cl, pk)
 		if !h.OnACLCheck(cl, keyTopic, false) || !h.OnACLCheck(cl, downFilter, false) {
 			b.Fatal("subscriptions refused")
 		}
 		h.OnSubscribed(cl, sub, []byte{0, 0})
-		h.OnPacketEncode(cl, acks[1])
-		h.OnPacketEncode(cl, acks[2])
+		h.OnPacketEncode(cl, suback)
+		h.OnPacketEncode(cl, suback)
 		h.OnDisconnect(cl, nil, true)
-	}
+	})
 }
 
 // hookLoginCost runs bench (benchHookLogin or benchHookConnection) with
