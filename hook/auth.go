@@ -217,8 +217,9 @@ func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd
 	}
 }
 
-// newSessionKey draws a session key, keeps its AEAD in the session and
-// fills msg with the wrapped key. The login_accepted event carries its sid.
+// newSessionKey draws a session key, keeps it in the session (its AEAD is
+// built on the first envelope) and fills msg with the key wrapped under bk.
+// The login_accepted event carries its sid.
 func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal, msg *codec.Control, now time.Time) error {
 	ks, err := h.reg.NewSessionKey(ctx, s.sn)
 	if err != nil {
