@@ -46,8 +46,8 @@ type Client struct {
 	connectedOnce bool          // a login was accepted before (for Event.Reconnect)
 	changed       chan struct{} // closed and replaced on every session state change
 
-	in      chan item
-	events  chan Event
+	in      chan *item
+	events  chan Event // nil without Config.OnEvent
 	ctx     context.Context
 	cancel  context.CancelFunc
 	loopWG  sync.WaitGroup
@@ -136,13 +136,18 @@ func New(cfg Config) (*Client, error) {
 		cfg: c, id: c.Identity, rec: rec,
 		smsWait: map[codec.ID]context.CancelFunc{}, committed: map[codec.ID]bool{}, dropped: map[string]uint64{},
 		changed: make(chan struct{}),
-		in:      make(chan item, 256), events: make(chan Event, 64),
+		// A queue of pointers: 256 items by value would cost ~45 KiB per
+		// client up front, and an item is rare (a message, a login).
+		in:  make(chan *item, 256),
 		ctx: ctx, cancel: cancel,
 	}
 	cl.loopWG.Add(1)
 	go cl.loop()
-	cl.eventWG.Add(1)
-	go cl.eventLoop()
+	if c.OnEvent != nil { // emit sends nothing without it
+		cl.events = make(chan Event, 64)
+		cl.eventWG.Add(1)
+		go cl.eventLoop()
+	}
 	return cl, nil
 }
 
@@ -633,7 +638,7 @@ func (c *Client) onMessage(m mqtt.Message) {
 
 func (c *Client) enqueue(it item) {
 	select {
-	case c.in <- it:
+	case c.in <- &it:
 	case <-c.ctx.Done():
 	}
 }

@@ -19,7 +19,7 @@ func (c *Client) loop() {
 	for {
 		select {
 		case it := <-c.in:
-			c.handle(it)
+			c.handle(*it)
 		case <-c.ctx.Done():
 			return
 		}
