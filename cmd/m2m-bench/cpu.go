@@ -45,7 +45,8 @@ func cpuReport() CPUReport {
 	return CPUReport{CPUNs: int64(processCPU()), GCNs: int64(gcCPU()), NumGC: ms.NumGC}
 }
 
-// cpuProfile is a CPU profile started and stopped by `serve` commands.
+// cpuProfile is one running CPU profile (pprof allows one at a time),
+// started by a --cpuprofile flag or by the profile-start command of serve.
 type cpuProfile struct{ f *os.File }
 
 func (p *cpuProfile) start(path string) error {

@@ -141,7 +141,7 @@ func finishBrokerFlags(c *BrokerConfig) error {
 // cmdServe runs a broker until stdin ends. It prints {"addr": ...} on
 // stdout once it listens, then answers one JSON line per command line on
 // stdin: "mem" (memory after a full GC), "cache" (cache counters), "cpu"
-// (the process's CPU time).
+// (the process's CPU time), "profile-start FILE" and "profile-stop".
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
 	var cpuprof string
@@ -161,13 +161,14 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// One CPU profile at a time: the whole run's (--cpuprofile) or the
+	// one the profile-start and profile-stop commands bracket.
+	var prof cpuProfile
+	defer prof.stop()
 	if cpuprof != "" {
-		f, err := os.Create(cpuprof)
-		if err != nil {
+		if err := prof.start(cpuprof); err != nil {
 			return err
 		}
-		pprof.StartCPUProfile(f)
-		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	if *memprof != "" {
 		defer writeHeapProfile(*memprof)
@@ -185,8 +186,6 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		return err
 	}
 	defer b.Close()
-	var prof cpuProfile
-	defer prof.stop()
 	enc := json.NewEncoder(out)
 	enc.Encode(map[string]string{"addr": b.Addr})
 	lines := make(chan string)
@@ -263,12 +262,11 @@ func cmdRun(ctx context.Context, args []string) error {
 		return err
 	}
 	if *cpuprof != "" {
-		f, err := os.Create(*cpuprof)
-		if err != nil {
+		var prof cpuProfile
+		if err := prof.start(*cpuprof); err != nil {
 			return err
 		}
-		pprof.StartCPUProfile(f)
-		defer func() { pprof.StopCPUProfile(); f.Close() }()
+		defer prof.stop()
 	}
 	cfg.QoS = byte(*qos)
 	cfg.AppPassword = os.Getenv("M2MBENCH_APP_PASSWORD")

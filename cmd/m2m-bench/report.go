@@ -23,10 +23,7 @@ func renderMarkdown(r *SuiteResult) string {
 			rs = append(rs, fmt.Sprintf("%.3f", x))
 		}
 		met := "yes"
-		switch {
-		case strings.HasPrefix(q.Target, "("): // for information, no target
-			met = ""
-		case !q.Met:
+		if !q.Met {
 			met = "**no**"
 		}
 		w("| %s | **%.3f** | %s | %s | %s |\n", q.Name, q.Value, strings.Join(rs, ", "), q.Target, met)
