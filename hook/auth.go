@@ -262,9 +262,22 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 		h.refused("", addr, reasonThrottled, "app", name)
 		return nil, packets.ErrBanned
 	}
+	// The budgets of the argon2id verification, decided before the name is
+	// looked up: the answer never depends on whether it exists.
+	slot, limit := h.apps.admit(addr, now)
+	switch limit {
+	case limitNone:
+	case limitFailuresPerAddr:
+		h.metrics.throttled.Inc()
+		h.refused("", addr, reasonThrottled, "app", name, "limit", string(limit))
+		return nil, packets.ErrBanned
+	default:
+		h.refused("", addr, reasonBusy, "app", name, "limit", string(limit))
+		return nil, packets.ErrServerBusy
+	}
 	ctx, cancel := h.ctx()
 	defer cancel()
-	app, err := h.reg.VerifyApp(ctx, name, password)
+	app, err := h.verifyApp(ctx, slot, name, password)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrUnavailable) {
 			h.refused("", addr, reasonUnavailable, "app", name, "err", err.Error())

@@ -69,6 +69,9 @@ type Options struct {
 	SessionLifetime time.Duration // a session key's life (exp - T); 0 = 24 h
 	StoreTimeout    time.Duration // per registry call; 0 = 2 s
 	Throttle        ThrottleOptions
+	// Apps bounds the cost of application logins (argon2id) before they
+	// are authenticated; the zero value keeps it on half the CPUs.
+	Apps AppLimitOptions
 
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended; 0 = 3.
@@ -94,6 +97,7 @@ type Hook struct {
 	offline  sync.Map // ClientID → *session (identity only) of persistent sessions whose client is gone
 	replay   *replayCache
 	throttle *throttle
+	apps     *appLimiter
 	changes  *changeWatch
 	done     chan struct{} // closed by Stop
 }
@@ -141,6 +145,7 @@ func New(opts Options) (*Hook, error) {
 		log:      opts.Logger,
 		replay:   newReplayCache(2 * opts.Skew),
 		throttle: newThrottle(opts.Throttle),
+		apps:     newAppLimiter(opts.Apps),
 		changes:  &changeWatch{deadlines: map[string]time.Time{}},
 		done:     make(chan struct{}),
 	}
@@ -154,6 +159,11 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	for _, c := range h.apps.collectors() {
+		if err := registerer.Register(c); err != nil {
+			return nil, fmt.Errorf("hook: metrics: %w", err)
+		}
+	}
 	return h, nil
 }
 
@@ -212,7 +222,7 @@ func (h *Hook) refuse(cl *mqtt.Client, code packets.Code) error {
 
 // OnConnect authenticates the client. It runs before
 // OnConnectAuthenticate so that it can choose the CONNACK code of a
-// refusal (0x86, 0x87 or 0x8A under MQTT 5); a refused client gets its
+// refusal (0x86, 0x87, 0x88, 0x89 or 0x8A under MQTT 5); a refused client gets its
 // CONNACK here and the connection is closed.
 func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	s, code := h.authenticate(cl, pk)
