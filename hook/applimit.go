@@ -187,10 +187,11 @@ func (l *appLimiter) running() int {
 }
 
 // addr returns the budget of key, marked most recently seen, creating it
-// if needed; when the table is full it forgets the least recently seen
-// address that has no verification running. Addresses with one running
-// number at most Concurrency, so the search is bounded; nil if all are
-// running (MaxAddrs <= Concurrency). Called with mu held.
+// if needed. When the table is full it forgets the least recently seen
+// address that has no verification running: at most Concurrency addresses
+// have one, so the search from the back of the list takes at most
+// Concurrency+1 steps. nil if every remembered address has one running
+// (only when MaxAddrs <= Concurrency). Called with mu held.
 func (l *appLimiter) addr(key string, now time.Time) *addrBudget {
 	if el, ok := l.addrs[key]; ok {
 		l.lru.MoveToFront(el)

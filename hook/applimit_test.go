@@ -2,7 +2,9 @@ package hook
 
 import (
 	"fmt"
+	"net/netip"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -147,4 +149,39 @@ func TestAddrKey(t *testing.T) {
 			t.Errorf("addrKey(%q) = %q, want %q", host, got, want)
 		}
 	}
+}
+
+// FuzzAddrKey: any host string gives a key without panicking; an IP address
+// gives itself (IPv4, also when mapped into IPv6) or its /64 (IPv6), which
+// every address of that /64 shares.
+func FuzzAddrKey(f *testing.F) {
+	for _, s := range []string{"192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1", "fe80::1%eth0", "pipe", "", "::", "1.2.3.4:5"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, host string) {
+		key := addrKey(host)
+		a, err := netip.ParseAddr(host)
+		if err != nil {
+			if key != host {
+				t.Fatalf("addrKey(%q) = %q, want the host itself", host, key)
+			}
+			return
+		}
+		a = a.Unmap()
+		if a.Is4() {
+			if key != a.String() {
+				t.Fatalf("addrKey(%q) = %q", host, key)
+			}
+			return
+		}
+		p, err := netip.ParsePrefix(key)
+		if err != nil || p.Bits() != 64 || !p.Contains(a.WithZone("")) || !strings.HasSuffix(key, "/64") {
+			t.Fatalf("addrKey(%q) = %q, want its /64", host, key)
+		}
+		b := a.As16()
+		b[15] ^= 0xff
+		if other := addrKey(netip.AddrFrom16(b).String()); other != key {
+			t.Fatalf("%q and its neighbour have keys %q and %q", host, key, other)
+		}
+	})
 }
