@@ -28,8 +28,8 @@ import (
 // production argon2id parameters (keysvc.AppHashParams zero values).
 const argonMiB = 19
 
-// TestAppLoginFloodBounded is issue 14, defect 1: every CONNECT with a
-// non-serial ClientID and a username ran argon2id (19 MiB), for unknown
+// TestAppLoginFloodBounded (SECURITY.md, attacks tried): every CONNECT with
+// a non-serial ClientID and a username ran argon2id (19 MiB), for unknown
 // names too, with no bound on how many ran at once, and a fresh name each
 // time was never throttled. Workers from two addresses flood application
 // logins with fresh names, with the production argon2id parameters, while
