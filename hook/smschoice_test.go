@@ -9,7 +9,7 @@ import (
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
 
-// TestSMSNotChosenWhenCipherPossible (issue 14, defect 12): a terminal whose
+// TestSMSNotChosenWhenCipherPossible (SECURITY.md, attacks tried): a terminal whose
 // basic key is in sync asks for its change by SMS; the platform sends the
 // new values in ciphertext (cfg) and nothing crosses the SMS bearer in
 // plaintext — unless an operator policy explicitly honours such requests.

@@ -60,7 +60,7 @@ func dial(t *testing.T, addr string, b *admin.Bundle, sessionKey bool) *client.C
 	return c
 }
 
-// TestDisableAndDeleteEndLiveSessions (issue 14, defect 3): disable and
+// TestDisableAndDeleteEndLiveSessions (SECURITY.md, attacks tried): disable and
 // delete close the terminal's live session at once — with a session key
 // and in plaintext, which otherwise never ends — and its logins are
 // refused afterwards.
@@ -99,7 +99,7 @@ func TestDisableAndDeleteEndLiveSessions(t *testing.T) {
 	}
 }
 
-// TestNoChangeForDisabledTerminal (issue 14, defect 3): whoever holds a
+// TestNoChangeForDisabledTerminal (SECURITY.md, attacks tried): whoever holds a
 // terminal's session cannot be handed new credentials once an operator
 // disabled it: disabling ends the session and cancels a pending change;
 // a change cannot start while disabled; after enable the genuine device
