@@ -135,10 +135,10 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	hopts := hook.Options{
 		Registry: b.svc, Server: b.server,
 		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
-		StoreTimeout: cfg.Auth.StoreTimeout,
-		Throttle:     hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		Logger:       logger.With("component", "hook"),
-		Registerer:   b.registry,
+		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		Throttle:   hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		Logger:     logger.With("component", "hook"),
+		Registerer: b.registry,
 	}
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}

@@ -134,6 +134,10 @@ type SMSConfig struct {
 	AuthHeader string
 	AuthValue  string
 	Retries    int
+	// OnRequest honours a terminal's request for a change by SMS even when
+	// ciphertext is possible (the new values then cross the SMS bearer in
+	// plaintext); off by default.
+	OnRequest bool
 }
 
 // The tuned mochi per-client resources (see README, "Memory per client").
@@ -403,6 +407,8 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.SMS.AuthValue })},
 	{Key: "sms.retries", Default: "3", Help: "retries of a failed gateway request",
 		set: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
+	{Key: "sms.on_request", Default: "false", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
+		set: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
 }
 
 func fieldByKey(key string) (Field, bool) {

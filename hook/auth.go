@@ -71,6 +71,7 @@ func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
 
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
+	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
 	tk := throttleKey{id: sn, addr: addr}
 	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
 		h.refused(sn, addr, reason, attrs...)
@@ -147,7 +148,11 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	case keysvc.MatchPending:
 		rid := t.Pending.RID
 		committed, err := h.reg.CommitChange(ctx, sn, rid)
-		if err != nil {
+		switch {
+		case errors.Is(err, keysvc.ErrInactive): // disabled since the record was cached
+			h.refused(sn, addr, reasonDisabled)
+			return nil, packets.ErrNotAuthorized
+		case err != nil:
 			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
@@ -167,6 +172,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 
 	s := newTerminalSession(t)
+	s.revokeSeq = revokeSeq
 	if l.WantsSessionKey() {
 		h.issueKey(ctx, s, t, l.BKD, now)
 	}

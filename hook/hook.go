@@ -56,6 +56,11 @@ type Options struct {
 	// SMS is the gateway for credential changes in plaintext (SPEC section
 	// 7); nil means no SMS channel: changes go in ciphertext or not at all.
 	SMS sms.Sender
+	// SMSOnRequest honours a terminal's request for a change by SMS even
+	// when ciphertext is possible (its basic key in sync). Off by default:
+	// an SMS carries the new passwords and basic key in plaintext, so the
+	// platform uses it only when ciphertext is impossible.
+	SMSOnRequest bool
 	// RenewBefore starts a change of a password or basic key this long
 	// before it expires (and at any login inside the grace period after);
 	// 0 = Grace.
@@ -95,7 +100,9 @@ type Hook struct {
 	replay   *replayCache
 	throttle *throttle
 	changes  *changeWatch
-	done     chan struct{} // closed by Stop
+	revoked  revocations
+	done     chan struct{}  // closed by Stop
+	wg       sync.WaitGroup // the hook's goroutines; Stop waits for them
 }
 
 // New validates the options and returns the hook.
@@ -220,6 +227,15 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return h.refuse(cl, code)
 	}
 	h.sessions.Store(cl, s)
+	if s.kind == kindTerminal && h.revoked.since(s.sn, s.revokeSeq) {
+		// An operator revoked the terminal while this login was deciding
+		// on the record it had read before; Revoke may not have seen the
+		// session, which was not registered yet.
+		h.sessions.Delete(cl)
+		h.metrics.terminals.Dec()
+		h.refused(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
+		return h.refuse(cl, packets.ErrNotAuthorized)
+	}
 	h.offline.Delete(cl.ID)
 	return nil
 }

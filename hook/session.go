@@ -47,6 +47,8 @@ type session struct {
 	aeadOnce sync.Once
 	aeadInst cipher.AEAD
 
+	revokeSeq uint64 // revocations.current() before the login read the record
+
 	sid    codec.ID
 	exp    time.Time
 	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible
