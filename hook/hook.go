@@ -1,4 +1,4 @@
-// Package hook makes a mochi-mqtt v2 server an M2M1 platform (SPEC.md
+// Package hook makes a mochi-mqtt v2 server an M2M1 platform (docs/SPEC.md
 // sections 3 to 6): it authenticates terminals and applications at CONNECT,
 // enforces the topic rules of section 4, issues session keys, and opens and
 // seals the data envelopes of section 6.
@@ -48,7 +48,7 @@ type Registry interface {
 }
 
 // Options configure a Hook. Registry and Server are required; every other
-// zero value means the default of SPEC.md.
+// zero value means the default of docs/SPEC.md.
 type Options struct {
 	Registry Registry
 	Server   *mqtt.Server // the server the hook is added to: key delivery and session ends go through it
