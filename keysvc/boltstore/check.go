@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/hmac"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -41,11 +42,12 @@ func (s *Store) init(tx *bolt.Tx, reseal string) error {
 		r, err := s.rebuild(tx, true)
 		if err == nil {
 			s.log.Warn("boltstore: store written before the integrity check: its records were sealed anew "+
-				"and an integrity head written; changes made to the file before this start cannot be detected",
+				"and an integrity head written; changes made to the file before this start cannot be detected, "+
+				"and m2mguard versions before this one can no longer open it",
 				"file", s.path, "terminals", r.count[0], "apps", r.count[1])
 			return nil
 		}
-		if te, _ = err.(*TamperError); te == nil {
+		if !errors.As(err, &te) {
 			return err
 		}
 	} else {
@@ -74,7 +76,7 @@ func (s *Store) init(tx *bolt.Tx, reseal string) error {
 	s.log.Error("boltstore: RESEALED: the integrity check failed and the reseal code accepted the records as they are now; "+
 		"changes made to them before this start can no longer be detected",
 		"file", s.path, "reason", te.Reason, "terminals", r.count[0], "apps", r.count[1],
-		"upgraded", r.upgraded, "unreadable", strings.Join(r.unreadable, ", "))
+		"upgraded", r.upgraded, "unreadable", nameList(r.unreadable))
 	return nil
 }
 
