@@ -86,7 +86,7 @@ func rawRecord(t *testing.T, path, sn string, v []byte) []byte {
 	return v
 }
 
-// TestEmbeddedStoreRollbackRefused is issue 14, defect 13, on a live
+// TestEmbeddedStoreRollbackRefused (SECURITY.md, attacks tried), on a live
 // broker: a terminal is registered; its credentials leak, so the operator
 // starts a change and disables it; while the broker is stopped, someone
 // with write access to m2mguard.db (and without the master key) copies the

@@ -135,11 +135,11 @@ func fixtureV1(t *testing.T, path string) {
 	}
 }
 
-// TestEmbeddedStoreRollbackDetected is issue 14, defect 13: an attacker
-// with write access to m2mguard.db but not the master key copies old sealed
-// records back (a disabled terminal active again, its pending change gone),
-// re-inserts deleted ones, moves one to another key or rolls back the
-// integrity head. Open must refuse the file with ErrTampered.
+// TestEmbeddedStoreRollbackDetected (SECURITY.md, attacks tried): an
+// attacker with write access to m2mguard.db but not the master key copies
+// old sealed records back (a disabled terminal active again, its pending
+// change gone), re-inserts deleted ones, moves one to another key or rolls
+// back the integrity head. Open must refuse the file with ErrTampered.
 func TestEmbeddedStoreRollbackDetected(t *testing.T) {
 	for _, tc := range []struct {
 		name string
