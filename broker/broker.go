@@ -258,9 +258,14 @@ func (b *Broker) openStore(ctx context.Context) error {
 		if err := os.MkdirAll(filepath.Dir(e.File), 0o700); err != nil {
 			return &ConfigError{Key: "store.embedded.file", Err: err}
 		}
-		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key})
+		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key, Reseal: e.Reseal, Logger: b.log.With("component", "store")})
 		clear(key)
 		if err != nil {
+			var te *boltstore.TamperError
+			if f, ok := fieldByKey("store.embedded.reseal"); ok && errors.As(err, &te) {
+				return fmt.Errorf("embedded store %s: %w; start once with %s=%s (flag --%s, env %s), then remove the setting",
+					e.File, err, f.Key, te.ResealCode, f.Flag(), f.Env())
+			}
 			return fmt.Errorf("embedded store %s: %w", e.File, err)
 		}
 		b.store = s

@@ -52,6 +52,7 @@ type StoreConfig struct {
 type EmbeddedConfig struct {
 	File          string // "" = <data_dir>/m2mguard.db
 	MasterKeyFile string // "" = <data_dir>/master.key; $M2MGUARD_MASTER_KEY wins
+	Reseal        string // reseal code of a failed integrity check (boltstore.Options.Reseal)
 }
 
 // VaultConfig is the Vault KV v2 store.
@@ -303,6 +304,8 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Store.Embedded.File })},
 	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
+	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
+		set: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
 	{Key: "store.vault.address", Default: "$VAULT_ADDR", Help: "Vault address, e.g. https://vault:8200",
 		set: str(func(c *Config) *string { return &c.Store.Vault.Address })},
 	{Key: "store.vault.mount", Default: "secret", Help: "KV v2 mount",
