@@ -123,7 +123,7 @@ func (h *Hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet
 // ([MQTT-3.1.2-24]). A message in flight stays there, for the next session.
 func (h *Hook) unsendable(s *session, pk packets.Packet, reason string) packets.Packet {
 	h.metrics.envelopeFailures.WithLabelValues("down", reason).Inc()
-	h.event(slog.LevelWarn, "downlink_withheld", "sn", s.sn, "reason", reason)
+	h.event(slog.LevelWarn, "downlink_unsendable", "sn", s.sn, "reason", reason)
 	pk.Payload = nil // never plaintext where an envelope is due, even if written
 	pk.Mods.MaxSize = 1
 	return pk

@@ -34,7 +34,10 @@ import (
 //     when this connection ends (OnDisconnect) or to the connection that
 //     takes the session over (OnSessionEstablish, before mochi copies the
 //     state), and is sieved again there: a later session with a key
-//     receives it, sealed. Parked messages are held in memory only.
+//     receives it, sealed. Parked messages are held in memory only: a
+//     storage hook no longer has them (mochi's takeover dropped them) and
+//     gets them back only when a later resume resends them, so a restart
+//     in between loses them.
 
 // takeOverParked runs in OnSessionEstablish, before mochi copies the
 // session to cl: messages parked by the connection being replaced pass
@@ -124,12 +127,11 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 	}
 	if len(park) > 0 {
 		s.park(park)
-		h.event(slog.LevelInfo, "downlink_withheld", "sn", s.sn, "messages", len(park),
-			"reason", "session without key") // queued for a session with a key
+		h.event(slog.LevelInfo, "downlink_withheld", "sn", s.sn, "messages", len(park), "reason", "no-session-key")
 	}
 	if subs > 0 || dropped > 0 {
 		h.event(slog.LevelWarn, "inherited_state_dropped", "client_id", cl.ID, "kind", s.kind.String(),
-			"app", s.appName(), "sn", s.sn, "subscriptions", subs, "messages", dropped, "reason", "outside reach")
+			"app", s.appName(), "sn", s.sn, "subscriptions", subs, "messages", dropped, "reason", "outside-reach")
 	}
 }
 

@@ -2,13 +2,19 @@ package hook_test
 
 import (
 	"context"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/hooks/storage"
+	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -205,6 +211,103 @@ func TestInheritedStateOutsideReach(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestInheritedStateOutsideReachAfterRestart: with mochi's storage hook
+// (bolt), a message the sieve dropped is gone from the store as well, and
+// after a restart the session that comes back from the store is sieved
+// again when it is resumed.
+func TestInheritedStateOutsideReachAfterRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mochi.bolt")
+	var store boltWithIDs
+	withStore := func(o *hook.Options) {
+		store = boltWithIDs{new(bolt.Hook)}
+		if err := o.Server.AddHook(store, &bolt.Options{Path: path}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e := newEnv(t, withStore)
+	termA := e.register("TERMA", codec.HS256)
+	termB := e.register("TERMB", codec.HS256)
+	pw := e.addApp("dash")
+	dash, _ := dialV5(t, e.addr, "dash-1", "dash", pw, false)
+	if rc := dash.subscribe("m2m/+/up/#", 1); rc >= 0x80 {
+		t.Fatalf("dash subscribe: 0x%02x", rc)
+	}
+	dash.conn.Close()
+	e.awaitOffline("dash-1")
+	for _, term := range []specTerminal{termA, termB} {
+		c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
+		if rc := c.publish("m2m/"+term.sn+"/up/temp", []byte("from-"+term.sn), 1); rc != 0 {
+			t.Fatalf("%s publish: 0x%02x", term.sn, rc)
+		}
+	}
+	awaitCond(t, "two messages in dash-1's session", func() bool { return e.queued("dash-1") == 2 })
+	if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: "dash", Password: pw,
+		Subscribe: []string{"m2m/TERMB/up/#"}}); err != nil {
+		t.Fatal(err)
+	}
+
+	// resume logs dash in again and returns what mochi resent to it
+	// (the raw client acknowledges nothing: it all stays in flight).
+	resume := func() []string {
+		t.Helper()
+		c, code := dialV5(t, e.addr, "dash-1", "dash", pw, false)
+		if code != 0 {
+			t.Fatalf("dash resumes: CONNACK 0x%02x", code)
+		}
+		c.id = 1000
+		if rc := c.subscribe("m2m/TERMB/up/#", 1); rc >= 0x80 {
+			t.Fatalf("dash subscribe: 0x%02x", rc)
+		}
+		var got []string
+		for _, pk := range c.held {
+			if pk.FixedHeader.Type == packets.Publish {
+				got = append(got, string(pk.Payload))
+			}
+		}
+		return got
+	}
+	if got := resume(); !slices.Equal(got, []string{"from-TERMB"}) {
+		t.Fatalf("resumed session received %q, want [from-TERMB]", got)
+	}
+	msgs, err := store.StoredInflightMessages()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stored []string
+	for _, m := range msgs {
+		if m.Client == "dash-1" {
+			stored = append(stored, string(m.Payload))
+		}
+	}
+	if !slices.Equal(stored, []string{"from-TERMB"}) {
+		t.Fatalf("the store holds %q in flight to dash-1, want [from-TERMB]", stored)
+	}
+
+	e.stop()
+	e.start(e.svc.Store(), nil, withStore)
+	if got := resume(); !slices.Equal(got, []string{"from-TERMB"}) {
+		t.Fatalf("after a restart, the resumed session received %q, want [from-TERMB]", got)
+	}
+	if sub, ok := e.server.Topics.Subscribers("m2m/TERMA/up/temp").Subscriptions["dash-1"]; ok {
+		t.Errorf("after a restart, dash-1 is subscribed beyond its reach: %q", sub.Filter)
+	}
+}
+
+// boltWithIDs is mochi's bolt storage hook with a repair: in mochi v2.7.9
+// it stores messages in flight without their packet id (their key has it),
+// and a session restored from it cannot be resumed ("resend inflight:
+// missing packet id").
+type boltWithIDs struct{ *bolt.Hook }
+
+func (b boltWithIDs) StoredInflightMessages() ([]storage.Message, error) {
+	v, err := b.Hook.StoredInflightMessages()
+	for i := range v {
+		id, _ := strconv.ParseUint(v[i].ID[strings.LastIndexByte(v[i].ID, ':')+1:], 10, 16)
+		v[i].PacketID = uint16(id)
+	}
+	return v, err
 }
 
 // TestKeylessTerminalGetsNoPlaintextDownlink (defect 11): a terminal whose
