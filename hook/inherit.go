@@ -114,14 +114,12 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		// A topic name left empty by an outbound topic alias cannot be
 		// checked: it is dropped (the new connection could not resolve
 		// the old connection's alias anyway).
-		inReach, withheld := s.receives(m.TopicName)
-		if !inReach || withheld {
-			cl.State.Inflight.Delete(m.PacketID)
-		}
-		switch {
+		switch inReach, withheld := s.receives(m.TopicName); {
 		case !inReach:
+			cl.State.Inflight.Delete(m.PacketID)
 			dropped++
 		case withheld:
+			cl.State.Inflight.Delete(m.PacketID)
 			park = append(park, m)
 		}
 	}
@@ -130,8 +128,12 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		h.event(slog.LevelInfo, "downlink_withheld", "sn", s.sn, "messages", len(park), "reason", "no-session-key")
 	}
 	if subs > 0 || dropped > 0 {
-		h.event(slog.LevelWarn, "inherited_state_dropped", "client_id", cl.ID, "kind", s.kind.String(),
-			"app", s.appName(), "sn", s.sn, "subscriptions", subs, "messages", dropped, "reason", "outside-reach")
+		who := []any{"sn", s.sn}
+		if s.kind == kindApp {
+			who = []any{"app", s.app.Name}
+		}
+		h.event(slog.LevelWarn, "inherited_state_dropped", append(who, "client_id", cl.ID,
+			"subscriptions", subs, "messages", dropped, "reason", "outside-reach")...)
 	}
 }
 
@@ -158,11 +160,4 @@ func (h *Hook) putInflight(cl *mqtt.Client, m packets.Packet) {
 		m.PacketID = uint16(id)
 	}
 	cl.State.Inflight.Set(m)
-}
-
-func (s *session) appName() string {
-	if s.app == nil {
-		return ""
-	}
-	return s.app.Name
 }
