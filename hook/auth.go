@@ -31,6 +31,7 @@ const (
 	reasonUnavailable = "store-unavailable"
 	reasonBadApp      = "bad-application-credentials"
 	reasonAnonymous   = "anonymous"
+	reasonForeignID   = "foreign-client-id"
 )
 
 // dummyUp is verified against when the terminal is unknown, so that an
@@ -53,7 +54,30 @@ func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packe
 		h.refused("", addr, reasonAnonymous, "client_id", clientID)
 		return nil, packets.ErrBadUsernameOrPassword
 	}
+	if !keysvc.AppOwnsClientID(username, clientID) {
+		return h.refuseForeignClientID(username, clientID, addr)
+	}
 	return h.authApp(cl, username, pk.Connect.Password, addr)
+}
+
+// refuseForeignClientID refuses an application whose ClientID is not its
+// own (keysvc.AppOwnsClientID): with it, the application could kick
+// another application's live session, or resume its persistent one and
+// receive what was queued there. The answer is that of a wrong password;
+// the refusal is decided on the two names alone, before any password
+// work, so it tells nothing about the application or its password.
+func (h *Hook) refuseForeignClientID(app, clientID, addr string) (*session, packets.Code) {
+	h.refused("", addr, reasonForeignID, "app", clip(app), "client_id", clip(clientID))
+	return nil, packets.ErrBadUsernameOrPassword
+}
+
+// clip bounds a client-chosen name for the log.
+func clip(s string) string {
+	const limit = 64
+	if len(s) > limit {
+		return s[:limit] + "..."
+	}
+	return s
 }
 
 func remoteHost(remote string) string {

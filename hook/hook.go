@@ -170,7 +170,7 @@ func (h *Hook) ID() string { return "m2mguard" }
 // Provides lists the events the hook handles.
 func (h *Hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished,
 		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPublished,
 		mqtt.OnPacketEncode, mqtt.OnWill:
 		return true
@@ -243,6 +243,12 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 // OnConnectAuthenticate accepts exactly the clients OnConnect authenticated.
 func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return h.session(cl) != nil
+}
+
+// OnSessionEstablish runs after the login and before mochi hands a
+// persistent session over to the new connection (inherit.go).
+func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	h.takeOverParked(cl, pk)
 }
 
 // OnSessionEstablished delivers a waiting key message to a terminal that
@@ -318,6 +324,10 @@ func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 // OnDisconnect forgets the connection's session. If the MQTT session
 // persists, its identity (not its key) is kept, so that messages queued for
 // it pass the per-recipient ACL and are sealed for the next session.
+// Downlink the connection withheld goes back into the MQTT session first
+// (inherit.go); both happen before the session is forgotten, so that
+// neither a message for the session nor a connection taking it over finds
+// it in between.
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s := h.session(cl)
 	if s == nil {
@@ -326,11 +336,14 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if s.timer != nil {
 		s.timer.Stop()
 	}
+	if !cl.IsTakenOver() {
+		h.returnParked(cl, s)
+		if !expire {
+			h.offline.Store(cl.ID, s.identityOnly())
+		}
+	}
 	h.sessions.Delete(cl)
 	h.metrics.sessionsOf(s.kind).Dec()
-	if !expire && !cl.IsTakenOver() {
-		h.offline.Store(cl.ID, s.identityOnly())
-	}
 }
 
 // OnClientExpired forgets a persistent session that mochi expired.
