@@ -135,10 +135,10 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	hopts := hook.Options{
 		Registry: b.svc, Server: b.server,
 		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
-		StoreTimeout: cfg.Auth.StoreTimeout,
-		Throttle:     hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		Logger:       logger.With("component", "hook"),
-		Registerer:   b.registry,
+		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		Throttle:   hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		Logger:     logger.With("component", "hook"),
+		Registerer: b.registry,
 	}
 	hopts.Apps = hook.AppLimitOptions{
 		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
@@ -263,9 +263,14 @@ func (b *Broker) openStore(ctx context.Context) error {
 		if err := os.MkdirAll(filepath.Dir(e.File), 0o700); err != nil {
 			return &ConfigError{Key: "store.embedded.file", Err: err}
 		}
-		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key})
+		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key, Reseal: e.Reseal, Logger: b.log.With("component", "store")})
 		clear(key)
 		if err != nil {
+			var te *boltstore.TamperError
+			if f, ok := fieldByKey("store.embedded.reseal"); ok && errors.As(err, &te) {
+				return fmt.Errorf("embedded store %s: %w; start once with %s=%s (flag --%s, env %s), then remove the setting",
+					e.File, err, f.Key, te.ResealCode, f.Flag(), f.Env())
+			}
 			return fmt.Errorf("embedded store %s: %w", e.File, err)
 		}
 		b.store = s

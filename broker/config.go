@@ -53,6 +53,7 @@ type StoreConfig struct {
 type EmbeddedConfig struct {
 	File          string // "" = <data_dir>/m2mguard.db
 	MasterKeyFile string // "" = <data_dir>/master.key; $M2MGUARD_MASTER_KEY wins
+	Reseal        string // reseal code of a failed integrity check (boltstore.Options.Reseal)
 }
 
 // VaultConfig is the Vault KV v2 store.
@@ -144,6 +145,10 @@ type SMSConfig struct {
 	AuthHeader string
 	AuthValue  string
 	Retries    int
+	// OnRequest honours a terminal's request for a change by SMS even when
+	// ciphertext is possible (the new values then cross the SMS bearer in
+	// plaintext); off by default.
+	OnRequest bool
 }
 
 // The tuned mochi per-client resources (see README, "Memory per client").
@@ -324,6 +329,8 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Store.Embedded.File })},
 	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
+	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
+		set: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
 	{Key: "store.vault.address", Default: "$VAULT_ADDR", Help: "Vault address, e.g. https://vault:8200",
 		set: str(func(c *Config) *string { return &c.Store.Vault.Address })},
 	{Key: "store.vault.mount", Default: "secret", Help: "KV v2 mount",
@@ -440,6 +447,8 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.SMS.AuthValue })},
 	{Key: "sms.retries", Default: "3", Help: "retries of a failed gateway request",
 		set: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
+	{Key: "sms.on_request", Default: "false", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
+		set: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
 }
 
 func fieldByKey(key string) (Field, bool) {

@@ -1,4 +1,4 @@
-// Package client is the reference M2M1 terminal (SPEC.md sections 3 to 7)
+// Package client is the reference M2M1 terminal (docs/SPEC.md sections 3 to 7)
 // on the paho MQTT client (github.com/eclipse/paho.mqtt.golang, MQTT 3.1.1).
 // Firmware teams start from it; the project's tests and benchmarks use it as
 // the terminal.

@@ -405,7 +405,7 @@ func waitErr(t *testing.T, ch chan error) error {
 	return nil
 }
 
-// vectors of SPEC.md, as in codec/testdata/vectors.json.
+// vectors of docs/SPEC.md, as in codec/testdata/vectors.json.
 type vectorMsg struct {
 	Topic           string `json:"topic"`
 	Payload         string `json:"payload"`
@@ -438,10 +438,7 @@ type vectorSet struct {
 
 func loadVectors(t *testing.T) map[string]vectorSet {
 	t.Helper()
-	b, err := os.ReadFile("../../shared/vectors.json")
-	if err != nil {
-		b, err = os.ReadFile("../codec/testdata/vectors.json")
-	}
+	b, err := os.ReadFile("../codec/testdata/vectors.json")
 	if err != nil {
 		t.Fatal(err)
 	}

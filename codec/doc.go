@@ -1,4 +1,4 @@
-// Package codec builds and parses every byte of the M2M1 profile (SPEC.md):
+// Package codec builds and parses every byte of the M2M1 profile (docs/SPEC.md):
 // the login credentials of an MQTT CONNECT, the control messages on
 // $m2m/<sn>/key and $m2m/<sn>/ctl, the SMS text of a credential change, the
 // digests and basic-key digests, key wrapping, and the data envelope.

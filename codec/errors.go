@@ -8,7 +8,7 @@ import (
 // Sentinel errors. Every error the package returns wraps one of them, so
 // callers can test with errors.Is.
 var (
-	// ErrMalformed: a token, field or payload is not of the form SPEC.md fixes.
+	// ErrMalformed: a token, field or payload is not of the form docs/SPEC.md fixes.
 	ErrMalformed = errors.New("malformed")
 	// ErrTooLong: the input exceeds its bound; nothing of it was parsed.
 	ErrTooLong = errors.New("too long")
@@ -23,7 +23,7 @@ var (
 // Error describes what was wrong with an input: which field and why. It never
 // carries the field's value, so it is safe to log.
 type Error struct {
-	Field  string // the field of SPEC.md at fault, e.g. "nonce" or "params.up"
+	Field  string // the field of docs/SPEC.md at fault, e.g. "nonce" or "params.up"
 	Reason string // what was wrong with it, e.g. "want 16 lower-case hex digits"
 	Err    error  // one of the sentinel errors above
 }

@@ -8,7 +8,7 @@ import (
 // Version is the first field of every M2M1 token.
 const Version = "M2M1"
 
-// Bounds of SPEC.md section 8 and of the fields of section 1.
+// Bounds of docs/SPEC.md section 8 and of the fields of section 1.
 const (
 	MaxPasswordLen = 200  // a CONNECT password token
 	MaxControlLen  = 1024 // a control payload or an SMS text

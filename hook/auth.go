@@ -31,6 +31,7 @@ const (
 	reasonUnavailable = "store-unavailable"
 	reasonBadApp      = "bad-application-credentials"
 	reasonAnonymous   = "anonymous"
+	reasonForeignID   = "foreign-client-id"
 )
 
 // dummyUp is verified against when the terminal is unknown, so that an
@@ -53,7 +54,30 @@ func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packe
 		h.refused("", addr, reasonAnonymous, "client_id", clientID)
 		return nil, packets.ErrBadUsernameOrPassword
 	}
+	if !keysvc.AppOwnsClientID(username, clientID) {
+		return h.refuseForeignClientID(username, clientID, addr)
+	}
 	return h.authApp(cl, username, pk.Connect.Password, addr)
+}
+
+// refuseForeignClientID refuses an application whose ClientID is not its
+// own (keysvc.AppOwnsClientID): with it, the application could kick
+// another application's live session, or resume its persistent one and
+// receive what was queued there. The answer is that of a wrong password;
+// the refusal is decided on the two names alone, before any password
+// work, so it tells nothing about the application or its password.
+func (h *Hook) refuseForeignClientID(app, clientID, addr string) (*session, packets.Code) {
+	h.refused("", addr, reasonForeignID, "app", clip(app), "client_id", clip(clientID))
+	return nil, packets.ErrBadUsernameOrPassword
+}
+
+// clip bounds a client-chosen name for the log.
+func clip(s string) string {
+	const limit = 64
+	if len(s) > limit {
+		return s[:limit] + "..."
+	}
+	return s
 }
 
 func remoteHost(remote string) string {
@@ -71,6 +95,7 @@ func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
 
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
+	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
 	tk := throttleKey{id: sn, addr: addr}
 	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
 		h.refused(sn, addr, reason, attrs...)
@@ -147,7 +172,11 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	case keysvc.MatchPending:
 		rid := t.Pending.RID
 		committed, err := h.reg.CommitChange(ctx, sn, rid)
-		if err != nil {
+		switch {
+		case errors.Is(err, keysvc.ErrInactive): // disabled since the record was cached
+			h.refused(sn, addr, reasonDisabled)
+			return nil, packets.ErrNotAuthorized
+		case err != nil:
 			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
@@ -167,6 +196,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 
 	s := newTerminalSession(t)
+	s.revokeSeq = revokeSeq
 	if l.WantsSessionKey() {
 		h.issueKey(ctx, s, t, l.BKD, now)
 	}

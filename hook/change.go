@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -30,11 +31,14 @@ var ErrNoChannel = errors.New("hook: no channel to the terminal")
 // StartChange starts a platform-initiated change of what for terminal sn
 // (an operator's request). If the terminal is online the new values go out
 // at once; otherwise at its next login. keysvc.ErrBusy if a change is
-// already pending.
+// already pending, keysvc.ErrInactive if the terminal is disabled.
 func (h *Hook) StartChange(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
 	t, err := h.reg.Get(ctx, sn)
 	if err != nil {
 		return nil, err
+	}
+	if t.Status != keysvc.StatusActive {
+		return nil, fmt.Errorf("hook: start change %s: %w", sn, keysvc.ErrInactive)
 	}
 	cl, s := h.online(sn)
 	mode, ok := h.chooseMode(s, t, codec.ModeCipher)
@@ -67,14 +71,17 @@ func (h *Hook) online(sn string) (*mqtt.Client, *session) {
 
 // chooseMode applies SPEC section 7: ciphertext only while the basic key
 // is in sync and valid (its bkd matched at this login, so s.bkSync), SMS
-// only with an MSISDN and a gateway. The preferred mode wins when both are
-// possible.
+// only with an MSISDN and a gateway. Ciphertext wins whenever it is
+// possible: an SMS carries the new values in plaintext, so it is the
+// recovery channel for a terminal whose basic key is lost or expired. A
+// terminal's request for SMS (preferred) is honoured over ciphertext only
+// under the operator policy Options.SMSOnRequest.
 func (h *Hook) chooseMode(s *session, t *keysvc.Terminal, preferred codec.Mode) (codec.Mode, bool) {
 	cipherOK := s != nil && s.bkSync &&
 		(t.Creds.BKExp == codec.Never || h.opts.Now().Before(time.Unix(int64(t.Creds.BKExp), 0)))
 	smsOK := t.MSISDN != "" && h.opts.SMS != nil
 	switch {
-	case preferred == codec.ModeSMS && smsOK:
+	case preferred == codec.ModeSMS && smsOK && h.opts.SMSOnRequest:
 		return codec.ModeSMS, true
 	case cipherOK:
 		return codec.ModeCipher, true
@@ -202,7 +209,7 @@ func (h *Hook) stillPending(sn string, rid codec.ID) bool {
 	ctx, cancel := h.ctx()
 	defer cancel()
 	t, err := h.reg.Get(ctx, sn)
-	return err == nil && t.Pending != nil && t.Pending.RID == rid
+	return err == nil && t.Status == keysvc.StatusActive && t.Pending != nil && t.Pending.RID == rid
 }
 
 func (h *Hook) markDelivered(sn string, rid codec.ID, mode codec.Mode) bool {
@@ -259,6 +266,13 @@ func (h *Hook) onControl(cl *mqtt.Client, s *session, pk packets.Packet) (packet
 	t, err := h.reg.Get(ctx, s.sn)
 	if err != nil {
 		h.changeFailed(s.sn, 0, "lookup", err)
+		return pk, packets.CodeSuccessIgnore
+	}
+	if t.Status != keysvc.StatusActive {
+		// Disabled while connected: Revoke is on its way (or the record
+		// was changed in the store directly). Nothing is acted on.
+		h.event(slog.LevelWarn, "control_refused", "sn", s.sn, "reason", "inactive")
+		h.Revoke(s.sn, RevokeDisabled)
 		return pk, packets.CodeSuccessIgnore
 	}
 	if c.Alg != t.Alg {
@@ -354,6 +368,10 @@ func (h *Hook) onAck(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 		return
 	}
 	committed, err := h.reg.CommitChange(ctx, s.sn, c.RID)
+	if errors.Is(err, keysvc.ErrInactive) {
+		h.controlRefused(cl, s, t, "inactive", codec.CodeUnknownRID)
+		return
+	}
 	if errors.Is(err, keysvc.ErrUnknownRID) {
 		h.controlRefused(cl, s, t, "unknown-rid", codec.CodeUnknownRID)
 		return
@@ -477,14 +495,15 @@ func (h *Hook) Init(config any) error {
 	return nil
 }
 
-// Stop ends the expiry sweep and pending SMS retries (mochi calls it when
-// the server closes).
+// Stop ends the expiry sweep and pending SMS retries and waits for the
+// hook's goroutines (mochi calls it when the server closes).
 func (h *Hook) Stop() error {
 	select {
 	case <-h.done:
 	default:
 		close(h.done)
 	}
+	h.wg.Wait()
 	return nil
 }
 

@@ -1,4 +1,4 @@
-// Package hook makes a mochi-mqtt v2 server an M2M1 platform (SPEC.md
+// Package hook makes a mochi-mqtt v2 server an M2M1 platform (docs/SPEC.md
 // sections 3 to 6): it authenticates terminals and applications at CONNECT,
 // enforces the topic rules of section 4, issues session keys, and opens and
 // seals the data envelopes of section 6.
@@ -48,7 +48,7 @@ type Registry interface {
 }
 
 // Options configure a Hook. Registry and Server are required; every other
-// zero value means the default of SPEC.md.
+// zero value means the default of docs/SPEC.md.
 type Options struct {
 	Registry Registry
 	Server   *mqtt.Server // the server the hook is added to: key delivery and session ends go through it
@@ -56,6 +56,11 @@ type Options struct {
 	// SMS is the gateway for credential changes in plaintext (SPEC section
 	// 7); nil means no SMS channel: changes go in ciphertext or not at all.
 	SMS sms.Sender
+	// SMSOnRequest honours a terminal's request for a change by SMS even
+	// when ciphertext is possible (its basic key in sync). Off by default:
+	// an SMS carries the new passwords and basic key in plaintext, so the
+	// platform uses it only when ciphertext is impossible.
+	SMSOnRequest bool
 	// RenewBefore starts a change of a password or basic key this long
 	// before it expires (and at any login inside the grace period after);
 	// 0 = Grace.
@@ -99,7 +104,9 @@ type Hook struct {
 	throttle *throttle
 	apps     *appLimiter
 	changes  *changeWatch
-	done     chan struct{} // closed by Stop
+	revoked  revocations
+	done     chan struct{}  // closed by Stop
+	wg       sync.WaitGroup // the hook's goroutines; Stop waits for them
 }
 
 // New validates the options and returns the hook.
@@ -173,7 +180,7 @@ func (h *Hook) ID() string { return "m2mguard" }
 // Provides lists the events the hook handles.
 func (h *Hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished,
 		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPublished,
 		mqtt.OnPacketEncode, mqtt.OnWill:
 		return true
@@ -230,6 +237,15 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return h.refuse(cl, code)
 	}
 	h.sessions.Store(cl, s)
+	if s.kind == kindTerminal && h.revoked.since(s.sn, s.revokeSeq) {
+		// An operator revoked the terminal while this login was deciding
+		// on the record it had read before; Revoke may not have seen the
+		// session, which was not registered yet.
+		h.sessions.Delete(cl)
+		h.metrics.terminals.Dec()
+		h.refused(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
+		return h.refuse(cl, packets.ErrNotAuthorized)
+	}
 	h.offline.Delete(cl.ID)
 	return nil
 }
@@ -237,6 +253,12 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 // OnConnectAuthenticate accepts exactly the clients OnConnect authenticated.
 func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return h.session(cl) != nil
+}
+
+// OnSessionEstablish runs after the login and before mochi hands a
+// persistent session over to the new connection (inherit.go).
+func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	h.takeOverParked(cl, pk)
 }
 
 // OnSessionEstablished delivers a waiting key message to a terminal that
@@ -312,6 +334,10 @@ func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 // OnDisconnect forgets the connection's session. If the MQTT session
 // persists, its identity (not its key) is kept, so that messages queued for
 // it pass the per-recipient ACL and are sealed for the next session.
+// Downlink the connection withheld goes back into the MQTT session first
+// (inherit.go); both happen before the session is forgotten, so that
+// neither a message for the session nor a connection taking it over finds
+// it in between.
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s := h.session(cl)
 	if s == nil {
@@ -320,11 +346,14 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if s.timer != nil {
 		s.timer.Stop()
 	}
+	if !cl.IsTakenOver() {
+		h.returnParked(cl, s)
+		if !expire {
+			h.offline.Store(cl.ID, s.identityOnly())
+		}
+	}
 	h.sessions.Delete(cl)
 	h.metrics.sessionsOf(s.kind).Dec()
-	if !expire && !cl.IsTakenOver() {
-		h.offline.Store(cl.ID, s.identityOnly())
-	}
 }
 
 // OnClientExpired forgets a persistent session that mochi expired.

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
+
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
@@ -47,6 +49,8 @@ type session struct {
 	aeadOnce sync.Once
 	aeadInst cipher.AEAD
 
+	revokeSeq uint64 // revocations.current() before the login read the record
+
 	sid    codec.ID
 	exp    time.Time
 	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible
@@ -72,6 +76,18 @@ type session struct {
 
 	// applications
 	app *keysvc.App
+
+	// offline marks the identity kept for a persistent session whose
+	// connection is gone (identityOnly): messages are queued for whichever
+	// connection resumes it.
+	offline bool
+
+	// parked holds the downlink data of the MQTT session that this
+	// connection may not receive (withholdsDownlink), outside mochi's
+	// session so that nothing writes it. It goes back into the session
+	// when the connection ends or hands the session on (inherit.go).
+	parkMu sync.Mutex
+	parked []packets.Packet
 }
 
 func newTerminalSession(t *keysvc.Terminal) *session {
@@ -107,6 +123,15 @@ func (s *session) aead() cipher.AEAD {
 func (s *session) identityOnly() *session {
 	return &session{
 		kind: s.kind, sn: s.sn, id: s.id, requireEnc: s.requireEnc,
-		keyTopic: s.keyTopic, downFilter: s.downFilter, app: s.app,
+		keyTopic: s.keyTopic, downFilter: s.downFilter, app: s.app, offline: true,
 	}
+}
+
+// withholdsDownlink reports whether downlink data must not reach this
+// connection: its terminal's record demands encryption and it logged in
+// without a session key (no flag 01, or its bkd did not match). A session
+// kept for an offline terminal withholds nothing: it queues for the next
+// connection, which seals or withholds at its turn.
+func (s *session) withholdsDownlink() bool {
+	return s.kind == kindTerminal && s.requireEnc && !s.hasKey() && !s.offline
 }

@@ -1,6 +1,6 @@
 package hook_test
 
-// specTerminal is a terminal written from SPEC.md alone, with the standard
+// specTerminal is a terminal written from docs/SPEC.md alone, with the standard
 // library and none of this repository's code, so that the hook is tested
 // against the wire contract rather than against its own codec.
 

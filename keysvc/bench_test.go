@@ -17,7 +17,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 )
 
-// benchTerminals is the population of the benchmark store (issue 3).
+// benchTerminals is the population of the benchmark store (see BENCHMARKS.md).
 const benchTerminals = 100_000
 
 var bench struct {

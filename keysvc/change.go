@@ -31,7 +31,7 @@ func dropExpired(t *Terminal, now time.Time) bool {
 // StartChange stores a new pending change of sn with fresh values for what
 // changes (the others copied from the current credentials), a random rid
 // and a deadline. ErrBusy if a change is pending and not past its deadline;
-// one past it is dropped first.
+// one past it is dropped first. ErrInactive for a disabled terminal.
 func (s *Service) StartChange(ctx context.Context, sn string, r ChangeRequest) (*Change, error) {
 	switch r.What {
 	case codec.WhatPwd, codec.WhatBK, codec.WhatAll:
@@ -49,6 +49,9 @@ func (s *Service) StartChange(ctx context.Context, sn string, r ChangeRequest) (
 		return nil, fmt.Errorf("keysvc: start change %s: %w: unknown origin", safeSN(sn), ErrInvalid)
 	}
 	t, err := s.update(ctx, sn, func(t *Terminal) error {
+		if t.Status != StatusActive {
+			return ErrInactive
+		}
 		now := s.now1()
 		dropExpired(t, now)
 		if t.Pending != nil {
@@ -86,8 +89,13 @@ func (s *Service) StartChange(ctx context.Context, sn string, r ChangeRequest) (
 // error, so concurrent commits of one rid (an ack and a login, or two
 // nodes) all succeed and the store is written once. ErrUnknownRID for any
 // other rid, and for a change past its deadline (which is dropped).
+// ErrInactive for a disabled terminal: nothing commits while an operator
+// has it disabled (disabling cancels the pending change anyway).
 func (s *Service) CommitChange(ctx context.Context, sn string, rid codec.ID) (*Terminal, error) {
 	t, err := s.update(ctx, sn, func(t *Terminal) error {
+		if t.Status != StatusActive {
+			return ErrInactive
+		}
 		if rid != 0 && t.LastCommitted == rid {
 			return errSkip
 		}
@@ -114,12 +122,16 @@ func (s *Service) CommitChange(ctx context.Context, sn string, rid codec.ID) (*T
 // MarkDelivered records that the new values of change rid were sent, and
 // by which mode (the platform decides it when it delivers, which for an
 // offline terminal is after its next login): a cfg published or an SMS
-// handed to the gateway. ErrUnknownRID if rid is not pending.
+// handed to the gateway. ErrUnknownRID if rid is not pending, ErrInactive
+// for a disabled terminal.
 func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*Terminal, error) {
 	if mode != codec.ModeCipher && mode != codec.ModeSMS {
 		return nil, fmt.Errorf("keysvc: mark delivered %s: %w: mode must be cipher or sms", safeSN(sn), ErrInvalid)
 	}
 	t, err := s.update(ctx, sn, func(t *Terminal) error {
+		if t.Status != StatusActive {
+			return ErrInactive
+		}
 		if dropExpired(t, s.now1()) {
 			return writeThen{ErrUnknownRID}
 		}

@@ -1,5 +1,5 @@
 // Package keysvc is the key service of m2mguard: the one place that knows
-// terminals and their secrets (SPEC section 1), application credentials,
+// terminals and their secrets (docs/SPEC.md section 1), application credentials,
 // session-key issuance (section 5) and the credential-change state machine
 // (section 7).
 //

@@ -306,8 +306,14 @@ func (s *Service) List(ctx context.Context, after string, limit int) ([]*Termina
 }
 
 // SetStatus enables (StatusActive) or disables (StatusDisabled) a terminal.
+// Disabling also cancels its pending change, in the same atomic write (see
+// Disable, which says which change it cancelled).
 func (s *Service) SetStatus(ctx context.Context, sn string, st Status) (*Terminal, error) {
-	if st != StatusActive && st != StatusDisabled {
+	if st == StatusDisabled {
+		t, _, err := s.Disable(ctx, sn)
+		return t, err
+	}
+	if st != StatusActive {
 		return nil, fmt.Errorf("keysvc: set status %s: %w: want active or disabled", safeSN(sn), ErrInvalid)
 	}
 	t, err := s.update(ctx, sn, func(t *Terminal) error {
@@ -319,6 +325,45 @@ func (s *Service) SetStatus(ctx context.Context, sn string, st Status) (*Termina
 	})
 	if err != nil {
 		return nil, fmt.Errorf("keysvc: set status %s: %w", safeSN(sn), err)
+	}
+	return t, nil
+}
+
+// Disable disables a terminal and cancels its pending change in the same
+// check-and-set write, so that no change started before can be delivered,
+// acknowledged or committed afterwards (SECURITY.md: disable, then rotate
+// out of band with Rekey). It returns the record and the change it
+// cancelled (nil if none). Disabling a disabled terminal changes nothing.
+func (s *Service) Disable(ctx context.Context, sn string) (*Terminal, *Change, error) {
+	var cancelled *Change
+	t, err := s.update(ctx, sn, func(t *Terminal) error {
+		cancelled = t.Pending
+		if t.Status == StatusDisabled && t.Pending == nil {
+			return errSkip
+		}
+		t.Status, t.Pending = StatusDisabled, nil
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("keysvc: disable %s: %w", safeSN(sn), err)
+	}
+	return t, cancelled.Clone(), nil
+}
+
+// Rekey replaces every credential of a terminal (both access passwords and
+// the basic key) with fresh values, out of band: nothing is sent to the
+// terminal, and a pending change is cancelled. It is how an operator
+// rotates the secrets of a terminal that may be compromised: disable it
+// (which ends its sessions), Rekey, write the returned values into the
+// genuine device, enable. The status is left as it is. The returned record
+// carries the new secrets: show them once.
+func (s *Service) Rekey(ctx context.Context, sn string) (*Terminal, error) {
+	t, err := s.update(ctx, sn, func(t *Terminal) error {
+		t.Pending = nil
+		return s.newCreds(&t.Creds, codec.WhatAll, s.now1())
+	})
+	if err != nil {
+		return nil, fmt.Errorf("keysvc: rekey %s: %w", safeSN(sn), err)
 	}
 	return t, nil
 }

@@ -28,6 +28,9 @@ var (
 	ErrUnknownRID = errors.New("unknown rid")
 	// ErrInvalid: bad input (malformed identity, password, record or argument).
 	ErrInvalid = errors.New("invalid")
+	// ErrInactive: the terminal is not active (an operator disabled it), so no
+	// credential change may start, be delivered or commit for it.
+	ErrInactive = errors.New("terminal not active")
 )
 
 // Status is the administrative state of a terminal.

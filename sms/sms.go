@@ -1,4 +1,4 @@
-// Package sms is the SMS bearer of M2M1 credential changes (SPEC section
+// Package sms is the SMS bearer of M2M1 credential changes (docs/SPEC.md section
 // 7): the platform sends the new values in plaintext to the terminal's
 // MSISDN through an SMS gateway. It defines the Message a gateway carries,
 // the Sender the platform uses, and HTTPSender, a Sender for gateways with a

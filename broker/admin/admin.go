@@ -10,6 +10,7 @@
 //	DELETE /v1/terminals/{sn}                delete
 //	POST   /v1/terminals/{sn}/disable        disable (its logins are refused)
 //	POST   /v1/terminals/{sn}/enable         enable
+//	POST   /v1/terminals/{sn}/rekey          new credentials out of band; answers the Bundle (secrets, once)
 //	POST   /v1/terminals/import              CSV body; NDJSON stream of progress, then the report
 //	POST   /v1/terminals/{sn}/changes        start a credential change {"what":"pwd|bk|all"}
 //	GET    /v1/terminals/{sn}/changes        the pending change (metadata only)
@@ -100,6 +101,7 @@ func New(opts Options) (http.Handler, error) {
 	auth("DELETE /v1/terminals/{sn}", a.delete)
 	auth("POST /v1/terminals/{sn}/disable", a.setStatus(keysvc.StatusDisabled))
 	auth("POST /v1/terminals/{sn}/enable", a.setStatus(keysvc.StatusActive))
+	auth("POST /v1/terminals/{sn}/rekey", a.rekey)
 	auth("POST /v1/terminals/{sn}/changes", a.startChange)
 	auth("GET /v1/terminals/{sn}/changes", a.changeStatus)
 	auth("GET /v1/sessions", a.sessions)
@@ -169,7 +171,8 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 		status = http.StatusBadRequest
 	case errors.Is(err, keysvc.ErrNotFound), errors.Is(err, hook.ErrNoSession):
 		status = http.StatusNotFound
-	case errors.Is(err, keysvc.ErrExists), errors.Is(err, keysvc.ErrBusy), errors.Is(err, keysvc.ErrConflict):
+	case errors.Is(err, keysvc.ErrExists), errors.Is(err, keysvc.ErrBusy), errors.Is(err, keysvc.ErrConflict),
+		errors.Is(err, keysvc.ErrInactive):
 		status = http.StatusConflict
 	case errors.Is(err, keysvc.ErrUnavailable), errors.Is(err, keysvc.ErrForbidden),
 		errors.Is(err, context.DeadlineExceeded):
@@ -324,10 +327,13 @@ func (a *api) delete(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("terminal deleted", "sn", sn, "remote", r.RemoteAddr)
+	ended := a.opts.Hook.Revoke(sn, hook.RevokeDeleted)
+	a.log.Info("terminal deleted", "sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr)
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// setStatus enables or disables a terminal. Disabling cancels its pending
+// change (in the same store write) and ends its live sessions at once.
 func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		sn, err := pathSN(r)
@@ -337,14 +343,50 @@ func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 		}
 		ctx, cancel := a.ctx(r)
 		defer cancel()
-		t, err := a.opts.Service.SetStatus(ctx, sn, st)
+		if st == keysvc.StatusActive {
+			t, err := a.opts.Service.SetStatus(ctx, sn, st)
+			if err != nil {
+				a.fail(w, r, err)
+				return
+			}
+			a.log.Info("terminal enabled", "sn", sn, "remote", r.RemoteAddr)
+			writeJSON(w, http.StatusOK, terminalView(t))
+			return
+		}
+		t, cancelled, err := a.opts.Service.Disable(ctx, sn)
 		if err != nil {
 			a.fail(w, r, err)
 			return
 		}
-		a.log.Info("terminal status set", "sn", sn, "status", string(st), "remote", r.RemoteAddr)
+		ended := a.opts.Hook.Revoke(sn, hook.RevokeDisabled)
+		attrs := []any{"sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr}
+		if cancelled != nil {
+			attrs = append(attrs, "cancelled_change", cancelled.RID.String())
+		}
+		a.log.Info("terminal disabled", attrs...)
 		writeJSON(w, http.StatusOK, terminalView(t))
 	}
+}
+
+// rekey replaces every credential of a terminal out of band and answers
+// the new provisioning bundle, once. Its live sessions end (they hold the
+// old values).
+func (a *api) rekey(w http.ResponseWriter, r *http.Request) {
+	sn, err := pathSN(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	ctx, cancel := a.ctx(r)
+	defer cancel()
+	t, err := a.opts.Service.Rekey(ctx, sn)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	ended := a.opts.Hook.Revoke(sn, hook.RevokeRekeyed)
+	a.log.Info("terminal rekeyed", "sn", sn, "sessions_ended", ended, "status", string(t.Status), "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, bundleOf(t, a.opts.BrokerURL))
 }
 
 // importCSV streams NDJSON: a progress line after every batch, then the
@@ -413,6 +455,10 @@ func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		if errors.Is(err, keysvc.ErrBusy) {
 			writeJSON(w, http.StatusConflict, Error{Error: "a change is already pending for " + sn})
+			return
+		}
+		if errors.Is(err, keysvc.ErrInactive) {
+			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + sn + " is disabled: no credential change starts for it (rekey it out of band)"})
 			return
 		}
 		a.fail(w, r, err)

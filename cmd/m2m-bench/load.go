@@ -408,7 +408,11 @@ func publishLoad(ctx context.Context, cfg *LoadConfig, conns []benchConn, errs *
 	)
 	var id [6]byte
 	rand.Read(id[:])
-	o := pahoOptions(cfg.Addr, "bench-app-"+hex.EncodeToString(id[:]))
+	owner := "bench-app" // an application's ClientID is its name followed by '-' and anything
+	if cfg.AppUser != "" {
+		owner = cfg.AppUser
+	}
+	o := pahoOptions(cfg.Addr, owner+"-"+hex.EncodeToString(id[:]))
 	if cfg.AppUser != "" {
 		o.SetUsername(cfg.AppUser).SetPassword(cfg.AppPassword)
 	}

@@ -1,5 +1,5 @@
 // Command m2m-bench measures what m2mguard's security costs over a plain
-// mochi-mqtt broker (issue 8).
+// mochi-mqtt broker (BENCHMARKS.md is its report).
 //
 //	m2m-bench gen   --n 10000 --out terminals.csv      terminals with secrets, keysvc import CSV
 //	m2m-bench serve --mode hook --store bolt ...       a benchmark broker (a child of suite)
@@ -27,7 +27,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 )
 
-const usage = `m2m-bench: load generator and benchmark suite for m2mguard (issue 8).
+const usage = `m2m-bench: load generator and benchmark suite for m2mguard (its report: BENCHMARKS.md).
 
 Subcommands:
   gen    write N benchmark terminals with their secrets as keysvc import CSV

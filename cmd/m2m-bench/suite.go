@@ -41,7 +41,7 @@ type Scenario struct {
 	SessionKey bool   `json:"-"`
 }
 
-// The scenarios of issue 8. Each broker runs in a child process of its own
+// The scenarios of BENCHMARKS.md. Each broker runs in a child process of its own
 // (`m2m-bench serve`); the load generator is the suite's process.
 var allScenarios = []Scenario{
 	{Name: "allow", Broker: "mochi + auth.AllowHook; bare paho clients, no credentials", Mode: "allow", Kind: "plain"},
@@ -90,7 +90,7 @@ type Summary struct {
 	Failed       int     `json:"connect_failures"`       // over all rounds
 }
 
-// Ratio is a target of issue 8: the median over the rounds of the ratio
+// Ratio is a target of BENCHMARKS.md: the median over the rounds of the ratio
 // measured within each round.
 type Ratio struct {
 	Name   string    `json:"name"`
@@ -579,7 +579,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 	return out
 }
 
-// ratios computes the targets of issue 8 round by round.
+// ratios computes the targets of BENCHMARKS.md round by round.
 func ratios(rounds []RoundResult, n int) []Ratio {
 	get := func(round int, sc string) *RoundResult {
 		for i := range rounds {

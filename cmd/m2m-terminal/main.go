@@ -87,7 +87,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := &cobra.Command{
 		Use:   "m2m-terminal",
 		Short: "M2M1 reference terminal: log in, publish, receive, change credentials",
-		Long: `m2m-terminal is a cellular M2M terminal speaking M2M1 (SPEC.md) to an m2mguard
+		Long: `m2m-terminal is a cellular M2M terminal speaking M2M1 (docs/SPEC.md) to an m2mguard
 broker. It logs in with a fresh password token on every connection attempt,
 verifies every control message of the platform, uses a session key when asked
 (--session-key), and applies credential changes, keeping the credential file

@@ -71,11 +71,11 @@ func dash(s string) string {
 }
 
 func terminalCmd(o *options) *cobra.Command {
-	cmd := &cobra.Command{Use: "terminal", Short: "Register, inspect, disable, enable, delete and import terminals"}
+	cmd := &cobra.Command{Use: "terminal", Short: "Register, inspect, disable, enable, rekey, delete and import terminals"}
 	cmd.AddCommand(terminalAddCmd(o), terminalGetCmd(o), terminalListCmd(o),
-		terminalStatusCmd(o, "disable", "Disable a terminal: its logins are refused (CONNACK 0x87 under MQTT 5)"),
+		terminalStatusCmd(o, "disable", "Disable a terminal: its live sessions end at once, its pending change is cancelled, its logins are refused (CONNACK 0x87 under MQTT 5)"),
 		terminalStatusCmd(o, "enable", "Enable a disabled terminal"),
-		terminalDeleteCmd(o), terminalImportCmd(o))
+		terminalRekeyCmd(o), terminalDeleteCmd(o), terminalImportCmd(o))
 	return cmd
 }
 
@@ -112,32 +112,7 @@ terminal's credential file for m2m-terminal and the client library, mode 0600).`
 					return fmt.Errorf("terminal %s is registered, but the credential file failed: %w", b.SN, err)
 				}
 			}
-			w := cmd.OutOrStdout()
-			if o.output == "json" {
-				return printJSON(w, b)
-			}
-			fmt.Fprintf(w, "Provisioning bundle of terminal %s (shown once: write it into the device)\n", b.SN)
-			tw := table(w)
-			fmt.Fprintf(tw, "sn\t%s\n", b.SN)
-			fmt.Fprintf(tw, "imei\t%s\n", b.IMEI)
-			fmt.Fprintf(tw, "imsi\t%s\n", b.IMSI)
-			if b.MSISDN != "" {
-				fmt.Fprintf(tw, "msisdn\t%s\n", b.MSISDN)
-			}
-			fmt.Fprintf(tw, "alg\t%s\n", b.Alg)
-			fmt.Fprintf(tw, "require_encryption\t%t\n", b.RequireEncryption)
-			fmt.Fprintf(tw, "up\t%s\n", b.Up)
-			fmt.Fprintf(tw, "upexp\t%d (%s)\n", b.UpExp, expiry(b.UpExp))
-			fmt.Fprintf(tw, "down\t%s\n", b.Down)
-			fmt.Fprintf(tw, "downexp\t%d (%s)\n", b.DownExp, expiry(b.DownExp))
-			fmt.Fprintf(tw, "bk\t%s\n", b.BK)
-			fmt.Fprintf(tw, "bkexp\t%d (%s)\n", b.BKExp, expiry(b.BKExp))
-			fmt.Fprintf(tw, "broker\t%s\n", b.BrokerURL)
-			tw.Flush()
-			if creds != "" {
-				fmt.Fprintf(w, "credential file %s written (mode 0600): m2m-terminal connect --broker %s --creds %s --session-key\n", creds, b.BrokerURL, creds)
-			}
-			return nil
+			return printBundle(cmd.OutOrStdout(), o, &b, creds)
 		},
 	}
 	f := cmd.Flags()
@@ -148,6 +123,81 @@ terminal's credential file for m2m-terminal and the client library, mode 0600).`
 	f.StringVar(&req.Alg, "alg", "hs256", "digest algorithm: hs256, or md5 for legacy WMMP firmware")
 	f.BoolVar(&req.RequireEncryption, "require-encryption", false, "refuse this terminal's data publishes without a session key")
 	f.StringVar(&creds, "creds", "", "also write the terminal's credential file here (m2m-terminal --creds; mode 0600; must not exist)")
+	return cmd
+}
+
+// printBundle prints a provisioning bundle (the secrets, shown once).
+func printBundle(w io.Writer, o *options, b *admin.Bundle, creds string) error {
+	if o.output == "json" {
+		return printJSON(w, b)
+	}
+	fmt.Fprintf(w, "Provisioning bundle of terminal %s (shown once: write it into the device)\n", b.SN)
+	tw := table(w)
+	fmt.Fprintf(tw, "sn\t%s\n", b.SN)
+	fmt.Fprintf(tw, "imei\t%s\n", b.IMEI)
+	fmt.Fprintf(tw, "imsi\t%s\n", b.IMSI)
+	if b.MSISDN != "" {
+		fmt.Fprintf(tw, "msisdn\t%s\n", b.MSISDN)
+	}
+	fmt.Fprintf(tw, "alg\t%s\n", b.Alg)
+	fmt.Fprintf(tw, "require_encryption\t%t\n", b.RequireEncryption)
+	fmt.Fprintf(tw, "up\t%s\n", b.Up)
+	fmt.Fprintf(tw, "upexp\t%d (%s)\n", b.UpExp, expiry(b.UpExp))
+	fmt.Fprintf(tw, "down\t%s\n", b.Down)
+	fmt.Fprintf(tw, "downexp\t%d (%s)\n", b.DownExp, expiry(b.DownExp))
+	fmt.Fprintf(tw, "bk\t%s\n", b.BK)
+	fmt.Fprintf(tw, "bkexp\t%d (%s)\n", b.BKExp, expiry(b.BKExp))
+	fmt.Fprintf(tw, "broker\t%s\n", b.BrokerURL)
+	tw.Flush()
+	if creds != "" {
+		fmt.Fprintf(w, "credential file %s written (mode 0600): m2m-terminal connect --broker %s --creds %s --session-key\n", creds, b.BrokerURL, creds)
+	}
+	return nil
+}
+
+func terminalRekeyCmd(o *options) *cobra.Command {
+	var creds string
+	cmd := &cobra.Command{
+		Use:   "rekey SN [--creds FILE]",
+		Short: "Replace every credential of a terminal out of band and print the new provisioning bundle",
+		Long: `Replace both access passwords and the basic key of a terminal with fresh values,
+without sending anything to the terminal, and print the new provisioning bundle
+(shown once). A pending change is cancelled and live sessions end; the status is
+kept. This is how a terminal whose secrets may have been read out is rotated:
+
+  m2mctl terminal disable SN     # its sessions end, its logins are refused
+  m2mctl terminal rekey SN       # write the new values into the genuine device
+  m2mctl terminal enable SN
+
+A change over the air (change start) would deliver the new values to whoever holds
+the old ones. --creds writes the credential file of m2m-terminal; it may replace a
+file of the same terminal, never another terminal's.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sn, err := snArg(args)
+			if err != nil {
+				return err
+			}
+			if creds != "" {
+				if data, err := os.ReadFile(creds); err == nil {
+					if rec, err := client.DecodeRecord(data); err != nil || rec.Identity.SN != sn {
+						return usagef("--creds: %s is not the credential file of terminal %s; not overwriting it", creds, sn)
+					}
+				}
+			}
+			var b admin.Bundle
+			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/rekey", nil, &b); err != nil {
+				return err
+			}
+			if creds != "" {
+				if err := writeCreds(creds, &b); err != nil {
+					return fmt.Errorf("terminal %s is rekeyed, but the credential file failed: %w", b.SN, err)
+				}
+			}
+			return printBundle(cmd.OutOrStdout(), o, &b, creds)
+		},
+	}
+	cmd.Flags().StringVar(&creds, "creds", "", "also write the terminal's credential file here (mode 0600; a file of another terminal is not overwritten)")
 	return cmd
 }
 
@@ -593,9 +643,12 @@ func appCmd(o *options) *cobra.Command {
 		Use:   "add NAME [--password-file FILE] [--subscribe FILTERS] [--publish FILTERS]",
 		Short: "Add or replace an application; without --password-file a password is generated and printed once",
 		Long: `Add or replace an application: a back-end MQTT client that reads terminal data and
-sends commands. It connects with Username NAME and its password, and a ClientID that
-is NOT a valid serial number (1-16 of [A-Za-z0-9]: such ClientIDs are terminals'),
-e.g. "dash-1". By default it may subscribe to m2m/+/up/# and publish to m2m/+/down/#.
+sends commands. It connects with Username NAME and its password, and a ClientID of
+its own: NAME followed by '-' and anything (e.g. "dash-1"), NAME itself unless that is a
+valid serial number (1-16 of [A-Za-z0-9]: such ClientIDs are terminals'), or none (the
+broker assigns one). No NAME may be another application's followed by '-' ("dash" and
+"dash-east"): such a name is refused (exit 5). By default it may subscribe to m2m/+/up/#
+and publish to m2m/+/down/#.
 
 Without --password-file the broker generates a password and this command prints it
 once (or give it in $M2MCTL_APP_PASSWORD).`,

@@ -42,7 +42,7 @@ func main() {
 }
 
 const intro = `m2mguard-broker runs the m2mguard MQTT broker: mochi-mqtt with the M2M1
-authentication hook (SPEC.md), the key service and the admin HTTP API.
+authentication hook (docs/SPEC.md), the key service and the admin HTTP API.
 
 Usage:
   m2mguard-broker [--config FILE] [flags]
