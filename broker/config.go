@@ -177,7 +177,7 @@ func Default() *Config {
 	c.Auth = AuthConfig{
 		Skew: 300 * time.Second, Grace: 7 * 24 * time.Hour, SessionLifetime: 24 * time.Hour,
 		StoreTimeout: 2 * time.Second, ThrottleFree: 5, ThrottleBase: time.Second, ThrottleMax: 15 * time.Minute,
-		AppConcurrencyPerAddr: 1, AppRatePerAddr: 1, AppFailuresPerAddr: 20, AppFailureRefill: 10 * time.Second,
+		AppConcurrencyPerAddr: 1, AppRatePerAddr: 2, AppFailuresPerAddr: 20, AppFailureRefill: 10 * time.Second,
 	}
 	c.Keys.ChangeDeadline = 24 * time.Hour
 	c.Cache = CacheConfig{TTL: 30 * time.Second, MaxStale: 10 * time.Minute, MaxEntries: 100000}
@@ -418,7 +418,7 @@ var fields = []Field{
 		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrencyPerAddr }, 1, 1<<16)},
 	{Key: "auth.app_rate", Default: "0", Help: "application password verifications started per second, all addresses (bursts of two seconds' worth); 0 = 10 × app_concurrency",
 		set: number(func(c *Config) *float64 { return &c.Auth.AppRate }, 0, 1e6)},
-	{Key: "auth.app_rate_per_addr", Default: "1", Help: "application password verifications started per second for one address",
+	{Key: "auth.app_rate_per_addr", Default: "2", Help: "application password verifications started per second for one address",
 		set: number(func(c *Config) *float64 { return &c.Auth.AppRatePerAddr }, 0.001, 1e6)},
 	{Key: "auth.app_failures_per_addr", Default: "20", Help: "failed application logins from one address, whatever the names, before that address is refused (0x8A)",
 		set: integer(func(c *Config) *int { return &c.Auth.AppFailuresPerAddr }, 1, 1<<20)},

@@ -12,6 +12,7 @@ import (
 	"runtime/metrics"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -54,6 +55,7 @@ func TestAppLoginFloodBounded(t *testing.T) {
 	}, func(o *hook.Options) {
 		verify = &countingRegistry{Registry: o.Registry}
 		o.Registry = verify
+		o.Apps = hook.AppLimitOptions{} // the production budgets
 	})
 	term := e.register("A00MS8011390002S", codec.HS256)
 	appPassword := e.addApp("dash")
@@ -180,6 +182,27 @@ func TestAppBusyRefusal(t *testing.T) {
 	// Another address has its own budget.
 	if _, code := dialV5From(t, "127.0.0.2", e.addr, "dash-4", "dash", pw); code != 0 {
 		t.Fatalf("from another address: 0x%02x", code)
+	}
+}
+
+// TestAppRefusalLogClipsName: an application login refused before or after
+// its verification logs at most 64 bytes of the name it claimed, not the
+// 64 KiB a CONNECT may carry.
+func TestAppRefusalLogClipsName(t *testing.T) {
+	e := newEnv(t, func(o *hook.Options) {
+		o.Apps = hook.AppLimitOptions{RatePerAddr: 0.001, BurstPerAddr: 1}
+	})
+	long := strings.Repeat("n", 20000)
+	for _, want := range []byte{v5BadCredentials, byte(packets.ErrServerBusy.Code)} { // verified, then over budget
+		if _, code := dialV5(t, e.addr, "", long, []byte("not-the-password"), true); code != want {
+			t.Fatalf("CONNACK 0x%02x, want 0x%02x", code, want)
+		}
+	}
+	if n := strings.Count(e.logs.String(), `"reason":"`); n != 2 {
+		t.Fatalf("%d refusals logged, want 2", n)
+	}
+	if strings.Contains(e.logs.String(), strings.Repeat("n", 100)) {
+		t.Fatal("the log holds more than 64 bytes of the claimed name")
 	}
 }
 

@@ -34,7 +34,7 @@ type AppLimitOptions struct {
 	ConcurrencyPerAddr int     // running at once for one address; 0 = 1
 	Rate               float64 // verifications started per second; 0 = 10 × Concurrency
 	Burst              int     // of Rate; 0 = two seconds' worth, at least 2
-	RatePerAddr        float64 // started per second for one address; 0 = 1
+	RatePerAddr        float64 // started per second for one address; 0 = 2
 	BurstPerAddr       int     // of RatePerAddr; 0 = two seconds' worth, at least 2
 
 	// FailuresPerAddr failed logins from one address, whatever names they
@@ -63,7 +63,7 @@ func (o AppLimitOptions) withDefaults() AppLimitOptions {
 		o.Burst = twoSeconds(o.Rate)
 	}
 	if o.RatePerAddr <= 0 {
-		o.RatePerAddr = 1
+		o.RatePerAddr = 2
 	}
 	if o.BurstPerAddr <= 0 {
 		o.BurstPerAddr = twoSeconds(o.RatePerAddr)

@@ -128,7 +128,7 @@ func TestAppLimitDefaults(t *testing.T) {
 	o := AppLimitOptions{}.withDefaults()
 	want := AppLimitOptions{
 		Concurrency: max(1, runtime.GOMAXPROCS(0)/2), ConcurrencyPerAddr: 1,
-		RatePerAddr: 1, BurstPerAddr: 2, FailuresPerAddr: 20, FailureRefill: 10 * time.Second, MaxAddrs: 10000,
+		RatePerAddr: 2, BurstPerAddr: 4, FailuresPerAddr: 20, FailureRefill: 10 * time.Second, MaxAddrs: 10000,
 	}
 	want.Rate = 10 * float64(want.Concurrency)
 	want.Burst = int(2 * want.Rate)

@@ -289,7 +289,7 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	tk := throttleKey{id: "app:" + name, addr: addr}
 	if h.throttle.blocked(tk, now) {
 		h.metrics.throttled.Inc()
-		h.refused("", addr, reasonThrottled, "app", name)
+		h.refused("", addr, reasonThrottled, "app", clip(name))
 		return nil, packets.ErrBanned
 	}
 	// The budgets of the argon2id verification, decided before the name is
@@ -299,10 +299,10 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	case limitNone:
 	case limitFailuresPerAddr:
 		h.metrics.throttled.Inc()
-		h.refused("", addr, reasonThrottled, "app", name, "limit", string(limit))
+		h.refused("", addr, reasonThrottled, "app", clip(name), "limit", string(limit))
 		return nil, packets.ErrBanned
 	default:
-		h.refused("", addr, reasonBusy, "app", name, "limit", string(limit))
+		h.refused("", addr, reasonBusy, "app", clip(name), "limit", string(limit))
 		return nil, packets.ErrServerBusy
 	}
 	ctx, cancel := h.ctx()
@@ -310,10 +310,10 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	app, err := h.verifyApp(ctx, slot, name, password)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrUnavailable) {
-			h.refused("", addr, reasonUnavailable, "app", name, "err", err.Error())
+			h.refused("", addr, reasonUnavailable, "app", clip(name), "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
-		h.refused("", addr, reasonBadApp, "app", name)
+		h.refused("", addr, reasonBadApp, "app", clip(name))
 		if d := h.throttle.fail(tk, now); d > 0 {
 			time.Sleep(d)
 		}
