@@ -313,12 +313,12 @@ func (b *Broker) addListeners() error {
 			return &ConfigError{Key: key, Err: err}
 		}
 		b.addrs[id] = ln.Addr().String()
-		ln = netguard.Wrap(ln, netguard.Options{
+		ln = netguard.New(netguard.Options{
 			ConnectTimeout: cfg.ConnectTimeout, MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
 			OnRefuse: func(addr, reason string) {
 				b.log.Debug("connection refused", "component", "netguard", "listener", id, "remote", addr, "reason", reason)
 			},
-		})
+		}).Wrap(ln)
 		if tc != nil {
 			ln = tls.NewListener(ln, tc)
 		}
