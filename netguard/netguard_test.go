@@ -293,3 +293,39 @@ func ExampleGuard() {
 	fmt.Println(g.Stats().Open, g.Options().ConnectTimeout)
 	// Output: 0 10s
 }
+
+// BenchmarkWrite compares 1 KiB writes to a reading peer on a plain and on
+// a guarded connection (the guard sets the write deadline every time).
+func BenchmarkWrite(b *testing.B) {
+	for _, guarded := range []bool{false, true} {
+		b.Run(fmt.Sprintf("guarded=%v", guarded), func(b *testing.B) {
+			inner, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			var l net.Listener = inner
+			if guarded {
+				l = netguard.New(netguard.Options{}).Wrap(inner)
+			}
+			defer l.Close()
+			got := make(chan net.Conn, 1)
+			go func() { c, _ := l.Accept(); got <- c }()
+			client, err := net.Dial("tcp", l.Addr().String())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer client.Close()
+			go io.Copy(io.Discard, client)
+			server := <-got
+			defer server.Close()
+			p := make([]byte, 1024)
+			b.SetBytes(int64(len(p)))
+			b.ResetTimer()
+			for range b.N {
+				if _, err := server.Write(p); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
