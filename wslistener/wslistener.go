@@ -139,24 +139,28 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-// Close stops accepting, closes the connections that have not upgraded yet
-// and waits for Serve to return; then it asks mochi to close the listener's
-// clients (closeClients). A connection's goroutine, once upgraded, runs
-// mochi's client and ends when mochi stops that client.
+// Close stops accepting, closes the connections that have not upgraded yet,
+// waits for Serve to return and asks mochi to close the listener's clients
+// (closeClients). Only the first call does anything, as with mochi's own
+// listeners: mochi's Server.Close closes every listener again, and
+// internal/mochifix relies on that second call not calling back (the
+// deadlock of mochi-mqtt/server#488). A connection's goroutine, once
+// upgraded, runs mochi's client and ends when mochi stops that client.
 func (l *Listener) Close(closeClients listeners.CloseFn) {
 	l.mu.Lock()
-	first := !l.closed
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
 	l.closed = true
 	served := l.served
 	l.mu.Unlock()
-	if first {
-		if l.srv != nil {
-			l.srv.Close()
-		}
-		l.ln.Close() // if Serve never ran
-		if served != nil {
-			<-served
-		}
+	if l.srv != nil {
+		l.srv.Close()
+	}
+	l.ln.Close() // if Serve never ran
+	if served != nil {
+		<-served
 	}
 	closeClients(l.id)
 }
