@@ -176,8 +176,11 @@ func (l *Listener) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	l.mu.Lock()
-	establish := l.establish
+	establish, closed := l.establish, l.closed
 	l.mu.Unlock()
+	if closed {
+		return // upgraded while the listener closed: mochi is shutting down
+	}
 	if err := establish(l.id, c); err != nil {
 		l.log.Debug("websocket client ended", "listener", l.id, "remote", c.RemoteAddr().String(), "error", err)
 	}
