@@ -48,6 +48,33 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
+// metricValue returns the value of the broker's metric name (with a label
+// of value label, if label is not ""), or -1 if there is none.
+func metricValue(t *testing.T, b *broker.Broker, name, label string) float64 {
+	t.Helper()
+	mfs, err := b.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label != "" && (len(m.GetLabel()) != 1 || m.GetLabel()[0].GetValue() != label) {
+				continue
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	return -1
+}
+
 // tlsFiles writes a self-signed certificate for 127.0.0.1 and its key into
 // a temporary directory and returns their paths and a pool that trusts it.
 func tlsFiles(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
@@ -250,6 +277,9 @@ func TestWebSocketListenerGuarded(t *testing.T) {
 		if _, err := c.Read(make([]byte, 1)); isTimeout(err) {
 			t.Fatal("a TCP connection beyond the per-address limit, counted over all listeners, was kept")
 		}
+		checkFor(t, 10*time.Second, "m2mguard_connections_refused_total{limit=per-addr} 5 and m2mguard_connections_open 8", func() bool {
+			return metricValue(t, b, "m2mguard_connections_refused_total", "per-addr") == 5 && metricValue(t, b, "m2mguard_connections_open", "") == limit
+		})
 	})
 
 	certFile, keyFile, pool := tlsFiles(t)
@@ -446,6 +476,9 @@ func TestNonReadingSubscriberDropped(t *testing.T) {
 			}
 			if cl, ok := b.Server().Clients.Get(tm.SN); !ok || cl.Closed() {
 				t.Fatal("the publisher was disconnected")
+			}
+			if n := metricValue(t, b, "m2mguard_write_timeouts_total", ""); n != 1 {
+				t.Fatalf("m2mguard_write_timeouts_total = %v, want 1", n)
 			}
 		})
 	}
