@@ -239,11 +239,12 @@ func appConnect(t *testing.T, s io.ReadWriter, clientID, app string, password []
 	}
 }
 
-// TestWebSocketListenerGuarded (issue 14, defect 6): WebSocket connections
-// that never send a CONNECT were neither limited per address nor closed.
-// Now the WebSocket listener is bound at Start (port 0 works, the address is
-// known), its connections count against the same per-address limit as the
-// TCP listener's, and every one of them must send its CONNECT in time.
+// TestWebSocketListenerGuarded (SECURITY.md, attacks tried): WebSocket
+// connections that never send a CONNECT were neither limited per address
+// nor closed. Now the WebSocket listener is bound at Start (port 0 works,
+// the address is known), its connections count against the same
+// per-address limit as the TCP listener's, and every one of them must send
+// its CONNECT in time.
 func TestWebSocketListenerGuarded(t *testing.T) {
 	t.Run("limits shared across listeners", func(t *testing.T) {
 		const limit = 8
@@ -370,7 +371,7 @@ func TestWebSocketListenerMeasure(t *testing.T) {
 	t.Logf("after the CONNECT deadline: %d of %d admitted closed by the broker (%v after the first dial)", closed.Load(), len(admitted), time.Since(started).Round(time.Second))
 }
 
-// TestNonReadingSubscriberDropped (issue 14, defect 4, transport part): an
+// TestNonReadingSubscriberDropped (SECURITY.md, attacks tried): an
 // application with keepalive 0 subscribes and never reads while a terminal
 // floods its subscription. mochi's writer to it blocked forever in
 // net.Conn.Write holding the client's write lock. Now the write times out
@@ -484,10 +485,10 @@ func TestNonReadingSubscriberDropped(t *testing.T) {
 	}
 }
 
-// TestMetricsNeedToken (issue 14, defect 9): /metrics told anyone which
-// refusal reason each login got (an sn/IMEI/IMSI oracle). Now it needs the
-// metrics token (generated 0600 in the data directory) or the admin token;
-// /healthz stays open and says nothing internal.
+// TestMetricsNeedToken (SECURITY.md, attacks tried): /metrics told anyone
+// which refusal reason each login got (an sn/IMEI/IMSI oracle). Now it
+// needs the metrics token (generated 0600 in the data directory) or the
+// admin token; /healthz stays open and says nothing internal.
 func TestMetricsNeedToken(t *testing.T) {
 	cfg := testConfig(t)
 	b, logs := start(t, cfg)
