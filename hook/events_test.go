@@ -1,7 +1,9 @@
 package hook
 
 import (
+	"context"
 	"reflect"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -54,5 +56,30 @@ func TestEventLimiter(t *testing.T) {
 				t.Errorf("second drain: %v, want nothing (drain resets)", again)
 			}
 		})
+	}
+}
+
+// TestSpawnAfterStop: Stop waits for the goroutines spawned before it and
+// refuses new ones.
+func TestSpawnAfterStop(t *testing.T) {
+	h := &Hook{}
+	h.life, h.cancel = context.WithCancel(t.Context())
+	release := make(chan struct{})
+	var finished atomic.Bool
+	if !h.spawn(func() { <-release; finished.Store(true) }) {
+		t.Fatal("spawn refused before Stop")
+	}
+	stopped := make(chan struct{})
+	go func() { h.Stop(); close(stopped) }()
+	close(release)
+	<-stopped
+	if !finished.Load() {
+		t.Fatal("Stop returned before the spawned goroutine finished")
+	}
+	if h.life.Err() == nil {
+		t.Fatal("Stop did not cancel the hook's context")
+	}
+	if h.spawn(func() {}) {
+		t.Fatal("spawn accepted after Stop")
 	}
 }
