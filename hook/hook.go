@@ -307,7 +307,9 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
-		s.timer = time.AfterFunc(d, func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
+		s.timer = time.AfterFunc(d, func() {
+			h.spawn(func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
+		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
 		h.keySubscribed(cl, s)

@@ -18,8 +18,9 @@ import (
 //   - key-topic messages go through a small per-session queue, drained by
 //     a writer goroutine that exists only while there is something to write
 //     (an idle terminal costs no goroutine); a write blocked for
-//     WriteTimeout closes the connection, which ends the write;
-//   - every connection the hook ends goes through endConnection, which
+//     WriteTimeout closes the connection at once (Client.Stop: no
+//     DISCONNECT could be written), which ends the write;
+//   - every other connection the hook ends goes through endConnection, which
 //     gives mochi's DisconnectClient DisconnectTimeout and then closes the
 //     socket without the write lock (Client.Stop), which also unblocks any
 //     write stuck on it.
@@ -104,9 +105,7 @@ func (h *Hook) writeKeys(cl *mqtt.Client, s *session) {
 // which ends the write.
 func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 	stalled := time.AfterFunc(h.opts.WriteTimeout, func() {
-		if s.ending.CompareAndSwap(false, true) {
-			h.event(slog.LevelWarn, "session_ended", "sn", s.sn, "reason", "key-write-stalled")
-		}
+		h.markEnding(s, "key-write-stalled")
 		cl.Stop(packets.ErrPendingClientWritesExceeded) // nothing can be written to it: no DISCONNECT
 	})
 	err := cl.WritePacket(packets.Packet{
