@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -504,4 +506,63 @@ func TestStalledKeyWriteDropsClient(t *testing.T) {
 	if !strings.Contains(e.logs.String(), `"reason":"key-write-stalled"`) {
 		t.Fatal("no session_ended event with reason key-write-stalled")
 	}
+}
+
+// TestControlFloodWithRelogins is the documented run of defect 8 (issue
+// 14): for M2MGUARD_FLOOD_SECONDS, a terminal with valid credentials
+// floods garbage control messages without subscribing to its key topic,
+// and logs in again each time the platform closes its session. Every
+// session ends after MaxControlRefusals refusals; the log grows with the
+// logins, not with the messages; no session is left behind.
+func TestControlFloodWithRelogins(t *testing.T) {
+	seconds, err := strconv.Atoi(os.Getenv("M2MGUARD_FLOOD_SECONDS"))
+	if err != nil || seconds <= 0 {
+		t.Skip("documented run: set M2MGUARD_FLOOD_SECONDS (e.g. 9)")
+	}
+	e := newEnv(t, nil)
+	term := e.register("A00MS8011390002S", codec.HS256)
+	e.secrets = nil // the log grows large: skip the secret scan (every other test runs it)
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	t.Logf("before: RSS %s, heap after GC %d KiB", vmRSS(), ms.HeapAlloc/1024)
+	packet := encode(t, garbageControl(term.sn))
+	stop := time.Now().Add(time.Duration(seconds) * time.Second)
+	logins, sent := 0, 0
+	for time.Now().Before(stop) {
+		c, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, true), true)
+		if code != 0 {
+			t.Fatalf("login %d: 0x%02x", logins+1, code)
+		}
+		logins++
+		n, _ := flood(e, c, packet, 1_000_000, time.Second)
+		sent += n
+		c.conn.Close()
+	}
+	if !pollUntil(liveness, func() bool { return len(e.hook.Sessions()) == 0 }) {
+		t.Errorf("%d sessions left", len(e.hook.Sessions()))
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	refused := e.counter("m2mguard_changes_total", "event", "refused")
+	lines := strings.Count(e.logs.String(), "\n")
+	t.Logf("after %d s: %d logins, %d garbage control messages written, %v refused; RSS %s, heap after GC %d KiB, log %d KiB in %d lines",
+		seconds, logins, sent, refused, vmRSS(), ms.HeapAlloc/1024, len(e.logs.String())/1024, lines)
+	if refused > float64(8*logins) {
+		t.Errorf("%v refusals for %d sessions, want <= 8 each", refused, logins)
+	}
+}
+
+// vmRSS is the process's resident set size, from /proc (Linux).
+func vmRSS() string {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return "?"
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			return strings.TrimSpace(rest)
+		}
+	}
+	return "?"
 }
