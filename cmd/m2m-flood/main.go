@@ -33,6 +33,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -215,7 +216,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		defer os.RemoveAll(work)
 	}
 	bin := cfg.Broker
-	if bin == "" {
+	if bin != "" {
+		// Absolute: each broker runs in a directory of its own.
+		if bin, err = filepath.Abs(bin); err != nil {
+			fmt.Fprintln(stderr, "m2m-flood:", err)
+			return exitFailure
+		}
+	} else {
 		fmt.Fprintln(stderr, "m2m-flood: building", brokerPkg)
 		if bin, err = buildBroker(ctx, work); err != nil {
 			fmt.Fprintln(stderr, "m2m-flood:", err)

@@ -92,7 +92,7 @@ func TestTables(t *testing.T) {
 		r.Checks = r.Detail.checks(r)
 		var b bytes.Buffer
 		writeTable(&b, r)
-		for _, s := range append(want[r.Scenario], "== "+r.Scenario, "peak 40.0 MiB (growth 30.0 MiB)", "20.5 MiB") {
+		for _, s := range append(want[r.Scenario], "== "+r.Scenario, "peak 40.0 MiB (growth 30.0 MiB)", "idle 20.5 MiB") {
 			if !strings.Contains(b.String(), s) {
 				t.Errorf("%s table lacks %q:\n%s", r.Scenario, s, b.String())
 			}

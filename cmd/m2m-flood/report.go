@@ -27,12 +27,15 @@ func writeTable(w io.Writer, r *Result) {
 			put(rw.name, "%s", rw.value)
 		}
 	}
-	after := "n/a (broker not running)"
-	if r.RSS.After != nil {
-		after = fmt.Sprintf("%.1f MiB", *r.RSS.After)
+	after := "no cool-down"
+	switch {
+	case r.RSS.After != nil:
+		after = fmt.Sprintf("after %.0f s idle %.1f MiB", r.RSS.CooldownSeconds, *r.RSS.After)
+	case r.RSS.CooldownSeconds > 0:
+		after = "after the cool-down: n/a (broker not running)"
 	}
-	put("broker RSS", "before %.1f MiB, end %.1f MiB, peak %.1f MiB (growth %.1f MiB); after %.0f s idle: %s",
-		r.RSS.Before, r.RSS.End, r.RSS.Peak, r.RSS.Growth(), r.RSS.CooldownSeconds, after)
+	put("broker RSS", "before %.1f MiB, end %.1f MiB, peak %.1f MiB (growth %.1f MiB); %s",
+		r.RSS.Before, r.RSS.End, r.RSS.Peak, r.RSS.Growth(), after)
 	put("broker log during the attack", "%s", bytesText(r.LogBytes))
 	if r.Genuine != nil {
 		put("genuine logins during", "%s", r.Genuine)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -75,8 +76,10 @@ type Result struct {
 }
 
 // RSS is the broker's resident memory (VmRSS) in MiB: before the attack,
-// at its end, the highest sample during it (every 100 ms), and after the
-// cool-down with the broker idle (nil if the broker was no longer running).
+// at its end, the highest sample (every 100 ms) from the start of the
+// attack to the end of the cool-down (work queued during the attack may
+// still be running), and after the cool-down with the broker idle (nil if
+// the broker was no longer running).
 type RSS struct {
 	Before          float64  `json:"before_mib"`
 	End             float64  `json:"end_mib"`
@@ -85,7 +88,7 @@ type RSS struct {
 	CooldownSeconds float64  `json:"cooldown_seconds"`
 }
 
-// Growth is the peak during the attack minus the figure before it.
+// Growth is the peak minus the figure before the attack.
 func (r RSS) Growth() float64 { return r.Peak - r.Before }
 
 // Check is a target a scenario is judged by and whether this run met it.
@@ -136,17 +139,23 @@ func runScenario(ctx context.Context, cfg *Config, bin, work string, sc *scenari
 		}
 	}
 
-	attackCtx, cancel := context.WithCancel(ctx)
+	// brokerCtx ends the attack and the cool-down when the broker is
+	// killed for passing the memory limit.
+	brokerCtx, killed := context.WithCancel(ctx)
+	defer killed()
+	attackCtx, cancel := context.WithCancel(brokerCtx)
 	defer cancel()
 	started := time.Now()
-	var noteMu sync.Mutex
+	var attackOver atomic.Bool
 	watch := watchMem(b.Pid, cfg.RSSLimitMiB<<20, 100*time.Millisecond, func(rss int64) {
-		noteMu.Lock()
-		r.Notes = append(r.Notes, fmt.Sprintf("broker RSS %.0f MiB passed the limit (--rss-limit-mib %d) %.1f s into the attack: broker killed, attack stopped",
-			mib(rss), cfg.RSSLimitMiB, time.Since(started).Seconds()))
-		noteMu.Unlock()
+		phase := "during the attack: attack stopped"
+		if attackOver.Load() {
+			phase = "during the cool-down"
+		}
+		r.Notes = append(r.Notes, fmt.Sprintf("broker RSS %.0f MiB passed the limit (--rss-limit-mib %d) %.1f s after the attack started, %s; broker killed",
+			mib(rss), cfg.RSSLimitMiB, time.Since(started).Seconds(), phase))
 		e.progress("RSS %.0f MiB over the limit: killing the broker", mib(rss))
-		cancel()
+		killed()
 		b.kill()
 	})
 	defer watch.Stop()
@@ -165,22 +174,25 @@ func runScenario(ctx context.Context, cfg *Config, bin, work string, sc *scenari
 	e.progress("attack: %s", r.Title)
 	det, err := sc.attack(attackCtx, e)
 	r.AttackSeconds = time.Since(started).Seconds()
+	attackOver.Store(true)
 	cancel()
 	wg.Wait()
-	end, peak := watch.now()
-	r.RSS.End, r.RSS.Peak = mib(end), mib(peak)
+	end, _ := watch.now()
+	r.RSS.End = mib(end)
 	r.LogBytes = b.logSize() - logBefore
 	r.Detail = det
 	if sc.genuine {
 		r.Genuine = &during
 	}
 	if err != nil {
+		_, peak := watch.now()
+		r.RSS.Peak = mib(peak)
 		return fail(err)
 	}
 
 	if b.alive() && cfg.Cooldown > 0 {
 		e.progress("cool-down: %s idle", cfg.Cooldown)
-		cctx, ccancel := context.WithTimeout(ctx, cfg.Cooldown)
+		cctx, ccancel := context.WithTimeout(brokerCtx, cfg.Cooldown)
 		t0 := time.Now()
 		if sc.genuine {
 			after := probeLogins(cctx, e.genuineDialer, b.TCP, e.genuine, cfg.GenuineInterval, cfg.LoginTimeout)
@@ -189,12 +201,14 @@ func runScenario(ctx context.Context, cfg *Config, bin, work string, sc *scenari
 		<-cctx.Done()
 		ccancel()
 		r.RSS.CooldownSeconds = time.Since(t0).Seconds()
-		if b.alive() {
+		if brokerCtx.Err() == nil && b.alive() {
 			after, _ := watch.now()
 			a := mib(after)
 			r.RSS.After = &a
 		}
 	}
+	_, peak := watch.now()
+	r.RSS.Peak = mib(peak)
 	watch.Stop()
 	if det != nil {
 		r.Checks = det.checks(r)

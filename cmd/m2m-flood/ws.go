@@ -82,8 +82,8 @@ func wsAttack(ctx context.Context, e *env) (detail, error) {
 			for range jobs {
 				ws, resp, err := dialer.DialContext(ctx, url, nil)
 				if err != nil {
-					if ctx.Err() != nil {
-						return
+					if ended(ctx) {
+						continue
 					}
 					mu.Lock()
 					failed[wsFailure(resp, err)]++
@@ -106,8 +106,13 @@ func wsAttack(ctx context.Context, e *env) (detail, error) {
 			}
 		}()
 	}
-	for i := 0; i < e.cfg.WSConns && ctx.Err() == nil; i++ {
-		jobs <- struct{}{}
+send:
+	for range e.cfg.WSConns {
+		select {
+		case jobs <- struct{}{}:
+		case <-ctx.Done():
+			break send
+		}
 	}
 	close(jobs)
 	dialers.Wait()
