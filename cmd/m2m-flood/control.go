@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -71,18 +72,24 @@ func controlAttack(ctx context.Context, e *env) (detail, error) {
 	}
 	d := &controlDetail{}
 	var sent atomic.Int64
-	var ending atomic.Bool
+	var ending atomic.Bool // the suite closes the connection: not the broker's doing
 	closed := make(chan struct{})
-	readerDone := make(chan struct{})
+	var closeOnce sync.Once
 	start := time.Now()
+	brokerClosed := func() {
+		closeOnce.Do(func() {
+			d.Closed, d.ClosedAfter, d.SentBeforeClose = true, time.Since(start).Seconds(), sent.Load()
+			close(closed)
+		})
+	}
+	readerDone := make(chan struct{})
 	go func() {
 		defer close(readerDone)
 		for {
 			pk, err := c.read(0)
 			if err != nil {
 				if !ending.Load() {
-					d.Closed, d.ClosedAfter, d.SentBeforeClose = true, time.Since(start).Seconds(), sent.Load()
-					close(closed)
+					brokerClosed()
 				}
 				return
 			}
@@ -99,7 +106,7 @@ func controlAttack(ctx context.Context, e *env) (detail, error) {
 		n, err := c.conn.Write(batch)
 		sent.Add(int64(n / size))
 		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			break // the broker closed the connection
+			brokerClosed()
 		}
 		select {
 		case <-closed:
