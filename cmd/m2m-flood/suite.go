@@ -190,7 +190,7 @@ func runScenario(ctx context.Context, cfg *Config, bin, work string, sc *scenari
 		return fail(err)
 	}
 
-	if b.alive() && cfg.Cooldown > 0 {
+	if brokerCtx.Err() == nil && b.alive() && cfg.Cooldown > 0 {
 		e.progress("cool-down: %s idle", cfg.Cooldown)
 		cctx, ccancel := context.WithTimeout(brokerCtx, cfg.Cooldown)
 		t0 := time.Now()
