@@ -23,7 +23,7 @@ import (
 // in code; Validate before Run.
 type Config struct {
 	// DataDir holds the embedded store, its master key and the generated
-	// admin token (created 0700 on first run).
+	// admin and metrics tokens (created 0700 on first run).
 	DataDir string
 
 	Log   LogConfig
@@ -92,8 +92,9 @@ type MQTTConfig struct {
 	SessionExpiry    time.Duration // how long mochi keeps the session of a disconnected client
 	PublicURL        string
 
-	// netguard on the TCP and TLS listeners
+	// netguard on every MQTT listener, their connections counted together
 	ConnectTimeout  time.Duration
+	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
 	MaxConnsPerAddr int
 	MaxConns        int // 0 = no limit
 }
@@ -103,6 +104,11 @@ type AdminConfig struct {
 	Listen    string // "" or "off" = no admin API
 	Token     string
 	TokenFile string // "" = <data_dir>/admin.token
+
+	// MetricsToken may read /metrics and nothing else (the admin token may
+	// too): a Prometheus scraper holds no admin secret.
+	MetricsToken     string
+	MetricsTokenFile string // "" = <data_dir>/metrics.token
 }
 
 // AuthConfig tunes login checks (SPEC section 3).
@@ -171,7 +177,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
-		ConnectTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
+		ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
@@ -316,7 +322,7 @@ func Fields() []Field {
 }
 
 var fields = []Field{
-	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key and the generated admin token (created 0700)",
+	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key and the generated admin and metrics tokens (created 0700)",
 		set: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Default: "text", Help: "log format: text or json (stderr)",
 		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
@@ -382,11 +388,13 @@ var fields = []Field{
 		set: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
 	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
-	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new TCP/TLS connection must send its CONNECT within this (slow-loris guard)",
+	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
 		set: dur(func(c *Config) *time.Duration { return &c.MQTT.ConnectTimeout })},
-	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open TCP/TLS connections from one IP address; more are closed at once",
+	{Key: "mqtt.write_timeout", Default: "10s", Help: "every write to a client must finish within this, else its connection is closed (a client that stops reading)",
+		set: dur(func(c *Config) *time.Duration { return &c.MQTT.WriteTimeout })},
+	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open connections from one IP address, all MQTT listeners together; more are closed at once",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
-	{Key: "mqtt.max_conns", Default: "0", Help: "open TCP/TLS connections in all (0 = no limit)",
+	{Key: "mqtt.max_conns", Default: "0", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
 		set: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
@@ -397,6 +405,10 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Admin.Token })},
 	{Key: "admin.token_file", Default: "<data_dir>/admin.token", Help: "file of the admin bearer token (created 0600 on first run)",
 		set: str(func(c *Config) *string { return &c.Admin.TokenFile })},
+	{Key: "admin.metrics_token", Secret: true, Help: "bearer token that may read /metrics and nothing else (at least 16 characters; the admin token is accepted too); default: read from metrics_token_file, generated there on first run",
+		set: str(func(c *Config) *string { return &c.Admin.MetricsToken })},
+	{Key: "admin.metrics_token_file", Default: "<data_dir>/metrics.token", Help: "file of the metrics bearer token (created 0600 on first run); give it to Prometheus as credentials_file",
+		set: str(func(c *Config) *string { return &c.Admin.MetricsTokenFile })},
 
 	{Key: "auth.skew", Default: "5m0s", Help: "allowed |now - ts| at login",
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.Skew })},
@@ -652,6 +664,9 @@ func (c *Config) Validate() error {
 	if c.Admin.TokenFile == "" {
 		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin.token")
 	}
+	if c.Admin.MetricsTokenFile == "" {
+		c.Admin.MetricsTokenFile = filepath.Join(c.DataDir, "metrics.token")
+	}
 	switch c.Log.Format {
 	case "text", "json":
 	default:
@@ -729,6 +744,9 @@ func (c *Config) Validate() error {
 	if c.Admin.Token != "" && len(c.Admin.Token) < 16 {
 		return bad("admin.token", "at least 16 characters")
 	}
+	if c.Admin.MetricsToken != "" && len(c.Admin.MetricsToken) < 16 {
+		return bad("admin.metrics_token", "at least 16 characters")
+	}
 	if c.SMS.URL != "" && !strings.HasPrefix(c.SMS.URL, "http://") && !strings.HasPrefix(c.SMS.URL, "https://") {
 		return bad("sms.url", "want an http:// or https:// URL")
 	}
@@ -741,7 +759,7 @@ func (c *Config) Validate() error {
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
 		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"auth.app_failure_refill", c.Auth.AppFailureRefill},
 		{"keys.change_deadline", c.Keys.ChangeDeadline},
-		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
+		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.write_timeout", c.MQTT.WriteTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}

@@ -206,7 +206,6 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	h.restrictTerminal(cl, s)
 	h.metrics.accepted.Inc()
-	h.metrics.terminals.Inc()
 	if s.hasKey() {
 		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
 			"session_key", true, "sid", s.sid.String(), "key_exp", s.exp.Unix(), "protocol", cl.Properties.ProtocolVersion)
@@ -241,7 +240,7 @@ func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd
 		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
 		return
 	}
-	s.outbox = append(s.outbox, payload) // sent once the key topic is subscribed
+	s.keyq = append(s.keyq, payload) // sent once the key topic is subscribed
 	if msg.Kind == codec.KindErr {
 		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
 	}
@@ -326,7 +325,6 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 		cl.Properties.Will = mqtt.Will{}
 	}
 	h.metrics.accepted.Inc()
-	h.metrics.applications.Inc()
 	h.event(slog.LevelInfo, "login_accepted", "app", name, "remote", addr, "protocol", cl.Properties.ProtocolVersion)
 	return s, packets.CodeSuccess
 }

@@ -26,6 +26,9 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if s == nil || s.kind != kindTerminal {
 		return pk, nil
 	}
+	if s.ending.Load() {
+		return pk, packets.CodeSuccessIgnore // the hook is closing the session
+	}
 	kind, _ := codec.ParseTopic(pk.TopicName)
 	switch kind {
 	case codec.TopicCtl:
@@ -67,9 +70,8 @@ func (h *Hook) envelopeFailed(cl *mqtt.Client, s *session, reason string) {
 	h.metrics.envelopeFailures.WithLabelValues("up", reason).Inc()
 	n := s.envFailed.Add(1)
 	h.event(slog.LevelWarn, "envelope_refused", "sn", s.sn, "reason", reason, "failures", n)
-	if int(n) == h.opts.MaxEnvelopeFailures {
-		h.event(slog.LevelWarn, "session_ended", "sn", s.sn, "reason", "envelope-failures")
-		go h.server.DisconnectClient(cl, packets.ErrPayloadFormatInvalid)
+	if int(n) >= h.opts.MaxEnvelopeFailures {
+		h.endSession(cl, s, "envelope-failures", packets.ErrPayloadFormatInvalid)
 	}
 }
 

@@ -81,6 +81,24 @@ type Options struct {
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended; 0 = 3.
 	MaxEnvelopeFailures int
+	// MaxControlRefusals is how many control messages of one session may
+	// be refused (each answered with an err) before the session is ended;
+	// 0 = 8. A genuine terminal needs one or two at most.
+	MaxControlRefusals int
+
+	// WriteTimeout bounds one write of a key-topic message: a terminal
+	// that does not read for that long is disconnected; 0 = 10 s.
+	WriteTimeout time.Duration
+	// DisconnectTimeout bounds how long ending a connection (takeover,
+	// admin, session expiry, abuse) waits for mochi to write the
+	// DISCONNECT before it closes the socket without it; 0 = 500 ms.
+	DisconnectTimeout time.Duration
+	// EventRate caps the security events an attacker can trigger in bulk
+	// (login_refused, binding_mismatch, control_refused, envelope_refused,
+	// session_abandoned) at this many per second per event name; the rest
+	// are counted in one events_suppressed event per name and second.
+	// Metrics count every one. 0 = 20.
+	EventRate int
 
 	Now        func() time.Time      // nil = time.Now
 	Rand       io.Reader             // nil = crypto/rand.Reader
@@ -98,15 +116,23 @@ type Hook struct {
 	metrics  *metrics
 	gatherer prometheus.Gatherer
 
-	sessions sync.Map // *mqtt.Client → *session, for every authenticated connection
-	offline  sync.Map // ClientID → *session (identity only) of persistent sessions whose client is gone
+	sessions sync.Map      // *mqtt.Client → *session, for every authenticated connection
+	pending  pendingLogins // logins not yet established (lifecycle.go)
+	offline  sync.Map      // ClientID → *session (identity only) of persistent sessions whose client is gone
 	replay   *replayCache
 	throttle *throttle
 	apps     *appLimiter
 	changes  *changeWatch
 	revoked  revocations
-	done     chan struct{}  // closed by Stop
-	wg       sync.WaitGroup // the hook's goroutines; Stop waits for them
+	events   *eventLimiter
+
+	// Every goroutine of the hook runs through spawn and is waited for by
+	// Stop; life is cancelled by Stop.
+	life    context.Context
+	cancel  context.CancelFunc
+	lifeMu  sync.Mutex
+	stopped bool
+	wg      sync.WaitGroup
 }
 
 // New validates the options and returns the hook.
@@ -135,6 +161,18 @@ func New(opts Options) (*Hook, error) {
 	if opts.MaxEnvelopeFailures <= 0 {
 		opts.MaxEnvelopeFailures = 3
 	}
+	if opts.MaxControlRefusals <= 0 {
+		opts.MaxControlRefusals = 8
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 10 * time.Second
+	}
+	if opts.DisconnectTimeout <= 0 {
+		opts.DisconnectTimeout = 500 * time.Millisecond
+	}
+	if opts.EventRate <= 0 {
+		opts.EventRate = 20
+	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -154,8 +192,10 @@ func New(opts Options) (*Hook, error) {
 		throttle: newThrottle(opts.Throttle),
 		apps:     newAppLimiter(opts.Apps),
 		changes:  &changeWatch{deadlines: map[string]time.Time{}},
-		done:     make(chan struct{}),
+		events:   newEventLimiter(opts.EventRate, floodEvents...),
+		pending:  pendingLogins{m: map[*mqtt.Client]*session{}},
 	}
+	h.life, h.cancel = context.WithCancel(context.Background())
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -202,14 +242,19 @@ func (h *Hook) session(cl *mqtt.Client) *session {
 
 // event logs a security event. Attributes never carry secrets. It hands
 // the record to the handler itself: Logger.Log would also walk the stack
-// for a source position nobody asked for, once per login.
+// for a source position nobody asked for, once per login. Events an
+// attacker can trigger in bulk are capped (floodEvents).
 func (h *Hook) event(level slog.Level, name string, attrs ...any) {
 	ctx := context.Background()
 	hd := h.log.Handler()
 	if !hd.Enabled(ctx, level) {
 		return
 	}
-	r := slog.NewRecord(time.Now(), level, "m2mguard "+name, 0)
+	now := time.Now()
+	if !h.events.allow(name, now) {
+		return
+	}
+	r := slog.NewRecord(now, level, "m2mguard "+name, 0)
 	r.AddAttrs(slog.String("event", name))
 	r.Add(attrs...)
 	_ = hd.Handle(ctx, r)
@@ -242,10 +287,10 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// on the record it had read before; Revoke may not have seen the
 		// session, which was not registered yet.
 		h.sessions.Delete(cl)
-		h.metrics.terminals.Dec()
 		h.refused(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
 		return h.refuse(cl, packets.ErrNotAuthorized)
 	}
+	h.pending.add(cl, s)
 	h.offline.Delete(cl.ID)
 	return nil
 }
@@ -255,25 +300,41 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return h.session(cl) != nil
 }
 
-// OnSessionEstablish runs after the login and before mochi hands a
-// persistent session over to the new connection (inherit.go).
+// OnSessionEstablish runs in the new login's goroutine just before mochi
+// takes over an existing connection with the same ClientID, which writes
+// it a DISCONNECT: if that connection does not read, the write would block
+// the login for as long as the connection lives. It is ended here first,
+// within DisconnectTimeout; mochi then finds it closed. Downlink a keyless
+// predecessor withheld is handed to the new connection (inherit.go).
 func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	h.endTakenOver(cl)
 	h.takeOverParked(cl, pk)
 }
 
-// OnSessionEstablished delivers a waiting key message to a terminal that
-// is already subscribed to its key topic from an earlier persistent
-// session, and arms the end of the session at the key's exp.
+func (h *Hook) endTakenOver(cl *mqtt.Client) {
+	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
+		h.endConnection(old, packets.ErrSessionTakenOver)
+	}
+}
+
+// OnSessionEstablished counts the session (its CONNACK is out), delivers
+// a waiting key message to a terminal that is already subscribed to its
+// key topic from an earlier persistent session, and arms the end of the
+// session at the key's exp.
 func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := h.session(cl)
-	if s == nil || s.kind != kindTerminal {
+	if s == nil || !s.state.CompareAndSwap(statePending, stateEstablished) {
+		return // the housekeeping sweep found its connection closed already
+	}
+	h.pending.remove(cl)
+	h.metrics.sessionsOf(s.kind).Inc()
+	if s.kind != kindTerminal {
 		return
 	}
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
 		s.timer = time.AfterFunc(d, func() {
-			h.event(slog.LevelInfo, "session_expired", "sn", s.sn, "sid", s.sid.String())
-			h.server.DisconnectClient(cl, packets.ErrMaxConnectTime)
+			h.spawn(func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
 		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
@@ -296,41 +357,6 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 }
 
-// sendKey sends a message on the terminal's key topic, or keeps it until
-// the terminal has subscribed there. Platform messages go straight to the
-// one connection they are for (QoS 0), never through the topic tree.
-func (h *Hook) sendKey(cl *mqtt.Client, s *session, payload []byte) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.subscribed {
-		s.outbox = append(s.outbox, payload)
-		return
-	}
-	h.writeKey(cl, s, payload)
-}
-
-// keySubscribed flushes the outbox once the key topic is subscribed.
-func (h *Hook) keySubscribed(cl *mqtt.Client, s *session) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.subscribed = true
-	for _, m := range s.outbox {
-		h.writeKey(cl, s, m)
-	}
-	s.outbox = nil
-}
-
-func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
-	err := cl.WritePacket(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish},
-		TopicName:   s.keyTopic,
-		Payload:     payload,
-	})
-	if err != nil {
-		h.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
-	}
-}
-
 // OnDisconnect forgets the connection's session. If the MQTT session
 // persists, its identity (not its key) is kept, so that messages queued for
 // it pass the per-recipient ACL and are sealed for the next session.
@@ -343,6 +369,14 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if s == nil {
 		return
 	}
+	switch s.state.Swap(stateEnded) {
+	case stateEnded:
+		return // forgotten already
+	case statePending: // not established (only a direct caller gets here)
+		h.pending.remove(cl)
+	case stateEstablished:
+		h.metrics.sessionsOf(s.kind).Dec()
+	}
 	if s.timer != nil {
 		s.timer.Stop()
 	}
@@ -353,7 +387,6 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		}
 	}
 	h.sessions.Delete(cl)
-	h.metrics.sessionsOf(s.kind).Dec()
 }
 
 // OnClientExpired forgets a persistent session that mochi expired.

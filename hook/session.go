@@ -56,13 +56,26 @@ type session struct {
 	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible
 	timer  *time.Timer
 
-	// Key-topic messages wait in outbox until the terminal has subscribed
-	// to $m2m/<sn>/key; closeAfter ends the connection once the PUBACK of
-	// the control message being handled is out (after a committed change).
+	// state is the session's place in its life (pending, established,
+	// ended); see lifecycle.go.
+	state atomic.Uint32
+	// ending is set once the hook has decided to end the connection: later
+	// control messages and envelopes are dropped unanswered and unlogged.
+	ending atomic.Bool
+
+	// Key-topic messages wait in keyq (at most maxKeyQueue) until the
+	// terminal has subscribed to $m2m/<sn>/key, then a writer goroutine,
+	// started on demand, sends them in order (see writes.go). closeAfter
+	// ends the connection once the PUBACK of the control message being
+	// handled is out (after a committed change); closeCode, if set, ends
+	// it once the writer has sent what is queued.
 	mu         sync.Mutex
 	subscribed bool
-	outbox     [][]byte
+	writing    bool // a writer goroutine drains keyq
+	keyq       [][]byte
+	closeCode  *packets.Code
 	closeAfter atomic.Bool
+	ctlRefused atomic.Int32 // control messages of this session refused
 
 	// The record and pending change seen at login, for deliverPending once
 	// the session is established (then nil).
