@@ -3,8 +3,11 @@ package hook_test
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -215,4 +218,55 @@ func connectBytes(clientID, username string, password []byte) []byte {
 		panic(err)
 	}
 	return buf.Bytes()
+}
+
+// TestReplayGuardDownFailsClosed: when the guard cannot tell whether a
+// nonce was used, a login with a valid digest is refused as the store
+// being unavailable (0x88) under its own reason, and a control message is
+// not acted on.
+func TestReplayGuardDownFailsClosed(t *testing.T) {
+	var down atomic.Bool
+	e := newEnv(t, func(o *hook.Options) {
+		o.ReplayGuard = switchGuard{&down, replay.NewMemory(replay.Options{Now: o.Now})}
+	})
+	term := e.register("A00MS8011390002S", codec.HS256)
+	c, _ := loginWithKey(t, e, term, true)
+	down.Store(true)
+	if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != v5ServerUnavailable {
+		t.Fatalf("login with the guard down: 0x%02x, want 0x88", code)
+	}
+	if got := e.counter("m2mguard_logins_total", "reason", "replay-guard-unavailable"); got != 1 {
+		t.Fatalf("refusals for the guard %v, want 1", got)
+	}
+	// mochi runs the hook before it sends the PUBACK: an answer would
+	// have come before it.
+	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "cipher", e.ts(), nonce()), 1)
+	for _, pk := range c.held {
+		if pk.FixedHeader.Type == packets.Publish {
+			t.Fatalf("chg with the guard down answered %q", pk.Payload)
+		}
+	}
+	if rec, err := e.svc.Get(t.Context(), term.sn); err != nil || rec.Pending != nil {
+		t.Fatalf("a change was started with the guard down (%v)", err)
+	}
+	if got := e.counter("m2mguard_changes_total", "event", "failed", "detail", "replay-guard"); got != 1 {
+		t.Fatalf("failed control claims %v, want 1", got)
+	}
+}
+
+// v5ServerUnavailable is the CONNACK code of a login the platform cannot
+// check now (SPEC section 3: the store is unreachable).
+const v5ServerUnavailable = 0x88
+
+// switchGuard fails while down is set, else asks g.
+type switchGuard struct {
+	down *atomic.Bool
+	g    hook.ReplayGuard
+}
+
+func (s switchGuard) Claim(ctx context.Context, sn string, nonce uint64, until time.Time) (bool, error) {
+	if s.down.Load() {
+		return false, errors.New("guard unreachable")
+	}
+	return s.g.Claim(ctx, sn, nonce, until)
 }

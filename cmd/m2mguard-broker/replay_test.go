@@ -129,7 +129,7 @@ func loginToken(t *testing.T, b admin.Bundle) []byte {
 // connect logs in with MQTT 3.1.1 and returns the CONNACK return code.
 func connect(t *testing.T, addr, sn, username string, password []byte) byte {
 	t.Helper()
-	o := paho.NewClientOptions().AddBroker("tcp://"+addr).SetClientID(sn).SetUsername(username).
+	o := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(sn).SetUsername(username).
 		SetPassword(string(password)).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
 		SetProtocolVersion(4).SetConnectTimeout(10 * time.Second)
 	c := paho.NewClient(o)
@@ -162,6 +162,9 @@ func TestLoginReplayAfterKill(t *testing.T) {
 		t.Fatalf("first login: %d\n%s", code, p.logs.String())
 	}
 	p.kill(t)
+	if fi, err := os.Stat(filepath.Join(work, "data", "replay")); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("data/replay: %v %v, want a directory 0700", fi, err)
+	}
 
 	p = startBinary(t, bin, work)
 	if code := connect(t, p.mqtt, b.SN, username, captured); code != v3NotAuthorized {
