@@ -97,10 +97,10 @@ func TestThrottleBlockedPairsNeedFreeFailuresEach(t *testing.T) {
 // number each (issue 14, defect 5) on the default table: the table never
 // holds more than MaxEntries pairs, the heap stops growing once it is full,
 // a pair in a refusal period stays refused, and a failure at the end of
-// the flood costs what one at its start cost (the refusal rate of the
-// last tenth is at least a quarter of the first's here; the old table fell
-// to 1/5000 of it). M2MGUARD_THROTTLE_FAILURES sets the number (default
-// 1,000,000).
+// the flood costs what one at its start cost. The refusal rate of the last
+// tenth is asserted to be at least a tenth of the first's, a margin for
+// noisy machines (measured: about 1; the old table fell to 1/5000).
+// M2MGUARD_THROTTLE_FAILURES sets the number (default 1,000,000).
 func TestThrottleMillionFailures(t *testing.T) {
 	total := 1_000_000
 	if n, err := strconv.Atoi(os.Getenv("M2MGUARD_THROTTLE_FAILURES")); err == nil && n >= 10 {
@@ -143,7 +143,7 @@ func TestThrottleMillionFailures(t *testing.T) {
 	if full > 0 && end > full+full/2+4<<20 {
 		t.Errorf("heap grew from %d KiB (table full) to %d KiB", full>>10, end>>10)
 	}
-	if ratio < 0.25 {
+	if ratio < 0.1 {
 		t.Errorf("refusal rate at the end %.0f/s, at the start %.0f/s: ratio %.2f", rates[len(rates)-1], rates[0], ratio)
 	}
 }
