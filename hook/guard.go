@@ -72,7 +72,9 @@ func (o ThrottleOptions) withDefaults() ThrottleOptions {
 // Throttler counts failed logins per (identity, source address) and says
 // when a pair is in a refusal period (SPEC section 3, step 8). The default
 // is the hook's bounded table, configured by Options.Throttle; a fleet of
-// brokers may share counters through another implementation.
+// brokers may share counters through another implementation. It is called
+// on every CONNECT, also under a flood of them, so it answers from memory
+// (a shared implementation exchanges counters in the background).
 type Throttler interface {
 	// Blocked reports whether the pair is in a refusal period at now.
 	Blocked(id, addr string, now time.Time) bool
