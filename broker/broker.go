@@ -40,6 +40,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
 	"github.com/m2mguard/m2mguard/wslistener"
 )
@@ -51,6 +52,7 @@ type Broker struct {
 	store    keysvc.Store
 	svc      *keysvc.Service
 	hook     *hook.Hook
+	replay   *replay.Guard
 	server   *mqtt.Server
 	registry *prometheus.Registry
 
@@ -133,14 +135,22 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	b.registry = prometheus.NewRegistry()
 	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	// The nonces of accepted logins and control messages outlive a
+	// restart, whatever the store (SPEC section 3, step 6).
+	b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
+	if err != nil {
+		return nil, &ConfigError{Key: "data_dir", Err: err}
+	}
+
 	b.server = mqtt.New(MochiOptions(cfg, logger))
 	hopts := hook.Options{
 		Registry: b.svc, Server: b.server,
 		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
 		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle:   hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		Logger:     logger.With("component", "hook"),
-		Registerer: b.registry,
+		Throttle:    hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		ReplayGuard: b.replay,
+		Logger:      logger.With("component", "hook"),
+		Registerer:  b.registry,
 	}
 	hopts.Apps = hook.AppLimitOptions{
 		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
@@ -532,7 +542,8 @@ func (b *Broker) Hook() *hook.Hook { return b.hook }
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
 // Close stops the admin API, disconnects every client, stops mochi and
-// closes the store. It is safe to call more than once.
+// closes the replay guard and the store. It is safe to call more than
+// once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -546,6 +557,11 @@ func (b *Broker) Close() error {
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
+			}
+		}
+		if b.replay != nil {
+			if err := b.replay.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("replay guard: %w", err))
 			}
 		}
 		if b.store != nil {

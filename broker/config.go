@@ -322,7 +322,7 @@ func Fields() []Field {
 }
 
 var fields = []Field{
-	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key and the generated admin and metrics tokens (created 0700)",
+	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens and the replay guard's claims (replay/); created 0700",
 		set: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Default: "text", Help: "log format: text or json (stderr)",
 		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},

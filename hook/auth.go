@@ -29,6 +29,7 @@ const (
 	reasonExpired     = "expired"
 	reasonDisabled    = "disabled"
 	reasonUnavailable = "store-unavailable"
+	reasonGuardDown   = "replay-guard-unavailable"
 	reasonBadApp      = "bad-application-credentials"
 	reasonAnonymous   = "anonymous"
 	reasonForeignID   = "foreign-client-id"
@@ -96,10 +97,9 @@ func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
 	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
-	tk := throttleKey{id: sn, addr: addr}
 	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
 		h.refused(sn, addr, reason, attrs...)
-		if d := h.throttle.fail(tk, now); d > 0 {
+		if d := h.throttle.Fail(sn, addr, now); d > 0 {
 			time.Sleep(d)
 		}
 		return nil, code
@@ -117,7 +117,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 8 (checked before the digest, so that the answer to a throttled
 	// address never says whether its guess was right).
-	if h.throttle.blocked(tk, now) {
+	if h.throttle.Blocked(sn, addr, now) {
 		h.metrics.throttled.Inc()
 		h.refused(sn, addr, reasonThrottled)
 		return nil, packets.ErrBanned
@@ -159,17 +159,22 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	if d := now.Sub(time.Unix(int64(l.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
 		return fail(reasonSkew, packets.ErrBadUsernameOrPassword)
 	}
-	// 6. Replay of an accepted (sn, nonce).
-	rk := replayKey{sn: sn, nonce: uint64(l.Nonce)}
-	if h.replay.seen(rk, now) {
+	// 7. The digest, with up or with the pending new up (which commits).
+	match := t.MatchUplink(l.Verify)
+	if match == keysvc.MatchNone {
+		return fail(reasonDigest, packets.ErrBadUsernameOrPassword)
+	}
+	// 6. The nonce is claimed once, atomically: after the digest (so that
+	// only genuine logins fill the guard), before any side effect.
+	switch first, err := h.claim(ctx, sn, l.TS, l.Nonce, now); {
+	case err != nil:
+		h.refused(sn, addr, reasonGuardDown, "err", err.Error())
+		return nil, packets.ErrServerUnavailable
+	case !first:
 		h.metrics.replays.WithLabelValues("login").Inc()
 		return fail(reasonReplay, packets.ErrBadUsernameOrPassword)
 	}
-	// 7. The digest, with up or with the pending new up (which commits).
-	switch t.MatchUplink(l.Verify) {
-	case keysvc.MatchNone:
-		return fail(reasonDigest, packets.ErrBadUsernameOrPassword)
-	case keysvc.MatchPending:
+	if match == keysvc.MatchPending {
 		rid := t.Pending.RID
 		committed, err := h.reg.CommitChange(ctx, sn, rid)
 		switch {
@@ -183,8 +188,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		h.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", "login")
 		t = committed
 	}
-	h.replay.add(rk, now)
-	h.throttle.succeed(tk)
+	h.throttle.Succeed(sn, addr)
 	// 9. Expiry of up, with the grace period.
 	if t.Creds.UpExp != codec.Never && now.After(time.Unix(int64(t.Creds.UpExp), 0).Add(h.opts.Grace)) {
 		return fail(reasonExpired, packets.ErrBadUsernameOrPassword)
@@ -285,8 +289,8 @@ func (h *Hook) restrictTerminal(cl *mqtt.Client, s *session) {
 
 func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
-	tk := throttleKey{id: "app:" + name, addr: addr}
-	if h.throttle.blocked(tk, now) {
+	id := "app:" + name
+	if h.throttle.Blocked(id, addr, now) {
 		h.metrics.throttled.Inc()
 		h.refused("", addr, reasonThrottled, "app", clip(name))
 		return nil, packets.ErrBanned
@@ -313,12 +317,12 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 			return nil, packets.ErrServerUnavailable
 		}
 		h.refused("", addr, reasonBadApp, "app", clip(name))
-		if d := h.throttle.fail(tk, now); d > 0 {
+		if d := h.throttle.Fail(id, addr, now); d > 0 {
 			time.Sleep(d)
 		}
 		return nil, packets.ErrBadUsernameOrPassword
 	}
-	h.throttle.succeed(tk)
+	h.throttle.Succeed(id, addr)
 	s := &session{kind: kindApp, app: app}
 	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
 		h.event(slog.LevelWarn, "will_refused", "app", name)

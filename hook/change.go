@@ -290,21 +290,24 @@ func (h *Hook) onControl(cl *mqtt.Client, s *session, pk packets.Packet) (packet
 	return pk, packets.CodeSuccessIgnore
 }
 
-// fresh checks the time and nonce of an uplink control message, as for a
-// login; it answers the error itself and reports false.
-func (h *Hook) fresh(cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) bool {
+// fresh checks the time of an uplink control message whose digest has
+// verified and claims its nonce, as for a login; it answers the error
+// itself and reports false. A message whose claim fails is not acted on.
+func (h *Hook) fresh(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) bool {
 	now := h.opts.Now()
 	if d := now.Sub(time.Unix(int64(c.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
 		h.controlRefused(cl, s, t, "skew", codec.CodeSkew)
 		return false
 	}
-	rk := replayKey{sn: s.sn, nonce: uint64(c.Nonce)}
-	if h.replay.seen(rk, now) {
+	switch first, err := h.claim(ctx, s.sn, c.TS, c.Nonce, now); {
+	case err != nil:
+		h.changeFailed(s.sn, c.RID, "replay-guard", err, "kind", string(c.Kind))
+		return false
+	case !first:
 		h.metrics.replays.WithLabelValues("control").Inc()
 		h.controlRefused(cl, s, t, "replay", codec.CodeReplay)
 		return false
 	}
-	h.replay.add(rk, now)
 	return true
 }
 
@@ -313,7 +316,7 @@ func (h *Hook) onChg(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 		h.controlRefused(cl, s, t, "bad-digest", codec.CodeBadRequest)
 		return
 	}
-	if !h.fresh(cl, s, t, c) {
+	if !h.fresh(ctx, cl, s, t, c) {
 		return
 	}
 	if t.Pending != nil && !t.Pending.Expired(h.opts.Now()) {
@@ -340,9 +343,13 @@ func (h *Hook) onChg(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 
 func (h *Hook) onAck(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) {
 	if t.Pending == nil || t.Pending.RID != c.RID {
-		if c.RID != 0 && t.LastCommitted == c.RID && c.Verify(s.id, t.Creds.Up) && h.fresh(cl, s, t, c) {
+		if c.RID != 0 && t.LastCommitted == c.RID && c.Verify(s.id, t.Creds.Up) {
 			// Committed already (a login with the new values did it):
 			// confirm again; close only a session still on old values.
+			// A stale or replayed ack gets only fresh's answer.
+			if !h.fresh(ctx, cl, s, t, c) {
+				return
+			}
 			h.sendDone(cl, s, t.Creds.Down, c.RID)
 			if !sameSecret(s.down, t.Creds.Down) {
 				s.closeAfter.Store(true)
@@ -367,7 +374,7 @@ func (h *Hook) onAck(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 		h.controlRefused(cl, s, t, "bkd-mismatch", codec.CodeBadRequest)
 		return
 	}
-	if !h.fresh(cl, s, t, c) {
+	if !h.fresh(ctx, cl, s, t, c) {
 		return
 	}
 	committed, err := h.reg.CommitChange(ctx, s.sn, c.RID)

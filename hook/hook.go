@@ -30,6 +30,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
 )
 
@@ -78,6 +79,16 @@ type Options struct {
 	// are authenticated; the zero value keeps it on half the CPUs.
 	Apps AppLimitOptions
 
+	// ReplayGuard remembers the nonces of accepted logins and control
+	// messages; nil = one in memory (replay.NewMemory), lost at a restart.
+	// A broker that restarts within the skew window needs one that
+	// persists (replay.Open); the caller owns it and closes it after the
+	// server.
+	ReplayGuard ReplayGuard
+	// Throttler counts login failures; nil = the hook's bounded table,
+	// configured by Throttle.
+	Throttler Throttler
+
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended; 0 = 3.
 	MaxEnvelopeFailures int
@@ -119,8 +130,8 @@ type Hook struct {
 	sessions sync.Map      // *mqtt.Client → *session, for every authenticated connection
 	pending  pendingLogins // logins not yet established (lifecycle.go)
 	offline  sync.Map      // ClientID → *session (identity only) of persistent sessions whose client is gone
-	replay   *replayCache
-	throttle *throttle
+	replay   ReplayGuard
+	throttle Throttler
 	apps     *appLimiter
 	changes  *changeWatch
 	revoked  revocations
@@ -183,13 +194,19 @@ func New(opts Options) (*Hook, error) {
 		opts.Logger = slog.Default()
 	}
 	opts.Throttle = opts.Throttle.withDefaults()
+	if opts.ReplayGuard == nil {
+		opts.ReplayGuard = replay.NewMemory(replay.Options{Now: opts.Now, Logger: opts.Logger})
+	}
+	if opts.Throttler == nil {
+		opts.Throttler = newThrottleTable(opts.Throttle)
+	}
 	h := &Hook{
 		opts:     opts,
 		reg:      opts.Registry,
 		server:   opts.Server,
 		log:      opts.Logger,
-		replay:   newReplayCache(2 * opts.Skew),
-		throttle: newThrottle(opts.Throttle),
+		replay:   opts.ReplayGuard,
+		throttle: opts.Throttler,
 		apps:     newAppLimiter(opts.Apps),
 		changes:  &changeWatch{deadlines: map[string]time.Time{}},
 		events:   newEventLimiter(opts.EventRate, floodEvents...),
@@ -206,6 +223,9 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
+		return nil, fmt.Errorf("hook: metrics: %w", err)
+	}
 	for _, c := range h.apps.collectors() {
 		if err := registerer.Register(c); err != nil {
 			return nil, fmt.Errorf("hook: metrics: %w", err)

@@ -185,35 +185,6 @@ func hasSession(h *hook.Hook, clientID string) bool {
 	return false
 }
 
-// gauge returns the value of the gauge name with the given labels.
-func (e *env) gauge(name string, labels ...string) float64 {
-	e.t.Helper()
-	mfs, err := e.metrics.Gather()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	var total float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					found = found || lp.GetName() == labels[i] && lp.GetValue() == labels[i+1]
-				}
-				if !found {
-					continue next
-				}
-			}
-			total += m.GetGauge().GetValue()
-		}
-	}
-	return total
-}
-
 // garbageControl is a control message that does not parse.
 func garbageControl(sn string) packets.Packet {
 	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, ProtocolVersion: 5,
