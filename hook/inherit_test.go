@@ -18,7 +18,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
-// Issue 14: sessions stay with their owner, and nothing leaves a session
+// SECURITY.md, "Sessions stay with their owner": sessions stay with their owner, and nothing leaves a session
 // outside its reach.
 
 // TestAppClientIDTakeover (defect 7): application narrow, which may read
