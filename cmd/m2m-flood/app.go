@@ -18,7 +18,7 @@ import (
 var appScenario = &scenario{
 	name: "app",
 	title: func(c *Config) string {
-		return fmt.Sprintf("application logins, fresh name and random password each (ClientID x-<n>), %d workers from %s for %s; the genuine terminal logs in from %s every %s",
+		return fmt.Sprintf("application logins, fresh name and random password each (ClientID <name>-1, its own), %d workers from %s for %s; the genuine terminal logs in from %s every %s",
 			c.AppWorkers, c.Attacker, c.Seconds, c.Genuine, c.GenuineInterval)
 	},
 	genuine: true,
