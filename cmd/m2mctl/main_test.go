@@ -132,6 +132,9 @@ func TestCommands(t *testing.T) {
 	if rec.Identity.SN != "T1" || len(rec.Current.BK) != 32 || len(rec.Current.Up) != 16 {
 		t.Fatalf("credential file: %+v", rec.Identity)
 	}
+	if !strings.HasPrefix(rec.BrokerURL, "tcp://127.0.0.1:") {
+		t.Fatalf("credential file: broker URL %q, want the bundle's (m2m-terminal dials it without --broker)", rec.BrokerURL)
+	}
 	if fi, _ := os.Stat(creds); fi.Mode().Perm() != 0o600 {
 		t.Errorf("credential file mode %v", fi.Mode().Perm())
 	}
