@@ -89,7 +89,7 @@ type Record struct {
 	// it when no --broker is given. Empty in files written before it.
 	BrokerURL string
 	Current   Credentials // the values the platform has committed
-	Pending  *Pending    // a change not yet known to be committed, or nil
+	Pending   *Pending    // a change not yet known to be committed, or nil
 }
 
 // Clone returns a deep copy.
