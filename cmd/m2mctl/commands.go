@@ -392,10 +392,11 @@ func terminalImportCmd(o *options) *cobra.Command {
 		Use:   "import FILE.csv|-",
 		Short: "Register terminals from CSV, with a progress bar on stderr",
 		Long: `Register terminals from a CSV file ('-' reads stdin). The header names the columns,
-in any order: sn, imei, imsi, msisdn, alg (required), and optionally up, down
-(8-64 printable characters without . ; =) and bk (64 lower-case hex digits). Empty
-alg means hs256; empty credentials are generated (and cannot be shown later: import
-them from the file if the devices already hold them).
+in any order: sn, imei, imsi (required), and optionally msisdn, alg, up, down
+(8-64 printable characters without . ; =) and bk (64 lower-case hex digits). A
+missing or empty alg means hs256; missing or empty credentials are generated (and
+cannot be shown later: import them from the file if the devices already hold them).
+The progress bar counts the rows read, stored or rejected.
 
 Valid rows are stored; each rejected row is reported with its line and reason.
 The command exits 1 if any row was rejected.`,
