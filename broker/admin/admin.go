@@ -272,7 +272,9 @@ func (a *api) healthz(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, Health{Status: "ok", Store: "ok"})
 		return
 	}
-	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: "unavailable", Error: err.Error()})
+	// /healthz needs no token: the store's error goes to the log only.
+	a.log.Warn("health check: store unavailable", "err", err.Error())
+	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: "unavailable", Error: "the broker's store is unavailable (the broker's log has the details)"})
 }
 
 func (a *api) register(w http.ResponseWriter, r *http.Request) {
