@@ -258,14 +258,17 @@ func TestSessionsAndApps(t *testing.T) {
 	})
 }
 
+// TestStoreUnavailable: with the store gone every call answers 503, and no
+// answer (the unauthenticated /healthz included) carries the store's
+// internal error: it goes to the broker's log.
 func TestStoreUnavailable(t *testing.T) {
 	e := newEnv(t)
 	e.b.Service().Store().Close()
 	e.run([]step{
-		{name: "healthz", method: "GET", path: "/healthz", tok: "-", status: 503, want: "unavailable"},
-		{name: "get", method: "GET", path: "/v1/terminals/T1", status: 503},
-		{name: "register", method: "POST", path: "/v1/terminals", body: t1, status: 503},
-		{name: "apps", method: "GET", path: "/v1/apps", status: 503},
+		{name: "healthz", method: "GET", path: "/healthz", tok: "-", status: 503, want: "unavailable", not: "boltstore"},
+		{name: "get", method: "GET", path: "/v1/terminals/T1", status: 503, want: "store is unavailable", not: "boltstore"},
+		{name: "register", method: "POST", path: "/v1/terminals", body: t1, status: 503, not: "boltstore"},
+		{name: "apps", method: "GET", path: "/v1/apps", status: 503, not: "boltstore"},
 	})
 }
 
