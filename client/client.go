@@ -95,9 +95,9 @@ func (s *session) end() {
 type itemKind int
 
 const (
-	itemMessage itemKind = iota
-	itemLoggedIn  // the broker accepted a login (before the subscriptions)
-	itemConnected // ... and the client subscribed
+	itemMessage   itemKind = iota
+	itemLoggedIn           // the broker accepted a login (before the subscriptions)
+	itemConnected          // ... and the client subscribed
 	itemKeyTimeout
 	itemSMS
 	itemFunc
