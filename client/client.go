@@ -75,6 +75,7 @@ type session struct {
 	done      chan struct{}
 
 	// loop goroutine only
+	announced    bool // EventConnected was emitted for this login
 	win          codec.Window
 	held         []item
 	ackSent      codec.ID

@@ -51,15 +51,22 @@ func (c *Client) handle(it item) {
 	}
 }
 
-// handleLoggedIn reports an accepted login, before the client subscribes
-// (and so before any message of the session arrives).
+// handleLoggedIn reports an accepted login, once: when paho reports it
+// (before the client subscribes), or at the session's first message if
+// that comes first (a persistent session's subscriptions deliver at once
+// after the CONNACK, while paho calls its connect handler on a goroutine of
+// its own).
 func (c *Client) handleLoggedIn(s *session) {
+	if s.announced {
+		return
+	}
 	s.mu.Lock()
 	ended := s.ended
 	s.mu.Unlock()
 	if ended {
 		return
 	}
+	s.announced = true
 	c.mu.Lock()
 	reconnect := c.connectedOnce
 	c.connectedOnce = true
@@ -143,6 +150,9 @@ func (c *Client) resumeChange(s *session) {
 }
 
 func (c *Client) handleMessage(it item) {
+	if it.sess != nil {
+		c.handleLoggedIn(it.sess) // a message proves the login was accepted
+	}
 	kind, sn := codec.ParseTopic(it.topic)
 	if sn != c.id.SN {
 		c.drop("foreign-topic")

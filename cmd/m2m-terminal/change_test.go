@@ -18,7 +18,8 @@ import (
 
 // TestConnectPrintsChangeInOrder: 'm2m-terminal connect' prints a
 // credential change as it happens, against a real m2mguard broker: the
-// login, then its session key; the change received (cfg), the ack sent,
+// login, then its session key (also when a persistent session delivers the
+// key at once); the change received (cfg), the ack sent,
 // the commit (done); then the connection the platform closes, and the
 // login again with the new values, which are current by then (no "pending
 // new password" after the commit).
@@ -40,6 +41,13 @@ func TestConnectPrintsChangeInOrder(t *testing.T) {
 		Current: client.Credentials{Up: tm.Creds.Up, UpExp: tm.Creds.UpExp, Down: tm.Creds.Down, DownExp: tm.Creds.DownExp, BK: tm.Creds.BK, BKExp: tm.Creds.BKExp}}
 	if err := client.NewFileStore(creds).Save(rec); err != nil {
 		t.Fatal(err)
+	}
+
+	// As in the README's tour: a pub first leaves a persistent session
+	// subscribed to the key topic, so the next login's session key can
+	// arrive before the client has even seen its CONNACK handled.
+	if code, out, errOut := runCLI("pub", "--creds", creds, "--session-key", "temp", "1"); code != exitOK {
+		t.Fatalf("pub: exit %d\n%s%s", code, out, errOut)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
