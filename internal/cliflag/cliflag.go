@@ -61,7 +61,10 @@ func restore(f *pflag.Flag) {
 // or input file): the tools exit 2 for it and point at --help.
 type UsageError struct{ Err error }
 
+// Error returns the message of the wrapped error.
 func (e UsageError) Error() string { return e.Err.Error() }
+
+// Unwrap returns the wrapped error.
 func (e UsageError) Unwrap() error { return e.Err }
 
 // Usagef returns a UsageError with a formatted message.
