@@ -40,7 +40,9 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/wslistener"
 )
 
 // Broker is a started broker. Stop it with Close.
@@ -50,9 +52,11 @@ type Broker struct {
 	store    keysvc.Store
 	svc      *keysvc.Service
 	hook     *hook.Hook
+	replay   *replay.Guard
 	server   *mqtt.Server
 	registry *prometheus.Registry
 
+	guard       *netguard.Guard // every MQTT listener's connections
 	listenerIDs []string
 	addrs       map[string]string // listener id -> bound address
 
@@ -131,14 +135,22 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	b.registry = prometheus.NewRegistry()
 	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	// The nonces of accepted logins and control messages outlive a
+	// restart, whatever the store (SPEC section 3, step 6).
+	b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
+	if err != nil {
+		return nil, &ConfigError{Key: "data_dir", Err: err}
+	}
+
 	b.server = mqtt.New(MochiOptions(cfg, logger))
 	hopts := hook.Options{
 		Registry: b.svc, Server: b.server,
 		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
 		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle:   hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		Logger:     logger.With("component", "hook"),
-		Registerer: b.registry,
+		Throttle:    hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		ReplayGuard: b.replay,
+		Logger:      logger.With("component", "hook"),
+		Registerer:  b.registry,
 	}
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
@@ -234,9 +246,14 @@ func (b *Broker) openStore(ctx context.Context) error {
 		if err := os.MkdirAll(filepath.Dir(e.File), 0o700); err != nil {
 			return &ConfigError{Key: "store.embedded.file", Err: err}
 		}
-		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key})
+		s, err := boltstore.Open(e.File, boltstore.Options{MasterKey: key, Reseal: e.Reseal, Logger: b.log.With("component", "store")})
 		clear(key)
 		if err != nil {
+			var te *boltstore.TamperError
+			if f, ok := fieldByKey("store.embedded.reseal"); ok && errors.As(err, &te) {
+				return fmt.Errorf("embedded store %s: %w; start once with %s=%s (flag --%s, env %s), then remove the setting",
+					e.File, err, f.Key, te.ResealCode, f.Flag(), f.Env())
+			}
 			return fmt.Errorf("embedded store %s: %w", e.File, err)
 		}
 		b.store = s
@@ -273,6 +290,11 @@ func valueOrFile(v, file, key string) (string, error) {
 	return s, nil
 }
 
+// addListeners binds every configured MQTT listener now (a taken port is a
+// start-up error; port 0 works and Addr tells the port) and adds it to
+// mochi, each wrapped by the one netguard.Guard, so that the CONNECT
+// deadline, the write timeout and the connection limits hold for TCP, TLS
+// and WebSocket alike and the limits count them together.
 func (b *Broker) addListeners() error {
 	cfg := b.cfg.MQTT
 	var tlsConf *tls.Config
@@ -283,57 +305,75 @@ func (b *Broker) addListeners() error {
 		}
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	add := func(id, key, address string, tc *tls.Config) error {
+	netlog := b.log.With("component", "netguard")
+	b.guard = netguard.New(netguard.Options{
+		ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout,
+		MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
+		OnRefuse: func(addr, reason string) {
+			netlog.Debug("connection refused", "remote", addr, "reason", reason)
+		},
+		OnWriteTimeout: func(addr string) {
+			netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
+		},
+	})
+	b.registerGuardMetrics()
+	add := func(id, key, address string, listener func(net.Listener) listeners.Listener) error {
 		ln, err := net.Listen("tcp", address)
 		if err != nil {
 			return &ConfigError{Key: key, Err: err}
 		}
-		b.addrs[id] = ln.Addr().String()
-		ln = netguard.Wrap(ln, netguard.Options{
-			ConnectTimeout: cfg.ConnectTimeout, MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
-			OnRefuse: func(addr, reason string) {
-				b.log.Debug("connection refused", "component", "netguard", "listener", id, "remote", addr, "reason", reason)
-			},
-		})
-		if tc != nil {
-			ln = tls.NewListener(ln, tc)
-		}
-		if err := b.server.AddListener(listeners.NewNet(id, ln)); err != nil {
+		if err := b.server.AddListener(listener(b.guard.Wrap(ln))); err != nil {
 			ln.Close()
-			return err
+			return fmt.Errorf("listener %s: %w", id, err)
 		}
+		b.addrs[id] = ln.Addr().String()
 		b.listenerIDs = append(b.listenerIDs, id)
 		return nil
 	}
 	if cfg.TCP != "" {
-		if err := add("tcp", "mqtt.tcp", cfg.TCP, nil); err != nil {
+		if err := add("tcp", "mqtt.tcp", cfg.TCP, func(ln net.Listener) listeners.Listener {
+			return listeners.NewNet("tcp", ln)
+		}); err != nil {
 			return err
 		}
 	}
 	if cfg.TLS != "" && tlsConf != nil {
-		if err := add("tls", "mqtt.tls", cfg.TLS, tlsConf); err != nil {
+		if err := add("tls", "mqtt.tls", cfg.TLS, func(ln net.Listener) listeners.Listener {
+			return listeners.NewNet("tls", tls.NewListener(ln, tlsConf))
+		}); err != nil {
 			return err
 		}
 	}
 	if cfg.WS != "" {
-		// mochi's WebSocket listener binds when it serves: check the
-		// address first so that a taken port is a startup error.
-		probe, err := net.Listen("tcp", cfg.WS)
-		if err != nil {
-			return &ConfigError{Key: "mqtt.ws", Err: err}
+		if err := add("ws", "mqtt.ws", cfg.WS, func(ln net.Listener) listeners.Listener {
+			return wslistener.New("ws", ln, wslistener.Options{TLSConfig: tlsConf, ConnectTimeout: cfg.ConnectTimeout})
+		}); err != nil {
+			return err
 		}
-		probe.Close()
-		ws := listeners.NewWebsocket(listeners.Config{ID: "ws", Address: cfg.WS, TLSConfig: tlsConf})
-		if err := b.server.AddListener(ws); err != nil {
-			return &ConfigError{Key: "mqtt.ws", Err: err}
-		}
-		b.addrs["ws"] = cfg.WS
-		b.listenerIDs = append(b.listenerIDs, "ws")
 	}
 	for _, id := range b.listenerIDs {
 		b.log.Info("mqtt listener", "id", id, "address", b.addrs[id])
 	}
 	return nil
+}
+
+// registerGuardMetrics exports the guard's counters on the registry.
+func (b *Broker) registerGuardMetrics() {
+	g := b.guard
+	b.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "m2mguard_connections_open",
+			Help: "Open MQTT connections, all listeners together."},
+			func() float64 { return float64(g.Stats().Open) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_refused_total",
+			Help: "MQTT connections closed at once by a connection limit, by limit.", ConstLabels: prometheus.Labels{"limit": netguard.ReasonPerAddr}},
+			func() float64 { return float64(g.Stats().RefusedPerAddr) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_refused_total",
+			Help: "MQTT connections closed at once by a connection limit, by limit.", ConstLabels: prometheus.Labels{"limit": netguard.ReasonTotal}},
+			func() float64 { return float64(g.Stats().RefusedTotal) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_write_timeouts_total",
+			Help: "MQTT connections closed because a write to the client did not finish within mqtt.write_timeout."},
+			func() float64 { return float64(g.Stats().WriteTimeouts) }),
+	)
 }
 
 func (b *Broker) startAdmin() error {
@@ -342,12 +382,16 @@ func (b *Broker) startAdmin() error {
 		b.log.Info("admin API disabled (admin.listen off)")
 		return nil
 	}
-	token, err := b.adminToken()
+	token, err := b.loadOrCreateToken(cfg.Token, cfg.TokenFile, "admin.token_file", "admin token")
+	if err != nil {
+		return err
+	}
+	metricsToken, err := b.loadOrCreateToken(cfg.MetricsToken, cfg.MetricsTokenFile, "admin.metrics_token_file", "metrics token")
 	if err != nil {
 		return err
 	}
 	h, err := admin.New(admin.Options{
-		Service: b.svc, Hook: b.hook, Token: token, Gatherer: b.registry,
+		Service: b.svc, Hook: b.hook, Token: token, MetricsToken: metricsToken, Gatherer: b.registry,
 		BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
@@ -369,25 +413,25 @@ func (b *Broker) startAdmin() error {
 	return nil
 }
 
-// adminToken returns the configured token, or the token of the token file,
-// generating it there (0600) on first run. It logs the file path, never the
+// loadOrCreateToken returns the configured token, or the token of file,
+// generating it there (0600) on first run; key names the file's config key
+// in errors, name the token in the log, which names the file, never the
 // token.
-func (b *Broker) adminToken() (string, error) {
-	cfg := b.cfg.Admin
-	if cfg.Token != "" {
-		return cfg.Token, nil
+func (b *Broker) loadOrCreateToken(value, file, key, name string) (string, error) {
+	if value != "" {
+		return value, nil
 	}
-	data, err := os.ReadFile(cfg.TokenFile)
+	data, err := os.ReadFile(file)
 	switch {
 	case err == nil:
 		tok := strings.TrimSpace(string(data))
 		if len(tok) < 16 {
-			return "", &ConfigError{Key: "admin.token_file", Err: errors.New("token shorter than 16 characters")}
+			return "", &ConfigError{Key: key, Err: errors.New("token shorter than 16 characters")}
 		}
-		if fi, err := os.Stat(cfg.TokenFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
-			b.log.Warn("admin token file is readable by others; chmod 600 it", "file", cfg.TokenFile)
+		if fi, err := os.Stat(file); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			b.log.Warn(name+" file is readable by others; chmod 600 it", "file", file)
 		}
-		b.log.Info("admin token", "file", cfg.TokenFile)
+		b.log.Info(name, "file", file)
 		return tok, nil
 	case errors.Is(err, fs.ErrNotExist):
 		raw := make([]byte, 32)
@@ -395,21 +439,21 @@ func (b *Broker) adminToken() (string, error) {
 			return "", err
 		}
 		tok := base64.RawURLEncoding.EncodeToString(raw)
-		if err := os.MkdirAll(filepath.Dir(cfg.TokenFile), 0o700); err != nil {
-			return "", &ConfigError{Key: "admin.token_file", Err: err}
+		if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+			return "", &ConfigError{Key: key, Err: err}
 		}
-		f, err := os.OpenFile(cfg.TokenFile, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
-			return "", &ConfigError{Key: "admin.token_file", Err: err}
+			return "", &ConfigError{Key: key, Err: err}
 		}
 		_, werr := f.WriteString(tok + "\n")
 		if err := errors.Join(werr, f.Sync(), f.Close()); err != nil {
-			return "", &ConfigError{Key: "admin.token_file", Err: err}
+			return "", &ConfigError{Key: key, Err: err}
 		}
-		b.log.Info("admin token generated", "file", cfg.TokenFile)
+		b.log.Info(name+" generated", "file", file)
 		return tok, nil
 	default:
-		return "", &ConfigError{Key: "admin.token_file", Err: err}
+		return "", &ConfigError{Key: key, Err: err}
 	}
 }
 
@@ -454,8 +498,9 @@ func (b *Broker) Addr(id string) string {
 	return b.addrs[id]
 }
 
-// Registry returns the Prometheus registry the hook and the Go and process
-// collectors are registered with (served on /metrics).
+// Registry returns the Prometheus registry the hook, the connection guard
+// and the Go and process collectors are registered with (served on
+// /metrics to the metrics and admin tokens).
 func (b *Broker) Registry() *prometheus.Registry { return b.registry }
 
 // Service returns the key service.
@@ -468,7 +513,8 @@ func (b *Broker) Hook() *hook.Hook { return b.hook }
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
 // Close stops the admin API, disconnects every client, stops mochi and
-// closes the store. It is safe to call more than once.
+// closes the replay guard and the store. It is safe to call more than
+// once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -482,6 +528,11 @@ func (b *Broker) Close() error {
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
+			}
+		}
+		if b.replay != nil {
+			if err := b.replay.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("replay guard: %w", err))
 			}
 		}
 		if b.store != nil {

@@ -22,7 +22,7 @@ import (
 // in code; Validate before Run.
 type Config struct {
 	// DataDir holds the embedded store, its master key and the generated
-	// admin token (created 0700 on first run).
+	// admin and metrics tokens (created 0700 on first run).
 	DataDir string
 
 	Log   LogConfig
@@ -52,6 +52,7 @@ type StoreConfig struct {
 type EmbeddedConfig struct {
 	File          string // "" = <data_dir>/m2mguard.db
 	MasterKeyFile string // "" = <data_dir>/master.key; $M2MGUARD_MASTER_KEY wins
+	Reseal        string // reseal code of a failed integrity check (boltstore.Options.Reseal)
 }
 
 // VaultConfig is the Vault KV v2 store.
@@ -90,8 +91,9 @@ type MQTTConfig struct {
 	SessionExpiry    time.Duration // how long mochi keeps the session of a disconnected client
 	PublicURL        string
 
-	// netguard on the TCP and TLS listeners
+	// netguard on every MQTT listener, their connections counted together
 	ConnectTimeout  time.Duration
+	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
 	MaxConnsPerAddr int
 	MaxConns        int // 0 = no limit
 }
@@ -101,6 +103,11 @@ type AdminConfig struct {
 	Listen    string // "" or "off" = no admin API
 	Token     string
 	TokenFile string // "" = <data_dir>/admin.token
+
+	// MetricsToken may read /metrics and nothing else (the admin token may
+	// too): a Prometheus scraper holds no admin secret.
+	MetricsToken     string
+	MetricsTokenFile string // "" = <data_dir>/metrics.token
 }
 
 // AuthConfig tunes login checks (SPEC section 3).
@@ -160,7 +167,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
-		ConnectTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
+		ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
@@ -290,7 +297,7 @@ func Fields() []Field {
 }
 
 var fields = []Field{
-	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key and the generated admin token (created 0700)",
+	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens and the replay guard's claims (replay/); created 0700",
 		set: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Default: "text", Help: "log format: text or json (stderr)",
 		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
@@ -303,6 +310,8 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Store.Embedded.File })},
 	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
+	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
+		set: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
 	{Key: "store.vault.address", Default: "$VAULT_ADDR", Help: "Vault address, e.g. https://vault:8200",
 		set: str(func(c *Config) *string { return &c.Store.Vault.Address })},
 	{Key: "store.vault.mount", Default: "secret", Help: "KV v2 mount",
@@ -354,11 +363,13 @@ var fields = []Field{
 		set: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
 	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
-	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new TCP/TLS connection must send its CONNECT within this (slow-loris guard)",
+	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
 		set: dur(func(c *Config) *time.Duration { return &c.MQTT.ConnectTimeout })},
-	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open TCP/TLS connections from one IP address; more are closed at once",
+	{Key: "mqtt.write_timeout", Default: "10s", Help: "every write to a client must finish within this, else its connection is closed (a client that stops reading)",
+		set: dur(func(c *Config) *time.Duration { return &c.MQTT.WriteTimeout })},
+	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open connections from one IP address, all MQTT listeners together; more are closed at once",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
-	{Key: "mqtt.max_conns", Default: "0", Help: "open TCP/TLS connections in all (0 = no limit)",
+	{Key: "mqtt.max_conns", Default: "0", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
 		set: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
@@ -369,6 +380,10 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Admin.Token })},
 	{Key: "admin.token_file", Default: "<data_dir>/admin.token", Help: "file of the admin bearer token (created 0600 on first run)",
 		set: str(func(c *Config) *string { return &c.Admin.TokenFile })},
+	{Key: "admin.metrics_token", Secret: true, Help: "bearer token that may read /metrics and nothing else (at least 16 characters; the admin token is accepted too); default: read from metrics_token_file, generated there on first run",
+		set: str(func(c *Config) *string { return &c.Admin.MetricsToken })},
+	{Key: "admin.metrics_token_file", Default: "<data_dir>/metrics.token", Help: "file of the metrics bearer token (created 0600 on first run); give it to Prometheus as credentials_file",
+		set: str(func(c *Config) *string { return &c.Admin.MetricsTokenFile })},
 
 	{Key: "auth.skew", Default: "5m0s", Help: "allowed |now - ts| at login",
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.Skew })},
@@ -612,6 +627,9 @@ func (c *Config) Validate() error {
 	if c.Admin.TokenFile == "" {
 		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin.token")
 	}
+	if c.Admin.MetricsTokenFile == "" {
+		c.Admin.MetricsTokenFile = filepath.Join(c.DataDir, "metrics.token")
+	}
 	switch c.Log.Format {
 	case "text", "json":
 	default:
@@ -689,6 +707,9 @@ func (c *Config) Validate() error {
 	if c.Admin.Token != "" && len(c.Admin.Token) < 16 {
 		return bad("admin.token", "at least 16 characters")
 	}
+	if c.Admin.MetricsToken != "" && len(c.Admin.MetricsToken) < 16 {
+		return bad("admin.metrics_token", "at least 16 characters")
+	}
 	if c.SMS.URL != "" && !strings.HasPrefix(c.SMS.URL, "http://") && !strings.HasPrefix(c.SMS.URL, "https://") {
 		return bad("sms.url", "want an http:// or https:// URL")
 	}
@@ -700,7 +721,7 @@ func (c *Config) Validate() error {
 		v   time.Duration
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
 		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"keys.change_deadline", c.Keys.ChangeDeadline},
-		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
+		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.write_timeout", c.MQTT.WriteTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}

@@ -17,18 +17,6 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
-// checkFor polls cond until it holds or timeout passes.
-func checkFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // TestRefusedLoginAndShutdownLogNoWarnNoise: a refused login is logged
 // once, by the hook's login_refused event, not a second time by mochi as a
 // WARN with an empty message; neither a connection that closes before its

@@ -16,16 +16,17 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/wslistener"
 )
 
-func freeAddr(t *testing.T) string {
+// listen binds a loopback port chosen by the kernel.
+func listen(t *testing.T) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return ln
 }
 
 // selfSigned returns a server certificate for 127.0.0.1 and a pool that
@@ -53,11 +54,14 @@ func selfSigned(t *testing.T) (tls.Certificate, *x509.CertPool) {
 func TestTransports(t *testing.T) {
 	cert, pool := selfSigned(t)
 	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	tlsAddr, wsAddr, wssAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	// Every listener is bound before the broker serves (mochi's own
+	// WebSocket listener binds inside Serve, racing the first dial).
+	tlsLn, wsLn, wssLn := listen(t), listen(t), listen(t)
+	tlsAddr, wsAddr, wssAddr := tlsLn.Addr().String(), wsLn.Addr().String(), wssLn.Addr().String()
 	p := newPlatform(t, codec.HS256,
-		listeners.NewTCP(listeners.Config{ID: "tls", Address: tlsAddr, TLSConfig: srvTLS}),
-		listeners.NewWebsocket(listeners.Config{ID: "ws", Address: wsAddr}),
-		listeners.NewWebsocket(listeners.Config{ID: "wss", Address: wssAddr, TLSConfig: srvTLS.Clone()}), // its own copy: net/http edits it,
+		listeners.NewNet("tls", tls.NewListener(tlsLn, srvTLS)),
+		wslistener.New("ws", wsLn, wslistener.Options{}),
+		wslistener.New("wss", wssLn, wslistener.Options{TLSConfig: srvTLS}),
 	)
 	for _, url := range []string{"ssl://" + tlsAddr, "ws://" + wsAddr + "/mqtt", "wss://" + wssAddr + "/mqtt"} {
 		t.Run(url[:3], func(t *testing.T) {

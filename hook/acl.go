@@ -15,12 +15,16 @@ import (
 //
 //   - A terminal may publish on m2m/<sn>/up/... (unless its record demands
 //     encryption and it has no session key) and $m2m/<sn>/ctl, and subscribe
-//     to $m2m/<sn>/key and filters inside m2m/<sn>/down/#. Nothing else.
+//     to $m2m/<sn>/key and filters inside m2m/<sn>/down/# — the latter only
+//     while it may receive downlink data (withholdsDownlink), and every
+//     delivery of downlink data is checked the same way. Nothing else.
 //   - An application may publish and subscribe inside its configured reach
 //     (by default m2m/+/down/# and m2m/+/up/#), never on a $ topic: a wider
 //     filter such as "#" is refused at SUBSCRIBE, and every delivery is
 //     checked again per recipient.
 //   - Only the platform writes on $m2m/<sn>/key.
+//
+// What a resumed session inherits is sieved by the same rules (inherit.go).
 func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if cl.Net.Inline {
 		return true
@@ -33,24 +37,41 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		}
 		s = v.(*session)
 	}
-	if s.kind == kindTerminal {
-		return s.terminalMay(topic, write)
+	if write {
+		if s.kind == kindTerminal {
+			return s.terminalMayPublish(topic)
+		}
+		return s.appMay(topic, true)
 	}
-	return s.appMay(topic, write)
+	inReach, withheld := s.receives(topic)
+	return inReach && !withheld
 }
 
-func (s *session) terminalMay(topic string, write bool) bool {
-	if !write && hasWildcard(topic) {
-		return filterWithin(topic, s.downFilter)
+// receives classifies what the session would receive on topic (a name, or
+// a filter on SUBSCRIBE): whether it is inside the reach of the session's
+// identity, and whether this connection must nonetheless not receive it
+// (downlink data while withholdsDownlink).
+func (s *session) receives(topic string) (inReach, withheld bool) {
+	if s.kind != kindTerminal {
+		return s.appMay(topic, false), false
 	}
+	var down bool
+	if hasWildcard(topic) {
+		inReach, down = filterWithin(topic, s.downFilter), true
+	} else {
+		kind, sn := codec.ParseTopic(topic)
+		down = kind == codec.TopicDown
+		inReach = sn == s.sn && (down || kind == codec.TopicKey)
+	}
+	return inReach, inReach && down && s.withholdsDownlink()
+}
+
+func (s *session) terminalMayPublish(topic string) bool {
 	kind, sn := codec.ParseTopic(topic)
 	if sn != s.sn {
 		return false
 	}
-	if write {
-		return kind == codec.TopicCtl || (kind == codec.TopicUp && (s.hasKey() || !s.requireEnc))
-	}
-	return kind == codec.TopicKey || kind == codec.TopicDown
+	return kind == codec.TopicCtl || (kind == codec.TopicUp && (s.hasKey() || !s.requireEnc))
 }
 
 func (s *session) appMay(topic string, write bool) bool {

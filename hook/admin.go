@@ -28,11 +28,15 @@ type SessionInfo struct {
 // ErrNoSession: no connected client has that ClientID.
 var ErrNoSession = errors.New("hook: no such session")
 
-// Sessions lists the connected, authenticated clients, sorted by ClientID.
+// Sessions lists the connected, authenticated clients whose session is
+// established (CONNACK sent), sorted by ClientID.
 func (h *Hook) Sessions() []SessionInfo {
 	var out []SessionInfo
 	h.sessions.Range(func(k, v any) bool {
 		cl, s := k.(*mqtt.Client), v.(*session)
+		if s.state.Load() != stateEstablished {
+			return true
+		}
 		info := SessionInfo{
 			ClientID: cl.ID, Kind: s.kind.String(), Remote: cl.Net.Remote,
 			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey(),
@@ -54,16 +58,19 @@ func (h *Hook) Sessions() []SessionInfo {
 }
 
 // Disconnect ends the connection of clientID (MQTT 5: DISCONNECT 0x98
-// administrative action). A terminal may log in again at once; disable it
-// in the key service to keep it out.
+// administrative action) and returns within Options.DisconnectTimeout,
+// even if the client does not read. A terminal may log in again at once;
+// disable it in the key service to keep it out.
 func (h *Hook) Disconnect(clientID string) error {
 	cl, ok := h.server.Clients.Get(clientID)
-	if !ok || h.session(cl) == nil {
+	if !ok || cl.Closed() {
 		return ErrNoSession
 	}
-	// mochi returns the reason code itself once the client is stopped.
-	if err := h.server.DisconnectClient(cl, packets.ErrAdministrativeAction); !errors.Is(err, packets.ErrAdministrativeAction) {
-		return err
+	s := h.session(cl)
+	if s == nil || s.state.Load() != stateEstablished {
+		return ErrNoSession
 	}
+	h.markEnding(s, "administrative")
+	h.endConnection(cl, packets.ErrAdministrativeAction) // even if the hook is ending it already
 	return nil
 }

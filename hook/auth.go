@@ -29,8 +29,10 @@ const (
 	reasonExpired     = "expired"
 	reasonDisabled    = "disabled"
 	reasonUnavailable = "store-unavailable"
+	reasonGuardDown   = "replay-guard-unavailable"
 	reasonBadApp      = "bad-application-credentials"
 	reasonAnonymous   = "anonymous"
+	reasonForeignID   = "foreign-client-id"
 )
 
 // dummyUp is verified against when the terminal is unknown, so that an
@@ -53,7 +55,30 @@ func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packe
 		h.refused("", addr, reasonAnonymous, "client_id", clientID)
 		return nil, packets.ErrBadUsernameOrPassword
 	}
+	if !keysvc.AppOwnsClientID(username, clientID) {
+		return h.refuseForeignClientID(username, clientID, addr)
+	}
 	return h.authApp(cl, username, pk.Connect.Password, addr)
+}
+
+// refuseForeignClientID refuses an application whose ClientID is not its
+// own (keysvc.AppOwnsClientID): with it, the application could kick
+// another application's live session, or resume its persistent one and
+// receive what was queued there. The answer is that of a wrong password;
+// the refusal is decided on the two names alone, before any password
+// work, so it tells nothing about the application or its password.
+func (h *Hook) refuseForeignClientID(app, clientID, addr string) (*session, packets.Code) {
+	h.refused("", addr, reasonForeignID, "app", clip(app), "client_id", clip(clientID))
+	return nil, packets.ErrBadUsernameOrPassword
+}
+
+// clip bounds a client-chosen name for the log.
+func clip(s string) string {
+	const limit = 64
+	if len(s) > limit {
+		return s[:limit] + "..."
+	}
+	return s
 }
 
 func remoteHost(remote string) string {
@@ -72,10 +97,9 @@ func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
 	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
-	tk := throttleKey{id: sn, addr: addr}
 	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
 		h.refused(sn, addr, reason, attrs...)
-		if d := h.throttle.fail(tk, now); d > 0 {
+		if d := h.throttle.Fail(sn, addr, now); d > 0 {
 			time.Sleep(d)
 		}
 		return nil, code
@@ -93,7 +117,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 8 (checked before the digest, so that the answer to a throttled
 	// address never says whether its guess was right).
-	if h.throttle.blocked(tk, now) {
+	if h.throttle.Blocked(sn, addr, now) {
 		h.metrics.throttled.Inc()
 		h.refused(sn, addr, reasonThrottled)
 		return nil, packets.ErrBanned
@@ -135,17 +159,22 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	if d := now.Sub(time.Unix(int64(l.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
 		return fail(reasonSkew, packets.ErrBadUsernameOrPassword)
 	}
-	// 6. Replay of an accepted (sn, nonce).
-	rk := replayKey{sn: sn, nonce: uint64(l.Nonce)}
-	if h.replay.seen(rk, now) {
+	// 7. The digest, with up or with the pending new up (which commits).
+	match := t.MatchUplink(l.Verify)
+	if match == keysvc.MatchNone {
+		return fail(reasonDigest, packets.ErrBadUsernameOrPassword)
+	}
+	// 6. The nonce is claimed once, atomically: after the digest (so that
+	// only genuine logins fill the guard), before any side effect.
+	switch first, err := h.claim(ctx, sn, l.TS, l.Nonce, now); {
+	case err != nil:
+		h.refused(sn, addr, reasonGuardDown, "err", err.Error())
+		return nil, packets.ErrServerUnavailable
+	case !first:
 		h.metrics.replays.WithLabelValues("login").Inc()
 		return fail(reasonReplay, packets.ErrBadUsernameOrPassword)
 	}
-	// 7. The digest, with up or with the pending new up (which commits).
-	switch t.MatchUplink(l.Verify) {
-	case keysvc.MatchNone:
-		return fail(reasonDigest, packets.ErrBadUsernameOrPassword)
-	case keysvc.MatchPending:
+	if match == keysvc.MatchPending {
 		rid := t.Pending.RID
 		committed, err := h.reg.CommitChange(ctx, sn, rid)
 		switch {
@@ -159,8 +188,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		h.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", "login")
 		t = committed
 	}
-	h.replay.add(rk, now)
-	h.throttle.succeed(tk)
+	h.throttle.Succeed(sn, addr)
 	// 9. Expiry of up, with the grace period.
 	if t.Creds.UpExp != codec.Never && now.After(time.Unix(int64(t.Creds.UpExp), 0).Add(h.opts.Grace)) {
 		return fail(reasonExpired, packets.ErrBadUsernameOrPassword)
@@ -182,7 +210,6 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	h.restrictTerminal(cl, s)
 	h.metrics.accepted.Inc()
-	h.metrics.terminals.Inc()
 	if s.hasKey() {
 		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
 			"session_key", true, "sid", s.sid.String(), "key_exp", s.exp.Unix(), "protocol", cl.Properties.ProtocolVersion)
@@ -217,7 +244,7 @@ func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd
 		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
 		return
 	}
-	s.outbox = append(s.outbox, payload) // sent once the key topic is subscribed
+	s.keyq = append(s.keyq, payload) // sent once the key topic is subscribed
 	if msg.Kind == codec.KindErr {
 		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
 	}
@@ -262,8 +289,8 @@ func (h *Hook) restrictTerminal(cl *mqtt.Client, s *session) {
 
 func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
-	tk := throttleKey{id: "app:" + name, addr: addr}
-	if h.throttle.blocked(tk, now) {
+	id := "app:" + name
+	if h.throttle.Blocked(id, addr, now) {
 		h.metrics.throttled.Inc()
 		h.refused("", addr, reasonThrottled, "app", name)
 		return nil, packets.ErrBanned
@@ -277,19 +304,18 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 			return nil, packets.ErrServerUnavailable
 		}
 		h.refused("", addr, reasonBadApp, "app", name)
-		if d := h.throttle.fail(tk, now); d > 0 {
+		if d := h.throttle.Fail(id, addr, now); d > 0 {
 			time.Sleep(d)
 		}
 		return nil, packets.ErrBadUsernameOrPassword
 	}
-	h.throttle.succeed(tk)
+	h.throttle.Succeed(id, addr)
 	s := &session{kind: kindApp, app: app}
 	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
 		h.event(slog.LevelWarn, "will_refused", "app", name)
 		cl.Properties.Will = mqtt.Will{}
 	}
 	h.metrics.accepted.Inc()
-	h.metrics.applications.Inc()
 	h.event(slog.LevelInfo, "login_accepted", "app", name, "remote", addr, "protocol", cl.Properties.ProtocolVersion)
 	return s, packets.CodeSuccess
 }

@@ -172,17 +172,17 @@ func (h *Hook) deliver(cl *mqtt.Client, s *session, t *keysvc.Terminal, ch *keys
 		h.changeFailed(s.sn, ch.RID, "sms-encode", err)
 		return false
 	}
-	go h.sendSMS(t.SN, t.MSISDN, ch.RID, ch.Deadline, string(text))
+	h.spawn(func() { h.sendSMS(t.SN, t.MSISDN, ch.RID, ch.Deadline, string(text)) })
 	return false
 }
 
 // sendSMS hands the text to the gateway, retrying with back-off while the
-// change is pending and before its deadline. The text is a secret: it is
-// never logged.
+// change is pending and before its deadline, until the hook stops. The
+// text is a secret: it is never logged.
 func (h *Hook) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time, text string) {
 	wait := h.opts.SMSRetry
 	for attempt := 1; ; attempt++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(h.life, 30*time.Second)
 		err := h.opts.SMS.Send(ctx, msisdn, text)
 		cancel()
 		if err == nil {
@@ -194,7 +194,7 @@ func (h *Hook) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time, text
 			return // the change expires; the old values stay
 		}
 		select {
-		case <-h.done:
+		case <-h.life.Done():
 			return
 		case <-time.After(wait):
 		}
@@ -256,6 +256,9 @@ func (h *Hook) signWith(s *session, down []byte, c codec.Control) []byte {
 // messages are for the platform only: they are acknowledged and never
 // delivered.
 func (h *Hook) onControl(cl *mqtt.Client, s *session, pk packets.Packet) (packets.Packet, error) {
+	if s.ending.Load() {
+		return pk, packets.CodeSuccessIgnore // the session is being closed: no answer, no event
+	}
 	c, err := codec.ParseControl(pk.Payload)
 	if err != nil || !c.Kind.Uplink() {
 		h.controlRefused(cl, s, nil, "bad-request", codec.CodeBadRequest)
@@ -287,21 +290,24 @@ func (h *Hook) onControl(cl *mqtt.Client, s *session, pk packets.Packet) (packet
 	return pk, packets.CodeSuccessIgnore
 }
 
-// fresh checks the time and nonce of an uplink control message, as for a
-// login; it answers the error itself and reports false.
-func (h *Hook) fresh(cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) bool {
+// fresh checks the time of an uplink control message whose digest has
+// verified and claims its nonce, as for a login; it answers the error
+// itself and reports false. A message whose claim fails is not acted on.
+func (h *Hook) fresh(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) bool {
 	now := h.opts.Now()
 	if d := now.Sub(time.Unix(int64(c.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
 		h.controlRefused(cl, s, t, "skew", codec.CodeSkew)
 		return false
 	}
-	rk := replayKey{sn: s.sn, nonce: uint64(c.Nonce)}
-	if h.replay.seen(rk, now) {
+	switch first, err := h.claim(ctx, s.sn, c.TS, c.Nonce, now); {
+	case err != nil:
+		h.changeFailed(s.sn, c.RID, "replay-guard", err, "kind", string(c.Kind))
+		return false
+	case !first:
 		h.metrics.replays.WithLabelValues("control").Inc()
 		h.controlRefused(cl, s, t, "replay", codec.CodeReplay)
 		return false
 	}
-	h.replay.add(rk, now)
 	return true
 }
 
@@ -310,7 +316,7 @@ func (h *Hook) onChg(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 		h.controlRefused(cl, s, t, "bad-digest", codec.CodeBadRequest)
 		return
 	}
-	if !h.fresh(cl, s, t, c) {
+	if !h.fresh(ctx, cl, s, t, c) {
 		return
 	}
 	if t.Pending != nil && !t.Pending.Expired(h.opts.Now()) {
@@ -337,9 +343,13 @@ func (h *Hook) onChg(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 
 func (h *Hook) onAck(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc.Terminal, c *codec.Control) {
 	if t.Pending == nil || t.Pending.RID != c.RID {
-		if c.RID != 0 && t.LastCommitted == c.RID && c.Verify(s.id, t.Creds.Up) && h.fresh(cl, s, t, c) {
+		if c.RID != 0 && t.LastCommitted == c.RID && c.Verify(s.id, t.Creds.Up) {
 			// Committed already (a login with the new values did it):
 			// confirm again; close only a session still on old values.
+			// A stale or replayed ack gets only fresh's answer.
+			if !h.fresh(ctx, cl, s, t, c) {
+				return
+			}
 			h.sendDone(cl, s, t.Creds.Down, c.RID)
 			if !sameSecret(s.down, t.Creds.Down) {
 				s.closeAfter.Store(true)
@@ -364,7 +374,7 @@ func (h *Hook) onAck(ctx context.Context, cl *mqtt.Client, s *session, t *keysvc
 		h.controlRefused(cl, s, t, "bkd-mismatch", codec.CodeBadRequest)
 		return
 	}
-	if !h.fresh(cl, s, t, c) {
+	if !h.fresh(ctx, cl, s, t, c) {
 		return
 	}
 	committed, err := h.reg.CommitChange(ctx, s.sn, c.RID)
@@ -391,14 +401,16 @@ func (h *Hook) sendDone(cl *mqtt.Client, s *session, down []byte, rid codec.ID) 
 }
 
 // OnPublished ends the connection after a committed change, once mochi has
-// acknowledged the ack message.
+// acknowledged the ack message and the done is written.
 func (h *Hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	if s := h.session(cl); s != nil && s.kind == kindTerminal && s.closeAfter.Swap(false) {
-		h.event(slog.LevelInfo, "session_ended", "sn", s.sn, "reason", "credentials-changed")
-		h.server.DisconnectClient(cl, packets.CodeDisconnect)
+		h.endSessionAfterKeys(cl, s, "credentials-changed", packets.CodeDisconnect)
 	}
 }
 
+// controlRefused answers a control message with an err. The
+// MaxControlRefusals-th refusal of a session ends it: a terminal that
+// keeps sending what the platform refuses is broken or hostile.
 func (h *Hook) controlRefused(cl *mqtt.Client, s *session, t *keysvc.Terminal, reason string, code codec.ErrCode) {
 	h.metrics.changes.WithLabelValues("refused", reason).Inc()
 	h.event(slog.LevelWarn, "control_refused", "sn", s.sn, "reason", reason)
@@ -407,6 +419,9 @@ func (h *Hook) controlRefused(cl *mqtt.Client, s *session, t *keysvc.Terminal, r
 		down = t.Creds.Down
 	}
 	h.sendKey(cl, s, h.signWith(s, down, codec.Control{Kind: codec.KindErr, Code: code}))
+	if int(s.ctlRefused.Add(1)) >= h.opts.MaxControlRefusals {
+		h.endSession(cl, s, "control-refusals", packets.ErrQuotaExceeded)
+	}
 }
 
 func (h *Hook) changeStarted(sn string, ch *keysvc.Change) {
@@ -474,37 +489,6 @@ func (h *Hook) ExpireChanges(ctx context.Context) {
 			h.event(slog.LevelInfo, "change_expired", "sn", sn)
 		}
 	}
-}
-
-// Init starts the expiry sweep (mochi calls it when the hook is added).
-func (h *Hook) Init(config any) error {
-	go func() {
-		tick := time.NewTicker(time.Minute)
-		defer tick.Stop()
-		for {
-			select {
-			case <-h.done:
-				return
-			case <-tick.C:
-				ctx, cancel := h.ctx()
-				h.ExpireChanges(ctx)
-				cancel()
-			}
-		}
-	}()
-	return nil
-}
-
-// Stop ends the expiry sweep and pending SMS retries and waits for the
-// hook's goroutines (mochi calls it when the server closes).
-func (h *Hook) Stop() error {
-	select {
-	case <-h.done:
-	default:
-		close(h.done)
-	}
-	h.wg.Wait()
-	return nil
 }
 
 func sameSecret(a, b []byte) bool { return subtle.ConstantTimeCompare(a, b) == 1 }

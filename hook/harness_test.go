@@ -280,32 +280,47 @@ func (e *env) addApp(name string) []byte {
 	return pw
 }
 
+// counter returns the sum of the counters name with the given labels
+// (pairs of label name and value).
 func (e *env) counter(name string, labels ...string) float64 {
+	e.t.Helper()
+	v, _ := e.metric(name, labels...)
+	return v
+}
+
+// gauge returns the sum of the gauges name with the given labels.
+func (e *env) gauge(name string, labels ...string) float64 {
+	e.t.Helper()
+	v, _ := e.metric(name, labels...)
+	return v
+}
+
+// metric returns the sum of the counters or gauges name with the given
+// labels, and whether the hook exports name at all.
+func (e *env) metric(name string, labels ...string) (total float64, exported bool) {
 	e.t.Helper()
 	mfs, err := e.metrics.Gather()
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	var total float64
 	for _, mf := range mfs {
 		if mf.GetName() != name {
 			continue
 		}
+		exported = true
 	next:
 		for _, m := range mf.GetMetric() {
 			for i := 0; i+1 < len(labels); i += 2 {
 				found := false
 				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-					}
+					found = found || lp.GetName() == labels[i] && lp.GetValue() == labels[i+1]
 				}
 				if !found {
 					continue next
 				}
 			}
-			total += m.GetCounter().GetValue()
+			total += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 		}
 	}
-	return total
+	return total, exported
 }

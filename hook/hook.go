@@ -30,6 +30,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
 )
 
@@ -75,9 +76,37 @@ type Options struct {
 	StoreTimeout    time.Duration // per registry call; 0 = 2 s
 	Throttle        ThrottleOptions
 
+	// ReplayGuard remembers the nonces of accepted logins and control
+	// messages; nil = one in memory (replay.NewMemory), lost at a restart.
+	// A broker that restarts within the skew window needs one that
+	// persists (replay.Open); the caller owns it and closes it after the
+	// server.
+	ReplayGuard ReplayGuard
+	// Throttler counts login failures; nil = the hook's bounded table,
+	// configured by Throttle.
+	Throttler Throttler
+
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended; 0 = 3.
 	MaxEnvelopeFailures int
+	// MaxControlRefusals is how many control messages of one session may
+	// be refused (each answered with an err) before the session is ended;
+	// 0 = 8. A genuine terminal needs one or two at most.
+	MaxControlRefusals int
+
+	// WriteTimeout bounds one write of a key-topic message: a terminal
+	// that does not read for that long is disconnected; 0 = 10 s.
+	WriteTimeout time.Duration
+	// DisconnectTimeout bounds how long ending a connection (takeover,
+	// admin, session expiry, abuse) waits for mochi to write the
+	// DISCONNECT before it closes the socket without it; 0 = 500 ms.
+	DisconnectTimeout time.Duration
+	// EventRate caps the security events an attacker can trigger in bulk
+	// (login_refused, binding_mismatch, control_refused, envelope_refused,
+	// session_abandoned) at this many per second per event name; the rest
+	// are counted in one events_suppressed event per name and second.
+	// Metrics count every one. 0 = 20.
+	EventRate int
 
 	Now        func() time.Time      // nil = time.Now
 	Rand       io.Reader             // nil = crypto/rand.Reader
@@ -95,14 +124,22 @@ type Hook struct {
 	metrics  *metrics
 	gatherer prometheus.Gatherer
 
-	sessions sync.Map // *mqtt.Client → *session, for every authenticated connection
-	offline  sync.Map // ClientID → *session (identity only) of persistent sessions whose client is gone
-	replay   *replayCache
-	throttle *throttle
+	sessions sync.Map      // *mqtt.Client → *session, for every authenticated connection
+	pending  pendingLogins // logins not yet established (lifecycle.go)
+	offline  sync.Map      // ClientID → *session (identity only) of persistent sessions whose client is gone
+	replay   ReplayGuard
+	throttle Throttler
 	changes  *changeWatch
 	revoked  revocations
-	done     chan struct{}  // closed by Stop
-	wg       sync.WaitGroup // the hook's goroutines; Stop waits for them
+	events   *eventLimiter
+
+	// Every goroutine of the hook runs through spawn and is waited for by
+	// Stop; life is cancelled by Stop.
+	life    context.Context
+	cancel  context.CancelFunc
+	lifeMu  sync.Mutex
+	stopped bool
+	wg      sync.WaitGroup
 }
 
 // New validates the options and returns the hook.
@@ -131,6 +168,18 @@ func New(opts Options) (*Hook, error) {
 	if opts.MaxEnvelopeFailures <= 0 {
 		opts.MaxEnvelopeFailures = 3
 	}
+	if opts.MaxControlRefusals <= 0 {
+		opts.MaxControlRefusals = 8
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 10 * time.Second
+	}
+	if opts.DisconnectTimeout <= 0 {
+		opts.DisconnectTimeout = 500 * time.Millisecond
+	}
+	if opts.EventRate <= 0 {
+		opts.EventRate = 20
+	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -141,16 +190,24 @@ func New(opts Options) (*Hook, error) {
 		opts.Logger = slog.Default()
 	}
 	opts.Throttle = opts.Throttle.withDefaults()
+	if opts.ReplayGuard == nil {
+		opts.ReplayGuard = replay.NewMemory(replay.Options{Now: opts.Now, Logger: opts.Logger})
+	}
+	if opts.Throttler == nil {
+		opts.Throttler = newThrottleTable(opts.Throttle)
+	}
 	h := &Hook{
 		opts:     opts,
 		reg:      opts.Registry,
 		server:   opts.Server,
 		log:      opts.Logger,
-		replay:   newReplayCache(2 * opts.Skew),
-		throttle: newThrottle(opts.Throttle),
+		replay:   opts.ReplayGuard,
+		throttle: opts.Throttler,
 		changes:  &changeWatch{deadlines: map[string]time.Time{}},
-		done:     make(chan struct{}),
+		events:   newEventLimiter(opts.EventRate, floodEvents...),
+		pending:  pendingLogins{m: map[*mqtt.Client]*session{}},
 	}
+	h.life, h.cancel = context.WithCancel(context.Background())
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -161,6 +218,9 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
+		return nil, fmt.Errorf("hook: metrics: %w", err)
+	}
 	return h, nil
 }
 
@@ -170,7 +230,7 @@ func (h *Hook) ID() string { return "m2mguard" }
 // Provides lists the events the hook handles.
 func (h *Hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished,
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished,
 		mqtt.OnSubscribed, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnPublish, mqtt.OnPublished,
 		mqtt.OnPacketEncode, mqtt.OnWill:
 		return true
@@ -192,14 +252,19 @@ func (h *Hook) session(cl *mqtt.Client) *session {
 
 // event logs a security event. Attributes never carry secrets. It hands
 // the record to the handler itself: Logger.Log would also walk the stack
-// for a source position nobody asked for, once per login.
+// for a source position nobody asked for, once per login. Events an
+// attacker can trigger in bulk are capped (floodEvents).
 func (h *Hook) event(level slog.Level, name string, attrs ...any) {
 	ctx := context.Background()
 	hd := h.log.Handler()
 	if !hd.Enabled(ctx, level) {
 		return
 	}
-	r := slog.NewRecord(time.Now(), level, "m2mguard "+name, 0)
+	now := time.Now()
+	if !h.events.allow(name, now) {
+		return
+	}
+	r := slog.NewRecord(now, level, "m2mguard "+name, 0)
 	r.AddAttrs(slog.String("event", name))
 	r.Add(attrs...)
 	_ = hd.Handle(ctx, r)
@@ -232,10 +297,10 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// on the record it had read before; Revoke may not have seen the
 		// session, which was not registered yet.
 		h.sessions.Delete(cl)
-		h.metrics.terminals.Dec()
 		h.refused(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
 		return h.refuse(cl, packets.ErrNotAuthorized)
 	}
+	h.pending.add(cl, s)
 	h.offline.Delete(cl.ID)
 	return nil
 }
@@ -245,19 +310,41 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return h.session(cl) != nil
 }
 
-// OnSessionEstablished delivers a waiting key message to a terminal that
-// is already subscribed to its key topic from an earlier persistent
-// session, and arms the end of the session at the key's exp.
+// OnSessionEstablish runs in the new login's goroutine just before mochi
+// takes over an existing connection with the same ClientID, which writes
+// it a DISCONNECT: if that connection does not read, the write would block
+// the login for as long as the connection lives. It is ended here first,
+// within DisconnectTimeout; mochi then finds it closed. Downlink a keyless
+// predecessor withheld is handed to the new connection (inherit.go).
+func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	h.endTakenOver(cl)
+	h.takeOverParked(cl, pk)
+}
+
+func (h *Hook) endTakenOver(cl *mqtt.Client) {
+	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
+		h.endConnection(old, packets.ErrSessionTakenOver)
+	}
+}
+
+// OnSessionEstablished counts the session (its CONNACK is out), delivers
+// a waiting key message to a terminal that is already subscribed to its
+// key topic from an earlier persistent session, and arms the end of the
+// session at the key's exp.
 func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := h.session(cl)
-	if s == nil || s.kind != kindTerminal {
+	if s == nil || !s.state.CompareAndSwap(statePending, stateEstablished) {
+		return // the housekeeping sweep found its connection closed already
+	}
+	h.pending.remove(cl)
+	h.metrics.sessionsOf(s.kind).Inc()
+	if s.kind != kindTerminal {
 		return
 	}
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
 		s.timer = time.AfterFunc(d, func() {
-			h.event(slog.LevelInfo, "session_expired", "sn", s.sn, "sid", s.sid.String())
-			h.server.DisconnectClient(cl, packets.ErrMaxConnectTime)
+			h.spawn(func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
 		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
@@ -280,57 +367,36 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 }
 
-// sendKey sends a message on the terminal's key topic, or keeps it until
-// the terminal has subscribed there. Platform messages go straight to the
-// one connection they are for (QoS 0), never through the topic tree.
-func (h *Hook) sendKey(cl *mqtt.Client, s *session, payload []byte) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.subscribed {
-		s.outbox = append(s.outbox, payload)
-		return
-	}
-	h.writeKey(cl, s, payload)
-}
-
-// keySubscribed flushes the outbox once the key topic is subscribed.
-func (h *Hook) keySubscribed(cl *mqtt.Client, s *session) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.subscribed = true
-	for _, m := range s.outbox {
-		h.writeKey(cl, s, m)
-	}
-	s.outbox = nil
-}
-
-func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
-	err := cl.WritePacket(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish},
-		TopicName:   s.keyTopic,
-		Payload:     payload,
-	})
-	if err != nil {
-		h.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
-	}
-}
-
 // OnDisconnect forgets the connection's session. If the MQTT session
 // persists, its identity (not its key) is kept, so that messages queued for
 // it pass the per-recipient ACL and are sealed for the next session.
+// Downlink the connection withheld goes back into the MQTT session first
+// (inherit.go); both happen before the session is forgotten, so that
+// neither a message for the session nor a connection taking it over finds
+// it in between.
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s := h.session(cl)
 	if s == nil {
 		return
 	}
+	switch s.state.Swap(stateEnded) {
+	case stateEnded:
+		return // forgotten already
+	case statePending: // not established (only a direct caller gets here)
+		h.pending.remove(cl)
+	case stateEstablished:
+		h.metrics.sessionsOf(s.kind).Dec()
+	}
 	if s.timer != nil {
 		s.timer.Stop()
 	}
-	h.sessions.Delete(cl)
-	h.metrics.sessionsOf(s.kind).Dec()
-	if !expire && !cl.IsTakenOver() {
-		h.offline.Store(cl.ID, s.identityOnly())
+	if !cl.IsTakenOver() {
+		h.returnParked(cl, s)
+		if !expire {
+			h.offline.Store(cl.ID, s.identityOnly())
+		}
 	}
+	h.sessions.Delete(cl)
 }
 
 // OnClientExpired forgets a persistent session that mochi expired.

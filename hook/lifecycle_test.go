@@ -176,7 +176,9 @@ func TestSessionsAndDisconnect(t *testing.T) {
 	pw := e.addApp("dash")
 	c, _ := loginWithKey(t, e, term, true)
 	dialV5(t, e.addr, "dash-1", "dash", pw, true)
-	got := e.hook.Sessions()
+	// A session is listed once established, just after its CONNACK is out.
+	var got []hook.SessionInfo
+	pollUntil(liveness, func() bool { got = e.hook.Sessions(); return len(got) == 2 })
 	if len(got) != 2 || got[0].SN != term.sn || !got[0].SessionKey || got[0].SID == "" || got[1].App != "dash" {
 		t.Fatalf("sessions: %+v", got)
 	}

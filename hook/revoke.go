@@ -1,7 +1,6 @@
 package hook
 
 import (
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,41 +26,22 @@ const (
 func (h *Hook) Revoke(sn, reason string) int {
 	h.revoked.add(sn, h.opts.Now())
 	h.changes.forget(sn)
-	var ended []*mqtt.Client
+	type target struct {
+		cl *mqtt.Client
+		s  *session
+	}
+	var ended []target
 	h.sessions.Range(func(k, v any) bool {
 		if s := v.(*session); s.kind == kindTerminal && s.sn == sn {
-			ended = append(ended, k.(*mqtt.Client))
+			ended = append(ended, target{k.(*mqtt.Client), s})
 		}
 		return true
 	})
-	for _, cl := range ended {
-		h.event(slog.LevelInfo, "session_ended", "sn", sn, "reason", reason)
-		h.endClient(cl, packets.ErrNotAuthorized)
+	for _, e := range ended {
+		h.endSession(e.cl, e.s, reason, packets.ErrNotAuthorized)
 	}
 	return len(ended)
 }
-
-// endClient ends a client's connection: MQTT 5 clients get a DISCONNECT
-// with code first. It waits at most endWait for mochi's DisconnectClient
-// (which writes, and so can block on a client that stopped reading), then
-// closes the socket itself, which also frees a write stuck on it.
-func (h *Hook) endClient(cl *mqtt.Client, code packets.Code) {
-	done := make(chan struct{})
-	h.wg.Add(1)
-	go func() {
-		defer h.wg.Done()
-		defer close(done)
-		h.server.DisconnectClient(cl, code)
-	}()
-	select {
-	case <-done:
-	case <-time.After(endWait):
-		cl.Stop(code)
-	}
-}
-
-// endWait bounds how long ending a client may block its caller.
-const endWait = 500 * time.Millisecond
 
 // revocations remember which terminals an operator revoked lately, so that
 // a login that read the record just before the revocation and registers its

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
+
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
@@ -54,13 +56,26 @@ type session struct {
 	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible
 	timer  *time.Timer
 
-	// Key-topic messages wait in outbox until the terminal has subscribed
-	// to $m2m/<sn>/key; closeAfter ends the connection once the PUBACK of
-	// the control message being handled is out (after a committed change).
+	// state is the session's place in its life (pending, established,
+	// ended); see lifecycle.go.
+	state atomic.Uint32
+	// ending is set once the hook has decided to end the connection: later
+	// control messages and envelopes are dropped unanswered and unlogged.
+	ending atomic.Bool
+
+	// Key-topic messages wait in keyq (at most maxKeyQueue) until the
+	// terminal has subscribed to $m2m/<sn>/key, then a writer goroutine,
+	// started on demand, sends them in order (see writes.go). closeAfter
+	// ends the connection once the PUBACK of the control message being
+	// handled is out (after a committed change); closeCode, if set, ends
+	// it once the writer has sent what is queued.
 	mu         sync.Mutex
 	subscribed bool
-	outbox     [][]byte
+	writing    bool // a writer goroutine drains keyq
+	keyq       [][]byte
+	closeCode  *packets.Code
 	closeAfter atomic.Bool
+	ctlRefused atomic.Int32 // control messages of this session refused
 
 	// The record and pending change seen at login, for deliverPending once
 	// the session is established (then nil).
@@ -74,6 +89,18 @@ type session struct {
 
 	// applications
 	app *keysvc.App
+
+	// offline marks the identity kept for a persistent session whose
+	// connection is gone (identityOnly): messages are queued for whichever
+	// connection resumes it.
+	offline bool
+
+	// parked holds the downlink data of the MQTT session that this
+	// connection may not receive (withholdsDownlink), outside mochi's
+	// session so that nothing writes it. It goes back into the session
+	// when the connection ends or hands the session on (inherit.go).
+	parkMu sync.Mutex
+	parked []packets.Packet
 }
 
 func newTerminalSession(t *keysvc.Terminal) *session {
@@ -109,6 +136,15 @@ func (s *session) aead() cipher.AEAD {
 func (s *session) identityOnly() *session {
 	return &session{
 		kind: s.kind, sn: s.sn, id: s.id, requireEnc: s.requireEnc,
-		keyTopic: s.keyTopic, downFilter: s.downFilter, app: s.app,
+		keyTopic: s.keyTopic, downFilter: s.downFilter, app: s.app, offline: true,
 	}
+}
+
+// withholdsDownlink reports whether downlink data must not reach this
+// connection: its terminal's record demands encryption and it logged in
+// without a session key (no flag 01, or its bkd did not match). A session
+// kept for an offline terminal withholds nothing: it queues for the next
+// connection, which seals or withholds at its turn.
+func (s *session) withholdsDownlink() bool {
+	return s.kind == kindTerminal && s.requireEnc && !s.hasKey() && !s.offline
 }

@@ -184,7 +184,30 @@ func validFilter(f string) bool {
 	return true
 }
 
-// AddApp creates or replaces an application.
+// AppOwnsClientID reports whether an application called name may connect
+// with clientID: its name, its name followed by '-' and anything
+// ("dash-1"), or an empty ClientID, which the broker replaces with a
+// random one. No application can then kick another's live session or
+// resume its persistent one. ClientIDs that are valid serial numbers
+// belong to terminals whatever this says: an application called "dash"
+// connects as "dash-1", not "dash".
+func AppOwnsClientID(name, clientID string) bool {
+	rest, ok := strings.CutPrefix(clientID, name)
+	return clientID == "" || ok && (rest == "" || rest[0] == '-')
+}
+
+// appNamesOverlap reports whether two different application names would
+// own the same ClientIDs: one is the other followed by '-' and more, as
+// "dash" and "dash-east" both own "dash-east-1".
+func appNamesOverlap(a, b string) bool {
+	return a != b && (AppOwnsClientID(a, b) || AppOwnsClientID(b, a))
+}
+
+// AddApp creates or replaces an application. A new name that overlaps an
+// existing application's (AppOwnsClientID: "dash" and "dash-east") is
+// refused with ErrExists, naming the other application; the check runs
+// here only, so whoever writes application records into the store
+// directly must keep to the same rule.
 func (s *Service) AddApp(ctx context.Context, r AddAppRequest) (*App, error) {
 	if err := ValidateAppName(r.Name); err != nil {
 		return nil, fmt.Errorf("keysvc: add app: %w", err)
@@ -201,6 +224,17 @@ func (s *Service) AddApp(ctx context.Context, r AddAppRequest) (*App, error) {
 	for _, f := range append(append([]string(nil), r.Subscribe...), r.Publish...) {
 		if !validFilter(f) {
 			return nil, fmt.Errorf("keysvc: add app %s: %w: bad topic filter %q", r.Name, ErrInvalid, f)
+		}
+	}
+	names, err := s.store.ListApps(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("keysvc: add app %s: %w", r.Name, err)
+	}
+	for _, other := range names {
+		if appNamesOverlap(r.Name, other) {
+			longer := max(r.Name, other) // the one that starts with the other
+			return nil, fmt.Errorf("keysvc: add app %s: application %s %w with an overlapping name: both would own ClientID %s-1 "+
+				"(an application's ClientIDs are its name and its name followed by '-')", r.Name, other, ErrExists, longer)
 		}
 	}
 	h, err := hashPassword(s.rand, r.Password, s.appHash)

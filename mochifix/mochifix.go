@@ -6,14 +6,16 @@
 //	mochifix.Close(server, []string{"tcp", "ws"}, 10*time.Second)
 //
 // It stops the listeners (new connections are refused), disconnects every
-// client (MQTT 5 clients get 0x8B, server shutting down), then runs
-// mochi's Close, which stops the hooks and waits for the clients' goroutines.
-// Close the hook's store after it, never before: the hook may still be
-// handling a login or a change until mochi's Close returns.
+// client (MQTT 5 clients get 0x8B, server shutting down; a client that does
+// not read is closed after a second), then runs mochi's Close, which stops
+// the hooks and waits for the clients' goroutines. Close the hook's store
+// after it, never before: the hook may still be handling a login or a
+// change until mochi's Close returns.
 package mochifix
 
 import (
 	"errors"
+	"sync"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -23,14 +25,50 @@ import (
 // ErrTimeout: clients were still attached when Close gave up waiting.
 var ErrTimeout = errors.New("mochifix: clients still attached after the timeout")
 
+// disconnectWait bounds how long Close waits for the DISCONNECT packets to
+// be written: a client that stops reading would block that write.
+const disconnectWait = time.Second
+
+// disconnectAll sends every connected client a DISCONNECT (MQTT 5: 0x8B),
+// all at once, and after wait closes the sockets of those whose write has
+// not finished (closing the socket ends a write stuck on it). The
+// goroutines it starts end when their write does, at the latest then.
+func disconnectAll(server *mqtt.Server, wait time.Duration) {
+	var wg sync.WaitGroup
+	var open []*mqtt.Client
+	for _, cl := range server.Clients.GetAll() {
+		if cl.Net.Inline || cl.Closed() {
+			continue
+		}
+		open = append(open, cl)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			server.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-time.After(wait):
+	}
+	for _, cl := range open {
+		cl.Stop(packets.ErrServerShuttingDown)
+	}
+	<-done
+}
+
 // Close shuts server down without the deadlock of mochi-mqtt/server#488:
 // mochi's Close disconnects clients through Clients.GetByListener, which
 // read-locks twice, so a client deleting itself at that moment (a write
 // lock) blocks both forever. Close instead marks the listeners closed
 // without that callback (mochi's Close then never calls it), lets the
 // connections already accepted reach mochi, disconnects every client itself
-// (MQTT 5: 0x8B server shutting down), and then calls mochi's Close, which
-// waits for them; it gives up after timeout.
+// (MQTT 5: 0x8B server shutting down; a client that does not read is
+// closed after a second), and then calls mochi's Close, which waits for
+// them; it gives up after timeout.
 //
 // listenerIDs are the IDs of the listeners added to server.
 func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration) error {
@@ -40,11 +78,7 @@ func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration) err
 	// A connection accepted just before is handed to mochi in a goroutine
 	// of its own; give it the moment it needs to register.
 	time.Sleep(20 * time.Millisecond)
-	for _, cl := range server.Clients.GetAll() {
-		if !cl.Net.Inline && !cl.Closed() {
-			server.DisconnectClient(cl, packets.ErrServerShuttingDown)
-		}
-	}
+	disconnectAll(server, disconnectWait)
 	done := make(chan struct{})
 	go func() { server.Close(); close(done) }()
 	select {

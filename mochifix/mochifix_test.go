@@ -2,8 +2,10 @@ package mochifix_test
 
 import (
 	"bytes"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,5 +74,59 @@ func connectAndLeave(addr string, i int) {
 	conn.Read(b)
 	if i%2 == 0 {
 		time.Sleep(time.Duration(i) * 100 * time.Microsecond)
+	}
+}
+
+// TestCloseWithClientThatDoesNotRead: a client that subscribed and stopped
+// reading, whose socket buffers are full, blocks every write to it; Close
+// still returns, after closing its socket.
+func TestCloseWithClientThatDoesNotRead(t *testing.T) {
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClientWritesPending = 16
+	srv := mqtt.New(&mqtt.Options{InlineClient: true, Capabilities: caps})
+	srv.AddHook(new(auth.AllowHook), nil) // test only: no authentication under test
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.AddListener(listeners.NewNet("t", ln)); err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	var buf bytes.Buffer
+	(&packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: "slow"}}).ConnectEncode(&buf)
+	(&packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "big"}}}).SubscribeEncode(&buf)
+	conn.Write(buf.Bytes())
+	ack := make([]byte, 9) // CONNACK (4) + SUBACK (5); then the client reads no more
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(conn, ack); err != nil {
+		t.Fatal(err)
+	}
+	// Fill the client's socket with 64 KiB messages until mochi drops
+	// them: its queue of 16 is full, so its write loop is stuck in a write.
+	payload := make([]byte, 64<<10)
+	for i := 0; atomic.LoadInt64(&srv.Info.MessagesDropped) == 0; i++ {
+		if i == 10000 {
+			t.Fatal("the client's queue never filled")
+		}
+		srv.Publish("big", payload, false, 0)
+	}
+	done := make(chan error, 1)
+	go func() { done <- mochifix.Close(srv, []string{"t"}, 10*time.Second) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Close hangs on a client that does not read")
 	}
 }

@@ -2,8 +2,8 @@
 // credential changes, sessions and applications, as JSON over HTTP with a
 // bearer token, plus /metrics and /healthz.
 //
-//	GET    /healthz                          store reachability (no token)
-//	GET    /metrics                          Prometheus (no token)
+//	GET    /healthz                          store reachability (no token; says ok or unavailable, nothing more)
+//	GET    /metrics                          Prometheus (the metrics token or the admin token)
 //	POST   /v1/terminals                     register; answers the provisioning Bundle (secrets, once)
 //	GET    /v1/terminals?after=&limit=       list, paged
 //	GET    /v1/terminals/{sn}                one record, without secrets
@@ -49,22 +49,25 @@ import (
 
 // Options configure the API.
 type Options struct {
-	Service   *keysvc.Service      // required
-	Hook      *hook.Hook           // required: sessions and changes
-	Token     string               // bearer token; required, at least 16 characters
-	Gatherer  prometheus.Gatherer  // served on /metrics; nil = no /metrics
-	BrokerURL string               // written into provisioning bundles
-	Logger    *slog.Logger         // nil = slog.Default()
-	MaxImport int64                // largest CSV body, bytes; 0 = 1 GiB
-	Timeout   time.Duration        // per store call outside imports; 0 = 30 s
-	Now       func() time.Time     // nil = time.Now
-	Rand      func(b []byte) error // nil = crypto/rand
+	Service      *keysvc.Service      // required
+	Hook         *hook.Hook           // required: sessions and changes
+	Token        string               // bearer token; required, at least 16 characters
+	MetricsToken string               // bearer token for /metrics only (Token works there too); "" = Token alone
+	Gatherer     prometheus.Gatherer  // served on /metrics; nil = no /metrics
+	BrokerURL    string               // written into provisioning bundles
+	Logger       *slog.Logger         // nil = slog.Default()
+	MaxImport    int64                // largest CSV body, bytes; 0 = 1 GiB
+	Timeout      time.Duration        // per store call outside imports; 0 = 30 s
+	Now          func() time.Time     // nil = time.Now
+	Rand         func(b []byte) error // nil = crypto/rand
 }
 
 type api struct {
-	opts  Options
-	token [32]byte
-	log   *slog.Logger
+	opts         Options
+	token        [32]byte // SHA-256 of Options.Token
+	metricsToken [32]byte // SHA-256 of Options.MetricsToken
+	hasMetrics   int      // 1 if there is a metrics token
+	log          *slog.Logger
 }
 
 // New returns the API's handler.
@@ -74,6 +77,9 @@ func New(opts Options) (http.Handler, error) {
 	}
 	if len(opts.Token) < 16 {
 		return nil, errors.New("admin: the token must have at least 16 characters")
+	}
+	if opts.MetricsToken != "" && len(opts.MetricsToken) < 16 {
+		return nil, errors.New("admin: the metrics token must have at least 16 characters")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -88,12 +94,18 @@ func New(opts Options) (http.Handler, error) {
 		opts.Rand = func(b []byte) error { _, err := rand.Read(b); return err }
 	}
 	a := &api{opts: opts, token: sha256.Sum256([]byte(opts.Token)), log: opts.Logger}
+	if opts.MetricsToken != "" {
+		a.metricsToken, a.hasMetrics = sha256.Sum256([]byte(opts.MetricsToken)), 1
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", a.healthz)
 	if opts.Gatherer != nil {
-		mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
+		// The refusal reasons and binding events in the metrics tell which
+		// identities exist: not for anyone who can reach the port.
+		metrics := promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{})
+		mux.Handle("GET /metrics", a.require(a.mayReadMetrics, metrics.ServeHTTP))
 	}
-	auth := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, a.auth(h)) }
+	auth := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, a.require(a.isAdmin, h)) }
 	auth("POST /v1/terminals", a.register)
 	auth("GET /v1/terminals", a.list)
 	auth("POST /v1/terminals/import", a.importCSV)
@@ -110,20 +122,34 @@ func New(opts Options) (http.Handler, error) {
 	auth("POST /v1/apps", a.addApp)
 	auth("GET /v1/apps/{name}", a.getApp)
 	auth("DELETE /v1/apps/{name}", a.removeApp)
-	mux.Handle("/", a.auth(func(w http.ResponseWriter, r *http.Request) {
+	mux.Handle("/", a.require(a.isAdmin, func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, Error{Error: "no such endpoint: " + r.Method + " " + r.URL.Path})
 	}))
 	return mux, nil
 }
 
-// auth requires "Authorization: Bearer <token>", compared in constant time
-// (of the hashes, so the length does not leak either).
-func (a *api) auth(next http.HandlerFunc) http.Handler {
+// isAdmin reports whether sum is the hash of the admin token, in constant
+// time (of the hashes, so the length does not leak either).
+func (a *api) isAdmin(sum [32]byte) bool {
+	return subtle.ConstantTimeCompare(sum[:], a.token[:]) == 1
+}
+
+// mayReadMetrics reports whether sum is the hash of the metrics token or of
+// the admin token; both are compared, in constant time.
+func (a *api) mayReadMetrics(sum [32]byte) bool {
+	admin := subtle.ConstantTimeCompare(sum[:], a.token[:])
+	metrics := subtle.ConstantTimeCompare(sum[:], a.metricsToken[:]) & a.hasMetrics
+	return admin|metrics == 1
+}
+
+// require serves next to requests with "Authorization: Bearer <token>"
+// whose token's SHA-256 allowed accepts, and 401 to the others.
+func (a *api) require(allowed func(sum [32]byte) bool, next http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := r.Header.Get("Authorization")
 		tok, ok := strings.CutPrefix(h, "Bearer ")
 		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-		if !ok || subtle.ConstantTimeCompare(sum[:], a.token[:]) != 1 {
+		if !ok || !allowed(sum) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="m2mguard"`)
 			writeJSON(w, http.StatusUnauthorized, Error{Error: "missing or wrong bearer token"})
 			a.log.Warn("admin request refused", "reason", "bad-token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
@@ -182,6 +208,9 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 		status, body.Error = http.StatusNotFound, "no connected client "+r.PathValue("id")
 	case errors.Is(err, keysvc.ErrExists):
 		status, body.Error = http.StatusConflict, subject+" already exists"
+		if msg := err.Error(); !strings.HasSuffix(msg, keysvc.ErrExists.Error()) {
+			body.Error = withoutLayer(msg) // it says more: which other name overlaps
+		}
 	case errors.Is(err, keysvc.ErrBusy):
 		status, body.Error = http.StatusConflict, "a change is already pending for "+subject
 	case errors.Is(err, keysvc.ErrInactive):
@@ -212,6 +241,18 @@ func subjectOf(r *http.Request) string {
 	default:
 		return "terminal"
 	}
+}
+
+// withoutLayer drops the "keysvc: <operation>: " an error of the key
+// service starts with: "keysvc: add app a-b: application a already exists
+// with an overlapping name: ..." gives "application a already exists ...".
+func withoutLayer(msg string) string {
+	if rest, ok := strings.CutPrefix(msg, "keysvc: "); ok {
+		if _, after, ok := strings.Cut(rest, ": "); ok {
+			return after
+		}
+	}
+	return msg
 }
 
 // reason is the text of err after its sentinel: "keysvc: add app x:
@@ -272,9 +313,9 @@ func (a *api) healthz(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, Health{Status: "ok", Store: "ok"})
 		return
 	}
-	// /healthz needs no token: the store's error goes to the log only.
+	// The error (store address, paths) goes to the log, not to whoever asks.
 	a.log.Warn("health check: store unavailable", "err", err.Error())
-	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: "unavailable", Error: "the broker's store is unavailable (the broker's log has the details)"})
+	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: "unavailable", Error: "the store does not answer"})
 }
 
 func (a *api) register(w http.ResponseWriter, r *http.Request) {

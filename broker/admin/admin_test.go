@@ -21,7 +21,10 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 )
 
-const token = "test-token-0123456789abcdef"
+const (
+	token        = "test-token-0123456789abcdef"
+	metricsToken = "metrics-token-0123456789abcdef"
+)
 
 // env is a real broker (mochi + hook + key service on the embedded store)
 // with the admin API behind httptest.
@@ -41,7 +44,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	h, err := admin.New(admin.Options{Service: b.Service(), Hook: b.Hook(), Token: token, Gatherer: b.Registry(),
+	h, err := admin.New(admin.Options{Service: b.Service(), Hook: b.Hook(), Token: token, MetricsToken: metricsToken, Gatherer: b.Registry(),
 		BrokerURL: b.PublicURL(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +145,11 @@ func TestTerminalsEndpoints(t *testing.T) {
 		{name: "no token", method: "GET", path: "/v1/terminals/T1", tok: "-", status: 401},
 		{name: "wrong token", method: "GET", path: "/v1/terminals/T1", tok: "wrong-token-0123456789", status: 401},
 		{name: "healthz needs no token", method: "GET", path: "/healthz", tok: "-", status: 200, want: `"ok"`},
-		{name: "metrics need no token", method: "GET", path: "/metrics", tok: "-", status: 200, want: "go_goroutines"},
+		{name: "metrics need a token", method: "GET", path: "/metrics", tok: "-", status: 401, not: "go_goroutines"},
+		{name: "metrics refuse a wrong token", method: "GET", path: "/metrics", tok: "wrong-token-0123456789", status: 401},
+		{name: "metrics with the metrics token", method: "GET", path: "/metrics", tok: metricsToken, status: 200, want: "go_goroutines"},
+		{name: "metrics with the admin token", method: "GET", path: "/metrics", status: 200, want: "go_goroutines"},
+		{name: "the metrics token reads nothing else", method: "GET", path: "/v1/terminals/T1", tok: metricsToken, status: 401},
 		{name: "unknown endpoint", method: "GET", path: "/v1/nothing", status: 404},
 		{name: "get hides secrets", method: "GET", path: "/v1/terminals/T1", status: 200, want: `"status": "active"`, not: b.Up},
 		{name: "get hides bk", method: "GET", path: "/v1/terminals/T1", status: 200, not: b.BK},
@@ -253,6 +260,7 @@ func TestSessionsAndApps(t *testing.T) {
 		{name: "short password", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "ops", Password: "short"}, status: 400, field: "password"},
 		{name: "bad name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: ".hidden"}, status: 400, field: "name"},
 		{name: "bad filter", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "x", Subscribe: []string{"a/#/b"}}, status: 400, field: "subscribe/publish"},
+		{name: "overlapping name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "dash-x"}, status: 409, want: `"application dash already exists with an overlapping name`, not: "keysvc"},
 		{name: "remove", method: "DELETE", path: "/v1/apps/dash", status: 204},
 		{name: "remove again", method: "DELETE", path: "/v1/apps/dash", status: 404},
 	})
@@ -265,7 +273,7 @@ func TestStoreUnavailable(t *testing.T) {
 	e := newEnv(t)
 	e.b.Service().Store().Close()
 	e.run([]step{
-		{name: "healthz", method: "GET", path: "/healthz", tok: "-", status: 503, want: "unavailable", not: "boltstore"},
+		{name: "healthz", method: "GET", path: "/healthz", tok: "-", status: 503, want: "unavailable", not: "closed"}, // no internals
 		{name: "get", method: "GET", path: "/v1/terminals/T1", status: 503, want: "store is unavailable", not: "boltstore"},
 		{name: "register", method: "POST", path: "/v1/terminals", body: t1, status: 503, not: "boltstore"},
 		{name: "apps", method: "GET", path: "/v1/apps", status: 503, not: "boltstore"},

@@ -136,9 +136,9 @@ type AppList struct {
 
 // Health is the answer of GET /healthz.
 type Health struct {
-	Status string `json:"status"` // ok or unavailable
-	Store  string `json:"store"`  // ok or unavailable
-	Error  string `json:"error,omitempty"`
+	Status string `json:"status"`          // ok or unavailable
+	Store  string `json:"store"`           // ok or unavailable
+	Error  string `json:"error,omitempty"` // a fixed text: the cause is logged, not shown
 }
 
 func terminalView(t *keysvc.Terminal) Terminal {

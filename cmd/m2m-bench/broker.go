@@ -19,6 +19,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/replay"
 )
 
 // BrokerConfig describes a benchmark broker. The mochi options (write
@@ -35,6 +36,8 @@ type BrokerConfig struct {
 	VaultToken string
 	VaultPfx   string // KV prefix; "" = "m2mguard"
 
+	ReplayDir string // hook mode: the replay guard's directory (replay.Open, as the broker runs it); "" = in memory
+
 	CacheTTL time.Duration // keysvc read cache TTL; 0 = keysvc's default (30 s)
 	Prewarm  bool          // look every terminal up once before listening (a warm cache)
 
@@ -49,6 +52,7 @@ type Broker struct {
 	Hook   *hook.Hook      // nil in allow mode
 	Svc    *keysvc.Service // nil in allow mode
 	store  keysvc.Store
+	replay *replay.Guard // nil unless BrokerConfig.ReplayDir
 }
 
 // mochiOptions returns the mochi options every benchmark broker runs with.
@@ -103,17 +107,27 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 				return nil, err
 			}
 		}
-		b.Hook, err = hook.New(hook.Options{Registry: b.Svc, Server: b.Server,
+		if cfg.ReplayDir != "" {
+			if b.replay, err = replay.Open(cfg.ReplayDir, replay.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}); err != nil {
+				store.Close()
+				return nil, err
+			}
+		}
+		var guard hook.ReplayGuard // nil: the hook's in-memory guard
+		if b.replay != nil {
+			guard = b.replay
+		}
+		b.Hook, err = hook.New(hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard,
 			Registerer: prometheus.NewRegistry(),
 			// The hook's security events are formatted as in production,
 			// then discarded.
 			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 		if err != nil {
-			store.Close()
+			b.closeStore()
 			return nil, err
 		}
 		if err := b.Server.AddHook(b.Hook, nil); err != nil {
-			store.Close()
+			b.closeStore()
 			return nil, err
 		}
 	default:
@@ -159,14 +173,18 @@ func prewarm(ctx context.Context, svc *keysvc.Service) error {
 	}
 }
 
+// closeStore closes the replay guard and the store.
 func (b *Broker) closeStore() {
+	if b.replay != nil {
+		b.replay.Close()
+	}
 	if b.store != nil {
 		b.store.Close()
 	}
 }
 
 // Close stops the broker (through mochifix, never mochi's Close alone:
-// mochi-mqtt/server#488) and closes its store.
+// mochi-mqtt/server#488) and closes its replay guard and store.
 func (b *Broker) Close() error {
 	err := mochifix.Close(b.Server, []string{"tcp"}, 30*time.Second)
 	b.closeStore()

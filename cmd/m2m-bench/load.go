@@ -16,6 +16,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/stats"
 )
 
 // LoadConfig describes one load run against a broker.
@@ -48,12 +49,12 @@ type LoadConfig struct {
 
 // ConnectResult is the connect storm's outcome.
 type ConnectResult struct {
-	Attempted int     `json:"attempted"`
-	Connected int     `json:"connected"`
-	Failed    int     `json:"failed"`
-	Seconds   float64 `json:"seconds"`
-	PerSec    float64 `json:"connects_per_sec"`
-	Latency   Latency `json:"latency"`
+	Attempted int           `json:"attempted"`
+	Connected int           `json:"connected"`
+	Failed    int           `json:"failed"`
+	Seconds   float64       `json:"seconds"`
+	PerSec    float64       `json:"connects_per_sec"`
+	Latency   stats.Latency `json:"latency"`
 	// ClientCPUPerConn is the CPU time the load generator's process used
 	// during the storm, per connected client, in microseconds.
 	ClientCPUPerConn float64 `json:"client_cpu_us_per_conn"`
@@ -61,15 +62,15 @@ type ConnectResult struct {
 
 // PublishResult is the steady publish load's outcome.
 type PublishResult struct {
-	Publishers   int     `json:"publishers"`
-	QoS          byte    `json:"qos"`
-	PayloadBytes int     `json:"payload_bytes"`
-	Seconds      float64 `json:"seconds"`
-	Sent         int64   `json:"sent"`
-	Received     int64   `json:"received"`
-	PerSec       float64 `json:"received_per_sec"` // messages/s delivered to the application
-	Publish      Latency `json:"publish_latency"`  // Publish call to its return (PUBACK at QoS 1)
-	EndToEnd     Latency `json:"end_to_end"`       // Publish call to the application's handler
+	Publishers   int           `json:"publishers"`
+	QoS          byte          `json:"qos"`
+	PayloadBytes int           `json:"payload_bytes"`
+	Seconds      float64       `json:"seconds"`
+	Sent         int64         `json:"sent"`
+	Received     int64         `json:"received"`
+	PerSec       float64       `json:"received_per_sec"` // messages/s delivered to the application
+	Publish      stats.Latency `json:"publish_latency"`  // Publish call to its return (PUBACK at QoS 1)
+	EndToEnd     stats.Latency `json:"end_to_end"`       // Publish call to the application's handler
 }
 
 // LoadResult is the machine-readable result of one load run.
@@ -78,7 +79,7 @@ type LoadResult struct {
 	SessionKey bool           `json:"session_key"`
 	Addr       string         `json:"addr"`
 	N          int            `json:"n"`
-	RTT        Latency        `json:"connect_rtt"` // sequential CONNECT→CONNACK, nothing else in flight
+	RTT        stats.Latency  `json:"connect_rtt"` // sequential CONNECT→CONNACK, nothing else in flight
 	Connect    ConnectResult  `json:"connect"`
 	Publish    *PublishResult `json:"publish,omitempty"`
 	Errors     []string       `json:"errors,omitempty"` // the first few
@@ -278,7 +279,7 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 		}
 		rtts = append(rtts, d)
 	}
-	res.RTT = summarize(rtts)
+	res.RTT = stats.Summarize(rtts)
 	if cfg.RTTSamples > 0 {
 		cfg.progress("rtt: %d samples, p50 %.3f ms", res.RTT.N, res.RTT.P50)
 	}
@@ -350,7 +351,7 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 		}
 	}
 	res.Connect = ConnectResult{Attempted: cfg.N, Connected: len(live), Failed: cfg.N - len(live),
-		Seconds: elapsed.Seconds(), PerSec: float64(len(live)) / elapsed.Seconds(), Latency: summarize(ok)}
+		Seconds: elapsed.Seconds(), PerSec: float64(len(live)) / elapsed.Seconds(), Latency: stats.Summarize(ok)}
 	if len(live) > 0 {
 		res.Connect.ClientCPUPerConn = float64(cpu.Microseconds()) / float64(len(live))
 	}
@@ -408,7 +409,11 @@ func publishLoad(ctx context.Context, cfg *LoadConfig, conns []benchConn, errs *
 	)
 	var id [6]byte
 	rand.Read(id[:])
-	o := pahoOptions(cfg.Addr, "bench-app-"+hex.EncodeToString(id[:]))
+	owner := "bench-app" // an application's ClientID is its name followed by '-' and anything
+	if cfg.AppUser != "" {
+		owner = cfg.AppUser
+	}
+	o := pahoOptions(cfg.Addr, owner+"-"+hex.EncodeToString(id[:]))
 	if cfg.AppUser != "" {
 		o.SetUsername(cfg.AppUser).SetPassword(cfg.AppPassword)
 	}
@@ -492,7 +497,7 @@ func publishLoad(ctx context.Context, cfg *LoadConfig, conns []benchConn, errs *
 	mu.Unlock()
 	r := &PublishResult{Publishers: pubs, QoS: cfg.QoS, PayloadBytes: cfg.PayloadSize, Seconds: elapsed.Seconds(),
 		Sent: sent.Load(), Received: received.Load(), PerSec: float64(inWindow) / elapsed.Seconds(),
-		Publish: summarize(all), EndToEnd: summarize(e)}
+		Publish: stats.Summarize(all), EndToEnd: stats.Summarize(e)}
 	cfg.progress("publish: %d sent, %d received, %.0f msg/s end to end, e2e p50 %.2f ms p99 %.2f ms",
 		r.Sent, r.Received, r.PerSec, r.EndToEnd.P50, r.EndToEnd.P99)
 	return r, nil

@@ -166,6 +166,28 @@ func BenchmarkHookLogin(b *testing.B) {
 	benchHookLogin(b, testBroker(b, "hook", terms), terms[0])
 }
 
+// BenchmarkHookLoginReplayGuard is BenchmarkHookLogin with each replay
+// guard: the hook's default in memory, and the file guard the broker runs
+// (replay.Open: one write(2) per accepted login, fsync every second).
+func BenchmarkHookLoginReplayGuard(b *testing.B) {
+	for _, guard := range []string{"memory", "file"} {
+		b.Run(guard, func(b *testing.B) {
+			terms := genTerminals(1)
+			dir := b.TempDir()
+			br, err := startLocalBroker(context.Background(), dir, "hook", terms, testAppPassword, func(c *BrokerConfig) {
+				if guard == "file" {
+					c.ReplayDir = filepath.Join(dir, "replay")
+				}
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer br.Close()
+			benchHookLogin(b, br, terms[0])
+		})
+	}
+}
+
 // TestServeCommands drives `serve` as the suite does: the address line,
 // then one JSON answer per command on stdin, until stdin closes.
 func TestServeCommands(t *testing.T) {

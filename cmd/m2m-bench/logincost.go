@@ -18,12 +18,16 @@ import (
 )
 
 // startLocalBroker starts an in-process broker on a fresh embedded store in
-// dir, holding terms and (in hook mode) the benchmark application.
-func startLocalBroker(ctx context.Context, dir, mode string, terms []*Terminal, appPassword string) (*Broker, error) {
+// dir, holding terms and (in hook mode) the benchmark application; tune
+// may change the configuration before the start.
+func startLocalBroker(ctx context.Context, dir, mode string, terms []*Terminal, appPassword string, tune ...func(*BrokerConfig)) (*Broker, error) {
 	key := make([]byte, 32)
 	rand.Read(key)
 	cfg := BrokerConfig{Mode: mode, Store: "bolt", BoltPath: filepath.Join(dir, "s.db"), MasterKey: key,
 		CacheTTL: time.Hour, Prewarm: true, WritesPending: 256, NetBuf: 2048}
+	for _, f := range tune {
+		f(&cfg)
+	}
 	if mode == "hook" {
 		var csv bytes.Buffer
 		if err := writeTerminals(&csv, terms); err != nil {

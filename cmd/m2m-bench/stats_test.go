@@ -5,81 +5,9 @@ import (
 	"encoding/json"
 	"math"
 	"testing"
-	"time"
+
+	"github.com/m2mguard/m2mguard/internal/stats"
 )
-
-func TestPercentile(t *testing.T) {
-	ds := func(ms ...int) []time.Duration {
-		out := make([]time.Duration, len(ms))
-		for i, m := range ms {
-			out[i] = time.Duration(m) * time.Millisecond
-		}
-		return out
-	}
-	hundred := make([]int, 100)
-	for i := range hundred {
-		hundred[i] = i + 1
-	}
-	tests := []struct {
-		name   string
-		sorted []time.Duration
-		p      float64
-		want   time.Duration
-	}{
-		{"empty", nil, 50, 0},
-		{"one", ds(7), 99, 7 * time.Millisecond},
-		{"p50 of 1..100", ds(hundred...), 50, 50 * time.Millisecond},
-		{"p95 of 1..100", ds(hundred...), 95, 95 * time.Millisecond},
-		{"p99 of 1..100", ds(hundred...), 99, 99 * time.Millisecond},
-		{"p100 of 1..100", ds(hundred...), 100, 100 * time.Millisecond},
-		{"p50 of 4 (nearest rank)", ds(1, 2, 3, 4), 50, 2 * time.Millisecond},
-		{"p99 of 4", ds(1, 2, 3, 4), 99, 4 * time.Millisecond},
-		{"tiny p rounds up to the first", ds(1, 2, 3), 0.001, time.Millisecond},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			if got := percentile(tt.sorted, tt.p); got != tt.want {
-				t.Errorf("percentile(%v, %v) = %v, want %v", tt.sorted, tt.p, got, tt.want)
-			}
-		})
-	}
-}
-
-func TestSummarize(t *testing.T) {
-	got := summarize([]time.Duration{3 * time.Millisecond, time.Millisecond, 2 * time.Millisecond})
-	want := Latency{N: 3, P50: 2, P95: 3, P99: 3, Max: 3, Mean: 2}
-	if got != want {
-		t.Errorf("summarize = %+v, want %+v", got, want)
-	}
-	if (summarize(nil) != Latency{}) {
-		t.Error("summarize(nil) is not zero")
-	}
-}
-
-func TestMedianAndRatio(t *testing.T) {
-	tests := []struct {
-		xs   []float64
-		want float64
-	}{
-		{[]float64{5}, 5},
-		{[]float64{3, 1, 2}, 2},
-		{[]float64{4, 1, 3, 2}, 2.5},
-	}
-	for _, tt := range tests {
-		in := append([]float64(nil), tt.xs...)
-		if got := median(tt.xs); got != tt.want {
-			t.Errorf("median(%v) = %v, want %v", tt.xs, got, tt.want)
-		}
-		for i := range in {
-			if in[i] != tt.xs[i] {
-				t.Errorf("median modified its input")
-			}
-		}
-	}
-	if median(nil) != 0 || ratio(1, 0) != 0 || ratio(1, 4) != 0.25 {
-		t.Error("median(nil) or ratio wrong")
-	}
-}
 
 func TestRatiosRoundByRound(t *testing.T) {
 	mk := func(round int, sc string, cps, mps, heap float64) RoundResult {
@@ -127,7 +55,7 @@ func TestRatiosRoundByRound(t *testing.T) {
 
 func TestLoadResultJSON(t *testing.T) {
 	r := LoadResult{Kind: "terminal", SessionKey: true, Addr: "127.0.0.1:1883", N: 2,
-		Connect: ConnectResult{Attempted: 2, Connected: 2, Seconds: 0.5, PerSec: 4, Latency: Latency{N: 2, P50: 1.5}},
+		Connect: ConnectResult{Attempted: 2, Connected: 2, Seconds: 0.5, PerSec: 4, Latency: stats.Latency{N: 2, P50: 1.5}},
 		Publish: &PublishResult{Publishers: 1, QoS: 1, PayloadBytes: 64, Sent: 10, Received: 9, PerSec: 18}}
 	data, err := json.Marshal(r)
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/devvault"
+	"github.com/m2mguard/m2mguard/internal/stats"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -566,10 +567,10 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 				e95, e99 = append(e95, l.Publish.EndToEnd.P95), append(e99, l.Publish.EndToEnd.P99)
 			}
 		}
-		sm.ConnectsPerS, sm.ConnectP50, sm.ConnectP95, sm.ConnectP99 = median(cps), median(p50), median(p95), median(p99)
-		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = median(rtt), median(mps), median(e50), median(e95), median(e99)
-		sm.HeapPerConn, sm.StackPerConn = median(heap), median(stack)
-		sm.BrokerCPU, sm.BrokerGC, sm.ClientCPU = median(bcpu), median(bgc), median(ccpu)
+		sm.ConnectsPerS, sm.ConnectP50, sm.ConnectP95, sm.ConnectP99 = stats.Median(cps), stats.Median(p50), stats.Median(p95), stats.Median(p99)
+		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = stats.Median(rtt), stats.Median(mps), stats.Median(e50), stats.Median(e95), stats.Median(e99)
+		sm.HeapPerConn, sm.StackPerConn = stats.Median(heap), stats.Median(stack)
+		sm.BrokerCPU, sm.BrokerGC, sm.ClientCPU = stats.Median(bcpu), stats.Median(bgc), stats.Median(ccpu)
 		out = append(out, sm)
 	}
 	return out
@@ -626,12 +627,12 @@ func ratios(rounds []RoundResult, n int) []Ratio {
 			if a == nil || b == nil {
 				continue
 			}
-			r.Rounds = append(r.Rounds, ratio(d.f(a), d.f(b)))
+			r.Rounds = append(r.Rounds, stats.Ratio(d.f(a), d.f(b)))
 		}
 		if len(r.Rounds) == 0 {
 			continue
 		}
-		r.Value = median(r.Rounds)
+		r.Value = stats.Median(r.Rounds)
 		r.Met = (d.min == 0 || r.Value >= d.min) && (d.max == 0 || r.Value <= d.max)
 		out = append(out, r)
 	}

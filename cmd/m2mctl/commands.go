@@ -651,9 +651,12 @@ func appCmd(o *options) *cobra.Command {
 		Use:   "add NAME [--password-file FILE] [--subscribe FILTERS] [--publish FILTERS]",
 		Short: "Add or replace an application; without --password-file a password is generated and printed once",
 		Long: `Add or replace an application: a back-end MQTT client that reads terminal data and
-sends commands. It connects with Username NAME and its password, and a ClientID that
-is NOT a valid serial number (1-16 of [A-Za-z0-9]: such ClientIDs are terminals'),
-e.g. "dash-1". By default it may subscribe to m2m/+/up/# and publish to m2m/+/down/#.
+sends commands. It connects with Username NAME and its password, and a ClientID of
+its own: NAME followed by '-' and anything (e.g. "dash-1"), NAME itself unless that is a
+valid serial number (1-16 of [A-Za-z0-9]: such ClientIDs are terminals'), or none (the
+broker assigns one). No NAME may be another application's followed by '-' ("dash" and
+"dash-east"): such a name is refused (exit 5). By default it may subscribe to m2m/+/up/#
+and publish to m2m/+/down/#.
 
 Without --password-file the broker generates a password and this command prints it
 once (or give it in $M2MCTL_APP_PASSWORD).`,

@@ -58,8 +58,9 @@ With no configuration it needs nothing else:
   - MQTT listeners: TCP :1883, WebSocket :8083 (ws://host:8083/mqtt, any path);
     TLS :8883 only when mqtt.tls_cert and mqtt.tls_key are set (WebSocket is then wss).
   - admin API on 127.0.0.1:8080, bearer token from admin.token or ./data/admin.token
-    (generated 0600 on first run; the log names the file, never the token). /healthz and
-    /metrics on the same listener need no token. Use m2mctl to drive it.
+    (generated 0600 on first run; the log names the file, never the token). /healthz on
+    the same listener needs no token; /metrics needs the token of ./data/metrics.token
+    (admin.metrics_token_file, generated alike) or the admin token. Use m2mctl to drive it.
 
 Store "vault" (store.type: vault) keeps terminals in Vault KV v2 under
 <mount>/<prefix>/terminals/<sn> and authenticates with a token (store.vault.token,

@@ -74,7 +74,7 @@ func freePort(t *testing.T) string {
 // wrong login, and stops the broker with SIGTERM. Then it scans everything
 // the product wrote — the broker's log at debug level (mochi's included),
 // /metrics and the client library's log — for every secret of the run: the
-// admin token, both sets of passwords and basic keys (hex and base64).
+// admin and metrics tokens, both sets of passwords and basic keys (hex and base64).
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
@@ -126,7 +126,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"master.key", "admin.token"} {
+	for _, f := range []string{"master.key", "admin.token", "metrics.token"} {
 		if fi, err := os.Stat(filepath.Join(work, "data", f)); err != nil || fi.Mode().Perm() != 0o600 {
 			t.Fatalf("data/%s: %v %v", f, fi, err)
 		}
@@ -203,12 +203,22 @@ func TestSmoke(t *testing.T) {
 	}
 	cancel()
 	bad.Close()
-	mresp, err := http.Get(base + "/metrics")
+	// /metrics with the generated metrics token (what a Prometheus scrape sends).
+	mtok, err := os.ReadFile(filepath.Join(work, "data", "metrics.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ = http.NewRequest("GET", base+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(mtok)))
+	mresp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	metrics, _ := io.ReadAll(mresp.Body)
 	mresp.Body.Close()
+	if mresp.StatusCode != 200 || !strings.Contains(string(metrics), "m2mguard_logins_total") {
+		t.Fatalf("/metrics with the metrics token: %d %.200s", mresp.StatusCode, metrics)
+	}
 
 	// SIGTERM: a clean exit with status 0.
 	cmd.Process.Signal(syscall.SIGTERM)
@@ -227,7 +237,7 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	newBK := hex.EncodeToString(after.Current.BK)
-	secrets := []string{strings.TrimSpace(string(tok)), b.Up, b.Down, b.BK, string(after.Current.Up), string(after.Current.Down), newBK,
+	secrets := []string{strings.TrimSpace(string(tok)), strings.TrimSpace(string(mtok)), b.Up, b.Down, b.BK, string(after.Current.Up), string(after.Current.Down), newBK,
 		base64.RawURLEncoding.EncodeToString(bk), base64.RawURLEncoding.EncodeToString(after.Current.BK)}
 	for name, text := range map[string]string{"broker log": out, "metrics": string(metrics), "client log": clientLog.String()} {
 		if len(text) == 0 {

@@ -5,11 +5,16 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hkdf"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"math"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -28,8 +33,21 @@ var (
 	bucketApps      = []byte("apps")
 	bucketMeta      = []byte("meta")
 	keyCheck        = []byte("keycheck")
+	keyHead         = []byte("head")
 	checkPlaintext  = []byte("m2mguard boltstore master key check v1")
 )
+
+// The value formats, told apart by their authenticated data. Format 1, of
+// stores written before the integrity head, had no prefix; its values are
+// read only to upgrade such a store (check.go). Format 2 is written since.
+const (
+	format1 = 1
+	format2 = 2
+)
+
+// aadPrefix starts the authenticated data of format 2. Format 1 starts
+// with a bucket name, so the two never collide.
+var aadPrefix = []byte("m2mguard boltstore v2\x00")
 
 // Options configure Open.
 type Options struct {
@@ -42,21 +60,41 @@ type Options struct {
 	// NoSync skips fsync after each commit (tests and benchmarks only: a
 	// crash may lose the last transactions).
 	NoSync bool
+	// Reseal is the way out of a failed integrity check, for an operator
+	// who has checked the records and accepts them as they are: the reseal
+	// code that the *TamperError of the failed Open carries. Open then
+	// rewrites the integrity head over the records as they are, and logs so
+	// at level Error. The code fits exactly that state of the file, so a
+	// setting left in place accepts no later change. "" = never.
+	Reseal string
+	// Logger receives the upgrade of a store from before the integrity head
+	// and any reseal; nil = slog.Default().
+	Logger *slog.Logger
 }
 
 // Store is a keysvc.Store in one bbolt file. Every record value is sealed
 // with AES-256-GCM under the master key; the authenticated data binds it to
-// its bucket, key and version, so a value cannot be moved to another key or
-// rolled back to an older version of the same key unnoticed. The version
-// counter for check-and-set lives in clear in front of the sealed value:
+// its bucket, key and version, so a value cannot be forged or moved to
+// another key. The version for check-and-set lives in clear in front of the
+// sealed value:
 //
-//	value = be64(version) || nonce12 || GCM(plaintext, aad = bucket 0x00 key be64(version))
+//	value = be64(version) || nonce12 || GCM(plaintext, aad = "m2mguard boltstore v2" 0x00 bucket 0x00 key be64(version))
+//
+// A value alone does not show that it is the latest one: an older sealed
+// copy of the same record authenticates too. That is what the integrity
+// head is for (integrity.go): Open (and Verify) find a record rolled back,
+// deleted, put back after a delete or copied over another, alone or with
+// others, and refuse the file with ErrTampered. They cannot find the whole
+// file replaced by an earlier copy of itself.
 //
 // A Store is safe for concurrent use.
 type Store struct {
 	db     *bolt.DB
 	aead   cipher.AEAD
+	kInt   []byte // integrity key, HKDF of the master key
 	path   string
+	log    *slog.Logger
+	macers sync.Pool // of *macer, for writes
 	closed atomic.Bool
 }
 
@@ -69,7 +107,11 @@ var (
 // file was created with.
 var ErrWrongKey = errors.New("boltstore: master key does not open this store (wrong key or wrong file)")
 
-// Open opens or creates the store file at path.
+// Open opens or creates the store file at path and checks its integrity in
+// one pass over the records: a file that is not as this store left it gives
+// a *TamperError (errors.Is ErrTampered) that says what to do. A store
+// written before the integrity head existed is upgraded at its first Open
+// (logged at level Warn).
 func Open(path string, opts Options) (*Store, error) {
 	if len(opts.MasterKey) != MasterKeySize {
 		return nil, fmt.Errorf("boltstore: master key must be %d bytes: %w", MasterKeySize, keysvc.ErrInvalid)
@@ -82,6 +124,13 @@ func Open(path string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("boltstore: %w", err)
 	}
+	kInt, err := hkdf.Key(sha256.New, opts.MasterKey, nil, integrityInfo, sha256.Size)
+	if err != nil {
+		return nil, fmt.Errorf("boltstore: %w", err)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
 	if opts.Timeout == 0 {
 		opts.Timeout = 5 * time.Second
 	}
@@ -92,30 +141,10 @@ func Open(path string, opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("boltstore: open %s: %w", path, err)
 	}
-	s := &Store{db: db, aead: aead, path: path}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketTerminals, bucketApps} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		meta, err := tx.CreateBucketIfNotExists(bucketMeta)
-		if err != nil {
-			return err
-		}
-		if v := meta.Get(keyCheck); v != nil {
-			if _, _, err := s.open(bucketMeta, keyCheck, v); err != nil {
-				return ErrWrongKey
-			}
-			return nil
-		}
-		return meta.Put(keyCheck, s.seal(bucketMeta, keyCheck, 1, checkPlaintext))
-	})
-	if err != nil {
+	s := &Store{db: db, aead: aead, kInt: kInt, path: path, log: opts.Logger}
+	s.macers.New = func() any { return newMacer(kInt) }
+	if err := db.Update(func(tx *bolt.Tx) error { return s.init(tx, opts.Reseal) }); err != nil {
 		db.Close()
-		if errors.Is(err, ErrWrongKey) {
-			return nil, fmt.Errorf("boltstore: open %s: %w", path, err)
-		}
 		return nil, fmt.Errorf("boltstore: open %s: %w", path, err)
 	}
 	return s, nil
@@ -130,8 +159,11 @@ func (s *Store) Close() error {
 // Path returns the file the store lives in.
 func (s *Store) Path() string { return s.path }
 
-func aad(bucket, key []byte, version uint64) []byte {
-	a := make([]byte, 0, len(bucket)+1+len(key)+8)
+func aad(format int, bucket, key []byte, version uint64) []byte {
+	a := make([]byte, 0, len(aadPrefix)+len(bucket)+1+len(key)+8)
+	if format == format2 {
+		a = append(a, aadPrefix...)
+	}
 	a = append(a, bucket...)
 	a = append(a, 0)
 	a = append(a, key...)
@@ -144,17 +176,21 @@ func (s *Store) seal(bucket, key []byte, version uint64, plaintext []byte) []byt
 	if _, err := rand.Read(out[8:20]); err != nil {
 		panic("boltstore: crypto/rand failed: " + err.Error())
 	}
-	return s.aead.Seal(out, out[8:20], plaintext, aad(bucket, key, version))
+	return s.aead.Seal(out, out[8:20], plaintext, aad(format2, bucket, key, version))
 }
 
 // open authenticates and decrypts a stored value. The plaintext is a fresh
 // buffer (bolt's memory is valid only inside the transaction).
 func (s *Store) open(bucket, key, v []byte) (uint64, []byte, error) {
+	return s.openFormat(format2, bucket, key, v)
+}
+
+func (s *Store) openFormat(format int, bucket, key, v []byte) (uint64, []byte, error) {
 	if len(v) < 8+12+s.aead.Overhead() {
 		return 0, nil, fmt.Errorf("%w: value too short", keysvc.ErrInvalid)
 	}
 	version := binary.BigEndian.Uint64(v)
-	pt, err := s.aead.Open(nil, v[8:20], v[20:], aad(bucket, key, version))
+	pt, err := s.aead.Open(nil, v[8:20], v[20:], aad(format, bucket, key, version))
 	if err != nil {
 		return 0, nil, fmt.Errorf("%w: value does not authenticate under the master key", keysvc.ErrInvalid)
 	}
@@ -194,14 +230,91 @@ func (s *Store) view(ctx context.Context, fn func(tx *bolt.Tx) error) error {
 	return s.db.View(fn)
 }
 
-func (s *Store) update(ctx context.Context, fn func(tx *bolt.Tx) error) error {
+// update runs fn in a write transaction, through a batch that keeps the
+// integrity head in step with the records: the head is read (a write fails
+// if it is missing or does not authenticate) and, if fn changed anything,
+// written back in the same commit.
+func (s *Store) update(ctx context.Context, fn func(w *batch) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	if s.closed.Load() {
 		return keysvc.ErrUnavailable
 	}
-	return s.db.Update(fn)
+	return s.db.Update(func(tx *bolt.Tx) error {
+		h, why := s.headOf(tx)
+		if why != "" {
+			return fmt.Errorf("%w: %s", ErrTampered, why)
+		}
+		w := &batch{s: s, tx: tx, head: h}
+		err := fn(w)
+		if w.mac != nil {
+			s.macers.Put(w.mac)
+		}
+		if err != nil {
+			return err
+		}
+		if w.head == h {
+			return nil
+		}
+		return s.putHead(tx, &w.head)
+	})
+}
+
+// batch is one write transaction. Every record write and delete goes
+// through it, so that the head changes with the records.
+type batch struct {
+	s    *Store
+	tx   *bolt.Tx
+	head head
+	mac  *macer
+}
+
+func (w *batch) element(bucket, key, v []byte) [sha256.Size]byte {
+	if w.mac == nil {
+		w.mac = w.s.macers.Get().(*macer)
+	}
+	return w.mac.element(bucket, key, v)
+}
+
+// put seals plaintext as bucket/key under the next version and returns it.
+func (w *batch) put(bucket, key, plaintext []byte) (uint64, error) {
+	if w.head.counter == math.MaxUint64 {
+		return 0, errors.New("version counter exhausted")
+	}
+	b := w.tx.Bucket(bucket)
+	if old := b.Get(key); old != nil {
+		w.head.xor(w.element(bucket, key, old))
+	} else {
+		*w.head.countOf(bucket)++
+	}
+	w.head.counter++
+	v := w.s.seal(bucket, key, w.head.counter, plaintext)
+	if err := b.Put(key, v); err != nil {
+		return 0, err
+	}
+	w.head.xor(w.element(bucket, key, v))
+	return w.head.counter, nil
+}
+
+// get returns the stored value of bucket/key, or nil.
+func (w *batch) get(bucket, key []byte) []byte { return w.tx.Bucket(bucket).Get(key) }
+
+// delete removes bucket/key, or fails with keysvc.ErrNotFound.
+func (w *batch) delete(bucket, key []byte) error {
+	b := w.tx.Bucket(bucket)
+	old := b.Get(key)
+	if old == nil {
+		return keysvc.ErrNotFound
+	}
+	w.head.xor(w.element(bucket, key, old))
+	*w.head.countOf(bucket)--
+	return b.Delete(key)
+}
+
+// putHead seals h (under its counter as version) into the meta bucket.
+func (s *Store) putHead(tx *bolt.Tx, h *head) error {
+	return tx.Bucket(bucketMeta).Put(keyHead, s.seal(bucketMeta, keyHead, h.counter, h.encode()))
 }
 
 func checkSN(sn string) error {
@@ -256,19 +369,10 @@ func (s *Store) GetTerminal(ctx context.Context, sn string) (*keysvc.Terminal, e
 	return t, nil
 }
 
-func (s *Store) putTerminal(b *bolt.Bucket, t *keysvc.Terminal) (uint64, error) {
-	version, err := b.NextSequence()
-	if err != nil {
-		return 0, err
-	}
-	key := []byte(t.SN)
+func putTerminal(w *batch, t *keysvc.Terminal) (uint64, error) {
 	pt := encodeTerminal(make([]byte, 0, 512), t)
-	v := s.seal(bucketTerminals, key, version, pt)
-	clear(pt)
-	if err := b.Put(key, v); err != nil {
-		return 0, err
-	}
-	return version, nil
+	defer clear(pt)
+	return w.put(bucketTerminals, []byte(t.SN), pt)
 }
 
 // CreateTerminal implements keysvc.Store.
@@ -277,13 +381,12 @@ func (s *Store) CreateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 		return s.wrap("create terminal", "", err)
 	}
 	var version uint64
-	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketTerminals)
-		if b.Get([]byte(t.SN)) != nil {
+	err := s.update(ctx, func(w *batch) error {
+		if w.get(bucketTerminals, []byte(t.SN)) != nil {
 			return keysvc.ErrExists
 		}
 		var err error
-		version, err = s.putTerminal(b, t)
+		version, err = putTerminal(w, t)
 		return err
 	})
 	if err != nil {
@@ -299,19 +402,18 @@ func (s *Store) CreateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 func (s *Store) CreateTerminals(ctx context.Context, ts []*keysvc.Terminal) ([]error, error) {
 	errs := make([]error, len(ts))
 	versions := make([]uint64, len(ts))
-	err := s.update(ctx, func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(w *batch) error {
 		clear(errs)
-		b := tx.Bucket(bucketTerminals)
 		for i, t := range ts {
 			if err := checkTerminal(t); err != nil {
 				errs[i] = err
 				continue
 			}
-			if b.Get([]byte(t.SN)) != nil {
+			if w.get(bucketTerminals, []byte(t.SN)) != nil {
 				errs[i] = keysvc.ErrExists
 				continue
 			}
-			v, err := s.putTerminal(b, t)
+			v, err := putTerminal(w, t)
 			if err != nil {
 				return err
 			}
@@ -339,9 +441,8 @@ func (s *Store) UpdateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 		return s.wrap("update terminal", "", err)
 	}
 	var version uint64
-	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketTerminals)
-		cur := b.Get([]byte(t.SN))
+	err := s.update(ctx, func(w *batch) error {
+		cur := w.get(bucketTerminals, []byte(t.SN))
 		if cur == nil {
 			return keysvc.ErrNotFound
 		}
@@ -349,7 +450,7 @@ func (s *Store) UpdateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 			return keysvc.ErrConflict
 		}
 		var err error
-		version, err = s.putTerminal(b, t)
+		version, err = putTerminal(w, t)
 		return err
 	})
 	if err != nil {
@@ -364,13 +465,7 @@ func (s *Store) DeleteTerminal(ctx context.Context, sn string) error {
 	if err := checkSN(sn); err != nil {
 		return s.wrap("delete terminal", "", err)
 	}
-	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketTerminals)
-		if b.Get([]byte(sn)) == nil {
-			return keysvc.ErrNotFound
-		}
-		return b.Delete([]byte(sn))
-	})
+	err := s.update(ctx, func(w *batch) error { return w.delete(bucketTerminals, []byte(sn)) })
 	return s.wrap("delete terminal", sn, err)
 }
 
@@ -450,13 +545,9 @@ func (s *Store) PutApp(ctx context.Context, a *keysvc.App) error {
 	if err != nil {
 		return s.wrap("put app", a.Name, err)
 	}
-	err = s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketApps)
-		version, err := b.NextSequence()
-		if err != nil {
-			return err
-		}
-		return b.Put([]byte(a.Name), s.seal(bucketApps, []byte(a.Name), version, pt))
+	err = s.update(ctx, func(w *batch) error {
+		_, err := w.put(bucketApps, []byte(a.Name), pt)
+		return err
 	})
 	return s.wrap("put app", a.Name, err)
 }
@@ -466,13 +557,7 @@ func (s *Store) DeleteApp(ctx context.Context, name string) error {
 	if err := checkAppName(name); err != nil {
 		return s.wrap("delete app", "", err)
 	}
-	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketApps)
-		if b.Get([]byte(name)) == nil {
-			return keysvc.ErrNotFound
-		}
-		return b.Delete([]byte(name))
-	})
+	err := s.update(ctx, func(w *batch) error { return w.delete(bucketApps, []byte(name)) })
 	return s.wrap("delete app", name, err)
 }
 

@@ -1,4 +1,7 @@
-package main
+// Package stats summarises measurements for the project's load tools
+// (cmd/m2m-bench, cmd/m2m-flood): latency percentiles, medians and ratios
+// that stay valid JSON (never NaN).
+package stats
 
 import (
 	"math"
@@ -16,9 +19,9 @@ type Latency struct {
 	Mean float64 `json:"mean_ms"`
 }
 
-// percentile returns the p-th percentile (0 < p <= 100) of sorted by the
+// Percentile returns the p-th percentile (0 < p <= 100) of sorted by the
 // nearest-rank method; 0 for an empty slice.
-func percentile(sorted []time.Duration, p float64) time.Duration {
+func Percentile(sorted []time.Duration, p float64) time.Duration {
 	if len(sorted) == 0 {
 		return 0
 	}
@@ -32,10 +35,12 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 	return sorted[rank-1]
 }
 
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+// MS returns d in milliseconds.
+func MS(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// summarize sorts ds in place and returns its summary.
-func summarize(ds []time.Duration) Latency {
+// Summarize sorts ds in place and returns its summary; the zero Latency for
+// none.
+func Summarize(ds []time.Duration) Latency {
 	if len(ds) == 0 {
 		return Latency{}
 	}
@@ -46,17 +51,17 @@ func summarize(ds []time.Duration) Latency {
 	}
 	return Latency{
 		N:    len(ds),
-		P50:  ms(percentile(ds, 50)),
-		P95:  ms(percentile(ds, 95)),
-		P99:  ms(percentile(ds, 99)),
-		Max:  ms(ds[len(ds)-1]),
-		Mean: ms(sum / time.Duration(len(ds))),
+		P50:  MS(Percentile(ds, 50)),
+		P95:  MS(Percentile(ds, 95)),
+		P99:  MS(Percentile(ds, 99)),
+		Max:  MS(ds[len(ds)-1]),
+		Mean: MS(sum / time.Duration(len(ds))),
 	}
 }
 
-// median returns the median of xs (the mean of the two middle values for an
+// Median returns the median of xs (the mean of the two middle values for an
 // even count); 0 for none (JSON has no NaN). xs is not modified.
-func median(xs []float64) float64 {
+func Median(xs []float64) float64 {
 	if len(xs) == 0 {
 		return 0
 	}
@@ -69,8 +74,8 @@ func median(xs []float64) float64 {
 	return (s[n/2-1] + s[n/2]) / 2
 }
 
-// ratio returns a/b, or 0 when b is 0 (JSON has no NaN).
-func ratio(a, b float64) float64 {
+// Ratio returns a/b, or 0 when b is 0 (JSON has no NaN).
+func Ratio(a, b float64) float64 {
 	if b == 0 {
 		return 0
 	}
