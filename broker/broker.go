@@ -152,6 +152,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		Logger:      logger.With("component", "hook"),
 		Registerer:  b.registry,
 	}
+	hopts.Apps = hook.AppLimitOptions{
+		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
+		Rate: cfg.Auth.AppRate, RatePerAddr: cfg.Auth.AppRatePerAddr,
+		FailuresPerAddr: cfg.Auth.AppFailuresPerAddr, FailureRefill: cfg.Auth.AppFailureRefill,
+	}
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
 	}

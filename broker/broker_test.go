@@ -295,3 +295,60 @@ func TestSessionExpiryReachesMochi(t *testing.T) {
 		t.Fatalf("1h: %d s", got)
 	}
 }
+
+// TestAppBudgetsReachTheHook: the auth.app_* keys configure the hook. With
+// one failed application login allowed per address, the second attempt
+// from that address is refused as throttled (MQTT 5: 0x8A) before any
+// verification; the in-flight gauge is served.
+func TestAppBudgetsReachTheHook(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.Auth.AppFailuresPerAddr = 1
+	cfg.Auth.AppFailureRefill = time.Hour
+	b, _ := start(t, cfg)
+	for i, want := range []byte{0x86, 0x8A} {
+		if got := connectApp(t, b.Addr("tcp"), fmt.Sprintf("nobody-%d", i), []byte("not-the-password")); got != want {
+			t.Fatalf("attempt %d: CONNACK 0x%02x, want 0x%02x", i+1, got, want)
+		}
+	}
+	mfs, err := b.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mf := range mfs {
+		found = found || mf.GetName() == "m2mguard_app_verifications_in_flight"
+	}
+	if !found {
+		t.Error("m2mguard_app_verifications_in_flight is not served")
+	}
+}
+
+// connectApp sends an MQTT 5 CONNECT as application name and returns the
+// CONNACK reason code.
+func connectApp(t *testing.T, addr, name string, password []byte) byte {
+	t.Helper()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: name + "-1",
+			UsernameFlag: true, Username: []byte(name), PasswordFlag: true, Password: password}}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 4) // type, length, flags, reason code
+	if _, err := io.ReadFull(c, ack); err != nil {
+		t.Fatalf("connack: %v", err)
+	}
+	if ack[0] != 0x20 {
+		t.Fatalf("got % x, want a CONNACK", ack)
+	}
+	return ack[3]
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -119,6 +120,15 @@ type AuthConfig struct {
 	ThrottleFree    int
 	ThrottleBase    time.Duration
 	ThrottleMax     time.Duration
+
+	// Budgets of application password verifications (argon2id), see
+	// hook.AppLimitOptions; 0 = the hook's default.
+	AppConcurrency        int
+	AppConcurrencyPerAddr int
+	AppRate               float64 // per second
+	AppRatePerAddr        float64 // per second
+	AppFailuresPerAddr    int
+	AppFailureRefill      time.Duration
 }
 
 // KeysConfig are the lifetimes of generated credentials.
@@ -173,6 +183,7 @@ func Default() *Config {
 	c.Auth = AuthConfig{
 		Skew: 300 * time.Second, Grace: 7 * 24 * time.Hour, SessionLifetime: 24 * time.Hour,
 		StoreTimeout: 2 * time.Second, ThrottleFree: 5, ThrottleBase: time.Second, ThrottleMax: 15 * time.Minute,
+		AppConcurrencyPerAddr: 1, AppRatePerAddr: 2, AppFailuresPerAddr: 20, AppFailureRefill: 10 * time.Second,
 	}
 	c.Keys.ChangeDeadline = 24 * time.Hour
 	c.Cache = CacheConfig{TTL: 30 * time.Second, MaxStale: 10 * time.Minute, MaxEntries: 100000}
@@ -257,6 +268,20 @@ func integer(p func(*Config) *int, min, max int) func(*Config, string) error {
 		}
 		if n < min || n > max {
 			return fmt.Errorf("want %d to %d", min, max)
+		}
+		*p(c) = n
+		return nil
+	}
+}
+
+func number(p func(*Config) *float64, min, max float64) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || math.IsNaN(n) {
+			return errors.New("want a number")
+		}
+		if n < min || n > max {
+			return fmt.Errorf("want %g to %g", min, max)
 		}
 		*p(c) = n
 		return nil
@@ -399,6 +424,18 @@ var fields = []Field{
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleBase })},
 	{Key: "auth.throttle_max", Default: "15m0s", Help: "longest refusal period",
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleMax })},
+	{Key: "auth.app_concurrency", Default: "0", Help: "application password verifications (argon2id, 19 MiB each) running at once; more logins are refused at once with 0x89 server busy (0 = half the CPUs, at least 1)",
+		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrency }, 0, 1<<16)},
+	{Key: "auth.app_concurrency_per_addr", Default: "1", Help: "application password verifications running at once for one address (an IPv4 address or an IPv6 /64)",
+		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrencyPerAddr }, 1, 1<<16)},
+	{Key: "auth.app_rate", Default: "0", Help: "application password verifications started per second, all addresses (bursts of two seconds' worth); 0 = 10 × app_concurrency",
+		set: number(func(c *Config) *float64 { return &c.Auth.AppRate }, 0, 1e6)},
+	{Key: "auth.app_rate_per_addr", Default: "2", Help: "application password verifications started per second for one address",
+		set: number(func(c *Config) *float64 { return &c.Auth.AppRatePerAddr }, 0.001, 1e6)},
+	{Key: "auth.app_failures_per_addr", Default: "20", Help: "failed application logins from one address, whatever the names, before that address is refused (0x8A)",
+		set: integer(func(c *Config) *int { return &c.Auth.AppFailuresPerAddr }, 1, 1<<20)},
+	{Key: "auth.app_failure_refill", Default: "10s", Help: "after app_failures_per_addr, one more failed application login is allowed per address every this long",
+		set: dur(func(c *Config) *time.Duration { return &c.Auth.AppFailureRefill })},
 
 	{Key: "keys.password_lifetime", Default: "0s", Help: "life of generated access passwords (0 = never expire)",
 		set: dur(func(c *Config) *time.Duration { return &c.Keys.PasswordLifetime })},
@@ -720,7 +757,8 @@ func (c *Config) Validate() error {
 		key string
 		v   time.Duration
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
-		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"keys.change_deadline", c.Keys.ChangeDeadline},
+		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"auth.app_failure_refill", c.Auth.AppFailureRefill},
+		{"keys.change_deadline", c.Keys.ChangeDeadline},
 		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.write_timeout", c.MQTT.WriteTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")

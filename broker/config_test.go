@@ -100,6 +100,14 @@ store:
 			}
 			return ""
 		}},
+		{"application login budgets", "auth: {app_concurrency: 2, app_rate: 2.5, app_rate_per_addr: 0.5, app_failure_refill: 1m}\n", nil, nil, func(c *broker.Config) string {
+			a := c.Auth
+			if a.AppConcurrency != 2 || a.AppRate != 2.5 || a.AppRatePerAddr != 0.5 || a.AppFailureRefill != time.Minute ||
+				a.AppConcurrencyPerAddr != 1 || a.AppFailuresPerAddr != 20 {
+				return fmt.Sprintf("application budgets not applied: %+v", a)
+			}
+			return ""
+		}},
 		{"vault address and token from VAULT_ env", "store.type: vault\n", map[string]string{"VAULT_ADDR": "http://127.0.0.1:8200", "VAULT_TOKEN": "root"}, nil, func(c *broker.Config) string {
 			if c.Store.Vault.Address != "http://127.0.0.1:8200" || c.Store.Vault.Token != "root" {
 				return "VAULT_ADDR/VAULT_TOKEN not used"
@@ -153,6 +161,9 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"short admin token", "", map[string]string{"M2MGUARD_ADMIN_TOKEN": "short"}, nil, "admin.token", "", "16"},
 		{"no listener", "mqtt: {tcp: \"off\", ws: \"off\"}\n", nil, nil, "mqtt.tcp", "", "no MQTT listener"},
 		{"tiny queue", "", nil, []string{"--mqtt-max-writes-pending", "2"}, "mqtt.max_writes_pending", "flag", "16"},
+		{"application rate not a number", "", map[string]string{"M2MGUARD_AUTH_APP_RATE": "fast"}, nil, "auth.app_rate", "env M2MGUARD_AUTH_APP_RATE", "number"},
+		{"no application rate per address", "", nil, []string{"--auth-app-rate-per-addr", "0"}, "auth.app_rate_per_addr", "flag", "0.001"},
+		{"no failure refill", "auth.app_failure_refill: 0s\n", nil, nil, "auth.app_failure_refill", "", "positive"},
 		{"throttle max below base", "auth: {throttle_base: 1m, throttle_max: 1s}\n", nil, nil, "auth.throttle_max", "", "throttle_base"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

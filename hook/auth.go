@@ -292,18 +292,31 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	id := "app:" + name
 	if h.throttle.Blocked(id, addr, now) {
 		h.metrics.throttled.Inc()
-		h.refused("", addr, reasonThrottled, "app", name)
+		h.refused("", addr, reasonThrottled, "app", clip(name))
 		return nil, packets.ErrBanned
+	}
+	// The budgets of the argon2id verification, decided before the name is
+	// looked up: the answer never depends on whether it exists.
+	slot, limit := h.apps.admit(addr, now)
+	switch limit {
+	case limitNone:
+	case limitFailuresPerAddr:
+		h.metrics.throttled.Inc()
+		h.refused("", addr, reasonThrottled, "app", clip(name), "limit", string(limit))
+		return nil, packets.ErrBanned
+	default:
+		h.refused("", addr, reasonBusy, "app", clip(name), "limit", string(limit))
+		return nil, packets.ErrServerBusy
 	}
 	ctx, cancel := h.ctx()
 	defer cancel()
-	app, err := h.reg.VerifyApp(ctx, name, password)
+	app, err := h.verifyApp(ctx, slot, name, password)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrUnavailable) {
-			h.refused("", addr, reasonUnavailable, "app", name, "err", err.Error())
+			h.refused("", addr, reasonUnavailable, "app", clip(name), "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
-		h.refused("", addr, reasonBadApp, "app", name)
+		h.refused("", addr, reasonBadApp, "app", clip(name))
 		if d := h.throttle.Fail(id, addr, now); d > 0 {
 			time.Sleep(d)
 		}

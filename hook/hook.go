@@ -75,6 +75,9 @@ type Options struct {
 	SessionLifetime time.Duration // a session key's life (exp - T); 0 = 24 h
 	StoreTimeout    time.Duration // per registry call; 0 = 2 s
 	Throttle        ThrottleOptions
+	// Apps bounds the cost of application logins (argon2id) before they
+	// are authenticated; the zero value keeps it on half the CPUs.
+	Apps AppLimitOptions
 
 	// ReplayGuard remembers the nonces of accepted logins and control
 	// messages; nil = one in memory (replay.NewMemory), lost at a restart.
@@ -129,6 +132,7 @@ type Hook struct {
 	offline  sync.Map      // ClientID → *session (identity only) of persistent sessions whose client is gone
 	replay   ReplayGuard
 	throttle Throttler
+	apps     *appLimiter
 	changes  *changeWatch
 	revoked  revocations
 	events   *eventLimiter
@@ -203,6 +207,7 @@ func New(opts Options) (*Hook, error) {
 		log:      opts.Logger,
 		replay:   opts.ReplayGuard,
 		throttle: opts.Throttler,
+		apps:     newAppLimiter(opts.Apps),
 		changes:  &changeWatch{deadlines: map[string]time.Time{}},
 		events:   newEventLimiter(opts.EventRate, floodEvents...),
 		pending:  pendingLogins{m: map[*mqtt.Client]*session{}},
@@ -220,6 +225,11 @@ func New(opts Options) (*Hook, error) {
 	h.metrics = m
 	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
+	}
+	for _, c := range h.apps.collectors() {
+		if err := registerer.Register(c); err != nil {
+			return nil, fmt.Errorf("hook: metrics: %w", err)
+		}
 	}
 	return h, nil
 }
@@ -284,7 +294,7 @@ func (h *Hook) refuse(cl *mqtt.Client, code packets.Code) error {
 
 // OnConnect authenticates the client. It runs before
 // OnConnectAuthenticate so that it can choose the CONNACK code of a
-// refusal (0x86, 0x87 or 0x8A under MQTT 5); a refused client gets its
+// refusal (0x86, 0x87, 0x88, 0x89 or 0x8A under MQTT 5); a refused client gets its
 // CONNACK here and the connection is closed.
 func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	s, code := h.authenticate(cl, pk)

@@ -8,7 +8,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
-// Resumed sessions (issue 14). When a connection resumes a persistent
+// Resumed sessions (SECURITY.md, "Sessions stay with their owner"). When a connection resumes a persistent
 // session, mochi's inheritClientSession copies the old client's
 // subscriptions and messages in flight to the new client, and
 // ResendInflightMessages then writes those messages, before the new

@@ -18,8 +18,8 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
-// Issue 14: sessions stay with their owner, and nothing leaves a session
-// outside its reach.
+// Sessions stay with their owner, and nothing leaves a session outside its
+// reach (SECURITY.md, "Sessions stay with their owner").
 
 // TestAppClientIDTakeover (defect 7): application narrow, which may read
 // one terminal only, connects with application dash's ClientID. It must

@@ -66,7 +66,7 @@ func (r *restartable) restart() {
 
 // TestLoginReplayAfterRestart: a login token captured from an accepted
 // CONNECT is refused when replayed inside the skew window after the broker
-// restarted (issue 14, defect 2).
+// restarted (SECURITY.md, attacks tried).
 func TestLoginReplayAfterRestart(t *testing.T) {
 	e := newRestartable(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)

@@ -94,7 +94,7 @@ func TestThrottleBlockedPairsNeedFreeFailuresEach(t *testing.T) {
 }
 
 // TestThrottleMillionFailures: a flood of failures with a fresh serial
-// number each (issue 14, defect 5) on the default table: the table never
+// number each (SECURITY.md, attacks tried) on the default table: the table never
 // holds more than MaxEntries pairs, the heap stops growing once it is full,
 // a pair in a refusal period stays refused, and a failure at the end of
 // the flood costs what one at its start cost. The refusal rate of the last

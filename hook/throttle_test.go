@@ -19,7 +19,7 @@ import (
 )
 
 // TestThrottleFloodBounded: a flood of failed logins with fresh serial
-// numbers (issue 14, defect 5) keeps the throttle table within its bound
+// numbers (SECURITY.md, attacks tried) keeps the throttle table within its bound
 // (the m2mguard_throttle_entries gauge), does not push out the entry of an
 // address in a refusal period, and a genuine login still gets in at once.
 // Fresh keys with enough failures to be refused themselves are bounded

@@ -191,7 +191,7 @@ func garbageControl(sn string) packets.Packet {
 		TopicName: "$m2m/" + sn + "/ctl", Payload: []byte("garbage")}
 }
 
-// TestNonReadingSessionCannotWedgeLoginOrAdmin (issue 14, defect 4): a
+// TestNonReadingSessionCannotWedgeLoginOrAdmin (SECURITY.md, attacks tried): a
 // terminal session with keepalive 0 stops reading and floods the broker
 // until its connection is wedged, (1) with garbage control messages on its
 // key topic, whose refusals the hook writes, and (2) with QoS 1 publishes,
@@ -274,7 +274,7 @@ func TestNonReadingSessionCannotWedgeLoginOrAdmin(t *testing.T) {
 	}
 }
 
-// TestUnsubscribedControlFloodBounded (issue 14, defect 8): a terminal
+// TestUnsubscribedControlFloodBounded (SECURITY.md, attacks tried): a terminal
 // that never subscribes to its key topic floods garbage control messages.
 // Its session is closed, the hook keeps no memory for the refusals and the
 // log stays small.
@@ -325,7 +325,7 @@ func TestUnsubscribedControlFloodBounded(t *testing.T) {
 	}
 }
 
-// TestResetBeforeConnackLeavesNoSession (issue 14, defect 10): valid
+// TestResetBeforeConnackLeavesNoSession (SECURITY.md, attacks tried): valid
 // CONNECTs each followed at once by a TCP reset, before the CONNACK is
 // written (mochi then never calls OnDisconnect), leave no session behind:
 // none listed, the gauge back to 0, no client entry for clean sessions.
@@ -391,7 +391,7 @@ func TestResetBeforeConnackLeavesNoSession(t *testing.T) {
 	t.Logf("%v of %d reset logins were accepted before the reset", accepted, attempts)
 }
 
-// TestRefusalEventsRateLimited (issue 14, defect 8): a flood of bad
+// TestRefusalEventsRateLimited (SECURITY.md, attacks tried): a flood of bad
 // CONNECTs logs at most EventRate login_refused events per second, then
 // an events_suppressed summary with the number left out; the metric
 // counts every refusal.
@@ -442,7 +442,7 @@ func TestRefusalEventsRateLimited(t *testing.T) {
 	}
 }
 
-// TestStalledKeyWriteDropsClient (issue 14, defect 4): a terminal that
+// TestStalledKeyWriteDropsClient (SECURITY.md, attacks tried): a terminal that
 // stops reading while the platform has a key message for it (a change an
 // operator starts) is dropped after WriteTimeout; the operator's call
 // returns at once.

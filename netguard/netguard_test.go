@@ -139,11 +139,10 @@ func TestLimitsSharedAcrossListeners(t *testing.T) {
 			if !closedWithin(dial(t, a.Addr().String()), 5*time.Second) || !closedWithin(dial(t, b.Addr().String()), 5*time.Second) {
 				t.Fatal("a third connection was kept on one of the listeners")
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			if fmt.Sprint(reasons) != fmt.Sprint([]string{tc.reason, tc.reason}) {
-				t.Fatalf("refusals %v, want two %s", reasons, tc.reason)
-			}
+			// OnRefuse runs after the refused socket is closed: wait for it.
+			refused := func() string { mu.Lock(); defer mu.Unlock(); return fmt.Sprint(reasons) }
+			want := fmt.Sprint([]string{tc.reason, tc.reason})
+			waitFor(t, "two refusals "+tc.reason, func() bool { return refused() == want })
 		})
 	}
 }

@@ -48,7 +48,10 @@ func appAttack(ctx context.Context, e *env) (detail, error) {
 			defer wg.Done()
 			for !ended(ctx) {
 				n := strconv.FormatInt(next.Add(1), 10)
-				pk := connectPacket("x-"+n, "flood-"+n, randomPassword(), 60)
+				// The ClientID is the claimed application's own (name-1),
+				// so that the login reaches the password check: a foreign
+				// ClientID is refused before it.
+				pk := connectPacket("flood-"+n+"-1", "flood-"+n, randomPassword(), 60)
 				outcome, took, err := attempt(ctx, e.attackDialer, e.b.TCP, pk, 30*time.Second)
 				if outcome == "" {
 					return
