@@ -184,7 +184,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 // MochiOptions are the mochi server options of cfg: the inline client on
 // (the hook publishes key messages through it), the per-client buffers and
 // outbound queue tuned down from mochi's defaults (about 89 KiB per idle
-// client) and mochi's log filtered so that no packet is ever logged.
+// client) and mochi's log filtered (mochiLogHandler): no packet is ever
+// logged, and the ends of connections that the hook already logged, or
+// that are routine, are debug lines.
 func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClientWritesPending = int32(cfg.MQTT.MaxWritesPending)
@@ -195,34 +197,8 @@ func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
 		Capabilities:             caps,
 		ClientNetReadBufferSize:  cfg.MQTT.ReadBuffer,
 		ClientNetWriteBufferSize: cfg.MQTT.WriteBuffer,
-		Logger:                   slog.New(redactHandler{logger.With("component", "mqtt").Handler()}),
+		Logger:                   slog.New(mochiLogHandler{logger.With("component", "mqtt").Handler()}),
 	}
-}
-
-// redactHandler drops the attributes in which mochi logs whole packets
-// (a repeated CONNECT would carry a password token, a PUBLISH its payload).
-type redactHandler struct{ slog.Handler }
-
-func (h redactHandler) Handle(ctx context.Context, r slog.Record) error {
-	n := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
-	r.Attrs(func(a slog.Attr) bool {
-		switch a.Key {
-		case "pk", "packet", "pkv":
-			n.AddAttrs(slog.String(a.Key, "[redacted]"))
-		default:
-			n.AddAttrs(a)
-		}
-		return true
-	})
-	return h.Handler.Handle(ctx, n)
-}
-
-func (h redactHandler) WithAttrs(as []slog.Attr) slog.Handler {
-	return redactHandler{h.Handler.WithAttrs(as)}
-}
-
-func (h redactHandler) WithGroup(name string) slog.Handler {
-	return redactHandler{h.Handler.WithGroup(name)}
 }
 
 func (b *Broker) openStore(ctx context.Context) error {

@@ -199,7 +199,10 @@ func TestIdleClientMemory(t *testing.T) {
 	}
 	n := 1000
 	if s := os.Getenv("M2MGUARD_MEASURE_N"); s != "" {
-		n, _ = strconv.Atoi(s)
+		var err error
+		if n, err = strconv.Atoi(s); err != nil || n < 1 {
+			t.Fatalf("M2MGUARD_MEASURE_N=%q: want a positive number", s)
+		}
 	}
 	for _, tc := range []struct {
 		name                     string
@@ -208,43 +211,67 @@ func TestIdleClientMemory(t *testing.T) {
 		{"mochi defaults", 2048, 2048, 8192},
 		{"m2mguard defaults", broker.DefaultReadBuffer, broker.DefaultWriteBuffer, broker.DefaultMaxWritesPending},
 	} {
-		cfg := testConfig(t)
-		cfg.Admin.Listen = ""
-		cfg.MQTT.ReadBuffer, cfg.MQTT.WriteBuffer, cfg.MQTT.MaxWritesPending = tc.read, tc.write, tc.writesQueue
-		b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var csv strings.Builder
-		csv.WriteString("sn,imei,imsi,msisdn,alg\n")
-		for i := range n {
-			fmt.Fprintf(&csv, "M%d,35449404%07d,46002%07d,,hs256\n", i, i, i)
-		}
-		if _, err := b.Service().Import(context.Background(), strings.NewReader(csv.String()), keysvc.ImportOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		terms := make([]*keysvc.Terminal, n)
-		for i := range n {
-			if terms[i], err = b.Service().Get(context.Background(), fmt.Sprintf("M%d", i)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		// Warm up the code paths and pools with one connection.
-		login(t, b.Addr("tcp"), terms[0]).Close()
-		before := memUse()
-		conns := make([]net.Conn, 0, n)
-		for _, tm := range terms {
-			conns = append(conns, login(t, b.Addr("tcp"), tm))
-		}
-		after := memUse()
-		per := float64(after-before) / float64(n) / 1024
+		per := measureIdle(t, n, tc.read, tc.write, tc.writesQueue)
 		t.Logf("%-18s read %5d write %5d max_writes_pending %5d: %6.1f KiB per idle terminal (heap in use + goroutine stacks; the test side holds only a net.Conn)",
 			tc.name, tc.read, tc.write, tc.writesQueue, per)
+	}
+}
+
+// TestIdleMeasurementBeyondPerAddrLimit: the measurement above opens all
+// its connections from one address, more than mqtt.max_conns_per_addr
+// allows by default; it must raise that limit for its broker instead of
+// failing at connection 257. (A short run of it, in CI.)
+func TestIdleMeasurementBeyondPerAddrLimit(t *testing.T) {
+	n := broker.Default().MQTT.MaxConnsPerAddr + 20
+	if per := measureIdle(t, n, broker.DefaultReadBuffer, broker.DefaultWriteBuffer, broker.DefaultMaxWritesPending); per <= 0 {
+		t.Fatalf("%d idle terminals measured %.1f KiB each", n, per)
+	}
+}
+
+// measureIdle starts a broker with the given buffers, logs n terminals in
+// from one address and returns the broker's memory per idle terminal, in
+// KiB (heap in use plus goroutine stacks, after GC).
+func measureIdle(t *testing.T, n, read, write, writesQueue int) float64 {
+	t.Helper()
+	cfg := testConfig(t)
+	cfg.Admin.Listen = ""
+	cfg.MQTT.ReadBuffer, cfg.MQTT.WriteBuffer, cfg.MQTT.MaxWritesPending = read, write, writesQueue
+	// Every connection comes from 127.0.0.1: the per-address guard would
+	// close those past its limit.
+	cfg.MQTT.MaxConnsPerAddr = max(cfg.MQTT.MaxConnsPerAddr, n+1)
+	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var csv strings.Builder
+	csv.WriteString("sn,imei,imsi,msisdn,alg\n")
+	for i := range n {
+		fmt.Fprintf(&csv, "M%d,35449404%07d,46002%07d,,hs256\n", i, i, i)
+	}
+	if _, err := b.Service().Import(context.Background(), strings.NewReader(csv.String()), keysvc.ImportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	terms := make([]*keysvc.Terminal, n)
+	for i := range n {
+		if terms[i], err = b.Service().Get(context.Background(), fmt.Sprintf("M%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Warm up the code paths and pools with one connection.
+	login(t, b.Addr("tcp"), terms[0]).Close()
+	before := memUse()
+	conns := make([]net.Conn, 0, n)
+	defer func() {
 		for _, c := range conns {
 			c.Close()
 		}
-		b.Close()
+	}()
+	for _, tm := range terms {
+		conns = append(conns, login(t, b.Addr("tcp"), tm))
 	}
+	after := memUse()
+	return (float64(after) - float64(before)) / float64(n) / 1024
 }
 
 // memUse is the heap in use plus goroutine stacks after a GC.

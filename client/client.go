@@ -75,6 +75,7 @@ type session struct {
 	done      chan struct{}
 
 	// loop goroutine only
+	announced    bool // EventConnected was emitted for this login
 	win          codec.Window
 	held         []item
 	ackSent      codec.ID
@@ -95,8 +96,9 @@ func (s *session) end() {
 type itemKind int
 
 const (
-	itemMessage itemKind = iota
-	itemConnected
+	itemMessage   itemKind = iota
+	itemLoggedIn           // the broker accepted a login (before the subscriptions)
+	itemConnected          // ... and the client subscribed
 	itemKeyTimeout
 	itemSMS
 	itemFunc
@@ -468,7 +470,9 @@ func (c *Client) newPaho(retry bool) (mqtt.Client, *sessionStore) {
 			}
 		}
 		c.notify()
-		c.emit(Event{Kind: EventConnectionLost, Err: err})
+		// Through the loop: after whatever this connection delivered
+		// before it dropped (a done, say), before the next login.
+		c.enqueue(item{kind: itemFunc, fn: func() { c.emit(Event{Kind: EventConnectionLost, Err: err}) }})
 	})
 	o.SetConnectionNotificationHandler(func(_ mqtt.Client, n mqtt.ConnectionNotification) {
 		f, ok := n.(mqtt.ConnectionNotificationFailed)
@@ -517,8 +521,11 @@ func (c *Client) LoginCredentials() (clientID, username, password string, err er
 }
 
 // credentials is paho's credentials provider: a fresh token for every
-// attempt, and the session that attempt starts.
+// attempt, and the session that attempt starts. It first lets the loop
+// handle what the previous connection delivered, so that a login right
+// after a done presents the values that done committed.
 func (c *Client) credentials(pc mqtt.Client) (string, string) {
+	c.drain(drainTimeout)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l, err := c.buildLogin()
@@ -604,6 +611,7 @@ func (c *Client) onConnect(pc mqtt.Client) {
 	if s == nil || s.pc != pc {
 		return
 	}
+	c.enqueue(item{kind: itemLoggedIn, sess: s})
 	downQoS := byte(1)
 	if c.cfg.DownQoS != nil {
 		downQoS = *c.cfg.DownQoS
@@ -634,6 +642,30 @@ func (c *Client) onMessage(m mqtt.Message) {
 	s := c.sess
 	c.mu.Unlock()
 	c.enqueue(item{kind: itemMessage, sess: s, topic: m.Topic(), payload: append([]byte(nil), m.Payload()...)})
+}
+
+// drainTimeout bounds how long a login waits for the loop (drain).
+const drainTimeout = 2 * time.Second
+
+// drain waits until the loop has handled every item queued before the
+// call, or timeout passes, or the client closes. It must not be called on
+// the loop's goroutine.
+func (c *Client) drain(timeout time.Duration) {
+	done := make(chan struct{})
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case c.in <- &item{kind: itemFunc, fn: func() { close(done) }}:
+	case <-c.ctx.Done():
+		return
+	case <-t.C:
+		return
+	}
+	select {
+	case <-done:
+	case <-c.ctx.Done():
+	case <-t.C:
+	}
 }
 
 func (c *Client) enqueue(it item) {

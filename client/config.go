@@ -201,11 +201,12 @@ const (
 	EventPlatformError                        // the platform sent err (ErrCode)
 	EventChangeRequested                      // a chg was sent (What, Mode)
 	EventAwaitingSMS                          // the platform answered acc: waiting for the SMS of RID
-	EventChangeReceived                       // new values of RID stored as pending and ack sent
+	EventChangeReceived                       // new values of RID received and stored as pending (the ack follows)
 	EventChangeCommitted                      // the change RID is committed; the new values are current
 	EventChangeDiscarded                      // the platform no longer knows RID; the old values stay
 	EventDropped                              // a message was dropped (Reason)
 	EventError                                // a local failure (Err), e.g. the store could not be written
+	EventAckSent                              // the ack of the pending change RID was sent (signed with the new up)
 )
 
 var eventNames = map[EventKind]string{
@@ -213,7 +214,7 @@ var eventNames = map[EventKind]string{
 	EventSessionKey: "session-key", EventNoSessionKey: "no-session-key", EventPlatformError: "platform-error",
 	EventChangeRequested: "change-requested", EventAwaitingSMS: "awaiting-sms", EventChangeReceived: "change-received",
 	EventChangeCommitted: "change-committed", EventChangeDiscarded: "change-discarded", EventDropped: "dropped",
-	EventError: "error",
+	EventError: "error", EventAckSent: "ack-sent",
 }
 
 // String returns the event's name, e.g. "session-key".
@@ -225,7 +226,11 @@ func (k EventKind) String() string {
 }
 
 // Event is a state change of the client. Only the fields that matter for
-// Kind are set. An Event never carries a secret.
+// Kind are set. An Event never carries a secret. Events are delivered in
+// the order they happen: a login's connected before its session-key, a
+// change's change-received, ack-sent and change-committed before the
+// connection-lost of the connection the platform then closes, and that
+// before the next login's connected.
 type Event struct {
 	Kind        EventKind
 	Time        time.Time     // from Config.Now
@@ -268,7 +273,7 @@ func (e Event) String() string {
 		s += " rid=" + e.RID.String()
 	case EventChangeReceived:
 		s += fmt.Sprintf(" rid=%s what=%s mode=%s", e.RID, e.What, e.Mode)
-	case EventChangeCommitted, EventChangeDiscarded:
+	case EventChangeCommitted, EventChangeDiscarded, EventAckSent:
 		s += fmt.Sprintf(" rid=%s what=%s", e.RID, e.What)
 	}
 	if e.Reason != "" {

@@ -74,11 +74,14 @@
 // FileStore keeps the record in one JSON file, mode 0600, replaced
 // atomically (temporary file, fsync, rename, fsync of the directory), so a
 // power cut at any moment leaves either the old or the new file. Secrets are
-// held as []byte and never logged.
+// held as []byte and never logged. Besides the credentials the file may name
+// the terminal's identity, alg and broker URL (Record.BrokerURL), which
+// 'm2mctl terminal add --creds' writes and m2m-terminal dials.
 //
 // # The m2m-terminal command
 //
 // cmd/m2m-terminal wraps this package: connect, pub, sub, rotate, status.
-// Its exit codes are 0 ok, 1 other failure, 2 usage error, 3 credentials
-// refused by the broker (ErrRefused), 4 broker unreachable (ErrUnreachable).
+// Its exit codes are 0 ok, 1 other failure, 2 usage error (a missing or
+// damaged credential file too), 3 credentials refused by the broker
+// (ErrRefused), 4 broker unreachable (ErrUnreachable).
 package client

@@ -28,6 +28,8 @@ func (c *Client) loop() {
 
 func (c *Client) handle(it item) {
 	switch it.kind {
+	case itemLoggedIn:
+		c.handleLoggedIn(it.sess)
 	case itemConnected:
 		c.handleConnected(it.sess)
 	case itemKeyTimeout:
@@ -49,19 +51,26 @@ func (c *Client) handle(it item) {
 	}
 }
 
-func (c *Client) handleConnected(s *session) {
-	s.mu.Lock()
-	if s.ended {
-		s.mu.Unlock()
+// handleLoggedIn reports an accepted login, once: when paho reports it
+// (before the client subscribes), or at the session's first message if
+// that comes first (a persistent session's subscriptions deliver at once
+// after the CONNACK, while paho calls its connect handler on a goroutine of
+// its own).
+func (c *Client) handleLoggedIn(s *session) {
+	if s.announced {
 		return
 	}
-	s.connected = true
+	s.mu.Lock()
+	ended := s.ended
 	s.mu.Unlock()
+	if ended {
+		return
+	}
+	s.announced = true
 	c.mu.Lock()
 	reconnect := c.connectedOnce
 	c.connectedOnce = true
 	c.mu.Unlock()
-	c.notify()
 	c.cfg.Logger.Info("m2m: connected", "sn", c.id.SN, "session_key_requested", s.wantKey, "pending", s.usedPending)
 	c.emit(Event{Kind: EventConnected, Reconnect: reconnect, UsedPending: s.usedPending})
 	if s.usedPending {
@@ -73,6 +82,18 @@ func (c *Client) handleConnected(s *session) {
 		c.preferCurrent = false
 		c.mu.Unlock()
 	}
+}
+
+// handleConnected completes a login once the client has subscribed.
+func (c *Client) handleConnected(s *session) {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return
+	}
+	s.connected = true
+	s.mu.Unlock()
+	c.notify()
 	s.mu.Lock()
 	ready := s.ready
 	s.mu.Unlock()
@@ -129,6 +150,9 @@ func (c *Client) resumeChange(s *session) {
 }
 
 func (c *Client) handleMessage(it item) {
+	if it.sess != nil {
+		c.handleLoggedIn(it.sess) // a message proves the login was accepted
+	}
 	kind, sn := codec.ParseTopic(it.topic)
 	if sn != c.id.SN {
 		c.drop("foreign-topic")
@@ -508,6 +532,7 @@ func (c *Client) sendAck(s *session) {
 	}
 	s.ackSent = p.RID
 	c.publishControl(pc, payload, "ack")
+	c.emit(Event{Kind: EventAckSent, RID: p.RID, What: p.Params.What})
 }
 
 // publishControl sends a control payload on $m2m/<sn>/ctl without blocking

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -83,8 +84,12 @@ type Record struct {
 	// (they are not secret); the client uses its Config's values.
 	Identity codec.Identity
 	Alg      codec.Alg
-	Current  Credentials // the values the platform has committed
-	Pending  *Pending    // a change not yet known to be committed, or nil
+	// BrokerURL is the broker of the provisioning bundle (tcp://host:1883,
+	// ssl://, ws://, wss://...), also optional metadata: m2m-terminal uses
+	// it when no --broker is given. Empty in files written before it.
+	BrokerURL string
+	Current   Credentials // the values the platform has committed
+	Pending   *Pending    // a change not yet known to be committed, or nil
 }
 
 // Clone returns a deep copy.
@@ -222,6 +227,7 @@ type fileFormat struct {
 	IMEI     string       `json:"imei,omitempty"`
 	IMSI     string       `json:"imsi,omitempty"`
 	Alg      string       `json:"alg,omitempty"`
+	Broker   string       `json:"broker,omitempty"`
 	Current  Credentials  `json:"current"`
 	Pending  *filePending `json:"pending,omitempty"`
 	Modified time.Time    `json:"modified"`
@@ -259,7 +265,12 @@ func DecodeRecord(data []byte) (*Record, error) {
 	if ff.Version != fileVersion {
 		return nil, fmt.Errorf("client: credential file: version %d, want %d", ff.Version, fileVersion)
 	}
-	r := &Record{Identity: codec.Identity{SN: ff.SN, IMEI: ff.IMEI, IMSI: ff.IMSI}, Current: ff.Current}
+	r := &Record{Identity: codec.Identity{SN: ff.SN, IMEI: ff.IMEI, IMSI: ff.IMSI}, BrokerURL: ff.Broker, Current: ff.Current}
+	if ff.Broker != "" {
+		if err := ValidateBrokerURL(ff.Broker); err != nil {
+			return nil, fmt.Errorf("client: credential file: broker: %w", err)
+		}
+	}
 	if ff.Alg != "" {
 		a, err := codec.ParseAlg(ff.Alg)
 		if err != nil {
@@ -293,7 +304,7 @@ func DecodeRecord(data []byte) (*Record, error) {
 // EncodeRecord returns the FileStore form of r.
 func EncodeRecord(r *Record) ([]byte, error) {
 	ff := fileFormat{Version: fileVersion, SN: r.Identity.SN, IMEI: r.Identity.IMEI, IMSI: r.Identity.IMSI,
-		Current: r.Current, Modified: time.Now().UTC().Truncate(time.Second)}
+		Broker: r.BrokerURL, Current: r.Current, Modified: time.Now().UTC().Truncate(time.Second)}
 	if r.Alg != 0 {
 		ff.Alg = r.Alg.String()
 	}
@@ -305,6 +316,31 @@ func EncodeRecord(r *Record) ([]byte, error) {
 		ff.Pending = fp
 	}
 	return json.MarshalIndent(&ff, "", "  ")
+}
+
+// maxBrokerURL bounds a broker URL.
+const maxBrokerURL = 2048
+
+// ValidateBrokerURL reports whether u is a broker URL the client can dial:
+// tcp://, mqtt://, ssl://, tls://, mqtts://, ws:// or wss://, with a host,
+// at most 2048 bytes.
+func ValidateBrokerURL(u string) error {
+	if len(u) > maxBrokerURL {
+		return fmt.Errorf("longer than %d bytes", maxBrokerURL)
+	}
+	p, err := url.Parse(u)
+	if err != nil {
+		return errors.New("not a URL")
+	}
+	switch p.Scheme {
+	case "tcp", "mqtt", "ssl", "tls", "mqtts", "ws", "wss":
+	default:
+		return errors.New("want tcp://, ssl://, ws:// or wss:// (host:port)")
+	}
+	if p.Host == "" || p.User != nil {
+		return errors.New("want scheme://host:port, no user")
+	}
+	return nil
 }
 
 // Load implements CredentialStore. A missing file is ErrNoCredentials.
@@ -333,6 +369,11 @@ func (f *FileStore) Save(r *Record) error {
 	defer f.mu.Unlock()
 	if err := r.Current.Validate(); err != nil {
 		return err
+	}
+	if r.BrokerURL != "" {
+		if err := ValidateBrokerURL(r.BrokerURL); err != nil {
+			return fmt.Errorf("client: broker URL: %w", err)
+		}
 	}
 	return f.write(r)
 }

@@ -17,7 +17,7 @@ func TestFileStoreLifecycle(t *testing.T) {
 	if _, err := fs.Load(); !errors.Is(err, ErrNoCredentials) {
 		t.Fatalf("missing file: %v", err)
 	}
-	rec := &Record{Identity: testID, Alg: codec.HS256, Current: testCreds()}
+	rec := &Record{Identity: testID, Alg: codec.HS256, BrokerURL: "tcp://localhost:1883", Current: testCreds()}
 	if err := fs.Save(rec); err != nil {
 		t.Fatal(err)
 	}
@@ -46,6 +46,9 @@ func TestFileStoreLifecycle(t *testing.T) {
 	got, _ = fs.Load()
 	if got.Pending != nil || !bytes.Equal(got.Current.Up, newPwdParams.Up) || !bytes.Equal(got.Current.BK, testCreds().BK) {
 		t.Fatalf("after commit: %+v", got.Pending)
+	}
+	if got.BrokerURL != "tcp://localhost:1883" {
+		t.Fatalf("the broker URL did not survive a change: %q", got.BrokerURL)
 	}
 	if err := fs.SavePending(Pending{RID: 0x55, Params: newBKParams}); err != nil {
 		t.Fatal(err)
@@ -133,15 +136,21 @@ func TestDecodeRecordRejects(t *testing.T) {
 	if _, err := DecodeRecord(good); err != nil {
 		t.Fatal(err)
 	}
+	// A file written before the broker URL was stored still loads.
+	if rec, err := DecodeRecord(good); err != nil || rec.BrokerURL != "" || bytes.Contains(good, []byte(`"broker"`)) {
+		t.Fatalf("file without broker: %v", err)
+	}
 	for name, data := range map[string]string{
-		"empty":         "",
-		"not json":      "{",
-		"version":       strings.Replace(string(good), `"version": 1`, `"version": 2`, 1),
-		"unknown field": strings.Replace(string(good), `"version": 1`, `"version": 1, "x": 1`, 1),
-		"trailing":      string(good) + "{}",
-		"bad rid":       strings.Replace(string(good), `"rid": "0000000000000003"`, `"rid": "3"`, 1),
-		"bad what":      strings.Replace(string(good), `"what": "bk"`, `"what": "pin"`, 1),
-		"no current":    `{"version":1,"current":{}}`,
+		"empty":          "",
+		"not json":       "{",
+		"version":        strings.Replace(string(good), `"version": 1`, `"version": 2`, 1),
+		"unknown field":  strings.Replace(string(good), `"version": 1`, `"version": 1, "x": 1`, 1),
+		"trailing":       string(good) + "{}",
+		"bad rid":        strings.Replace(string(good), `"rid": "0000000000000003"`, `"rid": "3"`, 1),
+		"bad what":       strings.Replace(string(good), `"what": "bk"`, `"what": "pin"`, 1),
+		"no current":     `{"version":1,"current":{}}`,
+		"bad broker":     strings.Replace(string(good), `"version": 1`, `"version": 1, "broker": "http://x:1"`, 1),
+		"broker no host": strings.Replace(string(good), `"version": 1`, `"version": 1, "broker": "tcp://"`, 1),
 	} {
 		if _, err := DecodeRecord([]byte(data)); err == nil {
 			t.Errorf("%s: accepted", name)
@@ -152,6 +161,8 @@ func TestDecodeRecordRejects(t *testing.T) {
 func FuzzDecodeRecord(f *testing.F) {
 	good, _ := EncodeRecord(&Record{Identity: testID, Alg: codec.MD5, Current: testCreds(), Pending: &Pending{RID: 3, Params: newPwdParams}})
 	f.Add(good)
+	withURL, _ := EncodeRecord(&Record{Identity: testID, BrokerURL: "ssl://mqtt.example.com:8883", Current: testCreds()})
+	f.Add(withURL)
 	f.Add([]byte(`{"version":1,"current":{"up":"dmt3RjJTSmFRN21YYzRMcA==","down":"VW8zYUhDYkd6OFJ0WTJOdw=="}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		rec, err := DecodeRecord(data)
@@ -170,7 +181,7 @@ func FuzzDecodeRecord(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-decode: %v", err)
 		}
-		if !bytes.Equal(back.Current.Up, rec.Current.Up) || (back.Pending == nil) != (rec.Pending == nil) {
+		if !bytes.Equal(back.Current.Up, rec.Current.Up) || (back.Pending == nil) != (rec.Pending == nil) || back.BrokerURL != rec.BrokerURL {
 			t.Fatal("round trip changed the record")
 		}
 	})

@@ -15,7 +15,9 @@ import (
 
 // ImportOptions tune Import.
 type ImportOptions struct {
-	// Progress, if set, is called after each batch with rows done and total.
+	// Progress, if set, is called after each batch with the data rows done
+	// (stored, or rejected) and the data rows read; the last call has
+	// done == total == ImportReport.Rows.
 	Progress func(done, total int)
 	// BatchSize is the number of records per store transaction when the
 	// store implements BulkCreator; 0 = 1000.
@@ -40,8 +42,8 @@ type RowResult struct {
 // MaxImportRows bounds one Import.
 const MaxImportRows = 10_000_000
 
-var importRequired = []string{"sn", "imei", "imsi", "msisdn", "alg"}
-var importOptional = []string{"up", "down", "bk"}
+var importRequired = []string{"sn", "imei", "imsi"}
+var importOptional = []string{"msisdn", "alg", "up", "down", "bk"}
 
 // importColumns maps a header to column indexes (-1 = absent).
 type importColumns map[string]int
@@ -131,8 +133,8 @@ func parseImportRow(cols importColumns, rec []string) (importRow, error) {
 	return r, nil
 }
 
-// Import registers terminals from CSV: a header naming sn, imei, imsi,
-// msisdn and alg (any order; optional up, down, bk), then one terminal per
+// Import registers terminals from CSV: a header naming sn, imei and imsi
+// (any order; optional msisdn, alg, up, down, bk), then one terminal per
 // row. Empty alg means hs256; empty up/down/bk are generated as by
 // Register; given passwords follow the import rules of SPEC section 1 and
 // bk is 64 lower-case hex digits; imported secrets never expire. Valid rows
@@ -147,7 +149,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 	cr.ReuseRecord = false
 	header, err := cr.Read()
 	if err != nil {
-		return rep, fmt.Errorf("keysvc: import: header: %w: %w", ErrInvalid, err)
+		return rep, fmt.Errorf("keysvc: %w: import: cannot read the header: %w", ErrInvalid, err)
 	}
 	cols, err := parseImportHeader(header)
 	if err != nil {
@@ -205,6 +207,11 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 		rows = append(rows, pending{line, t})
 	}
 	total := len(rows)
+	// Progress counts every row read: those rejected above are done.
+	rejectedEarly := len(rep.Rejected)
+	if opts.Progress != nil && total == 0 && rep.Rows > 0 {
+		opts.Progress(rep.Rows, rep.Rows)
+	}
 	batch := opts.BatchSize
 	if batch <= 0 {
 		batch = 1000
@@ -253,7 +260,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 			}
 		}
 		if opts.Progress != nil {
-			opts.Progress(i+len(chunk), total)
+			opts.Progress(rejectedEarly+i+len(chunk), rep.Rows)
 		}
 	}
 	sortRejected(rep.Rejected)

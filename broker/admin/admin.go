@@ -180,34 +180,90 @@ func badField(field, format string, a ...any) error {
 	return &fieldError{field: field, msg: fmt.Sprintf(format, a...)}
 }
 
-// fail answers err with the status its sentinel maps to.
+// fail answers err with the status its sentinel maps to and a short
+// message for an operator: what failed and why, never the layers it went
+// through (keysvc, the store). Answers of 500 and 503 carry no internal
+// detail at all; the error is logged instead.
 func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var fe *fieldError
 	var ce *codec.Error
 	var mbe *http.MaxBytesError
-	status, body := http.StatusInternalServerError, Error{Error: err.Error()}
+	subject := subjectOf(r)
+	status, body := http.StatusInternalServerError, Error{Error: "internal error (the broker's log has the details)"}
 	switch {
 	case errors.As(err, &fe):
 		status, body = http.StatusBadRequest, Error{Error: fe.Error(), Field: fe.field}
 	case errors.As(err, &mbe):
-		status = http.StatusRequestEntityTooLarge
+		status, body.Error = http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", mbe.Limit)
 	case errors.As(err, &ce):
-		status, body.Field = http.StatusBadRequest, ce.Field
+		status, body = http.StatusBadRequest, Error{Error: ce.Field + ": " + ce.Reason, Field: ce.Field}
+		if ce.Field == "" {
+			body.Error = ce.Reason
+		}
 	case errors.Is(err, keysvc.ErrInvalid):
-		status = http.StatusBadRequest
-	case errors.Is(err, keysvc.ErrNotFound), errors.Is(err, hook.ErrNoSession):
-		status = http.StatusNotFound
-	case errors.Is(err, keysvc.ErrExists), errors.Is(err, keysvc.ErrBusy), errors.Is(err, keysvc.ErrConflict),
-		errors.Is(err, keysvc.ErrInactive):
-		status = http.StatusConflict
-	case errors.Is(err, keysvc.ErrUnavailable), errors.Is(err, keysvc.ErrForbidden),
-		errors.Is(err, context.DeadlineExceeded):
-		status = http.StatusServiceUnavailable
+		status, body.Error = http.StatusBadRequest, reason(err, keysvc.ErrInvalid)
+	case errors.Is(err, keysvc.ErrNotFound):
+		status, body.Error = http.StatusNotFound, subject+" not found"
+	case errors.Is(err, hook.ErrNoSession):
+		status, body.Error = http.StatusNotFound, "no connected client "+r.PathValue("id")
+	case errors.Is(err, keysvc.ErrExists):
+		status, body.Error = http.StatusConflict, subject+" already exists"
+		if msg := err.Error(); !strings.HasSuffix(msg, keysvc.ErrExists.Error()) {
+			body.Error = withoutLayer(msg) // it says more: which other name overlaps
+		}
+	case errors.Is(err, keysvc.ErrBusy):
+		status, body.Error = http.StatusConflict, "a change is already pending for "+subject
+	case errors.Is(err, keysvc.ErrInactive):
+		status, body.Error = http.StatusConflict, subject+" is disabled"
+	case errors.Is(err, keysvc.ErrConflict):
+		status, body.Error = http.StatusConflict, subject+" was changed by another request at the same time; try again"
+	case errors.Is(err, keysvc.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
+		status, body.Error = http.StatusServiceUnavailable, "the broker's store is unavailable (the broker's log has the details)"
+	case errors.Is(err, keysvc.ErrForbidden):
+		status, body.Error = http.StatusServiceUnavailable, "the broker's store refused the request (the broker's log has the details)"
 	}
 	if status >= 500 {
 		a.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
 	}
 	writeJSON(w, status, body)
+}
+
+// subjectOf names what a request is about, for error messages: "terminal
+// A1", "application dash", or the kind alone.
+func subjectOf(r *http.Request) string {
+	switch {
+	case r.PathValue("sn") != "":
+		return "terminal " + r.PathValue("sn")
+	case r.PathValue("name") != "":
+		return "application " + r.PathValue("name")
+	case strings.HasPrefix(r.URL.Path, "/v1/apps"):
+		return "application"
+	default:
+		return "terminal"
+	}
+}
+
+// withoutLayer drops the "keysvc: <operation>: " an error of the key
+// service starts with: "keysvc: add app a-b: application a already exists
+// with an overlapping name: ..." gives "application a already exists ...".
+func withoutLayer(msg string) string {
+	if rest, ok := strings.CutPrefix(msg, "keysvc: "); ok {
+		if _, after, ok := strings.Cut(rest, ": "); ok {
+			return after
+		}
+	}
+	return msg
+}
+
+// reason is the text of err after its sentinel: "keysvc: add app x:
+// invalid: password must be 12 to 128 bytes" gives "password must be 12 to
+// 128 bytes".
+func reason(err, sentinel error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, sentinel.Error()+": "); i >= 0 {
+		return msg[i+len(sentinel.Error())+2:]
+	}
+	return sentinel.Error()
 }
 
 // decode reads a JSON body of at most 64 KiB into v, refusing unknown
@@ -286,7 +342,7 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) {
 	t, err := a.opts.Service.Register(ctx, rr)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrExists) {
-			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + req.SN + " exists", Field: "sn"})
+			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + req.SN + " already exists", Field: "sn"})
 			return
 		}
 		a.fail(w, r, err)
@@ -452,7 +508,11 @@ func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 	start()
 	ev := ImportEvent{Report: out}
 	if err != nil {
-		ev.Error = err.Error()
+		ev.Error = "the import stopped: the broker's store failed (the broker's log has the details)"
+		if errors.Is(err, keysvc.ErrInvalid) {
+			ev.Error = "the import stopped: " + reason(err, keysvc.ErrInvalid)
+		}
+		a.log.Error("import failed", "rows", rep.Rows, "created", rep.Created, "err", err.Error(), "remote", r.RemoteAddr)
 	}
 	enc.Encode(ev)
 }

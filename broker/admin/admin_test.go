@@ -260,19 +260,23 @@ func TestSessionsAndApps(t *testing.T) {
 		{name: "short password", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "ops", Password: "short"}, status: 400, field: "password"},
 		{name: "bad name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: ".hidden"}, status: 400, field: "name"},
 		{name: "bad filter", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "x", Subscribe: []string{"a/#/b"}}, status: 400, field: "subscribe/publish"},
+		{name: "overlapping name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "dash-x"}, status: 409, want: `"application dash already exists with an overlapping name`, not: "keysvc"},
 		{name: "remove", method: "DELETE", path: "/v1/apps/dash", status: 204},
 		{name: "remove again", method: "DELETE", path: "/v1/apps/dash", status: 404},
 	})
 }
 
+// TestStoreUnavailable: with the store gone every call answers 503, and no
+// answer (the unauthenticated /healthz included) carries the store's
+// internal error: it goes to the broker's log.
 func TestStoreUnavailable(t *testing.T) {
 	e := newEnv(t)
 	e.b.Service().Store().Close()
 	e.run([]step{
 		{name: "healthz", method: "GET", path: "/healthz", tok: "-", status: 503, want: "unavailable", not: "closed"}, // no internals
-		{name: "get", method: "GET", path: "/v1/terminals/T1", status: 503},
-		{name: "register", method: "POST", path: "/v1/terminals", body: t1, status: 503},
-		{name: "apps", method: "GET", path: "/v1/apps", status: 503},
+		{name: "get", method: "GET", path: "/v1/terminals/T1", status: 503, want: "store is unavailable", not: "boltstore"},
+		{name: "register", method: "POST", path: "/v1/terminals", body: t1, status: 503, not: "boltstore"},
+		{name: "apps", method: "GET", path: "/v1/apps", status: 503, not: "boltstore"},
 	})
 }
 

@@ -7,26 +7,22 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/devvault"
 	"github.com/m2mguard/m2mguard/internal/stats"
-	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -305,15 +301,15 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 	}
 	var vaultAddr string
 	if need["vault"] {
-		v, err := startVault(dir)
+		v, err := startVault(ctx, dir)
 		if err != nil {
 			return err
 		}
-		defer v.stop()
-		vaultAddr = v.addr
-		env = append(env, "VAULT_TOKEN="+v.token)
-		logf("importing %d terminals into Vault at %s", s.N, v.addr)
-		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.addr, Token: v.token})
+		defer v.Stop()
+		vaultAddr = v.Addr
+		env = append(env, "VAULT_TOKEN="+v.Token)
+		logf("importing %d terminals into Vault at %s", s.N, v.Addr)
+		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, Token: v.Token})
 		if err != nil {
 			return err
 		}
@@ -667,59 +663,13 @@ func verifyCost() VerifyCost {
 	return VerifyCost{NsPerOp: r.NsPerOp(), AllocsPerOp: r.AllocsPerOp(), BytesPerOp: r.AllocedBytesPerOp()}
 }
 
-// vaultProc is a `vault server -dev` child.
-type vaultProc struct {
-	cmd         *exec.Cmd
-	addr, token string
-}
-
-// startVault runs the Vault binary of internal/vaulttest (.bin/vault or
-// $M2MGUARD_VAULT_BIN) as a dev server on a free loopback port.
-func startVault(dir string) (*vaultProc, error) {
-	bin, err := vaulttest.Binary()
+// startVault runs the Vault binary of internal/devvault (.bin/vault or
+// $M2MGUARD_VAULT_BIN) as a dev server on a free loopback port; the caller
+// stops it.
+func startVault(ctx context.Context, dir string) (*devvault.Server, error) {
+	bin, err := devvault.Binary()
 	if err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	tok := make([]byte, 16)
-	rand.Read(tok)
-	v := &vaultProc{addr: fmt.Sprintf("http://127.0.0.1:%d", port), token: "m2m-bench-" + hex.EncodeToString(tok)}
-	logFile, err := os.Create(filepath.Join(dir, "vault.log"))
-	if err != nil {
-		return nil, err
-	}
-	defer logFile.Close()
-	v.cmd = exec.Command(bin, "server", "-dev", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),
-		"-dev-root-token-id="+v.token, "-dev-no-store-token")
-	v.cmd.Env = append(os.Environ(), "HOME="+dir, "VAULT_ADDR=", "VAULT_TOKEN=")
-	v.cmd.Stdout, v.cmd.Stderr = logFile, logFile
-	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := v.cmd.Start(); err != nil {
-		return nil, err
-	}
-	hc := &http.Client{Timeout: time.Second}
-	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		resp, err := hc.Get(v.addr + "/v1/sys/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return v, nil
-			}
-		}
-	}
-	v.stop()
-	return nil, errors.New("vault dev server not healthy within 60 s")
-}
-
-// stop ends the Vault process group by its pid.
-func (v *vaultProc) stop() {
-	if v.cmd.Process != nil {
-		syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
-		v.cmd.Wait()
-	}
+	return devvault.Start(ctx, bin, devvault.Options{Dir: dir, TokenPrefix: "m2m-bench-"})
 }

@@ -1,6 +1,7 @@
 // Command m2m-terminal is the M2M1 reference terminal on the command line:
 // it logs in to an m2mguard broker with the credentials of a credential
-// file, publishes and receives data, and requests credential changes.
+// file (the one 'm2mctl terminal add --creds' writes, which also names the
+// broker), publishes and receives data, and requests credential changes.
 //
 //	m2m-terminal connect                       stay connected, print events
 //	m2m-terminal pub <sub> <payload|->         publish one uplink message
@@ -22,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -52,12 +54,7 @@ const exitHelp = `Exit codes:
   3  credentials refused by the broker (CONNACK 0x04/0x05; 0x86/0x87/0x8A under MQTT 5)
   4  broker unreachable (network, TLS, timeout, server unavailable)`
 
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
-
-func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+var usagef = cliflag.Usagef
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -94,19 +91,17 @@ verifies every control message of the platform, uses a session key when asked
 (--creds, JSON, mode 0600) safe against power cuts.
 
 Broker URLs: tcp://host:1883, ssl://host:8883, ws://host/mqtt, wss://host/mqtt.
-sn, IMEI, IMSI and alg default to the values stored in the credential file.
+The broker, sn, IMEI, IMSI and alg default to the values stored in the credential
+file ('m2mctl terminal add --creds FILE' writes them all).
 
 ` + exitHelp,
-		SilenceUsage:  true,
-		SilenceErrors: true,
 	}
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetContext(ctx)
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
-	pf.StringSliceVar(&o.brokers, "broker", nil, "broker URL(s), comma-separated, tried in order")
+	pf.StringSliceVar(&o.brokers, "broker", nil, "broker URL(s), comma-separated, tried in order (default: the credential file's)")
 	pf.StringVar(&o.sn, "sn", "", "serial number (1-16 of [A-Za-z0-9])")
 	pf.StringVar(&o.imei, "imei", "", "IMEI (14-16 digits)")
 	pf.StringVar(&o.imsi, "imsi", "", "IMSI (6-15 digits)")
@@ -126,31 +121,15 @@ sn, IMEI, IMSI and alg default to the values stored in the credential file.
 	})
 
 	root.AddCommand(connectCmd(&o), pubCmd(&o), subCmd(&o), rotateCmd(&o), statusCmd(&o))
-	for _, c := range root.Commands() {
-		c.Long = c.Short + "\n\n" + exitHelp
-		if c.Args == nil {
-			c.Args = cobra.NoArgs
-		}
-		args := c.Args
-		c.Args = func(cmd *cobra.Command, a []string) error {
-			if envErr != nil {
-				return usageError{envErr}
-			}
-			if err := args(cmd, a); err != nil {
-				return usageError{err}
-			}
-			return nil
-		}
-	}
+	cliflag.Prepare(root, exitHelp, envErr)
 
 	err := root.Execute()
 	if err == nil {
 		return exitOK
 	}
 	fmt.Fprintln(stderr, "m2m-terminal:", err)
-	var ue usageError
 	switch {
-	case errors.As(err, &ue), strings.HasPrefix(err.Error(), "unknown command"):
+	case cliflag.IsUsage(err):
 		fmt.Fprintln(stderr, "Run 'm2m-terminal --help' for usage.")
 		return exitUsage
 	case errors.Is(err, client.ErrRefused):
@@ -167,18 +146,46 @@ type terminal struct {
 	events chan client.Event
 }
 
-// newTerminal builds the client from the flags.
-func newTerminal(cmd *cobra.Command, o *options, onData func(string, []byte)) (*terminal, error) {
+// loadCreds opens the credential file of --creds. A missing or damaged
+// file is a usage error naming it; a file that group or others may read is
+// used, with a warning on stderr.
+func loadCreds(cmd *cobra.Command, o *options) (*client.FileStore, *client.Record, error) {
 	if o.creds == "" {
-		return nil, usagef("--creds (or $M2M_CREDS) is required")
-	}
-	if len(o.brokers) == 0 {
-		return nil, usagef("--broker (or $M2M_BROKER) is required")
+		return nil, nil, usagef("--creds (or $M2M_CREDS) is required: the credential file 'm2mctl terminal add --creds' writes")
 	}
 	store := client.NewFileStore(o.creds)
 	rec, err := store.Load()
+	switch {
+	case errors.Is(err, client.ErrNoCredentials):
+		return nil, nil, usagef("credential file %s does not exist (write it with 'm2mctl terminal add --creds %s')", o.creds, o.creds)
+	case errors.Is(err, fs.ErrPermission):
+		return nil, nil, usagef("credential file %s cannot be read: permission denied", o.creds)
+	case err != nil:
+		var pe *fs.PathError
+		if errors.As(err, &pe) { // a directory, an I/O error
+			return nil, nil, usagef("credential file %s cannot be read: %v", o.creds, pe.Err)
+		}
+		return nil, nil, usagef("credential file %s is not valid: %s", o.creds, strings.TrimPrefix(err.Error(), "client: credential file: "))
+	}
+	if fi, err := os.Stat(o.creds); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		fmt.Fprintf(cmd.ErrOrStderr(), "m2m-terminal: warning: credential file %s holds secrets but has mode %04o (readable by group or others); chmod 600 %s\n",
+			o.creds, fi.Mode().Perm(), o.creds)
+	}
+	return store, rec, nil
+}
+
+// newTerminal builds the client from the flags.
+func newTerminal(cmd *cobra.Command, o *options, onData func(string, []byte)) (*terminal, error) {
+	store, rec, err := loadCreds(cmd, o)
 	if err != nil {
-		return nil, fmt.Errorf("credential file %s: %w", o.creds, err)
+		return nil, err
+	}
+	brokers := o.brokers
+	if len(brokers) == 0 && rec.BrokerURL != "" {
+		brokers = []string{rec.BrokerURL}
+	}
+	if len(brokers) == 0 {
+		return nil, usagef("--broker (or $M2M_BROKER) is required: credential file %s names no broker", o.creds)
 	}
 	id := rec.Identity
 	if o.sn != "" {
@@ -203,7 +210,7 @@ func newTerminal(cmd *cobra.Command, o *options, onData func(string, []byte)) (*
 		alg = codec.HS256
 	}
 	cfg := client.Config{
-		Brokers: o.brokers, Identity: id, Alg: alg, Store: store, SessionKey: o.sessionKey,
+		Brokers: brokers, Identity: id, Alg: alg, Store: store, SessionKey: o.sessionKey,
 		OnData: onData, ConnectTimeout: min(o.timeout, 30*time.Second),
 	}
 	if o.caFile != "" {
@@ -236,7 +243,7 @@ func newTerminal(cmd *cobra.Command, o *options, onData func(string, []byte)) (*
 	}
 	c, err := client.New(cfg)
 	if err != nil {
-		return nil, usageError{err}
+		return nil, cliflag.UsageError{Err: err}
 	}
 	t.c = c
 	return t, nil
@@ -406,15 +413,15 @@ func statusCmd(o *options) *cobra.Command {
 		Use:   "status",
 		Short: "Show what the credential file holds: identity, alg, expiries, pending change (never the secrets)",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if o.creds == "" {
-				return usagef("--creds (or $M2M_CREDS) is required")
-			}
-			rec, err := client.NewFileStore(o.creds).Load()
+			_, rec, err := loadCreds(cmd, o)
 			if err != nil {
-				return fmt.Errorf("credential file %s: %w", o.creds, err)
+				return err
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "credential file  %s\n", o.creds)
+			if rec.BrokerURL != "" {
+				fmt.Fprintf(w, "broker           %s\n", rec.BrokerURL)
+			}
 			if rec.Identity.SN != "" {
 				fmt.Fprintf(w, "sn               %s\n", rec.Identity.SN)
 				fmt.Fprintf(w, "imei / imsi      %s / %s\n", rec.Identity.IMEI, rec.Identity.IMSI)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -101,7 +102,7 @@ func TestExitCodes(t *testing.T) {
 		{"no creds", []string{"pub", "--broker", okURL, "temp", "x"}, exitUsage, ""},
 		{"bad what", []string{"rotate", "--creds", creds, "--broker", okURL, "--what", "pin"}, exitUsage, ""},
 		{"bad alg", []string{"pub", "--creds", creds, "--broker", okURL, "--alg", "sha1", "t", "x"}, exitUsage, ""},
-		{"missing file", []string{"status", "--creds", filepath.Join(t.TempDir(), "none.json")}, exitFailure, ""},
+		{"missing file", []string{"status", "--creds", filepath.Join(t.TempDir(), "none.json")}, exitUsage, ""},
 		{"pub ok", []string{"pub", "--creds", creds, "--broker", okURL, "temp", "21.5"}, exitOK, "published 4 bytes on up/temp (plaintext, qos 1)"},
 		{"refused", []string{"pub", "--creds", creds, "--broker", refusedURL, "temp", "x"}, exitRefused, ""},
 		{"unreachable", []string{"pub", "--creds", creds, "--broker", deadURL, "--timeout", "5s", "temp", "x"}, exitUnreachable, ""},
@@ -161,5 +162,78 @@ func TestStatusShowsNoSecrets(t *testing.T) {
 		if strings.Contains(out, secret) {
 			t.Errorf("status shows a secret:\n%s", out)
 		}
+	}
+}
+
+// TestBrokerFromCredsFile: the credential file m2mctl writes names the
+// broker; m2m-terminal uses it when --broker is not given, and --broker
+// still wins.
+func TestBrokerFromCredsFile(t *testing.T) {
+	url, up := broker(t, new(allowAll))
+	creds := credsFile(t, false)
+	fs := client.NewFileStore(creds)
+	rec, err := fs.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.BrokerURL = url
+	if err := fs.Save(rec); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errOut := runCLI("pub", "--creds", creds, "temp", "1"); code != exitOK {
+		t.Fatalf("without --broker: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	if got := <-up; got != "m2m/CLI0001/up/temp 1" {
+		t.Fatalf("broker got %q", got)
+	}
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := "tcp://" + ln.Addr().String()
+	ln.Close()
+	if code, _, errOut := runCLI("pub", "--creds", creds, "--broker", dead, "--timeout", "3s", "temp", "1"); code != exitUnreachable {
+		t.Fatalf("--broker must override the file's broker: exit %d: %s", code, errOut)
+	}
+	// A file without a broker (written before it was stored) still needs --broker.
+	old := credsFile(t, false)
+	if code, _, errOut := runCLI("pub", "--creds", old, "temp", "1"); code != exitUsage || !strings.Contains(errOut, "--broker") {
+		t.Fatalf("file without broker: exit %d: %s", code, errOut)
+	}
+}
+
+// TestCredsFileProblemsAreUsageErrors: a missing or damaged credential file
+// is a usage error (exit 2) that names the file and what is wrong with it;
+// a file others can read is used, with a warning naming it and chmod 600.
+func TestCredsFileProblemsAreUsageErrors(t *testing.T) {
+	url, _ := broker(t, new(allowAll))
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "a1.json")
+	corrupt := filepath.Join(dir, "corrupt.json")
+	os.WriteFile(corrupt, []byte("{\"version\": 1, \"current\": {\"up\": \"short\"}"), 0o600)
+	notCreds := filepath.Join(dir, "other.json")
+	os.WriteFile(notCreds, []byte(`{"hello": "world"}`), 0o600)
+	for _, tc := range []struct {
+		name, file, want string
+	}{
+		{"missing", missing, "credential file " + missing + " does not exist"},
+		{"corrupt", corrupt, "credential file " + corrupt + " is not valid"},
+		{"not a credential file", notCreds, "credential file " + notCreds + " is not valid"},
+	} {
+		for _, cmd := range []string{"pub", "status"} {
+			args := []string{cmd, "--creds", tc.file}
+			if cmd == "pub" {
+				args = append(args, "--broker", url, "temp", "1")
+			}
+			code, _, errOut := runCLI(args...)
+			if code != exitUsage || !strings.Contains(errOut, tc.want) {
+				t.Errorf("%s, %s: exit %d (want %d), stderr %q lacks %q", tc.name, cmd, code, exitUsage, errOut, tc.want)
+			}
+		}
+	}
+	open := credsFile(t, false)
+	if err := os.Chmod(open, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut := runCLI("pub", "--creds", open, "--broker", url, "temp", "1")
+	if code != exitOK || !strings.Contains(errOut, open) || !strings.Contains(errOut, "chmod 600") {
+		t.Fatalf("mode 0644: exit %d, stderr %q: want a warning naming the file and chmod 600", code, errOut)
 	}
 }

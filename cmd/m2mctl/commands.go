@@ -149,8 +149,11 @@ func printBundle(w io.Writer, o *options, b *admin.Bundle, creds string) error {
 	fmt.Fprintf(tw, "bkexp\t%d (%s)\n", b.BKExp, expiry(b.BKExp))
 	fmt.Fprintf(tw, "broker\t%s\n", b.BrokerURL)
 	tw.Flush()
-	if creds != "" {
-		fmt.Fprintf(w, "credential file %s written (mode 0600): m2m-terminal connect --broker %s --creds %s --session-key\n", creds, b.BrokerURL, creds)
+	switch {
+	case creds != "" && client.ValidateBrokerURL(b.BrokerURL) == nil:
+		fmt.Fprintf(w, "credential file %s written (mode 0600, with the broker URL): m2m-terminal connect --creds %s --session-key\n", creds, creds)
+	case creds != "":
+		fmt.Fprintf(w, "credential file %s written (mode 0600): m2m-terminal connect --broker URL --creds %s --session-key\n", creds, creds)
 	}
 	return nil
 }
@@ -201,7 +204,8 @@ file of the same terminal, never another terminal's.`,
 	return cmd
 }
 
-// writeCreds writes the bundle as a client.FileStore credential file.
+// writeCreds writes the bundle as a client.FileStore credential file, with
+// the broker URL (which m2m-terminal then dials without --broker).
 func writeCreds(path string, b *admin.Bundle) error {
 	alg, err := codec.ParseAlg(b.Alg)
 	if err != nil {
@@ -214,6 +218,9 @@ func writeCreds(path string, b *admin.Bundle) error {
 	rec := &client.Record{
 		Identity: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, Alg: alg,
 		Current: client.Credentials{Up: []byte(b.Up), UpExp: b.UpExp, Down: []byte(b.Down), DownExp: b.DownExp, BK: bk, BKExp: b.BKExp},
+	}
+	if client.ValidateBrokerURL(b.BrokerURL) == nil { // else m2m-terminal needs --broker
+		rec.BrokerURL = b.BrokerURL
 	}
 	return client.NewFileStore(path).Save(rec)
 }
@@ -385,10 +392,11 @@ func terminalImportCmd(o *options) *cobra.Command {
 		Use:   "import FILE.csv|-",
 		Short: "Register terminals from CSV, with a progress bar on stderr",
 		Long: `Register terminals from a CSV file ('-' reads stdin). The header names the columns,
-in any order: sn, imei, imsi, msisdn, alg (required), and optionally up, down
-(8-64 printable characters without . ; =) and bk (64 lower-case hex digits). Empty
-alg means hs256; empty credentials are generated (and cannot be shown later: import
-them from the file if the devices already hold them).
+in any order: sn, imei, imsi (required), and optionally msisdn, alg, up, down
+(8-64 printable characters without . ; =) and bk (64 lower-case hex digits). A
+missing or empty alg means hs256; missing or empty credentials are generated (and
+cannot be shown later: import them from the file if the devices already hold them).
+The progress bar counts the rows read, stored or rejected.
 
 Valid rows are stored; each rejected row is reported with its line and reason.
 The command exits 1 if any row was rejected.`,

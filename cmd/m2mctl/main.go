@@ -13,8 +13,9 @@
 //
 // Exit codes: 0 ok, 1 other failure (import: some rows rejected), 2 usage
 // error or bad input (HTTP 400), 3 unauthorized (401), 4 not found (404),
-// 5 conflict: exists or a change pending (409), 6 broker unreachable or
-// store unavailable (503).
+// 5 conflict: exists or a change pending (409), 6 broker unreachable, not
+// an m2mguard admin API, or store unavailable (503). With -o json, errors
+// are JSON on stderr.
 package main
 
 import (
@@ -24,7 +25,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -51,17 +51,15 @@ const exitHelp = `Exit codes:
   3  unauthorized: missing or wrong admin token (HTTP 401)
   4  not found (HTTP 404)
   5  conflict: the terminal or app exists, or a change is already pending (HTTP 409)
-  6  broker unreachable, or its store unavailable (HTTP 503)`
+  6  broker unreachable (or --server is not an m2mguard admin API), or its store
+     unavailable (HTTP 503)
+
+With -o json an error is JSON on stderr: {"error": "...", "status": <HTTP status>, "exit": <code>}.`
 
 // DefaultServer is the admin API address the broker listens on by default.
 const DefaultServer = "http://127.0.0.1:8080"
 
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
-
-func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+var usagef = cliflag.Usagef
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -74,6 +72,7 @@ func main() {
 type options struct {
 	server    string
 	token     string
+	tokenFrom string // where token came from: "--token" or "$M2MCTL_TOKEN"
 	tokenFile string
 	output    string
 	timeout   time.Duration
@@ -105,15 +104,12 @@ provisioning bundle (passwords and basic key) a factory writes into the device,
 once. Nothing else ever shows a secret; the broker cannot show them again.
 
 ` + exitHelp,
-		SilenceUsage:  true,
-		SilenceErrors: true,
 	}
 	root.SetArgs(args)
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetContext(ctx)
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
 	pf.StringVar(&o.server, "server", DefaultServer, "admin API base URL")
 	pf.StringVar(&o.token, "token", "", "admin bearer token (overrides --token-file)")
@@ -125,46 +121,16 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	})
 
 	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o))
-	var fix func(c *cobra.Command)
-	fix = func(c *cobra.Command) {
-		for _, sub := range c.Commands() {
-			fix(sub)
-		}
-		if c.Runnable() {
-			if c.Long == "" {
-				c.Long = c.Short
-			}
-			c.Long += "\n\n" + exitHelp
-			if c.Args == nil {
-				c.Args = cobra.NoArgs
-			}
-			a := c.Args
-			c.Args = func(cmd *cobra.Command, args []string) error {
-				if envErr != nil {
-					return usageError{envErr}
-				}
-				if err := a(cmd, args); err != nil {
-					return usageError{err}
-				}
-				return nil
-			}
-		} else {
-			// A group without a subcommand: usage error.
-			c.RunE = func(cmd *cobra.Command, args []string) error {
-				if len(args) > 0 {
-					return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
-				}
-				return usagef("%s needs a subcommand (see --help)", cmd.CommandPath())
-			}
-			c.Args = cobra.ArbitraryArgs
-		}
-	}
-	fix(root)
+	cliflag.Prepare(root, exitHelp, envErr)
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		switch o.output {
 		case "table", "json":
 		default:
 			return usagef("--output: want table or json")
+		}
+		o.tokenFrom = "$M2MCTL_TOKEN"
+		if pf.Changed("token") {
+			o.tokenFrom = "--token"
 		}
 		return nil
 	}
@@ -173,19 +139,45 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	if err == nil {
 		return exitOK
 	}
+	code := exitCode(err)
+	if o.output == "json" {
+		printJSONError(stderr, err)
+		return code
+	}
 	fmt.Fprintln(stderr, "m2mctl:", err)
-	var ue usageError
+	if code == exitUsage && cliflag.IsUsage(err) {
+		fmt.Fprintln(stderr, "Run 'm2mctl --help' for usage.")
+	}
+	return code
+}
+
+// exitCode maps an error to the exit code of the help text.
+func exitCode(err error) int {
 	var ae *apiError
 	switch {
-	case errors.As(err, &ue), strings.HasPrefix(err.Error(), "unknown command"), strings.HasPrefix(err.Error(), "unknown flag"):
-		fmt.Fprintln(stderr, "Run 'm2mctl --help' for usage.")
+	case cliflag.IsUsage(err):
 		return exitUsage
 	case errors.As(err, &ae):
 		return ae.exitCode()
-	case errors.Is(err, errUnreachable):
+	case errors.Is(err, errUnreachable), errors.Is(err, errNotAdminAPI):
 		return exitUnavailable
-	case errors.Is(err, errRejected):
-		return exitFailure
 	}
 	return exitFailure
+}
+
+// printJSONError writes err as {"error": ..., "status": ..., "field": ...}
+// on w (-o json): status is the HTTP status of an API answer, omitted when
+// there was none.
+func printJSONError(w io.Writer, err error) {
+	out := struct {
+		Error  string `json:"error"`
+		Status int    `json:"status,omitempty"`
+		Field  string `json:"field,omitempty"`
+		Exit   int    `json:"exit"`
+	}{Error: err.Error(), Exit: exitCode(err)}
+	var ae *apiError
+	if errors.As(err, &ae) {
+		out.Error, out.Status, out.Field = ae.message(), ae.status, ae.body.Field
+	}
+	printJSON(w, out)
 }

@@ -6,8 +6,11 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -39,8 +42,18 @@ func ctl(t *testing.T, stdin string, args ...string) (int, string, string) {
 
 func TestCommands(t *testing.T) {
 	server, tokenFile := startBroker(t)
+	htmlServer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html")
+		w.WriteHeader(http.StatusNotFound)
+		io.WriteString(w, "<!DOCTYPE html><html><body><h1>Not Found</h1></body></html>")
+	}))
+	t.Cleanup(htmlServer.Close)
 	creds := filepath.Join(t.TempDir(), "t1.json")
 	g := []string{"--server", server, "--token-file", tokenFile}
+	emptyTokenFile := filepath.Join(t.TempDir(), "empty.token")
+	os.WriteFile(emptyTokenFile, []byte("\n"), 0o600)
+	wrongTokenFile := filepath.Join(t.TempDir(), "wrong.token")
+	os.WriteFile(wrongTokenFile, []byte("wrong-token-0123456789\n"), 0o600)
 	for _, tc := range []struct {
 		name    string
 		args    []string
@@ -53,12 +66,12 @@ func TestCommands(t *testing.T) {
 	}{
 		{name: "add", args: []string{"terminal", "add", "--sn", "T1", "--imei", "354494040518570", "--imsi", "460020084678120", "--creds", creds}, stdout: "bk  "},
 		{name: "add json", args: []string{"terminal", "add", "--sn", "T2", "--imei", "354494040518571", "--imsi", "460020084678121", "--alg", "md5", "-o", "json"}, stdout: `"down":`, jsonOut: true},
-		{name: "add exists", args: []string{"terminal", "add", "--sn", "T1", "--imei", "354494040518570", "--imsi", "460020084678120"}, code: exitConflict, stderr: "exists"},
+		{name: "add exists", args: []string{"terminal", "add", "--sn", "T1", "--imei", "354494040518570", "--imsi", "460020084678120"}, code: exitConflict, stderr: "terminal T1 already exists"},
 		{name: "add missing flag", args: []string{"terminal", "add", "--sn", "T3"}, code: exitUsage, stderr: "--imei"},
 		{name: "add bad imei", args: []string{"terminal", "add", "--sn", "T3", "--imei", "1", "--imsi", "460020084678120"}, code: exitUsage, stderr: "HTTP 400"},
 		{name: "get", args: []string{"terminal", "get", "T1"}, stdout: "status              active", notOut: "bk  "},
 		{name: "get json", args: []string{"terminal", "get", "T1", "-o", "json"}, stdout: `"sn": "T1"`, jsonOut: true},
-		{name: "get unknown", args: []string{"terminal", "get", "T9"}, code: exitNotFound},
+		{name: "get unknown", args: []string{"terminal", "get", "T9"}, code: exitNotFound, stderr: "m2mctl: terminal T9 not found (HTTP 404)\n"},
 		{name: "get bad sn", args: []string{"terminal", "get", "a-b"}, code: exitUsage},
 		{name: "list", args: []string{"terminal", "list"}, stdout: "T2  354494040518571"},
 		{name: "list page", args: []string{"terminal", "list", "--limit", "1"}, stdout: "T1", notOut: "\nT2 ", stderr: "--after T1"},
@@ -79,7 +92,9 @@ func TestCommands(t *testing.T) {
 		{name: "rekey unknown", args: []string{"terminal", "rekey", "T9"}, code: exitNotFound},
 		{name: "delete", args: []string{"terminal", "delete", "T2"}, stdout: "deleted"},
 		{name: "import", args: []string{"terminal", "import", "-", "--progress", "always"}, stdin: "sn,imei,imsi,msisdn,alg\nI1,354494040518572,460020084678122,,\nI1,354494040518573,460020084678123,,\n",
-			code: exitFailure, stdout: "rows 2, created 1, rejected 1", stderr: "importing [####"},
+			code: exitFailure, stdout: "rows 2, created 1, rejected 1", stderr: "importing [##############################] 2/2 100%"},
+		{name: "import without optional columns", args: []string{"terminal", "import", "-"}, stdin: "imsi,sn,imei\n460020084678126,I6,354494040518576\n", stdout: "rows 1, created 1, rejected 0"},
+		{name: "import header without imsi", args: []string{"terminal", "import", "-"}, stdin: "sn,imei\nI7,354494040518577\n", code: exitUsage, stderr: `import: missing column "imsi"`},
 		{name: "import json", args: []string{"terminal", "import", "-", "-o", "json"}, stdin: "sn,imei,imsi,msisdn,alg\nI2,354494040518574,460020084678124,,\n", stdout: `"created": 1`, jsonOut: true},
 		{name: "import bad header", args: []string{"terminal", "import", "-"}, stdin: "serial\nx\n", code: exitUsage},
 		{name: "import missing file", args: []string{"terminal", "import", "/nonexistent.csv"}, code: exitUsage},
@@ -91,9 +106,14 @@ func TestCommands(t *testing.T) {
 		{name: "app list json", args: []string{"app", "list", "-o", "json"}, stdout: `"apps"`, jsonOut: true},
 		{name: "app remove", args: []string{"app", "remove", "dash"}, stdout: "removed"},
 		{name: "app remove again", args: []string{"app", "remove", "dash"}, code: exitNotFound},
-		{name: "wrong token", args: []string{"--token", "wrong-token-0123456789", "app", "list"}, code: exitUnauthorize},
+		{name: "wrong token", args: []string{"--token", "wrong-token-0123456789", "app", "list"}, code: exitUnauthorize, stderr: "the admin token of --token"},
+		{name: "wrong token file", args: []string{"--token-file", wrongTokenFile, "app", "list"}, code: exitUnauthorize, stderr: "the admin token of token file " + wrongTokenFile},
 		{name: "no token file", args: []string{"--token-file", "/nonexistent", "app", "list"}, code: exitUsage, stderr: "no admin token"},
+		{name: "empty token file", args: []string{"--token-file", emptyTokenFile, "app", "list"}, code: exitUsage, stderr: "token file " + emptyTokenFile + " is empty"},
+		{name: "error as json", args: []string{"terminal", "get", "T9", "-o", "json"}, code: exitNotFound, stderr: `"status": 404`},
 		{name: "unreachable", args: []string{"--server", "http://127.0.0.1:1", "--token", "some-token-0123456789", "app", "list"}, code: exitUnavailable},
+		{name: "not m2mguard", args: []string{"--server", htmlServer.URL, "--token", "some-token-0123456789", "terminal", "list"}, code: exitUnavailable,
+			stderr: htmlServer.URL + " is not an m2mguard admin API: got text/html (HTTP 404)"},
 		{name: "bad output", args: []string{"app", "list", "-o", "yaml"}, code: exitUsage},
 		{name: "unknown command", args: []string{"terminal", "frobnicate"}, code: exitUsage},
 		{name: "group alone", args: []string{"terminal"}, code: exitUsage},
@@ -120,6 +140,14 @@ func TestCommands(t *testing.T) {
 			if tc.jsonOut && !json.Valid([]byte(out)) {
 				t.Errorf("stdout is not JSON:\n%s", out)
 			}
+			for _, internal := range []string{"keysvc", "boltstore", "<html", "<!DOCTYPE"} {
+				if strings.Contains(errs, internal) {
+					t.Errorf("stderr shows %q:\n%s", internal, errs)
+				}
+			}
+			if slices.Contains(args, "json") && code != exitOK && !json.Valid([]byte(errs)) {
+				t.Errorf("-o json: stderr is not JSON:\n%s", errs)
+			}
 		})
 	}
 
@@ -131,6 +159,9 @@ func TestCommands(t *testing.T) {
 	}
 	if rec.Identity.SN != "T1" || len(rec.Current.BK) != 32 || len(rec.Current.Up) != 16 {
 		t.Fatalf("credential file: %+v", rec.Identity)
+	}
+	if !strings.HasPrefix(rec.BrokerURL, "tcp://127.0.0.1:") {
+		t.Fatalf("credential file: broker URL %q, want the bundle's (m2m-terminal dials it without --broker)", rec.BrokerURL)
 	}
 	if fi, _ := os.Stat(creds); fi.Mode().Perm() != 0o600 {
 		t.Errorf("credential file mode %v", fi.Mode().Perm())

@@ -9,7 +9,9 @@
 // and a flag; run with --help for the list.
 //
 // Exit codes: 0 clean shutdown (SIGINT or SIGTERM), 1 failure while
-// running, 2 configuration or usage error (the message names the key).
+// starting (e.g. a port already in use) or running, 2 configuration or usage
+// error (the message names the key). --check validates the configuration,
+// $M2MGUARD_MASTER_KEY included, and exits.
 package main
 
 import (
@@ -17,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -119,15 +122,30 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, lookup fu
 		return exitConfig
 	}
 	if *check {
+		if err := broker.Check(cfg, lookup); err != nil {
+			fmt.Fprintln(stderr, "m2mguard-broker:", err)
+			return exitConfig
+		}
 		fmt.Fprintln(stdout, "configuration ok")
 		return exitOK
 	}
 	logger := broker.NewLogger(cfg.Log, stderr)
 	if err := broker.Run(ctx, cfg, logger); err != nil {
+		// Reported once, in the log's format.
 		var ce *broker.ConfigError
-		if errors.As(err, &ce) {
+		var oe *net.OpError
+		switch {
+		case errors.As(err, &oe):
+			// A listen address taken or not available here: the value is
+			// well-formed, starting failed.
+			attrs := []any{"err", oe.Error()}
+			if errors.As(err, &ce) {
+				attrs = append([]any{"key", ce.Key}, attrs...)
+			}
+			logger.Error("broker failed to start", attrs...)
+			return exitFailure
+		case errors.As(err, &ce):
 			logger.Error("configuration error", "key", ce.Key, "err", strings.TrimPrefix(ce.Error(), "config key "+ce.Key+": "))
-			fmt.Fprintln(stderr, "m2mguard-broker:", err)
 			return exitConfig
 		}
 		logger.Error("broker failed", "err", err.Error())

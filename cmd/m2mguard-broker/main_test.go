@@ -250,3 +250,57 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 }
+
+// TestPortInUseIsAStartFailure: a listen address already taken is a
+// failure while starting (exit 1, as documented), not a configuration
+// error (2), and it is reported once.
+func TestPortInUseIsAStartFailure(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	addr := taken.Addr().String()
+	for _, key := range []string{"--mqtt-tcp", "--admin-listen"} {
+		args := []string{"--data-dir", filepath.Join(t.TempDir(), "data"), "--mqtt-tcp", "127.0.0.1:0", "--mqtt-ws", "off", "--admin-listen", "127.0.0.1:0"}
+		args = append(args, key, addr)
+		var out, errb bytes.Buffer
+		code := run(context.Background(), args, &out, &errb, lookup(nil))
+		if code != exitFailure {
+			t.Errorf("%s taken: exit %d, want %d\n%s", key, code, exitFailure, errb.String())
+		}
+		if n := strings.Count(errb.String(), "address already in use"); n != 1 {
+			t.Errorf("%s taken: the error is reported %d times, want once:\n%s", key, n, errb.String())
+		}
+	}
+}
+
+// TestCheckValidatesMasterKey: --check refuses a $M2MGUARD_MASTER_KEY that
+// the real start would refuse, naming the variable.
+func TestCheckValidatesMasterKey(t *testing.T) {
+	good := base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32))
+	for _, tc := range []struct {
+		name, key string
+		code      int
+	}{
+		{"valid", good, exitOK},
+		{"not base64", "not a key!", exitConfig},
+		{"too short", base64.StdEncoding.EncodeToString([]byte("short")), exitConfig},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("M2MGUARD_MASTER_KEY", tc.key) // the real start reads the process environment
+			var out, errb bytes.Buffer
+			code := run(context.Background(), []string{"--check", "--data-dir", filepath.Join(t.TempDir(), "data")}, &out, &errb,
+				lookup(map[string]string{"M2MGUARD_MASTER_KEY": tc.key}))
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out.String(), errb.String())
+			}
+			if tc.code != exitOK && !strings.Contains(errb.String(), "M2MGUARD_MASTER_KEY") {
+				t.Fatalf("the error does not name the variable: %s", errb.String())
+			}
+			if strings.Contains(errb.String(), tc.key) {
+				t.Fatalf("the error shows the key's value: %s", errb.String())
+			}
+		})
+	}
+}

@@ -1,10 +1,13 @@
 package cliflag
 
 import (
+	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 )
 
@@ -57,5 +60,51 @@ func TestEnvSliceKeepsDefault(t *testing.T) {
 	}
 	if got := strings.Join(*b, ","); got != "tcp://x:1883,tcp://y:1883" {
 		t.Errorf("value %q, want the default", got)
+	}
+}
+
+func TestPrepare(t *testing.T) {
+	newTree := func(envErr error) *cobra.Command {
+		root := &cobra.Command{Use: "tool"}
+		group := &cobra.Command{Use: "group", Short: "a group"}
+		group.AddCommand(&cobra.Command{Use: "one ARG", Short: "takes one", Args: cobra.ExactArgs(1), RunE: func(*cobra.Command, []string) error { return nil }})
+		root.AddCommand(group, &cobra.Command{Use: "plain", Short: "takes none", RunE: func(*cobra.Command, []string) error { return nil }})
+		Prepare(root, "Exit codes: 0 ok", envErr)
+		root.SetOut(io.Discard)
+		root.SetErr(io.Discard)
+		return root
+	}
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		envErr error
+		usage  bool // the error is a usage error
+		ok     bool
+	}{
+		{"runs", []string{"group", "one", "x"}, nil, false, true},
+		{"plain", []string{"plain"}, nil, false, true},
+		{"missing argument", []string{"group", "one"}, nil, true, false},
+		{"argument to a command that takes none", []string{"plain", "x"}, nil, true, false},
+		{"group alone", []string{"group"}, nil, true, false},
+		{"unknown subcommand", []string{"group", "nope"}, nil, true, false},
+		{"unknown flag", []string{"plain", "--nope"}, nil, true, false},
+		{"bad environment", []string{"plain"}, errors.New("$X: invalid value"), true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := newTree(tc.envErr)
+			root.SetArgs(tc.args)
+			err := root.Execute()
+			if tc.ok != (err == nil) || (err != nil && IsUsage(err) != tc.usage) {
+				t.Fatalf("err %v (usage %t), want ok %t usage %t", err, err != nil && IsUsage(err), tc.ok, tc.usage)
+			}
+		})
+	}
+	root := newTree(nil)
+	plain, _, _ := root.Find([]string{"plain"})
+	if !strings.HasSuffix(plain.Long, "takes none\n\nExit codes: 0 ok") {
+		t.Fatalf("help of a command: %q", plain.Long)
+	}
+	if IsUsage(errors.New("connection refused")) || !IsUsage(Usagef("--x: want y")) {
+		t.Fatal("IsUsage")
 	}
 }

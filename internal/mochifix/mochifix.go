@@ -1,79 +1,20 @@
-// Package mochifix works around known bugs of mochi-mqtt v2.7.9 that the
-// broker and the tests would otherwise hit.
+// Package mochifix forwards to the public package mochifix, which holds the
+// workarounds for mochi-mqtt v2.7.9 (it lived here before embedders needed
+// it; the broker and the tests still import it from here).
 package mochifix
 
 import (
-	"errors"
-	"sync"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/mochifix"
 )
 
-// ErrTimeout: clients were still attached when Close gave up waiting.
-var ErrTimeout = errors.New("mochifix: clients still attached after the timeout")
+// ErrTimeout is mochifix.ErrTimeout.
+var ErrTimeout = mochifix.ErrTimeout
 
-// disconnectWait bounds how long Close waits for the DISCONNECT packets to
-// be written: a client that stops reading would block that write.
-const disconnectWait = time.Second
-
-// disconnectAll sends every connected client a DISCONNECT (MQTT 5: 0x8B),
-// all at once, and after wait closes the sockets of those whose write has
-// not finished (closing the socket ends a write stuck on it). The
-// goroutines it starts end when their write does, at the latest then.
-func disconnectAll(server *mqtt.Server, wait time.Duration) {
-	var wg sync.WaitGroup
-	var open []*mqtt.Client
-	for _, cl := range server.Clients.GetAll() {
-		if cl.Net.Inline || cl.Closed() {
-			continue
-		}
-		open = append(open, cl)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			server.DisconnectClient(cl, packets.ErrServerShuttingDown)
-		}()
-	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		return
-	case <-time.After(wait):
-	}
-	for _, cl := range open {
-		cl.Stop(packets.ErrServerShuttingDown)
-	}
-	<-done
-}
-
-// Close shuts server down without the deadlock of mochi-mqtt/server#488:
-// mochi's Close disconnects clients through Clients.GetByListener, which
-// read-locks twice, so a client deleting itself at that moment (a write
-// lock) blocks both forever. Close instead marks the listeners closed
-// without that callback (mochi's Close then never calls it), lets the
-// connections already accepted reach mochi, disconnects every client itself
-// (MQTT 5: 0x8B server shutting down; a client that does not read is
-// closed after a second), and then calls mochi's Close, which waits for
-// them; it gives up after timeout.
-//
-// listenerIDs are the IDs of the listeners added to server.
+// Close is mochifix.Close.
 func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration) error {
-	for _, id := range listenerIDs {
-		server.Listeners.Close(id, func(string) {}) // stops accepting; mochi's Close will not call back
-	}
-	// A connection accepted just before is handed to mochi in a goroutine
-	// of its own; give it the moment it needs to register.
-	time.Sleep(20 * time.Millisecond)
-	disconnectAll(server, disconnectWait)
-	done := make(chan struct{})
-	go func() { server.Close(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-time.After(timeout):
-		return ErrTimeout
-	}
+	return mochifix.Close(server, listenerIDs, timeout)
 }

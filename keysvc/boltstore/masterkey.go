@@ -103,3 +103,9 @@ func decodeKey(s string) ([]byte, error) {
 	}
 	return nil, errors.New("not valid base64")
 }
+
+// ParseMasterKey decodes a master key as $M2MGUARD_MASTER_KEY holds it
+// (base64, standard or URL alphabet, padded or not, of MasterKeySize
+// bytes), for a configuration check before the store is opened. The error
+// never contains the value.
+func ParseMasterKey(s string) ([]byte, error) { return decodeKey(strings.TrimSpace(s)) }

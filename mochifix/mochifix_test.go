@@ -14,7 +14,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/mochifix"
 )
 
 // TestCloseWithClientsLeaving closes servers while clients connect and

@@ -1,0 +1,22 @@
+package broker
+
+import (
+	"github.com/m2mguard/m2mguard/keysvc/boltstore"
+)
+
+// Check validates what Start would refuse although Resolve accepts it,
+// without creating or opening anything: the embedded store's master key in
+// $M2MGUARD_MASTER_KEY (lookup reads the environment). It is the part of
+// `m2mguard-broker --check` after Resolve; errors are *ConfigError.
+func Check(cfg *Config, lookup func(string) (string, bool)) error {
+	if cfg.Store.Type != "vault" {
+		if v, ok := lookup(boltstore.EnvMasterKey); ok {
+			k, err := boltstore.ParseMasterKey(v)
+			clear(k)
+			if err != nil {
+				return &ConfigError{Key: "store.embedded.master_key_file", Source: "env " + boltstore.EnvMasterKey, Err: err}
+			}
+		}
+	}
+	return nil
+}
