@@ -133,17 +133,11 @@ type Hook struct {
 	replay   ReplayGuard
 	throttle Throttler
 	apps     *appLimiter
-	changes  *changeWatch
+	changes  *changeDesk // credential changes (changes.go)
+	writer   *writer     // every write to a client and end of a connection (writes.go)
 	revoked  revocations
 	events   *eventLimiter
-
-	// Every goroutine of the hook runs through spawn and is waited for by
-	// Stop; life is cancelled by Stop.
-	life    context.Context
-	cancel  context.CancelFunc
-	lifeMu  sync.Mutex
-	stopped bool
-	wg      sync.WaitGroup
+	crew     *crew // owns every goroutine of the hook; Stop stops it (lifecycle.go)
 }
 
 // New validates the options and returns the hook.
@@ -208,11 +202,12 @@ func New(opts Options) (*Hook, error) {
 		replay:   opts.ReplayGuard,
 		throttle: opts.Throttler,
 		apps:     newAppLimiter(opts.Apps),
-		changes:  &changeWatch{deadlines: map[string]time.Time{}},
 		events:   newEventLimiter(opts.EventRate, floodEvents...),
 		pending:  pendingLogins{m: map[*mqtt.Client]*session{}},
+		crew:     newCrew(),
 	}
-	h.life, h.cancel = context.WithCancel(context.Background())
+	h.writer = &writer{crew: h.crew, server: h.server, event: h.event,
+		writeTimeout: opts.WriteTimeout, disconnectTimeout: opts.DisconnectTimeout}
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -223,6 +218,15 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	h.changes = newChangeDesk(opts, m, changeLink{
+		online:     h.online,
+		sendKey:    func(c termConn, payload []byte) { h.writer.sendKey(c.cl, c.s, payload) },
+		endSession: func(c termConn, reason string, code packets.Code) { h.writer.endSession(c.cl, c.s, reason, code) },
+		revoke:     h.Revoke,
+		claim:      h.claim,
+		event:      h.event,
+		crew:       h.crew,
+	})
 	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
@@ -333,7 +337,7 @@ func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *Hook) endTakenOver(cl *mqtt.Client) {
 	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
-		h.endConnection(old, packets.ErrSessionTakenOver)
+		h.writer.endConnection(old, packets.ErrSessionTakenOver)
 	}
 }
 
@@ -354,13 +358,13 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
 		s.timer = time.AfterFunc(d, func() {
-			h.spawn(func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
+			h.crew.spawn(func() { h.writer.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
 		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
-		h.keySubscribed(cl, s)
+		h.writer.keySubscribed(cl, s)
 	}
-	h.deliverPending(cl, s)
+	h.changes.deliverPending(termConn{cl, s})
 }
 
 // OnSubscribed delivers the waiting key message once the terminal has
@@ -372,7 +376,7 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 	for i, f := range pk.Filters {
 		if f.Filter == s.keyTopic && i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			h.keySubscribed(cl, s)
+			h.writer.keySubscribed(cl, s)
 		}
 	}
 }
