@@ -23,24 +23,25 @@ import (
 
 // Options configure a Store. The zero value of every field but the
 // credentials is useful: Address from $VAULT_ADDR (else
-// https://127.0.0.1:8200), mount "secret", prefix "m2mguard", 5 s timeout.
+// https://127.0.0.1:8200), and the mount, prefix and timeout of
+// DefaultConfig.
 type Options struct {
 	Address string // Vault address; "" = $VAULT_ADDR
-	Mount   string // KV v2 mount; "" = "secret"
-	Prefix  string // path below the mount; "" = "m2mguard"
+	Mount   string // KV v2 mount; "" = DefaultConfig's
+	Prefix  string // path below the mount; "" = DefaultConfig's
 
 	// Exactly one of Token and AppRole.
 	Token   string
 	AppRole *AppRole
 
-	Timeout time.Duration // per request; 0 = 5 s
+	Timeout time.Duration // per request; 0 = DefaultConfig's
 	CACert  string        // PEM file to verify Vault's TLS certificate; "" = system roots
 	Logger  *slog.Logger  // nil = slog.Default()
 }
 
 // AppRole are the credentials of an AppRole login.
 type AppRole struct {
-	MountPath string // "" = "approle"
+	MountPath string // "" = DefaultConfig's AppRoleMount
 	RoleID    string
 	SecretID  []byte
 }
@@ -72,9 +73,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Address != "" {
 		cfg.Address = opts.Address
 	}
+	def := DefaultConfig()
 	cfg.Timeout = opts.Timeout
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = def.Timeout
 	}
 	// No retries inside the client: a failed read is answered from the
 	// cache (keysvc), and a write is retried by the caller's CAS loop.
@@ -96,10 +98,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		log:    opts.Logger,
 	}
 	if s.mount == "" {
-		s.mount = "secret"
+		s.mount = def.Mount
 	}
 	if s.prefix == "" {
-		s.prefix = "m2mguard"
+		s.prefix = def.Prefix
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -144,7 +146,7 @@ func (s *Store) tokenLogin(ctx context.Context, token string) (*vault.Secret, er
 func (s *Store) appRoleLogin(ctx context.Context, ar *AppRole) (*vault.Secret, error) {
 	mount := ar.MountPath
 	if mount == "" {
-		mount = "approle"
+		mount = DefaultConfig().AppRoleMount
 	}
 	p := "auth/" + mount + "/login"
 	secret, err := s.client.Logical().WriteWithContext(ctx, p, map[string]any{
