@@ -103,11 +103,15 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	return nil
 }
 
-// Start starts the broker and returns once every listener is bound.
+// Start starts the broker and returns once every listener is bound. It
+// runs on a copy of cfg, completed by Derive and checked by Validate.
 func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	own := *cfg // the caller's configuration stays as it is
+	cfg = &own
+	cfg.Derive()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -120,14 +124,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
-	b.svc, err = keysvc.New(keysvc.Options{
-		Store:            b.store,
-		ChangeDeadline:   cfg.Keys.ChangeDeadline,
-		PasswordLifetime: cfg.Keys.PasswordLifetime,
-		KeyLifetime:      cfg.Keys.KeyLifetime,
-		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
-		SessionKeys:      b.sessionKeys(),
-	})
+	sopts := serviceOptions(cfg)
+	sopts.Store, sopts.SessionKeys = b.store, b.sessionKeys()
+	b.svc, err = keysvc.New(sopts)
 	if err != nil {
 		return nil, err
 	}
@@ -143,20 +142,10 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 
 	b.server = mqtt.New(MochiOptions(cfg, logger))
-	hopts := hook.Options{
-		Registry: b.svc, Server: b.server,
-		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
-		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle:    hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		ReplayGuard: b.replay,
-		Logger:      logger.With("component", "hook"),
-		Registerer:  b.registry,
-	}
-	hopts.Apps = hook.AppLimitOptions{
-		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
-		Rate: cfg.Auth.AppRate, RatePerAddr: cfg.Auth.AppRatePerAddr,
-		FailuresPerAddr: cfg.Auth.AppFailuresPerAddr, FailureRefill: cfg.Auth.AppFailureRefill,
-	}
+	hopts := hookOptions(cfg)
+	hopts.Registry, hopts.Server = b.svc, b.server
+	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.Logger = logger.With("component", "hook")
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
 	}
@@ -179,6 +168,40 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
 	return b, nil
+}
+
+// serviceOptions are the key service's options that cfg sets (Store and
+// SessionKeys are the caller's).
+func serviceOptions(cfg *Config) keysvc.Options {
+	return keysvc.Options{
+		ChangeDeadline:   cfg.Keys.ChangeDeadline,
+		PasswordLifetime: cfg.Keys.PasswordLifetime,
+		KeyLifetime:      cfg.Keys.KeyLifetime,
+		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
+	}
+}
+
+// hookOptions are the hook's options that cfg sets (the registry, server,
+// replay guard, SMS sender, logger and registerer are the caller's).
+func hookOptions(cfg *Config) hook.Options {
+	a := cfg.Auth
+	return hook.Options{
+		Skew: a.Skew, Grace: a.Grace, SessionLifetime: a.SessionLifetime,
+		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		Throttle: hook.ThrottleOptions{Free: a.ThrottleFree, Base: a.ThrottleBase, Max: a.ThrottleMax},
+		Apps: hook.AppLimitOptions{
+			Concurrency: a.AppConcurrency, ConcurrencyPerAddr: a.AppConcurrencyPerAddr,
+			Rate: a.AppRate, RatePerAddr: a.AppRatePerAddr,
+			FailuresPerAddr: a.AppFailuresPerAddr, FailureRefill: a.AppFailureRefill,
+		},
+	}
+}
+
+// guardOptions are the connection guard's options that cfg sets (the
+// callbacks are the caller's).
+func guardOptions(cfg *Config) netguard.Options {
+	m := cfg.MQTT
+	return netguard.Options{ConnectTimeout: m.ConnectTimeout, WriteTimeout: m.WriteTimeout, MaxPerAddr: m.MaxConnsPerAddr, MaxConns: m.MaxConns}
 }
 
 // MochiOptions are the mochi server options of cfg: the inline client on
@@ -208,7 +231,7 @@ func (b *Broker) openStore(ctx context.Context) error {
 		v := cfg.Store.Vault
 		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
 			Logger: b.log.With("component", "vault")}
-		if v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "" {
+		if v.UsesAppRole() {
 			roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
 			if err != nil {
 				return err
@@ -311,16 +334,14 @@ func (b *Broker) addListeners() error {
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	netlog := b.log.With("component", "netguard")
-	b.guard = netguard.New(netguard.Options{
-		ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout,
-		MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
-		OnRefuse: func(addr, reason string) {
-			netlog.Debug("connection refused", "remote", addr, "reason", reason)
-		},
-		OnWriteTimeout: func(addr string) {
-			netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
-		},
-	})
+	gopts := guardOptions(b.cfg)
+	gopts.OnRefuse = func(addr, reason string) {
+		netlog.Debug("connection refused", "remote", addr, "reason", reason)
+	}
+	gopts.OnWriteTimeout = func(addr string) {
+		netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
+	}
+	b.guard = netguard.New(gopts)
 	b.registerGuardMetrics()
 	add := func(id, key, address string, listener func(net.Listener) listeners.Listener) error {
 		ln, err := net.Listen("tcp", address)
