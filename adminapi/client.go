@@ -87,9 +87,6 @@ func New(baseURL, token string, opts *Options) (*Client, error) {
 	return c, nil
 }
 
-// BaseURL returns the API's base URL, as requests are sent to it.
-func (c *Client) BaseURL() string { return c.base }
-
 // request is one call of the API.
 type request struct {
 	method string
