@@ -60,13 +60,14 @@ type Client struct {
 }
 
 // New returns a client of the admin API at baseURL (http:// or https://,
-// host and port, and a path prefix if a proxy adds one) that sends token
+// host and port, and a path prefix if a proxy adds one; no user or
+// password, which error messages would show) that sends token
 // (the broker's admin.token_file) as its bearer token. An empty token is
 // allowed: then only Health and, with Options.MetricsToken, Metrics work.
 // opts may be nil.
 func New(baseURL, token string, opts *Options) (*Client, error) {
 	u, err := url.Parse(baseURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
 		return nil, errors.New("adminapi: base URL: want http://host:port or https://host:port")
 	}
 	if opts == nil {

@@ -361,6 +361,7 @@ func TestNotAnAdminAPI(t *testing.T) {
 		{"ftp://127.0.0.1:8080", adminToken}, // not HTTP
 		{"http://", adminToken},              // no host
 		{"http://127.0.0.1:8080/?x=1", adminToken},
+		{"http://user:Injected@127.0.0.1:8080", adminToken}, // a password errors would show
 		{"http://127.0.0.1:8080", "tok\nX-Injected: 1"},
 	} {
 		if _, err := adminapi.New(tc.url, tc.token, nil); err == nil || strings.Contains(err.Error(), "Injected") {

@@ -84,6 +84,8 @@ type NotAdminAPIError struct {
 	ContentType string // "" if the answer had none
 }
 
+// Error says what answered instead: "http://127.0.0.1:8080 is not an
+// m2mguard admin API: got text/html (HTTP 404) for GET /v1/apps".
 func (e *NotAdminAPIError) Error() string {
 	ct := e.ContentType
 	if ct == "" {
