@@ -396,8 +396,8 @@ func (b *Broker) startAdmin() error {
 		return err
 	}
 	h, err := admin.New(admin.Options{
-		Service: b.svc, Hook: b.hook, Token: token, MetricsToken: metricsToken, Gatherer: b.registry,
-		BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, MetricsToken: metricsToken,
+		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
 		return err
