@@ -60,7 +60,8 @@ type Broker struct {
 	listenerIDs []string
 	addrs       map[string]string // listener id -> bound address
 
-	adminSrv *http.Server
+	adminSrv  *http.Server
+	adminDone chan struct{} // closed when the admin server's Serve returns
 	adminLn  net.Listener
 
 	closeOnce sync.Once
@@ -409,7 +410,9 @@ func (b *Broker) startAdmin() error {
 	b.adminLn = ln
 	b.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(b.log.With("component", "admin").Handler(), slog.LevelWarn)}
+	b.adminDone = make(chan struct{})
 	go func() {
+		defer close(b.adminDone)
 		if err := b.adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			b.log.Error("admin API stopped", "err", err)
 		}
@@ -527,8 +530,10 @@ func (b *Broker) Close() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			if err := b.adminSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("admin API: %w", err))
+				b.adminSrv.Close() // requests still running after 5 s are cut off
 			}
 			cancel()
+			<-b.adminDone
 		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
