@@ -62,7 +62,7 @@ type Broker struct {
 
 	adminSrv  *http.Server
 	adminDone chan struct{} // closed when the admin server's Serve returns
-	adminLn  net.Listener
+	adminLn   net.Listener
 
 	closeOnce sync.Once
 	closeErr  error
