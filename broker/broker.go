@@ -244,6 +244,13 @@ func (b *Broker) openStore(ctx context.Context) error {
 			clear(opts.AppRole.SecretID)
 			clear(opts.AppRole.WrappingToken)
 		}
+		if errors.Is(err, vaultstore.ErrWrappingToken) && opts.AppRole != nil {
+			src := "store.vault.approle.wrapping_token"
+			if v.AppRoleWrappingTokenFile != "" {
+				src = v.AppRoleWrappingTokenFile + " (store.vault.approle.wrapping_token_file)"
+			}
+			return fmt.Errorf("vault store at %s: %w; put a fresh wrapping token into %s", v.Address, err, src)
+		}
 		if err != nil {
 			return fmt.Errorf("vault store at %s: %w", v.Address, err)
 		}

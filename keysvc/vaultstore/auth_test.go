@@ -2,14 +2,7 @@ package vaultstore_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
-	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -18,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,87 +228,6 @@ func wrappedRead(t *testing.T, root *vault.Client, path string) string {
 	return sec.WrapInfo.Token
 }
 
-// tokenReview is a Kubernetes TokenReview API that knows one service
-// account token: the only stand-in of these tests (Vault is real). Vault's
-// kubernetes auth method posts every login's JWT to it.
-type tokenReview struct {
-	jwt, namespace, name, uid string
-	reviews                   atomic.Int64
-	srv                       *http.Server
-	addr                      string
-}
-
-func startTokenReview(t *testing.T, jwt, namespace, name, uid string) *tokenReview {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := &tokenReview{jwt: jwt, namespace: namespace, name: name, uid: uid, addr: "http://" + ln.Addr().String()}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /apis/authentication.k8s.io/v1/tokenreviews", func(w http.ResponseWriter, r *http.Request) {
-		tr.reviews.Add(1)
-		var req struct {
-			Spec struct {
-				Token     string   `json:"token"`
-				Audiences []string `json:"audiences"`
-			} `json:"spec"`
-		}
-		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
-			http.Error(w, "bad request", http.StatusBadRequest)
-			return
-		}
-		status := map[string]any{"authenticated": false}
-		if req.Spec.Token == tr.jwt {
-			status = map[string]any{"authenticated": true, "audiences": req.Spec.Audiences, "user": map[string]any{
-				"username": "system:serviceaccount:" + tr.namespace + ":" + tr.name, "uid": tr.uid,
-				"groups": []string{"system:serviceaccounts", "system:serviceaccounts:" + tr.namespace},
-			}}
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusCreated)
-		json.NewEncoder(w).Encode(map[string]any{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status})
-	})
-	tr.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	done := make(chan struct{})
-	go func() { defer close(done); tr.srv.Serve(ln) }()
-	t.Cleanup(func() { tr.srv.Close(); <-done })
-	return tr
-}
-
-// serviceAccountJWT returns a projected service account token as the
-// kubelet writes it: an ES256 JWT with the kubernetes.io claims.
-func serviceAccountJWT(t *testing.T, namespace, name, uid string) string {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	enc := func(v any) string {
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return base64.RawURLEncoding.EncodeToString(b)
-	}
-	now := time.Now().Unix()
-	signed := enc(map[string]string{"alg": "ES256", "typ": "JWT", "kid": "test"}) + "." + enc(map[string]any{
-		"aud": []string{"https://kubernetes.default.svc"}, "iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:" + namespace + ":" + name,
-		"iat": now, "nbf": now, "exp": now + 3600,
-		"kubernetes.io": map[string]any{"namespace": namespace, "serviceaccount": map[string]string{"name": name, "uid": uid},
-			"pod": map[string]string{"name": "m2mguard-0", "uid": "c0ffee00-0000-4000-8000-000000000001"}},
-	})
-	digest := sha256.Sum256([]byte(signed))
-	r, s, err := ecdsa.Sign(rand.Reader, key, digest[:])
-	if err != nil {
-		t.Fatal(err)
-	}
-	sig := make([]byte, 64)
-	r.FillBytes(sig[:32])
-	s.FillBytes(sig[32:])
-	return signed + "." + base64.RawURLEncoding.EncodeToString(sig)
-}
-
 // TestKubernetesAuth: the store logs in with Vault's Kubernetes auth method
 // (a real Vault, whose kubernetes method asks the TokenReview API above),
 // reading the service account token from its file, works under the broker
@@ -325,29 +236,11 @@ func serviceAccountJWT(t *testing.T, namespace, name, uid string) string {
 // ErrForbidden.
 func TestKubernetesAuth(t *testing.T) {
 	v := vaulttest.Start(t)
-	root := v.Client(t)
 	ctx := context.Background()
-	const ns, sa, uid = "iot", "m2mguard", "5b2e6d1c-7a8f-4c3e-9d10-2f4a6b8c0e12"
-	jwt := serviceAccountJWT(t, ns, sa, uid)
-	tr := startTokenReview(t, jwt, ns, sa, uid)
-
-	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "kubernetes", &vault.EnableAuthOptions{Type: "kubernetes"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := root.Sys().PutPolicyWithContext(ctx, "m2mguard-broker", brokerPolicy(t)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := root.Logical().WriteWithContext(ctx, "auth/kubernetes/config", map[string]any{
-		"kubernetes_host": tr.addr, "disable_local_ca_jwt": true, "disable_iss_validation": true,
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := root.Logical().WriteWithContext(ctx, "auth/kubernetes/role/m2mguard-broker", map[string]any{
-		"bound_service_account_names": sa, "bound_service_account_namespaces": ns,
-		"token_policies": "m2mguard-broker", "token_ttl": "2s", "token_max_ttl": "3s",
-	}); err != nil {
-		t.Fatal(err)
-	}
+	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "5b2e6d1c-7a8f-4c3e-9d10-2f4a6b8c0e12"}
+	tr := vaulttest.StartTokenReview(t)
+	jwt := tr.Issue(t, sa)
+	v.EnableKubernetesAuth(t, tr, "m2mguard-broker", sa, "m2mguard-broker", brokerPolicy(t), "2s", "3s")
 	dir := t.TempDir()
 	tokenFile := filepath.Join(dir, "token")
 	if err := os.WriteFile(tokenFile, []byte(jwt), 0o600); err != nil {
@@ -366,7 +259,7 @@ func TestKubernetesAuth(t *testing.T) {
 	if err := s.CreateTerminal(ctx, newTerminal("KUBE1")); err != nil {
 		t.Fatalf("create under the broker policy: %v", err)
 	}
-	if tr.reviews.Load() < 1 {
+	if tr.Reviews() < 1 {
 		t.Fatal("Vault never asked the TokenReview API")
 	}
 	checkFor(t, 20*time.Second, "a second Kubernetes login (max TTL 3 s)",
@@ -374,12 +267,12 @@ func TestKubernetesAuth(t *testing.T) {
 	if _, err := s.GetTerminal(ctx, "KUBE1"); err != nil {
 		t.Fatalf("after the new login: %v", err)
 	}
-	if tr.reviews.Load() < 2 {
+	if tr.Reviews() < 2 {
 		t.Fatal("the second login did not go through the TokenReview API")
 	}
 
 	// A service account token the cluster does not know.
-	if err := os.WriteFile(tokenFile, []byte(serviceAccountJWT(t, ns, sa, uid)), 0o600); err != nil {
+	if err := os.WriteFile(tokenFile, []byte(vaulttest.ServiceAccountJWT(t, sa)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	_, err = vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, Kubernetes: &vaultstore.Kubernetes{Role: "m2mguard-broker", TokenFile: tokenFile}})
