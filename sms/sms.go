@@ -142,7 +142,7 @@ func (s *HTTPSender) Send(ctx context.Context, to, text string) (err error) {
 
 	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, s.URL, body)
 	if err != nil {
-		return fmt.Errorf("sms: request to %s: %w", where, errors.Unwrap(err))
+		return fmt.Errorf("sms: request to %s cannot be built", where) // its error would carry the URL
 	}
 	req.Header.Set("Content-Type", "application/json")
 	if s.AuthHeader != "" {

@@ -330,3 +330,45 @@ func TestTokenRenewalMetrics(t *testing.T) {
 		t.Fatalf("request_failures{unavailable} = %v", f)
 	}
 }
+
+// TestOrchestratorPolicy: the shipped deploy/vault/orchestrator.hcl lets its
+// holder create secret_ids of the broker's role only response-wrapped (the
+// operator flow of deploy/vault/README.md), and the broker starts with such
+// a wrapping token under the shipped broker policy.
+func TestOrchestratorPolicy(t *testing.T) {
+	v := vaulttest.Start(t)
+	root := v.Client(t)
+	ctx := context.Background()
+	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := root.Sys().PutPolicyWithContext(ctx, "m2mguard-broker", brokerPolicy(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := root.Logical().WriteWithContext(ctx, "auth/approle/role/m2mguard-broker", map[string]any{
+		"token_policies": "m2mguard-broker", "token_ttl": "1h", "token_max_ttl": "24h", "secret_id_num_uses": 0}); err != nil {
+		t.Fatal(err)
+	}
+	hcl, err := os.ReadFile(filepath.Join("..", "..", "deploy", "vault", "orchestrator.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	orch := v.ClientWithToken(t, v.TokenWithPolicy(t, "m2mguard-orchestrator", string(hcl)))
+	if _, err := orch.Logical().WriteWithContext(ctx, "auth/approle/role/m2mguard-broker/secret-id", nil); err == nil {
+		t.Fatal("the orchestrator got a secret_id without wrapping")
+	}
+	roleID, err := orch.Logical().ReadWithContext(ctx, "auth/approle/role/m2mguard-broker/role-id")
+	if err != nil {
+		t.Fatalf("the orchestrator reads the role_id: %v", err)
+	}
+	wt := wrappedSecretID(t, orch, "auth/approle/role/m2mguard-broker/secret-id")
+	s, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, AppRole: &vaultstore.AppRole{
+		RoleID: roleID.Data["role_id"].(string), WrappingToken: []byte(wt)}})
+	if err != nil {
+		t.Fatalf("the broker with the orchestrator's wrapping token: %v", err)
+	}
+	defer s.Close()
+	if err := s.CreateTerminal(ctx, newTerminal("ORCH1")); err != nil {
+		t.Fatal(err)
+	}
+}
