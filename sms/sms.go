@@ -118,7 +118,7 @@ const (
 )
 
 // Send implements Sender.
-func (s *HTTPSender) Send(ctx context.Context, to, text string) (err error) {
+func (s *HTTPSender) Send(ctx context.Context, to, text string) error {
 	if s.URL == "" {
 		return ErrNoURL
 	}
