@@ -26,7 +26,7 @@ func TestRetryAfter(t *testing.T) {
 		{429, "1.5", 0, 0, false},
 		{429, "soon", 0, 0, false},
 		{429, "99999999999", 0, 0, false}, // beyond 32 bits of seconds
-		{500, "3", 0, 0, false},            // only 429 and 503 count
+		{500, "3", 0, 0, false},           // only 429 and 503 count
 		{200, "3", 0, 0, false},
 	} {
 		resp := &http.Response{StatusCode: tc.code, Header: http.Header{}}
