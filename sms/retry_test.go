@@ -50,9 +50,11 @@ func TestSMSRetryAfterHonoured(t *testing.T) {
 			if len(at) != 2 || len(gw.Messages()) != 1 {
 				t.Fatalf("%d attempts, %d messages; want 2 and 1", len(at), len(gw.Messages()))
 			}
-			if gap := at[1].Sub(at[0]); gap < tc.atLeast {
+			gap := at[1].Sub(at[0])
+			if gap < tc.atLeast {
 				t.Fatalf("retried %v after the %d with Retry-After %q; want at least %v", gap, tc.code, tc.retryAfter(), tc.atLeast)
 			}
+			t.Logf("retried %v after the %d", gap.Round(time.Millisecond), tc.code)
 		})
 	}
 }
