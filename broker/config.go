@@ -21,6 +21,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/sms"
 )
 
 // Config is the whole configuration of the broker. Build it with Default
@@ -109,6 +110,9 @@ type AuthConfig struct {
 	ThrottleFree    int
 	ThrottleBase    time.Duration
 	ThrottleMax     time.Duration
+	// ThrottleMaxEntries bounds the throttle table ((sn or application
+	// name, address) pairs); m2mguard_throttle_max_entries exports it.
+	ThrottleMaxEntries int
 
 	// Budgets of application password verifications (argon2id), see
 	// hook.AppLimitOptions; 0 = the hook's default.
@@ -136,10 +140,14 @@ type CacheConfig struct {
 
 // SMSConfig is the SMS gateway for credential changes in plaintext.
 type SMSConfig struct {
-	URL        string // "" = no SMS channel
-	AuthHeader string
-	AuthValue  string
-	Retries    int
+	URL           string // "" = no SMS channel
+	AuthHeader    string
+	AuthValue     string
+	Retries       int
+	Timeout       time.Duration // per attempt
+	Backoff       time.Duration // longest wait before the first retry; doubles per retry
+	MaxBackoff    time.Duration
+	MaxRetryAfter time.Duration // longest Retry-After of the gateway honoured
 	// OnRequest honours a terminal's request for a change by SMS even when
 	// ciphertext is possible (the new values then cross the SMS bearer in
 	// plaintext); off by default.
@@ -156,7 +164,8 @@ const (
 // Default returns the configuration used when nothing is configured. A
 // setting that a library takes is defaulted by that library
 // (hook.DefaultOptions, keysvc.DefaultOptions, netguard.DefaultOptions,
-// vaultstore.DefaultConfig), so that each default is written once; the
+// vaultstore.DefaultConfig, the sms.Default constants), so that each
+// default is written once; the
 // documented defaults of Fields are read from here.
 func Default() *Config {
 	h, ks, ng := hook.DefaultOptions(), keysvc.DefaultOptions(), netguard.DefaultOptions()
@@ -173,15 +182,19 @@ func Default() *Config {
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
 		Skew: h.Skew, Grace: h.Grace, SessionLifetime: h.SessionLifetime, StoreTimeout: h.StoreTimeout,
-		ThrottleFree: h.Throttle.Free, ThrottleBase: h.Throttle.Base, ThrottleMax: h.Throttle.Max,
+		ThrottleFree: h.Throttle.Free, ThrottleBase: h.Throttle.Base,
+		ThrottleMax: h.Throttle.Max, ThrottleMaxEntries: h.Throttle.MaxEntries,
 		AppConcurrency: h.Apps.Concurrency, AppConcurrencyPerAddr: h.Apps.ConcurrencyPerAddr,
 		AppRate: h.Apps.Rate, AppRatePerAddr: h.Apps.RatePerAddr,
 		AppFailuresPerAddr: h.Apps.FailuresPerAddr, AppFailureRefill: h.Apps.FailureRefill,
 	}
 	c.Keys = KeysConfig{PasswordLifetime: ks.PasswordLifetime, KeyLifetime: ks.KeyLifetime, ChangeDeadline: ks.ChangeDeadline}
 	c.Cache = CacheConfig{TTL: ks.Cache.TTL, MaxStale: ks.Cache.MaxStale, MaxEntries: ks.Cache.MaxEntries}
-	// The broker's own choice: the zero sms.HTTPSender does not retry.
-	c.SMS = SMSConfig{Retries: 3, OnRequest: h.SMSOnRequest}
+	c.SMS = SMSConfig{
+		Retries: 3, // the broker's own choice: the zero sms.HTTPSender does not retry
+		Timeout: sms.DefaultTimeout, Backoff: sms.DefaultBackoff, MaxBackoff: sms.DefaultMaxBackoff,
+		MaxRetryAfter: sms.DefaultMaxRetryAfter, OnRequest: h.SMSOnRequest,
+	}
 	return c
 }
 
@@ -394,6 +407,16 @@ var fields = documentDefaults([]Field{
 		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretID })},
 	{Key: "store.vault.approle.secret_id_file", Help: "file holding the AppRole secret_id",
 		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretIDFile })},
+	{Key: "store.vault.approle.wrapping_token", Secret: true, Help: "response-wrapping token of the AppRole secret_id, instead of the secret_id (vault write -wrap-ttl=5m -f auth/approle/role/<role>/secret-id); unwrapped once at start, so every start needs a fresh one",
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingToken })},
+	{Key: "store.vault.approle.wrapping_token_file", Help: "file holding that wrapping token (written by the orchestrator before each start)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingTokenFile })},
+	{Key: "store.vault.kubernetes.role", Help: "Vault role of the Kubernetes auth method (Kubernetes auth is used when it is set)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesRole })},
+	{Key: "store.vault.kubernetes.mount", Help: "Kubernetes auth mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesMount })},
+	{Key: "store.vault.kubernetes.token_file", Help: "the pod's service account token, read again at every login (the kubelet rotates it)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesTokenFile })},
 	{Key: "store.vault.transit", Help: "issue session keys from Vault Transit (every key an audit-log entry)",
 		value: boolean(func(c *Config) *bool { return &c.Store.Vault.Transit })},
 	{Key: "store.vault.transit_mount", Help: "Transit mount",
@@ -457,6 +480,8 @@ var fields = documentDefaults([]Field{
 		value: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleBase })},
 	{Key: "auth.throttle_max", Help: "longest refusal period",
 		value: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleMax })},
+	{Key: "auth.throttle_max_entries", Help: "(sn or application name, address) pairs the throttle remembers, least recently seen forgotten first (m2mguard_throttle_max_entries)",
+		value: integer(func(c *Config) *int { return &c.Auth.ThrottleMaxEntries }, 1000, 100_000_000)},
 	{Key: "auth.app_concurrency", Help: "application password verifications (argon2id, 19 MiB each) running at once; more logins are refused at once with 0x89 server busy (0 = half the CPUs, at least 1)",
 		value: integer(func(c *Config) *int { return &c.Auth.AppConcurrency }, 0, 1<<16)},
 	{Key: "auth.app_concurrency_per_addr", Help: "application password verifications running at once for one address (an IPv4 address or an IPv6 /64)",
@@ -490,8 +515,16 @@ var fields = documentDefaults([]Field{
 		value: str(func(c *Config) *string { return &c.SMS.AuthHeader })},
 	{Key: "sms.auth_value", Secret: true, Help: "value of that header",
 		value: str(func(c *Config) *string { return &c.SMS.AuthValue })},
-	{Key: "sms.retries", Help: "retries of a failed gateway request",
+	{Key: "sms.retries", Help: "retries of a failed gateway request (transport errors, 429 and 5xx; other answers fail at once)",
 		value: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
+	{Key: "sms.timeout", Help: "timeout of one gateway request",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.Timeout })},
+	{Key: "sms.backoff", Help: "longest wait before the first retry, doubled for each next one; each wait is random in its upper half",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.Backoff })},
+	{Key: "sms.max_backoff", Help: "longest wait between retries (without Retry-After)",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.MaxBackoff })},
+	{Key: "sms.max_retry_after", Help: "longest Retry-After of a 429 or 503 honoured; a gateway asking for more ends the send, and the change is sent again later",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.MaxRetryAfter })},
 	{Key: "sms.on_request", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
 		value: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
 })
@@ -849,6 +882,13 @@ func (c SMSConfig) validate() error {
 	}
 	if (c.AuthHeader == "") != (c.AuthValue == "") {
 		return bad("sms.auth_value", "set sms.auth_header and sms.auth_value together")
+	}
+	if err := positive(keyed{"sms.timeout", c.Timeout}, keyed{"sms.backoff", c.Backoff},
+		keyed{"sms.max_backoff", c.MaxBackoff}, keyed{"sms.max_retry_after", c.MaxRetryAfter}); err != nil {
+		return err
+	}
+	if c.MaxBackoff < c.Backoff {
+		return bad("sms.max_backoff", "must be at least sms.backoff")
 	}
 	return nil
 }

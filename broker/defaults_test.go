@@ -4,11 +4,13 @@ import (
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/sms"
 	"github.com/m2mguard/m2mguard/wslistener"
 )
 
@@ -34,6 +36,19 @@ func TestDefaultsAreTheLibraries(t *testing.T) {
 				t.Fatal("the broker sets none of the library's defaults: the comparison compares nothing")
 			}
 		})
+	}
+	for _, d := range []struct {
+		key             string
+		broker, library time.Duration
+	}{
+		{"sms.timeout", c.SMS.Timeout, sms.DefaultTimeout},
+		{"sms.backoff", c.SMS.Backoff, sms.DefaultBackoff},
+		{"sms.max_backoff", c.SMS.MaxBackoff, sms.DefaultMaxBackoff},
+		{"sms.max_retry_after", c.SMS.MaxRetryAfter, sms.DefaultMaxRetryAfter},
+	} {
+		if d.broker != d.library {
+			t.Errorf("%s: the broker's default is %v, package sms's %v", d.key, d.broker, d.library)
+		}
 	}
 	if c.MQTT.ConnectTimeout != wslistener.DefaultConnectTimeout {
 		t.Errorf("mqtt.connect_timeout %v (the WebSocket listener's too), wslistener's default %v",

@@ -36,7 +36,19 @@ func TestConfigValidate(t *testing.T) {
 		{"role_id twice", valid(func(c *vaultstore.Config) { c.AppRoleRoleID, c.AppRoleRoleIDFile, c.AppRoleSecretID = "r", "/f", "s" }),
 			"approle.role_id_file", "not both"},
 		{"secret_id twice", valid(func(c *vaultstore.Config) { c.AppRoleRoleID, c.AppRoleSecretID, c.AppRoleSecretIDFile = "r", "s", "/f" }),
-			"approle.secret_id_file", "not both"},
+			"approle.secret_id_file", "one of"},
+		{"secret_id and wrapping token", valid(func(c *vaultstore.Config) {
+			c.AppRoleRoleID, c.AppRoleSecretIDFile, c.AppRoleWrappingTokenFile = "r", "/s", "/w"
+		}), "approle.secret_id_file", "wrapping_token_file"},
+		{"approle with a wrapping token", valid(func(c *vaultstore.Config) { c.AppRoleRoleID, c.AppRoleWrappingTokenFile = "r", "/w" }), "", ""},
+		{"wrapping token without role_id", valid(func(c *vaultstore.Config) { c.AppRoleWrappingTokenFile = "/w" }), "approle.role_id", "wrapping token"},
+		{"kubernetes beats an inherited token", valid(func(c *vaultstore.Config) { c.KubernetesRole = "k" }), "", ""},
+		{"approle and kubernetes", valid(func(c *vaultstore.Config) { c.AppRoleRoleID, c.AppRoleSecretID, c.KubernetesRole = "r", "s", "k" }),
+			"kubernetes.role", "not both"},
+		{"kubernetes with a secret_id", valid(func(c *vaultstore.Config) { c.KubernetesRole, c.AppRoleSecretID = "k", "s" }), "kubernetes.role", "neither"},
+		{"kubernetes without token file", valid(func(c *vaultstore.Config) { c.KubernetesRole, c.KubernetesTokenFile = "k", "" }),
+			"kubernetes.token_file", "empty"},
+		{"kubernetes without mount", valid(func(c *vaultstore.Config) { c.KubernetesRole, c.KubernetesMount = "k", "" }), "kubernetes.mount", "empty"},
 		{"approle without secret_id", valid(func(c *vaultstore.Config) { c.AppRoleRoleID = "r" }), "approle.secret_id_file", "secret_id"},
 		{"secret_id without role_id", valid(func(c *vaultstore.Config) { c.AppRoleSecretID = "s" }), "approle.role_id", "no role_id"},
 		{"token twice", valid(func(c *vaultstore.Config) { c.TokenFile = "/run/token" }), "token_file", "not both"},
@@ -63,7 +75,7 @@ func TestConfigValidate(t *testing.T) {
 	}
 }
 
-func TestConfigUsesAppRole(t *testing.T) {
+func TestConfigAuthMethod(t *testing.T) {
 	c := vaultstore.DefaultConfig()
 	if c.UsesAppRole() {
 		t.Fatal("the default configuration uses AppRole")
@@ -71,5 +83,12 @@ func TestConfigUsesAppRole(t *testing.T) {
 	c.AppRoleRoleIDFile = "/run/role_id"
 	if !c.UsesAppRole() {
 		t.Fatal("a role_id file does not select AppRole")
+	}
+	if c.UsesKubernetes() {
+		t.Fatal("the default configuration uses Kubernetes auth")
+	}
+	c.KubernetesRole = "m2mguard"
+	if !c.UsesKubernetes() {
+		t.Fatal("a Kubernetes role does not select Kubernetes auth")
 	}
 }
