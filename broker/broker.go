@@ -105,13 +105,12 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 }
 
 // Start starts the broker and returns once every listener is bound. It
-// runs on a copy of cfg, completed by Derive and checked by Validate.
+// completes cfg first (Derive: the caller sees the files it will use) and
+// checks it (Validate).
 func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	own := *cfg // the caller's configuration stays as it is
-	cfg = &own
 	cfg.Derive()
 	if err := cfg.Validate(); err != nil {
 		return nil, err

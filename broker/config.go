@@ -732,8 +732,7 @@ func readBounded(path string) ([]byte, error) {
 // Derive fills in the settings that follow from others when they are
 // left empty: the files in data_dir (store.embedded.file,
 // store.embedded.master_key_file, admin.token_file,
-// admin.metrics_token_file). Resolve calls it before Validate; Start calls
-// it on its own copy of the configuration.
+// admin.metrics_token_file). Resolve and Start call it before Validate.
 func (c *Config) Derive() {
 	inDataDir := func(file *string, name string) {
 		if *file == "" {
