@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -320,5 +321,26 @@ func TestProxyProtocolWebSocket(t *testing.T) {
 	sessions := b.Hook().Sessions()
 	if len(sessions) != 1 || sessions[0].Remote != "127.0.0.3:46000" {
 		t.Fatalf("sessions %+v, want watch-1 from 127.0.0.3:46000", sessions)
+	}
+}
+
+// TestProxyProtocolTrustedConfig: the key takes networks and addresses in
+// every layer; a bad entry is an error naming the key and the entry.
+func TestProxyProtocolTrustedConfig(t *testing.T) {
+	cfg, err := resolve(t, "mqtt:\n  proxy_protocol_trusted: \"10.0.0.0/8, 192.0.2.7\"\n", nil)
+	if err != nil || fmt.Sprint(cfg.MQTT.ProxyProtocolTrusted) != "[10.0.0.0/8 192.0.2.7/32]" {
+		t.Fatalf("YAML: %v, %v", cfg, err)
+	}
+	cfg, err = resolve(t, "", nil, "--mqtt-proxy-protocol-trusted", "2001:db8::/32")
+	if err != nil || fmt.Sprint(cfg.MQTT.ProxyProtocolTrusted) != "[2001:db8::/32]" {
+		t.Fatalf("flag: %v, %v", cfg, err)
+	}
+	if cfg, err := resolve(t, "", nil); err != nil || len(cfg.MQTT.ProxyProtocolTrusted) != 0 {
+		t.Fatalf("default: %v, %v; want off", cfg, err)
+	}
+	_, err = resolve(t, "", map[string]string{"M2MGUARD_MQTT_PROXY_PROTOCOL_TRUSTED": "10.0.0.0/8,10.0.0.0/33"})
+	var ce *broker.ConfigError
+	if !errors.As(err, &ce) || ce.Key != "mqtt.proxy_protocol_trusted" || !strings.Contains(err.Error(), `"10.0.0.0/33"`) {
+		t.Fatalf("bad network: %v", err)
 	}
 }
