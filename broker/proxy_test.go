@@ -290,6 +290,9 @@ func TestProxyProtocolLocalCommand(t *testing.T) {
 	if n := metricValue(t, b, "m2mguard_proxy_headers_refused_total", "invalid"); n != 0 {
 		t.Fatalf("%v LOCAL connections counted as refused", n)
 	}
+	if n := metricValue(t, b, "m2mguard_proxy_local_connections_total", ""); n != float64(checks+1) {
+		t.Fatalf("m2mguard_proxy_local_connections_total %v, want %d", n, checks+1)
+	}
 }
 
 // TestProxyProtocolWebSocket: the PROXY header precedes the HTTP upgrade

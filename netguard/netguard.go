@@ -91,6 +91,7 @@ type Stats struct {
 	WriteTimeouts  int64 // connections closed on a write timeout
 
 	Proxied               int64 // connections whose client address a trusted proxy's header named
+	ProxyLocal            int64 // trusted proxies' own connections (LOCAL command: health checks)
 	RefusedProxyUntrusted int64 // connections refused for a PROXY header from an untrusted address
 	RefusedProxyInvalid   int64 // trusted proxies' connections refused for a missing or invalid header
 }
@@ -107,6 +108,7 @@ type Guard struct {
 	refusedTotal   atomic.Int64
 	writeTimeouts  atomic.Int64
 	proxied        atomic.Int64
+	proxyLocal     atomic.Int64
 	refusedProxyU  atomic.Int64
 	refusedProxyI  atomic.Int64
 }
@@ -139,7 +141,7 @@ func (g *Guard) Stats() Stats {
 	open := g.total
 	g.mu.Unlock()
 	return Stats{Open: open, RefusedPerAddr: g.refusedPerAddr.Load(), RefusedTotal: g.refusedTotal.Load(),
-		WriteTimeouts: g.writeTimeouts.Load(), Proxied: g.proxied.Load(),
+		WriteTimeouts: g.writeTimeouts.Load(), Proxied: g.proxied.Load(), ProxyLocal: g.proxyLocal.Load(),
 		RefusedProxyUntrusted: g.refusedProxyU.Load(), RefusedProxyInvalid: g.refusedProxyI.Load()}
 }
 

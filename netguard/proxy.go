@@ -123,6 +123,8 @@ func (c *conn) readProxyHeader() error {
 	c.ip = client
 	if remote != nil {
 		c.g.proxied.Add(1)
+	} else {
+		c.g.proxyLocal.Add(1)
 	}
 	c.keep(br)
 	return nil

@@ -215,9 +215,23 @@ func TestProxyLocalIsTheProxys(t *testing.T) {
 	g := netguard.New(netguard.Options{TrustedProxies: loopback, MaxPerAddr: 1})
 	l := listen(t, g)
 	ch := acceptor(t, l, 1)
-	dialFrom(t, "127.0.0.1", l.Addr().String(), append(local, 'x'))
+	first := dialFrom(t, "127.0.0.1", l.Addr().String(), local)
+	waitFor(t, "the LOCAL connection counted", func() bool { return g.Stats().ProxyLocal == 1 })
+	// The proxy's own address is counted: a second LOCAL connection is over
+	// MaxPerAddr 1 while the first is open.
+	second := dialFrom(t, "127.0.0.1", l.Addr().String(), local)
+	if s := next(t, ch); !errors.Is(s.err, netguard.ErrRefused) {
+		t.Fatalf("second LOCAL connection: %+v, want refused", s)
+	}
+	if !closedWithin(second, 5*time.Second) {
+		t.Fatal("a second LOCAL connection over the proxy's limit is open")
+	}
+	first.Write([]byte("x"))
 	if s := next(t, ch); s.err != nil || string(s.data) != "x" || s.remote[:10] != "127.0.0.1:" {
 		t.Fatalf("served %+v", s)
+	}
+	if st := g.Stats(); st.ProxyLocal != 1 || st.Proxied != 0 || st.RefusedPerAddr != 1 {
+		t.Fatalf("stats %+v", st)
 	}
 }
 
