@@ -208,6 +208,47 @@ func (g *Guard) refused(ip, reason string) {
 type Listener struct {
 	net.Listener
 	g *Guard
+
+	mu      sync.Mutex
+	closed  bool
+	pending map[*conn]struct{} // connections whose PROXY header is still to be read
+}
+
+// Close closes the listener and the connections it accepted whose PROXY
+// header has not been read yet, so that their goroutines end now rather
+// than at the CONNECT deadline (mochi knows of no connection before its
+// CONNECT, and so cannot close them at shutdown).
+func (l *Listener) Close() error {
+	err := l.Listener.Close()
+	l.mu.Lock()
+	l.closed = true
+	pending := l.pending
+	l.pending = nil
+	l.mu.Unlock()
+	for c := range pending {
+		c.Close()
+	}
+	return err
+}
+
+// track records c as waiting for its header; false if l is closed.
+func (l *Listener) track(c *conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	if l.pending == nil {
+		l.pending = map[*conn]struct{}{}
+	}
+	l.pending[c] = struct{}{}
+	return true
+}
+
+func (l *Listener) untrack(c *conn) {
+	l.mu.Lock()
+	delete(l.pending, c)
+	l.mu.Unlock()
 }
 
 // Accept returns the next connection within the limits, with the CONNECT
@@ -237,6 +278,13 @@ func (l *Listener) Accept() (net.Conn, error) {
 			continue
 		}
 		gc := &conn{Conn: c, g: l.g, ip: counted, proxy: mode}
+		if mode != proxyOff {
+			gc.l = l
+			if !l.track(gc) {
+				gc.Close()
+				return nil, net.ErrClosed
+			}
+		}
 		gc.SetDeadline(time.Now().Add(l.g.opts.ConnectTimeout))
 		return gc, nil
 	}
@@ -271,6 +319,7 @@ type conn struct {
 	released bool
 
 	proxy  proxyMode
+	l      *Listener // the listener tracking c until its header is read
 	hsOnce sync.Once
 	hsErr  error
 	br     *bufio.Reader // bytes read past the header; nil once drained (read goroutine only)

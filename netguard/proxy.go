@@ -74,6 +74,7 @@ func (c *conn) handshake() error {
 		if c.hsErr = c.readProxyHeader(); c.hsErr != nil {
 			c.Close()
 		}
+		c.l.untrack(c)
 	})
 	return c.hsErr
 }

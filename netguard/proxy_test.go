@@ -427,3 +427,27 @@ func ExampleParsePrefixes() {
 	fmt.Println(g.Options().TrustedProxies)
 	// Output: [10.0.0.0/8 192.0.2.7/32]
 }
+
+// TestCloseEndsPendingHandshakes: closing the listener closes the
+// connections still waiting for their PROXY header (mochi does not know
+// them yet), so their goroutines end now, not at the CONNECT deadline.
+func TestCloseEndsPendingHandshakes(t *testing.T) {
+	g := netguard.New(netguard.Options{TrustedProxies: loopback, ConnectTimeout: time.Hour})
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := g.Wrap(inner)
+	ch := acceptor(t, l, 1)
+	for range 3 {
+		dialFrom(t, "127.0.0.1", l.Addr().String(), nil) // silent
+	}
+	waitFor(t, "three pending connections", func() bool { return g.Stats().Open == 3 })
+	l.Close()
+	for range 3 {
+		if s := next(t, ch); s.err == nil {
+			t.Fatalf("served %+v after Close", s)
+		}
+	}
+	waitFor(t, "the slots released", func() bool { return g.Stats().Open == 0 })
+}
