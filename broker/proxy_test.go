@@ -250,6 +250,11 @@ func TestProxyProtocolUntrustedRefused(t *testing.T) {
 	if !strings.Contains(logs.String(), "reason=proxy-untrusted") {
 		t.Error("the refusal of an untrusted PROXY header is not logged")
 	}
+	for _, line := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+			t.Errorf("a refused PROXY header logs above debug level: %s", line)
+		}
+	}
 	if len(b.Hook().Sessions()) != 0 {
 		t.Fatal("a refused connection logged in")
 	}

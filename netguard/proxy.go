@@ -87,6 +87,9 @@ func (c *conn) readProxyHeader() error {
 	}
 	br := bufio.NewReaderSize(c.Conn, size)
 	h, err := proxyproto.Read(br)
+	if errors.Is(err, net.ErrClosed) {
+		return err // closed on our side (the listener's Close, a shutdown): no refusal
+	}
 
 	if c.proxy == proxyForbidden {
 		var ne net.Error

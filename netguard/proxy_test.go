@@ -450,4 +450,48 @@ func TestCloseEndsPendingHandshakes(t *testing.T) {
 		}
 	}
 	waitFor(t, "the slots released", func() bool { return g.Stats().Open == 0 })
+	if st := g.Stats(); st.RefusedProxyInvalid != 0 {
+		t.Fatalf("connections closed by the listener counted as refused: %+v", st)
+	}
+}
+
+// BenchmarkAcceptAndFirstRead measures a connection's way through the
+// guard to its first byte: PROXY protocol off, from a trusted proxy with a
+// v2 header, and from an untrusted address while the protocol is on.
+func BenchmarkAcceptAndFirstRead(b *testing.B) {
+	hdr := header(b, 2, "127.0.0.2:1")
+	for _, tc := range []struct {
+		name    string
+		trusted []netip.Prefix
+		send    []byte
+	}{
+		{"off", nil, []byte{0x10}},
+		{"trusted v2", loopback, append(hdr, 0x10)},
+		{"untrusted", []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}, []byte{0x10}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			g := netguard.New(netguard.Options{TrustedProxies: tc.trusted})
+			pl := &pipeListener{conns: make(chan net.Conn, 1)}
+			l := g.Wrap(pl)
+			buf := make([]byte, 1)
+			b.ReportAllocs()
+			for range b.N {
+				server, client := net.Pipe()
+				pl.conns <- addrConn{server, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4000}}
+				c, err := l.Accept()
+				if err != nil {
+					b.Fatal(err)
+				}
+				done := make(chan struct{})
+				go func() { client.Write(tc.send); close(done) }()
+				c.RemoteAddr()
+				if _, err := io.ReadFull(c, buf); err != nil {
+					b.Fatal(err)
+				}
+				<-done
+				c.Close()
+				client.Close()
+			}
+		})
+	}
 }
