@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -350,5 +351,25 @@ func TestProxyProtocolTrustedConfig(t *testing.T) {
 	var ce *broker.ConfigError
 	if !errors.As(err, &ce) || ce.Key != "mqtt.proxy_protocol_trusted" || !strings.Contains(err.Error(), `"10.0.0.0/33"`) {
 		t.Fatalf("bad network: %v", err)
+	}
+}
+
+// TestProxyProtocolTLSPassthrough: a proxy that passes TLS through (no
+// termination) puts the header before the TLS handshake; the broker's TLS
+// listener reads it first and the session shows the client's address.
+func TestProxyProtocolTLSPassthrough(t *testing.T) {
+	certFile, keyFile, pool := tlsFiles(t)
+	cfg := proxiedConfig(t, "127.0.0.1/32")
+	cfg.MQTT.TLS, cfg.MQTT.TLSCert, cfg.MQTT.TLSKey = "127.0.0.1:0", certFile, keyFile
+	b, _ := start(t, cfg)
+	pw := []byte("watch-password-0123")
+	if _, err := b.Service().AddApp(context.Background(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
+		t.Fatal(err)
+	}
+	raw := dialFrom(t, "127.0.0.1", b.Addr("tls"), proxyV2(t, "127.0.0.5:47000", b.Addr("tls")))
+	c := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
+	appConnect(t, c, "watch-1", "watch", pw, "m2m/+/up/#")
+	if s := b.Hook().Sessions(); len(s) != 1 || s[0].Remote != "127.0.0.5:47000" {
+		t.Fatalf("sessions %+v, want watch-1 from 127.0.0.5:47000", s)
 	}
 }
