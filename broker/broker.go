@@ -60,8 +60,9 @@ type Broker struct {
 	listenerIDs []string
 	addrs       map[string]string // listener id -> bound address
 
-	adminSrv *http.Server
-	adminLn  net.Listener
+	adminSrv  *http.Server
+	adminDone chan struct{} // closed when the admin server's Serve returns
+	adminLn   net.Listener
 
 	closeOnce sync.Once
 	closeErr  error
@@ -117,6 +118,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			b.Close()
 		}
 	}()
+	// One registry for every metric; the store's (Vault) register first.
+	b.registry = prometheus.NewRegistry()
+	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
@@ -131,9 +135,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err != nil {
 		return nil, err
 	}
-
-	b.registry = prometheus.NewRegistry()
-	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	b.registerCacheMetrics()
 
 	// The nonces of accepted logins and control messages outlive a
 	// restart, whatever the store (SPEC section 3, step 6).
@@ -147,7 +149,8 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		Registry: b.svc, Server: b.server,
 		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
 		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle:    hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
+		Throttle: hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax,
+			MaxEntries: cfg.Auth.ThrottleMaxEntries},
 		ReplayGuard: b.replay,
 		Logger:      logger.With("component", "hook"),
 		Registerer:  b.registry,
@@ -157,8 +160,16 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		Rate: cfg.Auth.AppRate, RatePerAddr: cfg.Auth.AppRatePerAddr,
 		FailuresPerAddr: cfg.Auth.AppFailuresPerAddr, FailureRefill: cfg.Auth.AppFailureRefill,
 	}
+	// The SMS metrics exist (at 0) without a gateway too: dashboards and
+	// alerts need not know whether one is configured.
+	smsMetrics, err := sms.NewMetrics(b.registry)
+	if err != nil {
+		return nil, err
+	}
 	if cfg.SMS.URL != "" {
-		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
+		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue,
+			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
+			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Metrics: smsMetrics, Logger: logger.With("component", "sms")}
 	}
 	b.hook, err = hook.New(hopts)
 	if err != nil {
@@ -206,19 +217,23 @@ func (b *Broker) openStore(ctx context.Context) error {
 	switch cfg.Store.Type {
 	case "vault":
 		v := cfg.Store.Vault
+		metrics, err := vaultstore.NewMetrics(b.registry)
+		if err != nil {
+			return err
+		}
 		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
-			Logger: b.log.With("component", "vault")}
-		if v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "" {
-			roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
-			if err != nil {
+			Logger: b.log.With("component", "vault"), Metrics: metrics}
+		auth := vaultstore.MethodToken
+		switch {
+		case v.KubernetesRole != "":
+			auth = vaultstore.MethodKubernetes
+			opts.Kubernetes = &vaultstore.Kubernetes{MountPath: v.KubernetesMount, Role: v.KubernetesRole, TokenFile: v.KubernetesTokenFile}
+		case v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "":
+			auth = vaultstore.MethodAppRole
+			if opts.AppRole, err = appRole(v); err != nil {
 				return err
 			}
-			secretID, err := valueOrFile(v.AppRoleSecretID, v.AppRoleSecretIDFile, "store.vault.approle.secret_id_file")
-			if err != nil {
-				return err
-			}
-			opts.AppRole = &vaultstore.AppRole{MountPath: v.AppRoleMount, RoleID: roleID, SecretID: []byte(secretID)}
-		} else {
+		default:
 			token, err := valueOrFile(v.Token, v.TokenFile, "store.vault.token_file")
 			if err != nil {
 				return err
@@ -226,14 +241,21 @@ func (b *Broker) openStore(ctx context.Context) error {
 			opts.Token = token
 		}
 		s, err := vaultstore.Open(ctx, opts)
+		if opts.AppRole != nil {
+			clear(opts.AppRole.SecretID)
+			clear(opts.AppRole.WrappingToken)
+		}
+		if errors.Is(err, vaultstore.ErrWrappingToken) && opts.AppRole != nil {
+			src := "store.vault.approle.wrapping_token"
+			if v.AppRoleWrappingTokenFile != "" {
+				src = v.AppRoleWrappingTokenFile + " (store.vault.approle.wrapping_token_file)"
+			}
+			return fmt.Errorf("vault store at %s: %w; put a fresh wrapping token into %s", v.Address, err, src)
+		}
 		if err != nil {
 			return fmt.Errorf("vault store at %s: %w", v.Address, err)
 		}
 		b.store = s
-		auth := "token"
-		if opts.AppRole != nil {
-			auth = "approle"
-		}
 		b.log.Info("vault store", "address", v.Address, "mount", v.Mount, "prefix", v.Prefix, "auth", auth, "transit", v.Transit)
 	default:
 		e := cfg.Store.Embedded
@@ -277,6 +299,30 @@ func (b *Broker) sessionKeys() keysvc.SessionKeySource {
 		return nil
 	}
 	return &vaultstore.TransitKeys{Store: b.store.(*vaultstore.Store), Mount: v.TransitMount, Key: v.TransitKey}
+}
+
+// appRole reads the AppRole credentials of v: the role_id, and the
+// secret_id or a wrapping token of it.
+func appRole(v VaultConfig) (*vaultstore.AppRole, error) {
+	roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
+	if err != nil {
+		return nil, err
+	}
+	ar := &vaultstore.AppRole{MountPath: v.AppRoleMount, RoleID: roleID}
+	if v.AppRoleWrappingToken != "" || v.AppRoleWrappingTokenFile != "" {
+		wt, err := valueOrFile(v.AppRoleWrappingToken, v.AppRoleWrappingTokenFile, "store.vault.approle.wrapping_token_file")
+		if err != nil {
+			return nil, err
+		}
+		ar.WrappingToken = []byte(wt)
+		return ar, nil
+	}
+	secretID, err := valueOrFile(v.AppRoleSecretID, v.AppRoleSecretIDFile, "store.vault.approle.secret_id_file")
+	if err != nil {
+		return nil, err
+	}
+	ar.SecretID = []byte(secretID)
+	return ar, nil
 }
 
 // valueOrFile returns v, or the trimmed content of file.
@@ -366,6 +412,28 @@ func (b *Broker) addListeners() error {
 	return nil
 }
 
+// registerCacheMetrics exports the key service cache's lookups by result
+// (a stale or fail-closed lookup means the store did not answer) and the
+// throttle table's bound, beside the hook's m2mguard_throttle_entries.
+func (b *Broker) registerCacheMetrics() {
+	svc, maxEntries := b.svc, b.cfg.Auth.ThrottleMaxEntries
+	lookups := func(result string, of func(keysvc.CacheStats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_cache_lookups_total",
+			Help:        "Terminal lookups of the key service by result: hit (fresh from the cache), miss (asked the store), stale (the store failed; served from the cache within cache.max_stale), fail_closed (the store failed and nothing usable was cached: refused).",
+			ConstLabels: prometheus.Labels{"result": result}},
+			func() float64 { return float64(of(svc.CacheStats())) })
+	}
+	b.registry.MustRegister(
+		lookups("hit", func(s keysvc.CacheStats) uint64 { return s.Hits }),
+		lookups("miss", func(s keysvc.CacheStats) uint64 { return s.Misses }),
+		lookups("stale", func(s keysvc.CacheStats) uint64 { return s.Stale }),
+		lookups("fail_closed", func(s keysvc.CacheStats) uint64 { return s.FailClosed }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "m2mguard_throttle_max_entries",
+			Help: "Bound of the login throttle table (auth.throttle_max_entries); compare m2mguard_throttle_entries."},
+			func() float64 { return float64(maxEntries) }),
+	)
+}
+
 // registerGuardMetrics exports the guard's counters on the registry.
 func (b *Broker) registerGuardMetrics() {
 	g := b.guard
@@ -412,8 +480,8 @@ func (b *Broker) startAdmin() error {
 		return err
 	}
 	h, err := admin.New(admin.Options{
-		Service: b.svc, Hook: b.hook, Token: token, MetricsToken: metricsToken, Gatherer: b.registry,
-		BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, MetricsToken: metricsToken,
+		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
 		return err
@@ -425,7 +493,9 @@ func (b *Broker) startAdmin() error {
 	b.adminLn = ln
 	b.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(b.log.With("component", "admin").Handler(), slog.LevelWarn)}
+	b.adminDone = make(chan struct{})
 	go func() {
+		defer close(b.adminDone)
 		if err := b.adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			b.log.Error("admin API stopped", "err", err)
 		}
@@ -543,8 +613,10 @@ func (b *Broker) Close() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			if err := b.adminSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("admin API: %w", err))
+				b.adminSrv.Close() // requests still running after 5 s are cut off
 			}
 			cancel()
+			<-b.adminDone
 		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {

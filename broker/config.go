@@ -18,7 +18,9 @@ import (
 	"github.com/spf13/pflag"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/sms"
 )
 
 // Config is the whole configuration of the broker. Build it with Default
@@ -74,6 +76,15 @@ type VaultConfig struct {
 	AppRoleRoleIDFile   string
 	AppRoleSecretID     string
 	AppRoleSecretIDFile string
+	// A response-wrapping token of the secret_id instead of the secret_id:
+	// unwrapped once at start (vaultstore.AppRole.WrappingToken).
+	AppRoleWrappingToken     string
+	AppRoleWrappingTokenFile string
+
+	// Kubernetes auth: used when KubernetesRole is set.
+	KubernetesMount     string
+	KubernetesRole      string
+	KubernetesTokenFile string
 
 	Transit      bool
 	TransitMount string
@@ -128,6 +139,9 @@ type AuthConfig struct {
 	ThrottleFree    int
 	ThrottleBase    time.Duration
 	ThrottleMax     time.Duration
+	// ThrottleMaxEntries bounds the throttle table ((sn or application
+	// name, address) pairs); m2mguard_throttle_max_entries exports it.
+	ThrottleMaxEntries int
 
 	// Budgets of application password verifications (argon2id), see
 	// hook.AppLimitOptions; 0 = the hook's default.
@@ -155,10 +169,14 @@ type CacheConfig struct {
 
 // SMSConfig is the SMS gateway for credential changes in plaintext.
 type SMSConfig struct {
-	URL        string // "" = no SMS channel
-	AuthHeader string
-	AuthValue  string
-	Retries    int
+	URL           string // "" = no SMS channel
+	AuthHeader    string
+	AuthValue     string
+	Retries       int
+	Timeout       time.Duration // per attempt
+	Backoff       time.Duration // longest wait before the first retry; doubles per retry
+	MaxBackoff    time.Duration
+	MaxRetryAfter time.Duration // longest Retry-After of the gateway honoured
 	// OnRequest honours a terminal's request for a change by SMS even when
 	// ciphertext is possible (the new values then cross the SMS bearer in
 	// plaintext); off by default.
@@ -180,6 +198,7 @@ func Default() *Config {
 	c.Store.Vault = VaultConfig{
 		Mount: "secret", Prefix: "m2mguard", Timeout: 5 * time.Second,
 		AppRoleMount: "approle", TransitMount: "transit", TransitKey: "m2mguard-session",
+		KubernetesMount: "kubernetes", KubernetesTokenFile: vaultstore.DefaultServiceAccountTokenFile,
 	}
 	c.MQTT = MQTTConfig{
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
@@ -190,12 +209,13 @@ func Default() *Config {
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
 		Skew: 300 * time.Second, Grace: 7 * 24 * time.Hour, SessionLifetime: 24 * time.Hour,
-		StoreTimeout: 2 * time.Second, ThrottleFree: 5, ThrottleBase: time.Second, ThrottleMax: 15 * time.Minute,
+		StoreTimeout: 2 * time.Second, ThrottleFree: 5, ThrottleBase: time.Second, ThrottleMax: 15 * time.Minute, ThrottleMaxEntries: 100000,
 		AppConcurrencyPerAddr: 1, AppRatePerAddr: 2, AppFailuresPerAddr: 20, AppFailureRefill: 10 * time.Second,
 	}
 	c.Keys.ChangeDeadline = 24 * time.Hour
 	c.Cache = CacheConfig{TTL: 30 * time.Second, MaxStale: 10 * time.Minute, MaxEntries: 100000}
-	c.SMS.Retries = 3
+	c.SMS = SMSConfig{Retries: 3, Timeout: sms.DefaultTimeout, Backoff: sms.DefaultBackoff, MaxBackoff: sms.DefaultMaxBackoff,
+		MaxRetryAfter: sms.DefaultMaxRetryAfter}
 	return c
 }
 
@@ -369,6 +389,16 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretID })},
 	{Key: "store.vault.approle.secret_id_file", Help: "file holding the AppRole secret_id",
 		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretIDFile })},
+	{Key: "store.vault.approle.wrapping_token", Secret: true, Help: "response-wrapping token of the AppRole secret_id, instead of the secret_id (vault write -wrap-ttl=5m -f auth/approle/role/<role>/secret-id); unwrapped once at start, so every start needs a fresh one",
+		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingToken })},
+	{Key: "store.vault.approle.wrapping_token_file", Help: "file holding that wrapping token (written by the orchestrator before each start)",
+		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingTokenFile })},
+	{Key: "store.vault.kubernetes.role", Help: "Vault role of the Kubernetes auth method (Kubernetes auth is used when it is set)",
+		set: str(func(c *Config) *string { return &c.Store.Vault.KubernetesRole })},
+	{Key: "store.vault.kubernetes.mount", Default: "kubernetes", Help: "Kubernetes auth mount",
+		set: str(func(c *Config) *string { return &c.Store.Vault.KubernetesMount })},
+	{Key: "store.vault.kubernetes.token_file", Default: vaultstore.DefaultServiceAccountTokenFile, Help: "the pod's service account token, read again at every login (the kubelet rotates it)",
+		set: str(func(c *Config) *string { return &c.Store.Vault.KubernetesTokenFile })},
 	{Key: "store.vault.transit", Default: "false", Help: "issue session keys from Vault Transit (every key an audit-log entry)",
 		set: boolean(func(c *Config) *bool { return &c.Store.Vault.Transit })},
 	{Key: "store.vault.transit_mount", Default: "transit", Help: "Transit mount",
@@ -441,6 +471,8 @@ var fields = []Field{
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleBase })},
 	{Key: "auth.throttle_max", Default: "15m0s", Help: "longest refusal period",
 		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleMax })},
+	{Key: "auth.throttle_max_entries", Default: "100000", Help: "(sn or application name, address) pairs the throttle remembers, least recently seen forgotten first (m2mguard_throttle_max_entries)",
+		set: integer(func(c *Config) *int { return &c.Auth.ThrottleMaxEntries }, 1000, 100_000_000)},
 	{Key: "auth.app_concurrency", Default: "0", Help: "application password verifications (argon2id, 19 MiB each) running at once; more logins are refused at once with 0x89 server busy (0 = half the CPUs, at least 1)",
 		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrency }, 0, 1<<16)},
 	{Key: "auth.app_concurrency_per_addr", Default: "1", Help: "application password verifications running at once for one address (an IPv4 address or an IPv6 /64)",
@@ -474,8 +506,16 @@ var fields = []Field{
 		set: str(func(c *Config) *string { return &c.SMS.AuthHeader })},
 	{Key: "sms.auth_value", Secret: true, Help: "value of that header",
 		set: str(func(c *Config) *string { return &c.SMS.AuthValue })},
-	{Key: "sms.retries", Default: "3", Help: "retries of a failed gateway request",
+	{Key: "sms.retries", Default: "3", Help: "retries of a failed gateway request (transport errors, 429 and 5xx; other answers fail at once)",
 		set: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
+	{Key: "sms.timeout", Default: "10s", Help: "timeout of one gateway request",
+		set: dur(func(c *Config) *time.Duration { return &c.SMS.Timeout })},
+	{Key: "sms.backoff", Default: "200ms", Help: "longest wait before the first retry, doubled for each next one; each wait is random in its upper half",
+		set: dur(func(c *Config) *time.Duration { return &c.SMS.Backoff })},
+	{Key: "sms.max_backoff", Default: "5s", Help: "longest wait between retries (without Retry-After)",
+		set: dur(func(c *Config) *time.Duration { return &c.SMS.MaxBackoff })},
+	{Key: "sms.max_retry_after", Default: "1m0s", Help: "longest Retry-After of a 429 or 503 honoured; a gateway asking for more ends the send, and the change is sent again later",
+		set: dur(func(c *Config) *time.Duration { return &c.SMS.MaxRetryAfter })},
 	{Key: "sms.on_request", Default: "false", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
 		set: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
 }
@@ -709,22 +749,39 @@ func (c *Config) Validate() error {
 			return bad("store.vault.prefix", "must not be empty")
 		}
 		approle := v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != ""
+		kube := v.KubernetesRole != ""
 		token := v.Token != "" || v.TokenFile != ""
+		secrets := 0
+		for _, set := range []bool{v.AppRoleSecretID != "", v.AppRoleSecretIDFile != "", v.AppRoleWrappingToken != "", v.AppRoleWrappingTokenFile != ""} {
+			secrets += btoi(set)
+		}
 		switch {
+		case approle && kube:
+			return bad("store.vault.kubernetes.role", "set AppRole (approle.role_id) or Kubernetes auth (kubernetes.role), not both")
+		case kube && secrets > 0:
+			return bad("store.vault.kubernetes.role", "an AppRole secret_id or wrapping token is set too: Kubernetes auth uses neither")
+		case kube:
+			if v.KubernetesTokenFile == "" {
+				return bad("store.vault.kubernetes.token_file", "must not be empty with kubernetes.role")
+			}
+			if v.KubernetesMount == "" {
+				return bad("store.vault.kubernetes.mount", "must not be empty with kubernetes.role")
+			}
+			// Kubernetes auth wins over a token inherited from $VAULT_TOKEN.
 		case v.AppRoleRoleID != "" && v.AppRoleRoleIDFile != "":
 			return bad("store.vault.approle.role_id_file", "set role_id or role_id_file, not both")
-		case v.AppRoleSecretID != "" && v.AppRoleSecretIDFile != "":
-			return bad("store.vault.approle.secret_id_file", "set secret_id or secret_id_file, not both")
-		case approle && v.AppRoleSecretID == "" && v.AppRoleSecretIDFile == "":
-			return bad("store.vault.approle.secret_id_file", "AppRole needs a secret_id (secret_id_file or $M2MGUARD_STORE_VAULT_APPROLE_SECRET_ID)")
-		case !approle && (v.AppRoleSecretID != "" || v.AppRoleSecretIDFile != ""):
-			return bad("store.vault.approle.role_id", "a secret_id is set but no role_id")
+		case secrets > 1:
+			return bad("store.vault.approle.secret_id_file", "set one of secret_id, secret_id_file, wrapping_token and wrapping_token_file")
+		case approle && secrets == 0:
+			return bad("store.vault.approle.secret_id_file", "AppRole needs a secret_id (secret_id_file or $M2MGUARD_STORE_VAULT_APPROLE_SECRET_ID) or a wrapping token of one (wrapping_token_file)")
+		case !approle && secrets > 0:
+			return bad("store.vault.approle.role_id", "a secret_id or wrapping token is set but no role_id")
 		case approle:
 			// AppRole wins over a token inherited from $VAULT_TOKEN.
 		case v.Token != "" && v.TokenFile != "":
 			return bad("store.vault.token_file", "set token or token_file, not both")
 		case !token:
-			return bad("store.vault.token", "store.type vault needs a token (token, token_file, $VAULT_TOKEN) or AppRole (approle.role_id and approle.secret_id)")
+			return bad("store.vault.token", "store.type vault needs a token (token, token_file, $VAULT_TOKEN), AppRole (approle.role_id and approle.secret_id or approle.wrapping_token_file) or Kubernetes auth (kubernetes.role)")
 		}
 		if v.Timeout <= 0 {
 			return bad("store.vault.timeout", "must be positive")
@@ -776,15 +833,26 @@ func (c *Config) Validate() error {
 	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
 		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"auth.app_failure_refill", c.Auth.AppFailureRefill},
 		{"keys.change_deadline", c.Keys.ChangeDeadline},
+		{"sms.timeout", c.SMS.Timeout}, {"sms.backoff", c.SMS.Backoff}, {"sms.max_backoff", c.SMS.MaxBackoff}, {"sms.max_retry_after", c.SMS.MaxRetryAfter},
 		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.write_timeout", c.MQTT.WriteTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}
 	}
+	if c.SMS.MaxBackoff < c.SMS.Backoff {
+		return bad("sms.max_backoff", "must be at least sms.backoff")
+	}
 	if c.Auth.ThrottleMax < c.Auth.ThrottleBase {
 		return bad("auth.throttle_max", "must be at least auth.throttle_base")
 	}
 	return nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Reference renders the configuration reference as a Markdown table (the

@@ -30,11 +30,19 @@ import (
 //   - anything else (a protocol violation, a TLS failure, ...) stays a
 //     warning, "mqtt connection ended with an error".
 //
-// Every other line of mochi passes unchanged.
+// mochi's "attached listener" is a debug line: the broker logs each
+// listener itself ("mqtt listener", with its bound address). Every other
+// line of mochi passes unchanged.
 type mochiLogHandler struct{ slog.Handler }
 
 func (h mochiLogHandler) Handle(ctx context.Context, r slog.Record) error {
 	level, msg := r.Level, r.Message
+	if msg == "attached listener" {
+		level = slog.LevelDebug
+		if !h.Handler.Enabled(ctx, level) {
+			return nil
+		}
+	}
 	if level == slog.LevelWarn && msg == "" {
 		level, msg = gradeConnEnd(r)
 		if !h.Handler.Enabled(ctx, level) {
