@@ -360,6 +360,7 @@ func (b *Broker) addListeners() error {
 	b.guard = netguard.New(netguard.Options{
 		ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout,
 		MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
+		TrustedProxies: cfg.ProxyProtocolTrusted,
 		OnRefuse: func(addr, reason string) {
 			netlog.Debug("connection refused", "remote", addr, "reason", reason)
 		},
@@ -405,6 +406,9 @@ func (b *Broker) addListeners() error {
 	for _, id := range b.listenerIDs {
 		b.log.Info("mqtt listener", "id", id, "address", b.addrs[id])
 	}
+	if len(cfg.ProxyProtocolTrusted) > 0 {
+		b.log.Info("proxy protocol: connections from these networks must start with a PROXY header", "trusted", fmt.Sprint(cfg.ProxyProtocolTrusted))
+	}
 	return nil
 }
 
@@ -446,6 +450,18 @@ func (b *Broker) registerGuardMetrics() {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_write_timeouts_total",
 			Help: "MQTT connections closed because a write to the client did not finish within mqtt.write_timeout."},
 			func() float64 { return float64(g.Stats().WriteTimeouts) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_proxied_total",
+			Help: "MQTT connections whose client address a trusted proxy's PROXY header named (mqtt.proxy_protocol_trusted)."},
+			func() float64 { return float64(g.Stats().Proxied) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_local_connections_total",
+			Help: "Trusted proxies' own connections (PROXY header with the LOCAL command: their health checks)."},
+			func() float64 { return float64(g.Stats().ProxyLocal) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "untrusted"}},
+			func() float64 { return float64(g.Stats().RefusedProxyUntrusted) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "invalid"}},
+			func() float64 { return float64(g.Stats().RefusedProxyInvalid) }),
 	)
 }
 

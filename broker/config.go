@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -18,6 +19,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/sms"
 )
 
@@ -109,6 +111,11 @@ type MQTTConfig struct {
 	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
 	MaxConnsPerAddr int
 	MaxConns        int // 0 = no limit
+
+	// ProxyProtocolTrusted are the load balancers' networks: connections
+	// from them must start with a PROXY protocol header naming the client
+	// (netguard.Options.TrustedProxies); empty = the PROXY protocol is off.
+	ProxyProtocolTrusted []netip.Prefix
 }
 
 // AdminConfig is the admin HTTP API.
@@ -427,6 +434,15 @@ var fields = []Field{
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
 	{Key: "mqtt.max_conns", Default: "0", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
+	{Key: "mqtt.proxy_protocol_trusted", Help: "load balancers that send a PROXY protocol header (v2 or v1) before each connection: networks or addresses, comma-separated (10.0.0.0/8,192.0.2.7); a connection from them must start with one and is then counted, throttled and logged by the client address it names; a header from any other address is refused; empty = off (README, Load balancing)",
+		set: func(c *Config, v string) error {
+			p, err := netguard.ParsePrefixes(v)
+			if err != nil {
+				return err
+			}
+			c.MQTT.ProxyProtocolTrusted = p
+			return nil
+		}},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
 		set: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
 
