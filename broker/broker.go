@@ -42,6 +42,7 @@ import (
 	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/wslistener"
 )
 
@@ -162,14 +163,14 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
-	smsMetrics, err := sms.NewMetrics(b.registry)
+	smsMetrics, err := smsmetrics.New(b.registry)
 	if err != nil {
 		return nil, err
 	}
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue,
 			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
-			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Metrics: smsMetrics, Logger: logger.With("component", "sms")}
+			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
 	b.hook, err = hook.New(hopts)
 	if err != nil {
