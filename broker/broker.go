@@ -42,6 +42,7 @@ import (
 	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/wslistener"
 )
 
@@ -149,14 +150,14 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	hopts.Logger = logger.With("component", "hook")
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
-	smsMetrics, err := sms.NewMetrics(b.registry)
+	smsMetrics, err := smsmetrics.New(b.registry)
 	if err != nil {
 		return nil, err
 	}
 	if cfg.SMS.URL != "" {
 		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue,
 			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
-			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Metrics: smsMetrics, Logger: logger.With("component", "sms")}
+			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
 	b.hook, err = hook.New(hopts)
 	if err != nil {
@@ -210,7 +211,8 @@ func hookOptions(cfg *Config) hook.Options {
 // callbacks are the caller's).
 func guardOptions(cfg *Config) netguard.Options {
 	m := cfg.MQTT
-	return netguard.Options{ConnectTimeout: m.ConnectTimeout, WriteTimeout: m.WriteTimeout, MaxPerAddr: m.MaxConnsPerAddr, MaxConns: m.MaxConns}
+	return netguard.Options{ConnectTimeout: m.ConnectTimeout, WriteTimeout: m.WriteTimeout, MaxPerAddr: m.MaxConnsPerAddr, MaxConns: m.MaxConns,
+		TrustedProxies: m.ProxyProtocolTrusted}
 }
 
 // MochiOptions are the mochi server options of cfg: the inline client on
@@ -424,6 +426,9 @@ func (b *Broker) addListeners() error {
 	for _, id := range b.listenerIDs {
 		b.log.Info("mqtt listener", "id", id, "address", b.addrs[id])
 	}
+	if len(cfg.ProxyProtocolTrusted) > 0 {
+		b.log.Info("proxy protocol: connections from these networks must start with a PROXY header", "trusted", fmt.Sprint(cfg.ProxyProtocolTrusted))
+	}
 	return nil
 }
 
@@ -465,6 +470,18 @@ func (b *Broker) registerGuardMetrics() {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_write_timeouts_total",
 			Help: "MQTT connections closed because a write to the client did not finish within mqtt.write_timeout."},
 			func() float64 { return float64(g.Stats().WriteTimeouts) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_proxied_total",
+			Help: "MQTT connections whose client address a trusted proxy's PROXY header named (mqtt.proxy_protocol_trusted)."},
+			func() float64 { return float64(g.Stats().Proxied) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_local_connections_total",
+			Help: "Trusted proxies' own connections (PROXY header with the LOCAL command: their health checks)."},
+			func() float64 { return float64(g.Stats().ProxyLocal) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "untrusted"}},
+			func() float64 { return float64(g.Stats().RefusedProxyUntrusted) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "invalid"}},
+			func() float64 { return float64(g.Stats().RefusedProxyInvalid) }),
 	)
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -87,6 +88,11 @@ type MQTTConfig struct {
 	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
 	MaxConnsPerAddr int
 	MaxConns        int // 0 = no limit
+
+	// ProxyProtocolTrusted are the load balancers' networks: connections
+	// from them must start with a PROXY protocol header naming the client
+	// (netguard.Options.TrustedProxies); empty = the PROXY protocol is off.
+	ProxyProtocolTrusted []netip.Prefix
 }
 
 // AdminConfig is the admin HTTP API.
@@ -347,6 +353,26 @@ func addr(p func(*Config) *string) access {
 	}
 }
 
+func prefixes(p func(*Config) *[]netip.Prefix) access {
+	return access{
+		set: func(c *Config, v string) error {
+			ps, err := netguard.ParsePrefixes(v)
+			if err != nil {
+				return err
+			}
+			*p(c) = ps
+			return nil
+		},
+		get: func(c *Config) string {
+			s := make([]string, len(*p(c)))
+			for i, pf := range *p(c) {
+				s[i] = pf.String()
+			}
+			return strings.Join(s, ",")
+		},
+	}
+}
+
 // listenAddr checks a listen address and returns it as the configuration
 // holds it: "" for none ("" or "off").
 func listenAddr(v string) (string, error) {
@@ -452,6 +478,8 @@ var fields = documentDefaults([]Field{
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
 	{Key: "mqtt.max_conns", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
+	{Key: "mqtt.proxy_protocol_trusted", Help: "load balancers that send a PROXY protocol header (v2 or v1) before each connection: networks or addresses, comma-separated (10.0.0.0/8,192.0.2.7); a connection from them must start with one and is then counted, throttled and logged by the client address it names; a header from any other address is refused; empty = off (README, Load balancing)",
+		value: prefixes(func(c *Config) *[]netip.Prefix { return &c.MQTT.ProxyProtocolTrusted })},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
 		value: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
 

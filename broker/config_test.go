@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/haproxytest"
 )
 
 // resolve runs the layers with a YAML file (if yaml != ""), env and args.
@@ -292,7 +293,8 @@ func pflagWith(args ...string) *pflag.FlagSet {
 // the Dockerfile and docker-compose.yml mention against the real keys.
 func TestDocumentedEnvVarsExist(t *testing.T) {
 	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
-		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true}
+		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
+		haproxytest.EnvInstall: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}

@@ -108,7 +108,7 @@ func TestValidateChangesNothing(t *testing.T) {
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	if *c != before {
+	if !reflect.DeepEqual(*c, before) {
 		t.Fatalf("Validate changed the configuration:\n%+v\n%+v", before, *c)
 	}
 	c.Derive()

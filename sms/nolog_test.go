@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
 
@@ -63,12 +64,12 @@ func smsChild() {
 		panic(err)
 	}
 	reg := prometheus.NewRegistry()
-	m, err := sms.NewMetrics(reg)
+	m, err := smsmetrics.New(reg)
 	if err != nil {
 		panic(err)
 	}
 	s := sms.HTTPSender{URL: gw.URL() + "/send?key=" + secretQuery, AuthHeader: "Authorization", AuthValue: secretAuth,
-		Retries: 2, Backoff: time.Millisecond, Timeout: 200 * time.Millisecond, Metrics: m,
+		Retries: 2, Backoff: time.Millisecond, Timeout: 200 * time.Millisecond, Observer: m,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))}
 	send := func(what string) {
 		err := s.Send(context.Background(), secretNumber, secretText)

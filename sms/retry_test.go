@@ -15,6 +15,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
 
@@ -174,7 +175,7 @@ func TestSMSRetriesAgainstGateway(t *testing.T) {
 // retries; the results exist at 0 before the first send.
 func TestSMSMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	m, err := sms.NewMetrics(reg)
+	m, err := smsmetrics.New(reg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +190,7 @@ func TestSMSMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer gw.Close()
-	s := sms.HTTPSender{URL: gw.URL() + "/send", Retries: 1, Backoff: time.Millisecond, Metrics: m}
+	s := sms.HTTPSender{URL: gw.URL() + "/send", Retries: 1, Backoff: time.Millisecond, Observer: m}
 	send := func() error { return s.Send(context.Background(), "+8613800000001", "M2M1.acc.secret") }
 	send()                                      // sent
 	gw.FailNext(1)                              //

@@ -83,11 +83,26 @@ type HTTPSender struct {
 	// MaxRetryAfter is the longest Retry-After honoured (default 1 min);
 	// a gateway asking for more ends the send at once.
 	MaxRetryAfter time.Duration
-	// Metrics, if set, counts every send (see NewMetrics).
-	Metrics *Metrics
+	// Observer, if set, is told of every send and retry
+	// (smsmetrics.Metrics counts them in Prometheus).
+	Observer Observer
 	// Logger, if set, gets one debug line per retry: attempt, HTTP status
 	// or error kind, wait. Never the text, the number or the URL's query.
 	Logger *slog.Logger
+}
+
+// Results of a send, as an Observer hears them (and the values of
+// m2mguard_sms_sends_total{result}).
+const (
+	ResultSent     = "sent"     // the gateway accepted the message (2xx)
+	ResultRejected = "rejected" // an answer not worth a retry (4xx but 429): configuration, credentials, number
+	ResultFailed   = "failed"   // retries used up, a Retry-After too long to wait, a transport error or the caller's deadline
+)
+
+// Observer hears of every send of an HTTPSender and of every retry.
+type Observer interface {
+	Sent(result string, d time.Duration)
+	Retried()
 }
 
 // StatusError is a non-2xx answer of the gateway.
@@ -138,7 +153,9 @@ func (s *HTTPSender) Send(ctx context.Context, to, text string) error {
 
 	start := time.Now()
 	result := ResultFailed
-	defer func() { s.Metrics.observe(result, time.Since(start)) }()
+	if s.Observer != nil {
+		defer func() { s.Observer.Sent(result, time.Since(start)) }()
+	}
 
 	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, s.URL, body)
 	if err != nil {
@@ -229,7 +246,9 @@ func (p *retryPolicy) checkRetry(ctx context.Context, resp *http.Response, err e
 		}
 		return false, nil
 	}
-	p.s.Metrics.retried()
+	if p.s.Observer != nil {
+		p.s.Observer.Retried()
+	}
 	if p.s.Logger != nil {
 		what := "error"
 		if resp != nil {

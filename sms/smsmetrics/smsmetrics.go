@@ -1,27 +1,25 @@
-package sms
+// Package smsmetrics counts the sends of an sms.HTTPSender in Prometheus.
+// It is apart from package sms so that sms, which the reference terminal
+// links (for its SMS inbox), does not pull in the Prometheus client.
+package smsmetrics
 
 import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/sms"
 )
 
-// Results of a send, the values of m2mguard_sms_sends_total{result}.
-const (
-	ResultSent     = "sent"     // the gateway accepted the message (2xx)
-	ResultRejected = "rejected" // an answer not worth a retry (4xx but 429): configuration, credentials, number
-	ResultFailed   = "failed"   // retries used up, a Retry-After too long to wait, a transport error or the caller's deadline
-)
-
-// Metrics are the Prometheus collectors of HTTPSender. A nil *Metrics
-// counts nothing.
+// Metrics are the Prometheus collectors of an sms.HTTPSender; set it as
+// the sender's Observer.
 type Metrics struct {
 	sends    *prometheus.CounterVec
 	duration prometheus.Histogram
 	retries  prometheus.Counter
 }
 
-// NewMetrics registers the SMS collectors on r:
+// New registers the SMS collectors on r:
 //
 //	m2mguard_sms_sends_total{result}       sends by result (sent, rejected, failed)
 //	m2mguard_sms_send_duration_seconds     duration of a send, its retries and waits included
@@ -29,7 +27,7 @@ type Metrics struct {
 //
 // Every result is exported from the start (at 0), so that rates and alerts
 // see the first failure.
-func NewMetrics(r prometheus.Registerer) (*Metrics, error) {
+func New(r prometheus.Registerer) (*Metrics, error) {
 	m := &Metrics{
 		sends: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "m2mguard_sms_sends_total", Help: "SMS sends through the gateway by result: sent, rejected (4xx), failed (retries used up, transport error, deadline).",
@@ -42,7 +40,7 @@ func NewMetrics(r prometheus.Registerer) (*Metrics, error) {
 			Name: "m2mguard_sms_retries_total", Help: "SMS gateway attempts that failed and were retried.",
 		}),
 	}
-	for _, r := range []string{ResultSent, ResultRejected, ResultFailed} {
+	for _, r := range []string{sms.ResultSent, sms.ResultRejected, sms.ResultFailed} {
 		m.sends.WithLabelValues(r)
 	}
 	for _, c := range []prometheus.Collector{m.sends, m.duration, m.retries} {
@@ -53,19 +51,14 @@ func NewMetrics(r prometheus.Registerer) (*Metrics, error) {
 	return m, nil
 }
 
-func (m *Metrics) observe(result string, d time.Duration) {
-	if m == nil {
-		return
-	}
+// Sent counts a send by its result (sms.Result*) and observes its duration.
+func (m *Metrics) Sent(result string, d time.Duration) {
 	m.sends.WithLabelValues(result).Inc()
 	m.duration.Observe(d.Seconds())
 }
 
-func (m *Metrics) retried() {
-	if m != nil {
-		m.retries.Inc()
-	}
-}
+// Retried counts an attempt that failed and was retried.
+func (m *Metrics) Retried() { m.retries.Inc() }
 
 // Sends returns the counter of one result (for tests and dashboards in code).
 func (m *Metrics) Sends(result string) prometheus.Counter { return m.sends.WithLabelValues(result) }
