@@ -105,11 +105,14 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	return nil
 }
 
-// Start starts the broker and returns once every listener is bound.
+// Start starts the broker and returns once every listener is bound. It
+// completes cfg first (Derive: the caller sees the files it will use) and
+// checks it (Validate).
 func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	cfg.Derive()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -125,14 +128,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
-	b.svc, err = keysvc.New(keysvc.Options{
-		Store:            b.store,
-		ChangeDeadline:   cfg.Keys.ChangeDeadline,
-		PasswordLifetime: cfg.Keys.PasswordLifetime,
-		KeyLifetime:      cfg.Keys.KeyLifetime,
-		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
-		SessionKeys:      b.sessionKeys(),
-	})
+	sopts := serviceOptions(cfg)
+	sopts.Store, sopts.SessionKeys = b.store, b.sessionKeys()
+	b.svc, err = keysvc.New(sopts)
 	if err != nil {
 		return nil, err
 	}
@@ -146,21 +144,10 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 
 	b.server = mqtt.New(MochiOptions(cfg, logger))
-	hopts := hook.Options{
-		Registry: b.svc, Server: b.server,
-		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
-		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle: hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax,
-			MaxEntries: cfg.Auth.ThrottleMaxEntries},
-		ReplayGuard: b.replay,
-		Logger:      logger.With("component", "hook"),
-		Registerer:  b.registry,
-	}
-	hopts.Apps = hook.AppLimitOptions{
-		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
-		Rate: cfg.Auth.AppRate, RatePerAddr: cfg.Auth.AppRatePerAddr,
-		FailuresPerAddr: cfg.Auth.AppFailuresPerAddr, FailureRefill: cfg.Auth.AppFailureRefill,
-	}
+	hopts := hookOptions(cfg)
+	hopts.Registry, hopts.Server = b.svc, b.server
+	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.Logger = logger.With("component", "hook")
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
 	smsMetrics, err := smsmetrics.New(b.registry)
@@ -191,6 +178,41 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
 	return b, nil
+}
+
+// serviceOptions are the key service's options that cfg sets (Store and
+// SessionKeys are the caller's).
+func serviceOptions(cfg *Config) keysvc.Options {
+	return keysvc.Options{
+		ChangeDeadline:   cfg.Keys.ChangeDeadline,
+		PasswordLifetime: cfg.Keys.PasswordLifetime,
+		KeyLifetime:      cfg.Keys.KeyLifetime,
+		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
+	}
+}
+
+// hookOptions are the hook's options that cfg sets (the registry, server,
+// replay guard, SMS sender, logger and registerer are the caller's).
+func hookOptions(cfg *Config) hook.Options {
+	a := cfg.Auth
+	return hook.Options{
+		Skew: a.Skew, Grace: a.Grace, SessionLifetime: a.SessionLifetime,
+		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		Throttle: hook.ThrottleOptions{Free: a.ThrottleFree, Base: a.ThrottleBase, Max: a.ThrottleMax, MaxEntries: a.ThrottleMaxEntries},
+		Apps: hook.AppLimitOptions{
+			Concurrency: a.AppConcurrency, ConcurrencyPerAddr: a.AppConcurrencyPerAddr,
+			Rate: a.AppRate, RatePerAddr: a.AppRatePerAddr,
+			FailuresPerAddr: a.AppFailuresPerAddr, FailureRefill: a.AppFailureRefill,
+		},
+	}
+}
+
+// guardOptions are the connection guard's options that cfg sets (the
+// callbacks are the caller's).
+func guardOptions(cfg *Config) netguard.Options {
+	m := cfg.MQTT
+	return netguard.Options{ConnectTimeout: m.ConnectTimeout, WriteTimeout: m.WriteTimeout, MaxPerAddr: m.MaxConnsPerAddr, MaxConns: m.MaxConns,
+		TrustedProxies: m.ProxyProtocolTrusted}
 }
 
 // MochiOptions are the mochi server options of cfg: the inline client on
@@ -226,10 +248,10 @@ func (b *Broker) openStore(ctx context.Context) error {
 			Logger: b.log.With("component", "vault"), Metrics: metrics}
 		auth := vaultstore.MethodToken
 		switch {
-		case v.KubernetesRole != "":
+		case v.UsesKubernetes():
 			auth = vaultstore.MethodKubernetes
 			opts.Kubernetes = &vaultstore.Kubernetes{MountPath: v.KubernetesMount, Role: v.KubernetesRole, TokenFile: v.KubernetesTokenFile}
-		case v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "":
+		case v.UsesAppRole():
 			auth = vaultstore.MethodAppRole
 			if opts.AppRole, err = appRole(v); err != nil {
 				return err
@@ -358,17 +380,14 @@ func (b *Broker) addListeners() error {
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	netlog := b.log.With("component", "netguard")
-	b.guard = netguard.New(netguard.Options{
-		ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout,
-		MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
-		TrustedProxies: cfg.ProxyProtocolTrusted,
-		OnRefuse: func(addr, reason string) {
-			netlog.Debug("connection refused", "remote", addr, "reason", reason)
-		},
-		OnWriteTimeout: func(addr string) {
-			netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
-		},
-	})
+	gopts := guardOptions(b.cfg)
+	gopts.OnRefuse = func(addr, reason string) {
+		netlog.Debug("connection refused", "remote", addr, "reason", reason)
+	}
+	gopts.OnWriteTimeout = func(addr string) {
+		netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
+	}
+	b.guard = netguard.New(gopts)
 	b.registerGuardMetrics()
 	add := func(id, key, address string, listener func(net.Listener) listeners.Listener) error {
 		ln, err := net.Listen("tcp", address)

@@ -225,6 +225,20 @@ func TestReadmeDocumentsEveryKey(t *testing.T) {
 	}
 }
 
+// TestReadmeHasTheReference keeps the README's configuration table equal
+// to Reference(), the documented defaults included: they are read from
+// Default(), which takes them from the libraries, so a changed library
+// default shows here.
+func TestReadmeHasTheReference(t *testing.T) {
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Skip("no README")
+	}
+	if ref := broker.Reference(); !strings.Contains(string(data), ref) {
+		t.Errorf("README's configuration table is not broker.Reference(); replace it with:\n%s", ref)
+	}
+}
+
 func FuzzApplyYAML(f *testing.F) {
 	f.Add([]byte("mqtt:\n  tcp: \":1883\"\n"))
 	f.Add([]byte("store: {type: vault, vault: {address: 'http://v:8200', token: t}}\n"))

@@ -33,12 +33,18 @@ import (
 	"time"
 )
 
-// The defaults of the zero Options.
+// The defaults of the zero Options (DefaultOptions).
 const (
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultWriteTimeout   = 10 * time.Second
 	DefaultMaxPerAddr     = 256
 )
+
+// DefaultOptions returns the options New gives the zero Options: the
+// defaults above, no total limit, no callbacks.
+func DefaultOptions() Options {
+	return Options{ConnectTimeout: DefaultConnectTimeout, WriteTimeout: DefaultWriteTimeout, MaxPerAddr: DefaultMaxPerAddr}
+}
 
 // Refusal reasons, as passed to Options.OnRefuse.
 const (
@@ -115,14 +121,15 @@ type Guard struct {
 
 // New returns a Guard with opts.
 func New(opts Options) *Guard {
+	def := DefaultOptions()
 	if opts.ConnectTimeout <= 0 {
-		opts.ConnectTimeout = DefaultConnectTimeout
+		opts.ConnectTimeout = def.ConnectTimeout
 	}
 	if opts.WriteTimeout <= 0 {
-		opts.WriteTimeout = DefaultWriteTimeout
+		opts.WriteTimeout = def.WriteTimeout
 	}
 	if opts.MaxPerAddr <= 0 {
-		opts.MaxPerAddr = DefaultMaxPerAddr
+		opts.MaxPerAddr = def.MaxPerAddr
 	}
 	return &Guard{opts: opts, perIP: map[string]int{}}
 }

@@ -41,7 +41,7 @@ var ErrWrappingToken = fmt.Errorf("wrapping token refused: %w", keysvc.ErrForbid
 // AppRole are the credentials of an AppRole login: a role_id and either the
 // secret_id or a response-wrapping token that holds it.
 type AppRole struct {
-	MountPath string // "" = "approle"
+	MountPath string // "" = DefaultConfig's AppRoleMount
 	RoleID    string
 	SecretID  []byte
 	// WrappingToken, instead of SecretID, is a single-use response-wrapping
@@ -57,10 +57,10 @@ type AppRole struct {
 // method: the pod's service account token (a JWT that Vault checks with the
 // Kubernetes TokenReview API) and the Vault role bound to that account.
 type Kubernetes struct {
-	MountPath string // "" = "kubernetes"
+	MountPath string // "" = DefaultConfig's KubernetesMount
 	Role      string
-	// TokenFile holds the service account token; "" =
-	// DefaultServiceAccountTokenFile. It is read at every login, as the
+	// TokenFile holds the service account token; "" = DefaultConfig's
+	// KubernetesTokenFile. It is read at every login, as the
 	// kubelet replaces projected tokens before they expire.
 	TokenFile string
 }
@@ -70,7 +70,7 @@ type Kubernetes struct {
 func (s *Store) useAppRole(ctx context.Context, ar *AppRole) error {
 	mount := strings.Trim(ar.MountPath, "/")
 	if mount == "" {
-		mount = "approle"
+		mount = DefaultConfig().AppRoleMount
 	}
 	if ar.RoleID == "" {
 		return fmt.Errorf("vaultstore: AppRole: no role_id: %w", keysvc.ErrInvalid)
@@ -155,13 +155,14 @@ func (s *Store) useKubernetes(k *Kubernetes) error {
 	if k.Role == "" {
 		return fmt.Errorf("vaultstore: Kubernetes: no role: %w", keysvc.ErrInvalid)
 	}
+	def := DefaultConfig()
 	mount := strings.Trim(k.MountPath, "/")
 	if mount == "" {
-		mount = "kubernetes"
+		mount = def.KubernetesMount
 	}
 	file := k.TokenFile
 	if file == "" {
-		file = DefaultServiceAccountTokenFile
+		file = def.KubernetesTokenFile
 	}
 	s.method = MethodKubernetes
 	s.login = func(ctx context.Context) (*vault.Secret, error) {

@@ -24,11 +24,12 @@ import (
 
 // Options configure a Store. The zero value of every field but the
 // credentials is useful: Address from $VAULT_ADDR (else
-// https://127.0.0.1:8200), mount "secret", prefix "m2mguard", 5 s timeout.
+// https://127.0.0.1:8200), and the mount, prefix and timeout of
+// DefaultConfig.
 type Options struct {
 	Address string // Vault address; "" = $VAULT_ADDR
-	Mount   string // KV v2 mount; "" = "secret"
-	Prefix  string // path below the mount; "" = "m2mguard"
+	Mount   string // KV v2 mount; "" = DefaultConfig's
+	Prefix  string // path below the mount; "" = DefaultConfig's
 
 	// Exactly one of Token, AppRole and Kubernetes. A token is renewed
 	// while it can be; with AppRole or Kubernetes the store logs in again
@@ -37,7 +38,7 @@ type Options struct {
 	AppRole    *AppRole
 	Kubernetes *Kubernetes
 
-	Timeout time.Duration // per request; 0 = 5 s
+	Timeout time.Duration // per request; 0 = DefaultConfig's
 	CACert  string        // PEM file to verify Vault's TLS certificate; "" = system roots
 	Logger  *slog.Logger  // nil = slog.Default()
 	// Metrics, if set, records logins, renewals, the token's TTL and
@@ -83,9 +84,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Address != "" {
 		cfg.Address = opts.Address
 	}
+	def := DefaultConfig()
 	cfg.Timeout = opts.Timeout
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = def.Timeout
 	}
 	// No retries inside the client: a failed read is answered from the
 	// cache (keysvc), and a write is retried by the caller's CAS loop.
@@ -110,10 +112,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		forget:  func() {},
 	}
 	if s.mount == "" {
-		s.mount = "secret"
+		s.mount = def.Mount
 	}
 	if s.prefix == "" {
-		s.prefix = "m2mguard"
+		s.prefix = def.Prefix
 	}
 	if s.log == nil {
 		s.log = slog.Default()
