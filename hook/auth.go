@@ -185,7 +185,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
-		h.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", "login")
+		h.changes.committed(sn, rid, "login")
 		t = committed
 	}
 	h.throttle.Succeed(sn, addr)
