@@ -306,13 +306,18 @@ func (d *changeDesk) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time
 			return
 		}
 		d.failed(sn, rid, "sms-send", err, "attempt", attempt)
-		if !d.now().Add(wait).Before(deadline) {
+		pause := wait
+		var se *sms.StatusError
+		if errors.As(err, &se) && se.RetryAfter > pause {
+			pause = se.RetryAfter // the gateway asked for a longer pause than this send could wait
+		}
+		if !d.now().Add(pause).Before(deadline) {
 			return // the change expires; the old values stay
 		}
 		select {
 		case <-life.Done():
 			return
-		case <-time.After(wait):
+		case <-time.After(pause):
 		}
 		if !d.stillPending(sn, rid) {
 			return

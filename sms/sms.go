@@ -108,15 +108,17 @@ type Observer interface {
 // StatusError is a non-2xx answer of the gateway.
 type StatusError struct {
 	Code int
-	// RetryAfter is the wait the gateway asked for (Retry-After) when the
-	// send ended without waiting it; 0 otherwise.
+	// RetryAfter is the wait the gateway asked for (Retry-After) in its
+	// last answer, which the send did not wait for (it was too long for the
+	// send, or no retry was left); 0 without one. A caller that tries again
+	// later should wait at least that long.
 	RetryAfter time.Duration
 }
 
 // Error names the HTTP status (never the text of the SMS).
 func (e *StatusError) Error() string {
 	if e.RetryAfter > 0 {
-		return fmt.Sprintf("sms: gateway answered HTTP %d, retry after %v (longer than this send may wait)", e.Code, e.RetryAfter)
+		return fmt.Sprintf("sms: gateway answered HTTP %d, retry after %v", e.Code, e.RetryAfter)
 	}
 	return fmt.Sprintf("sms: gateway answered HTTP %d", e.Code)
 }
@@ -191,7 +193,7 @@ func (s *HTTPSender) Send(ctx context.Context, to, text string) error {
 		if !retryable(resp.StatusCode) {
 			result = ResultRejected
 		}
-		return &StatusError{Code: resp.StatusCode, RetryAfter: p.gaveUpOn}
+		return &StatusError{Code: resp.StatusCode, RetryAfter: p.retryAfter}
 	}
 	var ue *url.Error
 	if errors.As(err, &ue) {
@@ -221,19 +223,19 @@ type retryPolicy struct {
 	backoff, maxBackoff, maxRetryAfter time.Duration
 	attempt                            int           // attempts made
 	next                               time.Duration // the wait checkRetry chose
-	gaveUpOn                           time.Duration // a Retry-After not waited for
+	retryAfter                         time.Duration // the last answer's Retry-After, not waited for
 }
 
 func (p *retryPolicy) checkRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
 	p.attempt++
 	retry, perr := retryablehttp.DefaultRetryPolicy(ctx, resp, err)
+	ra, hasRA := retryAfter(resp)
+	p.retryAfter = ra // until a retry waits for it
 	if !retry || p.attempt > p.retries {
 		return false, perr
 	}
-	ra, hasRA := retryAfter(resp)
 	if hasRA {
 		if ra > p.maxRetryAfter {
-			p.gaveUpOn = ra
 			return false, nil
 		}
 		p.next = ra + randUpTo(ra/10)
@@ -241,11 +243,9 @@ func (p *retryPolicy) checkRetry(ctx context.Context, resp *http.Response, err e
 		p.next = Backoff(p.backoff, p.maxBackoff, p.attempt-1)
 	}
 	if deadline, ok := ctx.Deadline(); ok && time.Now().Add(p.next).After(deadline) {
-		if hasRA {
-			p.gaveUpOn = ra
-		}
 		return false, nil
 	}
+	p.retryAfter = 0 // waited for
 	if p.s.Observer != nil {
 		p.s.Observer.Retried()
 	}
