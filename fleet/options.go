@@ -84,6 +84,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Registerer receives the fleet's metrics; nil = none are exported.
 	Registerer prometheus.Registerer
+
+	natsExtra []nats.Option // tests: more options of the connection
 }
 
 // TLSOptions configure TLS for a client connection (Options.TLS) or for a
@@ -311,5 +313,6 @@ func (o Options) natsOptions(handlers []nats.Option) ([]nats.Option, error) {
 		}
 		opts = append(opts, nats.Secure(c))
 	}
+	opts = append(opts, o.natsExtra...)
 	return append(opts, handlers...), nil
 }

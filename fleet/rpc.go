@@ -88,6 +88,9 @@ func (f *Fleet) Handle(method string, h Handler) (stop func(), err error) {
 			_ = f.nc.PublishMsg(reply)
 		}()
 	})
+	if err == nil {
+		err = f.nc.Flush() // the server knows the subscription when Handle returns
+	}
 	if err != nil {
 		return nil, fmt.Errorf("fleet: handle %s: %w", method, err)
 	}

@@ -93,6 +93,9 @@ type throttlePub struct {
 func newThrottlePub(f *Fleet) *throttlePub {
 	p := &throttlePub{f: f, q: make(chan throttleOp, throttleQueue), done: make(chan struct{})}
 	sub, err := f.nc.Subscribe(throttleSubj, p.receive)
+	if err == nil {
+		err = f.nc.Flush()
+	}
 	if err != nil {
 		f.log.Error("fleet: throttle subscribe", "error", err) // only on a closed connection
 	}
