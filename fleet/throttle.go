@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -81,10 +82,11 @@ const (
 // throttlePub sends the local ops and applies the others' to every local
 // table that a Throttler wraps.
 type throttlePub struct {
-	f    *Fleet
-	q    chan throttleOp
-	sub  *nats.Subscription
-	done chan struct{}
+	f      *Fleet
+	q      chan throttleOp
+	sub    *nats.Subscription
+	done   chan struct{}
+	queued atomic.Int64 // ops accepted into q, for tests that wait for the fleet to agree
 
 	mu     sync.Mutex
 	tables []hook.Throttler // local tables the fleet's ops are applied to
@@ -112,6 +114,7 @@ func (p *throttlePub) enqueue(op throttleOp) {
 	}
 	select {
 	case p.q <- op:
+		p.queued.Add(1)
 	default:
 		p.f.m.throttleDrop.Inc()
 	}
