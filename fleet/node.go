@@ -58,6 +58,11 @@ type NodeOptions struct {
 
 	// MaxStore bounds JetStream's file storage in bytes; 0 = 1 GiB.
 	MaxStore int64
+	// SyncInterval is how often JetStream fsyncs its files: a power loss
+	// of every node at once loses at most the claims of the last
+	// interval, as the single broker's replay file does. 0 = 1 s (NATS's
+	// own default is 2 min).
+	SyncInterval time.Duration
 	// ReadyTimeout bounds the start; 0 = 10 s.
 	ReadyTimeout time.Duration
 	// Logger receives the server's own log: its notices at Debug (NATS is
@@ -126,6 +131,10 @@ func (o NodeOptions) serverOptions() (*server.Options, error) {
 		JetStreamMaxMemory: 64 << 20,
 		NoSigs:             true,
 		MaxPayload:         1 << 20,
+	}
+	s.SyncInterval = o.SyncInterval
+	if s.SyncInterval <= 0 {
+		s.SyncInterval = time.Second
 	}
 	if s.JetStreamMaxStore <= 0 {
 		s.JetStreamMaxStore = 1 << 30
