@@ -65,6 +65,10 @@ func (f *Fleet) Claim(ctx context.Context, sn string, nonce uint64, until time.T
 	if err != nil {
 		return false, fmt.Errorf("fleet: claim: %w", err)
 	}
+	if f.nc.IsClosed() {
+		f.m.claims.WithLabelValues("unavailable").Inc()
+		return false, fmt.Errorf("%w: %w", ErrUnavailable, ErrClosed)
+	}
 	ok, err := f.claim(ctx, key, start)
 	f.m.claimSeconds.Observe(time.Since(start).Seconds())
 	switch {
@@ -129,7 +133,9 @@ func (f *Fleet) ownClaim(ctx context.Context, key string, value []byte) (bool, e
 			return bytes.Equal(e.Value(), value), nil
 		}
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return false, nil // expired meanwhile: not ours to take again
+			// Create saw the key, this read (from a replica that lags, or
+			// after the key expired) does not: the claim cannot tell.
+			return false, fmt.Errorf("%w: claim check: the key is not readable", ErrUnavailable)
 		}
 		select {
 		case <-ctx.Done():

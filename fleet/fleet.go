@@ -46,6 +46,7 @@ type Fleet struct {
 	replicas                          int
 
 	avail   atomic.Bool // JetStream answered the last operation
+	cutOff  atomic.Bool // disconnected or a heartbeat failed since the last heartbeat
 	availMu sync.Mutex  // orders availability events
 
 	sem chan struct{} // bounds the request handlers running at once
@@ -79,6 +80,10 @@ func Open(ctx context.Context, o Options) (*Fleet, error) {
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	nopts, err := o.natsOptions([]nats.Option{
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			f.cutOff.Store(true)
+			if f.ctx.Err() != nil {
+				return // Close
+			}
 			f.log.Warn("m2mguard fleet_disconnected", "event", "fleet_disconnected", "error", err)
 			f.setAvailable(false, "disconnected from NATS")
 		}),
@@ -324,13 +329,15 @@ func (f *Fleet) heartbeat() {
 		cancel()
 		if err != nil {
 			if f.ctx.Err() == nil {
+				f.cutOff.Store(true)
 				f.setAvailable(false, "heartbeat: "+err.Error())
 			}
 			continue
 		}
-		if !f.Available() {
-			f.setAvailable(true, "")
-			// The directory may have been swept while we were away.
+		f.setAvailable(true, "")
+		if f.cutOff.Swap(false) {
+			// Changes may have been missed, and the broker's sessions
+			// swept as gone if it was away long: watches start again.
 			f.dir.resync()
 		}
 	}

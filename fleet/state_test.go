@@ -501,3 +501,54 @@ func TestLeaseFailover(t *testing.T) {
 		t.Fatalf("two brokers held the lease at once %d times", doubles.Load())
 	}
 }
+
+// TestDirectoryWatchAfterCutOff: a broker cut off from NATS while another
+// registers a session learns of it when it is back (the takeover still
+// happens), and its watch starts again with a resync, so that it can
+// re-register sessions swept meanwhile.
+func TestDirectoryWatchAfterCutOff(t *testing.T) {
+	c := newCluster(t, 3, nil)
+	b := c.open("b", 1, nil)
+	cc := c.open("c", 2, func(o *Options) { // node 3 only
+		o.URLs = []string{c.url(2)}
+		o.natsExtra = []nats.Option{nats.IgnoreDiscoveredServers()}
+	})
+	var mu sync.Mutex
+	var seen []Change
+	if _, err := cc.Directory().Watch(func(ch Change) {
+		mu.Lock()
+		seen = append(seen, ch)
+		mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	epoch, err := cc.Directory().Register(ctx, Entry{ClientID: testSN, Kind: KindTerminal, SN: testSN})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.stop(2)
+	e2, err := b.Directory().Register(ctx, Entry{ClientID: testSN, Kind: KindTerminal, SN: testSN})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.start(2)
+	c.waitReady()
+	checkFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		resyncs, takeover := 0, false
+		for _, ch := range seen {
+			if ch.Resync {
+				resyncs++
+			}
+			if ch.ClientID == testSN && ch.Entry.Broker == "b" && ch.Epoch == e2 && e2 > epoch {
+				takeover = true
+			}
+		}
+		if resyncs < 2 || !takeover {
+			return fmt.Errorf("resyncs %d, takeover seen %v: %+v", resyncs, takeover, seen)
+		}
+		return nil
+	})
+}
