@@ -18,12 +18,14 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 )
 
 // TestOptionsRefused: options that would put the fleet's state on the
 // network unprotected, or cannot work, are refused with ErrConfig before
 // anything connects.
 func TestOptionsRefused(t *testing.T) {
+	t.Parallel()
 	ok := Options{URLs: []string{"nats://127.0.0.1:4222"}, BrokerID: "a"}
 	for _, tc := range []struct {
 		name string
@@ -76,6 +78,7 @@ func TestOptionsRefused(t *testing.T) {
 // client without credentials or with a wrong password, and Open without
 // them fails when its context ends.
 func TestNodeRefusesUnauthenticated(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 1, nil)
 	if nc, err := nats.Connect(c.url(0), nats.Timeout(time.Second)); err == nil {
 		nc.Close()
@@ -99,6 +102,7 @@ func TestNodeRefusesUnauthenticated(t *testing.T) {
 // mutual TLS with a test CA serves the fleet; a client without TLS, or
 // without a client certificate, is refused.
 func TestTLSCluster(t *testing.T) {
+	t.Parallel()
 	pki := newTestPKI(t)
 	c := newCluster(t, 3, func(_ int, o *NodeOptions) {
 		o.TLS = &TLSOptions{CAFile: pki.ca, CertFile: pki.cert, KeyFile: pki.key}
@@ -177,4 +181,42 @@ func newTestPKI(t *testing.T) testPKI {
 	write(p.cert, "CERTIFICATE", der)
 	write(p.key, "EC PRIVATE KEY", keyDER)
 	return p
+}
+
+// TestAuthMethods: a broker connects with each kind of credentials an
+// embedded node accepts: user and password, an NKey seed file, a token.
+func TestAuthMethods(t *testing.T) {
+	t.Parallel()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	pub, _ := kp.PublicKey()
+	seedFile := filepath.Join(t.TempDir(), "broker.nk")
+	if err := os.WriteFile(seedFile, seed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	users := newCluster(t, 1, func(_ int, o *NodeOptions) { o.NKeys = []string{pub} })
+	token := newCluster(t, 1, func(_ int, o *NodeOptions) { o.Users = nil; o.Token = []byte("fleet-token-5e1b") })
+	for _, tc := range []struct {
+		name string
+		c    *cluster
+		mod  func(*Options)
+	}{
+		{"user and password", users, func(*Options) {}},
+		{"nkey seed file", users, func(o *Options) { o.User, o.Password, o.NKeySeedFile = "", nil, seedFile }},
+		{"token", token, func(o *Options) { o.User, o.Password, o.Token = "", nil, []byte("fleet-token-5e1b") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := tc.c.open("a", 0, tc.mod)
+			if ok, err := f.Claim(context.Background(), tc.name, 1, time.Now().Add(time.Minute)); err != nil || !ok {
+				t.Fatalf("claim: %v %v", ok, err)
+			}
+		})
+	}
+	if nc, err := nats.Connect(token.url(0), nats.Token("wrong"), nats.Timeout(time.Second)); err == nil {
+		nc.Close()
+		t.Fatal("a wrong token connected")
+	}
 }

@@ -92,3 +92,51 @@ func BenchmarkClaimParallel(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkLiveLogin measures whole logins of one terminal (a paho CONNECT
+// with a fresh token, the CONNACK, a DISCONNECT; one at a time) on a live
+// broker with the hook: with today's per-broker guards (replay in memory,
+// local throttle) and in fleet mode (claims and throttle on a 3-node
+// cluster). Run both in one go for the ratio:
+//
+//	go test ./fleet -run '^$' -bench BenchmarkLiveLogin -benchtime 2000x -count 3
+func BenchmarkLiveLogin(b *testing.B) {
+	for _, mode := range []string{"single-broker", "fleet-3-nodes"} {
+		b.Run(mode, func(b *testing.B) {
+			svc, term := liveKeyService(b)
+			var br liveBroker
+			if mode == "single-broker" {
+				br = startLiveBroker(b, svc, replay.NewMemory(replay.Options{}), hook.NewThrottleTable(hook.ThrottleOptions{}))
+			} else {
+				c := newCluster(b, 3, nil)
+				f := c.open("bench", 0, nil)
+				br = startLiveBroker(b, svc, f, f.Throttler(hook.NewThrottleTable(hook.ThrottleOptions{})))
+			}
+			user := term.IMEI + ":" + term.IMSI
+			tokens := make([][]byte, b.N)
+			for i := range tokens {
+				tokens[i] = loginToken(b, term, term.Creds.Up)
+			}
+			lat := make([]time.Duration, 0, b.N)
+			i := 0
+			b.ResetTimer()
+			for b.Loop() {
+				start := time.Now()
+				if !br.connect(b, testSN, user, tokens[i]) {
+					b.Fatal("login refused")
+				}
+				lat = append(lat, time.Since(start))
+				i++
+			}
+			b.StopTimer()
+			slices.Sort(lat)
+			var sum time.Duration
+			for _, d := range lat {
+				sum += d
+			}
+			b.ReportMetric(float64(len(lat))/sum.Seconds(), "logins/s")
+			b.ReportMetric(stats.MS(stats.Percentile(lat, 50)), "p50-ms")
+			b.ReportMetric(stats.MS(stats.Percentile(lat, 99)), "p99-ms")
+		})
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,6 +21,7 @@ const testSN = "A00MS8011390002S"
 // accepted exactly once, round after round; a second claim of a pair is a
 // replay on every broker.
 func TestClaimOneWinnerAcrossNodes(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	fs := []*Fleet{c.open("a", 0, nil), c.open("b", 1, nil), c.open("c", 2, nil)}
 	ctx := context.Background()
@@ -74,6 +74,7 @@ func TestClaimOneWinnerAcrossNodes(t *testing.T) {
 // ClaimMargin), then the pair may be claimed again; a claim that must
 // outlive the TTL is refused, never remembered too briefly.
 func TestClaimExpires(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 1, nil)
 	f := c.open("a", 0, func(o *Options) { o.Skew = 300 * time.Millisecond; o.ClaimMargin = 400 * time.Millisecond })
 	ctx := context.Background()
@@ -102,6 +103,7 @@ func TestClaimExpires(t *testing.T) {
 // TestClaimSurvivesRestart: claims are on file storage; after every node
 // of the cluster restarts, a claimed pair is still a replay.
 func TestClaimSurvivesRestart(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	f := c.open("a", 0, nil)
 	ctx := context.Background()
@@ -138,6 +140,7 @@ func TestClaimSurvivesRestart(t *testing.T) {
 //
 // M2MGUARD_FLEET_STORM=30s makes each phase's storm longer.
 func TestClaimLeaderKilled(t *testing.T) {
+	t.Parallel()
 	storm := 3 * time.Second
 	if d, err := time.ParseDuration(os.Getenv("M2MGUARD_FLEET_STORM")); err == nil {
 		storm = d
@@ -270,6 +273,7 @@ func TestClaimLeaderKilled(t *testing.T) {
 // ErrUnavailable after ClaimTimeout (never true), the fleet reports
 // itself unavailable (metric and event) and available again afterwards.
 func TestClaimUnavailableFailsClosed(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 1, nil)
 	reg := prometheus.NewRegistry()
 	f := c.open("a", 0, func(o *Options) { o.ClaimTimeout = 300 * time.Millisecond; o.Registerer = reg })
@@ -286,8 +290,13 @@ func TestClaimUnavailableFailsClosed(t *testing.T) {
 	}
 	c.start(0)
 	c.waitReady()
+	// A fresh nonce per attempt, as a terminal's retry has: an attempt that
+	// failed may still land (nats.go sends what it buffered while
+	// disconnected), which claims its pair for nobody.
+	nonce := uint64(10)
 	checkFor(t, 20*time.Second, 50*time.Millisecond, func() error {
-		ok, err := f.Claim(context.Background(), testSN, 10, time.Now().Add(time.Minute))
+		nonce++
+		ok, err := f.Claim(context.Background(), testSN, nonce, time.Now().Add(time.Minute))
 		if err != nil || !ok {
 			return fmt.Errorf("%v %v", ok, err)
 		}
@@ -299,5 +308,4 @@ func TestClaimUnavailableFailsClosed(t *testing.T) {
 	if got := testutil.ToFloat64(f.m.unavailable); got < 1 {
 		t.Fatalf("m2mguard_fleet_unavailable_total = %v", got)
 	}
-	_ = strconv.Itoa
 }

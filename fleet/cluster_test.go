@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,24 +47,43 @@ func checkFor(t testing.TB, timeout, interval time.Duration, fn func() error) {
 	t.Fatalf("condition not met within %s: %v", timeout, err)
 }
 
-// freePorts returns n ports free on loopback now.
+// freePorts returns n ports free on loopback, below the kernel's
+// ephemeral range, so that no outgoing connection (NATS clients, routes,
+// paho) takes one while its node is down for a restart, and never the
+// same port twice in this process.
 func freePorts(t testing.TB, n int) []int {
 	t.Helper()
-	ports := make([]int, n)
-	ls := make([]net.Listener, n)
-	for i := range ls {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
+	lo, hi := 20000, 32000
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		var eLo, eHi int
+		if _, err := fmt.Sscan(string(b), &eLo, &eHi); err == nil && eLo > 2048 {
+			hi = min(hi, eLo)
+			lo = min(lo, hi/2)
 		}
-		ls[i] = l
-		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	for _, l := range ls {
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	var ports []int
+	for len(ports) < n {
+		p := lo + mrand.IntN(hi-lo)
+		if portsTaken[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue
+		}
 		_ = l.Close()
+		portsTaken[p] = true
+		ports = append(ports, p)
 	}
 	return ports
 }
+
+var (
+	portsMu    sync.Mutex
+	portsTaken = map[int]bool{}
+)
 
 // cluster is a NATS cluster of embedded nodes with JetStream, in the test
 // process, on fixed loopback ports so that a node restarts as itself.
@@ -233,6 +254,7 @@ func (c *cluster) open(id string, node int, mod func(*Options)) *Fleet {
 // TestClusterStarts is the harness's own check: three nodes form one
 // JetStream cluster and a broker gets three replicas.
 func TestClusterStarts(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	f := c.open("a", 0, nil)
 	if f.Replicas() != 3 {

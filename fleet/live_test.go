@@ -35,7 +35,7 @@ import (
 type liveBroker struct{ url string }
 
 // startLiveBroker starts a broker whose hook uses rg and th.
-func startLiveBroker(t *testing.T, svc *keysvc.Service, rg hook.ReplayGuard, th hook.Throttler) liveBroker {
+func startLiveBroker(t testing.TB, svc *keysvc.Service, rg hook.ReplayGuard, th hook.Throttler) liveBroker {
 	t.Helper()
 	server := mqtt.New(&mqtt.Options{InlineClient: true, Logger: testLogger()})
 	h, err := hook.New(hook.Options{Registry: svc, Server: server, Logger: testLogger(), ReplayGuard: rg, Throttler: th})
@@ -60,7 +60,7 @@ func startLiveBroker(t *testing.T, svc *keysvc.Service, rg hook.ReplayGuard, th 
 }
 
 // connect logs in with MQTT 3.1.1 and reports whether the broker accepted.
-func (b liveBroker) connect(t *testing.T, clientID, username string, password []byte) bool {
+func (b liveBroker) connect(t testing.TB, clientID, username string, password []byte) bool {
 	t.Helper()
 	c := paho.NewClient(paho.NewClientOptions().AddBroker(b.url).SetClientID(clientID).SetUsername(username).
 		SetPassword(string(password)).SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).
@@ -77,7 +77,7 @@ func (b liveBroker) connect(t *testing.T, clientID, username string, password []
 }
 
 // loginToken is a terminal's CONNECT password for now with a fresh nonce.
-func loginToken(t *testing.T, term *keysvc.Terminal, up []byte) []byte {
+func loginToken(t testing.TB, term *keysvc.Terminal, up []byte) []byte {
 	t.Helper()
 	var n [8]byte
 	_, _ = rand.Read(n[:])
@@ -90,7 +90,7 @@ func loginToken(t *testing.T, term *keysvc.Terminal, up []byte) []byte {
 }
 
 // liveKeyService is a key service on an embedded store with one terminal.
-func liveKeyService(t *testing.T) (*keysvc.Service, *keysvc.Terminal) {
+func liveKeyService(t testing.TB) (*keysvc.Service, *keysvc.Terminal) {
 	t.Helper()
 	key := make([]byte, boltstore.MasterKeySize)
 	_, _ = rand.Read(key)
@@ -120,6 +120,7 @@ func liveKeyService(t *testing.T) (*keysvc.Service, *keysvc.Terminal) {
 //
 // M2MGUARD_FLEET_LOCAL=1 runs it with today's local guards (the defect).
 func TestFleetLoginTokenReplayRefused(t *testing.T) {
+	t.Parallel()
 	local := os.Getenv("M2MGUARD_FLEET_LOCAL") != ""
 	svc, term := liveKeyService(t)
 	throttle := hook.ThrottleOptions{Free: 4, Base: time.Minute}
@@ -194,6 +195,7 @@ func throttleSynced(t *testing.T, fs ...*Fleet) {
 // passwords, basic key, login tokens and digests and the NATS password:
 // none may appear.
 func TestFleetBusCarriesNoSecret(t *testing.T) {
+	t.Parallel()
 	var logs syncBuffer
 	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	svc, term := liveKeyService(t)

@@ -21,6 +21,7 @@ import (
 // = 5), and a success on C clears it everywhere. A broker's own messages
 // are not applied twice.
 func TestThrottleShared(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	fs := []*Fleet{c.open("a", 0, nil), c.open("b", 1, nil), c.open("c", 2, nil)}
 	opts := hook.ThrottleOptions{Free: 5, Base: time.Minute}
@@ -77,6 +78,7 @@ func TestThrottleShared(t *testing.T) {
 // TestThrottleLocalWhenCutOff: without NATS the shared throttle still
 // counts locally (no worse than one broker) and never blocks the caller.
 func TestThrottleLocalWhenCutOff(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 1, nil)
 	f := c.open("a", 0, nil)
 	th := f.Throttler(hook.NewThrottleTable(hook.ThrottleOptions{Free: 2, Base: time.Minute}))
@@ -94,6 +96,7 @@ func TestThrottleLocalWhenCutOff(t *testing.T) {
 // registers a newer epoch; A's watch sees it (the takeover signal); A's
 // late Unregister of its old epoch does not undo B's; B's does.
 func TestDirectoryEpochsAndTakeover(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	a, b := c.open("a", 0, nil), c.open("b", 1, nil)
 	ctx := context.Background()
@@ -177,6 +180,7 @@ func TestDirectoryEpochsAndTakeover(t *testing.T) {
 // renewing its liveness key are removed by the holder of the sweep lease;
 // those of live brokers stay.
 func TestDirectorySweepDeadBroker(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	sweepy := func(o *Options) { o.SweepEvery = 200 * time.Millisecond }
 	a, b := c.open("a", 0, sweepy), c.open("b", 1, sweepy)
@@ -232,6 +236,7 @@ func (f *Fleet) crash() {
 // cut off from NATS reaches C when it is back; events lost from the stream
 // meanwhile give C a resync.
 func TestBusDelivery(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	a, b := c.open("a", 0, nil), c.open("b", 1, nil)
 	cc := c.open("c", 2, func(o *Options) { // node 3 only
@@ -344,6 +349,7 @@ func lastSeq(t *testing.T, f *Fleet) uint64 {
 // reply per live broker, and a broker that died (its liveness key still
 // fresh) fails with ErrUnknownBroker instead of making Gather wait.
 func TestRequestAndGather(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	fs := []*Fleet{c.open("a", 0, nil), c.open("b", 1, nil), c.open("c", 2, nil)}
 	for _, f := range fs {
@@ -416,6 +422,7 @@ func TestRequestAndGather(t *testing.T) {
 // TestRequestTimeout: a handler slower than the caller's deadline gives
 // ErrTimeout.
 func TestRequestTimeout(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 1, nil)
 	a, b := c.open("a", 0, nil), c.open("b", 0, nil)
 	release := make(chan struct{})
@@ -440,6 +447,7 @@ func TestRequestTimeout(t *testing.T) {
 // at any time, never two; when the holder stops (releasing) or crashes, one
 // of the others takes over.
 func TestLeaseFailover(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	fs := []*Fleet{c.open("a", 0, nil), c.open("b", 1, nil), c.open("c", 2, nil)}
 	ttl := 600 * time.Millisecond
@@ -507,6 +515,7 @@ func TestLeaseFailover(t *testing.T) {
 // happens), and its watch starts again with a resync, so that it can
 // re-register sessions swept meanwhile.
 func TestDirectoryWatchAfterCutOff(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t, 3, nil)
 	b := c.open("b", 1, nil)
 	cc := c.open("c", 2, func(o *Options) { // node 3 only
