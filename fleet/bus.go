@@ -62,7 +62,9 @@ func (f *Fleet) Bus() *Bus { return f.bus }
 // Publish stores e on the stream: once it returns nil, every broker
 // subscribed receives e, also one that is cut off now, when it is back
 // (within EventMaxAge). Origin is set to this broker and Time to now if it
-// is zero.
+// is zero. It retries through a leader election until ctx ends (5 s if
+// ctx has no deadline); an error means the event may not have been
+// stored.
 func (b *Bus) Publish(ctx context.Context, e Event) error {
 	if !kindRE.MatchString(e.Kind) || e.Kind == EventResync {
 		return fmt.Errorf("fleet: publish: event kind %q", e.Kind)
@@ -78,16 +80,36 @@ func (b *Bus) Publish(ctx context.Context, e Event) error {
 	if len(data) > maxEventSize {
 		return fmt.Errorf("fleet: publish: event of %d bytes", len(data))
 	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, publishTimeout)
+		defer cancel()
+	}
 	var id [12]byte
 	_, _ = rand.Read(id[:])
-	// The message id lets the stream drop a duplicate of a retried publish.
-	_, err = b.f.js.Publish(ctx, "m2mguard.evt."+e.Kind, data, jetstream.WithMsgID(hex.EncodeToString(id[:])))
-	if err != nil {
-		return fmt.Errorf("fleet: publish %s: %w", e.Kind, err)
+	msgID := hex.EncodeToString(id[:])
+	// Retried until ctx ends, through a leader election; the message id
+	// makes the stream store a retried event once.
+	backoff := 20 * time.Millisecond
+	for {
+		actx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err = b.f.js.Publish(actx, "m2mguard.evt."+e.Kind, data, jetstream.WithMsgID(msgID))
+		cancel()
+		if err == nil {
+			b.f.m.events.WithLabelValues("published", e.Kind).Inc()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("fleet: publish %s: %w", e.Kind, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 250*time.Millisecond)
 	}
-	b.f.m.events.WithLabelValues("published", e.Kind).Inc()
-	return nil
 }
+
+// publishTimeout bounds Publish when the caller's context has no deadline.
+const publishTimeout = 5 * time.Second
 
 // Subscribe calls fn with every event published from now on, in the
 // stream's order, on one goroutine; fn must not block for long. stop ends

@@ -324,7 +324,9 @@ func (f *Fleet) heartbeat() {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(f.ctx, f.opts.Heartbeat)
+		// A slow answer is not yet a lost fleet: the beat may take twice
+		// the interval (at least a second) before it counts as failed.
+		ctx, cancel := context.WithTimeout(f.ctx, max(2*f.opts.Heartbeat, time.Second))
 		err := f.beat(ctx)
 		cancel()
 		if err != nil {
