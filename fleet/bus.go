@@ -80,36 +80,21 @@ func (b *Bus) Publish(ctx context.Context, e Event) error {
 	if len(data) > maxEventSize {
 		return fmt.Errorf("fleet: publish: event of %d bytes", len(data))
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, publishTimeout)
-		defer cancel()
-	}
 	var id [12]byte
 	_, _ = rand.Read(id[:])
 	msgID := hex.EncodeToString(id[:])
-	// Retried until ctx ends, through a leader election; the message id
-	// makes the stream store a retried event once.
-	backoff := 20 * time.Millisecond
-	for {
-		actx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err = b.f.js.Publish(actx, "m2mguard.evt."+e.Kind, data, jetstream.WithMsgID(msgID))
-		cancel()
-		if err == nil {
-			b.f.m.events.WithLabelValues("published", e.Kind).Inc()
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("fleet: publish %s: %w", e.Kind, err)
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 250*time.Millisecond)
+	// Retried through a leader election; the message id makes the stream
+	// store a retried event once.
+	err = retry(ctx, func(ctx context.Context) error {
+		_, err := b.f.js.Publish(ctx, "m2mguard.evt."+e.Kind, data, jetstream.WithMsgID(msgID))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("fleet: publish %s: %w", e.Kind, err)
 	}
+	b.f.m.events.WithLabelValues("published", e.Kind).Inc()
+	return nil
 }
-
-// publishTimeout bounds Publish when the caller's context has no deadline.
-const publishTimeout = 5 * time.Second
 
 // Subscribe calls fn with every event published from now on, in the
 // stream's order, on one goroutine; fn must not block for long. stop ends

@@ -67,7 +67,9 @@ func (f *Fleet) Directory() *Directory { return f.dir }
 const maxEntrySize = 4096
 
 // Register records that this broker holds the session of e.ClientID (e's
-// Broker is set to this broker) and returns its epoch.
+// Broker is set to this broker) and returns its epoch. It is one write,
+// retried through a leader election until ctx ends (5 s without a
+// deadline).
 func (d *Directory) Register(ctx context.Context, e Entry) (uint64, error) {
 	key, err := EscapeKey(e.ClientID)
 	if err != nil {
@@ -78,7 +80,11 @@ func (d *Directory) Register(ctx context.Context, e Entry) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("fleet: register: %w", err)
 	}
-	rev, err := d.f.sessions.Put(ctx, key, data)
+	var rev uint64
+	err = retry(ctx, func(ctx context.Context) (err error) {
+		rev, err = d.f.sessions.Put(ctx, key, data)
+		return err
+	})
 	if err != nil {
 		return 0, fmt.Errorf("fleet: register %s: %w", e.ClientID, err)
 	}
@@ -86,13 +92,16 @@ func (d *Directory) Register(ctx context.Context, e Entry) (uint64, error) {
 }
 
 // Unregister removes the session of clientID if its epoch is still epoch:
-// true if it did, false if a newer registration (or a sweep) came first.
+// true if it did, false if a newer registration (or a sweep) came first,
+// or if a retried attempt had removed it already.
 func (d *Directory) Unregister(ctx context.Context, clientID string, epoch uint64) (bool, error) {
 	key, err := EscapeKey(clientID)
 	if err != nil {
 		return false, fmt.Errorf("fleet: unregister: %w", err)
 	}
-	err = d.f.sessions.Delete(ctx, key, jetstream.LastRevision(epoch))
+	err = retry(ctx, func(ctx context.Context) error {
+		return d.f.sessions.Delete(ctx, key, jetstream.LastRevision(epoch))
+	})
 	switch {
 	case err == nil:
 		return true, nil
@@ -115,7 +124,11 @@ func (d *Directory) Lookup(ctx context.Context, clientID string) (Entry, bool, e
 	if err != nil {
 		return Entry{}, false, fmt.Errorf("fleet: lookup: %w", err)
 	}
-	kve, err := d.f.sessions.Get(ctx, key)
+	var kve jetstream.KeyValueEntry
+	err = retry(ctx, func(ctx context.Context) (err error) {
+		kve, err = d.f.sessions.Get(ctx, key)
+		return err
+	})
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return Entry{}, false, nil
 	}

@@ -538,7 +538,8 @@ func TestDirectoryWatchAfterCutOff(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute) // writes retry through elections
+	defer cancel()
 	epoch, err := cc.Directory().Register(ctx, Entry{ClientID: testSN, Kind: KindTerminal, SN: testSN})
 	if err != nil {
 		t.Fatal(err)
