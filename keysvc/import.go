@@ -239,10 +239,11 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 			for j, p := range chunk {
 				if errs[j] != nil {
 					reject(p, errs[j])
+					s.cache.drop(p.t.SN)
 				} else {
 					rep.Created++
+					s.written(p.t.SN, OpRegister)
 				}
-				s.cache.drop(p.t.SN)
 			}
 		} else {
 			for _, p := range chunk {
@@ -251,6 +252,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 				switch {
 				case err == nil:
 					rep.Created++
+					s.written(p.t.SN, OpRegister)
 				case errors.Is(err, ErrExists) || errors.Is(err, ErrInvalid):
 					reject(p, err)
 				default:
