@@ -116,6 +116,8 @@ type Session struct {
 	KeyExpires time.Time `json:"key_expires,omitzero"`   // when the platform ends the session
 	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`   // highest uplink envelope accepted
 	DownSeq    uint64    `json:"downlink_seq,omitempty"` // last downlink envelope sealed
+	Since      time.Time `json:"since,omitzero"`         // when the session was established
+	Broker     string    `json:"broker,omitempty"`       // the broker holding it (fleet mode)
 }
 
 // SessionList is the answer of GET /v1/sessions, sorted by ClientID.

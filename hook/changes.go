@@ -96,7 +96,7 @@ type changeLink struct {
 	revoke func(sn, reason string) int
 	// claim claims the nonce of a control message, as for a login
 	// (guard.go).
-	claim func(ctx context.Context, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
+	claim func(sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
 	// event logs a security event (hook.go).
 	event func(level slog.Level, name string, attrs ...any)
 	// crew runs the SMS sends, which the hook's Stop ends and waits for.
@@ -119,20 +119,24 @@ type changeDesk struct {
 	changes *prometheus.CounterVec // m2mguard_changes_total{event, detail}
 	replays *prometheus.CounterVec // m2mguard_replays_total{kind}
 
-	link  changeLink
-	watch changeWatch
+	link changeLink
+	book ChangeBook // deadlines and SMS sends (state.go)
 }
 
 // newChangeDesk returns the desk of a hook with opts (defaults filled in).
 func newChangeDesk(opts Options, m *metrics, link changeLink) *changeDesk {
+	book := opts.ChangeBook
+	if book == nil {
+		book = newLocalBook()
+	}
 	return &changeDesk{
 		reg: opts.Registry, sms: opts.SMS, smsOnRequest: opts.SMSOnRequest,
 		renewBefore: opts.RenewBefore, smsRetry: opts.SMSRetry, skew: opts.Skew,
 		maxRefusals: opts.MaxControlRefusals, storeTimeout: opts.StoreTimeout,
 		now: opts.Now, rand: opts.Rand,
 		changes: m.changes, replays: m.replays,
-		link:  link,
-		watch: changeWatch{deadlines: map[string]time.Time{}},
+		link: link,
+		book: book,
 	}
 }
 
@@ -293,14 +297,26 @@ func changeParams(ch *keysvc.Change) codec.Params {
 
 // sendSMS hands the text to the gateway, retrying with back-off while the
 // change is pending and before its deadline, until the hook stops. The
-// text is a secret: it is never logged.
+// text is a secret: it is never logged. The change book knows of the send
+// while it runs; one the hook's stop cuts short is left to the fleet.
 func (d *changeDesk) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time, text string) {
 	life := d.link.crew.ctx
 	wait := d.smsRetry
+	d.book.SMSStarted(sn, rid, deadline)
+	ended := true
+	defer func() {
+		if ended {
+			d.book.SMSEnded(sn, rid)
+		}
+	}()
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(life, 30*time.Second)
 		err := d.sms.Send(ctx, msisdn, text)
 		cancel()
+		if life.Err() != nil {
+			ended = false // stopped mid-send: another broker finishes it
+			return
+		}
 		if err == nil {
 			d.markDelivered(sn, rid, codec.ModeSMS)
 			return
@@ -316,6 +332,7 @@ func (d *changeDesk) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time
 		}
 		select {
 		case <-life.Done():
+			ended = false
 			return
 		case <-time.After(pause):
 		}
@@ -404,7 +421,7 @@ func (d *changeDesk) fresh(ctx context.Context, c termConn, t *keysvc.Terminal, 
 		d.refuse(c, t, "skew", codec.CodeSkew)
 		return false
 	}
-	switch first, err := d.link.claim(ctx, c.s.sn, msg.TS, msg.Nonce, now); {
+	switch first, err := d.link.claim(c.s.sn, msg.TS, msg.Nonce, now); {
 	case err != nil:
 		d.failed(c.s.sn, msg.RID, "replay-guard", err, "kind", string(msg.Kind))
 		return false
@@ -529,14 +546,14 @@ func (d *changeDesk) refuse(c termConn, t *keysvc.Terminal, reason string, code 
 }
 
 func (d *changeDesk) started(sn string, ch *keysvc.Change) {
-	d.watch.watch(sn, ch.Deadline)
+	d.book.Watch(sn, ch.Deadline)
 	d.changes.WithLabelValues("started", ch.Origin).Inc()
 	d.link.event(slog.LevelInfo, "change_started", "sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
 		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC())
 }
 
 func (d *changeDesk) committed(sn string, rid codec.ID, by string) {
-	d.watch.forget(sn)
+	d.book.Forget(sn)
 	d.changes.WithLabelValues("committed", by).Inc()
 	d.link.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", by)
 }
@@ -548,7 +565,7 @@ func (d *changeDesk) failed(sn string, rid codec.ID, step string, err error, att
 
 // forget stops watching the change of sn (an operator revoked the
 // terminal: the key service cancels the change).
-func (d *changeDesk) forget(sn string) { d.watch.forget(sn) }
+func (d *changeDesk) forget(sn string) { d.book.Forget(sn) }
 
 // sweep runs expireDue within one store timeout; the hook's housekeeping
 // calls it every minute.
@@ -561,7 +578,7 @@ func (d *changeDesk) sweep() {
 // expireDue drops the watched changes past their deadline, keeping the
 // old values, and records each expiry.
 func (d *changeDesk) expireDue(ctx context.Context) {
-	for _, sn := range d.watch.due(d.now()) {
+	for _, sn := range d.book.Due(d.now()) {
 		dropped, err := d.reg.ExpireChange(ctx, sn)
 		switch {
 		case err != nil && !errors.Is(err, keysvc.ErrNotFound):
@@ -575,7 +592,7 @@ func (d *changeDesk) expireDue(ctx context.Context) {
 
 // changeWatch remembers the deadlines of the changes this node started, so
 // that their expiry is recorded (the key service drops an expired change
-// lazily and silently).
+// lazily and silently): the local ChangeBook's.
 type changeWatch struct {
 	mu        sync.Mutex
 	deadlines map[string]time.Time

@@ -164,7 +164,7 @@ func (w *writer) markEnding(s *session, reason string) bool {
 	}
 	level := slog.LevelWarn
 	switch reason {
-	case "credentials-changed", "key-expired", "administrative", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
+	case "credentials-changed", "key-expired", "administrative", "taken-over", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
 		level = slog.LevelInfo
 	}
 	if s.kind == kindTerminal {
