@@ -159,6 +159,25 @@ func (f *Fleet) Available() bool { return f.avail.Load() }
 // lifetime is the Fleet's: do not close it).
 func (f *Fleet) Conn() *nats.Conn { return f.nc }
 
+// KeyValue creates (or binds) a KV bucket of the integration's own, with
+// the fleet's replicas and file storage, history 1 and values of at most 4
+// KiB; ttl 0 keeps keys until they are deleted. It retries through a
+// leader election until ctx ends (5 s without a deadline).
+func (f *Fleet) KeyValue(ctx context.Context, name, description string, ttl time.Duration) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	err := retry(ctx, func(ctx context.Context) (err error) {
+		kv, err = f.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: name, Description: description, History: 1, TTL: ttl,
+			Storage: jetstream.FileStorage, Replicas: f.replicas, MaxValueSize: 4096,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("fleet: bucket %s: %w", name, err)
+	}
+	return kv, nil
+}
+
 // setAvailable records the availability and logs a state change once,
 // with its reason: fleet_unavailable (warning) or fleet_available.
 func (f *Fleet) setAvailable(ok bool, reason string) {
