@@ -123,6 +123,10 @@ type Session struct {
 // SessionList is the answer of GET /v1/sessions, sorted by ClientID.
 type SessionList struct {
 	Sessions []Session `json:"sessions"`
+	// Warnings say why the list may be incomplete, in fleet mode: a
+	// broker that did not answer (its sessions are missing), or the fleet
+	// unreachable (the list holds the answering broker's alone).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // AppRequest is the body of POST /v1/apps. An empty Password is generated

@@ -34,6 +34,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
@@ -56,6 +58,11 @@ type Broker struct {
 	replay   *replay.Guard
 	server   *mqtt.Server
 	registry *prometheus.Registry
+
+	// fleet mode (cluster.*): the embedded NATS node, the fleet, the link
+	node  *fleet.Node
+	fleet *fleet.Fleet
+	link  *fleetlink.Link
 
 	guard       *netguard.Guard // every MQTT listener's connections
 	listenerIDs []string
@@ -128,26 +135,43 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
+	if cfg.Cluster.Enabled() {
+		if err := b.joinFleet(ctx); err != nil {
+			return nil, err
+		}
+	}
 	sopts := serviceOptions(cfg)
 	sopts.Store, sopts.SessionKeys = b.store, b.sessionKeys()
+	if b.link != nil {
+		sopts.OnWrite = b.link.OnWrite // the other brokers drop the record from their caches
+	}
 	b.svc, err = keysvc.New(sopts)
 	if err != nil {
 		return nil, err
 	}
 	b.registerCacheMetrics()
 
-	// The nonces of accepted logins and control messages outlive a
-	// restart, whatever the store (SPEC section 3, step 6).
-	b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
-	if err != nil {
-		return nil, &ConfigError{Key: "data_dir", Err: err}
-	}
-
 	b.server = mqtt.New(MochiOptions(cfg, logger))
 	hopts := hookOptions(cfg)
 	hopts.Registry, hopts.Server = b.svc, b.server
-	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.Registerer = b.registry
 	hopts.Logger = logger.With("component", "hook")
+	if b.fleet != nil {
+		// The fleet's state: claims once per fleet, failures counted
+		// fleet-wide, the session directory, the change book.
+		hopts.ReplayGuard = b.fleet
+		hopts.Throttler = b.fleet.Throttler(hook.NewThrottleTable(hopts.Throttle))
+		hopts.Directory, hopts.ChangeBook = b.link.Directory(), b.link.ChangeBook()
+		hopts.ClaimTimeout = cfg.Cluster.ClaimTimeout + time.Second // the fleet's retries, and a margin
+	} else {
+		// The nonces of accepted logins and control messages outlive a
+		// restart, whatever the store (SPEC section 3, step 6).
+		b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
+		if err != nil {
+			return nil, &ConfigError{Key: "data_dir", Err: err}
+		}
+		hopts.ReplayGuard = b.replay
+	}
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
 	smsMetrics, err := smsmetrics.New(b.registry)
@@ -167,6 +191,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.server.AddHook(b.hook, nil); err != nil {
 		return nil, err
 	}
+	if b.link != nil {
+		if err := b.link.Attach(b.hook, b.svc); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+	}
 	if err := b.addListeners(); err != nil {
 		return nil, err
 	}
@@ -176,7 +205,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.startAdmin(); err != nil {
 		return nil, err
 	}
-	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
+	if b.fleet != nil {
+		logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL(), "fleet", true, "broker_id", cfg.Cluster.BrokerID)
+	} else {
+		logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
+	}
 	return b, nil
 }
 
@@ -499,8 +532,12 @@ func (b *Broker) startAdmin() error {
 	if err != nil {
 		return err
 	}
+	var sessions admin.Sessions = b.hook
+	if b.link != nil {
+		sessions = b.link.Sessions() // every broker's sessions; calls reach the broker holding one
+	}
 	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, MetricsToken: metricsToken,
+		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Token: token, MetricsToken: metricsToken,
 		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
@@ -614,6 +651,13 @@ func (b *Broker) Addr(id string) string {
 // /metrics to the metrics and admin tokens).
 func (b *Broker) Registry() *prometheus.Registry { return b.registry }
 
+// Fleet returns the broker's fleet, nil unless in fleet mode.
+func (b *Broker) Fleet() *fleet.Fleet { return b.fleet }
+
+// FleetLink returns the broker's part in its fleet, nil unless in fleet
+// mode.
+func (b *Broker) FleetLink() *fleetlink.Link { return b.link }
+
 // Service returns the key service.
 func (b *Broker) Service() *keysvc.Service { return b.svc }
 
@@ -623,7 +667,8 @@ func (b *Broker) Hook() *hook.Hook { return b.hook }
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
-// Close stops the admin API, disconnects every client, stops mochi and
+// Close stops the admin API, disconnects every client, stops mochi,
+// leaves the fleet (its link, its connection, its embedded NATS node) and
 // closes the replay guard and the store. It is safe to call more than
 // once.
 func (b *Broker) Close() error {
@@ -642,6 +687,9 @@ func (b *Broker) Close() error {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
 			}
+		}
+		if err := b.leaveFleet(); err != nil {
+			errs = append(errs, err)
 		}
 		if b.replay != nil {
 			if err := b.replay.Close(); err != nil {

@@ -221,7 +221,7 @@ func (f *Fleet) createAssets(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("fleet: create jetstream assets with %d replicas: %w (%w)", replicas, err, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
@@ -239,14 +239,18 @@ func apiCode(err error) jetstream.ErrorCode {
 	return 0
 }
 
+// createAssetsWith creates or updates every asset, each request bounded
+// by assetTimeout: when brokers start together, JetStream may drop the
+// answer to one of several identical creates, and a short attempt gets
+// it (or "exists, updated") at the next.
 func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
 	var err error
 	kv := func(name, desc string, maxAge time.Duration) jetstream.KeyValue {
 		if err != nil {
 			return nil
 		}
+		cctx, cancel := context.WithTimeout(ctx, assetTimeout)
+		defer cancel()
 		var b jetstream.KeyValue
 		b, err = f.js.CreateOrUpdateKeyValue(cctx, jetstream.KeyValueConfig{
 			Bucket: name, Description: desc, History: 1, TTL: maxAge,
@@ -264,6 +268,8 @@ func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
 	if err != nil {
 		return err
 	}
+	cctx, cancel := context.WithTimeout(ctx, assetTimeout)
+	defer cancel()
 	_, err = f.js.CreateOrUpdateStream(cctx, jetstream.StreamConfig{
 		Name: EventStream, Description: "m2mguard events between brokers", Subjects: []string{EventSubjects},
 		Storage: jetstream.FileStorage, Replicas: replicas, MaxAge: EventMaxAge,
@@ -274,6 +280,9 @@ func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
 	}
 	return nil
 }
+
+// assetTimeout bounds one request that creates or updates an asset.
+const assetTimeout = 2 * time.Second
 
 // goRun runs fn in a goroutine that Close waits for; fn must return when
 // f.ctx ends.
