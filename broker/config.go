@@ -92,6 +92,12 @@ type MQTTConfig struct {
 	SessionExpiry    time.Duration // how long mochi keeps the session of a disconnected client
 	PublicURL        string
 
+	// Persistence keeps sessions and retained messages across restarts
+	// (package sessionstore): "on" (the file fsynced every second), "sync"
+	// (fsynced at every commit) or "off".
+	Persistence     string
+	PersistenceFile string // "" = <data_dir>/sessions.db
+
 	// netguard on every MQTT listener, their connections counted together
 	ConnectTimeout  time.Duration
 	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
@@ -177,6 +183,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
+		Persistence: "on",
 		ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
@@ -322,7 +329,7 @@ func Fields() []Field {
 }
 
 var fields = []Field{
-	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens and the replay guard's claims (replay/); created 0700",
+	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/) and the session store (sessions.db); created 0700",
 		set: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Default: "text", Help: "log format: text or json (stderr)",
 		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
@@ -333,7 +340,7 @@ var fields = []Field{
 		set: oneOf(func(c *Config) *string { return &c.Store.Type }, "embedded", "vault")},
 	{Key: "store.embedded.file", Default: "<data_dir>/m2mguard.db", Help: "embedded store file",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.File })},
-	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence",
+	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence; it also seals the session store (mqtt.persistence), whatever the store type",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
 	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
 		set: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
@@ -386,6 +393,10 @@ var fields = []Field{
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
 	{Key: "mqtt.session_expiry", Default: "168h0m0s", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
 		set: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
+	{Key: "mqtt.persistence", Default: "on", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
+		set: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},
+	{Key: "mqtt.persistence_file", Default: "<data_dir>/sessions.db", Help: "session store file (created 0600)",
+		set: str(func(c *Config) *string { return &c.MQTT.PersistenceFile })},
 	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
 	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
@@ -664,6 +675,9 @@ func (c *Config) Validate() error {
 	if c.Admin.TokenFile == "" {
 		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin.token")
 	}
+	if c.MQTT.PersistenceFile == "" {
+		c.MQTT.PersistenceFile = filepath.Join(c.DataDir, "sessions.db")
+	}
 	if c.Admin.MetricsTokenFile == "" {
 		c.Admin.MetricsTokenFile = filepath.Join(c.DataDir, "metrics.token")
 	}
@@ -671,6 +685,13 @@ func (c *Config) Validate() error {
 	case "text", "json":
 	default:
 		return bad("log.format", "want text or json")
+	}
+	switch c.MQTT.Persistence {
+	case "":
+		c.MQTT.Persistence = "on"
+	case "on", "sync", "off":
+	default:
+		return bad("mqtt.persistence", "want on, sync or off")
 	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		return bad("log.level", "want debug, info, warn or error")
