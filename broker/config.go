@@ -183,7 +183,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
-		Persistence: "on",
+		Persistence:    "on",
 		ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
