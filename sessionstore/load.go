@@ -170,9 +170,9 @@ func (h *Hook) load() error {
 			})
 		}
 		each(bucketClients, func(k, pt []byte) error {
-			var r clientRecord
-			if err := json.Unmarshal(pt, &r); err != nil || r.Client.ID == "" {
-				return errRecord
+			r, err := decodeClient(pt)
+			if err != nil {
+				return err
 			}
 			if r.Disconnected == 0 {
 				r.Disconnected = now
@@ -190,8 +190,8 @@ func (h *Hook) load() error {
 			return nil
 		})
 		each(bucketSubs, func(k, pt []byte) error {
-			var s storage.Subscription
-			if err := json.Unmarshal(pt, &s); err != nil || len(k) < idLen {
+			s, err := decodeSubscription(pt)
+			if err != nil || len(k) < idLen {
 				return errRecord
 			}
 			if live[string(k[:idLen])] {
@@ -202,8 +202,8 @@ func (h *Hook) load() error {
 			return nil
 		})
 		each(bucketInflight, func(k, pt []byte) error {
-			var m storage.Message
-			if err := json.Unmarshal(pt, &m); err != nil || len(k) < idLen {
+			m, err := decodeMessage(pt)
+			if err != nil || len(k) < idLen {
 				return errRecord
 			}
 			if live[string(k[:idLen])] {
@@ -214,16 +214,16 @@ func (h *Hook) load() error {
 			return nil
 		})
 		each(bucketRetained, func(k, pt []byte) error {
-			var m storage.Message
-			if err := json.Unmarshal(pt, &m); err != nil {
+			m, err := decodeMessage(pt)
+			if err != nil {
 				return err
 			}
 			l.retained = append(l.retained, m)
 			return nil
 		})
 		each(bucketJournal, func(k, pt []byte) error {
-			var m storage.Message
-			if err := json.Unmarshal(pt, &m); err != nil {
+			m, err := decodeMessage(pt)
+			if err != nil {
 				return err
 			}
 			l.journal = append(l.journal, journalEntry{bytes.Clone(k), m})
@@ -267,6 +267,34 @@ func (h *Hook) load() error {
 		"messages", len(l.inflight), "retained", len(l.retained), "journal", len(l.journal), "expired_sessions", expired)
 	h.loaded = l
 	return nil
+}
+
+// The decoders of records (JSON, as mochi's storage types define it). A
+// record has authenticated before it is decoded: it was written by this
+// store. They still check what the store relies on.
+
+func decodeClient(pt []byte) (clientRecord, error) {
+	var r clientRecord
+	if err := json.Unmarshal(pt, &r); err != nil || r.Client.ID == "" || r.Disconnected < 0 {
+		return clientRecord{}, errRecord
+	}
+	return r, nil
+}
+
+func decodeSubscription(pt []byte) (storage.Subscription, error) {
+	var s storage.Subscription
+	if err := json.Unmarshal(pt, &s); err != nil || s.Client == "" || s.Filter == "" || s.Qos > 2 {
+		return storage.Subscription{}, errRecord
+	}
+	return s, nil
+}
+
+func decodeMessage(pt []byte) (storage.Message, error) {
+	var m storage.Message
+	if err := json.Unmarshal(pt, &m); err != nil || m.FixedHeader.Qos > 2 {
+		return storage.Message{}, errRecord
+	}
+	return m, nil
 }
 
 // expiry is how long the session of c outlives its connection, in
@@ -440,7 +468,7 @@ func (h *Hook) dropStaleJournal() {
 			var m storage.Message
 			pt, err := h.seal.open(bucketJournal, k, v)
 			if err == nil {
-				err = json.Unmarshal(pt, &m)
+				m, err = decodeMessage(pt)
 			}
 			if err != nil || m.Sent < cutoff {
 				stale = append(stale, bytes.Clone(k))
