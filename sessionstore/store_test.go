@@ -48,7 +48,7 @@ type broker struct {
 // clock is the store's clock in tests.
 type clock struct{ offset atomic.Int64 }
 
-func (c *clock) now() time.Time       { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *clock) now() time.Time      { return time.Now().Add(time.Duration(c.offset.Load())) }
 func (c *clock) add(d time.Duration) { c.offset.Add(int64(d)) }
 
 type denySecret struct{ auth.AllowHook }
