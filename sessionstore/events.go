@@ -1,6 +1,8 @@
 package sessionstore
 
 import (
+	"encoding/json"
+
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -43,6 +45,7 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	if cl.Net.Conn == nil || cl.Net.Inline {
 		return // a session restored at start (mochi's loadClients): nothing changed
 	}
+	h.journalOpen.Delete(cl) // a PUBLISH whose PUBACK failed: the entry goes stale (journal.go)
 	h.clientMu.Lock()
 	defer h.clientMu.Unlock()
 	if cur, ok := h.server.Clients.Get(cl.ID); cl.IsTakenOver() || !ok || cur != cl {
@@ -69,16 +72,27 @@ func (h *Hook) OnClientExpired(cl *mqtt.Client) {
 }
 
 // OnSubscribed stores the granted subscriptions of a persistent session;
-// a refused one (reason code 0x80 and above) is not a subscription.
+// a refused one (reason code 0x80 and above) is not a subscription. A
+// terminal subscribes again at every login: a subscription stored as it
+// is costs a read, not a write.
 func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
 	if !persistent(cl) {
 		return
 	}
-	var subs []storage.Subscription
+	type record struct{ key, plaintext []byte }
+	var subs []record
 	for i, f := range pk.Filters {
-		if i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			subs = append(subs, storage.Subscription{T: storage.SubscriptionKey, Client: cl.ID, Filter: f.Filter, Qos: reasonCodes[i],
-				Identifier: f.Identifier, NoLocal: f.NoLocal, RetainHandling: f.RetainHandling, RetainAsPublished: f.RetainAsPublished})
+		if i >= len(reasonCodes) || reasonCodes[i] >= 0x80 {
+			continue
+		}
+		pt, err := json.Marshal(storage.Subscription{T: storage.SubscriptionKey, Client: cl.ID, Filter: f.Filter, Qos: reasonCodes[i],
+			Identifier: f.Identifier, NoLocal: f.NoLocal, RetainHandling: f.RetainHandling, RetainAsPublished: f.RetainAsPublished})
+		if err != nil {
+			continue
+		}
+		key := h.seal.subKey(cl.ID, f.Filter)
+		if !h.holds(bucketSubs, key, pt) {
+			subs = append(subs, record{key, pt})
 		}
 	}
 	if len(subs) == 0 {
@@ -86,7 +100,7 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 	h.update("subscribe", func(tx *bolt.Tx) error {
 		for _, s := range subs {
-			if err := h.put(tx, bucketSubs, h.seal.subKey(cl.ID, s.Filter), s); err != nil {
+			if err := tx.Bucket(bucketSubs).Put(s.key, h.seal.seal(bucketSubs, s.key, s.plaintext)); err != nil {
 				return err
 			}
 		}
@@ -179,29 +193,35 @@ func (h *Hook) OnRetainedExpired(topic string) {
 // subscribers' sessions after, so a kill -9 in between would lose an
 // acknowledged message. Added after the M2M1 hook, the store sees the
 // message as it is delivered (an uplink opened) and never one the hook
-// dropped.
+// dropped. The same transaction deletes the entries of messages handed on
+// since the last one (journal.go).
 func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos == 0 || cl.Net.Inline || !h.persistentSubscriber(pk.TopicName) {
 		return pk, nil
 	}
 	msg := newMessage(cl.ID, pk)
 	msg.T, msg.Client = "journal", ""
-	key := h.seal.packetKey(cl.ID, pk.PacketID)
-	h.update("journal", func(tx *bolt.Tx) error { return h.put(tx, bucketJournal, key, msg) })
+	key := h.journalKey(cl.ID)
+	done := h.takeJournalDone()
+	h.update("journal", func(tx *bolt.Tx) error {
+		if err := deleteKeys(tx, bucketJournal, done); err != nil {
+			return err
+		}
+		return h.put(tx, bucketJournal, key, msg)
+	})
+	h.journalOpen.Store(cl, key)
 	return pk, nil
 }
 
-// OnPublished removes the journal entry of a message mochi has handed to
-// its subscribers.
+// OnPublished: mochi has handed the message to its subscribers; its
+// journal entry is deleted with the next write of the journal.
 func (h *Hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	if pk.FixedHeader.Qos == 0 || cl.Net.Inline {
 		return
 	}
-	key := h.seal.packetKey(cl.ID, pk.PacketID)
-	if !h.has(bucketJournal, key) {
-		return // no persistent subscriber when it was published
+	if key, ok := h.journalOpen.LoadAndDelete(cl); ok {
+		h.journalDone(key.([]byte))
 	}
-	h.update("journal-done", func(tx *bolt.Tx) error { return tx.Bucket(bucketJournal).Delete(key) })
 }
 
 // persistentSubscriber reports whether a client with a persistent session

@@ -450,36 +450,5 @@ func (h *Hook) expireRestored() {
 }
 
 // journalStale is the age at which a journal entry is the leftover of a
-// PUBACK that could not be written (mochi then neither publishes the
-// message nor reports it): the publisher sends it again.
+// PUBACK that could not be written (journal.go).
 const journalStale = time.Minute
-
-// dropStaleJournal removes such leftovers, once the journal read at start
-// has been published again.
-func (h *Hook) dropStaleJournal() {
-	if !h.started.Load() || !h.has(bucketJournal, nil) {
-		return
-	}
-	cutoff := h.opts.Now().Add(-journalStale).Unix()
-	h.update("journal-stale", func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketJournal)
-		var stale [][]byte
-		b.ForEach(func(k, v []byte) error {
-			var m storage.Message
-			pt, err := h.seal.open(bucketJournal, k, v)
-			if err == nil {
-				m, err = decodeMessage(pt)
-			}
-			if err != nil || m.Sent < cutoff {
-				stale = append(stale, bytes.Clone(k))
-			}
-			return nil
-		})
-		for _, k := range stale {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-}

@@ -27,19 +27,23 @@
 //     holds its disconnect time. Sessions past their expiry are dropped at
 //     start; the others expire on time (mochi would count from the
 //     restart).
-//   - A QoS 1 or 2 message is written to a journal before mochi sends the
-//     PUBACK, and removed once mochi has handed it to every subscriber:
-//     mochi acknowledges before it fans out, so without the journal a
-//     message acknowledged just before a kill -9 could be lost. The
-//     journal is published again at start.
+//   - A QoS 1 or 2 message with a persistent subscriber is written to a
+//     journal before mochi sends the PUBACK: mochi acknowledges before it
+//     hands the message to the subscribers' sessions, so without the
+//     journal a message acknowledged just before a kill -9 could be lost.
+//     The start after an unclean stop publishes the journal again
+//     (journal.go).
 //
 // Durability: every event is one bbolt transaction, written to the file
 // (the kernel's page cache) before the call returns. By default the file
 // is fsynced every second (Options.SyncEvery), not at each commit: kill -9
-// loses nothing acknowledged, a power loss or kernel crash loses at most
-// the last second and may leave the file damaged, in which case it is set
+// loses nothing acknowledged (a message handed on in the last second may
+// be delivered once more); a power loss or kernel crash loses at most the
+// last second and may leave the file damaged, in which case it is set
 // aside at the next start (see Open). Options.SyncCommits fsyncs every
 // commit instead.
+//
+// Clean sessions are never stored: they cost a read at most.
 package sessionstore
 
 import (
@@ -145,6 +149,12 @@ type Hook struct {
 	closeErr  error
 	started   atomic.Bool // OnStarted has run: the journal read at start is published
 
+	// The journal (journal.go): the entry each client has open, and the
+	// entries handed on, to be deleted.
+	journalOpen sync.Map // *mqtt.Client → []byte
+	doneMu      sync.Mutex
+	done        [][]byte
+
 	writes      atomic.Uint64
 	writeErrors atomic.Uint64
 	errLogged   atomic.Int64 // unix second of the last write error logged
@@ -226,6 +236,7 @@ func (h *Hook) Close() error {
 	h.closeOnce.Do(func() {
 		close(h.stop)
 		h.wg.Wait()
+		h.flushJournal()
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		h.closed = true
@@ -265,6 +276,7 @@ func (h *Hook) loop() {
 		case <-h.stop:
 			return
 		case <-tick.C:
+			h.flushJournal()
 			h.sync()
 			h.expireRestored()
 			h.dropStaleJournal()
@@ -319,6 +331,25 @@ func (h *Hook) has(bucket, key []byte) bool {
 		return nil
 	})
 	return found
+}
+
+// holds reports whether bucket holds a record at key that opens to
+// plaintext.
+func (h *Hook) holds(bucket, key, plaintext []byte) bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if h.closed {
+		return false
+	}
+	same := false
+	_ = h.db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket(bucket).Get(key); v != nil {
+			pt, err := h.seal.open(bucket, key, v)
+			same = err == nil && bytes.Equal(pt, plaintext)
+		}
+		return nil
+	})
+	return same
 }
 
 func (h *Hook) failed(what string, err error) {

@@ -247,17 +247,32 @@ func TestCrashLosesNothingAcknowledged(t *testing.T) {
 	b.stop()
 
 	b = startBroker(t, crashed, key, nil)
-	if n := queued(b.server, "dev1"); n != 4 {
-		t.Fatalf("%d messages restored from the crashed file, want 4", n)
+	if got := queuedPayloads(b.server, "dev1"); !slices.Equal(got, []string{"kept-value", "m1", "m2", "m3"}) {
+		t.Fatalf("restored from the crashed file: %q", got)
 	}
 	if !strings.Contains(b.logs.String(), "retained=1") {
 		t.Fatalf("retained message not restored:\n%s", b.logs.String())
 	}
 	msgs := make(chan paho.Message, 16)
 	b.client(t, "dev1", false, msgs)
-	if got := receive(t, msgs, 4); !slices.Equal(got, []string{"kept-value", "m1", "m2", "m3"}) {
+	if got := slices.Compact(receive(t, msgs, queued(b.server, "dev1"))); !slices.Equal(got, []string{"kept-value", "m1", "m2", "m3"}) {
 		t.Fatalf("resumed session received %q", got)
 	}
+}
+
+// queuedPayloads returns the distinct payloads in flight to id, sorted: a
+// kill -9 may leave a message to be published twice (journal.go).
+func queuedPayloads(s *mqtt.Server, id string) []string {
+	cl, ok := s.Clients.Get(id)
+	if !ok {
+		return nil
+	}
+	var got []string
+	for _, pk := range cl.State.Inflight.GetAll(false) {
+		got = append(got, string(pk.Payload))
+	}
+	slices.Sort(got)
+	return slices.Compact(got)
 }
 
 // crashAtPuback copies the session file at the moment mochi is about to
@@ -299,8 +314,8 @@ func TestJournalCoversKillBeforeFanOut(t *testing.T) {
 	b.stop()
 
 	b = startBroker(t, crashed, key, nil)
-	if n := queued(b.server, "dev1"); n != 1 {
-		t.Fatalf("%d messages queued for dev1 after the restart, want the acknowledged one", n)
+	if got := queuedPayloads(b.server, "dev1"); !slices.Equal(got, []string{"acked"}) {
+		t.Fatalf("queued for dev1 after the restart: %q, want the acknowledged message", got)
 	}
 	if !strings.Contains(b.logs.String(), "published again") {
 		t.Errorf("the replay is not logged:\n%s", b.logs.String())
@@ -328,8 +343,8 @@ func TestTakeoverKeepsMessagesInFile(t *testing.T) {
 	copyFile(t, path, crashed)
 	b.stop()
 	b = startBroker(t, crashed, key, nil)
-	if n := queued(b.server, "dev1"); n != 4 {
-		t.Fatalf("%d unacknowledged messages restored after a takeover, want 4", n)
+	if got := queuedPayloads(b.server, "dev1"); !slices.Equal(got, []string{"kept-value", "m1", "m2", "m3"}) {
+		t.Fatalf("unacknowledged messages restored after a takeover: %q", got)
 	}
 }
 
