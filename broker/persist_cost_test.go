@@ -185,7 +185,7 @@ func measurePersistence(t *testing.T, mode string, n, msgs int) costResult {
 				pubs[w].publish(t, "m2m/"+terms[w].SN+"/up/temp", []byte(`{"t":21.5}`))
 			}
 		})
-		for deadline := time.Now().Add(30 * time.Second); received.Load() < int64(msgs); time.Sleep(time.Millisecond) {
+		for deadline := time.Now().Add(5 * time.Minute); received.Load() < int64(msgs); time.Sleep(time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatalf("the application received %d of %d uplinks", received.Load(), msgs)
 			}
