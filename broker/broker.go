@@ -330,8 +330,11 @@ func (b *Broker) openSessions() error {
 	s := b.sessions
 	b.registry.MustRegister(
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_writes_total",
-			Help: "Transactions written to the session store (mqtt.persistence)."},
+			Help: "Changes written to the session store (mqtt.persistence)."},
 			func() float64 { return float64(s.Stats().Writes) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_commits_total",
+			Help: "Session store transactions; concurrent changes share one."},
+			func() float64 { return float64(s.Stats().Commits) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_write_errors_total",
 			Help: "Session store writes that failed: the change is kept in memory only, a restart loses it."},
 			func() float64 { return float64(s.Stats().WriteErrors) }),

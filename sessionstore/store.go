@@ -34,8 +34,9 @@
 //     The start after an unclean stop publishes the journal again
 //     (journal.go).
 //
-// Durability: every event is one bbolt transaction, written to the file
-// (the kernel's page cache) before the call returns. By default the file
+// Durability: every event's change is committed to the file (the
+// kernel's page cache) before the call returns; concurrent changes share a
+// transaction (writer.go). By default the file
 // is fsynced every second (Options.SyncEvery), not at each commit: kill -9
 // loses nothing acknowledged (a message handed on in the last second may
 // be delivered once more); a power loss or kernel crash loses at most the
@@ -155,7 +156,14 @@ type Hook struct {
 	doneMu      sync.Mutex
 	done        [][]byte
 
+	// The writer (writer.go).
+	changes    chan change
+	writerStop chan struct{}
+	writerWG   sync.WaitGroup
+	donePool   sync.Pool // of chan error
+
 	writes      atomic.Uint64
+	commits     atomic.Uint64
 	writeErrors atomic.Uint64
 	errLogged   atomic.Int64 // unix second of the last write error logged
 }
@@ -194,6 +202,7 @@ func Open(path string, opts Options) (*Hook, error) {
 	if err := h.openFile(); err != nil {
 		return nil, err
 	}
+	h.startWriter()
 	return h, nil
 }
 
@@ -240,6 +249,7 @@ func (h *Hook) Close() error {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		h.closed = true
+		h.stopWriter()
 		err := h.db.Update(func(tx *bolt.Tx) error {
 			return tx.Bucket(bucketMeta).Put(keyState, []byte(stateClosed))
 		})
@@ -258,13 +268,14 @@ func (h *Hook) Close() error {
 
 // Stats are the store's counters.
 type Stats struct {
-	Writes      uint64 // transactions committed
-	WriteErrors uint64 // transactions that failed (the message stays in memory only)
+	Writes      uint64 // changes written (an event's records)
+	Commits     uint64 // transactions, each with one or more changes (writer.go)
+	WriteErrors uint64 // changes that failed: kept in memory only
 }
 
 // Stats returns the store's counters.
 func (h *Hook) Stats() Stats {
-	return Stats{Writes: h.writes.Load(), WriteErrors: h.writeErrors.Load()}
+	return Stats{Writes: h.writes.Load(), Commits: h.commits.Load(), WriteErrors: h.writeErrors.Load()}
 }
 
 func (h *Hook) loop() {
@@ -297,22 +308,6 @@ func (h *Hook) sync() {
 	if err := h.db.Sync(); err != nil {
 		h.failed("fsync", err)
 	}
-}
-
-// update runs fn in one write transaction. A failure is counted and
-// logged (at most once a second): the broker keeps running, the event is
-// in memory only.
-func (h *Hook) update(what string, fn func(tx *bolt.Tx) error) {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	if h.closed {
-		return
-	}
-	if err := h.db.Update(fn); err != nil {
-		h.failed(what, err)
-		return
-	}
-	h.writes.Add(1)
 }
 
 // has reports whether bucket holds a record at key, or one under the
