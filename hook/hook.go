@@ -386,13 +386,12 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 
 // OnDisconnect forgets the connection's session. If the MQTT session
 // persists, its identity (not its key) is kept, so that messages queued for
-// it pass the per-recipient ACL and are sealed for the next session. mochi
-// also reports here each session it restored from a storage hook at start
-// (restore.go).
+// it pass the per-recipient ACL and are sealed for the next session.
 // Downlink the connection withheld goes back into the MQTT session first
 // (inherit.go); both happen before the session is forgotten, so that
 // neither a message for the session nor a connection taking it over finds
-// it in between.
+// it in between. mochi also reports here each session it restored from a
+// storage hook at start, a client without a connection (restore.go).
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s := h.session(cl)
 	if s == nil {
