@@ -1,6 +1,7 @@
 package hook_test
 
 import (
+	"context"
 	"crypto/rand"
 	"path/filepath"
 	"slices"
@@ -212,4 +213,38 @@ func receiveSealed(t *testing.T, e *env, term specTerminal, c *v5Client, topic s
 		got = append(got, string(plain))
 	}
 	return ks, got
+}
+
+// TestRestoredSessionOfDeletedTerminal: a terminal deleted while the
+// broker was down leaves a restored session that belongs to nobody:
+// nothing is queued for it.
+func TestRestoredSessionOfDeletedTerminal(t *testing.T) {
+	for _, st := range storageHooks(t) {
+		t.Run(st.name, func(t *testing.T) {
+			e := newEnv(t, st.add)
+			term := e.register("A00MS8011390002S", codec.HS256)
+			c, _ := loginWithKey(t, e, term, false)
+			if rc := c.subscribe("m2m/"+term.sn+"/down/#", 1); rc >= 0x80 {
+				t.Fatalf("subscribe: 0x%02x", rc)
+			}
+			c.conn.Close()
+			e.awaitOffline(term.sn)
+			e.stop()
+			if err := e.svc.Delete(context.Background(), term.sn); err != nil {
+				t.Fatal(err)
+			}
+			e.start(e.svc.Store(), nil, st.add)
+			app, _ := dialV5(t, e.addr, "dash-1", "dash", e.addApp("dash"), true)
+			if rc := app.publish("m2m/"+term.sn+"/down/cmd", []byte("for nobody"), 1); rc != 0 {
+				t.Fatalf("application publish: 0x%02x", rc)
+			}
+			app.subscribe("m2m/+/up/#", 0) // a round trip: the broker has routed the publish
+			if n := e.queued(term.sn); n != 0 {
+				t.Fatalf("%d messages queued for the deleted terminal's restored session", n)
+			}
+			if !strings.Contains(e.logs.String(), "restored_session_orphaned") {
+				t.Error("no restored_session_orphaned event")
+			}
+		})
+	}
 }
