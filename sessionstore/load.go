@@ -383,12 +383,17 @@ func (h *Hook) replayJournal(entries []journalEntry) {
 	}
 	inline, ok := h.server.Clients.Get(mqtt.InlineClientId)
 	if !ok || !inline.Net.Inline {
-		h.log.Error("session store: the journal cannot be published again without mochi's inline client (Options.InlineClient); it is kept",
+		h.log.Error("session store: the journal cannot be published again without mochi's inline client (mqtt.Options.InlineClient): its messages are dropped",
 			"file", h.path, "messages", len(entries))
-		return
+		inline = nil
 	}
 	replayed := 0
 	for _, e := range entries {
+		if inline == nil {
+			key := e.key
+			h.update("journal-dropped", func(tx *bolt.Tx) error { return tx.Bucket(bucketJournal).Delete(key) })
+			continue
+		}
 		pk := e.msg.ToPacket()
 		pk.FixedHeader.Retain = false // a retained message is stored as such
 		if pk.PacketID == 0 {
@@ -402,8 +407,10 @@ func (h *Hook) replayJournal(entries []journalEntry) {
 		key := e.key
 		h.update("journal-replayed", func(tx *bolt.Tx) error { return tx.Bucket(bucketJournal).Delete(key) })
 	}
-	h.log.Warn("session store: messages acknowledged before an unclean stop published again to their subscribers",
-		"messages", replayed)
+	if replayed > 0 {
+		h.log.Warn("session store: messages acknowledged before an unclean stop published again to their subscribers",
+			"messages", replayed)
+	}
 }
 
 // forgetRestored: the session was resumed or expired.

@@ -36,13 +36,12 @@
 //
 // Durability: every event's change is committed to the file (the
 // kernel's page cache) before the call returns; concurrent changes share a
-// transaction (writer.go). By default the file
-// is fsynced every second (Options.SyncEvery), not at each commit: kill -9
-// loses nothing acknowledged (a message handed on in the last second may
-// be delivered once more); a power loss or kernel crash loses at most the
-// last second and may leave the file damaged, in which case it is set
-// aside at the next start (see Open). Options.SyncCommits fsyncs every
-// commit instead.
+// transaction (writer.go). By default the file is fsynced every second
+// (Options.SyncEvery), not at each commit: kill -9 loses nothing
+// acknowledged (a message handed on in the last second may be delivered
+// once more); a power loss or kernel crash loses at most the last second
+// and may leave the file damaged, in which case it is set aside at the
+// next start (see Open). Options.SyncCommits fsyncs every commit instead.
 //
 // Clean sessions are never stored: they cost a read at most.
 package sessionstore
@@ -139,7 +138,7 @@ type Hook struct {
 	loaded *loaded
 
 	// restored are the sessions restored at start that have not been
-	// resumed, with the time they expire (expire.go).
+	// resumed, with the time they expire (load.go, expireRestored).
 	restoredMu sync.Mutex
 	restored   map[string]restoredSession
 
