@@ -43,6 +43,7 @@ import (
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sessionstore"
 	"github.com/m2mguard/m2mguard/sms"
+	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/wslistener"
 )
 
@@ -62,8 +63,9 @@ type Broker struct {
 	listenerIDs []string
 	addrs       map[string]string // listener id -> bound address
 
-	adminSrv *http.Server
-	adminLn  net.Listener
+	adminSrv  *http.Server
+	adminDone chan struct{} // closed when the admin server's Serve returns
+	adminLn   net.Listener
 
 	closeOnce sync.Once
 	closeErr  error
@@ -105,11 +107,14 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	return nil
 }
 
-// Start starts the broker and returns once every listener is bound.
+// Start starts the broker and returns once every listener is bound. It
+// completes cfg first (Derive: the caller sees the files it will use) and
+// checks it (Validate).
 func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	cfg.Derive()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -119,23 +124,19 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			b.Close()
 		}
 	}()
+	// One registry for every metric; the store's (Vault) register first.
+	b.registry = prometheus.NewRegistry()
+	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
-	b.svc, err = keysvc.New(keysvc.Options{
-		Store:            b.store,
-		ChangeDeadline:   cfg.Keys.ChangeDeadline,
-		PasswordLifetime: cfg.Keys.PasswordLifetime,
-		KeyLifetime:      cfg.Keys.KeyLifetime,
-		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
-		SessionKeys:      b.sessionKeys(),
-	})
+	sopts := serviceOptions(cfg)
+	sopts.Store, sopts.SessionKeys = b.store, b.sessionKeys()
+	b.svc, err = keysvc.New(sopts)
 	if err != nil {
 		return nil, err
 	}
-
-	b.registry = prometheus.NewRegistry()
-	b.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	b.registerCacheMetrics()
 
 	// The nonces of accepted logins and control messages outlive a
 	// restart, whatever the store (SPEC section 3, step 6).
@@ -148,22 +149,20 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.openSessions(); err != nil {
 		return nil, err
 	}
-	hopts := hook.Options{
-		Registry: b.svc, Server: b.server,
-		Skew: cfg.Auth.Skew, Grace: cfg.Auth.Grace, SessionLifetime: cfg.Auth.SessionLifetime,
-		StoreTimeout: cfg.Auth.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
-		Throttle:    hook.ThrottleOptions{Free: cfg.Auth.ThrottleFree, Base: cfg.Auth.ThrottleBase, Max: cfg.Auth.ThrottleMax},
-		ReplayGuard: b.replay,
-		Logger:      logger.With("component", "hook"),
-		Registerer:  b.registry,
-	}
-	hopts.Apps = hook.AppLimitOptions{
-		Concurrency: cfg.Auth.AppConcurrency, ConcurrencyPerAddr: cfg.Auth.AppConcurrencyPerAddr,
-		Rate: cfg.Auth.AppRate, RatePerAddr: cfg.Auth.AppRatePerAddr,
-		FailuresPerAddr: cfg.Auth.AppFailuresPerAddr, FailureRefill: cfg.Auth.AppFailureRefill,
+	hopts := hookOptions(cfg)
+	hopts.Registry, hopts.Server = b.svc, b.server
+	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.Logger = logger.With("component", "hook")
+	// The SMS metrics exist (at 0) without a gateway too: dashboards and
+	// alerts need not know whether one is configured.
+	smsMetrics, err := smsmetrics.New(b.registry)
+	if err != nil {
+		return nil, err
 	}
 	if cfg.SMS.URL != "" {
-		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue, Retries: cfg.SMS.Retries}
+		hopts.SMS = &sms.HTTPSender{URL: cfg.SMS.URL, AuthHeader: cfg.SMS.AuthHeader, AuthValue: cfg.SMS.AuthValue,
+			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
+			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
 	if b.sessions != nil {
 		hopts.Storage = b.sessions
@@ -196,6 +195,41 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	return b, nil
 }
 
+// serviceOptions are the key service's options that cfg sets (Store and
+// SessionKeys are the caller's).
+func serviceOptions(cfg *Config) keysvc.Options {
+	return keysvc.Options{
+		ChangeDeadline:   cfg.Keys.ChangeDeadline,
+		PasswordLifetime: cfg.Keys.PasswordLifetime,
+		KeyLifetime:      cfg.Keys.KeyLifetime,
+		Cache:            keysvc.CacheOptions{MaxEntries: cfg.Cache.MaxEntries, TTL: cfg.Cache.TTL, MaxStale: cfg.Cache.MaxStale},
+	}
+}
+
+// hookOptions are the hook's options that cfg sets (the registry, server,
+// replay guard, SMS sender, logger and registerer are the caller's).
+func hookOptions(cfg *Config) hook.Options {
+	a := cfg.Auth
+	return hook.Options{
+		Skew: a.Skew, Grace: a.Grace, SessionLifetime: a.SessionLifetime,
+		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		Throttle: hook.ThrottleOptions{Free: a.ThrottleFree, Base: a.ThrottleBase, Max: a.ThrottleMax, MaxEntries: a.ThrottleMaxEntries},
+		Apps: hook.AppLimitOptions{
+			Concurrency: a.AppConcurrency, ConcurrencyPerAddr: a.AppConcurrencyPerAddr,
+			Rate: a.AppRate, RatePerAddr: a.AppRatePerAddr,
+			FailuresPerAddr: a.AppFailuresPerAddr, FailureRefill: a.AppFailureRefill,
+		},
+	}
+}
+
+// guardOptions are the connection guard's options that cfg sets (the
+// callbacks are the caller's).
+func guardOptions(cfg *Config) netguard.Options {
+	m := cfg.MQTT
+	return netguard.Options{ConnectTimeout: m.ConnectTimeout, WriteTimeout: m.WriteTimeout, MaxPerAddr: m.MaxConnsPerAddr, MaxConns: m.MaxConns,
+		TrustedProxies: m.ProxyProtocolTrusted}
+}
+
 // MochiOptions are the mochi server options of cfg: the inline client on
 // (the hook publishes key messages through it), the per-client buffers and
 // outbound queue tuned down from mochi's defaults (about 89 KiB per idle
@@ -221,19 +255,23 @@ func (b *Broker) openStore(ctx context.Context) error {
 	switch cfg.Store.Type {
 	case "vault":
 		v := cfg.Store.Vault
+		metrics, err := vaultstore.NewMetrics(b.registry)
+		if err != nil {
+			return err
+		}
 		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
-			Logger: b.log.With("component", "vault")}
-		if v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != "" {
-			roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
-			if err != nil {
+			Logger: b.log.With("component", "vault"), Metrics: metrics}
+		auth := vaultstore.MethodToken
+		switch {
+		case v.UsesKubernetes():
+			auth = vaultstore.MethodKubernetes
+			opts.Kubernetes = &vaultstore.Kubernetes{MountPath: v.KubernetesMount, Role: v.KubernetesRole, TokenFile: v.KubernetesTokenFile}
+		case v.UsesAppRole():
+			auth = vaultstore.MethodAppRole
+			if opts.AppRole, err = appRole(v); err != nil {
 				return err
 			}
-			secretID, err := valueOrFile(v.AppRoleSecretID, v.AppRoleSecretIDFile, "store.vault.approle.secret_id_file")
-			if err != nil {
-				return err
-			}
-			opts.AppRole = &vaultstore.AppRole{MountPath: v.AppRoleMount, RoleID: roleID, SecretID: []byte(secretID)}
-		} else {
+		default:
 			token, err := valueOrFile(v.Token, v.TokenFile, "store.vault.token_file")
 			if err != nil {
 				return err
@@ -241,14 +279,21 @@ func (b *Broker) openStore(ctx context.Context) error {
 			opts.Token = token
 		}
 		s, err := vaultstore.Open(ctx, opts)
+		if opts.AppRole != nil {
+			clear(opts.AppRole.SecretID)
+			clear(opts.AppRole.WrappingToken)
+		}
+		if errors.Is(err, vaultstore.ErrWrappingToken) && opts.AppRole != nil {
+			src := "store.vault.approle.wrapping_token"
+			if v.AppRoleWrappingTokenFile != "" {
+				src = v.AppRoleWrappingTokenFile + " (store.vault.approle.wrapping_token_file)"
+			}
+			return fmt.Errorf("vault store at %s: %w; put a fresh wrapping token into %s", v.Address, err, src)
+		}
 		if err != nil {
 			return fmt.Errorf("vault store at %s: %w", v.Address, err)
 		}
 		b.store = s
-		auth := "token"
-		if opts.AppRole != nil {
-			auth = "approle"
-		}
 		b.log.Info("vault store", "address", v.Address, "mount", v.Mount, "prefix", v.Prefix, "auth", auth, "transit", v.Transit)
 	default:
 		e := cfg.Store.Embedded
@@ -350,6 +395,30 @@ func (b *Broker) sessionKeys() keysvc.SessionKeySource {
 	return &vaultstore.TransitKeys{Store: b.store.(*vaultstore.Store), Mount: v.TransitMount, Key: v.TransitKey}
 }
 
+// appRole reads the AppRole credentials of v: the role_id, and the
+// secret_id or a wrapping token of it.
+func appRole(v VaultConfig) (*vaultstore.AppRole, error) {
+	roleID, err := valueOrFile(v.AppRoleRoleID, v.AppRoleRoleIDFile, "store.vault.approle.role_id_file")
+	if err != nil {
+		return nil, err
+	}
+	ar := &vaultstore.AppRole{MountPath: v.AppRoleMount, RoleID: roleID}
+	if v.AppRoleWrappingToken != "" || v.AppRoleWrappingTokenFile != "" {
+		wt, err := valueOrFile(v.AppRoleWrappingToken, v.AppRoleWrappingTokenFile, "store.vault.approle.wrapping_token_file")
+		if err != nil {
+			return nil, err
+		}
+		ar.WrappingToken = []byte(wt)
+		return ar, nil
+	}
+	secretID, err := valueOrFile(v.AppRoleSecretID, v.AppRoleSecretIDFile, "store.vault.approle.secret_id_file")
+	if err != nil {
+		return nil, err
+	}
+	ar.SecretID = []byte(secretID)
+	return ar, nil
+}
+
 // valueOrFile returns v, or the trimmed content of file.
 func valueOrFile(v, file, key string) (string, error) {
 	if v != "" || file == "" {
@@ -382,16 +451,14 @@ func (b *Broker) addListeners() error {
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	netlog := b.log.With("component", "netguard")
-	b.guard = netguard.New(netguard.Options{
-		ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout,
-		MaxPerAddr: cfg.MaxConnsPerAddr, MaxConns: cfg.MaxConns,
-		OnRefuse: func(addr, reason string) {
-			netlog.Debug("connection refused", "remote", addr, "reason", reason)
-		},
-		OnWriteTimeout: func(addr string) {
-			netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
-		},
-	})
+	gopts := guardOptions(b.cfg)
+	gopts.OnRefuse = func(addr, reason string) {
+		netlog.Debug("connection refused", "remote", addr, "reason", reason)
+	}
+	gopts.OnWriteTimeout = func(addr string) {
+		netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
+	}
+	b.guard = netguard.New(gopts)
 	b.registerGuardMetrics()
 	add := func(id, key, address string, listener func(net.Listener) listeners.Listener) error {
 		ln, err := net.Listen("tcp", address)
@@ -430,7 +497,32 @@ func (b *Broker) addListeners() error {
 	for _, id := range b.listenerIDs {
 		b.log.Info("mqtt listener", "id", id, "address", b.addrs[id])
 	}
+	if len(cfg.ProxyProtocolTrusted) > 0 {
+		b.log.Info("proxy protocol: connections from these networks must start with a PROXY header", "trusted", fmt.Sprint(cfg.ProxyProtocolTrusted))
+	}
 	return nil
+}
+
+// registerCacheMetrics exports the key service cache's lookups by result
+// (a stale or fail-closed lookup means the store did not answer) and the
+// throttle table's bound, beside the hook's m2mguard_throttle_entries.
+func (b *Broker) registerCacheMetrics() {
+	svc, maxEntries := b.svc, b.cfg.Auth.ThrottleMaxEntries
+	lookups := func(result string, of func(keysvc.CacheStats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_cache_lookups_total",
+			Help:        "Terminal lookups of the key service by result: hit (fresh from the cache), miss (asked the store), stale (the store failed; served from the cache within cache.max_stale), fail_closed (the store failed and nothing usable was cached: refused).",
+			ConstLabels: prometheus.Labels{"result": result}},
+			func() float64 { return float64(of(svc.CacheStats())) })
+	}
+	b.registry.MustRegister(
+		lookups("hit", func(s keysvc.CacheStats) uint64 { return s.Hits }),
+		lookups("miss", func(s keysvc.CacheStats) uint64 { return s.Misses }),
+		lookups("stale", func(s keysvc.CacheStats) uint64 { return s.Stale }),
+		lookups("fail_closed", func(s keysvc.CacheStats) uint64 { return s.FailClosed }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "m2mguard_throttle_max_entries",
+			Help: "Bound of the login throttle table (auth.throttle_max_entries); compare m2mguard_throttle_entries."},
+			func() float64 { return float64(maxEntries) }),
+	)
 }
 
 // registerGuardMetrics exports the guard's counters on the registry.
@@ -449,6 +541,18 @@ func (b *Broker) registerGuardMetrics() {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_write_timeouts_total",
 			Help: "MQTT connections closed because a write to the client did not finish within mqtt.write_timeout."},
 			func() float64 { return float64(g.Stats().WriteTimeouts) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_proxied_total",
+			Help: "MQTT connections whose client address a trusted proxy's PROXY header named (mqtt.proxy_protocol_trusted)."},
+			func() float64 { return float64(g.Stats().Proxied) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_local_connections_total",
+			Help: "Trusted proxies' own connections (PROXY header with the LOCAL command: their health checks)."},
+			func() float64 { return float64(g.Stats().ProxyLocal) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "untrusted"}},
+			func() float64 { return float64(g.Stats().RefusedProxyUntrusted) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_proxy_headers_refused_total",
+			Help: "MQTT connections refused for their PROXY header: from an untrusted address, or from a trusted proxy without a valid one.", ConstLabels: prometheus.Labels{"reason": "invalid"}},
+			func() float64 { return float64(g.Stats().RefusedProxyInvalid) }),
 	)
 }
 
@@ -467,8 +571,8 @@ func (b *Broker) startAdmin() error {
 		return err
 	}
 	h, err := admin.New(admin.Options{
-		Service: b.svc, Hook: b.hook, Token: token, MetricsToken: metricsToken, Gatherer: b.registry,
-		BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, MetricsToken: metricsToken,
+		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
 		return err
@@ -480,7 +584,9 @@ func (b *Broker) startAdmin() error {
 	b.adminLn = ln
 	b.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(b.log.With("component", "admin").Handler(), slog.LevelWarn)}
+	b.adminDone = make(chan struct{})
 	go func() {
+		defer close(b.adminDone)
 		if err := b.adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			b.log.Error("admin API stopped", "err", err)
 		}
@@ -599,8 +705,10 @@ func (b *Broker) Close() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			if err := b.adminSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("admin API: %w", err))
+				b.adminSrv.Close() // requests still running after 5 s are cut off
 			}
 			cancel()
+			<-b.adminDone
 		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {

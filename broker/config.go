@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -16,11 +17,17 @@ import (
 
 	"github.com/spf13/pflag"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/netguard"
+	"github.com/m2mguard/m2mguard/sms"
 )
 
 // Config is the whole configuration of the broker. Build it with Default
 // and then the layers of Resolve (YAML file, environment, flags), or fill it
-// in code; Validate before Run.
+// in code; Start derives what is left empty (Derive) and validates it.
 type Config struct {
 	// DataDir holds the embedded store, its master key and the generated
 	// admin and metrics tokens (created 0700 on first run).
@@ -56,26 +63,10 @@ type EmbeddedConfig struct {
 	Reseal        string // reseal code of a failed integrity check (boltstore.Options.Reseal)
 }
 
-// VaultConfig is the Vault KV v2 store.
-type VaultConfig struct {
-	Address   string
-	Mount     string
-	Prefix    string
-	Token     string
-	TokenFile string
-	CACert    string
-	Timeout   time.Duration
-
-	AppRoleMount        string
-	AppRoleRoleID       string
-	AppRoleRoleIDFile   string
-	AppRoleSecretID     string
-	AppRoleSecretIDFile string
-
-	Transit      bool
-	TransitMount string
-	TransitKey   string
-}
+// VaultConfig is the Vault KV v2 store: package vaultstore defines it
+// (its defaults, its rules) and the broker reads it from the store.vault
+// keys.
+type VaultConfig = vaultstore.Config
 
 // MQTTConfig are the MQTT listeners and mochi's per-client resources.
 type MQTTConfig struct {
@@ -103,6 +94,11 @@ type MQTTConfig struct {
 	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
 	MaxConnsPerAddr int
 	MaxConns        int // 0 = no limit
+
+	// ProxyProtocolTrusted are the load balancers' networks: connections
+	// from them must start with a PROXY protocol header naming the client
+	// (netguard.Options.TrustedProxies); empty = the PROXY protocol is off.
+	ProxyProtocolTrusted []netip.Prefix
 }
 
 // AdminConfig is the admin HTTP API.
@@ -126,6 +122,9 @@ type AuthConfig struct {
 	ThrottleFree    int
 	ThrottleBase    time.Duration
 	ThrottleMax     time.Duration
+	// ThrottleMaxEntries bounds the throttle table ((sn or application
+	// name, address) pairs); m2mguard_throttle_max_entries exports it.
+	ThrottleMaxEntries int
 
 	// Budgets of application password verifications (argon2id), see
 	// hook.AppLimitOptions; 0 = the hook's default.
@@ -153,10 +152,14 @@ type CacheConfig struct {
 
 // SMSConfig is the SMS gateway for credential changes in plaintext.
 type SMSConfig struct {
-	URL        string // "" = no SMS channel
-	AuthHeader string
-	AuthValue  string
-	Retries    int
+	URL           string // "" = no SMS channel
+	AuthHeader    string
+	AuthValue     string
+	Retries       int
+	Timeout       time.Duration // per attempt
+	Backoff       time.Duration // longest wait before the first retry; doubles per retry
+	MaxBackoff    time.Duration
+	MaxRetryAfter time.Duration // longest Retry-After of the gateway honoured
 	// OnRequest honours a terminal's request for a change by SMS even when
 	// ciphertext is possible (the new values then cross the SMS bearer in
 	// plaintext); off by default.
@@ -170,31 +173,41 @@ const (
 	DefaultMaxWritesPending = 256
 )
 
-// Default returns the configuration used when nothing is configured.
+// Default returns the configuration used when nothing is configured. A
+// setting that a library takes is defaulted by that library
+// (hook.DefaultOptions, keysvc.DefaultOptions, netguard.DefaultOptions,
+// vaultstore.DefaultConfig, the sms.Default constants), so that each
+// default is written once; the
+// documented defaults of Fields are read from here.
 func Default() *Config {
+	h, ks, ng := hook.DefaultOptions(), keysvc.DefaultOptions(), netguard.DefaultOptions()
 	c := &Config{DataDir: "./data"}
 	c.Log = LogConfig{Format: "text", Level: "info"}
-	c.Store.Type = "embedded"
-	c.Store.Vault = VaultConfig{
-		Mount: "secret", Prefix: "m2mguard", Timeout: 5 * time.Second,
-		AppRoleMount: "approle", TransitMount: "transit", TransitKey: "m2mguard-session",
-	}
+	c.Store = StoreConfig{Type: "embedded", Vault: vaultstore.DefaultConfig()}
 	c.MQTT = MQTTConfig{
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
 		Persistence:    "on",
-		ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, MaxConnsPerAddr: 256,
+		ConnectTimeout: ng.ConnectTimeout, WriteTimeout: ng.WriteTimeout,
+		MaxConnsPerAddr: ng.MaxPerAddr, MaxConns: ng.MaxConns,
 	}
 	c.Admin.Listen = "127.0.0.1:8080"
 	c.Auth = AuthConfig{
-		Skew: 300 * time.Second, Grace: 7 * 24 * time.Hour, SessionLifetime: 24 * time.Hour,
-		StoreTimeout: 2 * time.Second, ThrottleFree: 5, ThrottleBase: time.Second, ThrottleMax: 15 * time.Minute,
-		AppConcurrencyPerAddr: 1, AppRatePerAddr: 2, AppFailuresPerAddr: 20, AppFailureRefill: 10 * time.Second,
+		Skew: h.Skew, Grace: h.Grace, SessionLifetime: h.SessionLifetime, StoreTimeout: h.StoreTimeout,
+		ThrottleFree: h.Throttle.Free, ThrottleBase: h.Throttle.Base,
+		ThrottleMax: h.Throttle.Max, ThrottleMaxEntries: h.Throttle.MaxEntries,
+		AppConcurrency: h.Apps.Concurrency, AppConcurrencyPerAddr: h.Apps.ConcurrencyPerAddr,
+		AppRate: h.Apps.Rate, AppRatePerAddr: h.Apps.RatePerAddr,
+		AppFailuresPerAddr: h.Apps.FailuresPerAddr, AppFailureRefill: h.Apps.FailureRefill,
 	}
-	c.Keys.ChangeDeadline = 24 * time.Hour
-	c.Cache = CacheConfig{TTL: 30 * time.Second, MaxStale: 10 * time.Minute, MaxEntries: 100000}
-	c.SMS.Retries = 3
+	c.Keys = KeysConfig{PasswordLifetime: ks.PasswordLifetime, KeyLifetime: ks.KeyLifetime, ChangeDeadline: ks.ChangeDeadline}
+	c.Cache = CacheConfig{TTL: ks.Cache.TTL, MaxStale: ks.Cache.MaxStale, MaxEntries: ks.Cache.MaxEntries}
+	c.SMS = SMSConfig{
+		Retries: 3, // the broker's own choice: the zero sms.HTTPSender does not retry
+		Timeout: sms.DefaultTimeout, Backoff: sms.DefaultBackoff, MaxBackoff: sms.DefaultMaxBackoff,
+		MaxRetryAfter: sms.DefaultMaxRetryAfter, OnRequest: h.SMSOnRequest,
+	}
 	return c
 }
 
@@ -218,11 +231,20 @@ func (e *ConfigError) Unwrap() error { return e.Err }
 // Field describes one configuration key: its YAML key, environment
 // variable and flag are derived from one name.
 type Field struct {
-	Key     string // YAML key, dotted: store.vault.address
-	Help    string
-	Default string // as documented
-	Secret  bool   // never printed
-	set     func(c *Config, v string) error
+	Key  string // YAML key, dotted: store.vault.address
+	Help string
+	// Default is the default as documented: the key's value in Default(),
+	// or, where the default is worked out at start (a file in data_dir,
+	// $VAULT_ADDR), a description of it.
+	Default string
+	Secret  bool // never printed
+	value   access
+}
+
+// access reads and writes the setting of a key in a Config.
+type access struct {
+	set func(c *Config, v string) error // parses and checks v
+	get func(c *Config) string          // formatted as set parses it
 }
 
 // Env is the environment variable of the key: M2MGUARD_ + the key in upper
@@ -236,91 +258,141 @@ func (f Field) Flag() string {
 	return strings.NewReplacer(".", "-", "_", "-").Replace(f.Key)
 }
 
-func str(p func(*Config) *string) func(*Config, string) error {
-	return func(c *Config, v string) error { *p(c) = v; return nil }
+func str(p func(*Config) *string) access {
+	return access{
+		set: func(c *Config, v string) error { *p(c) = v; return nil },
+		get: func(c *Config) string { return *p(c) },
+	}
 }
 
-func oneOf(p func(*Config) *string, allowed ...string) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		v = strings.ToLower(strings.TrimSpace(v))
-		for _, a := range allowed {
-			if v == a {
-				*p(c) = v
-				return nil
+func oneOf(p func(*Config) *string, allowed ...string) access {
+	return access{
+		set: func(c *Config, v string) error {
+			v = strings.ToLower(strings.TrimSpace(v))
+			for _, a := range allowed {
+				if v == a {
+					*p(c) = v
+					return nil
+				}
 			}
-		}
-		return fmt.Errorf("want one of %s", strings.Join(allowed, ", "))
+			return fmt.Errorf("want one of %s", strings.Join(allowed, ", "))
+		},
+		get: func(c *Config) string { return *p(c) },
 	}
 }
 
-func dur(p func(*Config) *time.Duration) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		d, err := time.ParseDuration(strings.TrimSpace(v))
-		if err != nil {
-			return errors.New("want a duration such as 30s, 5m or 24h")
-		}
-		if d < 0 {
-			return errors.New("must not be negative")
-		}
-		*p(c) = d
-		return nil
-	}
-}
-
-func integer(p func(*Config) *int, min, max int) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		n, err := strconv.Atoi(strings.TrimSpace(v))
-		if err != nil {
-			return errors.New("want an integer")
-		}
-		if n < min || n > max {
-			return fmt.Errorf("want %d to %d", min, max)
-		}
-		*p(c) = n
-		return nil
-	}
-}
-
-func number(p func(*Config) *float64, min, max float64) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-		if err != nil || math.IsNaN(n) {
-			return errors.New("want a number")
-		}
-		if n < min || n > max {
-			return fmt.Errorf("want %g to %g", min, max)
-		}
-		*p(c) = n
-		return nil
-	}
-}
-
-func boolean(p func(*Config) *bool) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		b, err := strconv.ParseBool(strings.TrimSpace(v))
-		if err != nil {
-			return errors.New("want true or false")
-		}
-		*p(c) = b
-		return nil
-	}
-}
-
-func addr(p func(*Config) *string) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		v = strings.TrimSpace(v)
-		if v == "" || v == "off" {
-			*p(c) = ""
+func dur(p func(*Config) *time.Duration) access {
+	return access{
+		set: func(c *Config, v string) error {
+			d, err := time.ParseDuration(strings.TrimSpace(v))
+			if err != nil {
+				return errors.New("want a duration such as 30s, 5m or 24h")
+			}
+			if d < 0 {
+				return errors.New("must not be negative")
+			}
+			*p(c) = d
 			return nil
-		}
-		if _, port, err := net.SplitHostPort(v); err != nil {
-			return errors.New(`want host:port, :port or "off"`)
-		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
-			return errors.New("want a port number 0-65535")
-		}
-		*p(c) = v
-		return nil
+		},
+		get: func(c *Config) string { return p(c).String() },
 	}
+}
+
+func integer(p func(*Config) *int, min, max int) access {
+	return access{
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				return errors.New("want an integer")
+			}
+			if n < min || n > max {
+				return fmt.Errorf("want %d to %d", min, max)
+			}
+			*p(c) = n
+			return nil
+		},
+		get: func(c *Config) string { return strconv.Itoa(*p(c)) },
+	}
+}
+
+func number(p func(*Config) *float64, min, max float64) access {
+	return access{
+		set: func(c *Config, v string) error {
+			n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil || math.IsNaN(n) {
+				return errors.New("want a number")
+			}
+			if n < min || n > max {
+				return fmt.Errorf("want %g to %g", min, max)
+			}
+			*p(c) = n
+			return nil
+		},
+		get: func(c *Config) string { return strconv.FormatFloat(*p(c), 'g', -1, 64) },
+	}
+}
+
+func boolean(p func(*Config) *bool) access {
+	return access{
+		set: func(c *Config, v string) error {
+			b, err := strconv.ParseBool(strings.TrimSpace(v))
+			if err != nil {
+				return errors.New("want true or false")
+			}
+			*p(c) = b
+			return nil
+		},
+		get: func(c *Config) string { return strconv.FormatBool(*p(c)) },
+	}
+}
+
+func addr(p func(*Config) *string) access {
+	return access{
+		set: func(c *Config, v string) error {
+			a, err := listenAddr(v)
+			if err != nil {
+				return err
+			}
+			*p(c) = a
+			return nil
+		},
+		get: func(c *Config) string { return *p(c) },
+	}
+}
+
+func prefixes(p func(*Config) *[]netip.Prefix) access {
+	return access{
+		set: func(c *Config, v string) error {
+			ps, err := netguard.ParsePrefixes(v)
+			if err != nil {
+				return err
+			}
+			*p(c) = ps
+			return nil
+		},
+		get: func(c *Config) string {
+			s := make([]string, len(*p(c)))
+			for i, pf := range *p(c) {
+				s[i] = pf.String()
+			}
+			return strings.Join(s, ",")
+		},
+	}
+}
+
+// listenAddr checks a listen address and returns it as the configuration
+// holds it: "" for none ("" or "off").
+func listenAddr(v string) (string, error) {
+	v = strings.TrimSpace(v)
+	if v == "" || v == "off" {
+		return "", nil
+	}
+	if _, port, err := net.SplitHostPort(v); err != nil {
+		return "", errors.New(`want host:port, :port or "off"`)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return "", errors.New("want a port number 0-65535")
+	}
+	return v, nil
 }
 
 // Fields lists every configuration key, in documentation order.
@@ -328,150 +400,187 @@ func Fields() []Field {
 	return fields
 }
 
-var fields = []Field{
-	{Key: "data_dir", Default: "./data", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/) and the session store (sessions.db); created 0700",
-		set: str(func(c *Config) *string { return &c.DataDir })},
-	{Key: "log.format", Default: "text", Help: "log format: text or json (stderr)",
-		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
-	{Key: "log.level", Default: "info", Help: "log level: debug, info, warn or error",
-		set: oneOf(func(c *Config) *string { return &c.Log.Level }, "debug", "info", "warn", "error")},
+var fields = documentDefaults([]Field{
+	{Key: "data_dir", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/) and the session store (sessions.db); created 0700",
+		value: str(func(c *Config) *string { return &c.DataDir })},
+	{Key: "log.format", Help: "log format: text or json (stderr)",
+		value: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
+	{Key: "log.level", Help: "log level: debug, info, warn or error",
+		value: oneOf(func(c *Config) *string { return &c.Log.Level }, "debug", "info", "warn", "error")},
 
-	{Key: "store.type", Default: "embedded", Help: "where terminal records live: embedded (encrypted file in data_dir) or vault",
-		set: oneOf(func(c *Config) *string { return &c.Store.Type }, "embedded", "vault")},
+	{Key: "store.type", Help: "where terminal records live: embedded (encrypted file in data_dir) or vault",
+		value: oneOf(func(c *Config) *string { return &c.Store.Type }, "embedded", "vault")},
 	{Key: "store.embedded.file", Default: "<data_dir>/m2mguard.db", Help: "embedded store file",
-		set: str(func(c *Config) *string { return &c.Store.Embedded.File })},
+		value: str(func(c *Config) *string { return &c.Store.Embedded.File })},
 	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence; it also seals the session store (mqtt.persistence), whatever the store type",
-		set: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
+		value: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
 	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
-		set: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
+		value: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
 	{Key: "store.vault.address", Default: "$VAULT_ADDR", Help: "Vault address, e.g. https://vault:8200",
-		set: str(func(c *Config) *string { return &c.Store.Vault.Address })},
-	{Key: "store.vault.mount", Default: "secret", Help: "KV v2 mount",
-		set: str(func(c *Config) *string { return &c.Store.Vault.Mount })},
-	{Key: "store.vault.prefix", Default: "m2mguard", Help: "path below the mount",
-		set: str(func(c *Config) *string { return &c.Store.Vault.Prefix })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.Address })},
+	{Key: "store.vault.mount", Help: "KV v2 mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.Mount })},
+	{Key: "store.vault.prefix", Help: "path below the mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.Prefix })},
 	{Key: "store.vault.token", Default: "$VAULT_TOKEN", Secret: true, Help: "Vault token (prefer token_file or AppRole)",
-		set: str(func(c *Config) *string { return &c.Store.Vault.Token })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.Token })},
 	{Key: "store.vault.token_file", Help: "file holding the Vault token",
-		set: str(func(c *Config) *string { return &c.Store.Vault.TokenFile })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.TokenFile })},
 	{Key: "store.vault.ca_cert", Help: "PEM file to verify Vault's TLS certificate (default: system roots)",
-		set: str(func(c *Config) *string { return &c.Store.Vault.CACert })},
-	{Key: "store.vault.timeout", Default: "5s", Help: "per-request timeout",
-		set: dur(func(c *Config) *time.Duration { return &c.Store.Vault.Timeout })},
-	{Key: "store.vault.approle.mount", Default: "approle", Help: "AppRole auth mount",
-		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleMount })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.CACert })},
+	{Key: "store.vault.timeout", Help: "per-request timeout",
+		value: dur(func(c *Config) *time.Duration { return &c.Store.Vault.Timeout })},
+	{Key: "store.vault.approle.mount", Help: "AppRole auth mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleMount })},
 	{Key: "store.vault.approle.role_id", Help: "AppRole role_id (AppRole is used when a role_id is set)",
-		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleRoleID })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleRoleID })},
 	{Key: "store.vault.approle.role_id_file", Help: "file holding the AppRole role_id",
-		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleRoleIDFile })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleRoleIDFile })},
 	{Key: "store.vault.approle.secret_id", Secret: true, Help: "AppRole secret_id (prefer secret_id_file or the env var)",
-		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretID })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretID })},
 	{Key: "store.vault.approle.secret_id_file", Help: "file holding the AppRole secret_id",
-		set: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretIDFile })},
-	{Key: "store.vault.transit", Default: "false", Help: "issue session keys from Vault Transit (every key an audit-log entry)",
-		set: boolean(func(c *Config) *bool { return &c.Store.Vault.Transit })},
-	{Key: "store.vault.transit_mount", Default: "transit", Help: "Transit mount",
-		set: str(func(c *Config) *string { return &c.Store.Vault.TransitMount })},
-	{Key: "store.vault.transit_key", Default: "m2mguard-session", Help: "Transit key (type aes256-gcm96)",
-		set: str(func(c *Config) *string { return &c.Store.Vault.TransitKey })},
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleSecretIDFile })},
+	{Key: "store.vault.approle.wrapping_token", Secret: true, Help: "response-wrapping token of the AppRole secret_id, instead of the secret_id (vault write -wrap-ttl=5m -f auth/approle/role/<role>/secret-id); unwrapped once at start, so every start needs a fresh one",
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingToken })},
+	{Key: "store.vault.approle.wrapping_token_file", Help: "file holding that wrapping token (written by the orchestrator before each start)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleWrappingTokenFile })},
+	{Key: "store.vault.kubernetes.role", Help: "Vault role of the Kubernetes auth method (Kubernetes auth is used when it is set)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesRole })},
+	{Key: "store.vault.kubernetes.mount", Help: "Kubernetes auth mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesMount })},
+	{Key: "store.vault.kubernetes.token_file", Help: "the pod's service account token, read again at every login (the kubelet rotates it)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.KubernetesTokenFile })},
+	{Key: "store.vault.transit", Help: "issue session keys from Vault Transit (every key an audit-log entry)",
+		value: boolean(func(c *Config) *bool { return &c.Store.Vault.Transit })},
+	{Key: "store.vault.transit_mount", Help: "Transit mount",
+		value: str(func(c *Config) *string { return &c.Store.Vault.TransitMount })},
+	{Key: "store.vault.transit_key", Help: "Transit key (type aes256-gcm96)",
+		value: str(func(c *Config) *string { return &c.Store.Vault.TransitKey })},
 
-	{Key: "mqtt.tcp", Default: ":1883", Help: `MQTT over TCP listen address ("off" = none)`,
-		set: addr(func(c *Config) *string { return &c.MQTT.TCP })},
-	{Key: "mqtt.tls", Default: ":8883", Help: "MQTT over TLS listen address; active only when tls_cert and tls_key are set",
-		set: addr(func(c *Config) *string { return &c.MQTT.TLS })},
+	{Key: "mqtt.tcp", Help: `MQTT over TCP listen address ("off" = none)`,
+		value: addr(func(c *Config) *string { return &c.MQTT.TCP })},
+	{Key: "mqtt.tls", Help: "MQTT over TLS listen address; active only when tls_cert and tls_key are set",
+		value: addr(func(c *Config) *string { return &c.MQTT.TLS })},
 	{Key: "mqtt.tls_cert", Help: "PEM certificate (chain) of the TLS and WebSocket listeners",
-		set: str(func(c *Config) *string { return &c.MQTT.TLSCert })},
+		value: str(func(c *Config) *string { return &c.MQTT.TLSCert })},
 	{Key: "mqtt.tls_key", Help: "PEM private key of the TLS and WebSocket listeners",
-		set: str(func(c *Config) *string { return &c.MQTT.TLSKey })},
-	{Key: "mqtt.ws", Default: ":8083", Help: `MQTT over WebSocket listen address, any path (ws://host:8083/mqtt; wss:// when tls_cert is set; "off" = none)`,
-		set: addr(func(c *Config) *string { return &c.MQTT.WS })},
-	{Key: "mqtt.read_buffer", Default: strconv.Itoa(DefaultReadBuffer), Help: "read buffer per client, bytes (mochi default 2048)",
-		set: integer(func(c *Config) *int { return &c.MQTT.ReadBuffer }, 256, 1<<20)},
-	{Key: "mqtt.write_buffer", Default: strconv.Itoa(DefaultWriteBuffer), Help: "write buffer per client, bytes (mochi default 2048)",
-		set: integer(func(c *Config) *int { return &c.MQTT.WriteBuffer }, 256, 1<<20)},
-	{Key: "mqtt.max_writes_pending", Default: strconv.Itoa(DefaultMaxWritesPending), Help: "outbound queue per client, messages; allocated up front, 8 bytes each (mochi default 8192)",
-		set: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
-	{Key: "mqtt.session_expiry", Default: "168h0m0s", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
-		set: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
-	{Key: "mqtt.persistence", Default: "on", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
-		set: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},
+		value: str(func(c *Config) *string { return &c.MQTT.TLSKey })},
+	{Key: "mqtt.ws", Help: `MQTT over WebSocket listen address, any path (ws://host:8083/mqtt; wss:// when tls_cert is set; "off" = none)`,
+		value: addr(func(c *Config) *string { return &c.MQTT.WS })},
+	{Key: "mqtt.read_buffer", Help: "read buffer per client, bytes (mochi default 2048)",
+		value: integer(func(c *Config) *int { return &c.MQTT.ReadBuffer }, 256, 1<<20)},
+	{Key: "mqtt.write_buffer", Help: "write buffer per client, bytes (mochi default 2048)",
+		value: integer(func(c *Config) *int { return &c.MQTT.WriteBuffer }, 256, 1<<20)},
+	{Key: "mqtt.max_writes_pending", Help: "outbound queue per client, messages; allocated up front, 8 bytes each (mochi default 8192)",
+		value: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
+	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
+		value: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
+	{Key: "mqtt.persistence", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
+		value: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},
 	{Key: "mqtt.persistence_file", Default: "<data_dir>/sessions.db", Help: "session store file (created 0600)",
-		set: str(func(c *Config) *string { return &c.MQTT.PersistenceFile })},
-	{Key: "mqtt.max_packet_size", Default: "1048576", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
-		set: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
-	{Key: "mqtt.connect_timeout", Default: "10s", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
-		set: dur(func(c *Config) *time.Duration { return &c.MQTT.ConnectTimeout })},
-	{Key: "mqtt.write_timeout", Default: "10s", Help: "every write to a client must finish within this, else its connection is closed (a client that stops reading)",
-		set: dur(func(c *Config) *time.Duration { return &c.MQTT.WriteTimeout })},
-	{Key: "mqtt.max_conns_per_addr", Default: "256", Help: "open connections from one IP address, all MQTT listeners together; more are closed at once",
-		set: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
-	{Key: "mqtt.max_conns", Default: "0", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
-		set: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
+		value: str(func(c *Config) *string { return &c.MQTT.PersistenceFile })},
+	{Key: "mqtt.max_packet_size", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
+		value: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
+	{Key: "mqtt.connect_timeout", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
+		value: dur(func(c *Config) *time.Duration { return &c.MQTT.ConnectTimeout })},
+	{Key: "mqtt.write_timeout", Help: "every write to a client must finish within this, else its connection is closed (a client that stops reading)",
+		value: dur(func(c *Config) *time.Duration { return &c.MQTT.WriteTimeout })},
+	{Key: "mqtt.max_conns_per_addr", Help: "open connections from one IP address, all MQTT listeners together; more are closed at once",
+		value: integer(func(c *Config) *int { return &c.MQTT.MaxConnsPerAddr }, 1, 1<<24)},
+	{Key: "mqtt.max_conns", Help: "open connections in all, all MQTT listeners together (0 = no limit)",
+		value: integer(func(c *Config) *int { return &c.MQTT.MaxConns }, 0, 1<<30)},
+	{Key: "mqtt.proxy_protocol_trusted", Help: "load balancers that send a PROXY protocol header (v2 or v1) before each connection: networks or addresses, comma-separated (10.0.0.0/8,192.0.2.7); a connection from them must start with one and is then counted, throttled and logged by the client address it names; a header from any other address is refused; empty = off (README, Load balancing)",
+		value: prefixes(func(c *Config) *[]netip.Prefix { return &c.MQTT.ProxyProtocolTrusted })},
 	{Key: "mqtt.public_url", Default: "tcp://<hostname>:<tcp port>", Help: "broker URL written into provisioning bundles (m2mctl terminal add)",
-		set: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
+		value: str(func(c *Config) *string { return &c.MQTT.PublicURL })},
 
-	{Key: "admin.listen", Default: "127.0.0.1:8080", Help: `admin HTTP API listen address ("off" = none); keep it on loopback or a private network`,
-		set: addr(func(c *Config) *string { return &c.Admin.Listen })},
+	{Key: "admin.listen", Help: `admin HTTP API listen address ("off" = none); keep it on loopback or a private network`,
+		value: addr(func(c *Config) *string { return &c.Admin.Listen })},
 	{Key: "admin.token", Secret: true, Help: "admin bearer token (at least 16 characters); default: read from token_file, generated there on first run",
-		set: str(func(c *Config) *string { return &c.Admin.Token })},
+		value: str(func(c *Config) *string { return &c.Admin.Token })},
 	{Key: "admin.token_file", Default: "<data_dir>/admin.token", Help: "file of the admin bearer token (created 0600 on first run)",
-		set: str(func(c *Config) *string { return &c.Admin.TokenFile })},
+		value: str(func(c *Config) *string { return &c.Admin.TokenFile })},
 	{Key: "admin.metrics_token", Secret: true, Help: "bearer token that may read /metrics and nothing else (at least 16 characters; the admin token is accepted too); default: read from metrics_token_file, generated there on first run",
-		set: str(func(c *Config) *string { return &c.Admin.MetricsToken })},
+		value: str(func(c *Config) *string { return &c.Admin.MetricsToken })},
 	{Key: "admin.metrics_token_file", Default: "<data_dir>/metrics.token", Help: "file of the metrics bearer token (created 0600 on first run); give it to Prometheus as credentials_file",
-		set: str(func(c *Config) *string { return &c.Admin.MetricsTokenFile })},
+		value: str(func(c *Config) *string { return &c.Admin.MetricsTokenFile })},
 
-	{Key: "auth.skew", Default: "5m0s", Help: "allowed |now - ts| at login",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.Skew })},
-	{Key: "auth.grace", Default: "168h0m0s", Help: "logins still allowed this long after up expired (a change starts at once)",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.Grace })},
-	{Key: "auth.session_lifetime", Default: "24h0m0s", Help: "life of a session key; the session ends then",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.SessionLifetime })},
-	{Key: "auth.store_timeout", Default: "2s", Help: "timeout of one key-service call during a login",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.StoreTimeout })},
-	{Key: "auth.throttle_free", Default: "5", Help: "failed logins of one sn from one address answered before refusals start",
-		set: integer(func(c *Config) *int { return &c.Auth.ThrottleFree }, 1, 1000)},
-	{Key: "auth.throttle_base", Default: "1s", Help: "first refusal period; doubles with every further failure",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleBase })},
-	{Key: "auth.throttle_max", Default: "15m0s", Help: "longest refusal period",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleMax })},
-	{Key: "auth.app_concurrency", Default: "0", Help: "application password verifications (argon2id, 19 MiB each) running at once; more logins are refused at once with 0x89 server busy (0 = half the CPUs, at least 1)",
-		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrency }, 0, 1<<16)},
-	{Key: "auth.app_concurrency_per_addr", Default: "1", Help: "application password verifications running at once for one address (an IPv4 address or an IPv6 /64)",
-		set: integer(func(c *Config) *int { return &c.Auth.AppConcurrencyPerAddr }, 1, 1<<16)},
-	{Key: "auth.app_rate", Default: "0", Help: "application password verifications started per second, all addresses (bursts of two seconds' worth); 0 = 10 × app_concurrency",
-		set: number(func(c *Config) *float64 { return &c.Auth.AppRate }, 0, 1e6)},
-	{Key: "auth.app_rate_per_addr", Default: "2", Help: "application password verifications started per second for one address",
-		set: number(func(c *Config) *float64 { return &c.Auth.AppRatePerAddr }, 0.001, 1e6)},
-	{Key: "auth.app_failures_per_addr", Default: "20", Help: "failed application logins from one address, whatever the names, before that address is refused (0x8A)",
-		set: integer(func(c *Config) *int { return &c.Auth.AppFailuresPerAddr }, 1, 1<<20)},
-	{Key: "auth.app_failure_refill", Default: "10s", Help: "after app_failures_per_addr, one more failed application login is allowed per address every this long",
-		set: dur(func(c *Config) *time.Duration { return &c.Auth.AppFailureRefill })},
+	{Key: "auth.skew", Help: "allowed |now - ts| at login",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.Skew })},
+	{Key: "auth.grace", Help: "logins still allowed this long after up expired (a change starts at once)",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.Grace })},
+	{Key: "auth.session_lifetime", Help: "life of a session key; the session ends then",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.SessionLifetime })},
+	{Key: "auth.store_timeout", Help: "timeout of one key-service call during a login",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.StoreTimeout })},
+	{Key: "auth.throttle_free", Help: "failed logins of one sn from one address answered before refusals start",
+		value: integer(func(c *Config) *int { return &c.Auth.ThrottleFree }, 1, 1000)},
+	{Key: "auth.throttle_base", Help: "first refusal period; doubles with every further failure",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleBase })},
+	{Key: "auth.throttle_max", Help: "longest refusal period",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.ThrottleMax })},
+	{Key: "auth.throttle_max_entries", Help: "(sn or application name, address) pairs the throttle remembers, least recently seen forgotten first (m2mguard_throttle_max_entries)",
+		value: integer(func(c *Config) *int { return &c.Auth.ThrottleMaxEntries }, 1000, 100_000_000)},
+	{Key: "auth.app_concurrency", Help: "application password verifications (argon2id, 19 MiB each) running at once; more logins are refused at once with 0x89 server busy (0 = half the CPUs, at least 1)",
+		value: integer(func(c *Config) *int { return &c.Auth.AppConcurrency }, 0, 1<<16)},
+	{Key: "auth.app_concurrency_per_addr", Help: "application password verifications running at once for one address (an IPv4 address or an IPv6 /64)",
+		value: integer(func(c *Config) *int { return &c.Auth.AppConcurrencyPerAddr }, 1, 1<<16)},
+	{Key: "auth.app_rate", Help: "application password verifications started per second, all addresses (bursts of two seconds' worth); 0 = 10 × app_concurrency",
+		value: number(func(c *Config) *float64 { return &c.Auth.AppRate }, 0, 1e6)},
+	{Key: "auth.app_rate_per_addr", Help: "application password verifications started per second for one address",
+		value: number(func(c *Config) *float64 { return &c.Auth.AppRatePerAddr }, 0.001, 1e6)},
+	{Key: "auth.app_failures_per_addr", Help: "failed application logins from one address, whatever the names, before that address is refused (0x8A)",
+		value: integer(func(c *Config) *int { return &c.Auth.AppFailuresPerAddr }, 1, 1<<20)},
+	{Key: "auth.app_failure_refill", Help: "after app_failures_per_addr, one more failed application login is allowed per address every this long",
+		value: dur(func(c *Config) *time.Duration { return &c.Auth.AppFailureRefill })},
 
-	{Key: "keys.password_lifetime", Default: "0s", Help: "life of generated access passwords (0 = never expire)",
-		set: dur(func(c *Config) *time.Duration { return &c.Keys.PasswordLifetime })},
-	{Key: "keys.key_lifetime", Default: "0s", Help: "life of generated basic keys (0 = never expire)",
-		set: dur(func(c *Config) *time.Duration { return &c.Keys.KeyLifetime })},
-	{Key: "keys.change_deadline", Default: "24h0m0s", Help: "how long a credential change waits for its commit",
-		set: dur(func(c *Config) *time.Duration { return &c.Keys.ChangeDeadline })},
+	{Key: "keys.password_lifetime", Help: "life of generated access passwords (0 = never expire)",
+		value: dur(func(c *Config) *time.Duration { return &c.Keys.PasswordLifetime })},
+	{Key: "keys.key_lifetime", Help: "life of generated basic keys (0 = never expire)",
+		value: dur(func(c *Config) *time.Duration { return &c.Keys.KeyLifetime })},
+	{Key: "keys.change_deadline", Help: "how long a credential change waits for its commit",
+		value: dur(func(c *Config) *time.Duration { return &c.Keys.ChangeDeadline })},
 
-	{Key: "cache.ttl", Default: "30s", Help: "terminal records are served from cache this long",
-		set: dur(func(c *Config) *time.Duration { return &c.Cache.TTL })},
-	{Key: "cache.max_stale", Default: "10m0s", Help: "known terminals still log in this long while the store is unavailable",
-		set: dur(func(c *Config) *time.Duration { return &c.Cache.MaxStale })},
-	{Key: "cache.max_entries", Default: "100000", Help: "cached terminal records",
-		set: integer(func(c *Config) *int { return &c.Cache.MaxEntries }, 1, 100_000_000)},
+	{Key: "cache.ttl", Help: "terminal records are served from cache this long",
+		value: dur(func(c *Config) *time.Duration { return &c.Cache.TTL })},
+	{Key: "cache.max_stale", Help: "known terminals still log in this long while the store is unavailable",
+		value: dur(func(c *Config) *time.Duration { return &c.Cache.MaxStale })},
+	{Key: "cache.max_entries", Help: "cached terminal records",
+		value: integer(func(c *Config) *int { return &c.Cache.MaxEntries }, 1, 100_000_000)},
 
 	{Key: "sms.url", Help: `SMS gateway send endpoint (POST {"to","text"}); empty = no SMS channel`,
-		set: str(func(c *Config) *string { return &c.SMS.URL })},
+		value: str(func(c *Config) *string { return &c.SMS.URL })},
 	{Key: "sms.auth_header", Help: "request header for the gateway, e.g. Authorization",
-		set: str(func(c *Config) *string { return &c.SMS.AuthHeader })},
+		value: str(func(c *Config) *string { return &c.SMS.AuthHeader })},
 	{Key: "sms.auth_value", Secret: true, Help: "value of that header",
-		set: str(func(c *Config) *string { return &c.SMS.AuthValue })},
-	{Key: "sms.retries", Default: "3", Help: "retries of a failed gateway request",
-		set: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
-	{Key: "sms.on_request", Default: "false", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
-		set: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
+		value: str(func(c *Config) *string { return &c.SMS.AuthValue })},
+	{Key: "sms.retries", Help: "retries of a failed gateway request (transport errors, 429 and 5xx; other answers fail at once)",
+		value: integer(func(c *Config) *int { return &c.SMS.Retries }, 0, 100)},
+	{Key: "sms.timeout", Help: "timeout of one gateway request",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.Timeout })},
+	{Key: "sms.backoff", Help: "longest wait before the first retry, doubled for each next one; each wait is random in its upper half",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.Backoff })},
+	{Key: "sms.max_backoff", Help: "longest wait between retries (without Retry-After)",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.MaxBackoff })},
+	{Key: "sms.max_retry_after", Help: "longest Retry-After of a 429 or 503 honoured; a gateway asking for more ends the send, and the change is sent again later",
+		value: dur(func(c *Config) *time.Duration { return &c.SMS.MaxRetryAfter })},
+	{Key: "sms.on_request", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
+		value: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
+})
+
+// documentDefaults sets the documented Default of every field that has
+// none written to its value in Default(), so that a default is written
+// once (in Default, which takes it from the library that uses it). A
+// written Default describes what start works out for a key that is empty
+// in Default() (a file in data_dir, $VAULT_ADDR); a test keeps it so.
+func documentDefaults(fs []Field) []Field {
+	d := Default()
+	for i := range fs {
+		if fs[i].Default == "" && !fs[i].Secret {
+			fs[i].Default = fs[i].value.get(d)
+		}
+	}
+	return fs
 }
 
 func fieldByKey(key string) (Field, bool) {
@@ -552,7 +661,7 @@ func (c *Config) applyNode(n *yaml.Node, prefix, source string) error {
 			if v.Tag == "!!null" {
 				val = ""
 			}
-			if err := f.set(c, val); err != nil {
+			if err := f.value.set(c, val); err != nil {
 				return &ConfigError{Key: key, Source: src, Err: err}
 			}
 		default:
@@ -567,7 +676,7 @@ func (c *Config) applyNode(n *yaml.Node, prefix, source string) error {
 func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	for _, f := range fields {
 		if v, ok := lookup(f.Env()); ok && v != "" {
-			if err := f.set(c, v); err != nil {
+			if err := f.value.set(c, v); err != nil {
 				return &ConfigError{Key: f.Key, Source: "env " + f.Env(), Err: err}
 			}
 		}
@@ -595,7 +704,7 @@ func (c *Config) ApplyFlags(fs *pflag.FlagSet) error {
 		if fl == nil || !fl.Changed || err != nil {
 			continue
 		}
-		if e := f.set(c, fl.Value.String()); e != nil {
+		if e := f.value.set(c, fl.Value.String()); e != nil {
 			err = &ConfigError{Key: f.Key, Source: "flag --" + f.Flag(), Err: e}
 		}
 	}
@@ -604,7 +713,8 @@ func (c *Config) ApplyFlags(fs *pflag.FlagSet) error {
 
 // Resolve builds the configuration from its layers, each overriding the one
 // before: defaults, the YAML file (--config, else $M2MGUARD_CONFIG; none if
-// neither), environment variables, flags. Then it validates the result.
+// neither), environment variables, flags. Then it derives the settings
+// left to follow others (Derive) and validates the result.
 // fs must have been set up with AddFlags and parsed.
 func Resolve(fs *pflag.FlagSet, lookup func(string) (string, bool)) (*Config, error) {
 	c := Default()
@@ -635,6 +745,7 @@ func Resolve(fs *pflag.FlagSet, lookup func(string) (string, bool)) (*Config, er
 	if err := c.ApplyFlags(fs); err != nil {
 		return nil, err
 	}
+	c.Derive()
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
@@ -657,136 +768,175 @@ func readBounded(path string) ([]byte, error) {
 	return data, nil
 }
 
-// Validate checks the combination of keys and fills in the paths that
-// default to the data directory. Errors are *ConfigError naming the key.
-func (c *Config) Validate() error {
-	bad := func(key, format string, a ...any) error {
-		return &ConfigError{Key: key, Err: fmt.Errorf(format, a...)}
+// Derive fills in the settings that follow from others when they are
+// left empty: the files in data_dir (store.embedded.file,
+// store.embedded.master_key_file, admin.token_file,
+// admin.metrics_token_file, mqtt.persistence_file) and mqtt.persistence
+// (on). Resolve and Start call it before Validate.
+func (c *Config) Derive() {
+	inDataDir := func(file *string, name string) {
+		if *file == "" {
+			*file = filepath.Join(c.DataDir, name)
+		}
 	}
+	inDataDir(&c.Store.Embedded.File, "m2mguard.db")
+	inDataDir(&c.Store.Embedded.MasterKeyFile, "master.key")
+	inDataDir(&c.Admin.TokenFile, "admin.token")
+	inDataDir(&c.MQTT.PersistenceFile, "sessions.db")
+	if c.MQTT.Persistence == "" {
+		c.MQTT.Persistence = "on"
+	}
+	inDataDir(&c.Admin.MetricsTokenFile, "metrics.token")
+}
+
+// Validate checks the keys and their combinations, section by section,
+// and changes nothing. Errors are *ConfigError naming the key.
+func (c Config) Validate() error {
 	if c.DataDir == "" {
 		return bad("data_dir", "must not be empty")
 	}
-	if c.Store.Embedded.File == "" {
-		c.Store.Embedded.File = filepath.Join(c.DataDir, "m2mguard.db")
-	}
-	if c.Store.Embedded.MasterKeyFile == "" {
-		c.Store.Embedded.MasterKeyFile = filepath.Join(c.DataDir, "master.key")
-	}
-	if c.Admin.TokenFile == "" {
-		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin.token")
-	}
-	if c.MQTT.PersistenceFile == "" {
-		c.MQTT.PersistenceFile = filepath.Join(c.DataDir, "sessions.db")
-	}
-	if c.Admin.MetricsTokenFile == "" {
-		c.Admin.MetricsTokenFile = filepath.Join(c.DataDir, "metrics.token")
-	}
-	switch c.Log.Format {
-	case "text", "json":
-	default:
-		return bad("log.format", "want text or json")
-	}
-	switch c.MQTT.Persistence {
-	case "":
-		c.MQTT.Persistence = "on"
-	case "on", "sync", "off":
-	default:
-		return bad("mqtt.persistence", "want on, sync or off")
-	}
-	if _, err := parseLevel(c.Log.Level); err != nil {
-		return bad("log.level", "want debug, info, warn or error")
-	}
-	switch c.Store.Type {
-	case "embedded":
-	case "vault":
-		v := c.Store.Vault
-		if v.Address == "" {
-			return bad("store.vault.address", "required with store.type vault (or set $VAULT_ADDR)")
-		}
-		if !strings.HasPrefix(v.Address, "http://") && !strings.HasPrefix(v.Address, "https://") {
-			return bad("store.vault.address", "want an http:// or https:// URL")
-		}
-		if v.Mount == "" {
-			return bad("store.vault.mount", "must not be empty")
-		}
-		if v.Prefix == "" {
-			return bad("store.vault.prefix", "must not be empty")
-		}
-		approle := v.AppRoleRoleID != "" || v.AppRoleRoleIDFile != ""
-		token := v.Token != "" || v.TokenFile != ""
-		switch {
-		case v.AppRoleRoleID != "" && v.AppRoleRoleIDFile != "":
-			return bad("store.vault.approle.role_id_file", "set role_id or role_id_file, not both")
-		case v.AppRoleSecretID != "" && v.AppRoleSecretIDFile != "":
-			return bad("store.vault.approle.secret_id_file", "set secret_id or secret_id_file, not both")
-		case approle && v.AppRoleSecretID == "" && v.AppRoleSecretIDFile == "":
-			return bad("store.vault.approle.secret_id_file", "AppRole needs a secret_id (secret_id_file or $M2MGUARD_STORE_VAULT_APPROLE_SECRET_ID)")
-		case !approle && (v.AppRoleSecretID != "" || v.AppRoleSecretIDFile != ""):
-			return bad("store.vault.approle.role_id", "a secret_id is set but no role_id")
-		case approle:
-			// AppRole wins over a token inherited from $VAULT_TOKEN.
-		case v.Token != "" && v.TokenFile != "":
-			return bad("store.vault.token_file", "set token or token_file, not both")
-		case !token:
-			return bad("store.vault.token", "store.type vault needs a token (token, token_file, $VAULT_TOKEN) or AppRole (approle.role_id and approle.secret_id)")
-		}
-		if v.Timeout <= 0 {
-			return bad("store.vault.timeout", "must be positive")
-		}
-		if v.Transit && v.TransitKey == "" {
-			return bad("store.vault.transit_key", "must not be empty with store.vault.transit")
-		}
-	default:
-		return bad("store.type", "want embedded or vault")
-	}
-	if (c.MQTT.TLSCert == "") != (c.MQTT.TLSKey == "") {
-		if c.MQTT.TLSCert == "" {
-			return bad("mqtt.tls_cert", "set together with mqtt.tls_key")
-		}
-		return bad("mqtt.tls_key", "set together with mqtt.tls_cert")
-	}
-	if c.MQTT.TCP == "" && c.MQTT.WS == "" && (c.MQTT.TLS == "" || c.MQTT.TLSCert == "") {
-		return bad("mqtt.tcp", "no MQTT listener is enabled (mqtt.tcp, mqtt.tls with a certificate, or mqtt.ws)")
-	}
-	for _, l := range [][2]string{{"mqtt.tcp", c.MQTT.TCP}, {"mqtt.tls", c.MQTT.TLS}, {"mqtt.ws", c.MQTT.WS}, {"admin.listen", c.Admin.Listen}} {
-		if err := addr(func(*Config) *string { s := l[1]; return &s })(c, l[1]); err != nil {
-			return bad(l[0], "%v", err)
+	for _, section := range []func() error{
+		c.Log.validate, c.Store.validate, c.MQTT.validate, c.Admin.validate,
+		c.Auth.validate, c.Keys.validate, c.Cache.validate, c.SMS.validate,
+	} {
+		if err := section(); err != nil {
+			return err
 		}
 	}
-	if c.MQTT.ReadBuffer < 256 {
-		return bad("mqtt.read_buffer", "at least 256")
-	}
-	if c.MQTT.WriteBuffer < 256 {
-		return bad("mqtt.write_buffer", "at least 256")
-	}
-	if c.MQTT.MaxWritesPending < 16 {
-		return bad("mqtt.max_writes_pending", "at least 16")
-	}
-	if c.Admin.Token != "" && len(c.Admin.Token) < 16 {
-		return bad("admin.token", "at least 16 characters")
-	}
-	if c.Admin.MetricsToken != "" && len(c.Admin.MetricsToken) < 16 {
-		return bad("admin.metrics_token", "at least 16 characters")
-	}
-	if c.SMS.URL != "" && !strings.HasPrefix(c.SMS.URL, "http://") && !strings.HasPrefix(c.SMS.URL, "https://") {
-		return bad("sms.url", "want an http:// or https:// URL")
-	}
-	if (c.SMS.AuthHeader == "") != (c.SMS.AuthValue == "") {
-		return bad("sms.auth_value", "set sms.auth_header and sms.auth_value together")
-	}
-	for _, d := range []struct {
-		key string
-		v   time.Duration
-	}{{"auth.skew", c.Auth.Skew}, {"auth.session_lifetime", c.Auth.SessionLifetime}, {"auth.store_timeout", c.Auth.StoreTimeout},
-		{"auth.throttle_base", c.Auth.ThrottleBase}, {"auth.throttle_max", c.Auth.ThrottleMax}, {"auth.app_failure_refill", c.Auth.AppFailureRefill},
-		{"keys.change_deadline", c.Keys.ChangeDeadline},
-		{"cache.ttl", c.Cache.TTL}, {"mqtt.connect_timeout", c.MQTT.ConnectTimeout}, {"mqtt.write_timeout", c.MQTT.WriteTimeout}, {"mqtt.session_expiry", c.MQTT.SessionExpiry}} {
+	return nil
+}
+
+// bad is a *ConfigError of key.
+func bad(key, format string, a ...any) error {
+	return &ConfigError{Key: key, Err: fmt.Errorf(format, a...)}
+}
+
+// positive checks that each duration, named by its key, is above zero.
+func positive(durations ...keyed) error {
+	for _, d := range durations {
 		if d.v <= 0 {
 			return bad(d.key, "must be positive")
 		}
 	}
-	if c.Auth.ThrottleMax < c.Auth.ThrottleBase {
+	return nil
+}
+
+// keyed is a duration and its key.
+type keyed struct {
+	key string
+	v   time.Duration
+}
+
+func (c LogConfig) validate() error {
+	switch c.Format {
+	case "text", "json":
+	default:
+		return bad("log.format", "want text or json")
+	}
+	if _, err := parseLevel(c.Level); err != nil {
+		return bad("log.level", "want debug, info, warn or error")
+	}
+	return nil
+}
+
+// validate checks the store type and, for Vault, the rules of package
+// vaultstore, under the store.vault keys.
+func (c StoreConfig) validate() error {
+	switch c.Type {
+	case "embedded":
+		return nil
+	case "vault":
+		var ve *vaultstore.ConfigError
+		if err := c.Vault.Validate(); errors.As(err, &ve) {
+			return &ConfigError{Key: "store.vault." + ve.Key, Err: ve.Err}
+		} else if err != nil {
+			return &ConfigError{Key: "store.vault", Err: err}
+		}
+		return nil
+	default:
+		return bad("store.type", "want embedded or vault")
+	}
+}
+
+func (c MQTTConfig) validate() error {
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		if c.TLSCert == "" {
+			return bad("mqtt.tls_cert", "set together with mqtt.tls_key")
+		}
+		return bad("mqtt.tls_key", "set together with mqtt.tls_cert")
+	}
+	if c.TCP == "" && c.WS == "" && (c.TLS == "" || c.TLSCert == "") {
+		return bad("mqtt.tcp", "no MQTT listener is enabled (mqtt.tcp, mqtt.tls with a certificate, or mqtt.ws)")
+	}
+	for _, l := range [][2]string{{"mqtt.tcp", c.TCP}, {"mqtt.tls", c.TLS}, {"mqtt.ws", c.WS}} {
+		if _, err := listenAddr(l[1]); err != nil {
+			return bad(l[0], "%v", err)
+		}
+	}
+	if c.ReadBuffer < 256 {
+		return bad("mqtt.read_buffer", "at least 256")
+	}
+	if c.WriteBuffer < 256 {
+		return bad("mqtt.write_buffer", "at least 256")
+	}
+	if c.MaxWritesPending < 16 {
+		return bad("mqtt.max_writes_pending", "at least 16")
+	}
+	switch c.Persistence {
+	case "on", "sync", "off":
+	default:
+		return bad("mqtt.persistence", "want on, sync or off")
+	}
+	return positive(keyed{"mqtt.connect_timeout", c.ConnectTimeout}, keyed{"mqtt.write_timeout", c.WriteTimeout},
+		keyed{"mqtt.session_expiry", c.SessionExpiry})
+}
+
+func (c AdminConfig) validate() error {
+	if _, err := listenAddr(c.Listen); err != nil {
+		return bad("admin.listen", "%v", err)
+	}
+	if c.Token != "" && len(c.Token) < 16 {
+		return bad("admin.token", "at least 16 characters")
+	}
+	if c.MetricsToken != "" && len(c.MetricsToken) < 16 {
+		return bad("admin.metrics_token", "at least 16 characters")
+	}
+	return nil
+}
+
+func (c AuthConfig) validate() error {
+	if err := positive(keyed{"auth.skew", c.Skew}, keyed{"auth.session_lifetime", c.SessionLifetime},
+		keyed{"auth.store_timeout", c.StoreTimeout}, keyed{"auth.throttle_base", c.ThrottleBase},
+		keyed{"auth.throttle_max", c.ThrottleMax}, keyed{"auth.app_failure_refill", c.AppFailureRefill}); err != nil {
+		return err
+	}
+	if c.ThrottleMax < c.ThrottleBase {
 		return bad("auth.throttle_max", "must be at least auth.throttle_base")
+	}
+	return nil
+}
+
+func (c KeysConfig) validate() error {
+	return positive(keyed{"keys.change_deadline", c.ChangeDeadline})
+}
+
+func (c CacheConfig) validate() error {
+	return positive(keyed{"cache.ttl", c.TTL})
+}
+
+func (c SMSConfig) validate() error {
+	if c.URL != "" && !strings.HasPrefix(c.URL, "http://") && !strings.HasPrefix(c.URL, "https://") {
+		return bad("sms.url", "want an http:// or https:// URL")
+	}
+	if (c.AuthHeader == "") != (c.AuthValue == "") {
+		return bad("sms.auth_value", "set sms.auth_header and sms.auth_value together")
+	}
+	if err := positive(keyed{"sms.timeout", c.Timeout}, keyed{"sms.backoff", c.Backoff},
+		keyed{"sms.max_backoff", c.MaxBackoff}, keyed{"sms.max_retry_after", c.MaxRetryAfter}); err != nil {
+		return err
+	}
+	if c.MaxBackoff < c.Backoff {
+		return bad("sms.max_backoff", "must be at least sms.backoff")
 	}
 	return nil
 }

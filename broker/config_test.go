@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/haproxytest"
 )
 
 // resolve runs the layers with a YAML file (if yaml != ""), env and args.
@@ -156,6 +157,13 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"vault without address", "store.type: vault\n", nil, nil, "store.vault.address", "", "required"},
 		{"vault without credentials", "store.type: vault\nstore.vault.address: http://v:8200\n", nil, nil, "store.vault.token", "", "AppRole"},
 		{"approle without secret", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.approle.role_id: r\n", nil, nil, "store.vault.approle.secret_id_file", "", "secret_id"},
+		{"approle and kubernetes", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.approle.role_id: r\nstore.vault.approle.secret_id: s\nstore.vault.kubernetes.role: k\n", nil, nil, "store.vault.kubernetes.role", "", "not both"},
+		{"secret_id and wrapping token", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.approle.role_id: r\nstore.vault.approle.secret_id_file: s\n", map[string]string{"M2MGUARD_STORE_VAULT_APPROLE_WRAPPING_TOKEN_FILE": "w"}, nil, "store.vault.approle.secret_id_file", "", "wrapping_token_file"},
+		{"wrapping token without role_id", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.approle.wrapping_token_file: w\n", nil, nil, "store.vault.approle.role_id", "", "wrapping token"},
+		{"kubernetes with a secret_id", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.kubernetes.role: k\nstore.vault.approle.secret_id: s\n", nil, nil, "store.vault.kubernetes.role", "", "neither"},
+		{"kubernetes without token file", "store.type: vault\nstore.vault.address: http://v:8200\nstore.vault.kubernetes: {role: k, token_file: ''}\n", nil, nil, "store.vault.kubernetes.token_file", "", "empty"},
+		{"sms backoff above its max", "sms: {backoff: 10s, max_backoff: 1s}\n", nil, nil, "sms.max_backoff", "", "sms.backoff"},
+		{"sms timeout zero", "", nil, []string{"--sms-timeout", "0s"}, "sms.timeout", "", "positive"},
 		{"vault address not a URL", "store.type: vault\nstore.vault.address: vault:8200\nstore.vault.token: t\n", nil, nil, "store.vault.address", "", "URL"},
 		{"cert without key", "", nil, []string{"--mqtt-tls-cert", "c.pem"}, "mqtt.tls_key", "", "together"},
 		{"short admin token", "", map[string]string{"M2MGUARD_ADMIN_TOKEN": "short"}, nil, "admin.token", "", "16"},
@@ -217,6 +225,20 @@ func TestReadmeDocumentsEveryKey(t *testing.T) {
 	}
 }
 
+// TestReadmeHasTheReference keeps the README's configuration table equal
+// to Reference(), the documented defaults included: they are read from
+// Default(), which takes them from the libraries, so a changed library
+// default shows here.
+func TestReadmeHasTheReference(t *testing.T) {
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Skip("no README")
+	}
+	if ref := broker.Reference(); !strings.Contains(string(data), ref) {
+		t.Errorf("README's configuration table is not broker.Reference(); replace it with:\n%s", ref)
+	}
+}
+
 func FuzzApplyYAML(f *testing.F) {
 	f.Add([]byte("mqtt:\n  tcp: \":1883\"\n"))
 	f.Add([]byte("store: {type: vault, vault: {address: 'http://v:8200', token: t}}\n"))
@@ -271,7 +293,8 @@ func pflagWith(args ...string) *pflag.FlagSet {
 // the Dockerfile and docker-compose.yml mention against the real keys.
 func TestDocumentedEnvVarsExist(t *testing.T) {
 	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
-		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true}
+		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
+		haproxytest.EnvInstall: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}

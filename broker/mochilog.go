@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/netguard"
 )
 
 // mochiLogHandler is the handler of mochi's log. It drops the attributes
@@ -22,16 +24,25 @@ import (
 //     no): the hook logs it with its reason as login_refused, so mochi's
 //     line is a debug line, "mqtt login refused";
 //   - a connection closed by either side (EOF, a reset, a closed socket at
-//     shutdown or after a kick, a deadline: no CONNECT in time, keep-alive):
-//     routine, a debug line, "mqtt connection closed";
+//     shutdown or after a kick, a deadline: no CONNECT in time, keep-alive),
+//     or by netguard after its PROXY header (netguard logged why): routine,
+//     a debug line, "mqtt connection closed";
 //   - anything else (a protocol violation, a TLS failure, ...) stays a
 //     warning, "mqtt connection ended with an error".
 //
-// Every other line of mochi passes unchanged.
+// mochi's "attached listener" is a debug line: the broker logs each
+// listener itself ("mqtt listener", with its bound address). Every other
+// line of mochi passes unchanged.
 type mochiLogHandler struct{ slog.Handler }
 
 func (h mochiLogHandler) Handle(ctx context.Context, r slog.Record) error {
 	level, msg := r.Level, r.Message
+	if msg == "attached listener" {
+		level = slog.LevelDebug
+		if !h.Handler.Enabled(ctx, level) {
+			return nil
+		}
+	}
 	if level == slog.LevelWarn && msg == "" {
 		level, msg = gradeConnEnd(r)
 		if !h.Handler.Enabled(ctx, level) {
@@ -69,6 +80,7 @@ func gradeConnEnd(r slog.Record) (slog.Level, string) {
 		return slog.LevelDebug, "mqtt login refused"
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed),
 		errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
+		errors.Is(err, netguard.ErrRefused),
 		errors.As(err, &code) && code.Code == packets.ErrServerShuttingDown.Code:
 		return slog.LevelDebug, "mqtt connection closed"
 	}

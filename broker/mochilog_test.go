@@ -100,3 +100,23 @@ func TestMochiLogKeepsRealWarnings(t *testing.T) {
 		t.Fatalf("real warnings lost or left without a message:\n%s", got)
 	}
 }
+
+// TestListenersLoggedOnce: a started broker logs each listener once, at
+// info level ("mqtt listener" with its bound address); mochi's own
+// "attached listener" is a debug line.
+func TestListenersLoggedOnce(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.MQTT.WS = "127.0.0.1:0"
+	_, logs := start(t, cfg)
+	for _, id := range []string{"tcp", "ws"} {
+		var info int
+		for _, line := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(line, "level=INFO") && strings.Contains(line, "listener") && strings.Contains(line, "id="+id+" ") {
+				info++
+			}
+		}
+		if info != 1 {
+			t.Errorf("listener %s logged %d times at info level, want once:\n%s", id, info, logs.String())
+		}
+	}
+}

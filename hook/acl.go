@@ -90,7 +90,8 @@ func (s *session) appMay(topic string, write bool) bool {
 	return false
 }
 
-func (h *Hook) willAllowed(s *session, topic string) bool {
+// willAllowed reports whether the session may leave a will on topic.
+func (s *session) willAllowed(topic string) bool {
 	if s.kind == kindTerminal {
 		// A will is sent without passing OnPublish: it could not be an
 		// envelope, so a terminal that must encrypt may not have one.
@@ -105,7 +106,7 @@ func (h *Hook) willAllowed(s *session, topic string) bool {
 // subscribers and is not retained.
 func (h *Hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
 	s := h.session(cl)
-	if s == nil || !h.willAllowed(s, will.TopicName) {
+	if s == nil || !s.willAllowed(will.TopicName) {
 		h.event(slog.LevelWarn, "will_refused", "sn", s.snOrEmpty())
 		return mqtt.Will{}, nil
 	}

@@ -70,7 +70,7 @@ func (h *Hook) Disconnect(clientID string) error {
 	if s == nil || s.state.Load() != stateEstablished {
 		return ErrNoSession
 	}
-	h.markEnding(s, "administrative")
-	h.endConnection(cl, packets.ErrAdministrativeAction) // even if the hook is ending it already
+	h.writer.markEnding(s, "administrative")
+	h.writer.endConnection(cl, packets.ErrAdministrativeAction) // even if the hook is ending it already
 	return nil
 }

@@ -28,55 +28,53 @@ const reasonBusy = "busy"
 // once (MQTT 5: 0x89 server busy; 3.1.1: 0x05), never queued.
 //
 // An "address" is an IPv4 address or an IPv6 /64 (one host usually holds
-// a whole /64). The zero value keeps argon2id on at most half the CPUs.
+// a whole /64). Zero fields take the values of DefaultAppLimitOptions, or
+// follow the CPUs and the rates as their comments say. The zero value
+// keeps argon2id on at most half the CPUs.
 type AppLimitOptions struct {
 	Concurrency        int     // verifications running at once; 0 = max(1, GOMAXPROCS/2)
-	ConcurrencyPerAddr int     // running at once for one address; 0 = 1
+	ConcurrencyPerAddr int     // running at once for one address
 	Rate               float64 // verifications started per second; 0 = 10 × Concurrency
 	Burst              int     // of Rate; 0 = two seconds' worth, at least 2
-	RatePerAddr        float64 // started per second for one address; 0 = 2
+	RatePerAddr        float64 // started per second for one address
 	BurstPerAddr       int     // of RatePerAddr; 0 = two seconds' worth, at least 2
 
 	// FailuresPerAddr failed logins from one address, whatever names they
 	// use, are answered; then that address is refused (0x8A, as a throttled
-	// terminal) until FailureRefill has given back one more. 0 = 20.
+	// terminal) until FailureRefill has given back one more.
 	FailuresPerAddr int
-	FailureRefill   time.Duration // 0 = 10 s
+	FailureRefill   time.Duration
 
 	// MaxAddrs is how many addresses the limiter remembers; the least
 	// recently seen one is forgotten first (a forgotten address starts
-	// afresh). 0 = 10000, at about 400 bytes each.
+	// afresh). About 400 bytes each.
 	MaxAddrs int
 }
 
+// DefaultAppLimitOptions returns the value the hook gives each zero field
+// of AppLimitOptions that does not follow the CPUs or a rate (those stay
+// zero here: Concurrency, Rate, Burst, BurstPerAddr).
+func DefaultAppLimitOptions() AppLimitOptions {
+	return AppLimitOptions{
+		ConcurrencyPerAddr: 1,
+		RatePerAddr:        2,
+		FailuresPerAddr:    20,
+		FailureRefill:      10 * time.Second,
+		MaxAddrs:           10000,
+	}
+}
+
 func (o AppLimitOptions) withDefaults() AppLimitOptions {
-	if o.Concurrency <= 0 {
-		o.Concurrency = max(1, runtime.GOMAXPROCS(0)/2)
-	}
-	if o.ConcurrencyPerAddr <= 0 {
-		o.ConcurrencyPerAddr = 1
-	}
-	if o.Rate <= 0 {
-		o.Rate = 10 * float64(o.Concurrency)
-	}
-	if o.Burst <= 0 {
-		o.Burst = twoSeconds(o.Rate)
-	}
-	if o.RatePerAddr <= 0 {
-		o.RatePerAddr = 2
-	}
-	if o.BurstPerAddr <= 0 {
-		o.BurstPerAddr = twoSeconds(o.RatePerAddr)
-	}
-	if o.FailuresPerAddr <= 0 {
-		o.FailuresPerAddr = 20
-	}
-	if o.FailureRefill <= 0 {
-		o.FailureRefill = 10 * time.Second
-	}
-	if o.MaxAddrs <= 0 {
-		o.MaxAddrs = 10000
-	}
+	def := DefaultAppLimitOptions()
+	orDefault(&o.Concurrency, max(1, runtime.GOMAXPROCS(0)/2))
+	orDefault(&o.ConcurrencyPerAddr, def.ConcurrencyPerAddr)
+	orDefault(&o.Rate, 10*float64(o.Concurrency))
+	orDefault(&o.Burst, twoSeconds(o.Rate))
+	orDefault(&o.RatePerAddr, def.RatePerAddr)
+	orDefault(&o.BurstPerAddr, twoSeconds(o.RatePerAddr))
+	orDefault(&o.FailuresPerAddr, def.FailuresPerAddr)
+	orDefault(&o.FailureRefill, def.FailureRefill)
+	orDefault(&o.MaxAddrs, def.MaxAddrs)
 	return o
 }
 

@@ -185,7 +185,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
-		h.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", "login")
+		h.changes.committed(sn, rid, "login")
 		t = committed
 	}
 	h.throttle.Succeed(sn, addr)
@@ -206,7 +206,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	s.loginRecord, s.loginPending = t, t.Pending
 	if t.Pending == nil {
-		s.loginPending = h.startRenewal(s, t, now)
+		s.loginPending = h.changes.renew(s, t, now)
 	}
 	h.restrictTerminal(cl, s)
 	h.metrics.accepted.Inc()
@@ -281,7 +281,7 @@ func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal
 // AAD), and no will message outside what the terminal may publish.
 func (h *Hook) restrictTerminal(cl *mqtt.Client, s *session) {
 	cl.Properties.Props.TopicAliasMaximum = 0
-	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
+	if cl.Properties.Will.Flag != 0 && !s.willAllowed(cl.Properties.Will.TopicName) {
 		h.event(slog.LevelWarn, "will_refused", "sn", s.sn)
 		cl.Properties.Will = mqtt.Will{}
 	}
@@ -324,7 +324,7 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	}
 	h.throttle.Succeed(id, addr)
 	s := &session{kind: kindApp, app: app}
-	if cl.Properties.Will.Flag != 0 && !h.willAllowed(s, cl.Properties.Will.TopicName) {
+	if cl.Properties.Will.Flag != 0 && !s.willAllowed(cl.Properties.Will.TopicName) {
 		h.event(slog.LevelWarn, "will_refused", "app", name)
 		cl.Properties.Will = mqtt.Will{}
 	}

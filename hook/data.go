@@ -32,7 +32,8 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	kind, _ := codec.ParseTopic(pk.TopicName)
 	switch kind {
 	case codec.TopicCtl:
-		return h.onControl(cl, s, pk)
+		h.changes.onControl(termConn{cl, s}, pk.Payload)
+		return pk, packets.CodeSuccessIgnore // acknowledged, never delivered
 	case codec.TopicUp:
 		if !s.hasKey() {
 			return pk, nil // a terminal without a session key sends plaintext (ACL refused it if it must encrypt)
@@ -71,7 +72,7 @@ func (h *Hook) envelopeFailed(cl *mqtt.Client, s *session, reason string) {
 	n := s.envFailed.Add(1)
 	h.event(slog.LevelWarn, "envelope_refused", "sn", s.sn, "reason", reason, "failures", n)
 	if int(n) >= h.opts.MaxEnvelopeFailures {
-		h.endSession(cl, s, "envelope-failures", packets.ErrPayloadFormatInvalid)
+		h.writer.endSession(cl, s, "envelope-failures", packets.ErrPayloadFormatInvalid)
 	}
 }
 

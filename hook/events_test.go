@@ -1,7 +1,6 @@
 package hook
 
 import (
-	"context"
 	"reflect"
 	"sync/atomic"
 	"testing"
@@ -62,11 +61,10 @@ func TestEventLimiter(t *testing.T) {
 // TestSpawnAfterStop: Stop waits for the goroutines spawned before it and
 // refuses new ones.
 func TestSpawnAfterStop(t *testing.T) {
-	h := &Hook{}
-	h.life, h.cancel = context.WithCancel(t.Context())
+	h := &Hook{crew: newCrew()}
 	release := make(chan struct{})
 	var finished atomic.Bool
-	if !h.spawn(func() { <-release; finished.Store(true) }) {
+	if !h.crew.spawn(func() { <-release; finished.Store(true) }) {
 		t.Fatal("spawn refused before Stop")
 	}
 	stopped := make(chan struct{})
@@ -76,10 +74,10 @@ func TestSpawnAfterStop(t *testing.T) {
 	if !finished.Load() {
 		t.Fatal("Stop returned before the spawned goroutine finished")
 	}
-	if h.life.Err() == nil {
+	if h.crew.ctx.Err() == nil {
 		t.Fatal("Stop did not cancel the hook's context")
 	}
-	if h.spawn(func() {}) {
+	if h.crew.spawn(func() {}) {
 		t.Fatal("spawn accepted after Stop")
 	}
 }

@@ -44,27 +44,27 @@ func (h *Hook) claim(ctx context.Context, sn string, ts uint32, nonce codec.ID, 
 // ThrottleOptions configure the back-off of repeated login failures for one
 // identity (terminal sn or application name) from one source address.
 // Failures from one address never slow the same identity from another.
+// Zero fields take the values of DefaultThrottleOptions.
 type ThrottleOptions struct {
-	Free       int           // failures answered at once before refusals start; 0 = 5
+	Free       int           // failures answered at once before refusals start
 	Delay      time.Duration // extra wait before answering each failure up to Free; 0 = none
-	Base       time.Duration // first refusal period; doubles with every further failure; 0 = 1 s
-	Max        time.Duration // longest refusal period; 0 = 15 min
-	MaxEntries int           // (identity, address) pairs remembered; 0 = 100000, at least 2
+	Base       time.Duration // first refusal period; doubles with every further failure
+	Max        time.Duration // longest refusal period
+	MaxEntries int           // (identity, address) pairs remembered; at least 2
+}
+
+// DefaultThrottleOptions returns the value the hook gives each zero field
+// of ThrottleOptions (Delay: none).
+func DefaultThrottleOptions() ThrottleOptions {
+	return ThrottleOptions{Free: 5, Base: time.Second, Max: 15 * time.Minute, MaxEntries: 100000}
 }
 
 func (o ThrottleOptions) withDefaults() ThrottleOptions {
-	if o.Free <= 0 {
-		o.Free = 5
-	}
-	if o.Base <= 0 {
-		o.Base = time.Second
-	}
-	if o.Max <= 0 {
-		o.Max = 15 * time.Minute
-	}
-	if o.MaxEntries <= 0 {
-		o.MaxEntries = 100000
-	}
+	def := DefaultThrottleOptions()
+	orDefault(&o.Free, def.Free)
+	orDefault(&o.Base, def.Base)
+	orDefault(&o.Max, def.Max)
+	orDefault(&o.MaxEntries, def.MaxEntries)
 	o.MaxEntries = max(o.MaxEntries, 2) // one probation and one blocked pair
 	return o
 }
@@ -119,6 +119,11 @@ type throttleShard struct {
 // throttleShards is the number of shards of a table large enough; a small
 // table has fewer, each with at least 64 pairs.
 const throttleShards = 16
+
+// NewThrottleTable returns the hook's default Throttler, the bounded table
+// configured by o (zero fields take their defaults), for a caller that
+// wraps it, such as a fleet that shares failures between brokers.
+func NewThrottleTable(o ThrottleOptions) Throttler { return newThrottleTable(o.withDefaults()) }
 
 func newThrottleTable(o ThrottleOptions) *throttleTable {
 	n := min(throttleShards, max(o.MaxEntries/64, 1))

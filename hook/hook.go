@@ -49,8 +49,10 @@ type Registry interface {
 	GetApp(ctx context.Context, name string) (*keysvc.App, error) // the reach of a session restored after a restart
 }
 
-// Options configure a Hook. Registry and Server are required; every other
-// zero value means the default of docs/SPEC.md.
+// Options configure a Hook. Registry and Server are required. A zero
+// number or duration takes its value from DefaultOptions (the values of
+// docs/SPEC.md); a nil interface or function is replaced as its comment
+// says.
 type Options struct {
 	Registry Registry
 	Server   *mqtt.Server // the server the hook is added to: key delivery and session ends go through it
@@ -65,16 +67,16 @@ type Options struct {
 	SMSOnRequest bool
 	// RenewBefore starts a change of a password or basic key this long
 	// before it expires (and at any login inside the grace period after);
-	// 0 = Grace.
+	// 0 = Grace (derived in New, so it follows a Grace of the caller's).
 	RenewBefore time.Duration
 	// SMSRetry is the first wait after a failed SMS send; it doubles up to
-	// 5 minutes until the change's deadline. 0 = 5 s.
+	// 5 minutes until the change's deadline.
 	SMSRetry time.Duration
 
-	Skew            time.Duration // allowed |now - ts| at login; 0 = 300 s
-	Grace           time.Duration // login still allowed after up expired; 0 = 7 days
-	SessionLifetime time.Duration // a session key's life (exp - T); 0 = 24 h
-	StoreTimeout    time.Duration // per registry call; 0 = 2 s
+	Skew            time.Duration // allowed |now - ts| at login
+	Grace           time.Duration // login still allowed after up expired
+	SessionLifetime time.Duration // a session key's life (exp - T)
+	StoreTimeout    time.Duration // per registry call
 	Throttle        ThrottleOptions
 	// Apps bounds the cost of application logins (argon2id) before they
 	// are authenticated; the zero value keeps it on half the CPUs.
@@ -97,25 +99,25 @@ type Options struct {
 	Storage Storage
 
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
-	// before the session is ended; 0 = 3.
+	// before the session is ended.
 	MaxEnvelopeFailures int
 	// MaxControlRefusals is how many control messages of one session may
-	// be refused (each answered with an err) before the session is ended;
-	// 0 = 8. A genuine terminal needs one or two at most.
+	// be refused (each answered with an err) before the session is ended.
+	// A genuine terminal needs one or two at most.
 	MaxControlRefusals int
 
 	// WriteTimeout bounds one write of a key-topic message: a terminal
-	// that does not read for that long is disconnected; 0 = 10 s.
+	// that does not read for that long is disconnected.
 	WriteTimeout time.Duration
 	// DisconnectTimeout bounds how long ending a connection (takeover,
 	// admin, session expiry, abuse) waits for mochi to write the
-	// DISCONNECT before it closes the socket without it; 0 = 500 ms.
+	// DISCONNECT before it closes the socket without it.
 	DisconnectTimeout time.Duration
 	// EventRate caps the security events an attacker can trigger in bulk
 	// (login_refused, binding_mismatch, control_refused, envelope_refused,
 	// session_abandoned) at this many per second per event name; the rest
 	// are counted in one events_suppressed event per name and second.
-	// Metrics count every one. 0 = 20.
+	// Metrics count every one.
 	EventRate int
 
 	Now        func() time.Time      // nil = time.Now
@@ -140,17 +142,31 @@ type Hook struct {
 	replay   ReplayGuard
 	throttle Throttler
 	apps     *appLimiter
-	changes  *changeWatch
+	changes  *changeDesk // credential changes (changes.go)
+	writer   *writer     // every write to a client and end of a connection (writes.go)
 	revoked  revocations
 	events   *eventLimiter
+	crew     *crew // owns every goroutine of the hook; Stop stops it (lifecycle.go)
+}
 
-	// Every goroutine of the hook runs through spawn and is waited for by
-	// Stop; life is cancelled by Stop.
-	life    context.Context
-	cancel  context.CancelFunc
-	lifeMu  sync.Mutex
-	stopped bool
-	wg      sync.WaitGroup
+// DefaultOptions returns the value New gives each zero number and
+// duration of Options. RenewBefore stays zero (it follows Grace); in Apps,
+// the budgets that follow the CPUs stay zero too (see AppLimitOptions).
+func DefaultOptions() Options {
+	return Options{
+		SMSRetry:            5 * time.Second,
+		Skew:                300 * time.Second, // SPEC section 3, step 5
+		Grace:               7 * 24 * time.Hour,
+		SessionLifetime:     24 * time.Hour,
+		StoreTimeout:        2 * time.Second,
+		Throttle:            DefaultThrottleOptions(),
+		Apps:                DefaultAppLimitOptions(),
+		MaxEnvelopeFailures: 3,
+		MaxControlRefusals:  8,
+		WriteTimeout:        10 * time.Second,
+		DisconnectTimeout:   500 * time.Millisecond,
+		EventRate:           20,
+	}
 }
 
 // New validates the options and returns the hook.
@@ -158,39 +174,18 @@ func New(opts Options) (*Hook, error) {
 	if opts.Registry == nil || opts.Server == nil {
 		return nil, errors.New("hook: Options.Registry and Options.Server are required")
 	}
-	if opts.Skew <= 0 {
-		opts.Skew = 300 * time.Second
-	}
-	if opts.Grace <= 0 {
-		opts.Grace = 7 * 24 * time.Hour
-	}
-	if opts.SessionLifetime <= 0 {
-		opts.SessionLifetime = 24 * time.Hour
-	}
-	if opts.StoreTimeout <= 0 {
-		opts.StoreTimeout = 2 * time.Second
-	}
-	if opts.RenewBefore <= 0 {
-		opts.RenewBefore = opts.Grace
-	}
-	if opts.SMSRetry <= 0 {
-		opts.SMSRetry = 5 * time.Second
-	}
-	if opts.MaxEnvelopeFailures <= 0 {
-		opts.MaxEnvelopeFailures = 3
-	}
-	if opts.MaxControlRefusals <= 0 {
-		opts.MaxControlRefusals = 8
-	}
-	if opts.WriteTimeout <= 0 {
-		opts.WriteTimeout = 10 * time.Second
-	}
-	if opts.DisconnectTimeout <= 0 {
-		opts.DisconnectTimeout = 500 * time.Millisecond
-	}
-	if opts.EventRate <= 0 {
-		opts.EventRate = 20
-	}
+	def := DefaultOptions()
+	orDefault(&opts.Skew, def.Skew)
+	orDefault(&opts.Grace, def.Grace)
+	orDefault(&opts.SessionLifetime, def.SessionLifetime)
+	orDefault(&opts.StoreTimeout, def.StoreTimeout)
+	orDefault(&opts.RenewBefore, opts.Grace)
+	orDefault(&opts.SMSRetry, def.SMSRetry)
+	orDefault(&opts.MaxEnvelopeFailures, def.MaxEnvelopeFailures)
+	orDefault(&opts.MaxControlRefusals, def.MaxControlRefusals)
+	orDefault(&opts.WriteTimeout, def.WriteTimeout)
+	orDefault(&opts.DisconnectTimeout, def.DisconnectTimeout)
+	orDefault(&opts.EventRate, def.EventRate)
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -215,11 +210,12 @@ func New(opts Options) (*Hook, error) {
 		replay:   opts.ReplayGuard,
 		throttle: opts.Throttler,
 		apps:     newAppLimiter(opts.Apps),
-		changes:  &changeWatch{deadlines: map[string]time.Time{}},
 		events:   newEventLimiter(opts.EventRate, floodEvents...),
 		pending:  pendingLogins{m: map[*mqtt.Client]*session{}},
+		crew:     newCrew(),
 	}
-	h.life, h.cancel = context.WithCancel(context.Background())
+	h.writer = &writer{crew: h.crew, server: h.server, event: h.event,
+		writeTimeout: opts.WriteTimeout, disconnectTimeout: opts.DisconnectTimeout}
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -230,6 +226,15 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	h.changes = newChangeDesk(opts, m, changeLink{
+		online:     h.online,
+		sendKey:    func(c termConn, payload []byte) { h.writer.sendKey(c.cl, c.s, payload) },
+		endSession: func(c termConn, reason string, code packets.Code) { h.writer.endSession(c.cl, c.s, reason, code) },
+		revoke:     h.Revoke,
+		claim:      h.claim,
+		event:      h.event,
+		crew:       h.crew,
+	})
 	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
@@ -340,7 +345,7 @@ func (h *Hook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *Hook) endTakenOver(cl *mqtt.Client) {
 	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
-		h.endConnection(old, packets.ErrSessionTakenOver)
+		h.writer.endConnection(old, packets.ErrSessionTakenOver)
 	}
 }
 
@@ -361,13 +366,13 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
 		s.timer = time.AfterFunc(d, func() {
-			h.spawn(func() { h.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
+			h.crew.spawn(func() { h.writer.endSession(cl, s, "key-expired", packets.ErrMaxConnectTime) })
 		})
 	}
 	if _, ok := cl.State.Subscriptions.Get(s.keyTopic); ok {
-		h.keySubscribed(cl, s)
+		h.writer.keySubscribed(cl, s)
 	}
-	h.deliverPending(cl, s)
+	h.changes.deliverPending(termConn{cl, s})
 }
 
 // OnSubscribed delivers the waiting key message once the terminal has
@@ -379,7 +384,7 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 	for i, f := range pk.Filters {
 		if f.Filter == s.keyTopic && i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			h.keySubscribed(cl, s)
+			h.writer.keySubscribed(cl, s)
 		}
 	}
 }
@@ -423,6 +428,13 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 // OnClientExpired forgets a persistent session that mochi expired.
 func (h *Hook) OnClientExpired(cl *mqtt.Client) {
 	h.offline.Delete(cl.ID)
+}
+
+// orDefault sets *v to def if it is zero or negative.
+func orDefault[T int | float64 | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
 }
 
 func (h *Hook) ctx() (context.Context, context.CancelFunc) {

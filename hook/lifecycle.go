@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"context"
 	"log/slog"
 	"sync"
 	"time"
@@ -25,25 +26,55 @@ const (
 // logins, suppressed-event summaries; change expiry runs every minute.
 const housekeepingEvery = time.Second
 
-// spawn runs f in a goroutine that Stop waits for, and reports false (f
-// not run) once the hook has stopped.
-func (h *Hook) spawn(f func()) bool {
-	h.lifeMu.Lock()
-	defer h.lifeMu.Unlock()
-	if h.stopped {
+// crew owns the hook's goroutines: each one is started by spawn and
+// waited for by stop, and ctx, which their waits select on, is cancelled
+// by stop. The hook's writers (writes.go) and change desk (changes.go)
+// start theirs through it too.
+type crew struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu      sync.Mutex
+	stopped bool
+	wg      sync.WaitGroup
+}
+
+func newCrew() *crew {
+	c := &crew{}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	return c
+}
+
+// spawn runs f in a goroutine that stop waits for, and reports false (f
+// not run) once the crew has stopped.
+func (c *crew) spawn(f func()) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopped {
 		return false
 	}
-	h.wg.Add(1)
+	c.wg.Add(1)
 	go func() {
-		defer h.wg.Done()
+		defer c.wg.Done()
 		f()
 	}()
 	return true
 }
 
+// stop cancels ctx, refuses new goroutines and waits for the running ones.
+func (c *crew) stop() {
+	c.mu.Lock()
+	if !c.stopped {
+		c.stopped = true
+		c.cancel()
+	}
+	c.mu.Unlock()
+	c.wg.Wait()
+}
+
 // Init starts the housekeeping loop (mochi calls it when the hook is added).
 func (h *Hook) Init(config any) error {
-	h.spawn(h.housekeeping)
+	h.crew.spawn(h.housekeeping)
 	return nil
 }
 
@@ -52,13 +83,7 @@ func (h *Hook) Init(config any) error {
 // connection closes, which they bound themselves (WriteTimeout,
 // DisconnectTimeout). mochi calls Stop when the server closes.
 func (h *Hook) Stop() error {
-	h.lifeMu.Lock()
-	if !h.stopped {
-		h.stopped = true
-		h.cancel()
-	}
-	h.lifeMu.Unlock()
-	h.wg.Wait()
+	h.crew.stop()
 	return nil
 }
 
@@ -68,7 +93,7 @@ func (h *Hook) housekeeping() {
 	lastExpiry := time.Now()
 	for {
 		select {
-		case <-h.life.Done():
+		case <-h.crew.ctx.Done():
 			h.reportSuppressed()
 			return
 		case now := <-tick.C:
@@ -76,9 +101,7 @@ func (h *Hook) housekeeping() {
 			h.reportSuppressed()
 			if now.Sub(lastExpiry) >= time.Minute {
 				lastExpiry = now
-				ctx, cancel := h.ctx()
-				h.ExpireChanges(ctx)
-				cancel()
+				h.changes.sweep()
 			}
 		}
 	}

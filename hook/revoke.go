@@ -38,7 +38,7 @@ func (h *Hook) Revoke(sn, reason string) int {
 		return true
 	})
 	for _, e := range ended {
-		h.endSession(e.cl, e.s, reason, packets.ErrNotAuthorized)
+		h.writer.endSession(e.cl, e.s, reason, packets.ErrNotAuthorized)
 	}
 	return len(ended)
 }

@@ -118,6 +118,10 @@ func TestChangesOnBothStores(t *testing.T) {
 				if err != nil || rec.Pending != nil || string(rec.Creds.Up) != next.up {
 					t.Fatalf("not committed by the login (%v)", err)
 				}
+				// Counted as every commit is.
+				if got := e.counter("m2mguard_changes_total", "event", "committed", "detail", "login"); got != 1 {
+					t.Fatalf("commits by login counted: %v, want 1", got)
+				}
 			})
 			t.Run("BrokerKilledBetweenCfgAndAck", func(t *testing.T) {
 				for _, resume := range []string{"new values", "old values"} {

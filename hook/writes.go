@@ -31,19 +31,30 @@ import (
 // control messages without reading its key topic, and the session ends.
 const maxKeyQueue = 16
 
+// writer does every write of the hook to a client and every end of a
+// connection, by the rules above. Its goroutines belong to the hook's
+// crew; event logs its security events.
+type writer struct {
+	crew              *crew
+	server            *mqtt.Server // DisconnectClient
+	event             func(level slog.Level, name string, attrs ...any)
+	writeTimeout      time.Duration // Options.WriteTimeout
+	disconnectTimeout time.Duration // Options.DisconnectTimeout
+}
+
 // sendKey queues a message for the terminal's key topic; it goes out once
 // the terminal has subscribed there, after the ones queued before it.
 // Platform messages go straight to the one connection they are for (QoS
 // 0), never through the topic tree. sendKey never blocks on the
 // connection.
-func (h *Hook) sendKey(cl *mqtt.Client, s *session, payload []byte) {
+func (w *writer) sendKey(cl *mqtt.Client, s *session, payload []byte) {
 	if payload == nil || s.ending.Load() {
 		return
 	}
 	s.mu.Lock()
 	if len(s.keyq) >= maxKeyQueue {
 		s.mu.Unlock()
-		h.endSession(cl, s, "key-queue-full", packets.ErrPendingClientWritesExceeded)
+		w.endSession(cl, s, "key-queue-full", packets.ErrPendingClientWritesExceeded)
 		return
 	}
 	s.keyq = append(s.keyq, payload)
@@ -51,26 +62,26 @@ func (h *Hook) sendKey(cl *mqtt.Client, s *session, payload []byte) {
 	s.writing = s.writing || start
 	s.mu.Unlock()
 	if start {
-		h.startWriter(cl, s)
+		w.startWriter(cl, s)
 	}
 }
 
 // keySubscribed sends the queued messages once the key topic is subscribed.
-func (h *Hook) keySubscribed(cl *mqtt.Client, s *session) {
+func (w *writer) keySubscribed(cl *mqtt.Client, s *session) {
 	s.mu.Lock()
 	s.subscribed = true
 	start := len(s.keyq) > 0 && !s.writing
 	s.writing = s.writing || start
 	s.mu.Unlock()
 	if start {
-		h.startWriter(cl, s)
+		w.startWriter(cl, s)
 	}
 }
 
 // startWriter starts the goroutine that drains s.keyq; the caller has set
 // s.writing. Once the hook has stopped, the queue is dropped instead.
-func (h *Hook) startWriter(cl *mqtt.Client, s *session) {
-	if !h.spawn(func() { h.writeKeys(cl, s) }) {
+func (w *writer) startWriter(cl *mqtt.Client, s *session) {
+	if !w.crew.spawn(func() { w.writeKeys(cl, s) }) {
 		s.mu.Lock()
 		s.keyq, s.writing = nil, false
 		s.mu.Unlock()
@@ -80,7 +91,7 @@ func (h *Hook) startWriter(cl *mqtt.Client, s *session) {
 // writeKeys sends the queued key messages in order and returns when the
 // queue is empty (or the connection closed). If the session is to end
 // after them (closeAfterKeys), it ends it then.
-func (h *Hook) writeKeys(cl *mqtt.Client, s *session) {
+func (w *writer) writeKeys(cl *mqtt.Client, s *session) {
 	for {
 		s.mu.Lock()
 		if len(s.keyq) == 0 || cl.Closed() {
@@ -88,7 +99,7 @@ func (h *Hook) writeKeys(cl *mqtt.Client, s *session) {
 			code := s.closeCode
 			s.mu.Unlock()
 			if code != nil {
-				h.endConnection(cl, *code)
+				w.endConnection(cl, *code)
 			}
 			return
 		}
@@ -96,16 +107,16 @@ func (h *Hook) writeKeys(cl *mqtt.Client, s *session) {
 		s.keyq[0] = nil
 		s.keyq = s.keyq[1:]
 		s.mu.Unlock()
-		h.writeKey(cl, s, payload)
+		w.writeKey(cl, s, payload)
 	}
 }
 
 // writeKey writes one key message. If the write has not returned after
 // WriteTimeout, the terminal is not reading: the connection is closed,
 // which ends the write.
-func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
-	stalled := time.AfterFunc(h.opts.WriteTimeout, func() {
-		h.markEnding(s, "key-write-stalled")
+func (w *writer) writeKey(cl *mqtt.Client, s *session, payload []byte) {
+	stalled := time.AfterFunc(w.writeTimeout, func() {
+		w.markEnding(s, "key-write-stalled")
 		cl.Stop(packets.ErrPendingClientWritesExceeded) // nothing can be written to it: no DISCONNECT
 	})
 	err := cl.WritePacket(packets.Packet{
@@ -115,25 +126,25 @@ func (h *Hook) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 	})
 	stalled.Stop()
 	if err != nil && !cl.Closed() {
-		h.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
+		w.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
 	}
 }
 
 // endSession ends the session's connection for reason (event
 // session_ended), once; later calls do nothing. It returns within
 // DisconnectTimeout.
-func (h *Hook) endSession(cl *mqtt.Client, s *session, reason string, code packets.Code) {
-	if !h.markEnding(s, reason) {
+func (w *writer) endSession(cl *mqtt.Client, s *session, reason string, code packets.Code) {
+	if !w.markEnding(s, reason) {
 		return
 	}
-	h.endConnection(cl, code)
+	w.endConnection(cl, code)
 }
 
 // endSessionAfterKeys ends the session like endSession, but only after
 // the key messages queued so far are written, if the terminal is
 // subscribed to its key topic (a done must reach it before the close).
-func (h *Hook) endSessionAfterKeys(cl *mqtt.Client, s *session, reason string, code packets.Code) {
-	if !h.markEnding(s, reason) {
+func (w *writer) endSessionAfterKeys(cl *mqtt.Client, s *session, reason string, code packets.Code) {
+	if !w.markEnding(s, reason) {
 		return
 	}
 	s.mu.Lock()
@@ -143,11 +154,11 @@ func (h *Hook) endSessionAfterKeys(cl *mqtt.Client, s *session, reason string, c
 	}
 	s.mu.Unlock()
 	if !later {
-		h.endConnection(cl, code)
+		w.endConnection(cl, code)
 	}
 }
 
-func (h *Hook) markEnding(s *session, reason string) bool {
+func (w *writer) markEnding(s *session, reason string) bool {
 	if !s.ending.CompareAndSwap(false, true) {
 		return false
 	}
@@ -157,9 +168,9 @@ func (h *Hook) markEnding(s *session, reason string) bool {
 		level = slog.LevelInfo
 	}
 	if s.kind == kindTerminal {
-		h.event(level, "session_ended", "sn", s.sn, "reason", reason)
+		w.event(level, "session_ended", "sn", s.sn, "reason", reason)
 	} else {
-		h.event(level, "session_ended", "app", s.app.Name, "reason", reason)
+		w.event(level, "session_ended", "app", s.app.Name, "reason", reason)
 	}
 	return true
 }
@@ -169,19 +180,19 @@ func (h *Hook) markEnding(s *session, reason string) bool {
 // blocks on a client that does not read) in an owned goroutine; if it has
 // not finished in time, Client.Stop closes the socket without the write
 // lock, which also ends that write and so the goroutine.
-func (h *Hook) endConnection(cl *mqtt.Client, code packets.Code) {
+func (w *writer) endConnection(cl *mqtt.Client, code packets.Code) {
 	if cl.Closed() {
 		return
 	}
 	done := make(chan struct{})
-	if !h.spawn(func() {
+	if !w.crew.spawn(func() {
 		defer close(done)
-		_ = h.server.DisconnectClient(cl, code) // returns code itself once stopped
+		_ = w.server.DisconnectClient(cl, code) // returns code itself once stopped
 	}) {
 		cl.Stop(code)
 		return
 	}
-	t := time.NewTimer(h.opts.DisconnectTimeout)
+	t := time.NewTimer(w.disconnectTimeout)
 	defer t.Stop()
 	select {
 	case <-done:

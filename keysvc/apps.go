@@ -26,22 +26,30 @@ var (
 
 // AppHashParams are the argon2id costs of application passwords. Stored
 // hashes carry their own parameters, so changing these affects only new
-// passwords.
+// passwords. A zero field takes the value of DefaultAppHashParams.
 type AppHashParams struct {
-	Time    uint32 // passes; 0 = 2
-	Memory  uint32 // KiB; 0 = 19456 (19 MiB, the OWASP minimum)
-	Threads uint8  // lanes; 0 = 1
+	Time    uint32 // passes
+	Memory  uint32 // KiB
+	Threads uint8  // lanes
+}
+
+// DefaultAppHashParams returns the costs the Service gives each zero field
+// of AppHashParams: the OWASP minimum of argon2id (19 MiB, 2 passes, 1
+// lane).
+func DefaultAppHashParams() AppHashParams {
+	return AppHashParams{Time: 2, Memory: 19456, Threads: 1}
 }
 
 func (p AppHashParams) withDefaults() AppHashParams {
+	def := DefaultAppHashParams()
 	if p.Time == 0 {
-		p.Time = 2
+		p.Time = def.Time
 	}
 	if p.Memory == 0 {
-		p.Memory = 19456
+		p.Memory = def.Memory
 	}
 	if p.Threads == 0 {
-		p.Threads = 1
+		p.Threads = def.Threads
 	}
 	return p
 }

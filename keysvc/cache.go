@@ -9,19 +9,25 @@ import (
 )
 
 // CacheOptions configure the read cache in front of the store (see
-// Service.Lookup). The zero value gives the defaults.
+// Service.Lookup). A zero field takes the value of DefaultCacheOptions.
 type CacheOptions struct {
-	// MaxEntries bounds the number of cached records; 0 = 100000.
-	// When full, an arbitrary entry of the same shard is evicted.
+	// MaxEntries bounds the number of cached records. When full, an
+	// arbitrary entry of the same shard is evicted.
 	MaxEntries int
-	// TTL is how long an entry is served without asking the store; 0 = 30 s.
+	// TTL is how long an entry is served without asking the store.
 	TTL time.Duration
 	// MaxStale is how long past its fetch an entry may still be served while
-	// the store answers ErrUnavailable; 0 = 10 min, negative = never.
+	// the store answers ErrUnavailable; negative = never.
 	MaxStale time.Duration
-	// NegativeTTL is how long "no such terminal" is remembered; 0 = 2 s,
-	// negative = not at all.
+	// NegativeTTL is how long "no such terminal" is remembered; negative =
+	// not at all.
 	NegativeTTL time.Duration
+}
+
+// DefaultCacheOptions returns the value the Service gives each zero field
+// of CacheOptions.
+func DefaultCacheOptions() CacheOptions {
+	return CacheOptions{MaxEntries: 100000, TTL: 30 * time.Second, MaxStale: 10 * time.Minute, NegativeTTL: 2 * time.Second}
 }
 
 // CacheStats are the cache counters since the Service was created.
@@ -69,17 +75,18 @@ type cache struct {
 }
 
 func newCache(o CacheOptions, now func() time.Time, load func(context.Context, string) (*Terminal, error)) *cache {
+	def := DefaultCacheOptions()
 	if o.MaxEntries <= 0 {
-		o.MaxEntries = 100000
+		o.MaxEntries = def.MaxEntries
 	}
 	if o.TTL <= 0 {
-		o.TTL = 30 * time.Second
+		o.TTL = def.TTL
 	}
-	if o.MaxStale == 0 {
-		o.MaxStale = 10 * time.Minute
+	if o.MaxStale == 0 { // negative: never
+		o.MaxStale = def.MaxStale
 	}
-	if o.NegativeTTL == 0 {
-		o.NegativeTTL = 2 * time.Second
+	if o.NegativeTTL == 0 { // negative: not at all
+		o.NegativeTTL = def.NegativeTTL
 	}
 	c := &cache{
 		perShard: max(1, (o.MaxEntries+cacheShards-1)/cacheShards),

@@ -13,12 +13,13 @@ import (
 )
 
 // Options configure a Service. Only Store is required; every other zero
-// value is useful.
+// value is useful: a zero duration or zero costs take the value of
+// DefaultOptions.
 type Options struct {
 	Store Store            // required
 	Now   func() time.Time // clock; nil = time.Now
 	Rand  io.Reader        // source of passwords, keys and rids; nil = crypto/rand.Reader
-	// ChangeDeadline is how long a pending change waits for its commit; 0 = 24 h.
+	// ChangeDeadline is how long a pending change waits for its commit.
 	ChangeDeadline time.Duration
 	// PasswordLifetime and KeyLifetime set upexp/downexp and bkexp of newly
 	// generated credentials; 0 = never expire (codec.Never).
@@ -29,6 +30,13 @@ type Options struct {
 	// AppHash sets the argon2id cost of new application passwords; zero
 	// fields take the defaults of AppHashParams.
 	AppHash AppHashParams
+}
+
+// DefaultOptions returns the value New gives each zero field of Options
+// that has a default (PasswordLifetime and KeyLifetime have none: zero
+// means never expire).
+func DefaultOptions() Options {
+	return Options{ChangeDeadline: 24 * time.Hour, Cache: DefaultCacheOptions(), AppHash: DefaultAppHashParams()}
 }
 
 // Service is the key service. It is safe for concurrent use.
@@ -62,7 +70,7 @@ func New(opts Options) (*Service, error) {
 		s.rand = rand.Reader
 	}
 	if s.deadline <= 0 {
-		s.deadline = 24 * time.Hour
+		s.deadline = DefaultOptions().ChangeDeadline
 	}
 	if s.keys == nil {
 		s.keys = randomKeys{}

@@ -14,29 +14,55 @@
 //   - WriteTimeout: every Write must finish within it, and a connection
 //     whose write fails (a timeout included) is closed: after a partial
 //     write the MQTT stream is corrupt, and mochi ignores write errors.
+//   - TrustedProxies: connections from these networks (load balancers)
+//     must start with a PROXY protocol header (v2, or v1), read within the
+//     CONNECT deadline; the connection's RemoteAddr is then the client's
+//     address the header names, and the per-address limit counts that
+//     address. A PROXY header from any other address is refused. See
+//     proxy.go.
 package netguard
 
 import (
+	"bufio"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// The defaults of the zero Options.
+// The defaults of the zero Options (DefaultOptions).
 const (
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultWriteTimeout   = 10 * time.Second
 	DefaultMaxPerAddr     = 256
 )
 
+// DefaultOptions returns the options New gives the zero Options: the
+// defaults above, no total limit, no callbacks.
+func DefaultOptions() Options {
+	return Options{ConnectTimeout: DefaultConnectTimeout, WriteTimeout: DefaultWriteTimeout, MaxPerAddr: DefaultMaxPerAddr}
+}
+
 // Refusal reasons, as passed to Options.OnRefuse.
 const (
 	ReasonPerAddr = "per-addr"
 	ReasonTotal   = "total"
+	// ReasonProxyUntrusted: a PROXY header from an address outside
+	// TrustedProxies (or bytes that begin like one).
+	ReasonProxyUntrusted = "proxy-untrusted"
+	// ReasonProxyInvalid: a connection from a trusted proxy without a
+	// valid PROXY header within the CONNECT deadline.
+	ReasonProxyInvalid = "proxy-invalid"
 )
+
+// ErrRefused is wrapped by the error that Read and Write return on a
+// connection the guard accepted and then refused: one whose PROXY header
+// was refused, or whose client address, named by the header, is over the
+// per-address limit. The guard has closed it.
+var ErrRefused = errors.New("netguard: connection refused")
 
 // Options configure a Guard. The zero value is useful: the defaults above
 // and no total limit.
@@ -46,8 +72,17 @@ type Options struct {
 	MaxPerAddr     int           // open connections from one IP address; 0 = DefaultMaxPerAddr
 	MaxConns       int           // open connections in all; 0 = no limit
 
+	// TrustedProxies are the networks of the load balancers that put a
+	// PROXY protocol header (v2 or v1) before every connection they
+	// forward. A connection from them must start with one, and counts
+	// (MaxPerAddr) and reports (RemoteAddr) the client address it names;
+	// a connection from anywhere else that starts with one is refused.
+	// Empty: the PROXY protocol is off and the guard reads nothing.
+	TrustedProxies []netip.Prefix
+
 	// OnRefuse, if set, is called for every connection refused, with the
-	// remote IP address and ReasonPerAddr or ReasonTotal.
+	// remote IP address and one of the Reason constants. For
+	// ReasonPerAddr after a PROXY header, the address is the client's.
 	OnRefuse func(addr, reason string)
 	// OnWriteTimeout, if set, is called for every connection closed
 	// because a write did not finish within WriteTimeout.
@@ -60,6 +95,11 @@ type Stats struct {
 	RefusedPerAddr int64 // connections refused by MaxPerAddr
 	RefusedTotal   int64 // connections refused by MaxConns
 	WriteTimeouts  int64 // connections closed on a write timeout
+
+	Proxied               int64 // connections whose client address a trusted proxy's header named
+	ProxyLocal            int64 // trusted proxies' own connections (LOCAL command: health checks)
+	RefusedProxyUntrusted int64 // connections refused for a PROXY header from an untrusted address
+	RefusedProxyInvalid   int64 // trusted proxies' connections refused for a missing or invalid header
 }
 
 // Guard holds the limits and the counts of every listener it wraps.
@@ -73,18 +113,23 @@ type Guard struct {
 	refusedPerAddr atomic.Int64
 	refusedTotal   atomic.Int64
 	writeTimeouts  atomic.Int64
+	proxied        atomic.Int64
+	proxyLocal     atomic.Int64
+	refusedProxyU  atomic.Int64
+	refusedProxyI  atomic.Int64
 }
 
 // New returns a Guard with opts.
 func New(opts Options) *Guard {
+	def := DefaultOptions()
 	if opts.ConnectTimeout <= 0 {
-		opts.ConnectTimeout = DefaultConnectTimeout
+		opts.ConnectTimeout = def.ConnectTimeout
 	}
 	if opts.WriteTimeout <= 0 {
-		opts.WriteTimeout = DefaultWriteTimeout
+		opts.WriteTimeout = def.WriteTimeout
 	}
 	if opts.MaxPerAddr <= 0 {
-		opts.MaxPerAddr = DefaultMaxPerAddr
+		opts.MaxPerAddr = def.MaxPerAddr
 	}
 	return &Guard{opts: opts, perIP: map[string]int{}}
 }
@@ -103,37 +148,63 @@ func (g *Guard) Stats() Stats {
 	open := g.total
 	g.mu.Unlock()
 	return Stats{Open: open, RefusedPerAddr: g.refusedPerAddr.Load(), RefusedTotal: g.refusedTotal.Load(),
-		WriteTimeouts: g.writeTimeouts.Load()}
+		WriteTimeouts: g.writeTimeouts.Load(), Proxied: g.proxied.Load(), ProxyLocal: g.proxyLocal.Load(),
+		RefusedProxyUntrusted: g.refusedProxyU.Load(), RefusedProxyInvalid: g.refusedProxyI.Load()}
 }
 
+// admit takes a slot for a connection from ip, or says which limit it is
+// over. ip "" (a trusted proxy's connection whose header is still to
+// come) takes a slot of the total only.
 func (g *Guard) admit(ip string) string {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	switch {
-	case g.perIP[ip] >= g.opts.MaxPerAddr:
+	case ip != "" && g.perIP[ip] >= g.opts.MaxPerAddr:
 		return ReasonPerAddr
 	case g.opts.MaxConns > 0 && g.total >= g.opts.MaxConns:
 		return ReasonTotal
 	}
-	g.perIP[ip]++
+	if ip != "" {
+		g.perIP[ip]++
+	}
 	g.total++
+	return ""
+}
+
+// assign counts a connection admitted with ip "" against ip, the address
+// its PROXY header named, or says it is over MaxPerAddr (it then still
+// holds its slot of the total, which release("") gives back).
+func (g *Guard) assign(ip string) string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.perIP[ip] >= g.opts.MaxPerAddr {
+		return ReasonPerAddr
+	}
+	g.perIP[ip]++
 	return ""
 }
 
 func (g *Guard) release(ip string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.perIP[ip]--; g.perIP[ip] <= 0 {
-		delete(g.perIP, ip)
+	if ip != "" {
+		if g.perIP[ip]--; g.perIP[ip] <= 0 {
+			delete(g.perIP, ip)
+		}
 	}
 	g.total--
 }
 
 func (g *Guard) refused(ip, reason string) {
-	if reason == ReasonPerAddr {
+	switch reason {
+	case ReasonPerAddr:
 		g.refusedPerAddr.Add(1)
-	} else {
+	case ReasonTotal:
 		g.refusedTotal.Add(1)
+	case ReasonProxyUntrusted:
+		g.refusedProxyU.Add(1)
+	case ReasonProxyInvalid:
+		g.refusedProxyI.Add(1)
 	}
 	if g.opts.OnRefuse != nil {
 		g.opts.OnRefuse(ip, reason)
@@ -144,10 +215,58 @@ func (g *Guard) refused(ip, reason string) {
 type Listener struct {
 	net.Listener
 	g *Guard
+
+	mu      sync.Mutex
+	closed  bool
+	pending map[*conn]struct{} // connections whose PROXY header is still to be read
+}
+
+// Close closes the listener and the connections it accepted whose PROXY
+// header has not been read yet, so that their goroutines end now rather
+// than at the CONNECT deadline (mochi knows of no connection before its
+// CONNECT, and so cannot close them at shutdown).
+func (l *Listener) Close() error {
+	err := l.Listener.Close()
+	l.mu.Lock()
+	l.closed = true
+	pending := l.pending
+	l.pending = nil
+	l.mu.Unlock()
+	for c := range pending {
+		c.Close()
+	}
+	return err
+}
+
+// track records c as waiting for its header; false if l is closed.
+func (l *Listener) track(c *conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	if l.pending == nil {
+		l.pending = map[*conn]struct{}{}
+	}
+	l.pending[c] = struct{}{}
+	return true
+}
+
+func (l *Listener) untrack(c *conn) {
+	l.mu.Lock()
+	delete(l.pending, c)
+	l.mu.Unlock()
 }
 
 // Accept returns the next connection within the limits, with the CONNECT
 // deadline set. Connections over a limit are closed without a byte.
+//
+// Accept reads nothing: a PROXY header is read by the connection itself,
+// on its first Read, Write, RemoteAddr or LocalAddr (mochi and net/http
+// call RemoteAddr first, in the connection's own goroutine), so a slow or
+// silent proxy connection holds only its own goroutine. Until its header
+// names the client, a trusted proxy's connection counts against MaxConns
+// only.
 func (l *Listener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
@@ -155,12 +274,24 @@ func (l *Listener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		ip := hostOf(c.RemoteAddr())
-		if reason := l.g.admit(ip); reason != "" {
+		mode := l.g.proxyMode(c.RemoteAddr())
+		counted := ip
+		if mode == proxyRequired {
+			counted = "" // the header names the address to count
+		}
+		if reason := l.g.admit(counted); reason != "" {
 			c.Close()
 			l.g.refused(ip, reason)
 			continue
 		}
-		gc := &conn{Conn: c, g: l.g, ip: ip}
+		gc := &conn{Conn: c, g: l.g, ip: counted, proxy: mode}
+		if mode != proxyOff {
+			gc.l = l
+			if !l.track(gc) {
+				gc.Close()
+				return nil, net.ErrClosed
+			}
+		}
 		gc.SetDeadline(time.Now().Add(l.g.opts.ConnectTimeout))
 		return gc, nil
 	}
@@ -182,20 +313,67 @@ func hostOf(a net.Addr) string {
 // of WriteTimeout from its start and the deadline its user set, so that a
 // user clearing the deadline (mochi does, for keepalive 0, from its read
 // goroutine while another goroutine writes) never unbounds a write.
+//
+// With the PROXY protocol on, it first reads the header (handshake, in
+// proxy.go); br then holds the bytes read past it, and remote the
+// client's address.
 type conn struct {
 	net.Conn
-	g    *Guard
-	ip   string
-	once sync.Once
+	g *Guard
+
+	slotMu   sync.Mutex // guards ip and released
+	ip       string     // the address counted against MaxPerAddr; "" = none (yet)
+	released bool
+
+	proxy  proxyMode
+	l      *Listener // the listener tracking c until its header is read
+	hsOnce sync.Once
+	hsErr  error
+	br     *bufio.Reader // bytes read past the header; nil once drained (read goroutine only)
+	remote net.Addr      // the client's address, if a header named one
 
 	mu    sync.Mutex // guards the two deadlines and the calls that set them
 	user  time.Time  // the write deadline the user asked for; zero = none
 	armed time.Time  // the write deadline in force on the socket
 }
 
+// Read reads the connection's bytes, after its PROXY header if it has one.
+func (c *conn) Read(p []byte) (int, error) {
+	if err := c.handshake(); err != nil {
+		return 0, err
+	}
+	if c.br != nil {
+		if c.br.Buffered() > 0 {
+			return c.br.Read(p) // only what is buffered: never blocks
+		}
+		c.br = nil
+	}
+	return c.Conn.Read(p)
+}
+
+// RemoteAddr returns the client's address: the one a trusted proxy's
+// header named, else the socket's peer.
+func (c *conn) RemoteAddr() net.Addr {
+	c.handshake()
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.Conn.RemoteAddr()
+}
+
+// LocalAddr returns the socket's local address (after the handshake, so
+// that no caller sees the connection before its header is checked).
+func (c *conn) LocalAddr() net.Addr {
+	c.handshake()
+	return c.Conn.LocalAddr()
+}
+
 // Write writes p within the write deadline and closes the connection if
 // the write fails.
 func (c *conn) Write(p []byte) (int, error) {
+	if err := c.handshake(); err != nil {
+		return 0, err
+	}
 	c.mu.Lock()
 	d := time.Now().Add(c.g.opts.WriteTimeout)
 	if !c.user.IsZero() && c.user.Before(d) {
@@ -213,7 +391,7 @@ func (c *conn) Write(p []byte) (int, error) {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			c.g.writeTimeouts.Add(1)
 			if c.g.opts.OnWriteTimeout != nil {
-				c.g.opts.OnWriteTimeout(c.ip)
+				c.g.opts.OnWriteTimeout(hostOf(c.RemoteAddr()))
 			}
 		}
 		c.Close()
@@ -240,7 +418,13 @@ func (c *conn) SetDeadline(t time.Time) error {
 	return errors.Join(c.Conn.SetReadDeadline(t), c.SetWriteDeadline(t))
 }
 
+// Close closes the connection and gives its slot back (once).
 func (c *conn) Close() error {
-	c.once.Do(func() { c.g.release(c.ip) })
+	c.slotMu.Lock()
+	if !c.released {
+		c.released = true
+		c.g.release(c.ip)
+	}
+	c.slotMu.Unlock()
 	return c.Conn.Close()
 }

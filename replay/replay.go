@@ -33,14 +33,15 @@ import (
 	"time"
 )
 
-// Options configure a Guard. The zero value is ready to use.
+// Options configure a Guard. The zero value is ready to use: a zero
+// duration takes the value of DefaultOptions.
 type Options struct {
 	// Window is the span of expiry times whose claims share one file (and
-	// one map in memory). 0 = 10 minutes; it is rounded down to whole
-	// seconds, at least 1 s.
+	// one map in memory); it is rounded down to whole seconds, at least
+	// 1 s.
 	Window time.Duration
 	// SyncEvery is the interval of the background fsync of Open's files,
-	// that is how many claims a power loss can lose. 0 = 1 s.
+	// that is how many claims a power loss can lose.
 	SyncEvery time.Duration
 	// Now is the clock that claims expire by; nil = time.Now. Use the
 	// clock of the caller that computes until.
@@ -48,6 +49,12 @@ type Options struct {
 	// Logger receives what Open loaded and background sync failures; nil =
 	// slog.Default(). It never sees a nonce.
 	Logger *slog.Logger
+}
+
+// DefaultOptions returns the value NewMemory and Open give each zero
+// duration of Options.
+func DefaultOptions() Options {
+	return Options{Window: 10 * time.Minute, SyncEvery: time.Second}
 }
 
 // ErrClosed is returned by Claim after Close.
@@ -77,7 +84,7 @@ type generation struct {
 func NewMemory(opts Options) *Guard {
 	w := opts.Window
 	if w <= 0 {
-		w = 10 * time.Minute
+		w = DefaultOptions().Window
 	}
 	g := &Guard{now: opts.Now, window: max(int64(w/time.Second), 1), log: opts.Logger}
 	if g.now == nil {
@@ -262,7 +269,7 @@ func Open(dir string, opts Options) (*Guard, error) {
 	g := NewMemory(opts)
 	every := opts.SyncEvery
 	if every <= 0 {
-		every = time.Second
+		every = DefaultOptions().SyncEvery
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("replay: %w", err)

@@ -12,8 +12,6 @@ import (
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
 
-func noSleep(ctx context.Context, d time.Duration) error { return ctx.Err() }
-
 func TestHTTPSender(t *testing.T) {
 	tests := []struct {
 		name      string
@@ -52,7 +50,7 @@ func TestHTTPSender(t *testing.T) {
 			}
 			s := tc.sender
 			s.URL = gw.URL() + "/send"
-			s.Sleep = noSleep
+			s.Backoff, s.MaxBackoff = time.Millisecond, 2*time.Millisecond
 			err = s.Send(context.Background(), "+8613800000001", "M2M1.cfg.secret")
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err %v", err)
@@ -88,7 +86,7 @@ func TestHTTPSenderTimeout(t *testing.T) {
 	}
 	defer gw.Close()
 	gw.Delay(5 * time.Second)
-	s := sms.HTTPSender{URL: gw.URL() + "/send", Timeout: 50 * time.Millisecond, Retries: 1, Sleep: noSleep}
+	s := sms.HTTPSender{URL: gw.URL() + "/send", Timeout: 50 * time.Millisecond, Retries: 1, Backoff: time.Millisecond}
 	if err := s.Send(context.Background(), "1", "x"); err == nil {
 		t.Fatal("no timeout")
 	}

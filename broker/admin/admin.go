@@ -23,6 +23,12 @@
 //
 // Errors are JSON {"error": "...", "field": "..."}: 400 bad input, 401 no
 // or wrong token, 404 not found, 409 exists or busy, 503 store unavailable.
+// The JSON types are package adminapi's, which also has the typed client.
+//
+// Every request is counted in m2mguard_admin_requests_total{route,status}
+// and timed in m2mguard_admin_request_duration_seconds{route}, where route
+// is the pattern the request matched ("GET /v1/terminals/{sn}"; "/" for an
+// unknown endpoint), never its path: see Options.Registerer.
 package admin
 
 import (
@@ -33,6 +39,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -42,24 +49,61 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
+// Terminals is the terminal registry the handlers use. The broker passes
+// its *keysvc.Service.
+type Terminals interface {
+	Register(ctx context.Context, r keysvc.RegisterRequest) (*keysvc.Terminal, error)
+	Get(ctx context.Context, sn string) (*keysvc.Terminal, error)
+	List(ctx context.Context, after string, limit int) ([]*keysvc.Terminal, string, error)
+	SetStatus(ctx context.Context, sn string, st keysvc.Status) (*keysvc.Terminal, error)
+	Disable(ctx context.Context, sn string) (*keysvc.Terminal, *keysvc.Change, error)
+	Rekey(ctx context.Context, sn string) (*keysvc.Terminal, error)
+	Delete(ctx context.Context, sn string) error
+	Import(ctx context.Context, r io.Reader, opts keysvc.ImportOptions) (keysvc.ImportReport, error)
+}
+
+// Apps is the application registry the handlers use. The broker passes
+// its *keysvc.Service. /healthz probes the store with ListApps, so it
+// must not answer from a cache.
+type Apps interface {
+	ListApps(ctx context.Context) ([]string, error)
+	GetApp(ctx context.Context, name string) (*keysvc.App, error)
+	AddApp(ctx context.Context, r keysvc.AddAppRequest) (*keysvc.App, error)
+	RemoveApp(ctx context.Context, name string) error
+}
+
+// Sessions is what the handlers reach on the broker's live connections:
+// the session list, a disconnect, the end of a terminal's sessions after
+// it was disabled, deleted or rekeyed, and credential changes (delivered
+// at once to an online terminal). The broker passes its *hook.Hook.
+type Sessions interface {
+	Sessions() []hook.SessionInfo
+	Disconnect(clientID string) error
+	Revoke(sn, reason string) int
+	StartChange(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error)
+}
+
 // Options configure the API.
 type Options struct {
-	Service      *keysvc.Service      // required
-	Hook         *hook.Hook           // required: sessions and changes
-	Token        string               // bearer token; required, at least 16 characters
-	MetricsToken string               // bearer token for /metrics only (Token works there too); "" = Token alone
-	Gatherer     prometheus.Gatherer  // served on /metrics; nil = no /metrics
-	BrokerURL    string               // written into provisioning bundles
-	Logger       *slog.Logger         // nil = slog.Default()
-	MaxImport    int64                // largest CSV body, bytes; 0 = 1 GiB
-	Timeout      time.Duration        // per store call outside imports; 0 = 30 s
-	Now          func() time.Time     // nil = time.Now
-	Rand         func(b []byte) error // nil = crypto/rand
+	Terminals    Terminals             // required
+	Apps         Apps                  // required
+	Sessions     Sessions              // required
+	Token        string                // bearer token; required, at least 16 characters
+	MetricsToken string                // bearer token for /metrics only (Token works there too); "" = Token alone
+	Gatherer     prometheus.Gatherer   // served on /metrics; nil = no /metrics
+	Registerer   prometheus.Registerer // gets the API's request metrics (the broker: its registry); nil = none
+	BrokerURL    string                // written into provisioning bundles
+	Logger       *slog.Logger          // nil = slog.Default()
+	MaxImport    int64                 // largest CSV body, bytes; 0 = 1 GiB
+	Timeout      time.Duration         // per store call outside imports; 0 = 30 s
+	Now          func() time.Time      // nil = time.Now
+	Rand         func(b []byte) error  // nil = crypto/rand
 }
 
 type api struct {
@@ -72,8 +116,8 @@ type api struct {
 
 // New returns the API's handler.
 func New(opts Options) (http.Handler, error) {
-	if opts.Service == nil || opts.Hook == nil {
-		return nil, errors.New("admin: Service and Hook are required")
+	if opts.Terminals == nil || opts.Apps == nil || opts.Sessions == nil {
+		return nil, errors.New("admin: Terminals, Apps and Sessions are required")
 	}
 	if len(opts.Token) < 16 {
 		return nil, errors.New("admin: the token must have at least 16 characters")
@@ -98,14 +142,19 @@ func New(opts Options) (http.Handler, error) {
 		a.metricsToken, a.hasMetrics = sha256.Sum256([]byte(opts.MetricsToken)), 1
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", a.healthz)
+	routes := map[string]bool{} // the patterns, the only values of the route label
+	handle := func(pattern string, h http.Handler) {
+		mux.Handle(pattern, h)
+		routes[pattern] = true
+	}
+	handle("GET /healthz", http.HandlerFunc(a.healthz))
 	if opts.Gatherer != nil {
 		// The refusal reasons and binding events in the metrics tell which
 		// identities exist: not for anyone who can reach the port.
 		metrics := promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{})
-		mux.Handle("GET /metrics", a.require(a.mayReadMetrics, metrics.ServeHTTP))
+		handle("GET /metrics", a.require(a.mayReadMetrics, metrics.ServeHTTP))
 	}
-	auth := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, a.require(a.isAdmin, h)) }
+	auth := func(pattern string, h http.HandlerFunc) { handle(pattern, a.require(a.isAdmin, h)) }
 	auth("POST /v1/terminals", a.register)
 	auth("GET /v1/terminals", a.list)
 	auth("POST /v1/terminals/import", a.importCSV)
@@ -122,10 +171,17 @@ func New(opts Options) (http.Handler, error) {
 	auth("POST /v1/apps", a.addApp)
 	auth("GET /v1/apps/{name}", a.getApp)
 	auth("DELETE /v1/apps/{name}", a.removeApp)
-	mux.Handle("/", a.require(a.isAdmin, func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, Error{Error: "no such endpoint: " + r.Method + " " + r.URL.Path})
-	}))
-	return mux, nil
+	auth("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, adminapi.Error{Message: "no such endpoint: " + r.Method + " " + r.URL.Path})
+	})
+	if opts.Registerer == nil {
+		return mux, nil
+	}
+	m, err := newRequestMetrics(opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	return m.instrument(routes, mux), nil
 }
 
 // isAdmin reports whether sum is the hash of the admin token, in constant
@@ -151,7 +207,7 @@ func (a *api) require(allowed func(sum [32]byte) bool, next http.HandlerFunc) ht
 		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
 		if !ok || !allowed(sum) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="m2mguard"`)
-			writeJSON(w, http.StatusUnauthorized, Error{Error: "missing or wrong bearer token"})
+			writeJSON(w, http.StatusUnauthorized, adminapi.Error{Message: "missing or wrong bearer token"})
 			a.log.Warn("admin request refused", "reason", "bad-token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
 			return
 		}
@@ -189,38 +245,38 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var ce *codec.Error
 	var mbe *http.MaxBytesError
 	subject := subjectOf(r)
-	status, body := http.StatusInternalServerError, Error{Error: "internal error (the broker's log has the details)"}
+	status, body := http.StatusInternalServerError, adminapi.Error{Message: "internal error (the broker's log has the details)"}
 	switch {
 	case errors.As(err, &fe):
-		status, body = http.StatusBadRequest, Error{Error: fe.Error(), Field: fe.field}
+		status, body = http.StatusBadRequest, adminapi.Error{Message: fe.Error(), Field: fe.field}
 	case errors.As(err, &mbe):
-		status, body.Error = http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", mbe.Limit)
+		status, body.Message = http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", mbe.Limit)
 	case errors.As(err, &ce):
-		status, body = http.StatusBadRequest, Error{Error: ce.Field + ": " + ce.Reason, Field: ce.Field}
+		status, body = http.StatusBadRequest, adminapi.Error{Message: ce.Field + ": " + ce.Reason, Field: ce.Field}
 		if ce.Field == "" {
-			body.Error = ce.Reason
+			body.Message = ce.Reason
 		}
 	case errors.Is(err, keysvc.ErrInvalid):
-		status, body.Error = http.StatusBadRequest, reason(err, keysvc.ErrInvalid)
+		status, body.Message = http.StatusBadRequest, reason(err, keysvc.ErrInvalid)
 	case errors.Is(err, keysvc.ErrNotFound):
-		status, body.Error = http.StatusNotFound, subject+" not found"
+		status, body.Message = http.StatusNotFound, subject+" not found"
 	case errors.Is(err, hook.ErrNoSession):
-		status, body.Error = http.StatusNotFound, "no connected client "+r.PathValue("id")
+		status, body.Message = http.StatusNotFound, "no connected client "+r.PathValue("id")
 	case errors.Is(err, keysvc.ErrExists):
-		status, body.Error = http.StatusConflict, subject+" already exists"
+		status, body.Message = http.StatusConflict, subject+" already exists"
 		if msg := err.Error(); !strings.HasSuffix(msg, keysvc.ErrExists.Error()) {
-			body.Error = withoutLayer(msg) // it says more: which other name overlaps
+			body.Message = withoutLayer(msg) // it says more: which other name overlaps
 		}
 	case errors.Is(err, keysvc.ErrBusy):
-		status, body.Error = http.StatusConflict, "a change is already pending for "+subject
+		status, body.Message = http.StatusConflict, "a change is already pending for "+subject
 	case errors.Is(err, keysvc.ErrInactive):
-		status, body.Error = http.StatusConflict, subject+" is disabled"
+		status, body.Message = http.StatusConflict, subject+" is disabled"
 	case errors.Is(err, keysvc.ErrConflict):
-		status, body.Error = http.StatusConflict, subject+" was changed by another request at the same time; try again"
+		status, body.Message = http.StatusConflict, subject+" was changed by another request at the same time; try again"
 	case errors.Is(err, keysvc.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
-		status, body.Error = http.StatusServiceUnavailable, "the broker's store is unavailable (the broker's log has the details)"
+		status, body.Message = http.StatusServiceUnavailable, "the broker's store is unavailable (the broker's log has the details)"
 	case errors.Is(err, keysvc.ErrForbidden):
-		status, body.Error = http.StatusServiceUnavailable, "the broker's store refused the request (the broker's log has the details)"
+		status, body.Message = http.StatusServiceUnavailable, "the broker's store refused the request (the broker's log has the details)"
 	}
 	if status >= 500 {
 		a.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
@@ -308,18 +364,18 @@ func pathSN(r *http.Request) (string, error) {
 func (a *api) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	_, err := a.opts.Service.Store().ListApps(ctx)
+	_, err := a.opts.Apps.ListApps(ctx)
 	if err == nil || errors.Is(err, keysvc.ErrNotFound) {
-		writeJSON(w, http.StatusOK, Health{Status: "ok", Store: "ok"})
+		writeJSON(w, http.StatusOK, adminapi.Health{Status: "ok", Store: "ok"})
 		return
 	}
 	// The error (store address, paths) goes to the log, not to whoever asks.
 	a.log.Warn("health check: store unavailable", "err", err.Error())
-	writeJSON(w, http.StatusServiceUnavailable, Health{Status: "unavailable", Store: "unavailable", Error: "the store does not answer"})
+	writeJSON(w, http.StatusServiceUnavailable, adminapi.Health{Status: "unavailable", Store: "unavailable", Error: "the store does not answer"})
 }
 
 func (a *api) register(w http.ResponseWriter, r *http.Request) {
-	var req RegisterRequest
+	var req adminapi.RegisterRequest
 	if err := decode(w, r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -339,10 +395,10 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	t, err := a.opts.Service.Register(ctx, rr)
+	t, err := a.opts.Terminals.Register(ctx, rr)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrExists) {
-			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + req.SN + " already exists", Field: "sn"})
+			writeJSON(w, http.StatusConflict, adminapi.Error{Message: "terminal " + req.SN + " already exists", Field: "sn"})
 			return
 		}
 		a.fail(w, r, err)
@@ -361,7 +417,7 @@ func (a *api) get(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	t, err := a.opts.Service.Get(ctx, sn)
+	t, err := a.opts.Terminals.Get(ctx, sn)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -387,12 +443,12 @@ func (a *api) list(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	ts, next, err := a.opts.Service.List(ctx, after, limit)
+	ts, next, err := a.opts.Terminals.List(ctx, after, limit)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	out := TerminalList{Terminals: make([]Terminal, 0, len(ts)), Next: next}
+	out := adminapi.TerminalList{Terminals: make([]adminapi.Terminal, 0, len(ts)), Next: next}
 	for _, t := range ts {
 		out.Terminals = append(out.Terminals, terminalView(t))
 	}
@@ -407,11 +463,11 @@ func (a *api) delete(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	if err := a.opts.Service.Delete(ctx, sn); err != nil {
+	if err := a.opts.Terminals.Delete(ctx, sn); err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	ended := a.opts.Hook.Revoke(sn, hook.RevokeDeleted)
+	ended := a.opts.Sessions.Revoke(sn, hook.RevokeDeleted)
 	a.log.Info("terminal deleted", "sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr)
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -428,7 +484,7 @@ func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 		ctx, cancel := a.ctx(r)
 		defer cancel()
 		if st == keysvc.StatusActive {
-			t, err := a.opts.Service.SetStatus(ctx, sn, st)
+			t, err := a.opts.Terminals.SetStatus(ctx, sn, st)
 			if err != nil {
 				a.fail(w, r, err)
 				return
@@ -437,12 +493,12 @@ func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 			writeJSON(w, http.StatusOK, terminalView(t))
 			return
 		}
-		t, cancelled, err := a.opts.Service.Disable(ctx, sn)
+		t, cancelled, err := a.opts.Terminals.Disable(ctx, sn)
 		if err != nil {
 			a.fail(w, r, err)
 			return
 		}
-		ended := a.opts.Hook.Revoke(sn, hook.RevokeDisabled)
+		ended := a.opts.Sessions.Revoke(sn, hook.RevokeDisabled)
 		attrs := []any{"sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr}
 		if cancelled != nil {
 			attrs = append(attrs, "cancelled_change", cancelled.RID.String())
@@ -463,12 +519,12 @@ func (a *api) rekey(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	t, err := a.opts.Service.Rekey(ctx, sn)
+	t, err := a.opts.Terminals.Rekey(ctx, sn)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	ended := a.opts.Hook.Revoke(sn, hook.RevokeRekeyed)
+	ended := a.opts.Sessions.Revoke(sn, hook.RevokeRekeyed)
 	a.log.Info("terminal rekeyed", "sn", sn, "sessions_ended", ended, "status", string(t.Status), "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, bundleOf(t, a.opts.BrokerURL))
 }
@@ -479,7 +535,7 @@ func (a *api) rekey(w http.ResponseWriter, r *http.Request) {
 func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 	body := http.MaxBytesReader(w, r.Body, a.opts.MaxImport)
 	started := false
-	flusher, _ := w.(http.Flusher)
+	rc := http.NewResponseController(w)
 	enc := json.NewEncoder(w)
 	start := func() {
 		if !started {
@@ -489,16 +545,14 @@ func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 		}
 	}
-	rep, err := a.opts.Service.Import(r.Context(), body, keysvc.ImportOptions{Progress: func(done, total int) {
+	rep, err := a.opts.Terminals.Import(r.Context(), body, keysvc.ImportOptions{Progress: func(done, total int) {
 		start()
-		enc.Encode(ImportEvent{Progress: &Progress{Done: done, Total: total}})
-		if flusher != nil {
-			flusher.Flush()
-		}
+		enc.Encode(adminapi.ImportEvent{Progress: &adminapi.Progress{Done: done, Total: total}})
+		rc.Flush()
 	}})
-	out := &ImportReport{Rows: rep.Rows, Created: rep.Created, Rejected: make([]RowResult, 0, len(rep.Rejected))}
+	out := &adminapi.ImportReport{Rows: rep.Rows, Created: rep.Created, Rejected: make([]adminapi.RowResult, 0, len(rep.Rejected))}
 	for _, rr := range rep.Rejected {
-		out.Rejected = append(out.Rejected, RowResult{Line: rr.Line, SN: rr.SN, Reason: rr.Reason})
+		out.Rejected = append(out.Rejected, adminapi.RowResult{Line: rr.Line, SN: rr.SN, Reason: rr.Reason})
 	}
 	a.log.Info("terminals imported", "rows", rep.Rows, "created", rep.Created, "rejected", len(rep.Rejected), "remote", r.RemoteAddr)
 	if err != nil && !started {
@@ -506,7 +560,7 @@ func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	start()
-	ev := ImportEvent{Report: out}
+	ev := adminapi.ImportEvent{Report: out}
 	if err != nil {
 		ev.Error = "the import stopped: the broker's store failed (the broker's log has the details)"
 		if errors.Is(err, keysvc.ErrInvalid) {
@@ -523,7 +577,7 @@ func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	var req ChangeRequest
+	var req adminapi.ChangeRequest
 	if err := decode(w, r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -539,14 +593,14 @@ func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	// The hook picks the mode and delivers at once when the terminal is
 	// online, else after its next login.
-	ch, err := a.opts.Hook.StartChange(ctx, sn, what)
+	ch, err := a.opts.Sessions.StartChange(ctx, sn, what)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrBusy) {
-			writeJSON(w, http.StatusConflict, Error{Error: "a change is already pending for " + sn})
+			writeJSON(w, http.StatusConflict, adminapi.Error{Message: "a change is already pending for " + sn})
 			return
 		}
 		if errors.Is(err, keysvc.ErrInactive) {
-			writeJSON(w, http.StatusConflict, Error{Error: "terminal " + sn + " is disabled: no credential change starts for it (rekey it out of band)"})
+			writeJSON(w, http.StatusConflict, adminapi.Error{Message: "terminal " + sn + " is disabled: no credential change starts for it (rekey it out of band)"})
 			return
 		}
 		a.fail(w, r, err)
@@ -565,15 +619,15 @@ func (a *api) changeStatus(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	t, err := a.opts.Service.Get(ctx, sn)
+	t, err := a.opts.Terminals.Get(ctx, sn)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
 	if t.Pending == nil || t.Pending.Expired(a.now()) {
-		body := Error{Error: "no change pending for " + sn}
+		body := adminapi.Error{Message: "no change pending for " + sn}
 		if t.LastCommitted != 0 {
-			body.Error += " (last committed rid " + t.LastCommitted.String() + ")"
+			body.Message += " (last committed rid " + t.LastCommitted.String() + ")"
 		}
 		writeJSON(w, http.StatusNotFound, body)
 		return
@@ -589,13 +643,14 @@ func (a *api) now() time.Time {
 }
 
 func (a *api) sessions(w http.ResponseWriter, r *http.Request) {
-	s := a.opts.Hook.Sessions()
-	if s == nil {
-		s = []hook.SessionInfo{}
+	infos := a.opts.Sessions.Sessions()
+	out := adminapi.SessionList{Sessions: make([]adminapi.Session, 0, len(infos))}
+	for _, s := range infos {
+		// A conversion, not a copy field by field: a field added to one
+		// type and not to the other does not compile.
+		out.Sessions = append(out.Sessions, adminapi.Session(s))
 	}
-	writeJSON(w, http.StatusOK, struct {
-		Sessions []hook.SessionInfo `json:"sessions"`
-	}{s})
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (a *api) disconnect(w http.ResponseWriter, r *http.Request) {
@@ -604,7 +659,7 @@ func (a *api) disconnect(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, badField("client_id", "want a client id"))
 		return
 	}
-	if err := a.opts.Hook.Disconnect(id); err != nil {
+	if err := a.opts.Sessions.Disconnect(id); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -615,7 +670,7 @@ func (a *api) disconnect(w http.ResponseWriter, r *http.Request) {
 func (a *api) listApps(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	names, err := a.opts.Service.ListApps(ctx)
+	names, err := a.opts.Apps.ListApps(ctx)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -623,13 +678,13 @@ func (a *api) listApps(w http.ResponseWriter, r *http.Request) {
 	if names == nil {
 		names = []string{}
 	}
-	writeJSON(w, http.StatusOK, AppList{Apps: names})
+	writeJSON(w, http.StatusOK, adminapi.AppList{Apps: names})
 }
 
 const appPasswordAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 func (a *api) addApp(w http.ResponseWriter, r *http.Request) {
-	var req AppRequest
+	var req adminapi.AppRequest
 	if err := decode(w, r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -652,10 +707,10 @@ func (a *api) addApp(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	app, err := a.opts.Service.AddApp(ctx, keysvc.AddAppRequest{Name: req.Name, Password: []byte(req.Password), Subscribe: req.Subscribe, Publish: req.Publish})
+	app, err := a.opts.Apps.AddApp(ctx, keysvc.AddAppRequest{Name: req.Name, Password: []byte(req.Password), Subscribe: req.Subscribe, Publish: req.Publish})
 	if err != nil {
 		if errors.Is(err, keysvc.ErrInvalid) && strings.Contains(err.Error(), "topic filter") {
-			writeJSON(w, http.StatusBadRequest, Error{Error: err.Error(), Field: "subscribe/publish"})
+			writeJSON(w, http.StatusBadRequest, adminapi.Error{Message: reason(err, keysvc.ErrInvalid), Field: "subscribe/publish"})
 			return
 		}
 		a.fail(w, r, err)
@@ -677,7 +732,7 @@ func (a *api) getApp(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	app, err := a.opts.Service.GetApp(ctx, name)
+	app, err := a.opts.Apps.GetApp(ctx, name)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -693,7 +748,7 @@ func (a *api) removeApp(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
-	if err := a.opts.Service.RemoveApp(ctx, name); err != nil {
+	if err := a.opts.Apps.RemoveApp(ctx, name); err != nil {
 		a.fail(w, r, err)
 		return
 	}

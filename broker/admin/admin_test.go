@@ -6,6 +6,8 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -15,10 +17,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/broker/admin"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
 )
 
 const (
@@ -27,11 +31,12 @@ const (
 )
 
 // env is a real broker (mochi + hook + key service on the embedded store)
-// with the admin API behind httptest.
+// with the admin API behind httptest, and a client of it.
 type env struct {
 	t   *testing.T
 	b   *broker.Broker
 	srv *httptest.Server
+	api *adminapi.Client
 }
 
 func newEnv(t *testing.T) *env {
@@ -44,14 +49,26 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	h, err := admin.New(admin.Options{Service: b.Service(), Hook: b.Hook(), Token: token, MetricsToken: metricsToken, Gatherer: b.Registry(),
-		BrokerURL: b.PublicURL(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	return serve(t, b, admin.Options{Terminals: b.Service(), Apps: b.Service(), Sessions: b.Hook(), Registerer: b.Registry()})
+}
+
+// serve completes opts with the tokens, the broker's registry as Gatherer,
+// its URL and a silent logger, and serves the API.
+func serve(t *testing.T, b *broker.Broker, opts admin.Options) *env {
+	t.Helper()
+	opts.Token, opts.MetricsToken, opts.Gatherer = token, metricsToken, b.Registry()
+	opts.BrokerURL, opts.Logger = b.PublicURL(), slog.New(slog.NewTextHandler(io.Discard, nil))
+	h, err := admin.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
-	return &env{t: t, b: b, srv: srv}
+	api, err := adminapi.New(srv.URL, token, &adminapi.Options{HTTPClient: srv.Client()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{t: t, b: b, srv: srv, api: api}
 }
 
 // call sends a request with the token (tok "" = none) and returns the
@@ -109,8 +126,8 @@ func (e *env) run(steps []step) {
 			continue
 		}
 		if status >= 400 {
-			var ae admin.Error
-			if err := json.Unmarshal(body, &ae); err != nil || ae.Error == "" {
+			var ae adminapi.Error
+			if err := json.Unmarshal(body, &ae); err != nil || ae.Message == "" {
 				e.t.Errorf("%s: error body %q is not {\"error\": ...}", s.name, body)
 			}
 			if ae.Field != s.field {
@@ -126,7 +143,7 @@ func (e *env) run(steps []step) {
 	}
 }
 
-var t1 = admin.RegisterRequest{SN: "T1", IMEI: "354494040518570", IMSI: "460020084678120"}
+var t1 = adminapi.RegisterRequest{SN: "T1", IMEI: "354494040518570", IMSI: "460020084678120"}
 
 func TestTerminalsEndpoints(t *testing.T) {
 	e := newEnv(t)
@@ -134,7 +151,7 @@ func TestTerminalsEndpoints(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("register: %d %s", status, body)
 	}
-	var b admin.Bundle
+	var b adminapi.Bundle
 	if err := json.Unmarshal(body, &b); err != nil {
 		t.Fatal(err)
 	}
@@ -156,13 +173,13 @@ func TestTerminalsEndpoints(t *testing.T) {
 		{name: "get unknown", method: "GET", path: "/v1/terminals/T9", status: 404},
 		{name: "get bad sn", method: "GET", path: "/v1/terminals/no-such!", status: 400, field: "sn"},
 		{name: "duplicate", method: "POST", path: "/v1/terminals", body: t1, status: 409, field: "sn"},
-		{name: "bad imei", method: "POST", path: "/v1/terminals", body: admin.RegisterRequest{SN: "T2", IMEI: "12", IMSI: "460020084678120"}, status: 400, field: "imei"},
-		{name: "bad alg", method: "POST", path: "/v1/terminals", body: admin.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121", Alg: "sha1"}, status: 400, field: "alg"},
+		{name: "bad imei", method: "POST", path: "/v1/terminals", body: adminapi.RegisterRequest{SN: "T2", IMEI: "12", IMSI: "460020084678120"}, status: 400, field: "imei"},
+		{name: "bad alg", method: "POST", path: "/v1/terminals", body: adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121", Alg: "sha1"}, status: 400, field: "alg"},
 		{name: "unknown field", method: "POST", path: "/v1/terminals", body: `{"sn":"T2","colour":"red"}`, status: 400, field: "colour"},
 		{name: "not json", method: "POST", path: "/v1/terminals", body: `sn=T2`, status: 400, field: "body"},
 		{name: "wrong type", method: "POST", path: "/v1/terminals", body: `{"sn":2}`, status: 400, field: "sn"},
-		{name: "md5 terminal", method: "POST", path: "/v1/terminals", body: admin.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121", Alg: "md5"}, status: 201, want: `"alg": "md5"`},
-		{name: "T3", method: "POST", path: "/v1/terminals", body: admin.RegisterRequest{SN: "T3", IMEI: "354494040518572", IMSI: "460020084678122"}, status: 201},
+		{name: "md5 terminal", method: "POST", path: "/v1/terminals", body: adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121", Alg: "md5"}, status: 201, want: `"alg": "md5"`},
+		{name: "T3", method: "POST", path: "/v1/terminals", body: adminapi.RegisterRequest{SN: "T3", IMEI: "354494040518572", IMSI: "460020084678122"}, status: 201},
 		{name: "page 1", method: "GET", path: "/v1/terminals?limit=2", status: 200, want: `"next": "T2"`},
 		{name: "page 2", method: "GET", path: "/v1/terminals?limit=2&after=T2", status: 200, want: `"sn": "T3"`, not: `"next"`},
 		{name: "bad limit", method: "GET", path: "/v1/terminals?limit=0", status: 400, field: "limit"},
@@ -177,15 +194,13 @@ func TestTerminalsEndpoints(t *testing.T) {
 
 func TestChangesEndpoints(t *testing.T) {
 	e := newEnv(t)
-	if status, body := e.call(token, "POST", "/v1/terminals", t1); status != 201 {
-		t.Fatalf("register: %d %s", status, body)
-	}
+	e.register(t1)
 	e.run([]step{
 		{name: "none pending", method: "GET", path: "/v1/terminals/T1/changes", status: 404},
-		{name: "bad what", method: "POST", path: "/v1/terminals/T1/changes", body: admin.ChangeRequest{What: "everything"}, status: 400, field: "what"},
-		{name: "unknown terminal", method: "POST", path: "/v1/terminals/T9/changes", body: admin.ChangeRequest{What: "pwd"}, status: 404},
-		{name: "start", method: "POST", path: "/v1/terminals/T1/changes", body: admin.ChangeRequest{What: "all"}, status: 202, want: `"origin": "operator"`},
-		{name: "busy", method: "POST", path: "/v1/terminals/T1/changes", body: admin.ChangeRequest{What: "pwd"}, status: 409},
+		{name: "bad what", method: "POST", path: "/v1/terminals/T1/changes", body: adminapi.ChangeRequest{What: "everything"}, status: 400, field: "what"},
+		{name: "unknown terminal", method: "POST", path: "/v1/terminals/T9/changes", body: adminapi.ChangeRequest{What: "pwd"}, status: 404},
+		{name: "start", method: "POST", path: "/v1/terminals/T1/changes", body: adminapi.ChangeRequest{What: "all"}, status: 202, want: `"origin": "operator"`},
+		{name: "busy", method: "POST", path: "/v1/terminals/T1/changes", body: adminapi.ChangeRequest{What: "pwd"}, status: 409},
 		{name: "status", method: "GET", path: "/v1/terminals/T1/changes", status: 200, want: `"what": "all"`, not: `"up"`},
 		{name: "record shows it", method: "GET", path: "/v1/terminals/T1", status: 200, want: `"pending"`},
 	})
@@ -202,11 +217,11 @@ func TestImportStreamsReport(t *testing.T) {
 	if status != 200 {
 		t.Fatalf("import: %d %s", status, body)
 	}
-	var rep *admin.ImportReport
+	var rep *adminapi.ImportReport
 	progress := 0
 	sc := bufio.NewScanner(bytes.NewReader(body))
 	for sc.Scan() {
-		var ev admin.ImportEvent
+		var ev adminapi.ImportEvent
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			t.Fatalf("line %q: %v", sc.Text(), err)
 		}
@@ -231,15 +246,10 @@ func TestImportStreamsReport(t *testing.T) {
 
 func TestSessionsAndApps(t *testing.T) {
 	e := newEnv(t)
-	status, body := e.call(token, "POST", "/v1/terminals", t1)
-	if status != 201 {
-		t.Fatalf("register: %d %s", status, body)
-	}
-	var b admin.Bundle
-	json.Unmarshal(body, &b)
+	b := e.register(t1)
 
 	// A terminal from the client library, with a session key.
-	c := connect(t, e.b.Addr("tcp"), &b)
+	c := connect(t, e.b.Addr("tcp"), b)
 	e.run([]step{
 		{name: "session listed", method: "GET", path: "/v1/sessions", status: 200, want: `"client_id": "T1"`},
 		{name: "with its key", method: "GET", path: "/v1/sessions", status: 200, want: `"session_key": true`},
@@ -248,19 +258,19 @@ func TestSessionsAndApps(t *testing.T) {
 	})
 	c.Close()
 
-	status, body = e.call(token, "POST", "/v1/apps", admin.AppRequest{Name: "dash"})
-	var app admin.App
+	status, body := e.call(token, "POST", "/v1/apps", adminapi.AppRequest{Name: "dash"})
+	var app adminapi.App
 	if json.Unmarshal(body, &app); status != 201 || len(app.Password) != 24 {
 		t.Fatalf("add app: %d %s", status, body)
 	}
 	e.run([]step{
 		{name: "listed", method: "GET", path: "/v1/apps", status: 200, want: `"dash"`},
 		{name: "get hides password", method: "GET", path: "/v1/apps/dash", status: 200, want: "m2m/+/up/#", not: app.Password},
-		{name: "given password not echoed", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "ops", Password: "a-long-enough-password"}, status: 201, not: "a-long-enough-password"},
-		{name: "short password", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "ops", Password: "short"}, status: 400, field: "password"},
-		{name: "bad name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: ".hidden"}, status: 400, field: "name"},
-		{name: "bad filter", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "x", Subscribe: []string{"a/#/b"}}, status: 400, field: "subscribe/publish"},
-		{name: "overlapping name", method: "POST", path: "/v1/apps", body: admin.AppRequest{Name: "dash-x"}, status: 409, want: `"application dash already exists with an overlapping name`, not: "keysvc"},
+		{name: "given password not echoed", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: "ops", Password: "a-long-enough-password"}, status: 201, not: "a-long-enough-password"},
+		{name: "short password", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: "ops", Password: "short"}, status: 400, field: "password"},
+		{name: "bad name", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: ".hidden"}, status: 400, field: "name"},
+		{name: "bad filter", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: "x", Subscribe: []string{"a/#/b"}}, status: 400, field: "subscribe/publish", want: "a/#/b", not: "keysvc"},
+		{name: "overlapping name", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: "dash-x"}, status: 409, want: `"application dash already exists with an overlapping name`, not: "keysvc"},
 		{name: "remove", method: "DELETE", path: "/v1/apps/dash", status: 204},
 		{name: "remove again", method: "DELETE", path: "/v1/apps/dash", status: 404},
 	})
@@ -280,8 +290,57 @@ func TestStoreUnavailable(t *testing.T) {
 	})
 }
 
+// TestInternalErrorsNotEchoed: an error the API does not map (a failed
+// random source; a store that fails in the middle of an import) answers
+// 500, or ends the import's stream, with a fixed text: the error, which
+// may name files, addresses or the layers it went through, goes to the
+// log only.
+func TestInternalErrorsNotEchoed(t *testing.T) {
+	const secret = "keysvc: boltstore: open /var/lib/secret-path: entropy source failed"
+	e := newEnv(t)
+	broken := serve(t, e.b, admin.Options{Terminals: e.b.Service(), Apps: e.b.Service(), Sessions: e.b.Hook(),
+		Rand: func([]byte) error { return errors.New(secret) }})
+	broken.run([]step{
+		{name: "generated app password", method: "POST", path: "/v1/apps", body: adminapi.AppRequest{Name: "dash"}, status: 500,
+			want: "the broker's log has the details", not: "secret-path"},
+	})
+
+	// A real store does not fail half-way through an import on demand: a
+	// registry that stores the first batch, then fails, does.
+	failing := serve(t, e.b, admin.Options{Terminals: failingImport{e.b.Service(), secret}, Apps: e.b.Service(), Sessions: e.b.Hook()})
+	rep, err := failing.api.ImportTerminals(context.Background(), strings.NewReader("sn,imei,imsi\nF1,354494040518570,460020084678120\n"), nil)
+	if !errors.Is(err, adminapi.ErrImportStopped) || rep == nil || rep.Created != 1 {
+		t.Fatalf("import = %+v, %v; want the report of 1 created and ErrImportStopped", rep, err)
+	}
+	if strings.Contains(err.Error(), "secret-path") || strings.Contains(err.Error(), "keysvc") {
+		t.Fatalf("the stream's error shows the internal error: %v", err)
+	}
+}
+
+// failingImport is a registry whose imports store a batch, report it and
+// then fail with an internal error.
+type failingImport struct {
+	admin.Terminals
+	cause string
+}
+
+func (f failingImport) Import(ctx context.Context, r io.Reader, opts keysvc.ImportOptions) (keysvc.ImportReport, error) {
+	opts.Progress(1, 1)
+	return keysvc.ImportReport{Rows: 1, Created: 1}, fmt.Errorf("%s: %w", f.cause, keysvc.ErrUnavailable)
+}
+
+// register registers req with the client.
+func (e *env) register(req adminapi.RegisterRequest) *adminapi.Bundle {
+	e.t.Helper()
+	b, err := e.api.Register(context.Background(), req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return b
+}
+
 // connect logs terminal b in with the reference client and a session key.
-func connect(t *testing.T, addr string, b *admin.Bundle) *client.Client {
+func connect(t *testing.T, addr string, b *adminapi.Bundle) *client.Client {
 	t.Helper()
 	rec := bundleRecord(t, b)
 	c, err := client.New(client.Config{Brokers: []string{"tcp://" + addr}, Identity: rec.Identity, Alg: rec.Alg,
@@ -300,7 +359,7 @@ func connect(t *testing.T, addr string, b *admin.Bundle) *client.Client {
 	return c
 }
 
-func bundleRecord(t *testing.T, b *admin.Bundle) *client.Record {
+func bundleRecord(t *testing.T, b *adminapi.Bundle) *client.Record {
 	alg, _ := codec.ParseAlg(b.Alg)
 	bk := make([]byte, 32)
 	if _, err := hexDecode(bk, b.BK); err != nil {

@@ -2,12 +2,11 @@ package admin_test
 
 import (
 	"context"
-	"encoding/json"
-	"strings"
+	"slices"
 	"testing"
 	"time"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
 )
 
@@ -23,27 +22,18 @@ func waitFor(timeout time.Duration, cond func() bool) bool {
 	}
 }
 
-func (e *env) register(req admin.RegisterRequest) *admin.Bundle {
+func (e *env) listed(clientID string) bool {
 	e.t.Helper()
-	status, body := e.call(token, "POST", "/v1/terminals", req)
-	if status != 201 {
-		e.t.Fatalf("register: %d %s", status, body)
-	}
-	var b admin.Bundle
-	if err := json.Unmarshal(body, &b); err != nil {
+	ss, err := e.api.Sessions(context.Background())
+	if err != nil {
 		e.t.Fatal(err)
 	}
-	return &b
-}
-
-func (e *env) listed(clientID string) bool {
-	_, body := e.call(token, "GET", "/v1/sessions", nil)
-	return strings.Contains(string(body), `"client_id": "`+clientID+`"`)
+	return slices.ContainsFunc(ss, func(s adminapi.Session) bool { return s.ClientID == clientID })
 }
 
 // dial logs terminal b in with the reference client, with or without a
 // session key; it does not reconnect.
-func dial(t *testing.T, addr string, b *admin.Bundle, sessionKey bool) *client.Client {
+func dial(t *testing.T, addr string, b *adminapi.Bundle, sessionKey bool) *client.Client {
 	t.Helper()
 	rec := bundleRecord(t, b)
 	c, err := client.New(client.Config{Brokers: []string{"tcp://" + addr}, Identity: rec.Identity, Alg: rec.Alg,
@@ -114,13 +104,13 @@ func TestNoChangeForDisabledTerminal(t *testing.T) {
 		t.Fatal("session not listed")
 	}
 	// A change pending for another, offline terminal is cancelled by the disable.
-	b2 := e.register(admin.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121"})
+	b2 := e.register(adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121"})
 	e.run([]step{
-		{name: "pending before", method: "POST", path: "/v1/terminals/T2/changes", body: admin.ChangeRequest{What: "pwd"}, status: 202},
+		{name: "pending before", method: "POST", path: "/v1/terminals/T2/changes", body: adminapi.ChangeRequest{What: "pwd"}, status: 202},
 		{name: "disable T2", method: "POST", path: "/v1/terminals/T2/disable", status: 200, not: `"pending"`},
 		{name: "cancelled", method: "GET", path: "/v1/terminals/T2/changes", status: 404},
 		{name: "disable T1", method: "POST", path: "/v1/terminals/T1/disable", status: 200},
-		{name: "no change while disabled", method: "POST", path: "/v1/terminals/T1/changes", body: admin.ChangeRequest{What: "all"}, status: 409, want: "disabled"},
+		{name: "no change while disabled", method: "POST", path: "/v1/terminals/T1/changes", body: adminapi.ChangeRequest{What: "all"}, status: 409, want: "disabled"},
 		{name: "nothing pending", method: "GET", path: "/v1/terminals/T1/changes", status: 404},
 	})
 	// Give a wrongly delivered cfg the time to be acked and committed.
@@ -146,10 +136,9 @@ func TestRekeyRotatesOutOfBand(t *testing.T) {
 	if !waitFor(2*time.Second, func() bool { return !e.listed("T1") }) {
 		t.Fatal("session survived the disable")
 	}
-	status, body := e.call(token, "POST", "/v1/terminals/T1/rekey", nil)
-	var fresh admin.Bundle
-	if status != 200 || json.Unmarshal(body, &fresh) != nil || fresh.Up == old.Up || fresh.Down == old.Down || fresh.BK == old.BK {
-		t.Fatalf("rekey: %d %s", status, body)
+	fresh, err := e.api.RekeyTerminal(context.Background(), "T1")
+	if err != nil || fresh.Up == old.Up || fresh.Down == old.Down || fresh.BK == old.BK {
+		t.Fatalf("rekey: %v", err)
 	}
 	e.run([]step{
 		{name: "still disabled", method: "GET", path: "/v1/terminals/T1", status: 200, want: `"status": "disabled"`, not: fresh.Up},
@@ -168,5 +157,5 @@ func TestRekeyRotatesOutOfBand(t *testing.T) {
 		t.Fatal("the old values still log in")
 	}
 	c.Close()
-	dial(t, e.b.Addr("tcp"), &fresh, true)
+	dial(t, e.b.Addr("tcp"), fresh, true)
 }

@@ -1,76 +1,44 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/csv"
 	"encoding/hex"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"net/http"
-	"strconv"
-	"strings"
 	"time"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 )
 
 // adminClient calls a broker's admin API with its bearer token.
 type adminClient struct {
-	base  string // http://host:port
-	token string
-	hc    *http.Client
+	api *adminapi.Client
+	hc  *http.Client
 }
 
-func newAdminClient(addr, token string) *adminClient {
+func newAdminClient(addr, token string) (*adminClient, error) {
 	// A transport of its own: a wedged call must not hold a connection
 	// another call waits for.
-	return &adminClient{base: "http://" + addr, token: token, hc: &http.Client{Transport: &http.Transport{}}}
+	hc := &http.Client{Transport: &http.Transport{}}
+	api, err := adminapi.New("http://"+addr, token, &adminapi.Options{HTTPClient: hc})
+	if err != nil {
+		return nil, err
+	}
+	return &adminClient{api: api, hc: hc}, nil
 }
 
 // close releases the client's idle connections.
 func (a *adminClient) close() { a.hc.CloseIdleConnections() }
 
-// do sends one request and decodes a 2xx JSON answer into out (nil: the
-// body is discarded). A non-2xx answer is an error with its body's message.
-func (a *adminClient) do(ctx context.Context, method, path string, body io.Reader, out any) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, method, a.base+path, body)
-	if err != nil {
-		return 0, err
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	resp, err := a.hc.Do(req)
-	if err != nil {
-		return 0, fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		var e admin.Error
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return resp.StatusCode, fmt.Errorf("%s %s: %d %s", method, path, resp.StatusCode, e.Error)
-	}
-	if out == nil {
-		_, err = io.Copy(io.Discard, resp.Body)
-		return resp.StatusCode, err
-	}
-	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
-		return resp.StatusCode, fmt.Errorf("%s %s: answer: %w", method, path, err)
-	}
-	return resp.StatusCode, nil
-}
-
 // register registers a terminal and returns it with its secrets.
 func (a *adminClient) register(ctx context.Context, id codec.Identity) (*terminal, error) {
-	body, _ := json.Marshal(admin.RegisterRequest{SN: id.SN, IMEI: id.IMEI, IMSI: id.IMSI, Alg: "hs256"})
-	var b admin.Bundle
-	if _, err := a.do(ctx, http.MethodPost, "/v1/terminals", bytes.NewReader(body), &b); err != nil {
-		return nil, err
+	b, err := a.api.Register(ctx, adminapi.RegisterRequest{SN: id.SN, IMEI: id.IMEI, IMSI: id.IMSI, Alg: "hs256"})
+	if err != nil {
+		return nil, fmt.Errorf("register %s: %w", id.SN, err)
 	}
 	bk, err := hex.DecodeString(b.BK)
 	if err != nil || len(bk) != codec.BasicKeySize {
@@ -89,57 +57,19 @@ func (a *adminClient) importTerminals(ctx context.Context, ts []*terminal) error
 		w.Write([]string{t.id.SN, t.id.IMEI, t.id.IMSI, "", "hs256", string(t.up), string(randomPassword()), hex.EncodeToString(t.bk)})
 	}
 	w.Flush()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+"/v1/terminals/import", &buf)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	req.Header.Set("Content-Type", "text/csv")
-	resp, err := a.hc.Do(req)
+	rep, err := a.api.ImportTerminals(ctx, &buf, nil)
 	if err != nil {
 		return fmt.Errorf("import: %w", err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("import: %d %s", resp.StatusCode, bytes.TrimSpace(data))
+	if rep.Created != len(ts) {
+		return fmt.Errorf("import: %d of %d terminals created (first rejection: %+v)", rep.Created, len(ts), rep.Rejected)
 	}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		var ev admin.ImportEvent
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			return fmt.Errorf("import: answer: %w", err)
-		}
-		switch {
-		case ev.Error != "":
-			return fmt.Errorf("import: %s", ev.Error)
-		case ev.Report != nil:
-			if ev.Report.Created != len(ts) {
-				return fmt.Errorf("import: %d of %d terminals created (first rejection: %+v)", ev.Report.Created, len(ts), ev.Report.Rejected)
-			}
-			return nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("import: %w", err)
-	}
-	return fmt.Errorf("import: no report")
-}
-
-// sessionInfo is the part of an admin session listing the suite reads.
-type sessionInfo struct {
-	ClientID string `json:"client_id"`
-	Kind     string `json:"kind"`
-	SN       string `json:"sn"`
+	return nil
 }
 
 // sessions lists the broker's authenticated sessions.
-func (a *adminClient) sessions(ctx context.Context) ([]sessionInfo, error) {
-	var out struct {
-		Sessions []sessionInfo `json:"sessions"`
-	}
-	_, err := a.do(ctx, http.MethodGet, "/v1/sessions", nil, &out)
-	return out.Sessions, err
+func (a *adminClient) sessions(ctx context.Context) ([]adminapi.Session, error) {
+	return a.api.Sessions(ctx)
 }
 
 // timedCall is an admin call (or a login) measured with a timeout.
@@ -167,46 +97,30 @@ func (a *adminClient) disconnect(ctx context.Context, id string, timeout time.Du
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	start := time.Now()
-	code, err := a.do(ctx, http.MethodDelete, "/v1/sessions/"+id, nil, nil)
-	c := timedCall{MS: msSince(start), Status: code}
-	if err != nil {
-		if ended(ctx) {
-			c.TimedOut = true
-		} else {
-			c.Error = err.Error()
-		}
+	err := a.api.Disconnect(ctx, id)
+	c := timedCall{MS: msSince(start), Status: http.StatusNoContent}
+	var ae *adminapi.Error
+	switch {
+	case err == nil:
+	case errors.As(err, &ae):
+		c.Status, c.Error = ae.Status, ae.Error()
+	case ended(ctx):
+		c.Status, c.TimedOut = 0, true
+	default:
+		c.Status, c.Error = 0, err.Error()
 	}
 	return c
 }
 
 // metric returns the value of one sample of /metrics (name with its
 // labels exactly as exposed, e.g. `m2mguard_sessions{kind="terminal"}`),
-// sending the admin token in case the endpoint wants one; ok is false if
-// it cannot be read.
+// read with the admin token; ok is false if it cannot be read.
 func (a *adminClient) metric(ctx context.Context, sample string) (v float64, ok bool) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.base+"/metrics", nil)
+	m, err := a.api.Metrics(ctx)
 	if err != nil {
 		return 0, false
 	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	resp, err := a.hc.Do(req)
-	if err != nil {
-		return 0, false
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return 0, false
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		name, value, found := strings.Cut(sc.Text(), " ")
-		if found && name == sample {
-			f, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
-			return f, err == nil
-		}
-	}
-	return 0, false
+	return m.Value(sample)
 }
 
 func msSince(t time.Time) float64 { return float64(time.Since(t)) / float64(time.Millisecond) }

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/m2mguard/m2mguard/adminapi"
 )
 
 // phantomScenario: valid logins of many terminals, each connection reset
@@ -82,7 +84,7 @@ func phantomAttack(ctx context.Context, e *env) (detail, error) {
 	// The broker handles the last CONNECTs after the resets: poll the
 	// sessions until the count has held for a second.
 	start := time.Now()
-	var ss []sessionInfo
+	var ss []adminapi.Session
 	var err error
 	last, since := -1, time.Now()
 	for time.Since(start) < 15*time.Second && ctx.Err() == nil {

@@ -122,12 +122,14 @@ func runScenario(ctx context.Context, cfg *Config, bin, work string, sc *scenari
 	}
 	e.b = b
 	r.BrokerArgs = b.Args
-	e.admin = newAdminClient(b.Admin, b.token)
-	defer e.admin.close()
 	defer func() {
 		r.Shutdown = b.stop(10 * time.Second)
 		e.progress("broker stopped: %s", r.Shutdown)
 	}()
+	if e.admin, err = newAdminClient(b.Admin, b.token); err != nil {
+		return fail(err)
+	}
+	defer e.admin.close()
 	e.progress("broker pid %d: mqtt tcp %s, ws %s, admin %s; log %s", b.Pid, b.TCP, b.WS, b.Admin, b.LogPath)
 
 	if e.genuine, err = e.admin.register(ctx, newTerminal(genuineSN).id); err != nil {

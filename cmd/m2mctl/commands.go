@@ -1,45 +1,25 @@
 package main
 
 import (
-	"bufio"
-	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
 )
 
 // errRejected: an import left rows out.
 var errRejected = errors.New("rows rejected")
-
-func (o *options) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), o.timeout)
-}
-
-// call makes one admin API request for cmd: in is sent as JSON, the
-// answer decoded into out (either may be nil).
-func (o *options) call(cmd *cobra.Command, method, path string, in, out any) error {
-	c, err := newClient(o)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := o.ctx(cmd)
-	defer cancel()
-	return c.do(ctx, method, path, in, out)
-}
 
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
@@ -80,7 +60,7 @@ func terminalCmd(o *options) *cobra.Command {
 }
 
 func terminalAddCmd(o *options) *cobra.Command {
-	var req admin.RegisterRequest
+	var req adminapi.RegisterRequest
 	var creds string
 	cmd := &cobra.Command{
 		Use:   "add --sn SN --imei IMEI --imsi IMSI [--msisdn N] [--alg hs256|md5] [--creds FILE]",
@@ -103,16 +83,20 @@ terminal's credential file for m2m-terminal and the client library, mode 0600).`
 					return usagef("--creds: %s exists; not overwriting another terminal's credentials", creds)
 				}
 			}
-			var b admin.Bundle
-			if err := o.call(cmd, "POST", "/v1/terminals", req, &b); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			b, err := c.Register(cmd.Context(), req)
+			if err != nil {
 				return err
 			}
 			if creds != "" {
-				if err := writeCreds(creds, &b); err != nil {
+				if err := writeCreds(creds, b); err != nil {
 					return fmt.Errorf("terminal %s is registered, but the credential file failed: %w", b.SN, err)
 				}
 			}
-			return printBundle(cmd.OutOrStdout(), o, &b, creds)
+			return printBundle(cmd.OutOrStdout(), o, b, creds)
 		},
 	}
 	f := cmd.Flags()
@@ -127,7 +111,7 @@ terminal's credential file for m2m-terminal and the client library, mode 0600).`
 }
 
 // printBundle prints a provisioning bundle (the secrets, shown once).
-func printBundle(w io.Writer, o *options, b *admin.Bundle, creds string) error {
+func printBundle(w io.Writer, o *options, b *adminapi.Bundle, creds string) error {
 	if o.output == "json" {
 		return printJSON(w, b)
 	}
@@ -188,16 +172,20 @@ file of the same terminal, never another terminal's.`,
 					}
 				}
 			}
-			var b admin.Bundle
-			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/rekey", nil, &b); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			b, err := c.RekeyTerminal(cmd.Context(), sn)
+			if err != nil {
 				return err
 			}
 			if creds != "" {
-				if err := writeCreds(creds, &b); err != nil {
+				if err := writeCreds(creds, b); err != nil {
 					return fmt.Errorf("terminal %s is rekeyed, but the credential file failed: %w", b.SN, err)
 				}
 			}
-			return printBundle(cmd.OutOrStdout(), o, &b, creds)
+			return printBundle(cmd.OutOrStdout(), o, b, creds)
 		},
 	}
 	cmd.Flags().StringVar(&creds, "creds", "", "also write the terminal's credential file here (mode 0600; a file of another terminal is not overwritten)")
@@ -206,7 +194,7 @@ file of the same terminal, never another terminal's.`,
 
 // writeCreds writes the bundle as a client.FileStore credential file, with
 // the broker URL (which m2m-terminal then dials without --broker).
-func writeCreds(path string, b *admin.Bundle) error {
+func writeCreds(path string, b *adminapi.Bundle) error {
 	alg, err := codec.ParseAlg(b.Alg)
 	if err != nil {
 		return err
@@ -225,7 +213,7 @@ func writeCreds(path string, b *admin.Bundle) error {
 	return client.NewFileStore(path).Save(rec)
 }
 
-func printTerminal(w io.Writer, t *admin.Terminal) {
+func printTerminal(w io.Writer, t *adminapi.Terminal) {
 	tw := table(w)
 	fmt.Fprintf(tw, "sn\t%s\n", t.SN)
 	fmt.Fprintf(tw, "imei\t%s\n", t.IMEI)
@@ -265,14 +253,18 @@ func terminalGetCmd(o *options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var t admin.Terminal
-			if err := o.call(cmd, "GET", "/v1/terminals/"+sn, nil, &t); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			t, err := c.GetTerminal(cmd.Context(), sn)
+			if err != nil {
 				return err
 			}
 			if o.output == "json" {
 				return printJSON(cmd.OutOrStdout(), t)
 			}
-			printTerminal(cmd.OutOrStdout(), &t)
+			printTerminal(cmd.OutOrStdout(), t)
 			return nil
 		},
 	}
@@ -289,30 +281,20 @@ func terminalListCmd(o *options) *cobra.Command {
 			if limit < 1 || limit > 1000 {
 				return usagef("--limit: want 1 to 1000")
 			}
-			c, err := newClient(o)
+			c, err := o.client()
 			if err != nil {
 				return err
 			}
-			var out admin.TerminalList
-			out.Terminals = []admin.Terminal{}
-			for {
-				ctx, cancel := o.ctx(cmd)
-				var page admin.TerminalList
-				q := url.Values{"limit": {strconv.Itoa(limit)}}
-				if after != "" {
-					q.Set("after", after)
+			out := &adminapi.TerminalList{Terminals: []adminapi.Terminal{}}
+			if all {
+				for t, err := range c.AllTerminals(cmd.Context(), limit) {
+					if err != nil {
+						return err
+					}
+					out.Terminals = append(out.Terminals, t)
 				}
-				err := c.do(ctx, "GET", "/v1/terminals?"+q.Encode(), nil, &page)
-				cancel()
-				if err != nil {
-					return err
-				}
-				out.Terminals = append(out.Terminals, page.Terminals...)
-				out.Next = page.Next
-				if !all || page.Next == "" {
-					break
-				}
-				after = page.Next
+			} else if out, err = c.ListTerminals(cmd.Context(), after, limit); err != nil {
+				return err
 			}
 			w := cmd.OutOrStdout()
 			if o.output == "json" {
@@ -351,8 +333,16 @@ func terminalStatusCmd(o *options, action, short string) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var t admin.Terminal
-			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/"+action, nil, &t); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			setStatus := c.DisableTerminal
+			if action == "enable" {
+				setStatus = c.EnableTerminal
+			}
+			t, err := setStatus(cmd.Context(), sn)
+			if err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -374,7 +364,11 @@ func terminalDeleteCmd(o *options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if err := o.call(cmd, "DELETE", "/v1/terminals/"+sn, nil, nil); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			if err := c.DeleteTerminal(cmd.Context(), sn); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -416,42 +410,15 @@ The command exits 1 if any row was rejected.`,
 				defer f.Close()
 				in = f
 			}
-			c, err := newClient(o)
+			c, err := o.clientWithTimeout(0) // an import may take long; a cancel still ends it
 			if err != nil {
 				return err
 			}
-			c.http.Timeout = 0 // an import may take long; the context bounds nothing but a cancel
-			resp, err := c.send(cmd.Context(), "POST", "/v1/terminals/import", in)
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
 			bar := &progressBar{w: cmd.ErrOrStderr(), on: progress == "always" || (progress == "auto" && o.stderrTTY)}
-			var rep *admin.ImportReport
-			var streamErr string
-			sc := bufio.NewScanner(resp.Body)
-			sc.Buffer(make([]byte, 64<<10), 64<<20)
-			for sc.Scan() {
-				var ev admin.ImportEvent
-				if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-					return fmt.Errorf("reading the import stream: %w", err)
-				}
-				if ev.Progress != nil {
-					bar.update(ev.Progress.Done, ev.Progress.Total)
-				}
-				if ev.Report != nil {
-					rep = ev.Report
-				}
-				if ev.Error != "" {
-					streamErr = ev.Error
-				}
-			}
+			rep, importErr := c.ImportTerminals(cmd.Context(), in, func(p adminapi.Progress) { bar.update(p.Done, p.Total) })
 			bar.finish()
-			if err := sc.Err(); err != nil {
-				return fmt.Errorf("reading the import stream: %w", err)
-			}
 			if rep == nil {
-				return errors.New("the import stream ended without a report")
+				return importErr
 			}
 			w := cmd.OutOrStdout()
 			if o.output == "json" {
@@ -469,8 +436,8 @@ The command exits 1 if any row was rejected.`,
 					tw.Flush()
 				}
 			}
-			if streamErr != "" {
-				return fmt.Errorf("import stopped: %s", streamErr)
+			if importErr != nil { // the import stopped: the report is of the rows stored before
+				return importErr
 			}
 			if len(rep.Rejected) > 0 {
 				return fmt.Errorf("%w: %d of %d", errRejected, len(rep.Rejected), rep.Rows)
@@ -527,11 +494,15 @@ shown: only the change's id, mode and deadline.`,
 			default:
 				return usagef("--what: want pwd, bk or all")
 			}
-			var ch admin.Change
-			if err := o.call(cmd, "POST", "/v1/terminals/"+sn+"/changes", admin.ChangeRequest{What: what}, &ch); err != nil {
+			c, err := o.client()
+			if err != nil {
 				return err
 			}
-			return printChange(cmd.OutOrStdout(), o, sn, &ch)
+			ch, err := c.StartChange(cmd.Context(), sn, what)
+			if err != nil {
+				return err
+			}
+			return printChange(cmd.OutOrStdout(), o, sn, ch)
 		},
 	}
 	start.Flags().StringVar(&what, "what", "all", "what changes: pwd, bk or all")
@@ -544,18 +515,22 @@ shown: only the change's id, mode and deadline.`,
 			if err != nil {
 				return err
 			}
-			var ch admin.Change
-			if err := o.call(cmd, "GET", "/v1/terminals/"+sn+"/changes", nil, &ch); err != nil {
+			c, err := o.client()
+			if err != nil {
 				return err
 			}
-			return printChange(cmd.OutOrStdout(), o, sn, &ch)
+			ch, err := c.PendingChange(cmd.Context(), sn)
+			if err != nil {
+				return err
+			}
+			return printChange(cmd.OutOrStdout(), o, sn, ch)
 		},
 	}
 	cmd.AddCommand(start, status)
 	return cmd
 }
 
-func printChange(w io.Writer, o *options, sn string, ch *admin.Change) error {
+func printChange(w io.Writer, o *options, sn string, ch *adminapi.Change) error {
 	if o.output == "json" {
 		return printJSON(w, ch)
 	}
@@ -577,18 +552,15 @@ func sessionCmd(o *options) *cobra.Command {
 		Use:   "list",
 		Short: "List the connected, authenticated clients (terminals and applications)",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newClient(o)
+			c, err := o.client()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := o.ctx(cmd)
-			defer cancel()
-			var out struct {
-				Sessions []sessionInfo `json:"sessions"`
-			}
-			if err := c.do(ctx, "GET", "/v1/sessions", nil, &out); err != nil {
+			ss, err := c.Sessions(cmd.Context())
+			if err != nil {
 				return err
 			}
+			out := adminapi.SessionList{Sessions: ss}
 			w := cmd.OutOrStdout()
 			if o.output == "json" {
 				return printJSON(w, out)
@@ -614,7 +586,11 @@ func sessionCmd(o *options) *cobra.Command {
 		Short: "End a client's connection (a terminal may log in again at once: disable it to keep it out)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := o.call(cmd, "DELETE", "/v1/sessions/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			if err := c.Disconnect(cmd.Context(), args[0]); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -628,24 +604,9 @@ func sessionCmd(o *options) *cobra.Command {
 	return cmd
 }
 
-// sessionInfo mirrors hook.SessionInfo (the admin API's JSON).
-type sessionInfo struct {
-	ClientID   string    `json:"client_id"`
-	Kind       string    `json:"kind"`
-	SN         string    `json:"sn,omitempty"`
-	App        string    `json:"app,omitempty"`
-	Remote     string    `json:"remote"`
-	Protocol   byte      `json:"protocol"`
-	SessionKey bool      `json:"session_key"`
-	SID        string    `json:"sid,omitempty"`
-	KeyExpires time.Time `json:"key_expires,omitzero"`
-	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`
-	DownSeq    uint64    `json:"downlink_seq,omitempty"`
-}
-
 func appCmd(o *options) *cobra.Command {
 	cmd := &cobra.Command{Use: "app", Short: "Add, remove and list applications (back-end MQTT clients)"}
-	var req admin.AppRequest
+	var req adminapi.AppRequest
 	var pwFile string
 	add := &cobra.Command{
 		Use:   "add NAME [--password-file FILE] [--subscribe FILTERS] [--publish FILTERS]",
@@ -671,8 +632,12 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 				}
 				req.Password = strings.TrimRight(string(data), "\r\n")
 			}
-			var app admin.App
-			if err := o.call(cmd, "POST", "/v1/apps", req, &app); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			app, err := c.AddApp(cmd.Context(), req)
+			if err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
@@ -697,7 +662,11 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 		Short: "Remove an application (connected clients keep their session until they disconnect)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := o.call(cmd, "DELETE", "/v1/apps/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			if err := c.RemoveApp(cmd.Context(), args[0]); err != nil {
 				return err
 			}
 			if o.output == "json" {
@@ -711,10 +680,15 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 		Use:   "list",
 		Short: "List the applications",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var out admin.AppList
-			if err := o.call(cmd, "GET", "/v1/apps", nil, &out); err != nil {
+			c, err := o.client()
+			if err != nil {
 				return err
 			}
+			apps, err := c.Apps(cmd.Context())
+			if err != nil {
+				return err
+			}
+			out := adminapi.AppList{Apps: apps}
 			w := cmd.OutOrStdout()
 			if o.output == "json" {
 				return printJSON(w, out)

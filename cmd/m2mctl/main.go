@@ -30,6 +30,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/internal/cliflag"
 )
 
@@ -70,14 +71,15 @@ func main() {
 
 // options are the global flags.
 type options struct {
-	server    string
-	token     string
-	tokenFrom string // where token came from: "--token" or "$M2MCTL_TOKEN"
-	tokenFile string
-	output    string
-	timeout   time.Duration
-	stdin     io.Reader
-	stderrTTY bool
+	server      string
+	token       string
+	tokenFrom   string // where token came from: "--token" or "$M2MCTL_TOKEN"
+	tokenFile   string
+	tokenSource string // where the token sent came from: tokenFrom or "token file PATH" (set by client)
+	output      string
+	timeout     time.Duration
+	stdin       io.Reader
+	stderrTTY   bool
 }
 
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -139,6 +141,7 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	if err == nil {
 		return exitOK
 	}
+	err = o.explain(err)
 	code := exitCode(err)
 	if o.output == "json" {
 		printJSONError(stderr, err)
@@ -153,13 +156,16 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 
 // exitCode maps an error to the exit code of the help text.
 func exitCode(err error) int {
-	var ae *apiError
 	switch {
-	case cliflag.IsUsage(err):
+	case cliflag.IsUsage(err), errors.Is(err, adminapi.ErrBadRequest):
 		return exitUsage
-	case errors.As(err, &ae):
-		return ae.exitCode()
-	case errors.Is(err, errUnreachable), errors.Is(err, errNotAdminAPI):
+	case errors.Is(err, adminapi.ErrUnauthorized):
+		return exitUnauthorize
+	case errors.Is(err, adminapi.ErrNotFound):
+		return exitNotFound
+	case errors.Is(err, adminapi.ErrConflict):
+		return exitConflict
+	case errors.Is(err, adminapi.ErrUnavailable), errors.Is(err, adminapi.ErrUnreachable), errors.Is(err, adminapi.ErrNotAdminAPI):
 		return exitUnavailable
 	}
 	return exitFailure
@@ -175,9 +181,9 @@ func printJSONError(w io.Writer, err error) {
 		Field  string `json:"field,omitempty"`
 		Exit   int    `json:"exit"`
 	}{Error: err.Error(), Exit: exitCode(err)}
-	var ae *apiError
+	var ae *adminapi.Error
 	if errors.As(err, &ae) {
-		out.Error, out.Status, out.Field = ae.message(), ae.status, ae.body.Field
+		out.Error, out.Status, out.Field = ae.Text(), ae.Status, ae.Field
 	}
 	printJSON(w, out)
 }

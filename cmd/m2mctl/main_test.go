@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -170,5 +171,23 @@ func TestCommands(t *testing.T) {
 	code, _, errs := ctl(t, "", append(g, "terminal", "add", "--sn", "T5", "--imei", "354494040518575", "--imsi", "460020084678125", "--creds", creds)...)
 	if code != exitUsage || !strings.Contains(errs, "exists") {
 		t.Fatalf("exit %d: %s", code, errs)
+	}
+}
+
+// TestLinksNeitherMochiNorPrometheus: the operator's CLI links the admin
+// API's client, not the broker: neither mochi-mqtt nor Prometheus.
+func TestLinksNeitherMochiNorPrometheus(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("go is not on PATH")
+	}
+	out, err := exec.Command(goBin, "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list -deps: %v", err)
+	}
+	for dep := range strings.Lines(string(out)) {
+		if strings.Contains(dep, "mochi-mqtt") || strings.Contains(dep, "prometheus") {
+			t.Errorf("m2mctl links %s", strings.TrimSpace(dep))
+		}
 	}
 }

@@ -3,9 +3,9 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -23,7 +23,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 )
 
@@ -91,28 +91,15 @@ func TestAppLoginFloodBinary(t *testing.T) {
 			t.Fatal("the broker did not become healthy")
 		}
 	}
-	tok, err := os.ReadFile(filepath.Join(work, "data", "admin.token"))
+	api := adminClient(t, base, work)
+	term, err := api.Register(context.Background(), adminapi.RegisterRequest{SN: "A00MS8011390002S", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	post := func(path string, body, out any) {
-		data, _ := json.Marshal(body)
-		req, _ := http.NewRequest("POST", base+path, bytes.NewReader(data))
-		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != 201 {
-			t.Fatalf("POST %s: %d", path, resp.StatusCode)
-		}
-		json.NewDecoder(resp.Body).Decode(out)
-	}
-	var term admin.Bundle
-	post("/v1/terminals", admin.RegisterRequest{SN: "A00MS8011390002S", IMEI: "354494040518570", IMSI: "460020084678120"}, &term)
 	appPassword := "dashboard-password-0001"
-	post("/v1/apps", admin.AppRequest{Name: "dash", Password: appPassword}, &admin.App{})
+	if _, err := api.AddApp(context.Background(), adminapi.AppRequest{Name: "dash", Password: appPassword}); err != nil {
+		t.Fatal(err)
+	}
 
 	from := func(ip string) net.Dialer {
 		return net.Dialer{Timeout: 30 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}

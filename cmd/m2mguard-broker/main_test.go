@@ -5,9 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -19,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
@@ -131,18 +129,10 @@ func TestSmoke(t *testing.T) {
 			t.Fatalf("data/%s: %v %v", f, fi, err)
 		}
 	}
-	body, _ := json.Marshal(admin.RegisterRequest{SN: "S1", IMEI: "354494040518570", IMSI: "460020084678120"})
-	req, _ := http.NewRequest("POST", base+"/v1/terminals", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var b admin.Bundle
-	json.NewDecoder(resp.Body).Decode(&b)
-	resp.Body.Close()
-	if resp.StatusCode != 201 || b.BrokerURL != "tcp://"+mqttAddr {
-		t.Fatalf("register: %d %+v", resp.StatusCode, b.BrokerURL)
+	api := adminClient(t, base, work)
+	b, err := api.Register(context.Background(), adminapi.RegisterRequest{SN: "S1", IMEI: "354494040518570", IMSI: "460020084678120"})
+	if err != nil || b.BrokerURL != "tcp://"+mqttAddr {
+		t.Fatalf("register: %v %+v", err, b)
 	}
 
 	// The terminal logs in with a session key, over TCP and over WebSocket.
@@ -179,10 +169,8 @@ func TestSmoke(t *testing.T) {
 
 	// An operator changes every credential of the connected terminal; the
 	// client applies, acknowledges and reconnects with the new values.
-	req, _ = http.NewRequest("POST", base+"/v1/terminals/S1/changes", strings.NewReader(`{"what":"all"}`))
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode >= 300 {
-		t.Fatalf("change start: %v %v", err, resp)
+	if _, err := api.StartChange(context.Background(), "S1", "all"); err != nil {
+		t.Fatalf("change start: %v", err)
 	}
 	var after *client.Record
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -208,16 +196,13 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req, _ = http.NewRequest("GET", base+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(mtok)))
-	mresp, err := http.DefaultClient.Do(req)
+	scraper, err := adminapi.New(base, "", &adminapi.Options{MetricsToken: strings.TrimSpace(string(mtok))})
 	if err != nil {
 		t.Fatal(err)
 	}
-	metrics, _ := io.ReadAll(mresp.Body)
-	mresp.Body.Close()
-	if mresp.StatusCode != 200 || !strings.Contains(string(metrics), "m2mguard_logins_total") {
-		t.Fatalf("/metrics with the metrics token: %d %.200s", mresp.StatusCode, metrics)
+	metrics, err := scraper.Metrics(context.Background())
+	if err != nil || !strings.Contains(string(metrics), "m2mguard_logins_total") {
+		t.Fatalf("/metrics with the metrics token: %v %.200s", err, metrics)
 	}
 
 	// SIGTERM: a clean exit with status 0.

@@ -2,23 +2,19 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 )
 
@@ -147,7 +143,7 @@ type rawTerminal struct {
 	messages chan paho.Message
 }
 
-func newRawTerminal(t *testing.T, b admin.Bundle) *rawTerminal {
+func newRawTerminal(t *testing.T, b adminapi.Bundle) *rawTerminal {
 	t.Helper()
 	bk, err := hex.DecodeString(b.BK)
 	if err != nil {
@@ -299,21 +295,9 @@ func publishQoS1(t *testing.T, c paho.Client, topic, payload string, retain bool
 // generated password.
 func (p *process) addApp(t *testing.T, work, name string) string {
 	t.Helper()
-	tok, err := os.ReadFile(filepath.Join(work, "data", "admin.token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := json.Marshal(admin.AppRequest{Name: name})
-	req, _ := http.NewRequest("POST", p.admin+"/v1/apps", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var a admin.App
-	if err := json.NewDecoder(resp.Body).Decode(&a); err != nil || resp.StatusCode != 201 || a.Password == "" {
-		t.Fatalf("add app: %d %v", resp.StatusCode, err)
+	a, err := adminClient(t, p.admin, work).AddApp(context.Background(), adminapi.AppRequest{Name: name})
+	if err != nil || a.Password == "" {
+		t.Fatalf("add app: %v", err)
 	}
 	return a.Password
 }

@@ -1,10 +1,9 @@
 package main
 
 import (
-	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
-	"encoding/json"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,7 +15,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
 )
@@ -92,29 +91,32 @@ func (p *process) kill(t *testing.T) {
 }
 
 // register adds a terminal over the admin API and returns its bundle.
-func (p *process) register(t *testing.T, work, sn string) admin.Bundle {
+func (p *process) register(t *testing.T, work, sn string) adminapi.Bundle {
+	t.Helper()
+	b, err := adminClient(t, p.admin, work).Register(context.Background(), adminapi.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"})
+	if err != nil {
+		t.Fatalf("register: %v", err)
+	}
+	return *b
+}
+
+// adminClient returns a client of the admin API at base with the admin
+// token the broker running in work generated.
+func adminClient(t *testing.T, base, work string) *adminapi.Client {
 	t.Helper()
 	tok, err := os.ReadFile(filepath.Join(work, "data", "admin.token"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := json.Marshal(admin.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"})
-	req, _ := http.NewRequest("POST", p.admin+"/v1/terminals", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	resp, err := http.DefaultClient.Do(req)
+	c, err := adminapi.New(base, strings.TrimSpace(string(tok)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	var b admin.Bundle
-	if err := json.NewDecoder(resp.Body).Decode(&b); err != nil || resp.StatusCode != 201 {
-		t.Fatalf("register: %d %v", resp.StatusCode, err)
-	}
-	return b
+	return c
 }
 
 // loginToken signs a fresh login token (flag 00) for the bundle's terminal.
-func loginToken(t *testing.T, b admin.Bundle) []byte {
+func loginToken(t *testing.T, b adminapi.Bundle) []byte {
 	t.Helper()
 	var n [8]byte
 	rand.Read(n[:])

@@ -12,8 +12,15 @@
 // e.g. `vault kv get secret/m2mguard/terminals/A00MS8011390002S`.
 //
 // Authentication is a token (renewed with a LifetimeWatcher while it is
-// renewable) or AppRole (logged in again whenever renewal ends). Errors
+// renewable), AppRole (with the secret_id itself or a response-wrapping
+// token of it, unwrapped once at Open) or Kubernetes (the pod's service
+// account token, read again at every login); with either login method the
+// store logs in again whenever renewal ends, and after two thirds of the
+// TTL of a token that cannot be renewed. NewMetrics exports logins,
+// renewals, the token's remaining TTL and failed requests. Errors
 // wrap keysvc.ErrUnavailable (unreachable, sealed, timed out),
 // keysvc.ErrForbidden (the token lacks a capability), keysvc.ErrNotFound,
-// keysvc.ErrExists and keysvc.ErrConflict, and say which path failed.
+// keysvc.ErrExists and keysvc.ErrConflict, and say which path failed; a
+// used or foreign wrapping token is ErrWrappingToken. No error or log line
+// carries a token, secret_id or service account token.
 package vaultstore

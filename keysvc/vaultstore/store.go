@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	vault "github.com/hashicorp/vault/api"
@@ -23,35 +24,44 @@ import (
 
 // Options configure a Store. The zero value of every field but the
 // credentials is useful: Address from $VAULT_ADDR (else
-// https://127.0.0.1:8200), mount "secret", prefix "m2mguard", 5 s timeout.
+// https://127.0.0.1:8200), and the mount, prefix and timeout of
+// DefaultConfig.
 type Options struct {
 	Address string // Vault address; "" = $VAULT_ADDR
-	Mount   string // KV v2 mount; "" = "secret"
-	Prefix  string // path below the mount; "" = "m2mguard"
+	Mount   string // KV v2 mount; "" = DefaultConfig's
+	Prefix  string // path below the mount; "" = DefaultConfig's
 
-	// Exactly one of Token and AppRole.
-	Token   string
-	AppRole *AppRole
+	// Exactly one of Token, AppRole and Kubernetes. A token is renewed
+	// while it can be; with AppRole or Kubernetes the store logs in again
+	// whenever renewal ends (see keepAlive).
+	Token      string
+	AppRole    *AppRole
+	Kubernetes *Kubernetes
 
-	Timeout time.Duration // per request; 0 = 5 s
+	Timeout time.Duration // per request; 0 = DefaultConfig's
 	CACert  string        // PEM file to verify Vault's TLS certificate; "" = system roots
 	Logger  *slog.Logger  // nil = slog.Default()
-}
-
-// AppRole are the credentials of an AppRole login.
-type AppRole struct {
-	MountPath string // "" = "approle"
-	RoleID    string
-	SecretID  []byte
+	// Metrics, if set, records logins, renewals, the token's TTL and
+	// failed requests (see NewMetrics).
+	Metrics *Metrics
 }
 
 // Store is a keysvc.Store on Vault KV v2. It is safe for concurrent use.
 type Store struct {
-	client *vault.Client
-	kv     *vault.KVv2
-	mount  string
-	prefix string
-	log    *slog.Logger
+	client  *vault.Client
+	kv      *vault.KVv2
+	mount   string
+	prefix  string
+	log     *slog.Logger
+	metrics *Metrics // nil-safe
+
+	// login logs in with the configured method (nil for a plain token);
+	// method names it in logs and metrics.
+	login  func(ctx context.Context) (*vault.Secret, error)
+	method string
+	forget func() // clears the credentials held for logins again, at Close
+
+	expires atomic.Int64 // unix nanoseconds when the current token expires; 0 = never
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -60,10 +70,12 @@ type Store struct {
 var _ keysvc.Store = (*Store)(nil)
 
 // Open connects to Vault, logs in, checks that the token works and starts
-// keeping it alive (renewal; with AppRole, a new login when renewal ends).
+// keeping it alive (renewal; with AppRole or Kubernetes, a new login when
+// renewal ends). With AppRole.WrappingToken it first unwraps the secret_id,
+// once.
 func Open(ctx context.Context, opts Options) (*Store, error) {
-	if (opts.Token == "") == (opts.AppRole == nil) {
-		return nil, fmt.Errorf("vaultstore: set exactly one of a token or AppRole credentials: %w", keysvc.ErrInvalid)
+	if n := btoi(opts.Token != "") + btoi(opts.AppRole != nil) + btoi(opts.Kubernetes != nil); n != 1 {
+		return nil, fmt.Errorf("vaultstore: set exactly one of a token, AppRole or Kubernetes credentials: %w", keysvc.ErrInvalid)
 	}
 	cfg := vault.DefaultConfig()
 	if cfg.Error != nil {
@@ -72,9 +84,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Address != "" {
 		cfg.Address = opts.Address
 	}
+	def := DefaultConfig()
 	cfg.Timeout = opts.Timeout
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = def.Timeout
 	}
 	// No retries inside the client: a failed read is answered from the
 	// cache (keysvc), and a write is retried by the caller's CAS loop.
@@ -90,16 +103,19 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	client.SetToken("") // never pick up $VAULT_TOKEN behind the caller's back
 	s := &Store{
-		client: client,
-		mount:  strings.Trim(opts.Mount, "/"),
-		prefix: strings.Trim(opts.Prefix, "/"),
-		log:    opts.Logger,
+		client:  client,
+		mount:   strings.Trim(opts.Mount, "/"),
+		prefix:  strings.Trim(opts.Prefix, "/"),
+		log:     opts.Logger,
+		metrics: opts.Metrics,
+		method:  MethodToken,
+		forget:  func() {},
 	}
 	if s.mount == "" {
-		s.mount = "secret"
+		s.mount = def.Mount
 	}
 	if s.prefix == "" {
-		s.prefix = "m2mguard"
+		s.prefix = def.Prefix
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -107,128 +123,48 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	s.kv = client.KVv2(s.mount)
 
 	var auth *vault.Secret
-	if opts.AppRole != nil {
-		if auth, err = s.appRoleLogin(ctx, opts.AppRole); err != nil {
-			return nil, err
-		}
+	switch {
+	case opts.AppRole != nil:
+		err = s.useAppRole(ctx, opts.AppRole)
+	case opts.Kubernetes != nil:
+		err = s.useKubernetes(opts.Kubernetes)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if s.login != nil {
+		auth, err = s.logIn(ctx)
 	} else {
 		client.SetToken(opts.Token)
-		if auth, err = s.tokenLogin(ctx, opts.Token); err != nil {
-			return nil, err
-		}
+		auth, err = s.tokenLogin(ctx, opts.Token)
+	}
+	if err != nil {
+		s.forget()
+		return nil, err
 	}
 	bg, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.keepAlive(bg, auth, opts)
+		s.keepAlive(bg, auth)
 	}()
 	return s, nil
 }
 
-// tokenLogin checks the token and returns it as an auth secret, the form
-// the LifetimeWatcher renews.
-func (s *Store) tokenLogin(ctx context.Context, token string) (*vault.Secret, error) {
-	self, err := s.client.Auth().Token().LookupSelfWithContext(ctx)
-	if err != nil {
-		return nil, s.wrap("log in", "auth/token/lookup-self", err)
+func btoi(b bool) int {
+	if b {
+		return 1
 	}
-	renewable, _ := self.TokenIsRenewable()
-	ttl, _ := self.TokenTTL()
-	return &vault.Secret{Auth: &vault.SecretAuth{
-		ClientToken: token, Renewable: renewable, LeaseDuration: int(ttl.Seconds()),
-	}}, nil
+	return 0
 }
 
-func (s *Store) appRoleLogin(ctx context.Context, ar *AppRole) (*vault.Secret, error) {
-	mount := ar.MountPath
-	if mount == "" {
-		mount = "approle"
-	}
-	p := "auth/" + mount + "/login"
-	secret, err := s.client.Logical().WriteWithContext(ctx, p, map[string]any{
-		"role_id": ar.RoleID, "secret_id": string(ar.SecretID),
-	})
-	if err != nil {
-		return nil, s.wrap("log in", p, err)
-	}
-	if secret == nil || secret.Auth == nil || secret.Auth.ClientToken == "" {
-		return nil, fmt.Errorf("vaultstore: log in %s: no token in the answer: %w", p, keysvc.ErrForbidden)
-	}
-	s.client.SetToken(secret.Auth.ClientToken)
-	return secret, nil
-}
-
-// keepAlive renews the token while it is renewable. With AppRole it logs in
-// again whenever renewal ends (max TTL reached, token revoked); with a plain
-// token it can only report that the token will expire.
-func (s *Store) keepAlive(ctx context.Context, auth *vault.Secret, opts Options) {
-	backoff := time.Second
-	for {
-		renewable := auth.Auth != nil && auth.Auth.Renewable && auth.Auth.LeaseDuration > 0
-		if renewable {
-			w, err := s.client.NewLifetimeWatcher(&vault.LifetimeWatcherInput{Secret: auth})
-			if err == nil {
-				go w.Start()
-				err = s.watch(ctx, w)
-				w.Stop()
-				if ctx.Err() != nil {
-					return
-				}
-				s.log.Warn("vault token renewal ended", "err", errString(err))
-			}
-		}
-		if opts.AppRole == nil {
-			if !renewable {
-				s.log.Info("vault token is not renewable; it will not be renewed")
-			}
-			<-ctx.Done()
-			return
-		}
-		// Log in again at once; on failure, back off up to a minute.
-		for {
-			var err error
-			if auth, err = s.appRoleLogin(ctx, opts.AppRole); err == nil {
-				s.log.Info("vault AppRole login renewed")
-				backoff = time.Second
-				break
-			}
-			s.log.Warn("vault AppRole login failed; retrying", "err", err.Error(), "retry_in", backoff)
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, time.Minute)
-		}
-	}
-}
-
-func (s *Store) watch(ctx context.Context, w *vault.LifetimeWatcher) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case err := <-w.DoneCh():
-			return err
-		case <-w.RenewCh():
-			s.log.Debug("vault token renewed")
-		}
-	}
-}
-
-func errString(err error) string {
-	if err == nil {
-		return "token reached its max TTL"
-	}
-	return err.Error()
-}
-
-// Close stops the token renewal. It does not revoke the token.
+// Close stops the token renewal and forgets the credentials kept for
+// logging in again. It does not revoke the token.
 func (s *Store) Close() error {
 	s.cancel()
 	s.wg.Wait()
+	s.forget()
 	return nil
 }
 
@@ -457,6 +393,7 @@ func (s *Store) wrap(op, p string, err error) error {
 	case errors.As(err, &ne), errors.As(err, &ue), errors.Is(err, os.ErrDeadlineExceeded):
 		detail = "vault unreachable"
 	}
+	s.metrics.requestFailed(kind)
 	if op == "" {
 		return fmt.Errorf("vaultstore: %s: %s: %w", p, detail, kind)
 	}

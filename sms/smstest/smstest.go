@@ -5,8 +5,9 @@
 //	GET  /inbox/{msisdn}?after={id}   → 200 [Message, ...] with ID > after, oldest first
 //
 // The sender of every recorded message is the server's From number (the
-// platform's number). Fault injection (FailNext, Delay) lets tests exercise
-// retries and timeouts.
+// platform's number). Fault injection (FailNext, RetryAfter, Delay) lets
+// tests exercise retries, Retry-After and timeouts; Arrivals tells when each
+// attempt came.
 package smstest
 
 import (
@@ -44,13 +45,15 @@ type Server struct {
 	ln   net.Listener
 	srv  *http.Server
 
-	mu       sync.Mutex
-	msgs     []sms.Message
-	nextID   int64
-	failNext int
-	failCode int
-	delay    time.Duration
-	sends    int
+	mu         sync.Mutex
+	msgs       []sms.Message
+	nextID     int64
+	failNext   int
+	failCode   int
+	retryAfter string
+	delay      time.Duration
+	sends      int
+	arrivals   []time.Time
 }
 
 // Start starts a gateway listening on addr ("127.0.0.1:0" for a free
@@ -104,6 +107,15 @@ func (s *Server) FailNextWith(n, code int) {
 	s.mu.Unlock()
 }
 
+// RetryAfter makes every injected failure carry the header
+// "Retry-After: v" (delay-seconds such as "1", or an HTTP date); "" sends
+// none.
+func (s *Server) RetryAfter(v string) {
+	s.mu.Lock()
+	s.retryAfter = v
+	s.mu.Unlock()
+}
+
 // Delay makes every following send wait d before answering (0 to stop).
 func (s *Server) Delay(d time.Duration) {
 	s.mu.Lock()
@@ -116,6 +128,14 @@ func (s *Server) Sends() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.sends
+}
+
+// Arrivals returns when each POST /send arrived (failed ones too), oldest
+// first: tests measure the waits of a sender's retries from them.
+func (s *Server) Arrivals() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]time.Time(nil), s.arrivals...)
 }
 
 // Messages returns every recorded message, oldest first.
@@ -143,9 +163,10 @@ func (s *Server) record(from, to, text string) sms.Message {
 func (s *Server) send(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.sends++
+	s.arrivals = append(s.arrivals, time.Now())
 	delay := s.delay
 	fail := s.failNext > 0
-	code := s.failCode
+	code, retryAfter := s.failCode, s.retryAfter
 	if fail {
 		s.failNext--
 	}
@@ -162,6 +183,9 @@ func (s *Server) send(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if fail {
+		if retryAfter != "" {
+			w.Header().Set("Retry-After", retryAfter)
+		}
 		http.Error(w, "injected failure", code)
 		return
 	}

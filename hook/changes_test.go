@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -293,4 +294,36 @@ func TestChangeExpires(t *testing.T) {
 
 func newSender(url string) *sms.HTTPSender {
 	return &sms.HTTPSender{URL: url + "/send", Retries: 1, Backoff: 10 * time.Millisecond, Timeout: 2 * time.Second}
+}
+
+// TestSMSRetryHonoursRetryAfter: a gateway that asks for a longer pause
+// (429 Retry-After) than the sender may wait within one send is not asked
+// again before that pause is over, although the hook's own retry back-off
+// is shorter.
+func TestSMSRetryHonoursRetryAfter(t *testing.T) {
+	gw, err := smstest.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	gw.RetryAfter("2")
+	gw.FailNextWith(1, http.StatusTooManyRequests)
+	sender := &sms.HTTPSender{URL: gw.URL() + "/send", Retries: 0, MaxRetryAfter: 100 * time.Millisecond, Timeout: 2 * time.Second}
+	e := newEnv(t, func(o *hook.Options) { o.SMS = sender; o.SMSRetry = 20 * time.Millisecond })
+	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.MSISDN = "8613800000001" })
+	c, _ := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)
+	c.subscribe("$m2m/"+term.sn+"/key", 0)
+	c.publish("$m2m/"+term.sn+"/ctl", term.chg("pwd", "sms", e.ts(), nonce()), 1)
+	if f := keyMessage(t, c, term); f[1] != "acc" {
+		t.Fatalf("got %v, want acc", f)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(gw.Arrivals()) < 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the SMS was not sent again")
+		}
+	}
+	a := gw.Arrivals()
+	if gap := a[1].Sub(a[0]); gap < 2*time.Second {
+		t.Fatalf("asked again %v after a 429 with Retry-After 2 s", gap)
+	}
 }

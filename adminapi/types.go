@@ -1,17 +1,9 @@
-package admin
+package adminapi
 
-import (
-	"encoding/hex"
-	"time"
+import "time"
 
-	"github.com/m2mguard/m2mguard/keysvc"
-)
-
-// Error is the body of every error answer.
-type Error struct {
-	Error string `json:"error"`
-	Field string `json:"field,omitempty"` // the request field at fault, if one is
-}
+// Never is the expiry (unix seconds) of a credential that does not expire.
+const Never uint32 = 4294967295
 
 // RegisterRequest is the body of POST /v1/terminals.
 type RegisterRequest struct {
@@ -19,13 +11,13 @@ type RegisterRequest struct {
 	IMEI              string `json:"imei"`
 	IMSI              string `json:"imsi"`
 	MSISDN            string `json:"msisdn,omitempty"`
-	Alg               string `json:"alg,omitempty"` // md5 or hs256 (default)
+	Alg               string `json:"alg,omitempty"` // md5 or hs256 ("" = hs256)
 	RequireEncryption bool   `json:"require_encryption,omitempty"`
 }
 
-// Bundle is the provisioning bundle of a new terminal: everything a factory
-// writes into the device. It is returned once, by POST /v1/terminals, and
-// never again: GET shows the record without secrets.
+// Bundle is the provisioning bundle of a terminal: everything a factory
+// writes into the device. POST /v1/terminals and POST
+// /v1/terminals/{sn}/rekey return it, once; nothing shows it again.
 type Bundle struct {
 	SN                string `json:"sn"`
 	IMEI              string `json:"imei"`
@@ -34,7 +26,7 @@ type Bundle struct {
 	Alg               string `json:"alg"`
 	RequireEncryption bool   `json:"require_encryption"`
 	Up                string `json:"up"`    // uplink access password
-	UpExp             uint32 `json:"upexp"` // unix seconds; 4294967295 = never
+	UpExp             uint32 `json:"upexp"` // unix seconds; Never = does not expire
 	Down              string `json:"down"`  // downlink access password
 	DownExp           uint32 `json:"downexp"`
 	BK                string `json:"bk"` // basic key, 64 lower-case hex digits
@@ -49,13 +41,13 @@ type Terminal struct {
 	IMSI              string    `json:"imsi"`
 	MSISDN            string    `json:"msisdn,omitempty"`
 	Alg               string    `json:"alg"`
-	Status            string    `json:"status"`
+	Status            string    `json:"status"` // active or disabled
 	RequireEncryption bool      `json:"require_encryption"`
 	UpExp             uint32    `json:"upexp"`
 	DownExp           uint32    `json:"downexp"`
 	BKExp             uint32    `json:"bkexp"`
 	Pending           *Change   `json:"pending,omitempty"`
-	LastCommitted     string    `json:"last_committed,omitempty"`
+	LastCommitted     string    `json:"last_committed,omitempty"` // rid of the last committed change
 	Created           time.Time `json:"created"`
 	Updated           time.Time `json:"updated"`
 }
@@ -63,9 +55,9 @@ type Terminal struct {
 // Change is the metadata of a credential change (never its new values).
 type Change struct {
 	RID       string    `json:"rid"`
-	What      string    `json:"what"`
-	Mode      string    `json:"mode"`
-	Origin    string    `json:"origin"`
+	What      string    `json:"what"`   // pwd, bk or all
+	Mode      string    `json:"mode"`   // how the new values travel: cipher or sms
+	Origin    string    `json:"origin"` // operator, terminal or expiry
 	Started   time.Time `json:"started"`
 	Deadline  time.Time `json:"deadline"`
 	Delivered bool      `json:"delivered"`
@@ -82,36 +74,58 @@ type TerminalList struct {
 	Next      string     `json:"next,omitempty"` // pass as ?after= for the next page; "" at the end
 }
 
-// ImportEvent is one line of the NDJSON stream of POST /v1/terminals/import:
-// progress lines, then one line with the report (or an error).
+// ImportEvent is one line of the NDJSON stream of POST
+// /v1/terminals/import: progress lines, then one line with the report
+// (and an error if the import stopped).
 type ImportEvent struct {
 	Progress *Progress     `json:"progress,omitempty"`
 	Report   *ImportReport `json:"report,omitempty"`
 	Error    string        `json:"error,omitempty"`
 }
 
-// Progress counts the rows stored so far.
+// Progress counts the rows read so far (stored or rejected) of Total.
 type Progress struct {
 	Done  int `json:"done"`
 	Total int `json:"total"`
 }
 
-// ImportReport is keysvc.ImportReport in JSON.
+// ImportReport is the outcome of an import.
 type ImportReport struct {
 	Rows     int         `json:"rows"`
 	Created  int         `json:"created"`
 	Rejected []RowResult `json:"rejected"`
 }
 
-// RowResult is a rejected row.
+// RowResult is a rejected row of an import.
 type RowResult struct {
-	Line   int    `json:"line"`
+	Line   int    `json:"line"` // line of the CSV body, the header being line 1
 	SN     string `json:"sn,omitempty"`
 	Reason string `json:"reason"`
 }
 
-// AppRequest is the body of POST /v1/apps. An empty password is generated
-// and returned once.
+// Session is one connected, authenticated client. It carries no secret.
+type Session struct {
+	ClientID   string    `json:"client_id"`
+	Kind       string    `json:"kind"`          // "terminal" or "application"
+	SN         string    `json:"sn,omitempty"`  // terminals
+	App        string    `json:"app,omitempty"` // applications
+	Remote     string    `json:"remote"`
+	Protocol   byte      `json:"protocol"`               // 4 = MQTT 3.1.1, 5 = MQTT 5
+	SessionKey bool      `json:"session_key"`            // data is sealed
+	SID        string    `json:"sid,omitempty"`          // session key id
+	KeyExpires time.Time `json:"key_expires,omitzero"`   // when the platform ends the session
+	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`   // highest uplink envelope accepted
+	DownSeq    uint64    `json:"downlink_seq,omitempty"` // last downlink envelope sealed
+}
+
+// SessionList is the answer of GET /v1/sessions, sorted by ClientID.
+type SessionList struct {
+	Sessions []Session `json:"sessions"`
+}
+
+// AppRequest is the body of POST /v1/apps. An empty Password is generated
+// and returned once; empty filter lists get the defaults (m2m/+/up/# and
+// m2m/+/down/#).
 type AppRequest struct {
 	Name      string   `json:"name"`
 	Password  string   `json:"password,omitempty"`
@@ -129,46 +143,14 @@ type App struct {
 	Created   time.Time `json:"created"`
 }
 
-// AppList is the answer of GET /v1/apps.
+// AppList is the answer of GET /v1/apps, sorted.
 type AppList struct {
 	Apps []string `json:"apps"`
 }
 
-// Health is the answer of GET /healthz.
+// Health is the answer of GET /healthz (200 ok, 503 unavailable).
 type Health struct {
 	Status string `json:"status"`          // ok or unavailable
 	Store  string `json:"store"`           // ok or unavailable
 	Error  string `json:"error,omitempty"` // a fixed text: the cause is logged, not shown
-}
-
-func terminalView(t *keysvc.Terminal) Terminal {
-	v := Terminal{
-		SN: t.SN, IMEI: t.IMEI, IMSI: t.IMSI, MSISDN: t.MSISDN, Alg: t.Alg.String(), Status: string(t.Status),
-		RequireEncryption: t.RequireEncryption, UpExp: t.Creds.UpExp, DownExp: t.Creds.DownExp, BKExp: t.Creds.BKExp,
-		Pending: changeView(t.Pending), Created: t.Created, Updated: t.Updated,
-	}
-	if t.LastCommitted != 0 {
-		v.LastCommitted = t.LastCommitted.String()
-	}
-	return v
-}
-
-func changeView(c *keysvc.Change) *Change {
-	if c == nil {
-		return nil
-	}
-	return &Change{RID: c.RID.String(), What: string(c.What), Mode: string(c.Mode), Origin: c.Origin,
-		Started: c.Started, Deadline: c.Deadline, Delivered: c.Delivered}
-}
-
-func bundleOf(t *keysvc.Terminal, brokerURL string) Bundle {
-	return Bundle{
-		SN: t.SN, IMEI: t.IMEI, IMSI: t.IMSI, MSISDN: t.MSISDN, Alg: t.Alg.String(), RequireEncryption: t.RequireEncryption,
-		Up: string(t.Creds.Up), UpExp: t.Creds.UpExp, Down: string(t.Creds.Down), DownExp: t.Creds.DownExp,
-		BK: hex.EncodeToString(t.Creds.BK), BKExp: t.Creds.BKExp, BrokerURL: brokerURL,
-	}
-}
-
-func appView(a *keysvc.App) App {
-	return App{Name: a.Name, Subscribe: a.Subscribe, Publish: a.Publish, Created: a.Created}
 }

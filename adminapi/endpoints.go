@@ -1,0 +1,283 @@
+package adminapi
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"iter"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+)
+
+// Register registers a terminal with fresh credentials (POST
+// /v1/terminals) and returns its provisioning bundle, the one answer that
+// ever holds its secrets. ErrConflict if the serial number exists,
+// ErrBadRequest for bad input (Error.Field names it).
+func (c *Client) Register(ctx context.Context, r RegisterRequest) (*Bundle, error) {
+	var b Bundle
+	if err := c.do(ctx, http.MethodPost, "/v1/terminals", r, &b); err != nil {
+		return nil, err
+	}
+	return &b, nil
+}
+
+// GetTerminal returns a terminal's record, without secrets (ErrNotFound
+// if there is none).
+func (c *Client) GetTerminal(ctx context.Context, sn string) (*Terminal, error) {
+	var t Terminal
+	if err := c.do(ctx, http.MethodGet, "/v1/terminals/"+seg(sn), nil, &t); err != nil {
+		return nil, err
+	}
+	return &t, nil
+}
+
+// ListTerminals returns one page of terminals sorted by serial number:
+// up to limit (1 to 1000; 0 = the server's default, 100) after the serial
+// number after ("" = from the start). TerminalList.Next is the after of
+// the next page, "" after the last one.
+func (c *Client) ListTerminals(ctx context.Context, after string, limit int) (*TerminalList, error) {
+	q := url.Values{}
+	if after != "" {
+		q.Set("after", after)
+	}
+	if limit != 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	path := "/v1/terminals"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var l TerminalList
+	if err := c.do(ctx, http.MethodGet, path, nil, &l); err != nil {
+		return nil, err
+	}
+	return &l, nil
+}
+
+// AllTerminals iterates over every terminal, fetching pages of pageSize
+// (as ListTerminals' limit) as it goes. An error ends the iteration: it
+// is yielded with a zero Terminal.
+//
+//	for t, err := range c.AllTerminals(ctx, 0) {
+//		if err != nil {
+//			return err
+//		}
+//		fmt.Println(t.SN, t.Status)
+//	}
+func (c *Client) AllTerminals(ctx context.Context, pageSize int) iter.Seq2[Terminal, error] {
+	return func(yield func(Terminal, error) bool) {
+		after := ""
+		for {
+			page, err := c.ListTerminals(ctx, after, pageSize)
+			if err != nil {
+				yield(Terminal{}, err)
+				return
+			}
+			for _, t := range page.Terminals {
+				if !yield(t, nil) {
+					return
+				}
+			}
+			if page.Next == "" {
+				return
+			}
+			if page.Next <= after { // pages go up; anything else would never end
+				yield(Terminal{}, fmt.Errorf("adminapi: GET /v1/terminals: the page after %q says the next starts after %q", after, page.Next))
+				return
+			}
+			after = page.Next
+		}
+	}
+}
+
+// DisableTerminal disables a terminal: its live sessions end at once, its
+// pending change is cancelled, its logins are refused. It returns the
+// record.
+func (c *Client) DisableTerminal(ctx context.Context, sn string) (*Terminal, error) {
+	return c.terminalAction(ctx, sn, "disable")
+}
+
+// EnableTerminal enables a disabled terminal and returns the record.
+func (c *Client) EnableTerminal(ctx context.Context, sn string) (*Terminal, error) {
+	return c.terminalAction(ctx, sn, "enable")
+}
+
+func (c *Client) terminalAction(ctx context.Context, sn, action string) (*Terminal, error) {
+	var t Terminal
+	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/"+action, nil, &t); err != nil {
+		return nil, err
+	}
+	return &t, nil
+}
+
+// RekeyTerminal replaces every credential of a terminal out of band
+// (nothing is sent to it; its live sessions end, a pending change is
+// cancelled, its status is kept) and returns the new provisioning bundle,
+// once.
+func (c *Client) RekeyTerminal(ctx context.Context, sn string) (*Bundle, error) {
+	var b Bundle
+	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/rekey", nil, &b); err != nil {
+		return nil, err
+	}
+	return &b, nil
+}
+
+// DeleteTerminal deletes a terminal and ends its live sessions.
+func (c *Client) DeleteTerminal(ctx context.Context, sn string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/terminals/"+seg(sn), nil, nil)
+}
+
+// ImportTerminals registers the terminals of a CSV body (header: sn, imei,
+// imsi, and optionally msisdn, alg, up, down, bk, in any order) and
+// returns the report: rows read, created, and each rejected row with its
+// reason. progress, if not nil, is called as the broker reports rows read.
+//
+// A body the broker refuses before storing anything (a bad header, too
+// large) is an *Error. If the store fails after rows were stored, the
+// report of what was stored comes with an error wrapping
+// ErrImportStopped.
+func (c *Client) ImportTerminals(ctx context.Context, csv io.Reader, progress func(Progress)) (*ImportReport, error) {
+	resp, err := c.send(ctx, request{method: http.MethodPost, path: "/v1/terminals/import", body: csv, ctype: "text/csv",
+		token: c.token, accept: contentNDJSON})
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), maxAnswer)
+	for sc.Scan() {
+		var ev ImportEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return nil, fmt.Errorf("adminapi: reading the import stream: %w", err)
+		}
+		if ev.Progress != nil && progress != nil {
+			progress(*ev.Progress)
+		}
+		switch {
+		case ev.Report != nil && ev.Error != "":
+			return ev.Report, fmt.Errorf("%w: %s", ErrImportStopped, strings.TrimPrefix(ev.Error, ErrImportStopped.Error()+": "))
+		case ev.Report != nil:
+			return ev.Report, nil
+		case ev.Error != "":
+			return nil, fmt.Errorf("%w: %s", ErrImportStopped, strings.TrimPrefix(ev.Error, ErrImportStopped.Error()+": "))
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("adminapi: reading the import stream: %w", err)
+	}
+	return nil, errors.New("adminapi: the import stream ended without a report")
+}
+
+// StartChange starts a platform-initiated credential change of a terminal:
+// what is pwd, bk or all. The broker picks the mode and delivers at once if
+// the terminal is online, else after its next login. ErrConflict if a
+// change is pending or the terminal is disabled.
+func (c *Client) StartChange(ctx context.Context, sn, what string) (*Change, error) {
+	var ch Change
+	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/changes", ChangeRequest{What: what}, &ch); err != nil {
+		return nil, err
+	}
+	return &ch, nil
+}
+
+// PendingChange returns the pending change of a terminal (its metadata,
+// never its new values); ErrNotFound if none is pending (the message
+// names the last committed one) or there is no such terminal.
+func (c *Client) PendingChange(ctx context.Context, sn string) (*Change, error) {
+	var ch Change
+	if err := c.do(ctx, http.MethodGet, "/v1/terminals/"+seg(sn)+"/changes", nil, &ch); err != nil {
+		return nil, err
+	}
+	return &ch, nil
+}
+
+// Sessions lists the connected, authenticated clients, sorted by ClientID.
+func (c *Client) Sessions(ctx context.Context) ([]Session, error) {
+	var l SessionList
+	if err := c.do(ctx, http.MethodGet, "/v1/sessions", nil, &l); err != nil {
+		return nil, err
+	}
+	return l.Sessions, nil
+}
+
+// Disconnect ends the connection of a client (ErrNotFound if none is
+// connected with that ClientID). A terminal may log in again at once;
+// DisableTerminal keeps it out.
+func (c *Client) Disconnect(ctx context.Context, clientID string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/sessions/"+seg(clientID), nil, nil)
+}
+
+// Apps returns the names of the applications, sorted.
+func (c *Client) Apps(ctx context.Context) ([]string, error) {
+	var l AppList
+	if err := c.do(ctx, http.MethodGet, "/v1/apps", nil, &l); err != nil {
+		return nil, err
+	}
+	return l.Apps, nil
+}
+
+// GetApp returns an application, without its password.
+func (c *Client) GetApp(ctx context.Context, name string) (*App, error) {
+	var a App
+	if err := c.do(ctx, http.MethodGet, "/v1/apps/"+seg(name), nil, &a); err != nil {
+		return nil, err
+	}
+	return &a, nil
+}
+
+// AddApp adds or replaces an application. Without r.Password the broker
+// generates one and returns it in App.Password, once. ErrConflict if the
+// name overlaps another application's ("dash" and "dash-east").
+func (c *Client) AddApp(ctx context.Context, r AppRequest) (*App, error) {
+	var a App
+	if err := c.do(ctx, http.MethodPost, "/v1/apps", r, &a); err != nil {
+		return nil, err
+	}
+	return &a, nil
+}
+
+// RemoveApp removes an application (its connected clients keep their
+// session until they disconnect).
+func (c *Client) RemoveApp(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/apps/"+seg(name), nil, nil)
+}
+
+// Health asks GET /healthz, which needs no token, whether the broker's
+// store answers. An unavailable store is an *Error matching
+// ErrUnavailable (its message is a fixed text; the broker logs the cause).
+func (c *Client) Health(ctx context.Context) (*Health, error) {
+	resp, err := c.send(ctx, request{method: http.MethodGet, path: "/healthz", accept: contentJSON})
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var h Health
+	data, err := readAll(resp.Body)
+	if err == nil {
+		err = json.Unmarshal(data, &h)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("adminapi: reading the answer of GET /healthz: %w", err)
+	}
+	return &h, nil
+}
+
+// Metrics scrapes /metrics with the metrics token (Options.MetricsToken,
+// else the admin token).
+func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
+	resp, err := c.send(ctx, request{method: http.MethodGet, path: "/metrics", token: c.metricsToken, accept: contentMetrics})
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	data, err := readAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("adminapi: reading the answer of GET /metrics: %w", err)
+	}
+	return Metrics(data), nil
+}
