@@ -76,12 +76,16 @@ func (h *Hook) TakenOver(ref SessionRef) bool {
 }
 
 // discardSession drops the MQTT session of cl, whose connection is gone,
-// unless a new connection has taken it meanwhile.
+// unless a new connection has taken it meanwhile, from mochi and from the
+// storage hook (Options.Storage), so that a restart does not restore it.
 func (h *Hook) discardSession(cl *mqtt.Client) {
 	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur == cl {
 		cl.ClearInflights()
 		h.server.UnsubscribeClient(cl)
 		h.server.Clients.Delete(cl.ID)
+		if h.opts.Storage != nil {
+			h.opts.Storage.OnClientExpired(cl)
+		}
 	}
 	h.offline.Delete(cl.ID)
 }
