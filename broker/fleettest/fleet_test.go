@@ -4,14 +4,10 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/m2mguard/m2mguard/adminapi"
-	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/client"
-	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
 
@@ -241,9 +237,4 @@ func TestFleet(t *testing.T) {
 		}
 		checkFor(t, time.Second, "only B holds the session", func() bool { return slices.Equal(f.holders(tm.SN), []string{B.name}) })
 	})
-
-	_ = strings.Contains
-	_ = codec.WhatAll
-	_ = adminapi.ErrNotFound
-	_ = broker.Default
 }

@@ -254,3 +254,11 @@ func metric(t testing.TB, m *member, name string) float64 {
 	}
 	return sum
 }
+
+// quietLogger discards unless M2MGUARD_FLEET_LOG is set.
+func quietLogger() *slog.Logger {
+	if os.Getenv("M2MGUARD_FLEET_LOG") == "" {
+		return slog.New(slog.DiscardHandler)
+	}
+	return slog.New(slog.NewTextHandler(prefixed{"nats"}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
