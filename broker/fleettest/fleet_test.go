@@ -2,11 +2,13 @@ package fleettest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
@@ -181,6 +183,31 @@ func TestFleet(t *testing.T) {
 		}
 		if string(after.Creds.Up) == string(tm.Creds.Up) || after.LastCommitted.String() != ch.RID {
 			t.Fatalf("store: last committed %s, want %s with new values", after.LastCommitted, ch.RID)
+		}
+	})
+
+	// An operator disconnects, through A, a terminal connected to C: C
+	// ends the session before the call returns.
+	t.Run("DisconnectReachesTheHoldingBroker", func(t *testing.T) {
+		t.Parallel()
+		tm := f.register(t, 0, "FLEETDISC1")
+		conn, code := login(t, C, tm, tm.Creds.Up)
+		if code != 0 {
+			t.Fatalf("login on C: CONNACK %#x", code)
+		}
+		ctx := context.Background()
+		checkFor(t, 5*time.Second, "the fleet's directory knows the session on C", func() bool {
+			e, ok, err := A.b.Fleet().Directory().Lookup(ctx, tm.SN)
+			return err == nil && ok && e.Broker == C.b.Fleet().BrokerID()
+		})
+		if err := A.api.Disconnect(ctx, tm.SN); err != nil {
+			t.Fatalf("disconnect through A: %v", err)
+		}
+		if !closedWithin(conn, time.Second) {
+			t.Error("disconnected through A, the terminal's session on C is still open")
+		}
+		if err := A.api.Disconnect(ctx, "FLEETNOSUCH1"); !errors.Is(err, adminapi.ErrNotFound) {
+			t.Errorf("disconnect of a ClientID no broker holds: %v, want not found", err)
 		}
 	})
 
