@@ -372,12 +372,19 @@ func (h *Hook) endTakenOver(cl *mqtt.Client) {
 // session at the key's exp.
 func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := h.session(cl)
-	if s == nil || !s.state.CompareAndSwap(statePending, stateEstablished) {
+	if s == nil {
+		return
+	}
+	// since is written before the state says established: Sessions reads
+	// it once it sees the state (the atomic orders the two).
+	if s.state.Load() == statePending {
+		s.since = h.opts.Now()
+	}
+	if !s.state.CompareAndSwap(statePending, stateEstablished) {
 		return // the housekeeping sweep found its connection closed already
 	}
 	h.pending.remove(cl)
 	h.metrics.sessionsOf(s.kind).Inc()
-	s.since = h.opts.Now()
 	if h.opts.Directory != nil {
 		h.opts.Directory.SessionStarted(SessionRef{cl.ID, s.seq}, h.info(cl, s))
 	}
