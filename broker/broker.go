@@ -217,6 +217,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.server.Serve(); err != nil {
 		return nil, err
 	}
+	if b.link != nil && b.sessions != nil {
+		// Sessions restored from the store whose client logged in on
+		// another broker while this one was down live there now.
+		b.link.DiscardMoved(ctx, offlineClients(b.server))
+	}
 	if err := b.startAdmin(); err != nil {
 		return nil, err
 	}
@@ -781,4 +786,16 @@ func (b *Broker) Close() error {
 		b.closeErr = errors.Join(errs...)
 	})
 	return b.closeErr
+}
+
+// offlineClients returns the ClientIDs of the server's sessions without a
+// connection (at start: the ones restored from the session store).
+func offlineClients(s *mqtt.Server) []string {
+	var ids []string
+	for id, cl := range s.Clients.GetAll() {
+		if cl.Closed() {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }

@@ -421,3 +421,32 @@ func (q *queue[T]) waitEmpty(timeout time.Duration) {
 		q.emptied.Wait()
 	}
 }
+
+// DiscardMoved discards the offline sessions among clientIDs (the
+// sessions this broker restored from its session store at start) whose
+// ClientID the fleet's directory shows on another broker: the client
+// logged in there while this broker was down, and its session lives there
+// now. The broker calls it once its MQTT server has restored them; the
+// directory's own changes cover what happens after. It returns how many
+// it discarded. While the directory is unreachable it discards nothing
+// (a later login elsewhere discards them then).
+func (l *Link) DiscardMoved(ctx context.Context, clientIDs []string) int {
+	n := 0
+	for _, id := range clientIDs {
+		lctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+		e, ok, err := l.f.Directory().Lookup(lctx, id)
+		cancel()
+		if err != nil {
+			l.m.failures.WithLabelValues("lookup").Inc()
+			l.log.Warn("fleet: restored sessions not checked against the directory", "error", err)
+			return n
+		}
+		if ok && e.Broker != l.id && l.hook.TakenOver(hook.SessionRef{ClientID: id}) {
+			n++
+		}
+	}
+	if n > 0 {
+		l.log.Info("fleet: restored sessions discarded: their clients logged in on other brokers meanwhile", "count", n)
+	}
+	return n
+}

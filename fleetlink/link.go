@@ -247,7 +247,7 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 		}, []string{"direction"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "m2mguard_fleet_link_failures_total",
-			Help: "Fleet operations that failed, by operation: register, unregister, notify (a broker did not answer an invalidation or revocation), publish, book, gather, request.",
+			Help: "Fleet operations that failed, by operation: register, unregister, notify (a broker did not answer an invalidation or revocation), publish, book, gather, request, lookup (restored sessions not checked at start).",
 		}, []string{"op"}),
 	}
 	m.pendingFn = func() float64 { return 0 }
@@ -259,7 +259,7 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 		m.invalidations.WithLabelValues(d)
 		m.revocations.WithLabelValues(d)
 	}
-	for _, op := range []string{"register", "unregister", "notify", "publish", "book", "gather", "request"} {
+	for _, op := range []string{"register", "unregister", "notify", "publish", "book", "gather", "request", "lookup"} {
 		m.failures.WithLabelValues(op)
 	}
 	if r == nil {

@@ -44,6 +44,33 @@ func TestFleet(t *testing.T) {
 		}
 	})
 
+	// A terminal with a persistent session on A moves to B while A is
+	// down: A, restarted, does not restore the session from its session
+	// store (it lives on B now). (Not in parallel: it restarts A before
+	// the parallel subtests start.)
+	t.Run("RestartedBrokerKeepsNoMovedSession", func(t *testing.T) {
+		tm := f.register(t, 0, "FLEETRESTART1")
+		c, code := dial(t, A.b.Addr("tcp"), connectWith(t, tm, tm.Creds.Up, false))
+		if code != 0 {
+			t.Fatalf("login on A: CONNACK %#x", code)
+		}
+		c.Close()
+		checkFor(t, 5*time.Second, "A keeps the offline session", func() bool {
+			cl, ok := A.b.Server().Clients.Get(tm.SN)
+			return ok && cl.Closed()
+		})
+		if err := A.b.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, code := login(t, B, tm, tm.Creds.Up); code != 0 {
+			t.Fatalf("login on B while A is down: CONNACK %#x", code)
+		}
+		f.restart(t, 0)
+		if _, ok := A.b.Server().Clients.Get(tm.SN); ok {
+			t.Error("A restored the session of a terminal that logged in on B while A was down")
+		}
+	})
+
 	// A login token accepted on A is captured and replayed on B and C.
 	t.Run("ReplayedTokenRefusedOnEveryBroker", func(t *testing.T) {
 		t.Parallel()

@@ -116,6 +116,30 @@ func startFleet(t *testing.T, v *vaulttest.Server, n int, mod func(i int, cfg *b
 	return f
 }
 
+// restart stops broker i and starts it again on the same configuration
+// (data directory, embedded NATS node and its files); its MQTT and admin
+// addresses change.
+func (f *testFleet) restart(t *testing.T, i int) {
+	t.Helper()
+	m := f.members[i]
+	if err := m.b.Close(); err != nil {
+		t.Fatalf("%s: close: %v", m.name, err)
+	}
+	logger := slog.New(slog.NewTextHandler(logOutput(m.logs, m.name), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	b, err := broker.Start(ctx, m.cfg, logger)
+	if err != nil {
+		t.Fatalf("%s: restart: %v", m.name, err)
+	}
+	f.t.Cleanup(func() { b.Close() }) // the fleet's test, not a subtest's
+	api, err := adminapi.New("http://"+b.Addr("admin"), adminToken, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.b, m.api = b, api
+}
+
 // register provisions a terminal through broker i's admin API and returns
 // its record.
 func (f *testFleet) register(t *testing.T, i int, sn string) *keysvc.Terminal {
@@ -135,6 +159,12 @@ func (f *testFleet) register(t *testing.T, i int, sn string) *keysvc.Terminal {
 // fresh login token signed with up.
 func connectBytes(t testing.TB, tm *keysvc.Terminal, up []byte) []byte {
 	t.Helper()
+	return connectWith(t, tm, up, true)
+}
+
+// connectWith is connectBytes with the clean session flag given.
+func connectWith(t testing.TB, tm *keysvc.Terminal, up []byte, clean bool) []byte {
+	t.Helper()
 	var nonce [8]byte
 	rand.Read(nonce[:])
 	l := codec.Login{Identity: tm.Identity(), Alg: tm.Alg, TS: uint32(time.Now().Unix()), Nonce: codec.ID(binary.BigEndian.Uint64(nonce[:]))}
@@ -143,7 +173,7 @@ func connectBytes(t testing.TB, tm *keysvc.Terminal, up []byte) []byte {
 		t.Fatal(err)
 	}
 	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 600, ClientIdentifier: tm.SN,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: clean, Keepalive: 600, ClientIdentifier: tm.SN,
 			UsernameFlag: true, Username: []byte(tm.Identity().Username()), PasswordFlag: true, Password: pw}}
 	var buf bytes.Buffer
 	if err := pk.ConnectEncode(&buf); err != nil {

@@ -28,17 +28,19 @@ import (
 
 // natsCluster starts three NATS nodes with JetStream, routed to each
 // other, outside the brokers (cluster.nats_urls), so that one can be
-// killed while every broker lives.
-func natsCluster(t *testing.T) []*fleet.Node {
+// killed while every broker lives. restart starts node i again, on its
+// ports and files, in nodes[i]. The nodes stop at the test's end, after
+// the brokers started after natsCluster (cleanups run last first): a
+// broker leaves its fleet faster while NATS is up.
+func natsCluster(t *testing.T) (nodes []*fleet.Node, restart func(i int)) {
 	t.Helper()
 	ports := freePorts(t, 6)
 	var routes []string
 	for i := range 3 {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[3+i]))
 	}
-	nodes := make([]*fleet.Node, 3)
 	dir := t.TempDir()
-	for i := range nodes {
+	start := func(i int) *fleet.Node {
 		n, err := fleet.StartNode(fleet.NodeOptions{
 			Name: fmt.Sprintf("nats%d", i+1), StoreDir: filepath.Join(dir, fmt.Sprintf("n%d", i+1)),
 			Port: ports[i], ClusterName: "m2mguard-test", ClusterPort: ports[3+i], Routes: routes,
@@ -49,10 +51,20 @@ func natsCluster(t *testing.T) []*fleet.Node {
 		if err != nil {
 			t.Fatal(err)
 		}
-		nodes[i] = n
-		t.Cleanup(n.Shutdown)
+		return n
 	}
-	return nodes
+	nodes = make([]*fleet.Node, 3)
+	t.Cleanup(func() {
+		for _, n := range nodes {
+			if n != nil {
+				n.Shutdown()
+			}
+		}
+	})
+	for i := range nodes {
+		nodes[i] = start(i)
+	}
+	return nodes, func(i int) { nodes[i] = start(i) }
 }
 
 // externalNATS configures the brokers for the nodes of natsCluster.
@@ -116,11 +128,13 @@ func try(addr string, connect []byte) byte {
 // followed by a replay of its token on another broker: no replay is
 // accepted, a genuine login is refused only as "server unavailable"
 // (0x88, while JetStream elects a new leader) and never locked out, and
-// logins resume.
+// logins resume. Then the whole cluster goes down: logins fail closed
+// (0x88), the brokers say so (metric, event, a warning in the session
+// list), and resume once the cluster is back.
 func TestFleetNATSLeaderLossDuringLoginStorm(t *testing.T) {
 	t.Parallel()
 	v := vaulttest.Start(t)
-	nodes := natsCluster(t)
+	nodes, restart := natsCluster(t)
 	f := startFleet(t, v, 3, externalNATS(nodes))
 	const terminals = 24
 	tms := make([]*keysvc.Terminal, terminals)
@@ -181,6 +195,7 @@ func TestFleetNATSLeaderLossDuringLoginStorm(t *testing.T) {
 		t.Fatal("no node leads the replay bucket")
 	}
 	before := accepted.Load()
+	killedAt := time.Now()
 	nodes[leader].Shutdown()
 	killed.Store(true)
 	t.Logf("killed %s, the replay bucket's leader, after %d accepted logins", nodes[leader].Name(), before)
@@ -203,11 +218,39 @@ func TestFleetNATSLeaderLossDuringLoginStorm(t *testing.T) {
 	if n := refusedOther.Load(); n != 0 {
 		t.Errorf("%d genuine logins refused other than as unavailable: %v", n, others)
 	}
-	// No lockout: every terminal logs in on every broker.
-	for _, tm := range tms {
-		for _, m := range f.members {
-			checkFor(t, 10*time.Second, tm.SN+" logs in on "+m.name, func() bool { return try(m.b.Addr("tcp"), connect5(t, tm)) == 0 })
-		}
+	// No lockout: every terminal logs in (the throttle is the fleet's:
+	// one broker per terminal tells).
+	for i, tm := range tms {
+		m := f.members[i%3]
+		checkFor(t, 10*time.Second, tm.SN+" logs in on "+m.name, func() bool { return try(m.b.Addr("tcp"), connect5(t, tm)) == 0 })
+	}
+	t.Logf("storm over, every terminal logged in, %v after the kill", time.Since(killedAt).Round(time.Millisecond))
+
+	// The whole cluster down.
+	down := time.Now()
+	for _, n := range nodes {
+		n.Shutdown()
+	}
+	A, tm := f.members[0], tms[0]
+	checkFor(t, 10*time.Second, "A sees the fleet unavailable", func() bool { return metric(t, A, "m2mguard_fleet_available") == 0 })
+	if code := try(A.b.Addr("tcp"), connect5(t, tm)); code != 0x88 {
+		t.Errorf("NATS down: login on A answered %#x, want 0x88 (server unavailable)", code)
+	}
+	if !strings.Contains(A.logs.String(), "event=fleet_unavailable") || !strings.Contains(A.logs.String(), "reason="+"replay-guard-unavailable") {
+		t.Error("NATS down: no fleet_unavailable event, or the refusal's reason is not replay-guard-unavailable")
+	}
+	list, err := A.api.SessionList(context.Background())
+	if err != nil || len(list.Warnings) == 0 {
+		t.Errorf("NATS down: the session list has no warning (%v): %+v", err, list)
+	}
+	t.Logf("cluster down: A saw it and refused a login within %v", time.Since(down).Round(time.Millisecond))
+	up := time.Now()
+	for i := range nodes {
+		restart(i)
+	}
+	defer func() { t.Logf("cluster back: logins resumed on every broker after %v", time.Since(up).Round(time.Millisecond)) }()
+	for _, m := range f.members {
+		checkFor(t, 30*time.Second, "logins on "+m.name+" resume once the cluster is back", func() bool { return try(m.b.Addr("tcp"), connect5(t, tm)) == 0 })
 	}
 }
 
