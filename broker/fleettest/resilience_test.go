@@ -248,7 +248,9 @@ func TestFleetNATSLeaderLossDuringLoginStorm(t *testing.T) {
 	for i := range nodes {
 		restart(i)
 	}
-	defer func() { t.Logf("cluster back: logins resumed on every broker after %v", time.Since(up).Round(time.Millisecond)) }()
+	defer func() {
+		t.Logf("cluster back: logins resumed on every broker after %v", time.Since(up).Round(time.Millisecond))
+	}()
 	for _, m := range f.members {
 		checkFor(t, 30*time.Second, "logins on "+m.name+" resume once the cluster is back", func() bool { return try(m.b.Addr("tcp"), connect5(t, tm)) == 0 })
 	}
