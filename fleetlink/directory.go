@@ -29,6 +29,9 @@ type directory struct {
 	resync map[string]uint64        // during a resync: ClientIDs registered by this broker → epoch
 
 	shards [dirShards]*queue[dirOp]
+
+	synced     chan struct{} // closed at the end of the first resync
+	syncedOnce sync.Once
 }
 
 // dirShards is the number of directory workers: registrations of
@@ -56,7 +59,7 @@ type dirOp struct {
 }
 
 func newDirectory(l *Link) *directory {
-	d := &directory{l: l, seed: maphash.MakeSeed(), local: map[string]*localSession{}}
+	d := &directory{l: l, seed: maphash.MakeSeed(), local: map[string]*localSession{}, synced: make(chan struct{})}
 	for i := range d.shards {
 		d.shards[i] = newQueue[dirOp]()
 	}
@@ -214,6 +217,7 @@ func (d *directory) changed(c fleet.Change) {
 		d.mu.Unlock()
 	case c.Current:
 		d.resynced()
+		d.syncedOnce.Do(func() { close(d.synced) })
 	case c.Deleted:
 		d.deleted(c)
 	case c.Entry.Broker == d.l.id:
@@ -449,4 +453,17 @@ func (l *Link) DiscardMoved(ctx context.Context, clientIDs []string) int {
 		l.log.Info("fleet: restored sessions discarded: their clients logged in on other brokers meanwhile", "count", n)
 	}
 	return n
+}
+
+// WaitSynced waits until the link has read the fleet's directory once
+// after Attach (the start's resync, which drops every cached record of
+// the key service), or ctx ends. A caller that warms the key service's
+// cache does it after.
+func (l *Link) WaitSynced(ctx context.Context) error {
+	select {
+	case <-l.dir.synced:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

@@ -118,7 +118,7 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 			b.closeStore()
 			return nil, err
 		}
-		if cfg.Prewarm {
+		if cfg.Prewarm && b.fleet == nil { // in fleet mode: once the link has synced (it drops the cache)
 			if err := prewarm(ctx, b.Svc); err != nil {
 				b.closeStore()
 				return nil, err
@@ -152,9 +152,15 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 			return nil, err
 		}
 		if b.fleet != nil {
-			if err := b.fleet.attach(b.Hook, b.Svc); err != nil {
+			if err := b.fleet.attach(ctx, b.Hook, b.Svc); err != nil {
 				b.closeStore()
 				return nil, err
+			}
+			if cfg.Prewarm {
+				if err := prewarm(ctx, b.Svc); err != nil {
+					b.closeStore()
+					return nil, err
+				}
 			}
 		}
 	default:

@@ -68,8 +68,17 @@ func (bf *benchFleet) wire(o *hook.Options) {
 	o.ClaimTimeout = 3 * time.Second
 }
 
-// attach starts the link once the hook exists.
-func (bf *benchFleet) attach(h *hook.Hook, svc *keysvc.Service) error { return bf.link.Attach(h, svc) }
+// attach starts the link once the hook exists and waits for its first
+// read of the directory, which drops the key service's cache: the suite
+// warms the cache after it, as for a single broker.
+func (bf *benchFleet) attach(ctx context.Context, h *hook.Hook, svc *keysvc.Service) error {
+	if err := bf.link.Attach(h, svc); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return bf.link.WaitSynced(ctx)
+}
 
 // close leaves the fleet.
 func (bf *benchFleet) close() {
