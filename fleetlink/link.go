@@ -27,6 +27,9 @@
 //   - After a cut-off (a directory resync, or events missed): every cached
 //     record is dropped and the local sessions missing from the directory
 //     are registered again.
+//   - After a restart: the sessions the broker restored from its session
+//     store whose client logged in on another broker meanwhile are
+//     discarded (DiscardMoved).
 //
 // Nothing it puts on NATS is secret: serial numbers, ClientIDs, addresses,
 // broker ids, change ids and times.
