@@ -13,6 +13,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
 )
 
@@ -308,7 +310,9 @@ func pflagWith(args ...string) *pflag.FlagSet {
 func TestDocumentedEnvVarsExist(t *testing.T) {
 	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
 		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
-		haproxytest.EnvInstall: true}
+		haproxytest.EnvInstall: true,
+		// Not variables: the fleet's NATS buckets (README, "Fleet mode").
+		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}
