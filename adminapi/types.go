@@ -1,6 +1,10 @@
 package adminapi
 
-import "time"
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
 
 // Never is the expiry (unix seconds) of a credential that does not expire.
 const Never uint32 = 4294967295
@@ -174,6 +178,16 @@ type Health struct {
 type Operator struct {
 	Name string `json:"name"` // "admin" for the broker's admin.token
 	Role string `json:"role"` // RoleFull or RoleRead
+}
+
+// OperatorLine returns the line of an operator in the broker's
+// admin.tokens_file: its name, its role and the SHA-256 of its token (the
+// broker stores no token, only this hash). token must be a random secret
+// of at least 128 bits: a fast hash suffices for a secret nobody can guess,
+// and keeps every request's check cheap.
+func OperatorLine(name, role, token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return name + " " + role + " sha256:" + hex.EncodeToString(sum[:])
 }
 
 // Operator roles.

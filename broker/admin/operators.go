@@ -2,7 +2,6 @@ package admin
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
 	"errors"
@@ -41,7 +40,8 @@ const (
 // name is 1 to 64 of [A-Za-z0-9._-] (the audit log's name for it; "admin"
 // is the admin token's), role is full or read, and the hash is the
 // SHA-256 of the operator's token, which is a random secret of at least
-// 128 bits (m2mctl token new makes one and prints its line). Blank lines
+// 128 bits (m2mctl token new makes one and prints its line,
+// adminapi.OperatorLine). Blank lines
 // and lines starting with # are skipped. Names and hashes are unique.
 // Errors name the line, never a hash.
 func ParseOperators(r io.Reader) ([]Operator, error) {
@@ -110,13 +110,6 @@ func validOperatorName(name string) error {
 		return errors.New("name: want 1 to 64 of [A-Za-z0-9._-]")
 	}
 	return nil
-}
-
-// OperatorLine returns the operators file line of a token: what m2mctl
-// token new prints.
-func OperatorLine(name, role, token string) string {
-	sum := sha256.Sum256([]byte(token))
-	return name + " " + role + " sha256:" + hex.EncodeToString(sum[:])
 }
 
 // operators are the tokens of the API: the admin token and the named
