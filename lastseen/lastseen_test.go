@@ -226,3 +226,23 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkSeen is the hook's cost per login: a terminal that has an
+// entry logs in again (go test ./lastseen -bench Seen -benchmem).
+func BenchmarkSeen(b *testing.B) {
+	tab := NewMemory()
+	sns := make([]string, 10_000)
+	for i := range sns {
+		sns[i] = fmt.Sprintf("T%08d", i)
+		tab.Seen(sns[i], entry(1, "192.0.2.1:5000", 4, true))
+	}
+	e := entry(2, "192.0.2.1:5000", 4, true)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			tab.Seen(sns[i%len(sns)], e)
+			i++
+		}
+	})
+}
