@@ -119,14 +119,24 @@ func measureN(t *testing.T, def int) int {
 // not LIST the whole terminals path again for every page: the whole walk
 // may LIST it at most once, so that a page costs its own GETs and nothing
 // that grows with the fleet. It logs terminals/s of the import and the
-// time per page (M2MGUARD_MEASURE_N sets the fleet size; default 1,500).
+// time per page. M2MGUARD_MEASURE_N sets the fleet size (default 1,500)
+// and measures with the default ListCacheTTL:
+//
+//	M2MGUARD_MEASURE_N=5000 M2MGUARD_VAULT_BIN=$PWD/.bin/vault go test ./keysvc/vaultstore -run TestVaultInventoryAtScale -v
 func TestVaultInventoryAtScale(t *testing.T) {
 	n := measureN(t, 1500)
 	const page = 100
 	v := vaulttest.Start(t)
 	meter := startVaultMeter(t, v.Addr)
+	// The listing is kept longer than any walk takes here, so that the
+	// count does not depend on the machine's speed; the default (10 s)
+	// LISTs once more for every 10 s a walk takes.
+	ttl := time.Hour
+	if os.Getenv("M2MGUARD_MEASURE_N") != "" {
+		ttl = 0 // measure with the default
+	}
 	store, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: meter.addr,
-		Token: v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t)), Timeout: 10 * time.Second})
+		Token: v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t)), Timeout: 10 * time.Second, ListCacheTTL: ttl})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +188,7 @@ func TestVaultInventoryAtScale(t *testing.T) {
 	if gets != n {
 		t.Errorf("%d GETs for %d terminals, want one each", gets, n)
 	}
-	if lists > 1 {
+	if lists > 1 && ttl != 0 {
 		t.Errorf("%d LISTs of the whole terminals path (%d bytes) for %d pages: a page costs O(fleet)", lists, listBytes, pages)
 	}
 }
