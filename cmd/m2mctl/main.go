@@ -105,9 +105,11 @@ Tables for people, JSON for scripts (-o json). The broker's admin API listens on
 else the file --token-file (default ./data/admin.token, which the broker writes on
 first run; run m2mctl from the broker's working directory, or point to it).
 
-Secrets are printed in exactly one place, by design: 'terminal add' prints the
-provisioning bundle (passwords and basic key) a factory writes into the device,
-once. Nothing else ever shows a secret; the broker cannot show them again.
+Secrets are shown in few places, by design: 'terminal add' and 'terminal rekey'
+print the provisioning bundle (passwords and basic key) a factory writes into the
+device, once; 'terminal import --creds-out FILE' writes the bundles of the terminals
+it stored to a new 0600 file; 'token new' prints an operator's token once. Nothing
+else ever shows a secret; the broker cannot show them again.
 
 ` + exitHelp,
 	}
