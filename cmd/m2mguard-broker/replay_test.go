@@ -39,8 +39,9 @@ type process struct {
 	admin  string // base URL of the admin API
 }
 
-// startBinary runs bin in work on free ports and waits for /healthz.
-func startBinary(t *testing.T, bin, work string) *process {
+// startBinary runs bin in work on free ports, with args added, and waits
+// for /healthz.
+func startBinary(t *testing.T, bin, work string, args ...string) *process {
 	t.Helper()
 	return startBinaryArgs(t, bin, work)
 }
