@@ -15,10 +15,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -49,18 +49,32 @@ func connectKept(t *testing.T, addr string, b adminapi.Bundle) paho.Client {
 	return c
 }
 
-// stop ends the broker with SIGTERM (a clean shutdown) and waits for exit 0.
-func (p *process) stop(t *testing.T) {
+// buildCtl builds m2mctl beside bin.
+func buildCtl(t *testing.T, bin string) string {
 	t.Helper()
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-p.exited:
-		if err != nil {
-			t.Fatalf("broker exit: %v\n%s", err, p.logs.String())
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("no exit after SIGTERM")
+	ctl := filepath.Join(filepath.Dir(bin), "m2mctl")
+	if out, err := exec.Command("go", "build", "-o", ctl, "../m2mctl").CombinedOutput(); err != nil {
+		t.Fatalf("go build m2mctl: %v\n%s", err, out)
 	}
+	return ctl
+}
+
+// runCtl runs m2mctl against the broker p with the admin token of work and
+// returns its exit code, stdout and stderr.
+func (p *process) runCtl(t *testing.T, ctl, work string, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(ctl, append([]string{"--server", p.admin, "--token-file", filepath.Join(work, "data", "admin.token")}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		return ee.ExitCode(), stdout.String(), stderr.String()
+	case err != nil:
+		t.Fatal(err)
+	}
+	return 0, stdout.String(), stderr.String()
 }
 
 // metric returns the value of sample (name with labels, as exposed) in the
@@ -118,7 +132,7 @@ func TestLastSeenBinary(t *testing.T) {
 	}
 	first := *got.LastSeen
 
-	p.stop(t) // a clean shutdown writes what changed
+	p.terminate(t) // a clean shutdown writes what changed
 	if fi, err := os.Stat(filepath.Join(work, "data", "lastseen.db")); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("data/lastseen.db: %v %v, want 0600", fi, err)
 	}
@@ -163,7 +177,7 @@ func TestReportsBinary(t *testing.T) {
 	}
 	bin := buildBinary(t)
 	work := t.TempDir()
-	p := startBinaryArgs(t, bin, work, "--keys-password-lifetime", "720h", "--keys-key-lifetime", "2160h")
+	p := startBinary(t, bin, work, "--keys-password-lifetime", "720h", "--keys-key-lifetime", "2160h")
 	var bundles []adminapi.Bundle
 	for _, sn := range []string{"R1", "R2", "R3"} {
 		bundles = append(bundles, p.register(t, work, sn))
@@ -201,6 +215,34 @@ func TestReportsBinary(t *testing.T) {
 			t.Errorf("%s %v %v: %q, want %q", tc.q.Kind, tc.q.Since, tc.q.Before, got, tc.want)
 		}
 	}
+
+	// The same through m2mctl: CSV and JSON, and the last login in
+	// terminal get and list.
+	ctl := buildCtl(t, bin)
+	code, out, errs := p.runCtl(t, ctl, work, "report", "never-seen", "-o", "csv", "--progress", "always")
+	if rows, err := csv.NewReader(strings.NewReader(out)).ReadAll(); code != 0 || err != nil || len(rows) != 3 ||
+		strings.Join(rows[0], ",") != "sn,status,upexp,downexp,bkexp,expiring,last_seen,remote,protocol,session_key" ||
+		rows[1][0] != "R1" || rows[2][0] != "R3" || !strings.Contains(errs, "scanned 3 terminals, 2 in the report") {
+		t.Fatalf("m2mctl report never-seen -o csv: exit %d %v\n%s\n%s", code, err, out, errs)
+	}
+	code, out, errs = p.runCtl(t, ctl, work, "report", "not-seen", "--since", now.Add(time.Hour).UTC().Format(time.RFC3339), "-o", "json")
+	var rows []adminapi.ReportRow
+	if err := json.Unmarshal([]byte(out), &rows); code != 0 || err != nil || len(rows) != 3 || rows[1].SN != "R2" ||
+		rows[1].LastSeen == nil || rows[1].LastSeen.Protocol != 4 || rows[0].LastSeen != nil {
+		t.Fatalf("m2mctl report not-seen -o json: exit %d %v\n%s\n%s", code, err, out, errs)
+	}
+	code, out, errs = p.runCtl(t, ctl, work, "report", "expiring", "--before", now.Add(31*24*time.Hour).UTC().Format("2006-01-02"), "-o", "csv")
+	if code != 0 || strings.Count(out, ",up down,") != 3 {
+		t.Fatalf("m2mctl report expiring -o csv: exit %d\n%s\n%s", code, out, errs)
+	}
+	code, out, errs = p.runCtl(t, ctl, work, "terminal", "get", "R2")
+	if code != 0 || !regexp.MustCompile(`last seen +\S+ from 127\.0\.0\.1:\d+, MQTT 3\.1\.1, no session key`).MatchString(out) {
+		t.Fatalf("m2mctl terminal get R2: exit %d\n%s\n%s", code, out, errs)
+	}
+	code, out, errs = p.runCtl(t, ctl, work, "terminal", "list")
+	if code != 0 || !regexp.MustCompile(`(?m)^R1 .* never$`).MatchString(out) || regexp.MustCompile(`(?m)^R2 .* never$`).MatchString(out) {
+		t.Fatalf("m2mctl terminal list: exit %d\n%s\n%s", code, out, errs)
+	}
 }
 
 // readOnlyChanges are the admin API's changes, each of which a read-only
@@ -234,7 +276,7 @@ func TestNamedOperatorsBinary(t *testing.T) {
 	tokens := filepath.Join(work, "operators")
 	os.WriteFile(tokens, []byte("# named operators\n"+adminapi.OperatorLine("viewer", adminapi.RoleRead, viewer)+"\n"+
 		adminapi.OperatorLine("alice", adminapi.RoleFull, alice)+"\n"), 0o644)
-	p := startBinaryArgs(t, bin, work, "--admin-tokens-file", tokens, "--log-format", "json")
+	p := startBinary(t, bin, work, "--admin-tokens-file", tokens, "--log-format", "json")
 	b := p.register(t, work, "S1")
 	ctx := context.Background()
 	for _, c := range readOnlyChanges {
@@ -290,7 +332,7 @@ func TestNamedOperatorsBinary(t *testing.T) {
 	if ended["operator"] != "alice" || ended["sn"] != "S1" {
 		t.Errorf("session_ended %v, want operator alice", ended)
 	}
-	p.stop(t)
+	p.terminate(t)
 	for _, secret := range []string{viewer, alice} {
 		if strings.Contains(p.logs.String(), secret) {
 			t.Fatal("an operator's token is in the broker's log")
@@ -379,10 +421,7 @@ func TestVaultInventoryBinary(t *testing.T) {
 	v := vaulttest.Start(t)
 	calls := startVaultCalls(t, v.Addr)
 	bin := buildBinary(t)
-	ctl := filepath.Join(filepath.Dir(bin), "m2mctl")
-	if out, err := exec.Command("go", "build", "-o", ctl, "../m2mctl").CombinedOutput(); err != nil {
-		t.Fatalf("go build m2mctl: %v\n%s", err, out)
-	}
+	ctl := buildCtl(t, bin)
 	work := t.TempDir()
 	policy, err := os.ReadFile("../../deploy/vault/broker.hcl")
 	if err != nil {
@@ -390,7 +429,7 @@ func TestVaultInventoryBinary(t *testing.T) {
 	}
 	tokenFile := filepath.Join(work, "vault.token")
 	os.WriteFile(tokenFile, []byte(v.TokenWithPolicy(t, "m2mguard-broker", string(policy))), 0o600)
-	p := startBinaryArgs(t, bin, work, "--store-type", "vault", "--store-vault-address", calls.addr, "--store-vault-token-file", tokenFile)
+	p := startBinary(t, bin, work, "--store-type", "vault", "--store-vault-address", calls.addr, "--store-vault-token-file", tokenFile)
 
 	const n = 250
 	var in strings.Builder
@@ -402,20 +441,7 @@ func TestVaultInventoryBinary(t *testing.T) {
 	csvFile := filepath.Join(work, "fleet.csv")
 	os.WriteFile(csvFile, []byte(in.String()), 0o600)
 	credsOut := filepath.Join(work, "creds.csv")
-	m2mctl := func(args ...string) (int, string, string) {
-		cmd := exec.Command(ctl, append([]string{"--server", p.admin, "--token-file", filepath.Join(work, "data", "admin.token")}, args...)...)
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		err := cmd.Run()
-		code := 0
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			code = ee.ExitCode()
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		return code, stdout.String(), stderr.String()
-	}
+	m2mctl := func(args ...string) (int, string, string) { return p.runCtl(t, ctl, work, args...) }
 	code, stdout, stderr := m2mctl("terminal", "import", csvFile, "--creds-out", credsOut)
 	if code != ctlRejected || !strings.Contains(stdout, fmt.Sprintf("rows %d, created %d, rejected 1", n+1, n)) ||
 		!strings.Contains(stderr, fmt.Sprintf("credentials of %d terminals written to %s (mode 0600)", n, credsOut)) {
@@ -470,5 +496,5 @@ func TestVaultInventoryBinary(t *testing.T) {
 		t.Fatalf("%d terminals in %d pages: %d LISTs of the terminals path, %d GETs; want one LIST for every 10 s of the walk (not one a page) and a GET each", seen, pages, lists, gets)
 	}
 	t.Logf("%d pages: %d LISTs of the terminals path, %d GETs", pages, lists, gets)
-	p.stop(t)
+	p.terminate(t)
 }

@@ -43,12 +43,6 @@ type process struct {
 // for /healthz.
 func startBinary(t *testing.T, bin, work string, args ...string) *process {
 	t.Helper()
-	return startBinaryArgs(t, bin, work)
-}
-
-// startBinaryArgs is startBinary with more flags.
-func startBinaryArgs(t *testing.T, bin, work string, args ...string) *process {
-	t.Helper()
 	p := &process{logs: &syncbuf.Buffer{}, exited: make(chan error, 1), mqtt: freePort(t)}
 	adminAddr := freePort(t)
 	p.admin = "http://" + adminAddr
