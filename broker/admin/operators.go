@@ -38,7 +38,7 @@ const (
 //	<name> <role> sha256:<64 hex digits>
 //
 // name is 1 to 64 of [A-Za-z0-9._-] (the audit log's name for it; "admin"
-// is the admin token's), role is full or read, and the hash is the
+// is the admin token's and refused), role is full or read, and the hash is the
 // SHA-256 of the operator's token, which is a random secret of at least
 // 128 bits (m2mctl token new makes one and prints its line,
 // adminapi.OperatorLine). Blank lines
@@ -86,6 +86,9 @@ func parseOperator(line string) (Operator, error) {
 	op := Operator{Name: f[0], Role: f[1]}
 	if err := validOperatorName(op.Name); err != nil {
 		return Operator{}, err
+	}
+	if op.Name == AdminOperator {
+		return Operator{}, fmt.Errorf("name %s is the admin token's (admin.token)", AdminOperator)
 	}
 	if op.Role != adminapi.RoleFull && op.Role != adminapi.RoleRead {
 		return Operator{}, fmt.Errorf("role of %s: want full or read", op.Name)

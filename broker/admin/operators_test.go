@@ -59,6 +59,7 @@ func TestParseOperators(t *testing.T) {
 		{name: "not hex", file: "alice full sha256:" + strings.Repeat("zz", 32), err: "64 lower-case hex"},
 		{name: "fields", file: "alice full", err: "want <name> <role> sha256:<hex>"},
 		{name: "name", file: "al/ice full sha256:" + hash, err: "name: want"},
+		{name: "admin", file: "# x\nadmin read sha256:" + hash, err: "line 2: name admin is the admin token's"},
 		{name: "same name", file: "a full sha256:" + hash + "\na read sha256:" + strings.Repeat("cd", 32), err: "line 2: operator a is already on line 1"},
 		{name: "same token", file: "a full sha256:" + hash + "\nb read sha256:" + hash, err: "line 2: the token of b is already line 1's"},
 	} {
