@@ -255,6 +255,10 @@ func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
 	caps.MaximumClientWritesPending = int32(cfg.MQTT.MaxWritesPending)
 	caps.MaximumPacketSize = uint32(cfg.MQTT.MaxPacketSize)
 	caps.MaximumSessionExpiryInterval = uint32(min(cfg.MQTT.SessionExpiry/time.Second, math.MaxUint32))
+	// A queued message lives as long as the session that holds it (mochi
+	// drops it after 24 hours by default, however long the session is
+	// kept); retained messages keep at least mochi's 24 hours.
+	caps.MaximumMessageExpiryInterval = max(caps.MaximumMessageExpiryInterval, int64(caps.MaximumSessionExpiryInterval))
 	return &mqtt.Options{
 		InlineClient:             true,
 		Capabilities:             caps,

@@ -476,7 +476,7 @@ var fields = documentDefaults([]Field{
 		value: integer(func(c *Config) *int { return &c.MQTT.WriteBuffer }, 256, 1<<20)},
 	{Key: "mqtt.max_writes_pending", Help: "outbound queue per client, messages; allocated up front, 8 bytes each (mochi default 8192)",
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
-	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
+	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept (mochi's default is forever); queued messages live as long, retained messages at least 24 h",
 		value: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
 	{Key: "mqtt.persistence", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
 		value: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},

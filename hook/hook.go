@@ -227,6 +227,7 @@ func New(opts Options) (*Hook, error) {
 	}
 	h.writer = &writer{crew: h.crew, server: h.server, event: h.event,
 		writeTimeout: opts.WriteTimeout, disconnectTimeout: opts.DisconnectTimeout}
+	h.writer.afterKey = h.releaseAfterKey
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
