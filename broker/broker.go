@@ -41,6 +41,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sessionstore"
@@ -58,6 +59,7 @@ type Broker struct {
 	hook     *hook.Hook
 	sessions *sessionstore.Hook // nil with mqtt.persistence off
 	replay   *replay.Guard
+	lastSeen *lastseen.Table
 	server   *mqtt.Server
 	registry *prometheus.Registry
 
@@ -153,6 +155,14 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	b.registerCacheMetrics()
 
+	// The terminals' last logins, kept in memory and written to data_dir
+	// every few seconds (a kill -9 loses the last interval).
+	b.lastSeen, err = lastseen.Open(filepath.Join(cfg.DataDir, LastSeenFile), lastseen.Options{Logger: logger.With("component", "lastseen")})
+	if err != nil {
+		return nil, &ConfigError{Key: "data_dir", Err: err}
+	}
+	b.registerLastSeenMetrics()
+
 	b.server = mqtt.New(MochiOptions(cfg, logger))
 	if err := b.openSessions(); err != nil {
 		return nil, err
@@ -160,6 +170,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	hopts := hookOptions(cfg)
 	hopts.Registry, hopts.Server = b.svc, b.server
 	hopts.Registerer = b.registry
+	hopts.LastSeen = b.lastSeen
 	hopts.Logger = logger.With("component", "hook")
 	if b.fleet != nil {
 		// The fleet's state: claims once per fleet, failures counted
@@ -232,6 +243,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	return b, nil
 }
+
+// LastSeenFile is the file in data_dir of the terminals' last logins.
+const LastSeenFile = "lastseen.db"
 
 // serviceOptions are the key service's options that cfg sets (Store and
 // SessionKeys are the caller's).
@@ -567,6 +581,24 @@ func (b *Broker) registerCacheMetrics() {
 	)
 }
 
+// registerLastSeenMetrics exports the last-seen table's counters.
+func (b *Broker) registerLastSeenMetrics() {
+	ls := b.lastSeen
+	flushes := func(result string, of func(lastseen.Stats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_last_seen_flushes_total",
+			Help:        "Batches of changed last logins written to data_dir/lastseen.db, by result (a failed batch is written with the next).",
+			ConstLabels: prometheus.Labels{"result": result}},
+			func() float64 { return float64(of(ls.Stats())) })
+	}
+	b.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "m2mguard_last_seen_terminals",
+			Help: "Terminals with a last login on record."},
+			func() float64 { return float64(ls.Stats().Entries) }),
+		flushes("ok", func(s lastseen.Stats) uint64 { return s.Flushes - s.FlushFailures }),
+		flushes("failed", func(s lastseen.Stats) uint64 { return s.FlushFailures }),
+	)
+}
+
 // registerGuardMetrics exports the guard's counters on the registry.
 func (b *Broker) registerGuardMetrics() {
 	g := b.guard
@@ -612,16 +644,20 @@ func (b *Broker) startAdmin() error {
 	if err != nil {
 		return err
 	}
+	ops, err := b.loadOperators(cfg.TokensFile)
+	if err != nil {
+		return err
+	}
 	var sessions admin.Sessions = b.hook
 	if b.link != nil {
 		sessions = b.link.Sessions() // every broker's sessions; calls reach the broker holding one
 	}
 	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Token: token, MetricsToken: metricsToken,
-		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Token: token, Operators: ops, MetricsToken: metricsToken,
+		LastSeen: b.lastSeen, Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
-		return err
+		return &ConfigError{Key: "admin.tokens_file", Err: err}
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -639,6 +675,30 @@ func (b *Broker) startAdmin() error {
 	}()
 	b.log.Info("admin API", "address", ln.Addr().String())
 	return nil
+}
+
+// loadOperators reads the named operators of admin.tokens_file ("" =
+// none). The log names each operator and its role, never a hash.
+func (b *Broker) loadOperators(file string) ([]admin.Operator, error) {
+	if file == "" {
+		return nil, nil
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return nil, &ConfigError{Key: "admin.tokens_file", Err: err}
+	}
+	defer f.Close()
+	ops, err := admin.ParseOperators(f)
+	if err != nil {
+		return nil, &ConfigError{Key: "admin.tokens_file", Err: fmt.Errorf("%s: %w", file, err)}
+	}
+	if fi, err := f.Stat(); err == nil && fi.Mode().Perm()&0o022 != 0 {
+		b.log.Warn("admin.tokens_file is writable by others: whoever can write it can add an operator; chmod 644 or stricter", "file", file)
+	}
+	for _, op := range ops {
+		b.log.Info("admin operator", "name", op.Name, "role", op.Role)
+	}
+	return ops, nil
 }
 
 // loadOrCreateToken returns the configured token, or the token of file,
@@ -741,6 +801,9 @@ func (b *Broker) FleetLink() *fleetlink.Link { return b.link }
 // Service returns the key service.
 func (b *Broker) Service() *keysvc.Service { return b.svc }
 
+// LastSeen returns the terminals' last logins.
+func (b *Broker) LastSeen() *lastseen.Table { return b.lastSeen }
+
 // Hook returns the M2M1 hook.
 func (b *Broker) Hook() *hook.Hook { return b.hook }
 
@@ -750,8 +813,8 @@ func (b *Broker) Server() *mqtt.Server { return b.server }
 // Close stops the admin API, disconnects every client, stops mochi (which
 // records the clients' disconnects in the session store, then flushes and
 // closes it), leaves the fleet (its link, its connection, its embedded NATS
-// node) and closes the replay guard and the store. It is safe to call more
-// than once.
+// node), closes the replay guard, writes the last logins and closes the
+// store. It is safe to call more than once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -780,6 +843,11 @@ func (b *Broker) Close() error {
 		if b.replay != nil {
 			if err := b.replay.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("replay guard: %w", err))
+			}
+		}
+		if b.lastSeen != nil { // after mochi: no login records anything now
+			if err := b.lastSeen.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("last seen: %w", err))
 			}
 		}
 		if b.store != nil {

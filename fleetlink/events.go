@@ -72,9 +72,9 @@ func (n *notifier) written(w keysvc.Write) {
 
 // revoke ends terminal sn's sessions on every other live broker and
 // stores the revocation on the stream; it returns how many sessions the
-// others ended.
-func (n *notifier) revoke(sn, reason string) int {
-	e := fleet.Event{Kind: fleet.EventRevoke, Origin: n.l.id, SN: sn, Reason: reason, Time: time.Now().UTC()}
+// others ended. operator names who asked for it, for their events.
+func (n *notifier) revoke(sn, reason, operator string) int {
+	e := fleet.Event{Kind: fleet.EventRevoke, Origin: n.l.id, SN: sn, Reason: reason, Operator: operator, Time: time.Now().UTC()}
 	n.l.m.revocations.WithLabelValues("sent").Inc()
 	ended := 0
 	for _, r := range n.broadcast(e, methodRevoke) {
@@ -235,9 +235,9 @@ func (n *notifier) applyRevoke(e fleet.Event, fromRequest bool) int {
 		reason = "revoked"
 	}
 	if fromRequest {
-		return n.l.hook.Revoke(e.SN, reason)
+		return n.l.hook.RevokeBy(e.SN, reason, e.Operator)
 	}
-	n.l.goRun(func() { n.l.hook.Revoke(e.SN, reason) })
+	n.l.goRun(func() { n.l.hook.RevokeBy(e.SN, reason, e.Operator) })
 	return 0
 }
 

@@ -16,7 +16,7 @@
 //     bounded) and stored on the event stream for brokers that are cut
 //     off; they drop the record from their caches (keysvc.Invalidate).
 //     Registrations are told in the background.
-//   - Revocations: Sessions.Revoke ends the terminal's sessions on every
+//   - Revocations: Sessions.RevokeBy ends the terminal's sessions on every
 //     broker before it returns, and stores the revocation on the stream.
 //   - Admin calls: the session list is gathered from every broker;
 //     disconnect and change start are sent to the broker holding the

@@ -140,13 +140,14 @@ func (l *Link) localSessions(after string, limit int) []hook.SessionInfo {
 	return list
 }
 
-// Disconnect ends the connection of clientID on whichever broker holds
-// it. hook.ErrNoSession if none does; an error wrapping
+// DisconnectBy ends the connection of clientID on whichever broker holds
+// it, for operator (named in the hook's event there).
+// hook.ErrNoSession if none does; an error wrapping
 // admin.ErrBrokerUnreachable names the broker that holds it and did not
 // answer.
-func (s *Sessions) Disconnect(clientID string) error {
+func (s *Sessions) DisconnectBy(clientID, operator string) error {
 	l := s.l
-	err := l.hook.Disconnect(clientID)
+	err := l.hook.DisconnectBy(clientID, operator)
 	if !errors.Is(err, hook.ErrNoSession) {
 		return err
 	}
@@ -154,7 +155,7 @@ func (s *Sessions) Disconnect(clientID string) error {
 	if err != nil || holder == "" {
 		return err
 	}
-	req, _ := json.Marshal(disconnectRequest{ClientID: clientID})
+	req, _ := json.Marshal(disconnectRequest{ClientID: clientID, Operator: operator})
 	ctx, cancel := context.WithTimeout(l.ctx, requestTimeout)
 	defer cancel()
 	data, err := l.f.Request(ctx, holder, methodDisconnect, req)
@@ -185,28 +186,28 @@ func (s *Sessions) holder(clientID string) (string, error) {
 	return e.Broker, nil
 }
 
-// Revoke ends terminal sn's sessions on every broker (disable, delete,
-// rekey) and returns how many ended. A broker that does not answer ends
-// them when the revocation reaches it on the stream.
-func (s *Sessions) Revoke(sn, reason string) int {
-	return s.l.hook.Revoke(sn, reason) + s.l.notes.revoke(sn, reason)
+// RevokeBy ends terminal sn's sessions on every broker (disable, delete,
+// rekey; operator asked for it) and returns how many ended. A broker that
+// does not answer ends them when the revocation reaches it on the stream.
+func (s *Sessions) RevokeBy(sn, reason, operator string) int {
+	return s.l.hook.RevokeBy(sn, reason, operator) + s.l.notes.revoke(sn, reason, operator)
 }
 
-// StartChange starts an operator's change for terminal sn on the broker
+// StartChangeBy starts operator's change for terminal sn on the broker
 // holding its session, so that the new values reach it at once; a
 // terminal connected nowhere gets them at its next login, wherever. An
 // error wrapping admin.ErrBrokerUnreachable names the holder that did not
 // answer: the change was not started.
-func (s *Sessions) StartChange(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+func (s *Sessions) StartChangeBy(ctx context.Context, sn string, what codec.What, operator string) (*keysvc.Change, error) {
 	l := s.l
 	holder, err := s.holder(sn)
 	if errors.Is(err, admin.ErrBrokerUnreachable) {
 		l.log.Warn("fleet: directory unreachable: the change starts here and reaches the terminal at its next login", "sn", sn, "error", err)
 	}
 	if holder == "" {
-		return l.hook.StartChange(ctx, sn, what)
+		return l.hook.StartChangeBy(ctx, sn, what, operator)
 	}
-	req, _ := json.Marshal(changeRequest{SN: sn, What: string(what)})
+	req, _ := json.Marshal(changeRequest{SN: sn, What: string(what), Operator: operator})
 	rctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	data, err := l.f.Request(rctx, holder, methodChangeStart, req)
@@ -262,14 +263,14 @@ func (l *Link) serve() error {
 			if err := decodeRequest(req, &r); err != nil || r.ClientID == "" {
 				return nil, fmt.Errorf("%w: disconnect", errRequest)
 			}
-			return json.Marshal(errorReplyOf(l.hook.Disconnect(r.ClientID)))
+			return json.Marshal(errorReplyOf(l.hook.DisconnectBy(r.ClientID, r.Operator)))
 		},
 		methodChangeStart: func(ctx context.Context, req []byte) ([]byte, error) {
 			var r changeRequest
 			if err := decodeRequest(req, &r); err != nil || codec.ValidateSN(r.SN) != nil {
 				return nil, fmt.Errorf("%w: change-start", errRequest)
 			}
-			ch, err := l.hook.StartChange(ctx, r.SN, codec.What(r.What))
+			ch, err := l.hook.StartChangeBy(ctx, r.SN, codec.What(r.What), r.Operator)
 			rep := changeReply{errorReply: errorReplyOf(err)}
 			if err == nil {
 				rep.Change = metaOf(ch)
@@ -300,10 +301,12 @@ type (
 	}
 	disconnectRequest struct {
 		ClientID string `json:"client_id"`
+		Operator string `json:"operator,omitempty"` // who asked, for the hook's event
 	}
 	changeRequest struct {
-		SN   string `json:"sn"`
-		What string `json:"what"`
+		SN       string `json:"sn"`
+		What     string `json:"what"`
+		Operator string `json:"operator,omitempty"`
 	}
 	changeReply struct {
 		errorReply

@@ -31,6 +31,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
 )
@@ -104,6 +105,10 @@ type Options struct {
 	// ChangeBook keeps the deadlines of pending changes and the SMS sends
 	// in progress (see ChangeBook); nil = in memory, this broker's own.
 	ChangeBook ChangeBook
+	// LastSeen records every accepted terminal login (when, from where,
+	// MQTT version, session key): a *lastseen.Table, or a fleet's shared
+	// state. It is called on the login path and must not block; nil = none.
+	LastSeen LastSeenRecorder
 	// Storage is the storage hook added to the same server, if any
 	// (sessionstore): the hook tells it of the messages and subscriptions
 	// it takes out of a resumed session and of the downlink it holds back,
@@ -137,6 +142,12 @@ type Options struct {
 	Rand       io.Reader             // nil = crypto/rand.Reader
 	Logger     *slog.Logger          // security events; nil = slog.Default()
 	Registerer prometheus.Registerer // metrics; nil = a private registry, see Hook.Gatherer
+}
+
+// LastSeenRecorder takes the accepted logins of terminals (package
+// lastseen's Book has it). Seen must neither block nor do I/O.
+type LastSeenRecorder interface {
+	Seen(sn string, e lastseen.Entry)
 }
 
 // Hook is the M2M1 platform hook. Create it with New.
@@ -342,6 +353,10 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	h.pending.add(cl, s)
 	h.offline.Delete(cl.ID)
+	if s.kind == kindTerminal && h.opts.LastSeen != nil {
+		h.opts.LastSeen.Seen(s.sn, lastseen.Entry{At: h.opts.Now(), Remote: cl.Net.Remote,
+			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey()})
+	}
 	return nil
 }
 

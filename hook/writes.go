@@ -172,6 +172,12 @@ func (w *writer) endSessionAfterKeys(cl *mqtt.Client, s *session, reason string,
 }
 
 func (w *writer) markEnding(s *session, reason string) bool {
+	return w.markEndingBy(s, reason, "")
+}
+
+// markEndingBy is markEnding for an operator's action: the session_ended
+// event names the operator (the admin API's named token) when there is one.
+func (w *writer) markEndingBy(s *session, reason, operator string) bool {
 	if !s.ending.CompareAndSwap(false, true) {
 		return false
 	}
@@ -180,10 +186,14 @@ func (w *writer) markEnding(s *session, reason string) bool {
 	case "credentials-changed", "key-expired", "administrative", "taken-over", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
 		level = slog.LevelInfo
 	}
-	if s.kind == kindTerminal {
-		w.event(level, "session_ended", "sn", s.sn, "reason", reason)
+	who, name := "sn", s.sn
+	if s.kind != kindTerminal {
+		who, name = "app", s.app.Name
+	}
+	if operator != "" {
+		w.event(level, "session_ended", who, name, "reason", reason, "operator", operator)
 	} else {
-		w.event(level, "session_ended", "app", s.app.Name, "reason", reason)
+		w.event(level, "session_ended", who, name, "reason", reason)
 	}
 	return true
 }
