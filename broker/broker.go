@@ -156,7 +156,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	b.registerCacheMetrics()
 
 	// The terminals' last logins, kept in memory and written to data_dir
-	// every few seconds (a kill -9 loses the last interval).
+	// every few seconds (a kill -9 loses the last interval). (data_dir may
+	// not exist yet: in fleet mode no replay file creates it.)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, &ConfigError{Key: "data_dir", Err: err}
+	}
 	b.lastSeen, err = lastseen.Open(filepath.Join(cfg.DataDir, LastSeenFile), lastseen.Options{Logger: logger.With("component", "lastseen")})
 	if err != nil {
 		return nil, &ConfigError{Key: "data_dir", Err: err}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -233,6 +234,14 @@ func TestFleet(t *testing.T) {
 		if !closedWithin(conn, time.Second) {
 			t.Error("disconnected through A, the terminal's session on C is still open")
 		}
+		checkFor(t, 2*time.Second, "C's session_ended event names the operator who asked A", func() bool {
+			for _, line := range strings.Split(C.logs.String(), "\n") {
+				if strings.Contains(line, "event=session_ended") && strings.Contains(line, "sn="+tm.SN) && strings.Contains(line, "operator=admin") {
+					return true
+				}
+			}
+			return false
+		})
 		if err := A.api.Disconnect(ctx, "FLEETNOSUCH1"); !errors.Is(err, adminapi.ErrNotFound) {
 			t.Errorf("disconnect of a ClientID no broker holds: %v, want not found", err)
 		}
