@@ -32,7 +32,7 @@
 //     discarded (DiscardMoved).
 //
 // Nothing it puts on NATS is secret: serial numbers, ClientIDs, addresses,
-// broker ids, change ids and times.
+// broker ids, admin operators' names, change ids and times.
 package fleetlink
 
 import (
