@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms"
 )
@@ -99,6 +100,8 @@ type changeLink struct {
 	claim func(ctx context.Context, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
 	// event logs a security event (hook.go).
 	event func(level slog.Level, name string, attrs ...any)
+	// emit hands an event to the applications' event sink (appevents.go).
+	emit func(e events.Event)
 	// crew runs the SMS sends, which the hook's Stop ends and waits for.
 	crew *crew
 }
@@ -132,7 +135,7 @@ func newChangeDesk(opts Options, m *metrics, link changeLink) *changeDesk {
 		now: opts.Now, rand: opts.Rand,
 		changes: m.changes, replays: m.replays,
 		link:  link,
-		watch: changeWatch{deadlines: map[string]time.Time{}},
+		watch: changeWatch{deadlines: map[string]watched{}},
 	}
 }
 
@@ -342,6 +345,7 @@ func (d *changeDesk) markDelivered(sn string, rid codec.ID, mode codec.Mode) boo
 	}
 	d.changes.WithLabelValues("delivered", string(mode)).Inc()
 	d.link.event(slog.LevelInfo, "change_delivered", "sn", sn, "rid", rid.String(), "mode", string(mode))
+	d.emit(events.ChangeDelivered, sn, rid, func(e *events.Event) { e.Mode = string(mode) })
 	return true
 }
 
@@ -529,16 +533,35 @@ func (d *changeDesk) refuse(c termConn, t *keysvc.Terminal, reason string, code 
 }
 
 func (d *changeDesk) started(sn string, ch *keysvc.Change) {
-	d.watch.watch(sn, ch.Deadline)
+	d.watch.watch(sn, ch.RID, ch.Deadline)
 	d.changes.WithLabelValues("started", ch.Origin).Inc()
 	d.link.event(slog.LevelInfo, "change_started", "sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
 		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC())
+	d.emit(events.ChangeStarted, sn, ch.RID, func(e *events.Event) {
+		e.What, e.Mode, e.Origin = string(ch.What), string(ch.Mode), ch.Origin
+	})
 }
 
 func (d *changeDesk) committed(sn string, rid codec.ID, by string) {
 	d.watch.forget(sn)
 	d.changes.WithLabelValues("committed", by).Inc()
 	d.link.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", by)
+	d.emit(events.ChangeCommitted, sn, rid, func(e *events.Event) { e.Reason = by })
+}
+
+// emit hands a change event for applications to the link: kind, sn and
+// rid, and what fill sets. Change events are rare: the closure costs
+// nothing that matters.
+func (d *changeDesk) emit(kind events.Kind, sn string, rid codec.ID, fill func(*events.Event)) {
+	if d.link.emit == nil {
+		return
+	}
+	e := events.New(kind, sn, d.now())
+	e.RID = rid.String()
+	if fill != nil {
+		fill(&e)
+	}
+	d.link.emit(e)
 }
 
 func (d *changeDesk) failed(sn string, rid codec.ID, step string, err error, attrs ...any) {
@@ -561,14 +584,15 @@ func (d *changeDesk) sweep() {
 // expireDue drops the watched changes past their deadline, keeping the
 // old values, and records each expiry.
 func (d *changeDesk) expireDue(ctx context.Context) {
-	for _, sn := range d.watch.due(d.now()) {
-		dropped, err := d.reg.ExpireChange(ctx, sn)
+	for _, c := range d.watch.due(d.now()) {
+		dropped, err := d.reg.ExpireChange(ctx, c.sn)
 		switch {
 		case err != nil && !errors.Is(err, keysvc.ErrNotFound):
-			d.failed(sn, 0, "expire", err)
+			d.failed(c.sn, c.rid, "expire", err)
 		case dropped:
 			d.changes.WithLabelValues("expired", "").Inc()
-			d.link.event(slog.LevelInfo, "change_expired", "sn", sn)
+			d.link.event(slog.LevelInfo, "change_expired", "sn", c.sn, "rid", c.rid.String())
+			d.emit(events.ChangeExpired, c.sn, c.rid, nil)
 		}
 	}
 }
@@ -578,12 +602,19 @@ func (d *changeDesk) expireDue(ctx context.Context) {
 // lazily and silently).
 type changeWatch struct {
 	mu        sync.Mutex
-	deadlines map[string]time.Time
+	deadlines map[string]watched // by sn
 }
 
-func (w *changeWatch) watch(sn string, deadline time.Time) {
+// watched is a change whose deadline is watched.
+type watched struct {
+	sn       string
+	rid      codec.ID
+	deadline time.Time
+}
+
+func (w *changeWatch) watch(sn string, rid codec.ID, deadline time.Time) {
 	w.mu.Lock()
-	w.deadlines[sn] = deadline
+	w.deadlines[sn] = watched{sn, rid, deadline}
 	w.mu.Unlock()
 }
 
@@ -593,13 +624,13 @@ func (w *changeWatch) forget(sn string) {
 	w.mu.Unlock()
 }
 
-func (w *changeWatch) due(now time.Time) []string {
+func (w *changeWatch) due(now time.Time) []watched {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	var out []string
-	for sn, d := range w.deadlines {
-		if !now.Before(d) {
-			out = append(out, sn)
+	var out []watched
+	for sn, c := range w.deadlines {
+		if !now.Before(c.deadline) {
+			out = append(out, c)
 			delete(w.deadlines, sn)
 		}
 	}

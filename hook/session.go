@@ -62,6 +62,9 @@ type session struct {
 	// ending is set once the hook has decided to end the connection: later
 	// control messages and envelopes are dropped unanswered and unlogged.
 	ending atomic.Bool
+	// endReason is the reason the hook ended the session for (markEnding),
+	// reported in the disconnected event; nil if it did not end it.
+	endReason atomic.Pointer[string]
 
 	// Key-topic messages wait in keyq (at most maxKeyQueue) until the
 	// terminal has subscribed to $m2m/<sn>/key, then a writer goroutine,

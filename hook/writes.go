@@ -162,6 +162,7 @@ func (w *writer) markEnding(s *session, reason string) bool {
 	if !s.ending.CompareAndSwap(false, true) {
 		return false
 	}
+	s.endReason.Store(&reason)
 	level := slog.LevelWarn
 	switch reason {
 	case "credentials-changed", "key-expired", "administrative", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
