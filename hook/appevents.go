@@ -36,9 +36,9 @@ import (
 // nothing and costs nothing.
 type appEvents struct {
 	sink     events.Sink
-	refusals *rate.Limiter           // login_refused and binding_mismatch
-	counts   *prometheus.CounterVec  // m2mguard_events_total{kind, result}
-	now      func() time.Time        // Options.Now
+	refusals *rate.Limiter          // login_refused and binding_mismatch
+	counts   *prometheus.CounterVec // m2mguard_events_total{kind, result}
+	now      func() time.Time       // Options.Now
 }
 
 func newAppEvents(sink events.Sink, refusalRate int, counts *prometheus.CounterVec, now func() time.Time) appEvents {
