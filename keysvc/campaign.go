@@ -37,7 +37,9 @@ const (
 )
 
 // Active reports whether the campaign still starts or follows changes.
-func (s CampaignState) Active() bool { return s == CampaignRunning || s == CampaignTracking || s == CampaignCancelled }
+func (s CampaignState) Active() bool {
+	return s == CampaignRunning || s == CampaignTracking || s == CampaignCancelled
+}
 
 // Selection kinds.
 const (

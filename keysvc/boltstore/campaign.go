@@ -63,7 +63,9 @@ func checkCampaignID(id string) error { return keysvc.ValidateCampaignID(id) }
 
 // itemsBucket names the sealed values of campaign id's items: their
 // authenticated data says which campaign they belong to.
-func itemsBucket(id string) []byte { return append(append([]byte(nil), bucketCampaignItems...), "/"+id...) }
+func itemsBucket(id string) []byte {
+	return append(append([]byte(nil), bucketCampaignItems...), "/"+id...)
+}
 
 // CreateCampaign implements keysvc.CampaignStore.
 func (s *Store) CreateCampaign(ctx context.Context, c *keysvc.Campaign) error {
