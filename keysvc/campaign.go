@@ -90,6 +90,13 @@ const (
 	OutcomeBusy      Outcome = "busy"      // skipped: another change was pending
 	OutcomeInactive  Outcome = "inactive"  // skipped: the terminal is disabled
 	OutcomeFailed    Outcome = "failed"    // no change started (the terminal was deleted, or the start failed; see Reason)
+
+	// OutcomeStarting is an intent: the campaign is about to start a
+	// change for the terminal. Its RID is then the terminal's last
+	// committed change at that moment, and Updated the moment, so that a
+	// campaign that resumes can tell whether the change started. It is
+	// never counted.
+	OutcomeStarting Outcome = "starting"
 )
 
 // Outcomes lists every outcome, in the order reports show them.
@@ -97,11 +104,14 @@ func Outcomes() []Outcome {
 	return []Outcome{OutcomeWaiting, OutcomeDelivered, OutcomeCommitted, OutcomeExpired, OutcomeBusy, OutcomeInactive, OutcomeFailed}
 }
 
-// Final reports whether the outcome can no longer change.
-func (o Outcome) Final() bool { return o != OutcomeWaiting && o != OutcomeDelivered }
+// Final reports whether the outcome can no longer change: committed,
+// expired, busy, inactive or failed.
+func (o Outcome) Final() bool {
+	return o.Valid() && o != OutcomeWaiting && o != OutcomeDelivered && o != OutcomeStarting
+}
 
-// Valid reports whether o is one of the outcomes.
-func (o Outcome) Valid() bool { return slices.Contains(Outcomes(), o) }
+// Valid reports whether o is one of the outcomes, or OutcomeStarting.
+func (o Outcome) Valid() bool { return o == OutcomeStarting || slices.Contains(Outcomes(), o) }
 
 // CampaignCounts count the terminals of a campaign by outcome.
 type CampaignCounts struct {

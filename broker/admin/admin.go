@@ -20,6 +20,11 @@
 //	POST   /v1/apps                          add or replace an application
 //	GET    /v1/apps/{name}                   one application (no password)
 //	DELETE /v1/apps/{name}                   remove
+//	POST   /v1/campaigns                     start a fleet-wide credential change
+//	GET    /v1/campaigns                     every campaign and its progress
+//	GET    /v1/campaigns/{id}                one campaign: state, cursor, counts by outcome
+//	POST   /v1/campaigns/{id}/cancel         no more changes start; those started go on
+//	GET    /v1/campaigns/{id}/terminals?outcome=&after=&limit=   its terminals by outcome, paged
 //
 // Errors are JSON {"error": "...", "field": "..."}: 400 bad input, 401 no
 // or wrong token, 404 not found, 409 exists or busy, 503 store unavailable.
@@ -94,6 +99,7 @@ type Options struct {
 	Terminals    Terminals             // required
 	Apps         Apps                  // required
 	Sessions     Sessions              // required
+	Campaigns    Campaigns             // nil = no /v1/campaigns endpoints
 	Token        string                // bearer token; required, at least 16 characters
 	MetricsToken string                // bearer token for /metrics only (Token works there too); "" = Token alone
 	Gatherer     prometheus.Gatherer   // served on /metrics; nil = no /metrics
@@ -171,6 +177,13 @@ func New(opts Options) (http.Handler, error) {
 	auth("POST /v1/apps", a.addApp)
 	auth("GET /v1/apps/{name}", a.getApp)
 	auth("DELETE /v1/apps/{name}", a.removeApp)
+	if opts.Campaigns != nil {
+		auth("POST /v1/campaigns", a.startCampaign)
+		auth("GET /v1/campaigns", a.listCampaigns)
+		auth("GET /v1/campaigns/{id}", a.getCampaign)
+		auth("POST /v1/campaigns/{id}/cancel", a.cancelCampaign)
+		auth("GET /v1/campaigns/{id}/terminals", a.campaignTerminals)
+	}
 	auth("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, adminapi.Error{Message: "no such endpoint: " + r.Method + " " + r.URL.Path})
 	})
@@ -294,6 +307,10 @@ func subjectOf(r *http.Request) string {
 		return "application " + r.PathValue("name")
 	case strings.HasPrefix(r.URL.Path, "/v1/apps"):
 		return "application"
+	case r.PathValue("id") != "" && strings.HasPrefix(r.URL.Path, "/v1/campaigns"):
+		return "campaign " + r.PathValue("id")
+	case strings.HasPrefix(r.URL.Path, "/v1/campaigns"):
+		return "campaign"
 	default:
 		return "terminal"
 	}
@@ -325,7 +342,12 @@ func reason(err, sentinel error) string {
 // decode reads a JSON body of at most 64 KiB into v, refusing unknown
 // fields.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	return decodeLimited(w, r, v, 64<<10)
+}
+
+// decodeLimited is decode for a body of at most limit bytes.
+func decodeLimited(w http.ResponseWriter, r *http.Request, v any, limit int64) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var mbe *http.MaxBytesError

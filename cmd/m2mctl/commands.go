@@ -473,7 +473,7 @@ func (p *progressBar) finish() {
 }
 
 func changeCmd(o *options) *cobra.Command {
-	cmd := &cobra.Command{Use: "change", Short: "Start a credential change of a terminal, or show the pending one"}
+	cmd := &cobra.Command{Use: "change", Short: "Start a credential change of a terminal or of many (campaign), or show the pending one"}
 	var what string
 	start := &cobra.Command{
 		Use:   "start SN --what pwd|bk|all",
@@ -526,7 +526,7 @@ shown: only the change's id, mode and deadline.`,
 			return printChange(cmd.OutOrStdout(), o, sn, ch)
 		},
 	}
-	cmd.AddCommand(start, status)
+	cmd.AddCommand(start, status, campaignCmd(o))
 	return cmd
 }
 
