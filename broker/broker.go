@@ -280,7 +280,9 @@ func (b *Broker) startEvents() error {
 		webhookEvents("sent", func(s events.WebhookStats) uint64 { return s.Sent }),
 		webhookEvents("failed", func(s events.WebhookStats) uint64 { return s.Failed }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_webhook_retries_total",
-			Help: "Webhook POST attempts retried."}, func() float64 { return float64(webhookStats(func(s events.WebhookStats) uint64 { return s.Retries })()) }),
+			Help: "Webhook POST attempts retried."}, func() float64 {
+			return float64(webhookStats(func(s events.WebhookStats) uint64 { return s.Retries })())
+		}),
 		b.campaigns,
 	)
 	return nil

@@ -35,12 +35,12 @@ type Config struct {
 	// admin and metrics tokens (created 0700 on first run).
 	DataDir string
 
-	Log   LogConfig
-	Store StoreConfig
-	MQTT  MQTTConfig
-	Admin AdminConfig
-	Auth  AuthConfig
-	Keys  KeysConfig
+	Log       LogConfig
+	Store     StoreConfig
+	MQTT      MQTTConfig
+	Admin     AdminConfig
+	Auth      AuthConfig
+	Keys      KeysConfig
 	Cache     CacheConfig
 	SMS       SMSConfig
 	Events    EventsConfig
