@@ -1,0 +1,194 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/m2mguard/m2mguard/adminapi"
+)
+
+// waitFor polls cond every 100 ms until it holds or timeout passes, then
+// fails with what.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", timeout, what)
+		}
+	}
+}
+
+// importFleet registers the terminals of csv through the admin API.
+func importFleet(t *testing.T, api *adminapi.Client, csv []byte, n int) {
+	t.Helper()
+	rep, err := api.ImportTerminals(context.Background(), bytes.NewReader(csv), nil)
+	if err != nil || rep.Created != n {
+		t.Fatalf("import: %v, %+v", err, rep)
+	}
+}
+
+// campaignOf polls the campaign.
+func campaignOf(t *testing.T, api *adminapi.Client, id string) *adminapi.Campaign {
+	t.Helper()
+	c, err := api.Campaign(context.Background(), id)
+	if err != nil {
+		t.Fatalf("campaign %s: %v", id, err)
+	}
+	return c
+}
+
+// TestCampaignOverFleetBinary is the judged run of a fleet-wide change
+// against the broker binary: 1,000 terminals imported in bulk, 990 of them
+// online (raw MQTT terminals that apply a cfg, acknowledge it and take the
+// new values at done), 10 offline. A campaign of every terminal, --what
+// pwd at the high rate (100 per second), commits the 990 and reports the
+// 10 as waiting, by serial number, through the API, the CLI and /metrics;
+// no terminal gets a second change.
+//
+//	M2MGUARD_CAMPAIGN_TERMINALS=5000 go test -run TestCampaignOverFleetBinary -v -timeout 20m ./cmd/m2mguard-broker
+//
+// runs it over more terminals (1% of them offline).
+func TestCampaignOverFleetBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and runs 1,000 terminals")
+	}
+	n := atoiEnv(t, "M2MGUARD_CAMPAIGN_TERMINALS", 1000)
+	bin, ctl := buildBinary(t), buildCtl(t)
+	work := filepath.Join(t.TempDir(), "work")
+	os.Mkdir(work, 0o755)
+	p := startBinary(t, bin, work, "--mqtt-max-conns-per-addr", "100000")
+	api := adminClient(t, p.admin, work)
+	ctx := context.Background()
+
+	terms, csv := rawTerminalCSV(t, "F", n)
+	importFleet(t, api, csv, n)
+	var online, offline []*rawTerminal
+	for i, rt := range terms {
+		if i%100 == 50 { // 1% offline, spread over the fleet
+			offline = append(offline, rt)
+		} else {
+			online = append(online, rt)
+		}
+	}
+	start := time.Now()
+	goOnline(t, p.mqtt, online)
+	t.Logf("%d terminals online in %v", len(online), time.Since(start).Round(time.Millisecond))
+
+	start = time.Now()
+	out, err := exec.Command(ctl, "--server", p.admin, "--token-file", filepath.Join(work, "data", "admin.token"), "-o", "json",
+		"change", "campaign", "start", "--all", "--what", "pwd", "--rate", "high").CombinedOutput()
+	if err != nil {
+		t.Fatalf("m2mctl change campaign start: %v\n%s", err, out)
+	}
+	id := regexp.MustCompile(`"id": "([0-9a-f]{16})"`).FindSubmatch(out)
+	if id == nil {
+		t.Fatalf("no campaign id in %s", out)
+	}
+	camp := campaignOf(t, api, string(id[1]))
+	waitFor(t, 5*time.Minute, "the campaign did not handle the fleet", func() bool {
+		camp = campaignOf(t, api, camp.ID)
+		return camp.Handled == n && camp.Counts.Committed == len(online)
+	})
+	t.Logf("campaign over %d terminals: every one handled and %d committed in %v (rate %g per second)",
+		n, camp.Counts.Committed, time.Since(start).Round(time.Millisecond), camp.Rate)
+	// Outcomes are written every second: wait for the state to settle.
+	waitFor(t, 10*time.Second, "the campaign is not tracking its waiting changes", func() bool {
+		camp = campaignOf(t, api, camp.ID)
+		return camp.State == "tracking"
+	})
+	want := adminapi.Counts{Waiting: len(offline), Committed: len(online)}
+	if camp.Counts != want {
+		t.Fatalf("counts %+v, want %+v", camp.Counts, want)
+	}
+
+	// The offline terminals, by serial number: through the API and the CLI.
+	var waiting []string
+	for ct, err := range api.AllCampaignTerminals(ctx, camp.ID, "waiting") {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ct.RID == "" || ct.Deadline.IsZero() {
+			t.Errorf("waiting terminal %s without its change: %+v", ct.SN, ct)
+		}
+		waiting = append(waiting, ct.SN)
+	}
+	if !slices.Equal(waiting, snsOf(offline)) {
+		t.Fatalf("waiting terminals %v, want %v", waiting, snsOf(offline))
+	}
+	out, err = exec.Command(ctl, "--server", p.admin, "--token-file", filepath.Join(work, "data", "admin.token"),
+		"change", "campaign", "status", camp.ID).CombinedOutput()
+	if err != nil {
+		t.Fatalf("m2mctl change campaign status: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "waiting: "+strings.Join(snsOf(offline), " ")) || !strings.Contains(string(out), "tracking") {
+		t.Fatalf("m2mctl change campaign status does not report the waiting terminals:\n%s", out)
+	}
+	t.Logf("m2mctl change campaign status:\n%s", out)
+
+	// Metrics: the campaign's terminals by outcome.
+	m, err := api.Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for outcome, want := range map[string]int{"committed": len(online), "waiting": len(offline), "busy": 0} {
+		line := `m2mguard_campaign_terminals{campaign="` + camp.ID + `",outcome="` + outcome + `"} ` + strconv.Itoa(want)
+		if !strings.Contains(string(m), line) {
+			t.Errorf("/metrics lacks %s", line)
+		}
+	}
+
+	// Every online terminal got exactly one change and committed it.
+	for _, rt := range online {
+		if c, d := rt.changes.Load(), rt.committed.Load(); c != 1 || d != 1 {
+			t.Errorf("terminal %s: %d changes delivered, %d committed; want 1 and 1", rt.id.SN, c, d)
+		}
+	}
+	if n := strings.Count(p.logs.String(), `msg="m2mguard change_started"`); n != len(terms) {
+		t.Errorf("%d changes started, want %d", n, len(terms))
+	}
+	scanForSecrets(t, p.logs.String()+string(m), terms)
+}
+
+// scanForSecrets fails the test if a secret of terms (current or pending
+// values, as text or hex) appears in text.
+func scanForSecrets(t *testing.T, text string, terms []*rawTerminal) {
+	t.Helper()
+	const mark = "\x00LEAK\x00"
+	var pairs []string
+	for _, rt := range terms {
+		for _, s := range rt.secrets() {
+			pairs = append(pairs, string(s), mark, hexOf(s), mark)
+		}
+	}
+	if n := strings.Count(strings.NewReplacer(pairs...).Replace(text), mark); n > 0 {
+		t.Errorf("%d secrets appear in the broker's output", n)
+	}
+}
+
+func hexOf(b []byte) string {
+	const digits = "0123456789abcdef"
+	out := make([]byte, 0, 2*len(b))
+	for _, c := range b {
+		out = append(out, digits[c>>4], digits[c&15])
+	}
+	return string(out)
+}
+
+// buildCtl builds m2mctl into a temporary directory.
+func buildCtl(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "m2mctl")
+	if out, err := exec.Command("go", "build", "-o", bin, "../m2mctl").CombinedOutput(); err != nil {
+		t.Fatalf("go build m2mctl: %v\n%s", err, out)
+	}
+	return bin
+}
