@@ -192,3 +192,109 @@ func buildCtl(t *testing.T) string {
 	}
 	return bin
 }
+
+// TestCampaignResumesAfterKillBinary kills the broker binary (SIGKILL:
+// nothing flushed) in the middle of a campaign over online terminals and
+// starts it again on the same data. The campaign resumes after its cursor
+// and completes; no terminal gets a second change: each receives one rid,
+// commits it, and the broker's logs of both runs hold one change_started
+// per terminal. Terminals whose change had started when the broker died,
+// but whose outcome was not written yet, are recognised from their record
+// (the change pending, or committed since the intent) instead of counting
+// as busy.
+func TestCampaignResumesAfterKillBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	const n = 300
+	bin := buildBinary(t)
+	work := filepath.Join(t.TempDir(), "work")
+	os.Mkdir(work, 0o755)
+	p1 := startBinary(t, bin, work, "--mqtt-max-conns-per-addr", "100000")
+	api := adminClient(t, p1.admin, work)
+	ctx := context.Background()
+	terms, csv := rawTerminalCSV(t, "R", n)
+	importFleet(t, api, csv, n)
+	f := goOnline(t, p1.mqtt, terms)
+
+	camp, err := api.StartCampaign(ctx, adminapi.CampaignRequest{Select: "all", What: "all", Rate: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, "the campaign did not get a third of the way", func() bool {
+		return campaignOf(t, api, camp.ID).Handled >= n/3
+	})
+	p1.kill(t)
+	before := p1.logs.String()
+	startedBefore := startedPerSN(before)
+	t.Logf("killed with %d changes started", len(startedBefore))
+
+	p2 := startBinary(t, bin, work, "--mqtt-max-conns-per-addr", "100000")
+	f.moveTo(p2.mqtt)
+	api = adminClient(t, p2.admin, work)
+	deadline := time.Now().Add(2 * time.Minute)
+	for camp = campaignOf(t, api, camp.ID); camp.Counts.Committed != n || camp.State != "done"; camp = campaignOf(t, api, camp.ID) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the resumed campaign did not commit every change: %+v\n%s", camp, grepLines(p2.logs.String(), "campaign"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if want := (adminapi.Counts{Committed: n}); camp.Counts != want || camp.Handled != n {
+		t.Fatalf("counts %+v (handled %d), want %+v", camp.Counts, camp.Handled, want)
+	}
+	after := p2.logs.String()
+	if !strings.Contains(after, "campaign resumed") {
+		t.Fatal("the second run did not log that it resumed the campaign")
+	}
+	adopted := strings.Count(after, "the change pending is the campaign's") + strings.Count(after, "the change was committed before the restart")
+	t.Logf("resumed; %d changes recognised from their record after the kill", adopted)
+
+	started := startedPerSN(before + after)
+	items := map[string]string{}
+	for ct, err := range api.AllCampaignTerminals(ctx, camp.ID, "") {
+		if err != nil {
+			t.Fatal(err)
+		}
+		items[ct.SN] = ct.RID
+	}
+	for _, rt := range terms {
+		sn := rt.id.SN
+		if started[sn] != 1 {
+			t.Errorf("%s: %d changes started over both runs, want 1", sn, started[sn])
+		}
+		if d := rt.distinctChanges(); d != 1 {
+			t.Errorf("%s: %d different changes delivered, want 1", sn, d)
+		}
+		term, err := api.GetTerminal(ctx, sn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if term.Pending != nil || term.LastCommitted == "" || term.LastCommitted != items[sn] {
+			t.Errorf("%s: last committed %q, pending %v; the campaign's change is %q", sn, term.LastCommitted, term.Pending != nil, items[sn])
+		}
+	}
+	f.close()
+	scanForSecrets(t, before+after, terms)
+}
+
+// startedPerSN counts the change_started events of a broker log by serial
+// number.
+func startedPerSN(logs string) map[string]int {
+	out := map[string]int{}
+	re := regexp.MustCompile(`msg="m2mguard change_started".* sn=([A-Za-z0-9]+) `)
+	for _, m := range re.FindAllStringSubmatch(logs, -1) {
+		out[m[1]]++
+	}
+	return out
+}
+
+// grepLines returns the lines of text that hold substr.
+func grepLines(text, substr string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -37,8 +37,9 @@ type rawTerminal struct {
 	next *rawCreds // the values of a cfg, until done
 	rid  codec.ID
 
-	changes   atomic.Int32 // cfg messages received (changes delivered)
-	committed atomic.Int32 // done messages verified
+	rids      map[codec.ID]bool // the changes delivered (cfg), by rid
+	changes   atomic.Int32      // cfg messages received (changes delivered, a change delivered again counted again)
+	committed atomic.Int32      // changes committed: done verified, or a login with the new values accepted
 }
 
 type rawCreds struct {
@@ -170,12 +171,38 @@ func (c *rawConn) read(timeout time.Duration) (packets.Packet, error) {
 // errRefused: the broker refused the login.
 var errRefused = errors.New("login refused")
 
-// login connects to addr with a fresh token (asking for a session key with
-// the current basic key) and subscribes to the key topic.
+// login connects to addr, with the current values or, if the broker
+// refuses them while a change is pending here (its done was lost), with
+// the new ones, which then become current: as the reference client does.
 func (rt *rawTerminal) login(addr string) (*rawConn, error) {
 	rt.mu.Lock()
-	cur := rt.cur
+	cur, next := rt.cur, rt.next
 	rt.mu.Unlock()
+	c, err := rt.loginWith(addr, cur)
+	if !errors.Is(err, errRefused) || next == nil {
+		return c, err
+	}
+	if c, err = rt.loginWith(addr, *next); err == nil {
+		rt.mu.Lock()
+		if rt.next != nil {
+			rt.cur, rt.next = *rt.next, nil
+			rt.committed.Add(1)
+		}
+		rt.mu.Unlock()
+	}
+	return c, err
+}
+
+// distinctChanges is the number of different changes delivered.
+func (rt *rawTerminal) distinctChanges() int {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	return len(rt.rids)
+}
+
+// loginWith connects to addr with a fresh token of cur (asking for a
+// session key with its basic key) and subscribes to the key topic.
+func (rt *rawTerminal) loginWith(addr string, cur rawCreds) (*rawConn, error) {
 	l := codec.Login{Identity: rt.id, Alg: rt.alg, Flags: codec.FlagSessionKey, TS: uint32(time.Now().Unix()), Nonce: randomID(),
 		BKD: codec.BasicKeyDigest(rt.alg, cur.bk, cur.bkexp)}
 	pw, err := l.Sign(cur.up)
@@ -257,6 +284,10 @@ func (rt *rawTerminal) onKey(payload []byte) []byte {
 		}
 		rt.next, rt.rid = &next, msg.RID
 		rt.changes.Add(1)
+		if rt.rids == nil {
+			rt.rids = map[codec.ID]bool{}
+		}
+		rt.rids[msg.RID] = true
 		ack := codec.Control{Kind: codec.KindAck, Alg: rt.alg, RID: msg.RID, TS: uint32(time.Now().Unix()), Nonce: randomID()}
 		if p.What.BasicKey() {
 			ack.BKD = codec.BasicKeyDigest(rt.alg, next.bk, next.bkexp)
