@@ -165,7 +165,15 @@ func (d *changeDesk) start(ctx context.Context, sn string, what codec.What) (*ke
 		return nil, err
 	}
 	d.started(sn, ch)
-	if online && ok && d.deliver(c, t, ch, mode) {
+	if !online {
+		// A login in progress read the record before this change and may
+		// have registered its connection since: look again (the login
+		// looks for this change too once established: startedDuringLogin).
+		if c, online = d.link.online(sn); online {
+			mode, ok = d.chooseMode(c.s, t, codec.ModeCipher)
+		}
+	}
+	if online && ok && c.s.startSent.Swap(uint64(ch.RID)) != uint64(ch.RID) && d.deliver(c, t, ch, mode) {
 		ch.Delivered = true // the caller sees what the store now holds
 	}
 	return ch, nil
@@ -241,7 +249,9 @@ func (d *changeDesk) deliverPending(c termConn) {
 	t, ch := s.loginRecord, s.loginPending
 	s.loginRecord, s.loginPending = nil, nil
 	if ch == nil {
-		return
+		if t, ch = d.startedDuringLogin(s.sn); ch == nil || s.startSent.Swap(uint64(ch.RID)) == uint64(ch.RID) {
+			return
+		}
 	}
 	if ch.Delivered && ch.Mode == codec.ModeSMS {
 		// The SMS went out already: say again that it did, do not send it again.
@@ -254,6 +264,25 @@ func (d *changeDesk) deliverPending(c termConn) {
 		return
 	}
 	d.deliver(c, t, ch, mode)
+}
+
+// startedDuringLogin returns the record and pending change of terminal sn
+// if a change was started on this broker while the login that established
+// its session was in progress: the login read the record before the
+// change, and the start may have found no connection to send it on (mochi
+// had not registered it yet). Only a terminal with a change this broker
+// watches costs a store read.
+func (d *changeDesk) startedDuringLogin(sn string) (*keysvc.Terminal, *keysvc.Change) {
+	if !d.watch.has(sn) {
+		return nil, nil
+	}
+	ctx, cancel := d.storeCtx()
+	defer cancel()
+	t, err := d.reg.Get(ctx, sn)
+	if err != nil || t.Pending == nil || t.Pending.Delivered || t.Pending.Expired(d.now()) {
+		return nil, nil
+	}
+	return t, t.Pending
 }
 
 // deliver sends the new values of ch to the connected terminal by mode. It
@@ -616,6 +645,13 @@ func (w *changeWatch) watch(sn string, rid codec.ID, deadline time.Time) {
 	w.mu.Lock()
 	w.deadlines[sn] = watched{sn, rid, deadline}
 	w.mu.Unlock()
+}
+
+func (w *changeWatch) has(sn string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, ok := w.deadlines[sn]
+	return ok
 }
 
 func (w *changeWatch) forget(sn string) {

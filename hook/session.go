@@ -84,6 +84,10 @@ type session struct {
 	// the session is established (then nil).
 	loginRecord  *keysvc.Terminal
 	loginPending *keysvc.Change
+	// startSent is the rid of the last operator's change sent on this
+	// connection by changeDesk.start or startedDuringLogin: both may find
+	// a change started while the login was in progress, the first sends it.
+	startSent atomic.Uint64
 
 	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
 	upTop     atomic.Uint64 // upWindow.Top(), for Sessions
