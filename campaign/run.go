@@ -247,13 +247,19 @@ func (r *Runner) fetch(ctx context.Context, a *run) bool {
 		return false
 	}
 	r.mu.Lock()
+	var follow []*tracked
 	for _, it := range handled {
-		r.recordLocked(a, it)
+		if tr := r.recordLocked(a, it); tr != nil {
+			follow = append(follow, tr)
+		}
 	}
 	if len(queue) == 0 {
 		a.c.Cursor, a.cDirty = last, true
 	}
 	r.mu.Unlock()
+	// A change resolved from the record may have moved on between that
+	// read and now, when events for it count: read its record again.
+	r.reconcile(ctx, follow)
 	for _, it := range intents {
 		a.intents[it.SN] = it
 	}
@@ -314,8 +320,11 @@ func (r *Runner) settleLeftovers(ctx context.Context, a *run) {
 			}
 		}
 		r.mu.Lock()
-		r.recordLocked(a, out)
+		tr := r.recordLocked(a, out)
 		r.mu.Unlock()
+		if tr != nil { // as in fetch: it may have moved on since the read
+			r.reconcile(ctx, []*tracked{tr})
+		}
 	}
 }
 
@@ -422,16 +431,18 @@ func clip(s string) string {
 }
 
 // recordLocked counts a terminal handled and keeps its item to write; a
-// change not yet committed or expired is followed.
-func (r *Runner) recordLocked(a *run, it keysvc.CampaignItem) {
+// change not yet committed or expired is followed, and returned.
+func (r *Runner) recordLocked(a *run, it keysvc.CampaignItem) *tracked {
 	a.c.Counts.Add(it.Outcome, 1)
 	a.cDirty = true
 	a.dirty[it.SN] = it
-	if !it.Outcome.Final() {
-		tr := &tracked{run: a, item: it}
-		r.outstanding[itemKey{it.SN, it.RID.String()}] = tr
-		a.tracking[it.SN] = tr
+	if it.Outcome.Final() {
+		return nil
 	}
+	tr := &tracked{run: a, item: it}
+	r.outstanding[itemKey{it.SN, it.RID.String()}] = tr
+	a.tracking[it.SN] = tr
+	return tr
 }
 
 // Emit follows the hook's change events (events.Sink): a change a
@@ -617,9 +628,10 @@ func (r *Runner) resume(ctx context.Context, id string) error {
 			if it.SN > c.Cursor || it.Outcome == keysvc.OutcomeStarting {
 				a.known[it.SN] = it
 			}
-			if it.Outcome.Valid() && !it.Outcome.Final() {
-				tr := &tracked{run: a, item: it}
-				follow = append(follow, tr)
+			if it.Outcome == keysvc.OutcomeWaiting || it.Outcome == keysvc.OutcomeDelivered {
+				// Followed: an intent (starting) is not a change; the
+				// walk resolves it when it meets it again.
+				follow = append(follow, &tracked{run: a, item: it})
 			}
 		}
 		if len(items) < itemPage {

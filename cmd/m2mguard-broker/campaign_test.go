@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -235,7 +236,13 @@ func TestCampaignResumesAfterKillBinary(t *testing.T) {
 	deadline := time.Now().Add(2 * time.Minute)
 	for camp = campaignOf(t, api, camp.ID); camp.Counts.Committed != n || camp.State != "done"; camp = campaignOf(t, api, camp.ID) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the resumed campaign did not commit every change: %+v\n%s", camp, grepLines(p2.logs.String(), "campaign"))
+			var open []string
+			for ct, err := range api.AllCampaignTerminals(ctx, camp.ID, "") {
+				if err == nil && ct.Outcome != "committed" {
+					open = append(open, fmt.Sprintf("%+v\n%s\n%s", ct, grepLines(p1.logs.String(), "sn="+ct.SN+" "), grepLines(p2.logs.String(), "sn="+ct.SN+" ")))
+				}
+			}
+			t.Fatalf("the resumed campaign did not commit every change: %+v\n%s", camp, strings.Join(open, "\n"))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
