@@ -772,6 +772,9 @@ func (b *Broker) Service() *keysvc.Service { return b.svc }
 // Hook returns the M2M1 hook.
 func (b *Broker) Hook() *hook.Hook { return b.hook }
 
+// Campaigns returns the runner of credential campaigns.
+func (b *Broker) Campaigns() *campaign.Runner { return b.campaigns }
+
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
