@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -280,4 +281,36 @@ func Example() {
 	}
 	fmt.Printf("handled %d: %d waiting\n", c.Counts.Handled(), c.Counts.Waiting)
 	// Output: handled 3: 3 waiting
+}
+
+// TestCampaignExpiryWithoutEvent: a change whose terminal never came back
+// is settled as expired once past its deadline, from the terminal's
+// record, with no event (the hook's expiry watch does not outlive a
+// restart); the campaign is then done.
+func TestCampaignExpiryWithoutEvent(t *testing.T) {
+	ctx := context.Background()
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	svc := newService(t, t.TempDir())
+	register(t, svc, 3)
+	r, err := campaign.New(campaign.Options{Keys: svc, Starter: &starter{svc: svc}, FlushEvery: 10 * time.Millisecond,
+		CheckEvery: 10 * time.Millisecond, Now: now, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Start()
+	defer r.Close()
+	c, err := r.Create(ctx, keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectAll}, What: codec.WhatAll, Rate: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitCampaign(t, r, c.ID, "not tracking", func(c *keysvc.Campaign) bool {
+		return c.State == keysvc.CampaignTracking && c.Counts.Waiting == 3
+	})
+	offset.Store(int64(25 * time.Hour)) // past the deadline (24 h) and the minute the runner leaves the hook
+	c = waitCampaign(t, r, c.ID, "not settled as expired", func(c *keysvc.Campaign) bool { return c.Counts.Expired == 3 })
+	stored := waitCampaign(t, r, c.ID, "not done", func(c *keysvc.Campaign) bool { return c.State == keysvc.CampaignDone && !c.Finished.IsZero() })
+	if stored.Counts != (keysvc.CampaignCounts{Expired: 3}) {
+		t.Fatalf("counts %+v", stored.Counts)
+	}
 }
