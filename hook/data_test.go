@@ -177,7 +177,7 @@ func TestQueuedDownlinkSealedForNextSession(t *testing.T) {
 	c, _ := loginWithKey(t, e, term, false)
 	c.subscribe("m2m/"+term.sn+"/down/#", 1)
 	c.conn.Close()
-	time.Sleep(50 * time.Millisecond)
+	e.awaitOffline(term.sn) // else the message may reach the closing connection
 	down := "m2m/" + term.sn + "/down/cmd"
 	app.publish(down, []byte("queued"), 1)
 

@@ -70,7 +70,7 @@ func (a *api) startCampaign(w http.ResponseWriter, r *http.Request) {
 		a.campaignFail(w, r, err)
 		return
 	}
-	a.log.Info("campaign started", "campaign", c.ID, "select", c.Selection.Kind, "what", string(c.What), "rate", c.Rate, "remote", r.RemoteAddr)
+	a.audit(r, "campaign started", "campaign", c.ID, "select", c.Selection.Kind, "what", string(c.What), "rate", c.Rate)
 	w.Header().Set("Location", "/v1/campaigns/"+c.ID)
 	writeJSON(w, http.StatusCreated, campaignView(c))
 }
@@ -167,7 +167,7 @@ func (a *api) cancelCampaign(w http.ResponseWriter, r *http.Request) {
 		a.campaignFail(w, r, err)
 		return
 	}
-	a.log.Info("campaign cancelled", "campaign", id, "remote", r.RemoteAddr)
+	a.audit(r, "campaign cancelled", "campaign", id)
 	writeJSON(w, http.StatusOK, campaignView(c))
 }
 
