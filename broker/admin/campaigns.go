@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"time"
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/campaign"
@@ -106,21 +105,13 @@ func campaignRequest(req adminapi.CampaignRequest) (keysvc.CampaignRequest, erro
 		return out, badField("before", "give a date with select expiring, and only then")
 	}
 	if req.Before != "" {
-		t, err := parseDate(req.Before)
+		t, err := parseDate("before", req.Before) // reports.go
 		if err != nil {
-			return out, badField("before", "want a date (2026-01-31) or an RFC 3339 time")
+			return out, err
 		}
 		out.Selection.Before = t
 	}
 	return out, nil
-}
-
-// parseDate reads a date (midnight UTC) or an RFC 3339 time.
-func parseDate(s string) (time.Time, error) {
-	if t, err := time.Parse(time.DateOnly, s); err == nil {
-		return t, nil
-	}
-	return time.Parse(time.RFC3339, s)
 }
 
 func (a *api) listCampaigns(w http.ResponseWriter, r *http.Request) {

@@ -63,7 +63,8 @@ func TestCampaignOverFleetBinary(t *testing.T) {
 		t.Skip("builds the binary and runs 1,000 terminals")
 	}
 	n := atoiEnv(t, "M2MGUARD_CAMPAIGN_TERMINALS", 1000)
-	bin, ctl := buildBinary(t), buildCtl(t)
+	bin := buildBinary(t)
+	ctl := buildCtl(t, bin)
 	work := filepath.Join(t.TempDir(), "work")
 	os.Mkdir(work, 0o755)
 	p := startBinary(t, bin, work, "--mqtt-max-conns-per-addr", "100000")
@@ -182,16 +183,6 @@ func hexOf(b []byte) string {
 		out = append(out, digits[c>>4], digits[c&15])
 	}
 	return string(out)
-}
-
-// buildCtl builds m2mctl into a temporary directory.
-func buildCtl(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "m2mctl")
-	if out, err := exec.Command("go", "build", "-o", bin, "../m2mctl").CombinedOutput(); err != nil {
-		t.Fatalf("go build m2mctl: %v\n%s", err, out)
-	}
-	return bin
 }
 
 // TestCampaignResumesAfterKillBinary kills the broker binary (SIGKILL:

@@ -125,7 +125,8 @@ func TestPresenceEventsToSubscribedAppBinary(t *testing.T) {
 	}))
 	defer srv.Close()
 
-	bin, ctl := buildBinary(t), buildCtl(t)
+	bin := buildBinary(t)
+	ctl := buildCtl(t, bin)
 	work := filepath.Join(t.TempDir(), "work")
 	os.Mkdir(work, 0o755)
 	p := startBinary(t, bin, work,
