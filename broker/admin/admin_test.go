@@ -376,11 +376,12 @@ func hexDecode(dst []byte, s string) (int, error) { return hex.Decode(dst, []byt
 
 // TestCampaignsEndpoints: /v1/campaigns checks its input, maps the
 // runner's refusals (rate above campaigns.max_rate, a second running
-// campaign, cancelling a finished one) and reports progress and the
-// terminals by outcome.
+// campaign) and reports progress and the terminals by outcome; a
+// read-only operator may follow a campaign, not start or cancel one.
 func TestCampaignsEndpoints(t *testing.T) {
 	e := newEnv(t)
-	e = serve(t, e.b, admin.Options{Terminals: e.b.Service(), Apps: e.b.Service(), Sessions: e.b.Hook(), Campaigns: e.b.Campaigns()})
+	e = serve(t, e.b, admin.Options{Terminals: e.b.Service(), Apps: e.b.Service(), Sessions: e.b.Hook(), Campaigns: e.b.Campaigns(),
+		Operators: operators(t)})
 	e.register(t1)
 	e.register(adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518570", IMSI: "460020084678120"})
 	list := adminapi.CampaignRequest{Select: "list", SNs: []string{"T2"}, What: "pwd", Rate: 50}
@@ -416,7 +417,11 @@ func TestCampaignsEndpoints(t *testing.T) {
 		{name: "terminals", method: "GET", path: "/v1/campaigns/" + c.ID + "/terminals?outcome=waiting", status: 200, want: `"sn": "T2"`, not: "T1"},
 		{name: "the change", method: "GET", path: "/v1/terminals/T2/changes", status: 200, want: `"origin": "operator"`},
 		{name: "list", method: "GET", path: "/v1/campaigns", status: 200, want: c.ID},
-		{name: "cancel", method: "POST", path: "/v1/campaigns/" + c.ID + "/cancel", status: 200, want: `"state": "cancelled"`},
+		{name: "viewer reads", method: "GET", path: "/v1/campaigns/" + c.ID, tok: viewerToken, status: 200, want: c.ID},
+		{name: "viewer's terminals", method: "GET", path: "/v1/campaigns/" + c.ID + "/terminals", tok: viewerToken, status: 200, want: `"sn": "T2"`},
+		{name: "viewer may not cancel", method: "POST", path: "/v1/campaigns/" + c.ID + "/cancel", tok: viewerToken, status: 403},
+		{name: "viewer may not start", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk"}, tok: viewerToken, status: 403},
+		{name: "cancel", method: "POST", path: "/v1/campaigns/" + c.ID + "/cancel", tok: aliceToken, status: 200, want: `"state": "cancelled"`},
 		{name: "second campaign", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk", Rate: 1}, status: 201},
 		{name: "third while one runs", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk", Rate: 1}, status: 409},
 	})
