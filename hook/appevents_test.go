@@ -1,6 +1,8 @@
 package hook_test
 
 import (
+	"context"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -9,6 +11,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/keysvc"
 )
 
 // eventSink keeps the events the hook emits.
@@ -115,5 +118,75 @@ func TestRefusalEventsOnlyForKnownTerminalsCapped(t *testing.T) {
 		if strings.Contains(all.String(), string(s)) || strings.Contains(all.String(), fmtHex(s)) {
 			t.Fatal("an event carries a secret")
 		}
+	}
+}
+
+// slowDeliveryRegistry is a store slower to record a delivery than the
+// terminal is to answer it.
+type slowDeliveryRegistry struct {
+	hook.Registry
+	delay time.Duration
+}
+
+func (r *slowDeliveryRegistry) MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*keysvc.Terminal, error) {
+	time.Sleep(r.delay)
+	return r.Registry.MarkDelivered(ctx, sn, rid, mode)
+}
+
+// TestChangeDeliveredBeforeCommitted: a change's delivery is recorded
+// before its cfg goes out. A terminal that acknowledges at once, before a
+// slow store has recorded the delivery, must not leave the delivery to be
+// recorded after the commit (where it finds no change pending: a failure
+// counted for a change that succeeded, and no change_delivered event, or
+// one after change_committed). Applications see started, delivered,
+// committed, in that order.
+func TestChangeDeliveredBeforeCommitted(t *testing.T) {
+	sink := &eventSink{}
+	reg := &slowDeliveryRegistry{delay: 300 * time.Millisecond}
+	e := newEnv(t, func(o *hook.Options) { o.Events = sink; reg.Registry, o.Registry = o.Registry, reg })
+	term := e.register("A00MS8011390002S", codec.HS256)
+	c, _ := loginWithKey(t, e, term, true)
+	started := make(chan error, 1)
+	go func() {
+		_, err := e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd)
+		started <- err
+	}()
+	pk, err := c.nextPublish(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rid, params, err := term.cfg(string(pk.Payload))
+	if err != nil {
+		t.Fatalf("cfg: %v", err)
+	}
+	next, err := term.applyParams(params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.secrets = append(e.secrets, []byte(next.up), []byte(next.down))
+	c.publish("$m2m/"+term.sn+"/ctl", term.ack(next, rid, false, e.ts(), nonce()), 1) // at once
+	if f := keyMessage(t, c, next); f[1] != "done" {
+		t.Fatalf("got %v, want done", f)
+	}
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	var kinds []events.Kind
+	pollUntil(liveness, func() bool {
+		kinds = nil
+		sink.mu.Lock()
+		for _, ev := range sink.got {
+			if strings.HasPrefix(string(ev.Kind), "change_") {
+				kinds = append(kinds, ev.Kind)
+			}
+		}
+		sink.mu.Unlock()
+		return len(kinds) >= 3
+	})
+	if want := []events.Kind{events.ChangeStarted, events.ChangeDelivered, events.ChangeCommitted}; !slices.Equal(kinds, want) {
+		t.Fatalf("change events %v, want %v", kinds, want)
+	}
+	if n := e.counter("m2mguard_changes_total", "event", "failed"); n != 0 {
+		t.Fatalf("%v changes counted as failed", n)
 	}
 }

@@ -307,8 +307,17 @@ func (d *changeDesk) deliver(c termConn, t *keysvc.Terminal, ch *keysvc.Change, 
 			d.failed(s.sn, ch.RID, "wrap", err)
 			return false
 		}
+		// Recorded before it goes out: the terminal's ack can commit the
+		// change as soon as the cfg arrives, and a delivery recorded after
+		// that would find no change pending (a failure counted for a change
+		// that succeeded, no change_delivered event or one after its
+		// change_committed). If the store cannot record it, the cfg waits
+		// for the next login, as an ack could not commit now either.
+		if !d.markDelivered(s.sn, ch.RID, mode) {
+			return false
+		}
 		d.link.sendKey(c, d.sign(s, t.Creds.Down, codec.Control{Kind: codec.KindCfg, RID: ch.RID, Wrapped: wrapped}))
-		return d.markDelivered(s.sn, ch.RID, mode)
+		return true
 	}
 	d.link.sendKey(c, d.sign(s, t.Creds.Down, codec.Control{Kind: codec.KindAcc, RID: ch.RID}))
 	msg := codec.SMS{SN: s.sn, RID: ch.RID, Params: params}
