@@ -118,3 +118,39 @@ func startFailing(t *testing.T, bin, work string, args ...string) string {
 	}
 	return string(out)
 }
+
+// TestKubernetesAuthBinary: the broker binary in a pod's place logs in to
+// Vault through its Kubernetes auth method (the service account's JWT,
+// checked by a TokenReview API the test serves), under the shipped broker
+// policy, and a terminal registered through
+// its admin API logs in over MQTT.
+func TestKubernetesAuthBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	v := vaulttest.Start(t)
+	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "0d8c4b9e-1f2a-4e6b-8c3d-5a7b9c1d3e5f"}
+	tr := vaulttest.StartTokenReview(t)
+	policy, err := os.ReadFile("../../deploy/vault/broker.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.EnableKubernetesAuth(t, tr, "m2mguard-broker", sa, "m2mguard-broker", string(policy), "1h", "24h")
+	work := t.TempDir()
+	jwt := filepath.Join(work, "token")
+	if err := os.WriteFile(jwt, []byte(tr.Issue(t, sa)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := startBinary(t, buildBinary(t), work, "--store-type", "vault", "--store-vault-address", v.Addr,
+		"--store-vault-kubernetes-role", "m2mguard-broker", "--store-vault-kubernetes-token-file", jwt)
+	if !strings.Contains(p.logs.String(), "auth=kubernetes") || tr.Reviews() == 0 {
+		t.Fatalf("no Kubernetes login (%d token reviews):\n%s", tr.Reviews(), p.logs)
+	}
+	if got := p.metric(t, work, `m2mguard_vault_logins_total{method="kubernetes",result="success"}`); got < 1 {
+		t.Fatalf("vault logins{kubernetes,success} = %v", got)
+	}
+	b := p.register(t, work, "KUBE1")
+	if code := connect(t, p.mqtt, b.SN, b.IMEI+":"+b.IMSI, loginToken(t, b)); code != 0 {
+		t.Fatalf("login of a terminal stored through Kubernetes auth: CONNACK %d", code)
+	}
+}
