@@ -34,6 +34,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/campaign"
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/fleet"
 	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/hook"
@@ -67,6 +70,10 @@ type Broker struct {
 	node  *fleet.Node
 	fleet *fleet.Fleet
 	link  *fleetlink.Link
+
+	events    *events.Queue    // presence and security events for applications
+	webhook   *events.Webhook  // nil without events.webhook_url
+	campaigns *campaign.Runner // fleet-wide credential changes
 
 	guard       *netguard.Guard // every MQTT listener's connections
 	listenerIDs []string
@@ -203,6 +210,33 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
 			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
+	// Events for applications: published through mochi's inline client
+	// and, if configured, POSTed to a webhook; the campaign runner follows
+	// the change events. The runner starts changes through the hook, which
+	// exists only below: it is called through b.hook once started.
+	copts := campaignOptions(cfg, b.svc, campaign.StarterFunc(func(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+		if b.link != nil { // on the broker holding the terminal's session
+			return b.link.Sessions().StartChangeBy(ctx, sn, what, "campaign")
+		}
+		return b.hook.StartChangeBy(ctx, sn, what, "campaign") // its change_started events say who started them
+	}), logger.With("component", "campaign"))
+	if b.link != nil {
+		// One broker of the fleet at a time walks the campaigns.
+		if copts.Lease, err = b.link.CampaignLease(); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+		// A campaign created through another broker is found by the
+		// holder's periodic check of the store: every 10 s, not a minute.
+		copts.CheckEvery = fleetCampaignCheck
+	}
+	b.campaigns, err = campaign.New(copts)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.startEvents(); err != nil {
+		return nil, err
+	}
+	hopts.Events = events.Multi{b.events, b.campaigns}
 	if b.sessions != nil {
 		hopts.Storage = b.sessions
 	}
@@ -237,6 +271,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		// another broker while this one was down live there now.
 		b.link.DiscardMoved(ctx, offlineClients(b.server))
 	}
+	b.campaigns.Start()
 	if err := b.startAdmin(); err != nil {
 		return nil, err
 	}
@@ -268,7 +303,7 @@ func hookOptions(cfg *Config) hook.Options {
 	a := cfg.Auth
 	return hook.Options{
 		Skew: a.Skew, Grace: a.Grace, SessionLifetime: a.SessionLifetime,
-		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest, RefusalEventRate: cfg.Events.RefusalRate,
 		Throttle: hook.ThrottleOptions{Free: a.ThrottleFree, Base: a.ThrottleBase, Max: a.ThrottleMax, MaxEntries: a.ThrottleMaxEntries},
 		Apps: hook.AppLimitOptions{
 			Concurrency: a.AppConcurrency, ConcurrencyPerAddr: a.AppConcurrencyPerAddr,
@@ -276,6 +311,70 @@ func hookOptions(cfg *Config) hook.Options {
 			FailuresPerAddr: a.AppFailuresPerAddr, FailureRefill: a.AppFailureRefill,
 		},
 	}
+}
+
+// fleetCampaignCheck is how often, in fleet mode, the holder of the
+// campaigns' lease looks for campaigns created through other brokers (and
+// for changes past their deadline).
+const fleetCampaignCheck = 10 * time.Second
+
+// campaignOptions are the campaign runner's options that cfg sets.
+func campaignOptions(cfg *Config, keys campaign.Keys, starter campaign.Starter, logger *slog.Logger) campaign.Options {
+	return campaign.Options{Keys: keys, Starter: starter, MaxRate: cfg.Campaigns.MaxRate, Logger: logger}
+}
+
+// startEvents starts the queue of events for applications, its webhook if
+// one is configured, and exports their counters.
+func (b *Broker) startEvents() error {
+	cfg := b.cfg.Events
+	var handlers []func(events.Event)
+	if cfg.MQTT {
+		handlers = append(handlers, events.MQTTPublisher(b.server.Publish))
+	}
+	if cfg.WebhookURL != "" {
+		b.webhook = &events.Webhook{URL: cfg.WebhookURL, AuthHeader: cfg.WebhookAuthHeader, AuthValue: cfg.WebhookAuthValue,
+			Batch: cfg.WebhookBatch, Retries: cfg.WebhookRetries, Timeout: cfg.WebhookTimeout,
+			Queue: cfg.Queue, Logger: b.log.With("component", "events")}
+		if cfg.WebhookRetries == 0 {
+			b.webhook.Retries = -1 // none: the zero Webhook would take its default
+		}
+		if err := b.webhook.Start(); err != nil {
+			return &ConfigError{Key: "events.webhook_url", Err: err}
+		}
+		handlers = append(handlers, b.webhook.Emit)
+	}
+	b.events = events.NewQueue(events.QueueOptions{Size: cfg.Queue}, handlers...)
+	q, w := b.events, b.webhook
+	dropped := func(sink string, f func() uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_events_dropped_total",
+			Help:        "Events for applications dropped because a queue was full: queue (before MQTT and the webhook), webhook (its own queue).",
+			ConstLabels: prometheus.Labels{"queue": sink}}, func() float64 { return float64(f()) })
+	}
+	webhookStats := func(f func(events.WebhookStats) uint64) func() uint64 {
+		return func() uint64 {
+			if w == nil {
+				return 0
+			}
+			return f(w.Stats())
+		}
+	}
+	webhookEvents := func(result string, f func(events.WebhookStats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_webhook_events_total",
+			Help:        "Events POSTed to the webhook by result: sent (answered 2xx) or failed (retries used up, or refused with 4xx: dropped).",
+			ConstLabels: prometheus.Labels{"result": result}}, func() float64 { return float64(webhookStats(f)()) })
+	}
+	b.registry.MustRegister(
+		dropped("queue", func() uint64 { return q.Stats().Dropped }),
+		dropped("webhook", webhookStats(func(s events.WebhookStats) uint64 { return s.Dropped })),
+		webhookEvents("sent", func(s events.WebhookStats) uint64 { return s.Sent }),
+		webhookEvents("failed", func(s events.WebhookStats) uint64 { return s.Failed }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_webhook_retries_total",
+			Help: "Webhook POST attempts retried."}, func() float64 {
+			return float64(webhookStats(func(s events.WebhookStats) uint64 { return s.Retries })())
+		}),
+		b.campaigns,
+	)
+	return nil
 }
 
 // guardOptions are the connection guard's options that cfg sets (the
@@ -657,7 +756,7 @@ func (b *Broker) startAdmin() error {
 		sessions = b.link.Sessions() // every broker's sessions; calls reach the broker holding one
 	}
 	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Token: token, Operators: ops, MetricsToken: metricsToken,
+		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Campaigns: b.campaigns, Token: token, Operators: ops, MetricsToken: metricsToken,
 		LastSeen: b.lastSeen, Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
@@ -811,6 +910,9 @@ func (b *Broker) LastSeen() *lastseen.Table { return b.lastSeen }
 // Hook returns the M2M1 hook.
 func (b *Broker) Hook() *hook.Hook { return b.hook }
 
+// Campaigns returns the runner of credential campaigns.
+func (b *Broker) Campaigns() *campaign.Runner { return b.campaigns }
+
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
@@ -831,10 +933,19 @@ func (b *Broker) Close() error {
 			cancel()
 			<-b.adminDone
 		}
+		if b.campaigns != nil {
+			b.campaigns.Close() // writes its progress to the store, which is still open
+		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
 			}
+		}
+		if b.events != nil {
+			b.events.Close()
+		}
+		if b.webhook != nil {
+			b.webhook.Close()
 		}
 		if b.sessions != nil { // mochi's Close has closed it when it stopped the hooks
 			if err := b.sessions.Close(); err != nil {

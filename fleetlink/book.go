@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -15,11 +14,12 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/hook"
 )
 
 // book is the hook's ChangeBook in the fleet's bucket M2MGUARD_CHANGES:
 //
-//	deadline.<sn>        the deadline of sn's pending change (unix ms)
+//	deadline.<sn>        sn's pending change: {"rid": change id, "deadline": unix ms}
 //	sms.<sn>.<rid>       an SMS send in progress: {"owner": broker, "deadline": unix ms}
 //
 // Writes go out in order on one worker (the login path never waits for
@@ -35,7 +35,7 @@ type book struct {
 	lease *fleet.Lease // set by start
 
 	mu  sync.Mutex
-	due []string // expired changes collected by the sweep, for Due
+	due []hook.DueChange // expired changes collected by the sweep, for Due
 }
 
 // bookOp is one write of the book: a put, or a delete if value is nil.
@@ -61,16 +61,23 @@ func smsKey(sn string, rid codec.ID) (string, error) {
 	return "sms." + k + "." + rid.String(), err
 }
 
+// deadlineValue is the value of a deadline key.
+type deadlineValue struct {
+	RID      string `json:"rid"`
+	Deadline int64  `json:"deadline"` // unix milliseconds
+}
+
 // smsValue is the value of an sms key.
 type smsValue struct {
 	Owner    string `json:"owner"`
 	Deadline int64  `json:"deadline"` // unix milliseconds
 }
 
-// Watch records the deadline of sn's pending change (hook.ChangeBook).
-func (b *book) Watch(sn string, deadline time.Time) {
+// Watch records the deadline of sn's pending change rid (hook.ChangeBook).
+func (b *book) Watch(sn string, rid codec.ID, deadline time.Time) {
 	if k, err := deadlineKey(sn); err == nil {
-		b.q.push(bookOp{k, []byte(strconv.FormatInt(deadline.UnixMilli(), 10))})
+		v, _ := json.Marshal(deadlineValue{RID: rid.String(), Deadline: deadline.UnixMilli()})
+		b.q.push(bookOp{k, v})
 	}
 }
 
@@ -83,7 +90,7 @@ func (b *book) Forget(sn string) {
 
 // Due hands over the expired changes the sweep collected (hook.ChangeBook):
 // only on the holder of the lease.
-func (b *book) Due(now time.Time) []string {
+func (b *book) Due(now time.Time) []hook.DueChange {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	out := b.due
@@ -213,16 +220,18 @@ func (b *book) collectExpired(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		ms, err := strconv.ParseInt(string(e.Value()), 10, 64)
-		if err == nil && now.Before(time.UnixMilli(ms)) {
+		var v deadlineValue
+		verr := json.Unmarshal(e.Value(), &v)
+		if verr == nil && now.Before(time.UnixMilli(v.Deadline)) {
 			continue
 		}
 		sn, kerr := fleet.UnescapeKey(strings.TrimPrefix(k, "deadline."))
 		if err := b.kv.Delete(ctx, k, jetstream.LastRevision(e.Revision())); err != nil || kerr != nil || codec.ValidateSN(sn) != nil {
 			continue // changed meanwhile (a newer change), or not a serial number
 		}
+		rid, _ := codec.ParseID(v.RID) // an unreadable value: the expiry is recorded without its id
 		b.mu.Lock()
-		b.due = append(b.due, sn)
+		b.due = append(b.due, hook.DueChange{SN: sn, RID: rid})
 		b.mu.Unlock()
 	}
 	return nil

@@ -100,13 +100,13 @@ func (h *Hook) discardSession(cl *mqtt.Client) {
 // the SMS sends of a broker that is gone (Hook.ResumeSMS). Its methods run
 // on the login path: they must not block.
 type ChangeBook interface {
-	// Watch records the deadline of sn's pending change; Forget drops it
-	// (committed, or cancelled by a revocation).
-	Watch(sn string, deadline time.Time)
+	// Watch records the deadline of sn's pending change rid; Forget drops
+	// it (committed, or cancelled by a revocation).
+	Watch(sn string, rid codec.ID, deadline time.Time)
 	Forget(sn string)
 	// Due returns the changes whose deadline has passed at now, and drops
 	// them. A fleet's book answers only on the broker that sweeps.
-	Due(now time.Time) []string
+	Due(now time.Time) []DueChange
 	// SMSStarted records that this broker sends (and retries) the SMS of
 	// change rid of sn, until deadline at the latest; SMSEnded that it is
 	// done with it (sent, given up, or the change is no longer pending).
@@ -116,14 +116,19 @@ type ChangeBook interface {
 	SMSEnded(sn string, rid codec.ID)
 }
 
-// localBook is the ChangeBook of a single broker.
-type localBook struct{ changeWatch }
+// DueChange is a pending change whose deadline has passed.
+type DueChange struct {
+	SN  string
+	RID codec.ID
+}
 
-func newLocalBook() *localBook { return &localBook{changeWatch{deadlines: map[string]time.Time{}}} }
+// localBook is the ChangeBook of a single broker: the change desk's own
+// watch, which the desk fills and empties itself.
+type localBook struct{ w *changeWatch }
 
-func (b *localBook) Watch(sn string, deadline time.Time)    { b.watch(sn, deadline) }
-func (b *localBook) Forget(sn string)                       { b.forget(sn) }
-func (b *localBook) Due(now time.Time) []string             { return b.due(now) }
+func (b *localBook) Watch(string, codec.ID, time.Time)      {}
+func (b *localBook) Forget(string)                          {}
+func (b *localBook) Due(now time.Time) []DueChange          { return b.w.due(now) }
 func (b *localBook) SMSStarted(string, codec.ID, time.Time) {}
 func (b *localBook) SMSEnded(string, codec.ID)              {}
 

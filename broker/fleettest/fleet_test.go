@@ -247,6 +247,45 @@ func TestFleet(t *testing.T) {
 		}
 	})
 
+	// A campaign started through A is walked by one broker of the fleet
+	// (the holder of the lease "campaigns"): every terminal gets one
+	// change, not one per broker.
+	t.Run("CampaignWalkedOncePerFleet", func(t *testing.T) {
+		t.Parallel()
+		var sns []string
+		for i := range 4 {
+			sns = append(sns, f.register(t, i%3, fmt.Sprintf("FLEETCAMP%d", i+1)).SN)
+		}
+		ctx := context.Background()
+		c, err := A.api.StartCampaign(ctx, adminapi.CampaignRequest{Select: "list", SNs: sns, What: "pwd", Rate: 50})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The holder of the lease finds a campaign created elsewhere within
+		// 10 s.
+		checkFor(t, 30*time.Second, "the campaign handled its 4 terminals", func() bool {
+			got, err := A.api.Campaign(ctx, c.ID)
+			return err == nil && got.Handled == len(sns)
+		})
+		for _, sn := range sns {
+			n := 0
+			for _, m := range f.members {
+				for _, line := range strings.Split(m.logs.String(), "\n") {
+					if strings.Contains(line, "event=change_started") && strings.Contains(line, "sn="+sn+" ") {
+						n++
+					}
+				}
+			}
+			if n != 1 {
+				t.Errorf("%s: %d changes started by the fleet's brokers, want 1", sn, n)
+			}
+			rec, err := B.b.Service().Get(ctx, sn)
+			if err != nil || rec.Pending == nil {
+				t.Errorf("%s: no pending change (%v)", sn, err)
+			}
+		}
+	})
+
 	// Terminals on each broker: every broker's list shows each of them
 	// once, with the broker that holds it.
 	t.Run("SessionListShowsTheWholeFleet", func(t *testing.T) {
