@@ -1,9 +1,11 @@
 package broker_test
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -14,8 +16,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/m2mguard/m2mguard/fleet"
 )
 
 // composeFile is what the tests read of a compose file.
@@ -338,35 +343,9 @@ func TestComposeFleet(t *testing.T) {
 // route; a route password shared by all; HAProxy's mqtt.pem a chain and
 // key that the route CA does not sign; and nothing new on a second run.
 func TestComposeFleetCertificates(t *testing.T) {
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
-	}
 	c := readCompose(t, "../docker-compose.fleet.yml")
-	certs := c.Services["certs"]
 	dir := t.TempDir()
-	script := strings.ReplaceAll(strings.Join(certs.Command, "\n"), "$$", "$")
-	script = regexp.MustCompile(`(?m)^\s*apk add .*$`).ReplaceAllString(script, ":")
-	if os.Geteuid() != 0 {
-		script = regexp.MustCompile(`(?m)^(\s*)chown `).ReplaceAllString(script, "$1: chown ")
-	}
-	// The script names its mounts directly (/pki) or through variables
-	// (/secrets/$b): move their top directories.
-	tops := map[string]bool{}
-	for _, m := range certs.mounts(t) {
-		if err := os.MkdirAll(filepath.Join(dir, m.target), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		tops[strings.SplitN(m.target, "/", 3)[1]] = true
-	}
-	for top := range tops {
-		script = regexp.MustCompile(`(^|[\s"=])/`+top+`\b`).ReplaceAllString(script, "${1}"+dir+"/"+top)
-	}
-	run := func() {
-		t.Helper()
-		if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
-			t.Fatalf("certs script: %v\n%s", err, out)
-		}
-	}
+	run := func() { t.Helper(); runCertsScript(t, c, dir, nil) }
 	run()
 	read := func(p string) []byte {
 		t.Helper()
@@ -425,6 +404,95 @@ func TestComposeFleetCertificates(t *testing.T) {
 	for _, b := range fleetBrokers {
 		if !slices.Equal(first[b], read("secrets/"+b+"/nats/route.pem")) {
 			t.Errorf("%s: a second run issued a new route certificate", b)
+		}
+	}
+}
+
+// runCertsScript runs the certs container's script with the host's
+// openssl, its mounts moved under dir (and edit, if not nil, applied to
+// the script); it skips the test without openssl.
+func runCertsScript(t *testing.T, c composeFile, dir string, edit func(string) string) {
+	t.Helper()
+	if _, err := exec.LookPath("openssl"); err != nil {
+		t.Skip("openssl not installed")
+	}
+	certs := c.Services["certs"]
+	script := strings.ReplaceAll(strings.Join(certs.Command, "\n"), "$$", "$")
+	script = regexp.MustCompile(`(?m)^\s*apk add .*$`).ReplaceAllString(script, ":")
+	if os.Geteuid() != 0 {
+		script = regexp.MustCompile(`(?m)^(\s*)chown `).ReplaceAllString(script, "$1: chown ")
+	}
+	// The script names its mounts directly (/pki) or through variables
+	// (/secrets/$b): move their top directories.
+	tops := map[string]bool{}
+	for _, m := range certs.mounts(t) {
+		if err := os.MkdirAll(filepath.Join(dir, m.target), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		tops[strings.SplitN(m.target, "/", 3)[1]] = true
+	}
+	for top := range tops {
+		script = regexp.MustCompile(`(^|[\s"=])/`+top+`\b`).ReplaceAllString(script, "${1}"+dir+"/"+top)
+	}
+	if edit != nil {
+		script = edit(script)
+	}
+	if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
+		t.Fatalf("certs script: %v\n%s", err, out)
+	}
+}
+
+// TestComposeFleetRoutesFormCluster starts three NATS nodes as the
+// brokers' embedded nodes do, with the route certificates, CA and route
+// password the certs script makes (its broker addresses replaced by
+// 127.0.0.1, where the test's nodes listen), and requires JetStream to
+// become ready on all three: the routes authenticate both ways over
+// mutual TLS with what the compose file deploys.
+func TestComposeFleetRoutesFormCluster(t *testing.T) {
+	c := readCompose(t, "../docker-compose.fleet.yml")
+	dir := t.TempDir()
+	runCertsScript(t, c, dir, func(s string) string {
+		return regexp.MustCompile(`IP:[0-9.]+\$n`).ReplaceAllString(s, "IP:127.0.0.1")
+	})
+	var ls []net.Listener
+	var routes []string
+	for range fleetBrokers {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		routes = append(routes, "nats-route://"+l.Addr().String())
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	var nodes []*fleet.Node
+	for i, b := range fleetBrokers {
+		d := filepath.Join(dir, "secrets", b, "nats")
+		pw, err := os.ReadFile(filepath.Join(d, "route-password"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := fleet.StartNode(fleet.NodeOptions{
+			Name: b, StoreDir: filepath.Join(dir, "nats", b), ClusterName: "m2mguard",
+			ClusterHost: "127.0.0.1", ClusterPort: ls[i].Addr().(*net.TCPAddr).Port, Routes: routes,
+			Users:     []fleet.NodeUser{{Name: "m2mguard", Password: []byte("pw")}},
+			RouteUser: "route", RoutePassword: []byte(strings.TrimSpace(string(pw))),
+			RouteTLS: &fleet.TLSOptions{CertFile: filepath.Join(d, "route.pem"), KeyFile: filepath.Join(d, "route.key"), CAFile: filepath.Join(d, "ca.pem")},
+			Logger:   slog.New(slog.DiscardHandler),
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", b, err)
+		}
+		t.Cleanup(n.Shutdown)
+		nodes = append(nodes, n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, n := range nodes {
+		if err := n.WaitJetStream(ctx); err != nil {
+			t.Fatalf("%s: JetStream not ready over the routes: %v", n.Name(), err)
 		}
 	}
 }
