@@ -162,6 +162,7 @@ func TestAppLoginFloodBounded(t *testing.T) {
 // is looked up, with the same answer for a known and an unknown name:
 // MQTT 5 0x89 (server busy), 3.1.1 0x05; the reason is "busy".
 func TestAppBusyRefusal(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) {
 		o.Apps = hook.AppLimitOptions{RatePerAddr: 0.001, BurstPerAddr: 1} // one verification per address
 	})
@@ -190,6 +191,7 @@ func TestAppBusyRefusal(t *testing.T) {
 // its verification logs at most 64 bytes of the name it claimed, not the
 // 64 KiB a CONNECT may carry.
 func TestAppRefusalLogClipsName(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) {
 		o.Apps = hook.AppLimitOptions{RatePerAddr: 0.001, BurstPerAddr: 1}
 	})
