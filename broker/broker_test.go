@@ -48,6 +48,23 @@ func start(t *testing.T, cfg *broker.Config) (*broker.Broker, *syncbuf.Buffer) {
 	return b, logs
 }
 
+// addApp registers an application on b with the cheapest argon2id costs
+// (1 pass, 1 MiB) instead of the production ones (2 passes, 19 MiB): a
+// login is verified with the costs its stored hash names, and at the
+// production costs each one takes about half a second of CPU under the
+// race detector. The tests that use it are about listeners, routing and
+// reach, not the hash (hook.TestAppLoginFloodBounded is).
+func addApp(t *testing.T, b *broker.Broker, name string, password []byte) {
+	t.Helper()
+	svc, err := keysvc.New(keysvc.Options{Store: b.Service().Store(), AppHash: keysvc.AppHashParams{Time: 1, Memory: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.AddApp(t.Context(), keysvc.AddAppRequest{Name: name, Password: password}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // login opens a raw MQTT 3.1.1 connection as terminal tm and returns it
 // once the broker accepted the login.
 func login(t testing.TB, addr string, tm *keysvc.Terminal) net.Conn {

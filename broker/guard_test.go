@@ -287,9 +287,7 @@ func TestWebSocketListenerGuarded(t *testing.T) {
 			cfg.MQTT.ConnectTimeout = 300 * time.Millisecond
 			b, _ := start(t, cfg)
 			pw := []byte("watch-password-0123")
-			if _, err := b.Service().AddApp(t.Context(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-				t.Fatal(err)
-			}
+			addApp(t, b, "watch", pw)
 			// One client logs in over the WebSocket in time; three only
 			// open the WebSocket.
 			loggedIn, err := tr.dial(b)
@@ -391,9 +389,7 @@ func TestNonReadingSubscriberDropped(t *testing.T) {
 			ctx := t.Context()
 			pw := []byte("dash-password-0123")
 			for _, name := range []string{"dash", "watch"} {
-				if _, err := b.Service().AddApp(ctx, keysvc.AddAppRequest{Name: name, Password: pw}); err != nil {
-					t.Fatal(err)
-				}
+				addApp(t, b, name, pw)
 			}
 			tm, err := b.Service().Register(ctx, keysvc.RegisterRequest{SN: "A1", IMEI: "354494040518570", IMSI: "460020084678120"})
 			if err != nil {

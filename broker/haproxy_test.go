@@ -16,7 +16,6 @@ import (
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
 	"github.com/m2mguard/m2mguard/internal/testwait"
-	"github.com/m2mguard/m2mguard/keysvc"
 )
 
 const shippedHAProxyCfg = "../deploy/haproxy/haproxy.cfg"
@@ -105,7 +104,6 @@ func freePort(t *testing.T) string {
 func TestHAProxyFleet(t *testing.T) {
 	t.Parallel()
 	haproxytest.Binary(t) // skip early, before starting brokers, if there is none
-	ctx := t.Context()
 	pw := []byte("fleet-password-0123")
 	brokers := make([]*broker.Broker, 3)
 	for i := range brokers {
@@ -115,9 +113,7 @@ func TestHAProxyFleet(t *testing.T) {
 		cfg.Auth.AppFailureRefill = time.Hour
 		cfg.Auth.AppRatePerAddr = 1000 // the test logs in often from two addresses
 		b, _ := start(t, cfg)
-		if _, err := b.Service().AddApp(ctx, keysvc.AddAppRequest{Name: "fleet", Password: pw}); err != nil {
-			t.Fatal(err)
-		}
+		addApp(t, b, "fleet", pw)
 		brokers[i] = b
 	}
 	pem, tlsConf := haproxyPEM(t)

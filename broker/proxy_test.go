@@ -313,9 +313,7 @@ func TestProxyProtocolWebSocket(t *testing.T) {
 	cfg.MQTT.WS = "127.0.0.1:0"
 	b, _ := start(t, cfg)
 	pw := []byte("watch-password-0123")
-	if _, err := b.Service().AddApp(t.Context(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-		t.Fatal(err)
-	}
+	addApp(t, b, "watch", pw)
 	ws := b.Addr("ws")
 	d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 10 * time.Second,
 		NetDial: func(network, a string) (net.Conn, error) {
@@ -369,9 +367,7 @@ func TestProxyProtocolTLSPassthrough(t *testing.T) {
 	cfg.MQTT.TLS, cfg.MQTT.TLSCert, cfg.MQTT.TLSKey = "127.0.0.1:0", certFile, keyFile
 	b, _ := start(t, cfg)
 	pw := []byte("watch-password-0123")
-	if _, err := b.Service().AddApp(t.Context(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-		t.Fatal(err)
-	}
+	addApp(t, b, "watch", pw)
 	raw := dialFrom(t, "127.0.0.1", b.Addr("tls"), proxyV2(t, "127.0.0.5:47000", b.Addr("tls")))
 	c := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
 	appConnect(t, c, "watch-1", "watch", pw, "m2m/+/up/#")
