@@ -41,6 +41,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/replay"
+	"github.com/m2mguard/m2mguard/sessionstore"
 	"github.com/m2mguard/m2mguard/sms"
 	"github.com/m2mguard/m2mguard/sms/smsmetrics"
 	"github.com/m2mguard/m2mguard/wslistener"
@@ -53,6 +54,7 @@ type Broker struct {
 	store    keysvc.Store
 	svc      *keysvc.Service
 	hook     *hook.Hook
+	sessions *sessionstore.Hook // nil with mqtt.persistence off
 	replay   *replay.Guard
 	server   *mqtt.Server
 	registry *prometheus.Registry
@@ -144,6 +146,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 
 	b.server = mqtt.New(MochiOptions(cfg, logger))
+	if err := b.openSessions(); err != nil {
+		return nil, err
+	}
 	hopts := hookOptions(cfg)
 	hopts.Registry, hopts.Server = b.svc, b.server
 	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
@@ -159,6 +164,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
 			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
+	if b.sessions != nil {
+		hopts.Storage = b.sessions
+	}
 	b.hook, err = hook.New(hopts)
 	if err != nil {
 		return nil, err
@@ -166,6 +174,13 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	// The M2M1 hook is the only auth/ACL hook: mochi ORs their answers.
 	if err := b.server.AddHook(b.hook, nil); err != nil {
 		return nil, err
+	}
+	// The session store after it: it must see uplinks as the hook opened
+	// them and never a packet the hook dropped. Serve restores the sessions.
+	if b.sessions != nil {
+		if err := b.server.AddHook(b.sessions, nil); err != nil {
+			return nil, err
+		}
 	}
 	if err := b.addListeners(); err != nil {
 		return nil, err
@@ -282,16 +297,9 @@ func (b *Broker) openStore(ctx context.Context) error {
 		b.log.Info("vault store", "address", v.Address, "mount", v.Mount, "prefix", v.Prefix, "auth", auth, "transit", v.Transit)
 	default:
 		e := cfg.Store.Embedded
-		if err := os.MkdirAll(filepath.Dir(e.MasterKeyFile), 0o700); err != nil {
-			return &ConfigError{Key: "store.embedded.master_key_file", Err: err}
-		}
-		_, fromEnv := os.LookupEnv(boltstore.EnvMasterKey)
-		key, err := boltstore.LoadOrCreateMasterKey("", e.MasterKeyFile)
+		key, keySrc, err := b.masterKey()
 		if err != nil {
-			if fromEnv {
-				return &ConfigError{Key: "store.embedded.master_key_file", Source: "env " + boltstore.EnvMasterKey, Err: err}
-			}
-			return &ConfigError{Key: "store.embedded.master_key_file", Err: err}
+			return err
 		}
 		if err := os.MkdirAll(filepath.Dir(e.File), 0o700); err != nil {
 			return &ConfigError{Key: "store.embedded.file", Err: err}
@@ -307,12 +315,75 @@ func (b *Broker) openStore(ctx context.Context) error {
 			return fmt.Errorf("embedded store %s: %w", e.File, err)
 		}
 		b.store = s
-		keySrc := e.MasterKeyFile
-		if fromEnv {
-			keySrc = "$" + boltstore.EnvMasterKey
-		}
 		b.log.Info("embedded store", "file", e.File, "master_key", keySrc)
 	}
+	return nil
+}
+
+// masterKey loads the master key (store.embedded.master_key_file, created
+// on first run, or $M2MGUARD_MASTER_KEY) and says where it came from.
+func (b *Broker) masterKey() (key []byte, source string, err error) {
+	file := b.cfg.Store.Embedded.MasterKeyFile
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		return nil, "", &ConfigError{Key: "store.embedded.master_key_file", Err: err}
+	}
+	_, fromEnv := os.LookupEnv(boltstore.EnvMasterKey)
+	key, err = boltstore.LoadOrCreateMasterKey("", file)
+	if err != nil {
+		if fromEnv {
+			return nil, "", &ConfigError{Key: "store.embedded.master_key_file", Source: "env " + boltstore.EnvMasterKey, Err: err}
+		}
+		return nil, "", &ConfigError{Key: "store.embedded.master_key_file", Err: err}
+	}
+	if fromEnv {
+		return key, "$" + boltstore.EnvMasterKey, nil
+	}
+	return key, file, nil
+}
+
+// openSessions opens the session store (mqtt.persistence), sealed under
+// the master key whatever the store type: with Vault too, the key file
+// (or $M2MGUARD_MASTER_KEY) is the broker's.
+func (b *Broker) openSessions() error {
+	m := b.cfg.MQTT
+	if m.Persistence == "off" {
+		b.log.Info("session store off (mqtt.persistence): a restart forgets every session, queued and retained message")
+		return nil
+	}
+	key, keySrc, err := b.masterKey()
+	if err != nil {
+		return err
+	}
+	defer clear(key)
+	if err := os.MkdirAll(filepath.Dir(m.PersistenceFile), 0o700); err != nil {
+		return &ConfigError{Key: "mqtt.persistence_file", Err: err}
+	}
+	b.sessions, err = sessionstore.Open(m.PersistenceFile, sessionstore.Options{
+		MasterKey: key, Server: b.server, SyncCommits: m.Persistence == "sync",
+		// A restored session the store expires leaves the hook too, as
+		// one mochi expires does (hook.OnClientExpired).
+		OnExpire: func(cl *mqtt.Client) { b.hook.OnClientExpired(cl) },
+		Logger:   b.log.With("component", "sessions"),
+	})
+	if errors.Is(err, sessionstore.ErrWrongKey) {
+		return &ConfigError{Key: "mqtt.persistence_file", Err: fmt.Errorf("%s: %w (the master key is %s)", m.PersistenceFile, err, keySrc)}
+	}
+	if err != nil {
+		return err
+	}
+	b.log.Info("session store", "file", m.PersistenceFile, "durability", m.Persistence, "master_key", keySrc)
+	s := b.sessions
+	b.registry.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_writes_total",
+			Help: "Changes written to the session store (mqtt.persistence)."},
+			func() float64 { return float64(s.Stats().Writes) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_commits_total",
+			Help: "Session store transactions; concurrent changes share one."},
+			func() float64 { return float64(s.Stats().Commits) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_sessionstore_write_errors_total",
+			Help: "Session store writes that failed: the change is kept in memory only, a restart loses it."},
+			func() float64 { return float64(s.Stats().WriteErrors) }),
+	)
 	return nil
 }
 
@@ -623,9 +694,10 @@ func (b *Broker) Hook() *hook.Hook { return b.hook }
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
-// Close stops the admin API, disconnects every client, stops mochi and
-// closes the replay guard and the store. It is safe to call more than
-// once.
+// Close stops the admin API, disconnects every client, stops mochi (which
+// records the clients' disconnects in the session store, then flushes and
+// closes it) and closes the replay guard and the store. It is safe to call
+// more than once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -641,6 +713,11 @@ func (b *Broker) Close() error {
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
+			}
+		}
+		if b.sessions != nil { // mochi's Close has closed it when it stopped the hooks
+			if err := b.sessions.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("session store: %w", err))
 			}
 		}
 		if b.replay != nil {

@@ -5,11 +5,12 @@ import (
 )
 
 // Check validates what Start would refuse although Resolve accepts it,
-// without creating or opening anything: the embedded store's master key in
-// $M2MGUARD_MASTER_KEY (lookup reads the environment). It is the part of
+// without creating or opening anything: the master key in
+// $M2MGUARD_MASTER_KEY (lookup reads the environment), which the embedded
+// store and the session store (mqtt.persistence) use. It is the part of
 // `m2mguard-broker --check` after Resolve; errors are *ConfigError.
 func Check(cfg *Config, lookup func(string) (string, bool)) error {
-	if cfg.Store.Type != "vault" {
+	if cfg.Store.Type != "vault" || cfg.MQTT.Persistence != "off" {
 		if v, ok := lookup(boltstore.EnvMasterKey); ok {
 			k, err := boltstore.ParseMasterKey(v)
 			clear(k)

@@ -83,6 +83,12 @@ type MQTTConfig struct {
 	SessionExpiry    time.Duration // how long mochi keeps the session of a disconnected client
 	PublicURL        string
 
+	// Persistence keeps sessions and retained messages across restarts
+	// (package sessionstore): "on" (the file fsynced every second), "sync"
+	// (fsynced at every commit) or "off".
+	Persistence     string
+	PersistenceFile string // "" = <data_dir>/sessions.db
+
 	// netguard on every MQTT listener, their connections counted together
 	ConnectTimeout  time.Duration
 	WriteTimeout    time.Duration // a write to a client must finish within it, else the connection is closed
@@ -182,6 +188,7 @@ func Default() *Config {
 		TCP: ":1883", TLS: ":8883", WS: ":8083",
 		ReadBuffer: DefaultReadBuffer, WriteBuffer: DefaultWriteBuffer,
 		MaxWritesPending: DefaultMaxWritesPending, MaxPacketSize: 1 << 20, SessionExpiry: 7 * 24 * time.Hour,
+		Persistence:    "on",
 		ConnectTimeout: ng.ConnectTimeout, WriteTimeout: ng.WriteTimeout,
 		MaxConnsPerAddr: ng.MaxPerAddr, MaxConns: ng.MaxConns,
 	}
@@ -394,7 +401,7 @@ func Fields() []Field {
 }
 
 var fields = documentDefaults([]Field{
-	{Key: "data_dir", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens and the replay guard's claims (replay/); created 0700",
+	{Key: "data_dir", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/) and the session store (sessions.db); created 0700",
 		value: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Help: "log format: text or json (stderr)",
 		value: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
@@ -405,7 +412,7 @@ var fields = documentDefaults([]Field{
 		value: oneOf(func(c *Config) *string { return &c.Store.Type }, "embedded", "vault")},
 	{Key: "store.embedded.file", Default: "<data_dir>/m2mguard.db", Help: "embedded store file",
 		value: str(func(c *Config) *string { return &c.Store.Embedded.File })},
-	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence",
+	{Key: "store.embedded.master_key_file", Default: "<data_dir>/master.key", Help: "master key file (32 random bytes, created 0600 on first run); $M2MGUARD_MASTER_KEY (base64) takes precedence; it also seals the session store (mqtt.persistence), whatever the store type",
 		value: str(func(c *Config) *string { return &c.Store.Embedded.MasterKeyFile })},
 	{Key: "store.embedded.reseal", Help: "reseal code printed when the embedded store fails its integrity check (records rolled back or changed outside m2mguard): accepts the records exactly as they are then; set it once, only after checking them (SECURITY.md)",
 		value: str(func(c *Config) *string { return &c.Store.Embedded.Reseal })},
@@ -468,6 +475,10 @@ var fields = documentDefaults([]Field{
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
 	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
 		value: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
+	{Key: "mqtt.persistence", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
+		value: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},
+	{Key: "mqtt.persistence_file", Default: "<data_dir>/sessions.db", Help: "session store file (created 0600)",
+		value: str(func(c *Config) *string { return &c.MQTT.PersistenceFile })},
 	{Key: "mqtt.max_packet_size", Help: "largest MQTT packet accepted, bytes (0 = no limit)",
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxPacketSize }, 0, 256<<20)},
 	{Key: "mqtt.connect_timeout", Help: "a new connection (TCP, TLS or WebSocket) must send its CONNECT within this (slow-loris guard); a WebSocket gets it once for the HTTP upgrade and once for the CONNECT",
@@ -760,7 +771,8 @@ func readBounded(path string) ([]byte, error) {
 // Derive fills in the settings that follow from others when they are
 // left empty: the files in data_dir (store.embedded.file,
 // store.embedded.master_key_file, admin.token_file,
-// admin.metrics_token_file). Resolve and Start call it before Validate.
+// admin.metrics_token_file, mqtt.persistence_file) and mqtt.persistence
+// (on). Resolve and Start call it before Validate.
 func (c *Config) Derive() {
 	inDataDir := func(file *string, name string) {
 		if *file == "" {
@@ -770,6 +782,10 @@ func (c *Config) Derive() {
 	inDataDir(&c.Store.Embedded.File, "m2mguard.db")
 	inDataDir(&c.Store.Embedded.MasterKeyFile, "master.key")
 	inDataDir(&c.Admin.TokenFile, "admin.token")
+	inDataDir(&c.MQTT.PersistenceFile, "sessions.db")
+	if c.MQTT.Persistence == "" {
+		c.MQTT.Persistence = "on"
+	}
 	inDataDir(&c.Admin.MetricsTokenFile, "metrics.token")
 }
 
@@ -865,6 +881,11 @@ func (c MQTTConfig) validate() error {
 	}
 	if c.MaxWritesPending < 16 {
 		return bad("mqtt.max_writes_pending", "at least 16")
+	}
+	switch c.Persistence {
+	case "on", "sync", "off":
+	default:
+		return bad("mqtt.persistence", "want on, sync or off")
 	}
 	return positive(keyed{"mqtt.connect_timeout", c.ConnectTimeout}, keyed{"mqtt.write_timeout", c.WriteTimeout},
 		keyed{"mqtt.session_expiry", c.SessionExpiry})

@@ -31,11 +31,10 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	}
 	s := h.session(cl)
 	if s == nil {
-		v, ok := h.offline.Load(cl.ID) // a message queued for a persistent session
-		if !ok || !cl.Closed() {
+		// a message to be queued for a persistent session whose connection is gone
+		if s = h.offlineIdentity(cl); s == nil {
 			return false
 		}
-		s = v.(*session)
 	}
 	if write {
 		if s.kind == kindTerminal {

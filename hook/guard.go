@@ -120,6 +120,11 @@ type throttleShard struct {
 // table has fewer, each with at least 64 pairs.
 const throttleShards = 16
 
+// NewThrottleTable returns the hook's default Throttler, the bounded table
+// configured by o (zero fields take their defaults), for a caller that
+// wraps it, such as a fleet that shares failures between brokers.
+func NewThrottleTable(o ThrottleOptions) Throttler { return newThrottleTable(o.withDefaults()) }
+
 func newThrottleTable(o ThrottleOptions) *throttleTable {
 	n := min(throttleShards, max(o.MaxEntries/64, 1))
 	per := o.MaxEntries / n

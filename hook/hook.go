@@ -46,6 +46,7 @@ type Registry interface {
 	ExpireChange(ctx context.Context, sn string) (bool, error)
 	NewSessionKey(ctx context.Context, sn string) ([]byte, error)
 	VerifyApp(ctx context.Context, name string, password []byte) (*keysvc.App, error)
+	GetApp(ctx context.Context, name string) (*keysvc.App, error) // the reach of a session restored after a restart
 }
 
 // Options configure a Hook. Registry and Server are required. A zero
@@ -90,6 +91,12 @@ type Options struct {
 	// Throttler counts login failures; nil = the hook's bounded table,
 	// configured by Throttle.
 	Throttler Throttler
+	// Storage is the storage hook added to the same server, if any
+	// (sessionstore): the hook tells it of the messages and subscriptions
+	// it takes out of a resumed session and of the downlink it holds back,
+	// which mochi does not report, so that a restart restores a session
+	// as the hook left it (restore.go). nil = no storage hook.
+	Storage Storage
 
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended.
@@ -388,10 +395,14 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 // Downlink the connection withheld goes back into the MQTT session first
 // (inherit.go); both happen before the session is forgotten, so that
 // neither a message for the session nor a connection taking it over finds
-// it in between.
+// it in between. mochi also reports here each session it restored from a
+// storage hook at start, a client without a connection (restore.go).
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s := h.session(cl)
 	if s == nil {
+		if cl.Net.Conn == nil && !expire {
+			h.noteRestored(cl) // a session a storage hook restored at start (restore.go)
+		}
 		return
 	}
 	switch s.state.Swap(stateEnded) {

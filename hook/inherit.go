@@ -23,21 +23,17 @@ import (
 // passed its own ACL, and nothing has been resent yet.
 //
 //   - Subscriptions and messages outside the new session's reach are
-//     dropped. A message dropped here is gone from any storage hook too:
-//     mochi's takeover drops every inherited message from the store
-//     (OnQosDropped on the old client) and the resend stores again only
-//     those still in flight. A dropped subscription stays in a store; it
-//     is dropped again at every resume.
+//     dropped, and so from the storage hook (Options.Storage, restore.go).
 //   - Downlink data for a connection that must not receive it
 //     (withholdsDownlink) is parked in the session object: out of mochi's
 //     session, nothing can write it. It goes back into mochi's session
 //     when this connection ends (OnDisconnect) or to the connection that
 //     takes the session over (OnSessionEstablish, before mochi copies the
 //     state), and is sieved again there: a later session with a key
-//     receives it, sealed. Parked messages are held in memory only: a
-//     storage hook no longer has them (mochi's takeover dropped them) and
-//     gets them back only when a later resume resends them, so a restart
-//     in between loses them.
+//     receives it, sealed. Parking is a view of the session in memory: the
+//     storage hook keeps parked messages (the hook gives them back to it,
+//     as mochi's takeover dropped them there), so a restart restores them
+//     into the session.
 
 // takeOverParked runs in OnSessionEstablish, before mochi copies the
 // session to cl: messages parked by the connection being replaced pass
@@ -117,6 +113,7 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		switch inReach, withheld := s.receives(m.TopicName); {
 		case !inReach:
 			cl.State.Inflight.Delete(m.PacketID)
+			h.storeDropped(cl, m)
 			dropped++
 		case withheld:
 			cl.State.Inflight.Delete(m.PacketID)
@@ -124,6 +121,9 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		}
 	}
 	if len(park) > 0 {
+		for _, m := range park {
+			h.storeKept(cl, m)
+		}
 		s.park(park)
 		h.event(slog.LevelInfo, "downlink_withheld", "sn", s.sn, "messages", len(park), "reason", "no-session-key")
 	}
@@ -144,6 +144,7 @@ func (h *Hook) unsubscribe(cl *mqtt.Client, filter string) {
 	if h.server.Topics.Unsubscribe(filter, cl.ID) {
 		atomic.AddInt64(&h.server.Info.Subscriptions, -1)
 	}
+	h.storeUnsubscribed(cl, filter)
 }
 
 // putInflight puts a message back into cl's messages in flight, under a
@@ -158,6 +159,7 @@ func (h *Hook) putInflight(cl *mqtt.Client, m packets.Packet) {
 			return
 		}
 		m.PacketID = uint16(id)
+		h.storeKept(cl, m)
 	}
 	cl.State.Inflight.Set(m)
 }

@@ -39,13 +39,14 @@ type process struct {
 	admin  string // base URL of the admin API
 }
 
-// startBinary runs bin in work on free ports and waits for /healthz.
-func startBinary(t *testing.T, bin, work string) *process {
+// startBinary runs bin in work on free ports, with args added, and waits
+// for /healthz.
+func startBinary(t *testing.T, bin, work string, args ...string) *process {
 	t.Helper()
 	p := &process{logs: &syncbuf.Buffer{}, exited: make(chan error, 1), mqtt: freePort(t)}
 	adminAddr := freePort(t)
 	p.admin = "http://" + adminAddr
-	p.cmd = exec.Command(bin, "--mqtt-tcp", p.mqtt, "--mqtt-ws", "", "--log-level", "debug")
+	p.cmd = exec.Command(bin, append([]string{"--mqtt-tcp", p.mqtt, "--mqtt-ws", "", "--log-level", "debug"}, args...)...)
 	p.cmd.Dir = work
 	p.cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+adminAddr)
 	p.cmd.Stderr = p.logs
