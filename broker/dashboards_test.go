@@ -64,6 +64,7 @@ var promDuration = regexp.MustCompile(`^([0-9]+(ms|s|m|h|d|w|y))+$`)
 // `promtool test rules`. Without promtool the promtool parts skip, except
 // under CI=true (.ci/run installs it: Debian package prometheus).
 func TestAlertRules(t *testing.T) {
+	t.Parallel()
 	data, err := os.ReadFile(alertsFile)
 	if err != nil {
 		t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 
 	vault "github.com/hashicorp/vault/api"
 
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -58,18 +59,6 @@ func (p *countingProxy) count(path string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.paths[path]
-}
-
-// checkFor polls cond every 50 ms until it holds or timeout passes.
-func checkFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %v: %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // appRole enables AppRole on the dev Vault, writes the broker policy and a
@@ -119,7 +108,7 @@ func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
 	if n := p.count("/v1/auth/approle/login"); n > 1 {
 		t.Fatalf("%d logins within a second of a 3 s batch token; want 1", n)
 	}
-	checkFor(t, 20*time.Second, "a login again before the batch token expires", func() bool { return p.count("/v1/auth/approle/login") >= 2 })
+	testwait.For(t, 20*time.Second, "a login again before the batch token expires", func() bool { return p.count("/v1/auth/approle/login") >= 2 })
 	if err := s.CreateTerminal(context.Background(), newTerminal("BATCH1")); err != nil {
 		t.Fatalf("after the new login: %v", err)
 	}
@@ -177,7 +166,7 @@ func TestAppRoleWrappedSecretID(t *testing.T) {
 	if err := s.CreateTerminal(ctx, newTerminal("WRAP1")); err != nil {
 		t.Fatalf("create: %v", err)
 	}
-	checkFor(t, 20*time.Second, "a second AppRole login (max TTL 3 s) with the unwrapped secret_id",
+	testwait.For(t, 20*time.Second, "a second AppRole login (max TTL 3 s) with the unwrapped secret_id",
 		func() bool { return counter(t, m, "m2mguard_vault_logins_total", "approle", "success") >= 2 })
 	if _, err := s.GetTerminal(ctx, "WRAP1"); err != nil {
 		t.Fatalf("after the new login: %v", err)
@@ -262,7 +251,7 @@ func TestKubernetesAuth(t *testing.T) {
 	if tr.Reviews() < 1 {
 		t.Fatal("Vault never asked the TokenReview API")
 	}
-	checkFor(t, 20*time.Second, "a second Kubernetes login (max TTL 3 s)",
+	testwait.For(t, 20*time.Second, "a second Kubernetes login (max TTL 3 s)",
 		func() bool { return counter(t, m, "m2mguard_vault_logins_total", "kubernetes", "success") >= 2 })
 	if _, err := s.GetTerminal(ctx, "KUBE1"); err != nil {
 		t.Fatalf("after the new login: %v", err)
@@ -317,12 +306,12 @@ func TestTokenRenewalMetrics(t *testing.T) {
 	if ttl := counter(t, m, "m2mguard_vault_token_ttl_seconds"); ttl <= 0 || ttl > 3 {
 		t.Fatalf("token ttl %v, want within (0, 3]", ttl)
 	}
-	checkFor(t, 20*time.Second, "a renewal", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "success") >= 1 })
+	testwait.For(t, 20*time.Second, "a renewal", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "success") >= 1 })
 	if f := counter(t, m, "m2mguard_vault_token_renewals_total", "failure"); f != 0 {
 		t.Fatalf("renewal failures %v before Vault stopped", f)
 	}
 	v.Stop()
-	checkFor(t, 20*time.Second, "a failed renewal counted", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "failure") >= 1 })
+	testwait.For(t, 20*time.Second, "a failed renewal counted", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "failure") >= 1 })
 	if _, err := s.GetTerminal(ctx, "T1"); !errors.Is(err, keysvc.ErrUnavailable) {
 		t.Fatalf("get with Vault stopped: %v", err)
 	}
