@@ -1,7 +1,6 @@
 package vaultstore_test
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/http"
@@ -67,7 +66,7 @@ func (p *countingProxy) count(path string) int {
 func appRole(t *testing.T, v *vaulttest.Server, role map[string]any) (*vault.Client, string) {
 	t.Helper()
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
 		t.Fatal(err)
 	}
@@ -89,14 +88,15 @@ func appRole(t *testing.T, v *vaulttest.Server, role map[string]any) (*vault.Cli
 // renewable) must not make the store log in again and again: it logs in
 // again after two thirds of the token's TTL, and keeps working.
 func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root, roleID := appRole(t, v, map[string]any{"token_type": "batch", "token_ttl": "3s", "token_max_ttl": "3s"})
-	secretID, err := root.Logical().WriteWithContext(context.Background(), "auth/approle/role/broker/secret-id", nil)
+	secretID, err := root.Logical().WriteWithContext(t.Context(), "auth/approle/role/broker/secret-id", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := startCountingProxy(t, v.Addr)
-	s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: p.addr, AppRole: &vaultstore.AppRole{
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: p.addr, AppRole: &vaultstore.AppRole{
 		RoleID: roleID, SecretID: []byte(secretID.Data["secret_id"].(string))}})
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +109,7 @@ func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
 		t.Fatalf("%d logins within a second of a 3 s batch token; want 1", n)
 	}
 	testwait.For(t, 20*time.Second, "a login again before the batch token expires", func() bool { return p.count("/v1/auth/approle/login") >= 2 })
-	if err := s.CreateTerminal(context.Background(), newTerminal("BATCH1")); err != nil {
+	if err := s.CreateTerminal(t.Context(), newTerminal("BATCH1")); err != nil {
 		t.Fatalf("after the new login: %v", err)
 	}
 	if n := p.count("/v1/auth/approle/login"); n > 4 {
@@ -128,7 +128,7 @@ func wrappedSecretID(t *testing.T, root *vault.Client, path string) string {
 	}
 	c.SetToken(root.Token())
 	c.SetWrappingLookupFunc(func(operation, p string) string { return "5m" })
-	sec, err := c.Logical().WriteWithContext(context.Background(), path, nil)
+	sec, err := c.Logical().WriteWithContext(t.Context(), path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,9 +146,10 @@ func wrappedSecretID(t *testing.T, root *vault.Client, path string) string {
 // means; a wrapping token of anything but a secret_id is refused without
 // being used up.
 func TestAppRoleWrappedSecretID(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root, roleID := appRole(t, v, map[string]any{"token_ttl": "2s", "token_max_ttl": "3s"})
-	ctx := context.Background()
+	ctx := t.Context()
 	wt := wrappedSecretID(t, root, "auth/approle/role/broker/secret-id")
 
 	logs := &strings.Builder{}
@@ -210,7 +211,7 @@ func wrappedRead(t *testing.T, root *vault.Client, path string) string {
 	}
 	c.SetToken(root.Token())
 	c.SetWrappingLookupFunc(func(operation, p string) string { return "5m" })
-	sec, err := c.Logical().ReadWithContext(context.Background(), path)
+	sec, err := c.Logical().ReadWithContext(t.Context(), path)
 	if err != nil || sec == nil || sec.WrapInfo == nil {
 		t.Fatalf("wrapped read of %s: %v", path, err)
 	}
@@ -224,8 +225,9 @@ func wrappedRead(t *testing.T, root *vault.Client, path string) string {
 // its max TTL. A token the TokenReview API does not know is refused with
 // ErrForbidden.
 func TestKubernetesAuth(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "5b2e6d1c-7a8f-4c3e-9d10-2f4a6b8c0e12"}
 	tr := vaulttest.StartTokenReview(t)
 	jwt := tr.Issue(t, sa)
@@ -280,9 +282,10 @@ func TestKubernetesAuth(t *testing.T) {
 // stopped), the token's remaining TTL and failed requests show in the
 // metrics.
 func TestTokenRenewalMetrics(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().PutPolicyWithContext(ctx, "m2mguard-broker", brokerPolicy(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -325,9 +328,10 @@ func TestTokenRenewalMetrics(t *testing.T) {
 // operator flow of deploy/vault/README.md), and the broker starts with such
 // a wrapping token under the shipped broker policy.
 func TestOrchestratorPolicy(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package vaultstore_test
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -68,9 +67,10 @@ func (p *slowProxy) serve(c net.Conn, target string) {
 // service keeps serving known terminals from its cache (stale, inside
 // MaxStale) and refuses unknown ones.
 func TestSlowVault(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	p := startSlowProxy(t, v.Addr[len("http://"):])
-	s, err := vaultstore.Open(context.Background(), vaultstore.Options{
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{
 		Address: "http://" + p.ln.Addr().String(), Token: v.Token, Timeout: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -82,7 +82,7 @@ func TestSlowVault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx := t.Context()
 	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: "SLOW1", IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +118,7 @@ func TestSlowVault(t *testing.T) {
 // token is a decision of the security team, not an outage (only
 // ErrUnavailable is bridged by the cache).
 func TestTokenRevokedMidRun(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	token := v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t))
 	s := openStore(t, v, token)
@@ -127,7 +128,7 @@ func TestTokenRevokedMidRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx := t.Context()
 	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: "REVOKED1", IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
 		t.Fatal(err)
 	}
