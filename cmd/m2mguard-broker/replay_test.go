@@ -51,7 +51,11 @@ func buildBinary(t *testing.T) string {
 	return b.path
 }
 
+// TestMain runs 4 parallel tests per CPU at a time, not go test's default
+// of one (most of the tests wait for broker processes), and removes the
+// binary they built.
 func TestMain(m *testing.M) {
+	testwait.SetParallel(4)
 	code := m.Run()
 	if brokerBinary.dir != "" {
 		os.RemoveAll(brokerBinary.dir)

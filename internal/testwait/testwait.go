@@ -9,10 +9,15 @@
 //
 // A timeout here is a bound on a hang, not a measurement: pass one that a
 // loaded machine meets with room to spare. A test that must see that
-// something does not happen watches it for a while with Never.
+// something does not happen watches it for a while with Never. A package
+// whose parallel tests mostly wait runs more of them at a time with
+// SetParallel in its TestMain.
 package testwait
 
 import (
+	"flag"
+	"runtime"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -61,5 +66,25 @@ func Never(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	if Until(d, cond) {
 		t.Fatalf("within %v: %s", d, what)
+	}
+}
+
+// SetParallel makes perCPU times GOMAXPROCS the number of parallel tests
+// (t.Parallel) that run at a time, unless the command line set it
+// (-parallel). Call it from TestMain before m.Run, in a package whose
+// parallel tests spend most of their time waiting — for brokers, Vault or
+// NATS servers, child processes, timers — rather than computing: go test's
+// default, GOMAXPROCS, is meant for tests that compute, and leaves a small
+// machine idle while such tests wait one or two at a time.
+func SetParallel(perCPU int) {
+	if !flag.Parsed() {
+		flag.Parse()
+	}
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		if err := flag.Set("test.parallel", strconv.Itoa(perCPU*runtime.GOMAXPROCS(0))); err != nil {
+			panic("testwait: not in a test binary: " + err.Error())
+		}
 	}
 }

@@ -1,7 +1,10 @@
 package testwait
 
 import (
+	"flag"
 	"fmt"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -76,5 +79,23 @@ func TestNever(t *testing.T) {
 	Never(r, time.Minute, "it happened", func() bool { calls++; return calls == 3 })
 	if !strings.Contains(r.failed, "it happened") || calls != 3 {
 		t.Fatalf("failed %q after %d calls, want a failure naming it after 3", r.failed, calls)
+	}
+}
+
+// TestSetParallel: the default of -parallel changes, a value given on the
+// command line stays.
+func TestSetParallel(t *testing.T) {
+	f := flag.Lookup("test.parallel")
+	given := false
+	flag.Visit(func(v *flag.Flag) { given = given || v == f })
+	before := f.Value.String()
+	defer f.Value.Set(before)
+	SetParallel(3)
+	want := strconv.Itoa(3 * runtime.GOMAXPROCS(0))
+	if given {
+		want = before
+	}
+	if got := f.Value.String(); got != want {
+		t.Fatalf("-parallel %s after SetParallel(3), want %s (given on the command line: %v)", got, want, given)
 	}
 }
