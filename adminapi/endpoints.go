@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Register registers a terminal with fresh credentials (POST
@@ -142,7 +143,31 @@ func (c *Client) DeleteTerminal(ctx context.Context, sn string) error {
 // report of what was stored comes with an error wrapping
 // ErrImportStopped.
 func (c *Client) ImportTerminals(ctx context.Context, csv io.Reader, progress func(Progress)) (*ImportReport, error) {
-	resp, err := c.send(ctx, request{method: http.MethodPost, path: "/v1/terminals/import", body: csv, ctype: "text/csv",
+	return c.Import(ctx, csv, ImportOptions{Progress: progress})
+}
+
+// ImportOptions are the callbacks of Import; the zero value is
+// ImportTerminals without progress.
+type ImportOptions struct {
+	// Progress, if set, is called as the broker reports rows read.
+	Progress func(Progress)
+	// Bundle, if set, asks the broker for the provisioning bundle of each
+	// terminal it stores (?creds=true) and is called with each, in file
+	// order, as they arrive: the one time the generated secrets are
+	// shown. An error of Bundle ends the import (the broker stops after the
+	// batch it is storing; the terminals it stored are in the registry,
+	// their bundles not all handed on).
+	Bundle func(Bundle) error
+}
+
+// Import is ImportTerminals with the options of opts: with opts.Bundle,
+// the broker returns the secrets of the terminals it stores.
+func (c *Client) Import(ctx context.Context, csv io.Reader, opts ImportOptions) (*ImportReport, error) {
+	path := "/v1/terminals/import"
+	if opts.Bundle != nil {
+		path += "?creds=true"
+	}
+	resp, err := c.send(ctx, request{method: http.MethodPost, path: path, body: csv, ctype: "text/csv",
 		token: c.token, accept: contentNDJSON})
 	if err != nil {
 		return nil, err
@@ -155,8 +180,13 @@ func (c *Client) ImportTerminals(ctx context.Context, csv io.Reader, progress fu
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return nil, fmt.Errorf("adminapi: reading the import stream: %w", err)
 		}
-		if ev.Progress != nil && progress != nil {
-			progress(*ev.Progress)
+		if ev.Bundle != nil && opts.Bundle != nil {
+			if err := opts.Bundle(*ev.Bundle); err != nil {
+				return nil, fmt.Errorf("adminapi: import: handing on the credentials of %s: %w", ev.Bundle.SN, err)
+			}
+		}
+		if ev.Progress != nil && opts.Progress != nil {
+			opts.Progress(*ev.Progress)
 		}
 		switch {
 		case ev.Report != nil && ev.Error != "":
@@ -171,6 +201,68 @@ func (c *Client) ImportTerminals(ctx context.Context, csv io.Reader, progress fu
 		return nil, fmt.Errorf("adminapi: reading the import stream: %w", err)
 	}
 	return nil, errors.New("adminapi: the import stream ended without a report")
+}
+
+// Report streams a report of the registry (GET /v1/reports/{kind}): row is
+// called with each terminal it lists, in serial number order, as the
+// broker finds them (an error of row ends the report), and progress, if
+// not nil, after each page the broker looked at. It returns the whole
+// report's counts. The broker holds one page of the registry at a time,
+// so a report of any fleet streams in constant memory on both sides. An
+// error after rows were streamed wraps ErrReportStopped.
+func (c *Client) Report(ctx context.Context, q ReportQuery, row func(ReportRow) error, progress func(ReportProgress)) (ReportProgress, error) {
+	v := url.Values{}
+	if !q.Before.IsZero() {
+		v.Set("before", q.Before.UTC().Format(time.RFC3339))
+	}
+	if !q.Since.IsZero() {
+		v.Set("since", q.Since.UTC().Format(time.RFC3339))
+	}
+	path := "/v1/reports/" + seg(q.Kind)
+	if len(v) > 0 {
+		path += "?" + v.Encode()
+	}
+	resp, err := c.send(ctx, request{method: http.MethodGet, path: path, token: c.token, accept: contentNDJSON})
+	if err != nil {
+		return ReportProgress{}, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), maxAnswer)
+	for sc.Scan() {
+		var ev ReportEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return ReportProgress{}, fmt.Errorf("adminapi: reading the report stream: %w", err)
+		}
+		switch {
+		case ev.Row != nil:
+			if err := row(*ev.Row); err != nil {
+				return ReportProgress{}, err
+			}
+		case ev.Progress != nil:
+			if progress != nil {
+				progress(*ev.Progress)
+			}
+		case ev.Done != nil:
+			return *ev.Done, nil
+		case ev.Error != "":
+			return ReportProgress{}, fmt.Errorf("%w: %s", ErrReportStopped, ev.Error)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return ReportProgress{}, fmt.Errorf("adminapi: reading the report stream: %w", err)
+	}
+	return ReportProgress{}, fmt.Errorf("%w: the stream ended before its last line", ErrReportStopped)
+}
+
+// WhoAmI returns the name and role of the client's token (GET
+// /v1/whoami).
+func (c *Client) WhoAmI(ctx context.Context) (*Operator, error) {
+	var o Operator
+	if err := c.do(ctx, http.MethodGet, "/v1/whoami", nil, &o); err != nil {
+		return nil, err
+	}
+	return &o, nil
 }
 
 // StartChange starts a platform-initiated credential change of a terminal:

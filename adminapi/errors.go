@@ -8,12 +8,13 @@ import (
 )
 
 // Sentinels for errors.Is. An *Error matches the one of its status; the
-// Client's own failures wrap ErrUnreachable, ErrNotAdminAPI or
-// ErrImportStopped. Their texts head messages an operator reads, so they
+// Client's own failures wrap ErrUnreachable, ErrNotAdminAPI,
+// ErrImportStopped or ErrReportStopped. Their texts head messages an operator reads, so they
 // carry no package prefix.
 var (
 	ErrBadRequest   = errors.New("bad request")  // 400 bad input, 413 body too large
 	ErrUnauthorized = errors.New("unauthorized") // 401 missing or wrong token
+	ErrForbidden    = errors.New("forbidden")    // 403 a read-only operator's change
 	ErrNotFound     = errors.New("not found")    // 404
 	ErrConflict     = errors.New("conflict")     // 409 exists, busy, or disabled
 	ErrUnavailable  = errors.New("unavailable")  // 503 store unavailable (or 502, 504)
@@ -27,6 +28,9 @@ var (
 	// ErrImportStopped: an import stopped after it had begun to store rows
 	// (the store failed); the report of what was stored comes with it.
 	ErrImportStopped = errors.New("the import stopped")
+	// ErrReportStopped: a report stopped after it had begun to stream rows
+	// (the store failed); the rows before it were whole.
+	ErrReportStopped = errors.New("the report stopped")
 )
 
 // Error is an error answer of the admin API: the HTTP status and the JSON
@@ -63,6 +67,8 @@ func (e *Error) Is(target error) bool {
 		return e.Status == http.StatusBadRequest || e.Status == http.StatusRequestEntityTooLarge
 	case ErrUnauthorized:
 		return e.Status == http.StatusUnauthorized
+	case ErrForbidden:
+		return e.Status == http.StatusForbidden
 	case ErrNotFound:
 		return e.Status == http.StatusNotFound
 	case ErrConflict:

@@ -13,7 +13,8 @@ import (
 )
 
 // FuzzClientAnswers: whatever a server answers (status, content type,
-// body), the client returns without panicking, and an error answer in
+// body) to a read, an import (with and without bundles), a report, whoami,
+// /metrics or /healthz, the client returns without panicking, and an error answer in
 // JSON is an *adminapi.Error with its status. A real broker cannot
 // produce these answers: a test server does.
 func FuzzClientAnswers(f *testing.F) {
@@ -43,6 +44,10 @@ func FuzzClientAnswers(f *testing.F) {
 	f.Add(503, "application/json", []byte(`{"status":"unavailable","store":"unavailable","error":"the store does not answer"}`))
 	f.Add(200, "text/html", []byte("<html>"))
 	f.Add(500, "application/json", []byte(`[1,2`))
+	f.Add(200, "application/x-ndjson", []byte("{\"bundle\":{\"sn\":\"T1\",\"up\":\"x\"}}\n{\"progress\":{\"done\":1,\"total\":1}}\n{\"report\":{\"rows\":1,\"created\":1}}\n"))
+	f.Add(200, "application/x-ndjson", []byte("{\"row\":{\"sn\":\"T1\",\"expiring\":[\"up\"],\"last_seen\":{\"at\":\"2025-01-01T00:00:00Z\"}}}\n{\"progress\":{\"scanned\":1,\"matched\":1}}\n{\"done\":{\"scanned\":1,\"matched\":1}}\n"))
+	f.Add(200, "application/x-ndjson", []byte("{\"row\":{\"sn\":\"T1\"}}\n{\"error\":\"the broker's store failed\"}\n"))
+	f.Add(200, "application/json", []byte(`{"name":"alice","role":"read"}`))
 	f.Fuzz(func(t *testing.T, st int, ct string, data []byte) {
 		if st < 200 || st > 599 || strings.ContainsAny(ct, "\r\n") {
 			t.Skip()
@@ -55,6 +60,12 @@ func FuzzClientAnswers(f *testing.F) {
 		_, err := c.GetTerminal(ctx, "T1")
 		errs = append(errs, err)
 		_, err = c.ImportTerminals(ctx, strings.NewReader("sn,imei,imsi\n"), func(adminapi.Progress) {})
+		errs = append(errs, err)
+		_, err = c.Import(ctx, strings.NewReader("sn,imei,imsi\n"), adminapi.ImportOptions{Bundle: func(adminapi.Bundle) error { return nil }})
+		errs = append(errs, err)
+		_, err = c.Report(ctx, adminapi.ReportQuery{Kind: adminapi.ReportNeverSeen}, func(adminapi.ReportRow) error { return nil }, func(adminapi.ReportProgress) {})
+		errs = append(errs, err)
+		_, err = c.WhoAmI(ctx)
 		errs = append(errs, err)
 		_, err = c.Metrics(ctx)
 		errs = append(errs, err)

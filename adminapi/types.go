@@ -1,6 +1,10 @@
 package adminapi
 
-import "time"
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
 
 // Never is the expiry (unix seconds) of a credential that does not expire.
 const Never uint32 = 4294967295
@@ -50,6 +54,16 @@ type Terminal struct {
 	LastCommitted     string    `json:"last_committed,omitempty"` // rid of the last committed change
 	Created           time.Time `json:"created"`
 	Updated           time.Time `json:"updated"`
+	LastSeen          *LastSeen `json:"last_seen,omitempty"` // nil: never logged in (or the broker keeps no record)
+}
+
+// LastSeen is a terminal's last accepted login. A broker writes it to its
+// data directory every few seconds, so a crash loses at most those.
+type LastSeen struct {
+	At         time.Time `json:"at"`
+	Remote     string    `json:"remote"`      // host:port of the client
+	Protocol   byte      `json:"protocol"`    // 4 = MQTT 3.1.1, 5 = MQTT 5
+	SessionKey bool      `json:"session_key"` // the login took a session key
 }
 
 // Change is the metadata of a credential change (never its new values).
@@ -76,9 +90,13 @@ type TerminalList struct {
 
 // ImportEvent is one line of the NDJSON stream of POST
 // /v1/terminals/import: progress lines, then one line with the report
-// (and an error if the import stopped).
+// (and an error if the import stopped). With ?creds=true, the
+// provisioning bundle of each terminal stored comes on a line of its own
+// before the progress line of its batch: the one time its secrets are
+// shown.
 type ImportEvent struct {
 	Progress *Progress     `json:"progress,omitempty"`
+	Bundle   *Bundle       `json:"bundle,omitempty"`
 	Report   *ImportReport `json:"report,omitempty"`
 	Error    string        `json:"error,omitempty"`
 }
@@ -153,4 +171,75 @@ type Health struct {
 	Status string `json:"status"`          // ok or unavailable
 	Store  string `json:"store"`           // ok or unavailable
 	Error  string `json:"error,omitempty"` // a fixed text: the cause is logged, not shown
+}
+
+// Operator is the answer of GET /v1/whoami: the name and role of the
+// token that asked.
+type Operator struct {
+	Name string `json:"name"` // "admin" for the broker's admin.token
+	Role string `json:"role"` // RoleFull or RoleRead
+}
+
+// OperatorLine returns the line of an operator in the broker's
+// admin.tokens_file: its name, its role and the SHA-256 of its token (the
+// broker stores no token, only this hash). token must be a random secret
+// of at least 128 bits: a fast hash suffices for a secret nobody can guess,
+// and keeps every request's check cheap.
+func OperatorLine(name, role, token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return name + " " + role + " sha256:" + hex.EncodeToString(sum[:])
+}
+
+// Operator roles.
+const (
+	RoleFull = "full" // may read and change
+	RoleRead = "read" // may only read (GET); any change is 403
+)
+
+// Reports, the {kind} of GET /v1/reports/{kind}.
+const (
+	// ReportExpiring lists terminals with a password or basic key that
+	// expires before ReportQuery.Before (or has expired).
+	ReportExpiring = "expiring"
+	// ReportNeverSeen lists terminals that never logged in.
+	ReportNeverSeen = "never-seen"
+	// ReportNotSeen lists terminals whose last login was before
+	// ReportQuery.Since, those never seen included.
+	ReportNotSeen = "not-seen"
+)
+
+// ReportQuery asks for a report.
+type ReportQuery struct {
+	Kind   string    // ReportExpiring, ReportNeverSeen or ReportNotSeen
+	Before time.Time // ReportExpiring: expiries before this
+	Since  time.Time // ReportNotSeen: last seen before this
+}
+
+// ReportRow is a terminal in a report.
+type ReportRow struct {
+	SN       string    `json:"sn"`
+	Status   string    `json:"status"`
+	UpExp    uint32    `json:"upexp"`
+	DownExp  uint32    `json:"downexp"`
+	BKExp    uint32    `json:"bkexp"`
+	Expiring []string  `json:"expiring,omitempty"` // ReportExpiring: which of up, down and bk
+	LastSeen *LastSeen `json:"last_seen,omitempty"`
+}
+
+// ReportProgress counts the terminals a report has looked at and the rows
+// it has found so far.
+type ReportProgress struct {
+	Scanned int `json:"scanned"`
+	Matched int `json:"matched"`
+}
+
+// ReportEvent is one line of the NDJSON stream of GET /v1/reports/{kind}:
+// rows, a progress line after each page of the registry, then the done
+// line (its counts are the whole report's), or an error line if the
+// report stopped.
+type ReportEvent struct {
+	Row      *ReportRow      `json:"row,omitempty"`
+	Progress *ReportProgress `json:"progress,omitempty"`
+	Done     *ReportProgress `json:"done,omitempty"`
+	Error    string          `json:"error,omitempty"`
 }

@@ -39,6 +39,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/netguard"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sessionstore"
@@ -56,6 +57,7 @@ type Broker struct {
 	hook     *hook.Hook
 	sessions *sessionstore.Hook // nil with mqtt.persistence off
 	replay   *replay.Guard
+	lastSeen *lastseen.Table
 	server   *mqtt.Server
 	registry *prometheus.Registry
 
@@ -145,6 +147,14 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		return nil, &ConfigError{Key: "data_dir", Err: err}
 	}
 
+	// The terminals' last logins, kept in memory and written to data_dir
+	// every few seconds (a kill -9 loses the last interval).
+	b.lastSeen, err = lastseen.Open(filepath.Join(cfg.DataDir, LastSeenFile), lastseen.Options{Logger: logger.With("component", "lastseen")})
+	if err != nil {
+		return nil, &ConfigError{Key: "data_dir", Err: err}
+	}
+	b.registerLastSeenMetrics()
+
 	b.server = mqtt.New(MochiOptions(cfg, logger))
 	if err := b.openSessions(); err != nil {
 		return nil, err
@@ -152,6 +162,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	hopts := hookOptions(cfg)
 	hopts.Registry, hopts.Server = b.svc, b.server
 	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.LastSeen = b.lastSeen
 	hopts.Logger = logger.With("component", "hook")
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
@@ -194,6 +205,9 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
 	return b, nil
 }
+
+// LastSeenFile is the file in data_dir of the terminals' last logins.
+const LastSeenFile = "lastseen.db"
 
 // serviceOptions are the key service's options that cfg sets (Store and
 // SessionKeys are the caller's).
@@ -241,6 +255,10 @@ func MochiOptions(cfg *Config, logger *slog.Logger) *mqtt.Options {
 	caps.MaximumClientWritesPending = int32(cfg.MQTT.MaxWritesPending)
 	caps.MaximumPacketSize = uint32(cfg.MQTT.MaxPacketSize)
 	caps.MaximumSessionExpiryInterval = uint32(min(cfg.MQTT.SessionExpiry/time.Second, math.MaxUint32))
+	// A queued message lives as long as the session that holds it (mochi
+	// drops it after 24 hours by default, however long the session is
+	// kept); retained messages keep at least mochi's 24 hours.
+	caps.MaximumMessageExpiryInterval = max(caps.MaximumMessageExpiryInterval, int64(caps.MaximumSessionExpiryInterval))
 	return &mqtt.Options{
 		InlineClient:             true,
 		Capabilities:             caps,
@@ -525,6 +543,24 @@ func (b *Broker) registerCacheMetrics() {
 	)
 }
 
+// registerLastSeenMetrics exports the last-seen table's counters.
+func (b *Broker) registerLastSeenMetrics() {
+	ls := b.lastSeen
+	flushes := func(result string, of func(lastseen.Stats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_last_seen_flushes_total",
+			Help:        "Batches of changed last logins written to data_dir/lastseen.db, by result (a failed batch is written with the next).",
+			ConstLabels: prometheus.Labels{"result": result}},
+			func() float64 { return float64(of(ls.Stats())) })
+	}
+	b.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "m2mguard_last_seen_terminals",
+			Help: "Terminals with a last login on record."},
+			func() float64 { return float64(ls.Stats().Entries) }),
+		flushes("ok", func(s lastseen.Stats) uint64 { return s.Flushes - s.FlushFailures }),
+		flushes("failed", func(s lastseen.Stats) uint64 { return s.FlushFailures }),
+	)
+}
+
 // registerGuardMetrics exports the guard's counters on the registry.
 func (b *Broker) registerGuardMetrics() {
 	g := b.guard
@@ -570,12 +606,16 @@ func (b *Broker) startAdmin() error {
 	if err != nil {
 		return err
 	}
-	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, MetricsToken: metricsToken,
-		Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
-	})
+	ops, err := b.loadOperators(cfg.TokensFile)
 	if err != nil {
 		return err
+	}
+	h, err := admin.New(admin.Options{
+		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, Operators: ops, MetricsToken: metricsToken,
+		LastSeen: b.lastSeen, Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
+	})
+	if err != nil {
+		return &ConfigError{Key: "admin.tokens_file", Err: err}
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -593,6 +633,30 @@ func (b *Broker) startAdmin() error {
 	}()
 	b.log.Info("admin API", "address", ln.Addr().String())
 	return nil
+}
+
+// loadOperators reads the named operators of admin.tokens_file ("" =
+// none). The log names each operator and its role, never a hash.
+func (b *Broker) loadOperators(file string) ([]admin.Operator, error) {
+	if file == "" {
+		return nil, nil
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return nil, &ConfigError{Key: "admin.tokens_file", Err: err}
+	}
+	defer f.Close()
+	ops, err := admin.ParseOperators(f)
+	if err != nil {
+		return nil, &ConfigError{Key: "admin.tokens_file", Err: fmt.Errorf("%s: %w", file, err)}
+	}
+	if fi, err := f.Stat(); err == nil && fi.Mode().Perm()&0o022 != 0 {
+		b.log.Warn("admin.tokens_file is writable by others: whoever can write it can add an operator; chmod 644 or stricter", "file", file)
+	}
+	for _, op := range ops {
+		b.log.Info("admin operator", "name", op.Name, "role", op.Role)
+	}
+	return ops, nil
 }
 
 // loadOrCreateToken returns the configured token, or the token of file,
@@ -688,6 +752,9 @@ func (b *Broker) Registry() *prometheus.Registry { return b.registry }
 // Service returns the key service.
 func (b *Broker) Service() *keysvc.Service { return b.svc }
 
+// LastSeen returns the terminals' last logins.
+func (b *Broker) LastSeen() *lastseen.Table { return b.lastSeen }
+
 // Hook returns the M2M1 hook.
 func (b *Broker) Hook() *hook.Hook { return b.hook }
 
@@ -696,8 +763,8 @@ func (b *Broker) Server() *mqtt.Server { return b.server }
 
 // Close stops the admin API, disconnects every client, stops mochi (which
 // records the clients' disconnects in the session store, then flushes and
-// closes it) and closes the replay guard and the store. It is safe to call
-// more than once.
+// closes it), closes the replay guard, writes the last logins and closes
+// the store. It is safe to call more than once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -723,6 +790,11 @@ func (b *Broker) Close() error {
 		if b.replay != nil {
 			if err := b.replay.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("replay guard: %w", err))
+			}
+		}
+		if b.lastSeen != nil { // after mochi: no login records anything now
+			if err := b.lastSeen.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("last seen: %w", err))
 			}
 		}
 		if b.store != nil {

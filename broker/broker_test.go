@@ -306,15 +306,26 @@ func memUse() uint64 {
 }
 
 // TestSessionExpiryReachesMochi: disconnected sessions are not kept forever
-// (mochi's default); mqtt.session_expiry bounds them.
+// (mochi's default); mqtt.session_expiry bounds them, and the messages
+// queued for them live as long (mochi's 24 hours at least).
 func TestSessionExpiryReachesMochi(t *testing.T) {
-	cfg := broker.Default()
-	if got := broker.MochiOptions(cfg, slog.New(slog.DiscardHandler)).Capabilities.MaximumSessionExpiryInterval; got != 7*24*3600 {
-		t.Fatalf("default: %d s, want 7 days", got)
-	}
-	cfg.MQTT.SessionExpiry = time.Hour
-	if got := broker.MochiOptions(cfg, slog.New(slog.DiscardHandler)).Capabilities.MaximumSessionExpiryInterval; got != 3600 {
-		t.Fatalf("1h: %d s", got)
+	for _, c := range []struct {
+		expiry          time.Duration
+		session, queued int64
+	}{
+		{0, 7 * 24 * 3600, 7 * 24 * 3600}, // the default
+		{time.Hour, 3600, 24 * 3600},
+		{30 * 24 * time.Hour, 30 * 24 * 3600, 30 * 24 * 3600},
+	} {
+		cfg := broker.Default()
+		if c.expiry != 0 {
+			cfg.MQTT.SessionExpiry = c.expiry
+		}
+		caps := broker.MochiOptions(cfg, slog.New(slog.DiscardHandler)).Capabilities
+		if int64(caps.MaximumSessionExpiryInterval) != c.session || caps.MaximumMessageExpiryInterval != c.queued {
+			t.Errorf("session_expiry %v: sessions kept %d s, messages %d s; want %d s, %d s", cfg.MQTT.SessionExpiry,
+				caps.MaximumSessionExpiryInterval, caps.MaximumMessageExpiryInterval, c.session, c.queued)
+		}
 	}
 }
 

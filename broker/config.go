@@ -106,6 +106,9 @@ type AdminConfig struct {
 	Listen    string // "" or "off" = no admin API
 	Token     string
 	TokenFile string // "" = <data_dir>/admin.token
+	// TokensFile names operators: name, role (full or read) and the
+	// SHA-256 of each one's token (admin.ParseOperators); "" = none.
+	TokensFile string
 
 	// MetricsToken may read /metrics and nothing else (the admin token may
 	// too): a Prometheus scraper holds no admin secret.
@@ -401,7 +404,7 @@ func Fields() []Field {
 }
 
 var fields = documentDefaults([]Field{
-	{Key: "data_dir", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/) and the session store (sessions.db); created 0700",
+	{Key: "data_dir", Help: "directory of the embedded store, its master key, the generated admin and metrics tokens, the replay guard's claims (replay/), the session store (sessions.db) and the terminals' last logins (lastseen.db, written every 5 s); created 0700",
 		value: str(func(c *Config) *string { return &c.DataDir })},
 	{Key: "log.format", Help: "log format: text or json (stderr)",
 		value: oneOf(func(c *Config) *string { return &c.Log.Format }, "text", "json")},
@@ -473,7 +476,7 @@ var fields = documentDefaults([]Field{
 		value: integer(func(c *Config) *int { return &c.MQTT.WriteBuffer }, 256, 1<<20)},
 	{Key: "mqtt.max_writes_pending", Help: "outbound queue per client, messages; allocated up front, 8 bytes each (mochi default 8192)",
 		value: integer(func(c *Config) *int { return &c.MQTT.MaxWritesPending }, 16, 1<<16)},
-	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept; mochi's default is forever",
+	{Key: "mqtt.session_expiry", Help: "how long the session (subscriptions, queued QoS 1 messages) of a disconnected client is kept (mochi's default is forever); queued messages live as long, retained messages at least 24 h",
 		value: dur(func(c *Config) *time.Duration { return &c.MQTT.SessionExpiry })},
 	{Key: "mqtt.persistence", Help: "keep persistent sessions (subscriptions, queued and unacknowledged QoS 1/2 messages) and retained messages across restarts, sealed under the master key in persistence_file: on (fsync every second: kill -9 loses nothing acknowledged, a power loss at most the last second), sync (fsync every commit: a power loss loses nothing acknowledged; slower) or off",
 		value: oneOf(func(c *Config) *string { return &c.MQTT.Persistence }, "on", "sync", "off")},
@@ -500,6 +503,8 @@ var fields = documentDefaults([]Field{
 		value: str(func(c *Config) *string { return &c.Admin.Token })},
 	{Key: "admin.token_file", Default: "<data_dir>/admin.token", Help: "file of the admin bearer token (created 0600 on first run)",
 		value: str(func(c *Config) *string { return &c.Admin.TokenFile })},
+	{Key: "admin.tokens_file", Help: "file of named operators, one a line: <name> <role: full or read> sha256:<SHA-256 of its token, hex> (m2mctl token new prints one); a read-only operator may only GET; the admin token stays the full operator \"admin\"; audit lines and events name the operator; read at start; empty = none",
+		value: str(func(c *Config) *string { return &c.Admin.TokensFile })},
 	{Key: "admin.metrics_token", Secret: true, Help: "bearer token that may read /metrics and nothing else (at least 16 characters; the admin token is accepted too); default: read from metrics_token_file, generated there on first run",
 		value: str(func(c *Config) *string { return &c.Admin.MetricsToken })},
 	{Key: "admin.metrics_token_file", Default: "<data_dir>/metrics.token", Help: "file of the metrics bearer token (created 0600 on first run); give it to Prometheus as credentials_file",

@@ -35,7 +35,10 @@
 // (sk) is unwrapped with the basic key and used for the envelopes of that
 // connection only: uplink seq starts at 1 per session, downlink envelopes go
 // through a codec.Window and replays are dropped. Downlink data that arrives
-// before the session's key message is held (up to 64 messages) until it.
+// before the session's key message is held (up to 64 messages) until it;
+// the platform sends what it queued for the session only after the key
+// message (SPEC section 6), so only what is published in the moments
+// between the CONNACK and the key message can arrive first.
 // When the platform ends the session (at the key's exp) paho reconnects and
 // the new login gets a new key. Outbound QoS 1/2 messages not acknowledged
 // when a session ends are not resent in the next one (their envelopes are

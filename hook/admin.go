@@ -61,7 +61,11 @@ func (h *Hook) Sessions() []SessionInfo {
 // administrative action) and returns within Options.DisconnectTimeout,
 // even if the client does not read. A terminal may log in again at once;
 // disable it in the key service to keep it out.
-func (h *Hook) Disconnect(clientID string) error {
+func (h *Hook) Disconnect(clientID string) error { return h.DisconnectBy(clientID, "") }
+
+// DisconnectBy is Disconnect on behalf of operator (the name of the admin
+// API's token), which the session_ended event names.
+func (h *Hook) DisconnectBy(clientID, operator string) error {
 	cl, ok := h.server.Clients.Get(clientID)
 	if !ok || cl.Closed() {
 		return ErrNoSession
@@ -70,7 +74,7 @@ func (h *Hook) Disconnect(clientID string) error {
 	if s == nil || s.state.Load() != stateEstablished {
 		return ErrNoSession
 	}
-	h.writer.markEnding(s, "administrative")
+	h.writer.markEndingBy(s, "administrative", operator)
 	h.writer.endConnection(cl, packets.ErrAdministrativeAction) // even if the hook is ending it already
 	return nil
 }

@@ -39,7 +39,13 @@ var ErrNoChannel = errors.New("hook: no channel to the terminal")
 // at once; otherwise at its next login. keysvc.ErrBusy if a change is
 // already pending, keysvc.ErrInactive if the terminal is disabled.
 func (h *Hook) StartChange(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
-	return h.changes.start(ctx, sn, what)
+	return h.changes.start(ctx, sn, what, "")
+}
+
+// StartChangeBy is StartChange on behalf of operator (the name of the
+// admin API's token), which the change_started event names.
+func (h *Hook) StartChangeBy(ctx context.Context, sn string, what codec.What, operator string) (*keysvc.Change, error) {
+	return h.changes.start(ctx, sn, what, operator)
 }
 
 // ExpireChanges drops the watched changes past their deadline, keeping the
@@ -144,7 +150,7 @@ func (d *changeDesk) storeCtx() (context.Context, context.CancelFunc) {
 // start starts a platform-initiated change of what for terminal sn (an
 // operator's request, Hook.StartChange). If the terminal is online the new
 // values go out at once; otherwise at its next login.
-func (d *changeDesk) start(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+func (d *changeDesk) start(ctx context.Context, sn string, what codec.What, operator string) (*keysvc.Change, error) {
 	t, err := d.reg.Get(ctx, sn)
 	if err != nil {
 		return nil, err
@@ -161,7 +167,11 @@ func (d *changeDesk) start(ctx context.Context, sn string, what codec.What) (*ke
 	if err != nil {
 		return nil, err
 	}
-	d.started(sn, ch)
+	if operator != "" {
+		d.started(sn, ch, "operator", operator)
+	} else {
+		d.started(sn, ch)
+	}
 	if online && ok && d.deliver(c, t, ch, mode) {
 		ch.Delivered = true // the caller sees what the store now holds
 	}
@@ -528,11 +538,12 @@ func (d *changeDesk) refuse(c termConn, t *keysvc.Terminal, reason string, code 
 	}
 }
 
-func (d *changeDesk) started(sn string, ch *keysvc.Change) {
+// started records a change that started; attrs are added to its event.
+func (d *changeDesk) started(sn string, ch *keysvc.Change, attrs ...any) {
 	d.watch.watch(sn, ch.Deadline)
 	d.changes.WithLabelValues("started", ch.Origin).Inc()
-	d.link.event(slog.LevelInfo, "change_started", "sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
-		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC())
+	d.link.event(slog.LevelInfo, "change_started", append([]any{"sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
+		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC()}, attrs...)...)
 }
 
 func (d *changeDesk) committed(sn string, rid codec.ID, by string) {

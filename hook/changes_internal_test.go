@@ -67,7 +67,7 @@ func TestChangeDeskWorksThroughItsLink(t *testing.T) {
 	}
 	d := newChangeDesk(opts, m, link)
 
-	ch, err := d.start(ctx, sn, codec.WhatPwd)
+	ch, err := d.start(ctx, sn, codec.WhatPwd, "")
 	if err != nil {
 		t.Fatal(err)
 	}

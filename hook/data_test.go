@@ -183,7 +183,7 @@ func TestQueuedDownlinkSealedForNextSession(t *testing.T) {
 	c, _ := loginWithKey(t, e, term, false)
 	c.subscribe("m2m/"+term.sn+"/down/#", 1)
 	c.conn.Close()
-	e.awaitOffline(term.sn) // the downlink is queued, not written to the closed connection
+	e.awaitOffline(term.sn) // else the message may reach the closing connection
 	down := "m2m/" + term.sn + "/down/cmd"
 	app.publish(down, []byte("queued"), 1)
 

@@ -30,6 +30,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/replay"
 	"github.com/m2mguard/m2mguard/sms"
 )
@@ -91,6 +92,10 @@ type Options struct {
 	// Throttler counts login failures; nil = the hook's bounded table,
 	// configured by Throttle.
 	Throttler Throttler
+	// LastSeen records every accepted terminal login (when, from where,
+	// MQTT version, session key): a *lastseen.Table, or a fleet's shared
+	// state. It is called on the login path and must not block; nil = none.
+	LastSeen LastSeenRecorder
 	// Storage is the storage hook added to the same server, if any
 	// (sessionstore): the hook tells it of the messages and subscriptions
 	// it takes out of a resumed session and of the downlink it holds back,
@@ -124,6 +129,12 @@ type Options struct {
 	Rand       io.Reader             // nil = crypto/rand.Reader
 	Logger     *slog.Logger          // security events; nil = slog.Default()
 	Registerer prometheus.Registerer // metrics; nil = a private registry, see Hook.Gatherer
+}
+
+// LastSeenRecorder takes the accepted logins of terminals (package
+// lastseen's Book has it). Seen must neither block nor do I/O.
+type LastSeenRecorder interface {
+	Seen(sn string, e lastseen.Entry)
 }
 
 // Hook is the M2M1 platform hook. Create it with New.
@@ -216,6 +227,7 @@ func New(opts Options) (*Hook, error) {
 	}
 	h.writer = &writer{crew: h.crew, server: h.server, event: h.event,
 		writeTimeout: opts.WriteTimeout, disconnectTimeout: opts.DisconnectTimeout}
+	h.writer.afterKey = h.releaseAfterKey
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -324,6 +336,10 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	h.pending.add(cl, s)
 	h.offline.Delete(cl.ID)
+	if s.kind == kindTerminal && h.opts.LastSeen != nil {
+		h.opts.LastSeen.Seen(s.sn, lastseen.Entry{At: h.opts.Now(), Remote: cl.Net.Remote,
+			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey()})
+	}
 	return nil
 }
 

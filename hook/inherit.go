@@ -34,6 +34,15 @@ import (
 //     storage hook keeps parked messages (the hook gives them back to it,
 //     as mochi's takeover dropped them there), so a restart restores them
 //     into the session.
+//   - Downlink data for a terminal that logged in with a session key is
+//     parked too, until its key message (sk) is written (releaseAfterKey):
+//     mochi would resend it right after the CONNACK, before the terminal
+//     has subscribed to its key topic and so before it has the key that
+//     opens it (SPEC §5 sends sk after that SUBSCRIBE). The terminal
+//     would have to hold all of it unread (the reference client holds
+//     64 messages); now it holds none of what was queued. Its SUBSCRIBEs
+//     no longer meet the session's packet ids in flight either (mochi
+//     refuses one whose id is in use with 0x91).
 
 // takeOverParked runs in OnSessionEstablish, before mochi copies the
 // session to cl: messages parked by the connection being replaced pass
@@ -65,7 +74,36 @@ func (h *Hook) returnParked(cl *mqtt.Client, s *session) {
 	for _, m := range s.parked {
 		h.putInflight(cl, m)
 	}
-	s.parked = nil
+	s.parked, s.afterKey = nil, false
+}
+
+// releaseAfterKey puts the messages parked until the session key back
+// into cl's session and writes them, sealed under that key. The writer
+// calls it once the key message is out, on its own goroutine; a write
+// blocked for WriteTimeout closes the connection (writeStalled), and what
+// is not acknowledged stays in the session for the next connection.
+func (h *Hook) releaseAfterKey(cl *mqtt.Client, s *session) {
+	s.parkMu.Lock()
+	if !s.afterKey {
+		s.parkMu.Unlock()
+		return
+	}
+	msgs := s.parked
+	s.parked, s.afterKey = nil, false
+	put := make([]packets.Packet, 0, len(msgs))
+	for _, m := range msgs {
+		if m, ok := h.putInflight(cl, m); ok {
+			put = append(put, m)
+		}
+	}
+	s.parkMu.Unlock()
+	for _, m := range put {
+		if cl.Closed() {
+			return // the messages are in the session: the next connection gets them
+		}
+		m.FixedHeader.Dup = true // [MQTT-3.3.1-1], as mochi's resend
+		h.writer.write(cl, s, m)
+	}
 }
 
 func (s *session) park(msgs []packets.Packet) {
@@ -78,7 +116,7 @@ func (s *session) takeParked() []packets.Packet {
 	s.parkMu.Lock()
 	defer s.parkMu.Unlock()
 	msgs := s.parked
-	s.parked = nil
+	s.parked, s.afterKey = nil, false
 	return msgs
 }
 
@@ -102,7 +140,7 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		}
 	}
 	dropped := 0
-	var park []packets.Packet
+	var park, afterKey []packets.Packet
 	for _, m := range cl.State.Inflight.GetAll(false) {
 		if m.FixedHeader.Type != packets.Publish {
 			continue // the acknowledgement state of QoS 2 flows
@@ -118,7 +156,19 @@ func (h *Hook) sieve(cl *mqtt.Client, s *session, present bool) {
 		case withheld:
 			cl.State.Inflight.Delete(m.PacketID)
 			park = append(park, m)
+		case inReach && s.awaitsKey():
+			cl.State.Inflight.Delete(m.PacketID)
+			afterKey = append(afterKey, m)
 		}
+	}
+	if len(afterKey) > 0 {
+		for _, m := range afterKey {
+			h.storeKept(cl, m) // as mochi's resend would have stored it
+		}
+		s.parkMu.Lock()
+		s.parked = append(s.parked, afterKey...)
+		s.afterKey = true
+		s.parkMu.Unlock()
 	}
 	if len(park) > 0 {
 		for _, m := range park {
@@ -149,17 +199,18 @@ func (h *Hook) unsubscribe(cl *mqtt.Client, filter string) {
 
 // putInflight puts a message back into cl's messages in flight, under a
 // fresh packet id if its own has been taken meanwhile (mochi keeps one id
-// space per session for both directions). With every id taken it is lost,
-// as mochi loses messages then.
-func (h *Hook) putInflight(cl *mqtt.Client, m packets.Packet) {
+// space per session for both directions), and returns it as stored. With
+// every id taken it is lost (false), as mochi loses messages then.
+func (h *Hook) putInflight(cl *mqtt.Client, m packets.Packet) (packets.Packet, bool) {
 	if _, taken := cl.State.Inflight.Get(m.PacketID); taken {
 		id, err := cl.NextPacketID()
 		if err != nil {
 			h.event(slog.LevelWarn, "message_lost", "client_id", cl.ID, "reason", "packet ids exhausted")
-			return
+			return m, false
 		}
 		m.PacketID = uint16(id)
 		h.storeKept(cl, m)
 	}
 	cl.State.Inflight.Set(m)
+	return m, true
 }

@@ -23,7 +23,11 @@ const (
 // the terminal: from then on its logins are refused by the record itself.
 // It returns how many sessions it ended. It does not block on a client
 // that stopped reading.
-func (h *Hook) Revoke(sn, reason string) int {
+func (h *Hook) Revoke(sn, reason string) int { return h.RevokeBy(sn, reason, "") }
+
+// RevokeBy is Revoke on behalf of operator (the name of the admin API's
+// token), which the session_ended events name.
+func (h *Hook) RevokeBy(sn, reason, operator string) int {
 	h.revoked.add(sn, h.opts.Now())
 	h.changes.forget(sn)
 	type target struct {
@@ -38,7 +42,9 @@ func (h *Hook) Revoke(sn, reason string) int {
 		return true
 	})
 	for _, e := range ended {
-		h.writer.endSession(e.cl, e.s, reason, packets.ErrNotAuthorized)
+		if h.writer.markEndingBy(e.s, reason, operator) {
+			h.writer.endConnection(e.cl, packets.ErrNotAuthorized)
+		}
 	}
 	return len(ended)
 }

@@ -99,8 +99,12 @@ type session struct {
 	// connection may not receive (withholdsDownlink), outside mochi's
 	// session so that nothing writes it. It goes back into the session
 	// when the connection ends or hands the session on (inherit.go).
-	parkMu sync.Mutex
-	parked []packets.Packet
+	// afterKey marks parked messages that wait only for the session key
+	// to be written (a resumed session with a key: inherit.go), not
+	// withheld from this connection.
+	parkMu   sync.Mutex
+	parked   []packets.Packet
+	afterKey bool
 }
 
 func newTerminalSession(t *keysvc.Terminal) *session {
@@ -118,6 +122,11 @@ func newTerminalSession(t *keysvc.Terminal) *session {
 
 // hasKey reports whether the session has a session key.
 func (s *session) hasKey() bool { return s.key != nil }
+
+// awaitsKey reports whether downlink data this connection inherits must
+// wait until its session key is written: a terminal that logged in with
+// one cannot open data sealed under it before it has the key (inherit.go).
+func (s *session) awaitsKey() bool { return s.kind == kindTerminal && s.hasKey() }
 
 // aead returns the AEAD of the session key, built on first use. It is nil
 // only if the key cannot make one, which newSessionKey rules out (callers

@@ -40,6 +40,9 @@ type writer struct {
 	event             func(level slog.Level, name string, attrs ...any)
 	writeTimeout      time.Duration // Options.WriteTimeout
 	disconnectTimeout time.Duration // Options.DisconnectTimeout
+	// afterKey runs on the writer goroutine after each key message is
+	// written: what waited for the session key goes out (inherit.go).
+	afterKey func(cl *mqtt.Client, s *session)
 }
 
 // sendKey queues a message for the terminal's key topic; it goes out once
@@ -108,6 +111,9 @@ func (w *writer) writeKeys(cl *mqtt.Client, s *session) {
 		s.keyq = s.keyq[1:]
 		s.mu.Unlock()
 		w.writeKey(cl, s, payload)
+		if w.afterKey != nil {
+			w.afterKey(cl, s)
+		}
 	}
 }
 
@@ -115,19 +121,26 @@ func (w *writer) writeKeys(cl *mqtt.Client, s *session) {
 // WriteTimeout, the terminal is not reading: the connection is closed,
 // which ends the write.
 func (w *writer) writeKey(cl *mqtt.Client, s *session, payload []byte) {
-	stalled := time.AfterFunc(w.writeTimeout, func() {
-		w.markEnding(s, "key-write-stalled")
-		cl.Stop(packets.ErrPendingClientWritesExceeded) // nothing can be written to it: no DISCONNECT
-	})
-	err := cl.WritePacket(packets.Packet{
+	err := w.write(cl, s, packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   s.keyTopic,
 		Payload:     payload,
 	})
-	stalled.Stop()
 	if err != nil && !cl.Closed() {
 		w.event(slog.LevelWarn, "key_delivery_failed", "sn", s.sn, "err", err.Error())
 	}
+}
+
+// write writes pk to cl from a writer goroutine. If the write has not
+// returned after WriteTimeout, the client is not reading: the connection
+// is closed, which ends the write.
+func (w *writer) write(cl *mqtt.Client, s *session, pk packets.Packet) error {
+	stalled := time.AfterFunc(w.writeTimeout, func() {
+		w.markEnding(s, "key-write-stalled")
+		cl.Stop(packets.ErrPendingClientWritesExceeded) // nothing can be written to it: no DISCONNECT
+	})
+	defer stalled.Stop()
+	return cl.WritePacket(pk)
 }
 
 // endSession ends the session's connection for reason (event
@@ -159,6 +172,12 @@ func (w *writer) endSessionAfterKeys(cl *mqtt.Client, s *session, reason string,
 }
 
 func (w *writer) markEnding(s *session, reason string) bool {
+	return w.markEndingBy(s, reason, "")
+}
+
+// markEndingBy is markEnding for an operator's action: the session_ended
+// event names the operator (the admin API's named token) when there is one.
+func (w *writer) markEndingBy(s *session, reason, operator string) bool {
 	if !s.ending.CompareAndSwap(false, true) {
 		return false
 	}
@@ -167,10 +186,14 @@ func (w *writer) markEnding(s *session, reason string) bool {
 	case "credentials-changed", "key-expired", "administrative", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
 		level = slog.LevelInfo
 	}
-	if s.kind == kindTerminal {
-		w.event(level, "session_ended", "sn", s.sn, "reason", reason)
+	who, name := "sn", s.sn
+	if s.kind != kindTerminal {
+		who, name = "app", s.app.Name
+	}
+	if operator != "" {
+		w.event(level, "session_ended", who, name, "reason", reason, "operator", operator)
 	} else {
-		w.event(level, "session_ended", "app", s.app.Name, "reason", reason)
+		w.event(level, "session_ended", who, name, "reason", reason)
 	}
 	return true
 }

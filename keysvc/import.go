@@ -22,6 +22,12 @@ type ImportOptions struct {
 	// BatchSize is the number of records per store transaction when the
 	// store implements BulkCreator; 0 = 1000.
 	BatchSize int
+	// Created, if set, is called with each terminal stored, in file order,
+	// after its batch is stored and before Progress reports it. The record
+	// holds the terminal's secrets (those of the file, and those
+	// generated): the caller hands them on once (a factory's credentials
+	// file) and keeps them nowhere else. An error stops the import.
+	Created func(t *Terminal) error
 }
 
 // ImportReport is the outcome of Import: every data row is either created
@@ -155,11 +161,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 	if err != nil {
 		return rep, fmt.Errorf("keysvc: %w", err)
 	}
-	type pending struct {
-		line int
-		t    *Terminal
-	}
-	var rows []pending
+	var rows []pendingRow
 	seen := map[string]int{}
 	now := s.now1()
 	for {
@@ -204,7 +206,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 			rep.Rejected = append(rep.Rejected, RowResult{Line: line, SN: sn, Reason: err.Error()})
 			continue
 		}
-		rows = append(rows, pending{line, t})
+		rows = append(rows, pendingRow{line, t})
 	}
 	total := len(rows)
 	// Progress counts every row read: those rejected above are done.
@@ -217,7 +219,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 		batch = 1000
 	}
 	bulk, _ := s.store.(BulkCreator)
-	reject := func(p pending, err error) {
+	reject := func(p pendingRow, err error) {
 		reason := "exists"
 		if !errors.Is(err, ErrExists) {
 			reason = err.Error()
@@ -226,38 +228,32 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 	}
 	for i := 0; i < total; i += batch {
 		chunk := rows[i:min(i+batch, total)]
-		if bulk != nil {
-			ts := make([]*Terminal, len(chunk))
-			for j, p := range chunk {
-				ts[j] = p.t
-			}
-			errs, err := bulk.CreateTerminals(ctx, ts)
-			if err != nil {
-				sortRejected(rep.Rejected)
-				return rep, fmt.Errorf("keysvc: import: lines %d-%d: %w", chunk[0].line, chunk[len(chunk)-1].line, err)
-			}
-			for j, p := range chunk {
-				if errs[j] != nil {
-					reject(p, errs[j])
-				} else {
-					rep.Created++
+		errs, err := s.createBatch(ctx, bulk, chunk)
+		if err != nil {
+			sortRejected(rep.Rejected)
+			return rep, fmt.Errorf("keysvc: import: lines %d-%d: %w", chunk[0].line, chunk[len(chunk)-1].line, err)
+		}
+		var failed error // the store's failure: the import stops after this batch
+		failedLine := 0
+		for j, p := range chunk {
+			s.cache.drop(p.t.SN) // a negative entry may be cached
+			switch err := errs[j]; {
+			case err == nil:
+				rep.Created++
+				if opts.Created != nil && failed == nil {
+					if err := opts.Created(p.t); err != nil {
+						failed, failedLine = err, p.line
+					}
 				}
-				s.cache.drop(p.t.SN)
+			case errors.Is(err, ErrExists) || errors.Is(err, ErrInvalid):
+				reject(p, err)
+			case failed == nil:
+				failed, failedLine = err, p.line
 			}
-		} else {
-			for _, p := range chunk {
-				err := s.store.CreateTerminal(ctx, p.t)
-				s.cache.drop(p.t.SN)
-				switch {
-				case err == nil:
-					rep.Created++
-				case errors.Is(err, ErrExists) || errors.Is(err, ErrInvalid):
-					reject(p, err)
-				default:
-					sortRejected(rep.Rejected)
-					return rep, fmt.Errorf("keysvc: import: line %d: %w", p.line, err)
-				}
-			}
+		}
+		if failed != nil {
+			sortRejected(rep.Rejected)
+			return rep, fmt.Errorf("keysvc: import: line %d: %w", failedLine, failed)
 		}
 		if opts.Progress != nil {
 			opts.Progress(rejectedEarly+i+len(chunk), rep.Rows)
@@ -269,4 +265,36 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 
 func sortRejected(r []RowResult) {
 	slices.SortStableFunc(r, func(a, b RowResult) int { return a.Line - b.Line })
+}
+
+// pendingRow is a parsed row of an import, waiting for its batch.
+type pendingRow struct {
+	line int
+	t    *Terminal
+}
+
+// createBatch stores the terminals of chunk: with one CreateTerminals of
+// bulk, else one CreateTerminal after another until the store fails (the
+// rows not tried then get that error). It returns one error per row.
+func (s *Service) createBatch(ctx context.Context, bulk BulkCreator, chunk []pendingRow) ([]error, error) {
+	ts := make([]*Terminal, len(chunk))
+	for j, p := range chunk {
+		ts[j] = p.t
+	}
+	if bulk != nil {
+		return bulk.CreateTerminals(ctx, ts)
+	}
+	errs := make([]error, len(ts))
+	var failed error
+	for j, t := range ts {
+		if failed != nil {
+			errs[j] = failed
+			continue
+		}
+		errs[j] = s.store.CreateTerminal(ctx, t)
+		if err := errs[j]; err != nil && !errors.Is(err, ErrExists) && !errors.Is(err, ErrInvalid) {
+			failed = err
+		}
+	}
+	return errs, nil
 }

@@ -295,22 +295,38 @@ func (s *Service) List(ctx context.Context, after string, limit int) ([]*Termina
 	if err != nil {
 		return nil, "", fmt.Errorf("keysvc: list: %w", err)
 	}
+	ts, err := s.getMany(ctx, sns)
+	if err != nil {
+		return nil, "", fmt.Errorf("keysvc: list: %w", err)
+	}
 	out := make([]*Terminal, 0, len(sns))
-	for _, sn := range sns {
-		t, err := s.store.GetTerminal(ctx, sn)
-		if errors.Is(err, ErrNotFound) {
-			continue // deleted since the listing
+	for _, t := range ts {
+		if t != nil { // else deleted since the listing
+			out = append(out, t)
 		}
-		if err != nil {
-			return nil, "", fmt.Errorf("keysvc: list: %w", err)
-		}
-		out = append(out, t)
 	}
 	next := ""
 	if len(sns) == limit {
 		next = sns[len(sns)-1]
 	}
 	return out, next, nil
+}
+
+// getMany reads the records of sns, in order (nil for one that is gone):
+// at once if the store is a BulkReader, else one after another.
+func (s *Service) getMany(ctx context.Context, sns []string) ([]*Terminal, error) {
+	if bulk, ok := s.store.(BulkReader); ok {
+		return bulk.GetTerminals(ctx, sns)
+	}
+	out := make([]*Terminal, len(sns))
+	for i, sn := range sns {
+		t, err := s.store.GetTerminal(ctx, sn)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return nil, err
+		}
+		out[i] = t
+	}
+	return out, nil
 }
 
 // SetStatus enables (StatusActive) or disables (StatusDisabled) a terminal.

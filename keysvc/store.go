@@ -183,12 +183,23 @@ type Store interface {
 	Close() error
 }
 
-// BulkCreator is implemented by stores that can create many terminals in one
-// transaction (Import and bulk registration use it when present). It returns
-// one error per record, in order: nil, or ErrExists / ErrInvalid wrapped.
-// A non-nil second result means nothing was stored.
+// BulkCreator is implemented by stores that create many terminals faster
+// than one CreateTerminal after another: in one transaction (the embedded
+// store) or concurrently (Vault). Import uses it when present. It returns
+// one error per record, in order: nil (stored), ErrExists or ErrInvalid
+// wrapped (that record refused), or another error (that record failed
+// because the store did: the caller stops). A non-nil second result means
+// nothing was stored.
 type BulkCreator interface {
 	CreateTerminals(ctx context.Context, ts []*Terminal) ([]error, error)
+}
+
+// BulkReader is implemented by stores that read many terminals faster than
+// one GetTerminal after another (Vault: concurrently, with a bound).
+// Service.List uses it when present. It returns the records of sns in
+// order, nil for one that does not exist; any other failure is the error.
+type BulkReader interface {
+	GetTerminals(ctx context.Context, sns []string) ([]*Terminal, error)
 }
 
 // SessionKeySource issues per-login session keys (SPEC section 5).

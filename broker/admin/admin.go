@@ -20,10 +20,18 @@
 //	POST   /v1/apps                          add or replace an application
 //	GET    /v1/apps/{name}                   one application (no password)
 //	DELETE /v1/apps/{name}                   remove
+//	GET    /v1/reports/{kind}?before=&since= expiring, never-seen, not-seen: NDJSON stream of rows
+//	GET    /v1/whoami                        the name and role of the token
+//
+// Tokens: Options.Token is the operator "admin" (role full); Options.Operators
+// are named tokens, each full or read. A read-only operator may GET; any
+// other request of it is 403. The name of the operator goes into the audit
+// line of every change and into the hook's events of what it started.
 //
 // Errors are JSON {"error": "...", "field": "..."}: 400 bad input, 401 no
-// or wrong token, 404 not found, 409 exists or busy, 503 store unavailable.
-// The JSON types are package adminapi's, which also has the typed client.
+// or wrong token, 403 a read-only operator's change, 404 not found, 409
+// exists or busy, 503 store unavailable. The JSON types are package
+// adminapi's, which also has the typed client.
 //
 // Every request is counted in m2mguard_admin_requests_total{route,status}
 // and timed in m2mguard_admin_request_duration_seconds{route}, where route
@@ -53,6 +61,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/lastseen"
 )
 
 // Terminals is the terminal registry the handlers use. The broker passes
@@ -82,11 +91,19 @@ type Apps interface {
 // the session list, a disconnect, the end of a terminal's sessions after
 // it was disabled, deleted or rekeyed, and credential changes (delivered
 // at once to an online terminal). The broker passes its *hook.Hook.
+// Each action names the operator who asked for it, for the hook's events.
 type Sessions interface {
 	Sessions() []hook.SessionInfo
-	Disconnect(clientID string) error
-	Revoke(sn, reason string) int
-	StartChange(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error)
+	DisconnectBy(clientID, operator string) error
+	RevokeBy(sn, reason, operator string) int
+	StartChangeBy(ctx context.Context, sn string, what codec.What, operator string) (*keysvc.Change, error)
+}
+
+// LastSeen is where the terminals' last logins are kept (package
+// lastseen). The broker passes its *lastseen.Table.
+type LastSeen interface {
+	Get(sn string) (lastseen.Entry, bool)
+	Forget(sn string)
 }
 
 // Options configure the API.
@@ -94,8 +111,10 @@ type Options struct {
 	Terminals    Terminals             // required
 	Apps         Apps                  // required
 	Sessions     Sessions              // required
-	Token        string                // bearer token; required, at least 16 characters
-	MetricsToken string                // bearer token for /metrics only (Token works there too); "" = Token alone
+	Token        string                // bearer token of the operator "admin" (full); required, at least 16 characters
+	Operators    []Operator            // named tokens (ParseOperators); their hashes and names unique, none "admin"
+	MetricsToken string                // bearer token for /metrics only (every operator's works there too); "" = none
+	LastSeen     LastSeen              // last logins, shown with terminals and in reports; nil = none
 	Gatherer     prometheus.Gatherer   // served on /metrics; nil = no /metrics
 	Registerer   prometheus.Registerer // gets the API's request metrics (the broker: its registry); nil = none
 	BrokerURL    string                // written into provisioning bundles
@@ -108,9 +127,9 @@ type Options struct {
 
 type api struct {
 	opts         Options
-	token        [32]byte // SHA-256 of Options.Token
-	metricsToken [32]byte // SHA-256 of Options.MetricsToken
-	hasMetrics   int      // 1 if there is a metrics token
+	ops          operators // the admin token's operator first
+	metricsToken [32]byte  // SHA-256 of Options.MetricsToken
+	hasMetrics   int       // 1 if there is a metrics token
 	log          *slog.Logger
 }
 
@@ -137,9 +156,30 @@ func New(opts Options) (http.Handler, error) {
 	if opts.Rand == nil {
 		opts.Rand = func(b []byte) error { _, err := rand.Read(b); return err }
 	}
-	a := &api{opts: opts, token: sha256.Sum256([]byte(opts.Token)), log: opts.Logger}
+	a := &api{opts: opts, log: opts.Logger,
+		ops: operators{{Name: AdminOperator, Role: adminapi.RoleFull, Hash: sha256.Sum256([]byte(opts.Token))}}}
 	if opts.MetricsToken != "" {
 		a.metricsToken, a.hasMetrics = sha256.Sum256([]byte(opts.MetricsToken)), 1
+	}
+	for _, op := range opts.Operators {
+		if err := validOperatorName(op.Name); err != nil {
+			return nil, fmt.Errorf("admin: operator %q: %w", op.Name, err)
+		}
+		if op.Role != adminapi.RoleFull && op.Role != adminapi.RoleRead {
+			return nil, fmt.Errorf("admin: operator %s: role: want full or read", op.Name)
+		}
+		for _, other := range a.ops {
+			switch {
+			case op.Name == other.Name:
+				return nil, fmt.Errorf("admin: operator %s twice (%q is the admin token's)", op.Name, AdminOperator)
+			case op.Hash == other.Hash:
+				return nil, fmt.Errorf("admin: operator %s has the token of %s", op.Name, other.Name)
+			}
+		}
+		if a.hasMetrics == 1 && op.Hash == a.metricsToken {
+			return nil, fmt.Errorf("admin: operator %s has the metrics token", op.Name)
+		}
+		a.ops = append(a.ops, op)
 	}
 	mux := http.NewServeMux()
 	routes := map[string]bool{} // the patterns, the only values of the route label
@@ -152,28 +192,38 @@ func New(opts Options) (http.Handler, error) {
 		// The refusal reasons and binding events in the metrics tell which
 		// identities exist: not for anyone who can reach the port.
 		metrics := promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{})
-		handle("GET /metrics", a.require(a.mayReadMetrics, metrics.ServeHTTP))
+		handle("GET /metrics", a.requireMetrics(metrics.ServeHTTP))
 	}
-	auth := func(pattern string, h http.HandlerFunc) { handle(pattern, a.require(a.isAdmin, h)) }
-	auth("POST /v1/terminals", a.register)
-	auth("GET /v1/terminals", a.list)
-	auth("POST /v1/terminals/import", a.importCSV)
-	auth("GET /v1/terminals/{sn}", a.get)
-	auth("DELETE /v1/terminals/{sn}", a.delete)
-	auth("POST /v1/terminals/{sn}/disable", a.setStatus(keysvc.StatusDisabled))
-	auth("POST /v1/terminals/{sn}/enable", a.setStatus(keysvc.StatusActive))
-	auth("POST /v1/terminals/{sn}/rekey", a.rekey)
-	auth("POST /v1/terminals/{sn}/changes", a.startChange)
-	auth("GET /v1/terminals/{sn}/changes", a.changeStatus)
-	auth("GET /v1/sessions", a.sessions)
-	auth("DELETE /v1/sessions/{id}", a.disconnect)
-	auth("GET /v1/apps", a.listApps)
-	auth("POST /v1/apps", a.addApp)
-	auth("GET /v1/apps/{name}", a.getApp)
-	auth("DELETE /v1/apps/{name}", a.removeApp)
-	auth("/", func(w http.ResponseWriter, r *http.Request) {
+	// read: any operator; change: full operators only (403 for read-only).
+	read := func(pattern string, h http.HandlerFunc) { handle(pattern, a.require(false, h)) }
+	change := func(pattern string, h http.HandlerFunc) { handle(pattern, a.require(true, h)) }
+	change("POST /v1/terminals", a.register)
+	read("GET /v1/terminals", a.list)
+	change("POST /v1/terminals/import", a.importCSV)
+	read("GET /v1/terminals/{sn}", a.get)
+	change("DELETE /v1/terminals/{sn}", a.delete)
+	change("POST /v1/terminals/{sn}/disable", a.setStatus(keysvc.StatusDisabled))
+	change("POST /v1/terminals/{sn}/enable", a.setStatus(keysvc.StatusActive))
+	change("POST /v1/terminals/{sn}/rekey", a.rekey)
+	change("POST /v1/terminals/{sn}/changes", a.startChange)
+	read("GET /v1/terminals/{sn}/changes", a.changeStatus)
+	read("GET /v1/sessions", a.sessions)
+	change("DELETE /v1/sessions/{id}", a.disconnect)
+	read("GET /v1/apps", a.listApps)
+	change("POST /v1/apps", a.addApp)
+	read("GET /v1/apps/{name}", a.getApp)
+	change("DELETE /v1/apps/{name}", a.removeApp)
+	read("GET /v1/reports/{kind}", a.report)
+	read("GET /v1/whoami", a.whoami)
+	// Any other method or path: 403 for a read-only operator if it is
+	// not a GET, else 404.
+	handle("/", a.require(false, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead && operatorOf(r.Context()).Role != adminapi.RoleFull {
+			a.forbid(w, r, operatorOf(r.Context()))
+			return
+		}
 		writeJSON(w, http.StatusNotFound, adminapi.Error{Message: "no such endpoint: " + r.Method + " " + r.URL.Path})
-	})
+	}))
 	if opts.Registerer == nil {
 		return mux, nil
 	}
@@ -184,35 +234,68 @@ func New(opts Options) (http.Handler, error) {
 	return m.instrument(routes, mux), nil
 }
 
-// isAdmin reports whether sum is the hash of the admin token, in constant
-// time (of the hashes, so the length does not leak either).
-func (a *api) isAdmin(sum [32]byte) bool {
-	return subtle.ConstantTimeCompare(sum[:], a.token[:]) == 1
+// bearer returns the SHA-256 of the request's bearer token, and whether
+// it has one.
+func bearer(r *http.Request) ([32]byte, bool) {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return sha256.Sum256([]byte(strings.TrimSpace(tok))), ok
 }
 
-// mayReadMetrics reports whether sum is the hash of the metrics token or of
-// the admin token; both are compared, in constant time.
-func (a *api) mayReadMetrics(sum [32]byte) bool {
-	admin := subtle.ConstantTimeCompare(sum[:], a.token[:])
-	metrics := subtle.ConstantTimeCompare(sum[:], a.metricsToken[:]) & a.hasMetrics
-	return admin|metrics == 1
-}
-
-// require serves next to requests with "Authorization: Bearer <token>"
-// whose token's SHA-256 allowed accepts, and 401 to the others.
-func (a *api) require(allowed func(sum [32]byte) bool, next http.HandlerFunc) http.Handler {
+// require serves next to requests whose bearer token is an operator's
+// (401 for the others), with the operator in the request's context; a
+// request that changes something (change) needs a full operator (403 for
+// a read-only one).
+func (a *api) require(change bool, next http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h := r.Header.Get("Authorization")
-		tok, ok := strings.CutPrefix(h, "Bearer ")
-		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-		if !ok || !allowed(sum) {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="m2mguard"`)
-			writeJSON(w, http.StatusUnauthorized, adminapi.Error{Message: "missing or wrong bearer token"})
-			a.log.Warn("admin request refused", "reason", "bad-token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+		sum, ok := bearer(r)
+		op, known := a.ops.who(sum)
+		if !ok || !known {
+			a.unauthorized(w, r)
+			return
+		}
+		if change && op.Role != adminapi.RoleFull {
+			a.forbid(w, r, op)
+			return
+		}
+		next(w, r.WithContext(withOperator(r.Context(), op)))
+	})
+}
+
+// requireMetrics serves /metrics to the metrics token and to every
+// operator; both are compared, in constant time.
+func (a *api) requireMetrics(next http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sum, ok := bearer(r)
+		_, known := a.ops.who(sum)
+		metrics := subtle.ConstantTimeCompare(sum[:], a.metricsToken[:]) & a.hasMetrics
+		if !ok || !(known || metrics == 1) {
+			a.unauthorized(w, r)
 			return
 		}
 		next(w, r)
 	})
+}
+
+func (a *api) unauthorized(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="m2mguard"`)
+	writeJSON(w, http.StatusUnauthorized, adminapi.Error{Message: "missing or wrong bearer token"})
+	a.log.Warn("admin request refused", "reason", "bad-token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+}
+
+func (a *api) forbid(w http.ResponseWriter, r *http.Request, op Operator) {
+	writeJSON(w, http.StatusForbidden, adminapi.Error{Message: "operator " + op.Name + " may only read (role " + op.Role + ")"})
+	a.log.Warn("admin request refused", "reason", "read-only", "operator", op.Name, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+}
+
+// audit logs a change an operator made: the line names the operator and
+// where the request came from.
+func (a *api) audit(r *http.Request, msg string, attrs ...any) {
+	a.log.Info(msg, append(attrs, "operator", operatorOf(r.Context()).Name, "remote", r.RemoteAddr)...)
+}
+
+func (a *api) whoami(w http.ResponseWriter, r *http.Request) {
+	op := operatorOf(r.Context())
+	writeJSON(w, http.StatusOK, adminapi.Operator{Name: op.Name, Role: op.Role})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -404,7 +487,7 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("terminal registered", "sn", t.SN, "alg", t.Alg.String(), "remote", r.RemoteAddr)
+	a.audit(r, "terminal registered", "sn", t.SN, "alg", t.Alg.String())
 	w.Header().Set("Location", "/v1/terminals/"+t.SN)
 	writeJSON(w, http.StatusCreated, bundleOf(t, a.opts.BrokerURL))
 }
@@ -422,7 +505,7 @@ func (a *api) get(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, terminalView(t))
+	writeJSON(w, http.StatusOK, a.terminalView(t))
 }
 
 func (a *api) list(w http.ResponseWriter, r *http.Request) {
@@ -450,7 +533,7 @@ func (a *api) list(w http.ResponseWriter, r *http.Request) {
 	}
 	out := adminapi.TerminalList{Terminals: make([]adminapi.Terminal, 0, len(ts)), Next: next}
 	for _, t := range ts {
-		out.Terminals = append(out.Terminals, terminalView(t))
+		out.Terminals = append(out.Terminals, a.terminalView(t))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -467,8 +550,11 @@ func (a *api) delete(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	ended := a.opts.Sessions.Revoke(sn, hook.RevokeDeleted)
-	a.log.Info("terminal deleted", "sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr)
+	ended := a.opts.Sessions.RevokeBy(sn, hook.RevokeDeleted, operatorOf(r.Context()).Name)
+	if a.opts.LastSeen != nil {
+		a.opts.LastSeen.Forget(sn) // a terminal registered again under sn has never been seen
+	}
+	a.audit(r, "terminal deleted", "sn", sn, "sessions_ended", ended)
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -489,8 +575,8 @@ func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 				a.fail(w, r, err)
 				return
 			}
-			a.log.Info("terminal enabled", "sn", sn, "remote", r.RemoteAddr)
-			writeJSON(w, http.StatusOK, terminalView(t))
+			a.audit(r, "terminal enabled", "sn", sn)
+			writeJSON(w, http.StatusOK, a.terminalView(t))
 			return
 		}
 		t, cancelled, err := a.opts.Terminals.Disable(ctx, sn)
@@ -498,13 +584,13 @@ func (a *api) setStatus(st keysvc.Status) http.HandlerFunc {
 			a.fail(w, r, err)
 			return
 		}
-		ended := a.opts.Sessions.Revoke(sn, hook.RevokeDisabled)
-		attrs := []any{"sn", sn, "sessions_ended", ended, "remote", r.RemoteAddr}
+		ended := a.opts.Sessions.RevokeBy(sn, hook.RevokeDisabled, operatorOf(r.Context()).Name)
+		attrs := []any{"sn", sn, "sessions_ended", ended}
 		if cancelled != nil {
 			attrs = append(attrs, "cancelled_change", cancelled.RID.String())
 		}
-		a.log.Info("terminal disabled", attrs...)
-		writeJSON(w, http.StatusOK, terminalView(t))
+		a.audit(r, "terminal disabled", attrs...)
+		writeJSON(w, http.StatusOK, a.terminalView(t))
 	}
 }
 
@@ -524,15 +610,27 @@ func (a *api) rekey(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	ended := a.opts.Sessions.Revoke(sn, hook.RevokeRekeyed)
-	a.log.Info("terminal rekeyed", "sn", sn, "sessions_ended", ended, "status", string(t.Status), "remote", r.RemoteAddr)
+	ended := a.opts.Sessions.RevokeBy(sn, hook.RevokeRekeyed, operatorOf(r.Context()).Name)
+	a.audit(r, "terminal rekeyed", "sn", sn, "sessions_ended", ended, "status", string(t.Status))
 	writeJSON(w, http.StatusOK, bundleOf(t, a.opts.BrokerURL))
 }
 
 // importCSV streams NDJSON: a progress line after every batch, then the
-// report. Errors found before anything was streamed (a bad header) get
-// their own status code; later ones end the stream with an error line.
+// report. With ?creds=true, the provisioning bundle of every terminal
+// stored goes out first, each on its line (the one time its secrets are
+// shown; they are never logged). Errors found before anything was streamed
+// (a bad header) get their own status code; later ones end the stream with
+// an error line.
 func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
+	withCreds := false
+	switch v := r.URL.Query().Get("creds"); v {
+	case "", "false":
+	case "true":
+		withCreds = true
+	default:
+		a.fail(w, r, badField("creds", "want true or false"))
+		return
+	}
 	body := http.MaxBytesReader(w, r.Body, a.opts.MaxImport)
 	started := false
 	rc := http.NewResponseController(w)
@@ -545,16 +643,38 @@ func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 		}
 	}
-	rep, err := a.opts.Terminals.Import(r.Context(), body, keysvc.ImportOptions{Progress: func(done, total int) {
+	opts := keysvc.ImportOptions{Progress: func(done, total int) {
 		start()
 		enc.Encode(adminapi.ImportEvent{Progress: &adminapi.Progress{Done: done, Total: total}})
 		rc.Flush()
-	}})
+	}}
+	handedOn := 0
+	if withCreds {
+		opts.Created = func(t *keysvc.Terminal) error {
+			start()
+			b := bundleOf(t, a.opts.BrokerURL)
+			if err := enc.Encode(adminapi.ImportEvent{Bundle: &b}); err != nil {
+				return fmt.Errorf("sending the credentials: %w", err)
+			}
+			handedOn++
+			return nil
+		}
+	}
+	rep, err := a.opts.Terminals.Import(r.Context(), body, opts)
 	out := &adminapi.ImportReport{Rows: rep.Rows, Created: rep.Created, Rejected: make([]adminapi.RowResult, 0, len(rep.Rejected))}
 	for _, rr := range rep.Rejected {
 		out.Rejected = append(out.Rejected, adminapi.RowResult{Line: rr.Line, SN: rr.SN, Reason: rr.Reason})
 	}
-	a.log.Info("terminals imported", "rows", rep.Rows, "created", rep.Created, "rejected", len(rep.Rejected), "remote", r.RemoteAddr)
+	attrs := []any{"rows", rep.Rows, "created", rep.Created, "rejected", len(rep.Rejected)}
+	if withCreds {
+		attrs = append(attrs, "credentials_returned", handedOn)
+	}
+	a.audit(r, "terminals imported", attrs...)
+	if withCreds && handedOn < rep.Created {
+		// Stored, but nobody holds their secrets: the operator must rekey them.
+		a.log.Error("import: terminals stored whose credentials did not reach the client; rekey or delete them",
+			"stored", rep.Created, "credentials_returned", handedOn, "operator", operatorOf(r.Context()).Name)
+	}
 	if err != nil && !started {
 		a.fail(w, r, err)
 		return
@@ -566,7 +686,7 @@ func (a *api) importCSV(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, keysvc.ErrInvalid) {
 			ev.Error = "the import stopped: " + reason(err, keysvc.ErrInvalid)
 		}
-		a.log.Error("import failed", "rows", rep.Rows, "created", rep.Created, "err", err.Error(), "remote", r.RemoteAddr)
+		a.log.Error("import failed", "rows", rep.Rows, "created", rep.Created, "err", err.Error(), "operator", operatorOf(r.Context()).Name, "remote", r.RemoteAddr)
 	}
 	enc.Encode(ev)
 }
@@ -593,7 +713,7 @@ func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	// The hook picks the mode and delivers at once when the terminal is
 	// online, else after its next login.
-	ch, err := a.opts.Sessions.StartChange(ctx, sn, what)
+	ch, err := a.opts.Sessions.StartChangeBy(ctx, sn, what, operatorOf(r.Context()).Name)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrBusy) {
 			writeJSON(w, http.StatusConflict, adminapi.Error{Message: "a change is already pending for " + sn})
@@ -606,7 +726,7 @@ func (a *api) startChange(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("credential change started", "sn", sn, "what", string(what), "rid", ch.RID.String(), "remote", r.RemoteAddr)
+	a.audit(r, "credential change started", "sn", sn, "what", string(what), "rid", ch.RID.String())
 	w.Header().Set("Location", "/v1/terminals/"+sn+"/changes")
 	writeJSON(w, http.StatusAccepted, changeView(ch))
 }
@@ -659,11 +779,11 @@ func (a *api) disconnect(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, badField("client_id", "want a client id"))
 		return
 	}
-	if err := a.opts.Sessions.Disconnect(id); err != nil {
+	if err := a.opts.Sessions.DisconnectBy(id, operatorOf(r.Context()).Name); err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("session disconnected", "client_id", id, "remote", r.RemoteAddr)
+	a.audit(r, "session disconnected", "client_id", id)
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -716,7 +836,7 @@ func (a *api) addApp(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("application added", "app", app.Name, "remote", r.RemoteAddr)
+	a.audit(r, "application added", "app", app.Name)
 	out := appView(app)
 	if generated {
 		out.Password = req.Password
@@ -752,7 +872,7 @@ func (a *api) removeApp(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.log.Info("application removed", "app", name, "remote", r.RemoteAddr)
+	a.audit(r, "application removed", "app", name)
 	w.WriteHeader(http.StatusNoContent)
 }
 

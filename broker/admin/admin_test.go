@@ -57,7 +57,10 @@ func newEnv(t *testing.T) *env {
 func serve(t *testing.T, b *broker.Broker, opts admin.Options) *env {
 	t.Helper()
 	opts.Token, opts.MetricsToken, opts.Gatherer = token, metricsToken, b.Registry()
-	opts.BrokerURL, opts.Logger = b.PublicURL(), slog.New(slog.NewTextHandler(io.Discard, nil))
+	opts.BrokerURL = b.PublicURL()
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
 	h, err := admin.New(opts)
 	if err != nil {
 		t.Fatal(err)

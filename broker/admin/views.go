@@ -10,6 +10,24 @@ import (
 // The answers' JSON types are package adminapi's; these build them from
 // the key service's records.
 
+// terminalView is t with its last login, if the API keeps them.
+func (a *api) terminalView(t *keysvc.Terminal) adminapi.Terminal {
+	v := terminalView(t)
+	v.LastSeen = a.lastSeen(t.SN)
+	return v
+}
+
+func (a *api) lastSeen(sn string) *adminapi.LastSeen {
+	if a.opts.LastSeen == nil {
+		return nil
+	}
+	e, ok := a.opts.LastSeen.Get(sn)
+	if !ok {
+		return nil
+	}
+	return &adminapi.LastSeen{At: e.At.UTC(), Remote: e.Remote, Protocol: e.Protocol, SessionKey: e.SessionKey}
+}
+
 func terminalView(t *keysvc.Terminal) adminapi.Terminal {
 	v := adminapi.Terminal{
 		SN: t.SN, IMEI: t.IMEI, IMSI: t.IMSI, MSISDN: t.MSISDN, Alg: t.Alg.String(), Status: string(t.Status),

@@ -19,6 +19,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
+	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/replay"
 )
 
@@ -119,6 +120,9 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 		}
 		b.Hook, err = hook.New(hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard,
 			Registerer: prometheus.NewRegistry(),
+			// Every login is recorded, as in the broker (whose table also
+			// writes the changes to a file, off the login path).
+			LastSeen: lastseen.NewMemory(),
 			// The hook's security events are formatted as in production,
 			// then discarded.
 			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))})

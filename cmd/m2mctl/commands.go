@@ -1,12 +1,14 @@
 package main
 
 import (
+	"encoding/csv"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -231,9 +233,23 @@ func printTerminal(w io.Writer, t *adminapi.Terminal) {
 		fmt.Fprintf(tw, "pending change\t-\n")
 	}
 	fmt.Fprintf(tw, "last committed\t%s\n", dash(t.LastCommitted))
+	fmt.Fprintf(tw, "last seen\t%s\n", lastSeen(t.LastSeen))
 	fmt.Fprintf(tw, "created\t%s\n", ts(t.Created))
 	fmt.Fprintf(tw, "updated\t%s\n", ts(t.Updated))
 	tw.Flush()
+}
+
+// lastSeen describes a terminal's last login: "2025-03-01T12:00:00Z from
+// 192.0.2.7:50122, MQTT 3.1.1, session key", or "never".
+func lastSeen(ls *adminapi.LastSeen) string {
+	if ls == nil {
+		return "never"
+	}
+	key := "no session key"
+	if ls.SessionKey {
+		key = "session key"
+	}
+	return fmt.Sprintf("%s from %s, MQTT %s, %s", ts(ls.At), ls.Remote, mqttVersion(ls.Protocol), key)
 }
 
 func snArg(args []string) (string, error) {
@@ -301,13 +317,17 @@ func terminalListCmd(o *options) *cobra.Command {
 				return printJSON(w, out)
 			}
 			tw := table(w)
-			fmt.Fprintln(tw, "SN\tIMEI\tIMSI\tALG\tSTATUS\tPENDING\tUPDATED")
+			fmt.Fprintln(tw, "SN\tIMEI\tIMSI\tALG\tSTATUS\tPENDING\tUPDATED\tLAST SEEN")
 			for _, t := range out.Terminals {
 				pending := "-"
 				if t.Pending != nil {
 					pending = t.Pending.What + "/" + t.Pending.Mode
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.SN, t.IMEI, t.IMSI, t.Alg, t.Status, pending, ts(t.Updated))
+				seen := "never"
+				if t.LastSeen != nil {
+					seen = ts(t.LastSeen.At)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.SN, t.IMEI, t.IMSI, t.Alg, t.Status, pending, ts(t.Updated), seen)
 			}
 			tw.Flush()
 			if out.Next != "" {
@@ -381,7 +401,7 @@ func terminalDeleteCmd(o *options) *cobra.Command {
 }
 
 func terminalImportCmd(o *options) *cobra.Command {
-	var progress string
+	var progress, credsOut string
 	cmd := &cobra.Command{
 		Use:   "import FILE.csv|-",
 		Short: "Register terminals from CSV, with a progress bar on stderr",
@@ -393,13 +413,28 @@ cannot be shown later: import them from the file if the devices already hold the
 The progress bar counts the rows read, stored or rejected.
 
 Valid rows are stored; each rejected row is reported with its line and reason.
-The command exits 1 if any row was rejected.`,
+The command exits 1 if any row was rejected.
+
+--creds-out FILE asks the broker for the provisioning bundle of every terminal it
+stores (the generated secrets too, the one time they exist outside the store) and
+writes them to FILE as CSV, created with mode 0600 (an existing file is refused):
+sn, imei, imsi, msisdn, alg, require_encryption, up, upexp, down, downexp, bk (hex),
+bkexp, broker_url, one line per terminal, as a factory writes them into devices.
+Nothing else shows them: keep FILE safe and delete it once the devices hold them.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			switch progress {
 			case "auto", "always", "never":
 			default:
 				return usagef("--progress: want auto, always or never")
+			}
+			var out *credsFile
+			if credsOut != "" {
+				var err error
+				if out, err = createCredsFile(credsOut); err != nil {
+					return usagef("--creds-out: %v", err)
+				}
+				defer out.abandon()
 			}
 			var in io.Reader = o.stdin
 			if args[0] != "-" {
@@ -415,8 +450,17 @@ The command exits 1 if any row was rejected.`,
 				return err
 			}
 			bar := &progressBar{w: cmd.ErrOrStderr(), on: progress == "always" || (progress == "auto" && o.stderrTTY)}
-			rep, importErr := c.ImportTerminals(cmd.Context(), in, func(p adminapi.Progress) { bar.update(p.Done, p.Total) })
+			opts := adminapi.ImportOptions{Progress: func(p adminapi.Progress) { bar.update(p.Done, p.Total) }}
+			if out != nil {
+				opts.Bundle = out.write
+			}
+			rep, importErr := c.Import(cmd.Context(), in, opts)
 			bar.finish()
+			if out != nil {
+				if err := out.close(cmd.ErrOrStderr(), rep); err != nil && importErr == nil {
+					importErr = err
+				}
+			}
 			if rep == nil {
 				return importErr
 			}
@@ -446,7 +490,77 @@ The command exits 1 if any row was rejected.`,
 		},
 	}
 	cmd.Flags().StringVar(&progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always or never")
+	cmd.Flags().StringVar(&credsOut, "creds-out", "", "write the secrets of the terminals stored to this CSV file (created 0600; must not exist)")
 	return cmd
+}
+
+// credsFile is the CSV file of --creds-out: the provisioning bundles of
+// the terminals an import stored, written as they arrive.
+type credsFile struct {
+	path string
+	f    *os.File
+	w    *csv.Writer
+	n    int
+	done bool
+}
+
+var credsColumns = []string{"sn", "imei", "imsi", "msisdn", "alg", "require_encryption", "up", "upexp", "down", "downexp", "bk", "bkexp", "broker_url"}
+
+// createCredsFile creates path with mode 0600, refusing an existing file,
+// before anything is sent: the secrets have a place to go.
+func createCredsFile(path string) (*credsFile, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	c := &credsFile{path: path, f: f, w: csv.NewWriter(f)}
+	c.w.Write(credsColumns)
+	return c, nil
+}
+
+// write adds a terminal's bundle; an error (a full disk) ends the import.
+func (c *credsFile) write(b adminapi.Bundle) error {
+	c.w.Write([]string{b.SN, b.IMEI, b.IMSI, b.MSISDN, b.Alg, strconv.FormatBool(b.RequireEncryption),
+		b.Up, strconv.FormatUint(uint64(b.UpExp), 10), b.Down, strconv.FormatUint(uint64(b.DownExp), 10),
+		b.BK, strconv.FormatUint(uint64(b.BKExp), 10), b.BrokerURL})
+	c.w.Flush()
+	if err := c.w.Error(); err != nil {
+		return fmt.Errorf("writing %s: %w", c.path, err)
+	}
+	c.n++
+	return nil
+}
+
+// close syncs and closes the file and says on w what it holds; a file
+// that holds no terminal is removed. rep (nil if none came) tells whether
+// every terminal stored is in it.
+func (c *credsFile) close(w io.Writer, rep *adminapi.ImportReport) error {
+	c.done = true
+	c.w.Flush()
+	err := errors.Join(c.w.Error(), c.f.Sync(), c.f.Close())
+	if c.n == 0 && err == nil {
+		return os.Remove(c.path)
+	}
+	if err != nil {
+		return fmt.Errorf("--creds-out %s: %w", c.path, err)
+	}
+	fmt.Fprintf(w, "credentials of %d terminals written to %s (mode 0600): they are shown nowhere else; keep the file safe\n", c.n, c.path)
+	if rep != nil && rep.Created > c.n {
+		fmt.Fprintf(w, "%d terminals were stored whose credentials are not in %s: rekey them (m2mctl terminal rekey)\n", rep.Created-c.n, c.path)
+	}
+	return nil
+}
+
+// abandon closes a file close did not (an early error), removing it if it
+// holds no terminal.
+func (c *credsFile) abandon() {
+	if c.done {
+		return
+	}
+	c.f.Close()
+	if c.n == 0 {
+		os.Remove(c.path)
+	}
 }
 
 // progressBar draws "[#####.....] done/total pct%" on one line of w.

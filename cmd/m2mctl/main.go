@@ -5,6 +5,7 @@
 //	m2mctl terminal list
 //	m2mctl change start A1 --what all
 //	m2mctl session list -o json
+//	m2mctl report not-seen --since 2025-03-01 -o csv
 //
 // Output is a table for people, or JSON with -o json. The server and token
 // come from --server/$M2MCTL_SERVER (default http://127.0.0.1:8080) and
@@ -12,7 +13,8 @@
 // ./data/admin.token, the file the broker generates on first run).
 //
 // Exit codes: 0 ok, 1 other failure (import: some rows rejected), 2 usage
-// error or bad input (HTTP 400), 3 unauthorized (401), 4 not found (404),
+// error or bad input (HTTP 400), 3 unauthorized (401) or a read-only
+// operator's change (403), 4 not found (404),
 // 5 conflict: exists or a change pending (409), 6 broker unreachable, not
 // an m2mguard admin API, or store unavailable (503). With -o json, errors
 // are JSON on stderr.
@@ -49,7 +51,8 @@ const exitHelp = `Exit codes:
   0  ok
   1  other failure (terminal import: at least one row was rejected)
   2  usage error, or input the broker refused (HTTP 400)
-  3  unauthorized: missing or wrong admin token (HTTP 401)
+  3  unauthorized: missing or wrong admin token (HTTP 401), or a change asked with
+     a read-only operator's token (HTTP 403)
   4  not found (HTTP 404)
   5  conflict: the terminal or app exists, or a change is already pending (HTTP 409)
   6  broker unreachable (or --server is not an m2mguard admin API), or its store
@@ -94,16 +97,19 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		Short: "Operate an m2mguard broker through its admin API",
 		Long: `m2mctl drives the admin HTTP API of an m2mguard broker: terminals (add, get,
 list, disable, enable, delete, import), credential changes (start, status),
-sessions (list, disconnect) and applications (add, remove, list).
+sessions (list, disconnect), applications (add, remove, list), reports of the fleet
+(expiring credentials, terminals never or not lately seen) and operators' tokens.
 
 Tables for people, JSON for scripts (-o json). The broker's admin API listens on
 127.0.0.1:8080 by default and needs its bearer token: --token or $M2MCTL_TOKEN,
 else the file --token-file (default ./data/admin.token, which the broker writes on
 first run; run m2mctl from the broker's working directory, or point to it).
 
-Secrets are printed in exactly one place, by design: 'terminal add' prints the
-provisioning bundle (passwords and basic key) a factory writes into the device,
-once. Nothing else ever shows a secret; the broker cannot show them again.
+Secrets are shown in few places, by design: 'terminal add' and 'terminal rekey'
+print the provisioning bundle (passwords and basic key) a factory writes into the
+device, once; 'terminal import --creds-out FILE' writes the bundles of the terminals
+it stored to a new 0600 file; 'token new' prints an operator's token once. Nothing
+else ever shows a secret; the broker cannot show them again.
 
 ` + exitHelp,
 	}
@@ -116,19 +122,23 @@ once. Nothing else ever shows a secret; the broker cannot show them again.
 	pf.StringVar(&o.server, "server", DefaultServer, "admin API base URL")
 	pf.StringVar(&o.token, "token", "", "admin bearer token (overrides --token-file)")
 	pf.StringVar(&o.tokenFile, "token-file", "./data/admin.token", "file holding the admin token")
-	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
+	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json (reports: csv too)")
 	pf.DurationVar(&o.timeout, "timeout", 30*time.Second, "timeout of one request (imports: of the connection, not the upload)")
 	envErr := cliflag.EnvAll(pf, map[string]string{
 		"server": "M2MCTL_SERVER", "token": "M2MCTL_TOKEN", "token-file": "M2MCTL_TOKEN_FILE", "output": "M2MCTL_OUTPUT",
 	})
 
-	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o))
+	root.AddCommand(terminalCmd(o), changeCmd(o), sessionCmd(o), appCmd(o), reportCmd(o), whoamiCmd(o), tokenCmd(o))
 	cliflag.Prepare(root, exitHelp, envErr)
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		switch o.output {
 		case "table", "json":
+		case "csv":
+			if cmd.Annotations[csvAllowed] == "" {
+				return usagef("--output csv: only for reports; want table or json")
+			}
 		default:
-			return usagef("--output: want table or json")
+			return usagef("--output: want table or json (reports: csv too)")
 		}
 		o.tokenFrom = "$M2MCTL_TOKEN"
 		if pf.Changed("token") {
@@ -159,7 +169,7 @@ func exitCode(err error) int {
 	switch {
 	case cliflag.IsUsage(err), errors.Is(err, adminapi.ErrBadRequest):
 		return exitUsage
-	case errors.Is(err, adminapi.ErrUnauthorized):
+	case errors.Is(err, adminapi.ErrUnauthorized), errors.Is(err, adminapi.ErrForbidden):
 		return exitUnauthorize
 	case errors.Is(err, adminapi.ErrNotFound):
 		return exitNotFound

@@ -14,9 +14,12 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/lastseen"
 )
 
 // startBroker runs a real broker with its admin API on a loopback port and
@@ -189,5 +192,81 @@ func TestLinksNeitherMochiNorPrometheus(t *testing.T) {
 		if strings.Contains(dep, "mochi-mqtt") || strings.Contains(dep, "prometheus") {
 			t.Errorf("m2mctl links %s", strings.TrimSpace(dep))
 		}
+	}
+}
+
+// TestOperationsCommands: reports, last seen, import --creds-out, whoami,
+// a read-only operator's token and token new.
+func TestOperationsCommands(t *testing.T) {
+	const viewer = "viewer-token-0123456789abcdef"
+	dir := t.TempDir()
+	tokens := filepath.Join(dir, "operators")
+	os.WriteFile(tokens, []byte(adminapi.OperatorLine("viewer", adminapi.RoleRead, viewer)+"\n"), 0o600)
+	cfg := broker.Default()
+	cfg.DataDir = filepath.Join(dir, "data")
+	cfg.MQTT.TCP, cfg.MQTT.WS, cfg.Admin.Listen = "127.0.0.1:0", "", "127.0.0.1:0"
+	cfg.Admin.TokensFile = tokens
+	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	g := []string{"--server", "http://" + b.Addr("admin"), "--token-file", filepath.Join(cfg.DataDir, "admin.token")}
+	credsOut := filepath.Join(dir, "creds.csv")
+	emptyOut := filepath.Join(dir, "none.csv")
+	const fleet = "sn,imei,imsi\nR1,354494040518570,460020084678120\nR2,354494040518571,460020084678121\nR3,354494040518572,460020084678122\n"
+	for _, tc := range []struct {
+		name, stdin, stdout, stderr string
+		args                        []string
+		code                        int
+		json                        bool
+	}{
+		{name: "import creds", args: []string{"terminal", "import", "-", "--creds-out", credsOut}, stdin: fleet,
+			stdout: "rows 3, created 3, rejected 0", stderr: "credentials of 3 terminals written to " + credsOut + " (mode 0600)"},
+		{name: "creds file exists", args: []string{"terminal", "import", "-", "--creds-out", credsOut}, stdin: fleet, code: exitUsage, stderr: "file exists"},
+		{name: "no terminal stored, no file", args: []string{"terminal", "import", "-", "--creds-out", emptyOut}, stdin: fleet, code: exitFailure, stdout: "rejected 3"},
+		{name: "never seen in get", args: []string{"terminal", "get", "R1"}, stdout: "last seen           never"},
+		{name: "report never-seen table", args: []string{"report", "never-seen", "--progress", "always"}, stdout: "R3", stderr: "scanned 3 terminals, 2 in the report"},
+		{name: "report csv", args: []string{"report", "not-seen", "--since", "2025-03-01", "-o", "csv"},
+			stdout: "sn,status,upexp,downexp,bkexp,expiring,last_seen,remote,protocol,session_key\nR1,active,never,never,never,,,,,\nR2,active,never,never,never,,2025-02-01T00:00:00Z,192.0.2.1:1000,5,true\nR3,"},
+		{name: "report json", args: []string{"report", "never-seen", "-o", "json"}, stdout: `"sn":"R3"`, json: true},
+		{name: "report json empty", args: []string{"report", "expiring", "--before", "2030-01-01", "-o", "json"}, stdout: "[]\n", json: true},
+		{name: "expiring needs --before", args: []string{"report", "expiring"}, code: exitUsage, stderr: "--before is required"},
+		{name: "bad date", args: []string{"report", "not-seen", "--since", "March"}, code: exitUsage, stderr: "--since: want a date"},
+		{name: "csv only for reports", args: []string{"app", "list", "-o", "csv"}, code: exitUsage, stderr: "only for reports"},
+		{name: "whoami", args: []string{"whoami"}, stdout: "operator admin (role full)"},
+		{name: "whoami viewer", args: []string{"--token", viewer, "whoami", "-o", "json"}, stdout: `"role": "read"`, json: true},
+		{name: "viewer may not disable", args: []string{"--token", viewer, "terminal", "disable", "R1"}, code: exitUnauthorize, stderr: "operator viewer may only read (role read) (HTTP 403)"},
+		{name: "viewer reports", args: []string{"--token", viewer, "report", "never-seen", "-o", "csv"}, stdout: "R1,active"},
+		{name: "token new", args: []string{"token", "new", "--name", "bob", "--role", "read"}, stdout: "bob read sha256:"},
+		{name: "token new admin", args: []string{"token", "new", "--name", "admin"}, code: exitUsage},
+		{name: "token new role", args: []string{"token", "new", "--name", "bob", "--role", "root"}, code: exitUsage},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "never seen in get" { // R2's login, recorded as the hook records it
+				b.LastSeen().Seen("R2", lastseen.Entry{At: time.Date(2025, 2, 1, 0, 0, 0, 0, time.UTC), Remote: "192.0.2.1:1000", Protocol: 5, SessionKey: true})
+			}
+			code, out, errs := ctl(t, tc.stdin, append(append([]string{}, g...), tc.args...)...)
+			if code != tc.code || !strings.Contains(out, tc.stdout) || !strings.Contains(errs, tc.stderr) {
+				t.Fatalf("exit %d (want %d)\nstdout: %s\nstderr: %s", code, tc.code, out, errs)
+			}
+			if tc.json && !json.Valid([]byte(out)) {
+				t.Fatalf("stdout is not JSON:\n%s", out)
+			}
+		})
+	}
+	if fi, err := os.Stat(credsOut); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("creds file: %v %v", fi, err)
+	}
+	if _, err := os.Stat(emptyOut); !os.IsNotExist(err) {
+		t.Fatalf("a creds file without a terminal stays: %v", err)
+	}
+	data, _ := os.ReadFile(credsOut)
+	if lines := strings.Split(strings.TrimSpace(string(data)), "\n"); len(lines) != 4 || !strings.HasPrefix(lines[1], "R1,354494040518570,460020084678120,,hs256,false,") {
+		t.Fatalf("creds file:\n%s", data)
+	}
+	code, out, _ := ctl(t, "", append(g, "terminal", "get", "R2")...)
+	if code != 0 || !strings.Contains(out, "2025-02-01T00:00:00Z from 192.0.2.1:1000, MQTT 5, session key") {
+		t.Fatalf("get R2: %d\n%s", code, out)
 	}
 }

@@ -40,7 +40,16 @@ type Options struct {
 
 	Timeout time.Duration // per request; 0 = DefaultConfig's
 	CACert  string        // PEM file to verify Vault's TLS certificate; "" = system roots
-	Logger  *slog.Logger  // nil = slog.Default()
+	// ListCacheTTL is how long the listing of the terminals path answers
+	// pages of ListTerminals (inventory.go); this store's own creates and
+	// deletes update it at once. 0 = DefaultListCacheTTL; < 0 = no cache
+	// (every page LISTs the whole path).
+	ListCacheTTL time.Duration
+	// Parallel bounds the concurrent requests of GetTerminals and
+	// CreateTerminals (a page of the admin API's list, an import batch);
+	// 0 = DefaultParallel.
+	Parallel int
+	Logger   *slog.Logger // nil = slog.Default()
 	// Metrics, if set, records logins, renewals, the token's TTL and
 	// failed requests (see NewMetrics).
 	Metrics *Metrics
@@ -62,6 +71,9 @@ type Store struct {
 	forget func() // clears the credentials held for logins again, at Close
 
 	expires atomic.Int64 // unix nanoseconds when the current token expires; 0 = never
+
+	listing  keyList // the terminals path, listed (inventory.go)
+	parallel int
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -103,13 +115,21 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	client.SetToken("") // never pick up $VAULT_TOKEN behind the caller's back
 	s := &Store{
-		client:  client,
-		mount:   strings.Trim(opts.Mount, "/"),
-		prefix:  strings.Trim(opts.Prefix, "/"),
-		log:     opts.Logger,
-		metrics: opts.Metrics,
-		method:  MethodToken,
-		forget:  func() {},
+		client:   client,
+		mount:    strings.Trim(opts.Mount, "/"),
+		prefix:   strings.Trim(opts.Prefix, "/"),
+		log:      opts.Logger,
+		metrics:  opts.Metrics,
+		method:   MethodToken,
+		forget:   func() {},
+		listing:  keyList{ttl: opts.ListCacheTTL, now: time.Now},
+		parallel: opts.Parallel,
+	}
+	if s.listing.ttl == 0 {
+		s.listing.ttl = DefaultListCacheTTL
+	}
+	if s.parallel <= 0 {
+		s.parallel = DefaultParallel
 	}
 	if s.mount == "" {
 		s.mount = def.Mount
@@ -214,6 +234,7 @@ func (s *Store) CreateTerminal(ctx context.Context, t *keysvc.Terminal) error {
 		return err
 	}
 	t.Version = uint64(versionOf(sec))
+	s.listing.added(t.SN)
 	return nil
 }
 
@@ -254,7 +275,11 @@ func (s *Store) DeleteTerminal(ctx context.Context, sn string) error {
 	if err := codec.ValidateSN(sn); err != nil {
 		return fmt.Errorf("vaultstore: delete terminal: %w: %w", keysvc.ErrInvalid, err)
 	}
-	return s.delete(ctx, s.terminalPath(sn))
+	err := s.delete(ctx, s.terminalPath(sn))
+	if err == nil || errors.Is(err, keysvc.ErrNotFound) {
+		s.listing.removed(sn)
+	}
+	return err
 }
 
 func (s *Store) delete(ctx context.Context, p string) error {
@@ -265,23 +290,6 @@ func (s *Store) delete(ctx context.Context, p string) error {
 		return s.wrap("delete", p, err)
 	}
 	return nil
-}
-
-// ListTerminals implements keysvc.Store.
-func (s *Store) ListTerminals(ctx context.Context, after string, limit int) ([]string, error) {
-	keys, err := s.list(ctx, path.Join(s.prefix, "terminals"))
-	if err != nil {
-		return nil, err
-	}
-	i := sort.SearchStrings(keys, after)
-	if i < len(keys) && keys[i] == after {
-		i++
-	}
-	keys = keys[i:]
-	if limit > 0 && len(keys) > limit {
-		keys = keys[:limit]
-	}
-	return keys, nil
 }
 
 func (s *Store) list(ctx context.Context, dir string) ([]string, error) {
