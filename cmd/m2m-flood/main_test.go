@@ -4,12 +4,22 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/internal/stats"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
+
+// TestMain runs 4 parallel tests per CPU at a time, not go test's default
+// of one: the scenarios of TestSuiteProducesFigures wait for broker
+// processes of their own (attack, cool-down, shutdown).
+func TestMain(m *testing.M) {
+	testwait.SetParallel(4)
+	os.Exit(m.Run())
+}
 
 // TestSuiteProducesFigures builds the broker, runs every scenario for about
 // a second with small numbers and checks that each produced its figures.
