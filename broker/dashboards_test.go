@@ -176,6 +176,11 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The bad envelope is counted once the broker has read it: wait for
+	// that, not for the steps above to have taken long enough.
+	testwait.For(t, 10*time.Second, "m2mguard_envelope_failures_total exported", func() bool {
+		return scrapeNames(t, b, cfg)["m2mguard_envelope_failures_total"]
+	})
 	scraped := scrapeNames(t, b, cfg)
 	used := usedMetricNames(t)
 	var missing []string
