@@ -96,7 +96,11 @@ func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := startCountingProxy(t, v.Addr)
-	s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: p.addr, AppRole: &vaultstore.AppRole{
+	m, err := vaultstore.NewMetrics(newRegistry(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: p.addr, Metrics: m, AppRole: &vaultstore.AppRole{
 		RoleID: roleID, SecretID: []byte(secretID.Data["secret_id"].(string))}})
 	if err != nil {
 		t.Fatal(err)
@@ -108,7 +112,11 @@ func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
 	if n := p.count("/v1/auth/approle/login"); n > 1 {
 		t.Fatalf("%d logins within a second of a 3 s batch token; want 1", n)
 	}
-	testwait.For(t, 20*time.Second, "a login again before the batch token expires", func() bool { return p.count("/v1/auth/approle/login") >= 2 })
+	// The second login done, its token in use (counted after it is set;
+	// the proxy counts the request, before the answer).
+	testwait.For(t, 20*time.Second, "a login again before the batch token expires", func() bool {
+		return counter(t, m, "m2mguard_vault_logins_total", "approle", "success") >= 2
+	})
 	if err := s.CreateTerminal(t.Context(), newTerminal("BATCH1")); err != nil {
 		t.Fatalf("after the new login: %v", err)
 	}
