@@ -373,3 +373,98 @@ func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
 	}
 	return Metrics(data), nil
 }
+
+// StartCampaign starts a fleet-wide credential change (POST
+// /v1/campaigns): the broker walks the selection in serial-number order
+// and starts a change for each terminal at the rate asked for.
+// ErrConflict if another campaign is still starting changes,
+// ErrBadRequest for a bad selection or a rate above the broker's maximum.
+func (c *Client) StartCampaign(ctx context.Context, r CampaignRequest) (*Campaign, error) {
+	var out Campaign
+	if err := c.do(ctx, http.MethodPost, "/v1/campaigns", r, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Campaign returns a campaign and its progress.
+func (c *Client) Campaign(ctx context.Context, id string) (*Campaign, error) {
+	var out Campaign
+	if err := c.do(ctx, http.MethodGet, "/v1/campaigns/"+seg(id), nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Campaigns lists every campaign, sorted by id.
+func (c *Client) Campaigns(ctx context.Context) ([]Campaign, error) {
+	var l CampaignList
+	if err := c.do(ctx, http.MethodGet, "/v1/campaigns", nil, &l); err != nil {
+		return nil, err
+	}
+	return l.Campaigns, nil
+}
+
+// CancelCampaign stops a campaign from starting more changes; those
+// started go on and are counted. ErrConflict if it is done already.
+func (c *Client) CancelCampaign(ctx context.Context, id string) (*Campaign, error) {
+	var out Campaign
+	if err := c.do(ctx, http.MethodPost, "/v1/campaigns/"+seg(id)+"/cancel", nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// CampaignTerminals returns one page of the terminals a campaign handled,
+// sorted by serial number: those of outcome ("" = all), after the serial
+// number after, up to limit (1 to 1000; 0 = the server's default, 100).
+func (c *Client) CampaignTerminals(ctx context.Context, id, outcome, after string, limit int) (*CampaignTerminalList, error) {
+	q := url.Values{}
+	if outcome != "" {
+		q.Set("outcome", outcome)
+	}
+	if after != "" {
+		q.Set("after", after)
+	}
+	if limit != 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	path := "/v1/campaigns/" + seg(id) + "/terminals"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var l CampaignTerminalList
+	if err := c.do(ctx, http.MethodGet, path, nil, &l); err != nil {
+		return nil, err
+	}
+	return &l, nil
+}
+
+// AllCampaignTerminals iterates over the terminals of a campaign with
+// outcome ("" = all), fetching pages as it goes. An error ends the
+// iteration: it is yielded with a zero CampaignTerminal.
+func (c *Client) AllCampaignTerminals(ctx context.Context, id, outcome string) iter.Seq2[CampaignTerminal, error] {
+	return func(yield func(CampaignTerminal, error) bool) {
+		after := ""
+		for {
+			page, err := c.CampaignTerminals(ctx, id, outcome, after, 1000)
+			if err != nil {
+				yield(CampaignTerminal{}, err)
+				return
+			}
+			for _, t := range page.Terminals {
+				if !yield(t, nil) {
+					return
+				}
+			}
+			if page.Next == "" {
+				return
+			}
+			if page.Next <= after {
+				yield(CampaignTerminal{}, fmt.Errorf("adminapi: GET /v1/campaigns/%s/terminals: the page after %q says the next starts after %q", id, after, page.Next))
+				return
+			}
+			after = page.Next
+		}
+	}
+}

@@ -173,6 +173,78 @@ type Health struct {
 	Error  string `json:"error,omitempty"` // a fixed text: the cause is logged, not shown
 }
 
+// CampaignRequest is the body of POST /v1/campaigns: a fleet-wide
+// credential change.
+type CampaignRequest struct {
+	// Select is which terminals: all, expiring (a credential the change
+	// replaces expires before Before), list (the serial numbers of SNs) or
+	// status (terminals whose status is Status).
+	Select string   `json:"select"`
+	Before string   `json:"before,omitempty"` // expiring: a date (2026-01-31) or an RFC 3339 time
+	Status string   `json:"status,omitempty"` // status: active or disabled
+	SNs    []string `json:"sns,omitempty"`    // list: at most 100,000 serial numbers
+	What   string   `json:"what"`             // pwd, bk or all
+	// Rate is how many changes start per second, at most the broker's
+	// campaigns.max_rate; 0 = DefaultCampaignRate.
+	Rate float64 `json:"rate,omitempty"`
+}
+
+// DefaultCampaignRate is the rate of a campaign that asks for none.
+const DefaultCampaignRate = 10
+
+// Campaign is a campaign and its progress.
+type Campaign struct {
+	ID       string    `json:"id"`
+	Select   string    `json:"select"`
+	Before   string    `json:"before,omitempty"`    // expiring: RFC 3339
+	Status   string    `json:"status,omitempty"`    // status selection
+	ListSize int       `json:"list_size,omitempty"` // list selection: how many serial numbers
+	What     string    `json:"what"`
+	Rate     float64   `json:"rate"`
+	State    string    `json:"state"`            // running, tracking, done or cancelled
+	Cursor   string    `json:"cursor,omitempty"` // the last serial number handled, in sorted order
+	Handled  int       `json:"handled"`          // terminals handled so far: the sum of Counts
+	Counts   Counts    `json:"counts"`
+	Created  time.Time `json:"created"`
+	Updated  time.Time `json:"updated"`
+	Finished time.Time `json:"finished,omitzero"`
+}
+
+// Counts count a campaign's terminals by outcome.
+type Counts struct {
+	Waiting   int `json:"waiting"`   // started; not delivered yet (offline: it goes out at the next login)
+	Delivered int `json:"delivered"` // new values sent; not acknowledged yet
+	Committed int `json:"committed"`
+	Expired   int `json:"expired"`  // passed its deadline (or was cancelled) uncommitted: the old values stay
+	Busy      int `json:"busy"`     // skipped: another change was pending
+	Inactive  int `json:"inactive"` // skipped: the terminal is disabled
+	Failed    int `json:"failed"`   // no change started (see the terminal's reason)
+}
+
+// CampaignList is the answer of GET /v1/campaigns, sorted by id.
+type CampaignList struct {
+	Campaigns []Campaign `json:"campaigns"`
+}
+
+// CampaignTerminal is one terminal a campaign handled.
+type CampaignTerminal struct {
+	SN       string    `json:"sn"`
+	Outcome  string    `json:"outcome"`           // as Counts, or "starting" while its change is about to start
+	RID      string    `json:"rid,omitempty"`     // the change started
+	Deadline time.Time `json:"deadline,omitzero"` // of that change
+	Reason   string    `json:"reason,omitempty"`  // failed: why
+	Updated  time.Time `json:"updated"`
+}
+
+// CampaignTerminalList is a page of GET /v1/campaigns/{id}/terminals.
+type CampaignTerminalList struct {
+	Terminals []CampaignTerminal `json:"terminals"`
+	// Next is the after of the next page; "" after the last one. A page
+	// may hold fewer terminals than asked for (with an outcome filter, the
+	// broker reads a bounded part of the campaign per request).
+	Next string `json:"next,omitempty"`
+}
+
 // Operator is the answer of GET /v1/whoami: the name and role of the
 // token that asked.
 type Operator struct {

@@ -34,6 +34,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/m2mguard/m2mguard/broker/admin"
+	"github.com/m2mguard/m2mguard/campaign"
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
@@ -60,6 +63,10 @@ type Broker struct {
 	lastSeen *lastseen.Table
 	server   *mqtt.Server
 	registry *prometheus.Registry
+
+	events    *events.Queue    // presence and security events for applications
+	webhook   *events.Webhook  // nil without events.webhook_url
+	campaigns *campaign.Runner // fleet-wide credential changes
 
 	guard       *netguard.Guard // every MQTT listener's connections
 	listenerIDs []string
@@ -175,6 +182,20 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			Retries: cfg.SMS.Retries, Timeout: cfg.SMS.Timeout, Backoff: cfg.SMS.Backoff, MaxBackoff: cfg.SMS.MaxBackoff,
 			MaxRetryAfter: cfg.SMS.MaxRetryAfter, Observer: smsMetrics, Logger: logger.With("component", "sms")}
 	}
+	// Events for applications: published through mochi's inline client
+	// and, if configured, POSTed to a webhook; the campaign runner follows
+	// the change events. The runner starts changes through the hook, which
+	// exists only below: it is called through b.hook once started.
+	b.campaigns, err = campaign.New(campaignOptions(cfg, b.svc, campaign.StarterFunc(func(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+		return b.hook.StartChangeBy(ctx, sn, what, "campaign") // its change_started events say who started them
+	}), logger.With("component", "campaign")))
+	if err != nil {
+		return nil, err
+	}
+	if err := b.startEvents(); err != nil {
+		return nil, err
+	}
+	hopts.Events = events.Multi{b.events, b.campaigns}
 	if b.sessions != nil {
 		hopts.Storage = b.sessions
 	}
@@ -199,6 +220,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.server.Serve(); err != nil {
 		return nil, err
 	}
+	b.campaigns.Start()
 	if err := b.startAdmin(); err != nil {
 		return nil, err
 	}
@@ -226,7 +248,7 @@ func hookOptions(cfg *Config) hook.Options {
 	a := cfg.Auth
 	return hook.Options{
 		Skew: a.Skew, Grace: a.Grace, SessionLifetime: a.SessionLifetime,
-		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest,
+		StoreTimeout: a.StoreTimeout, SMSOnRequest: cfg.SMS.OnRequest, RefusalEventRate: cfg.Events.RefusalRate,
 		Throttle: hook.ThrottleOptions{Free: a.ThrottleFree, Base: a.ThrottleBase, Max: a.ThrottleMax, MaxEntries: a.ThrottleMaxEntries},
 		Apps: hook.AppLimitOptions{
 			Concurrency: a.AppConcurrency, ConcurrencyPerAddr: a.AppConcurrencyPerAddr,
@@ -234,6 +256,65 @@ func hookOptions(cfg *Config) hook.Options {
 			FailuresPerAddr: a.AppFailuresPerAddr, FailureRefill: a.AppFailureRefill,
 		},
 	}
+}
+
+// campaignOptions are the campaign runner's options that cfg sets.
+func campaignOptions(cfg *Config, keys campaign.Keys, starter campaign.Starter, logger *slog.Logger) campaign.Options {
+	return campaign.Options{Keys: keys, Starter: starter, MaxRate: cfg.Campaigns.MaxRate, Logger: logger}
+}
+
+// startEvents starts the queue of events for applications, its webhook if
+// one is configured, and exports their counters.
+func (b *Broker) startEvents() error {
+	cfg := b.cfg.Events
+	var handlers []func(events.Event)
+	if cfg.MQTT {
+		handlers = append(handlers, events.MQTTPublisher(b.server.Publish))
+	}
+	if cfg.WebhookURL != "" {
+		b.webhook = &events.Webhook{URL: cfg.WebhookURL, AuthHeader: cfg.WebhookAuthHeader, AuthValue: cfg.WebhookAuthValue,
+			Batch: cfg.WebhookBatch, Retries: cfg.WebhookRetries, Timeout: cfg.WebhookTimeout,
+			Queue: cfg.Queue, Logger: b.log.With("component", "events")}
+		if cfg.WebhookRetries == 0 {
+			b.webhook.Retries = -1 // none: the zero Webhook would take its default
+		}
+		if err := b.webhook.Start(); err != nil {
+			return &ConfigError{Key: "events.webhook_url", Err: err}
+		}
+		handlers = append(handlers, b.webhook.Emit)
+	}
+	b.events = events.NewQueue(events.QueueOptions{Size: cfg.Queue}, handlers...)
+	q, w := b.events, b.webhook
+	dropped := func(sink string, f func() uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_events_dropped_total",
+			Help:        "Events for applications dropped because a queue was full: queue (before MQTT and the webhook), webhook (its own queue).",
+			ConstLabels: prometheus.Labels{"queue": sink}}, func() float64 { return float64(f()) })
+	}
+	webhookStats := func(f func(events.WebhookStats) uint64) func() uint64 {
+		return func() uint64 {
+			if w == nil {
+				return 0
+			}
+			return f(w.Stats())
+		}
+	}
+	webhookEvents := func(result string, f func(events.WebhookStats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_webhook_events_total",
+			Help:        "Events POSTed to the webhook by result: sent (answered 2xx) or failed (retries used up, or refused with 4xx: dropped).",
+			ConstLabels: prometheus.Labels{"result": result}}, func() float64 { return float64(webhookStats(f)()) })
+	}
+	b.registry.MustRegister(
+		dropped("queue", func() uint64 { return q.Stats().Dropped }),
+		dropped("webhook", webhookStats(func(s events.WebhookStats) uint64 { return s.Dropped })),
+		webhookEvents("sent", func(s events.WebhookStats) uint64 { return s.Sent }),
+		webhookEvents("failed", func(s events.WebhookStats) uint64 { return s.Failed }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_webhook_retries_total",
+			Help: "Webhook POST attempts retried."}, func() float64 {
+			return float64(webhookStats(func(s events.WebhookStats) uint64 { return s.Retries })())
+		}),
+		b.campaigns,
+	)
+	return nil
 }
 
 // guardOptions are the connection guard's options that cfg sets (the
@@ -611,7 +692,7 @@ func (b *Broker) startAdmin() error {
 		return err
 	}
 	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Token: token, Operators: ops, MetricsToken: metricsToken,
+		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Campaigns: b.campaigns, Token: token, Operators: ops, MetricsToken: metricsToken,
 		LastSeen: b.lastSeen, Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
@@ -758,6 +839,9 @@ func (b *Broker) LastSeen() *lastseen.Table { return b.lastSeen }
 // Hook returns the M2M1 hook.
 func (b *Broker) Hook() *hook.Hook { return b.hook }
 
+// Campaigns returns the runner of credential campaigns.
+func (b *Broker) Campaigns() *campaign.Runner { return b.campaigns }
+
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
@@ -777,10 +861,19 @@ func (b *Broker) Close() error {
 			cancel()
 			<-b.adminDone
 		}
+		if b.campaigns != nil {
+			b.campaigns.Close() // writes its progress to the store, which is still open
+		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
 			}
+		}
+		if b.events != nil {
+			b.events.Close()
+		}
+		if b.webhook != nil {
+			b.webhook.Close()
 		}
 		if b.sessions != nil { // mochi's Close has closed it when it stopped the hooks
 			if err := b.sessions.Close(); err != nil {

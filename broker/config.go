@@ -18,6 +18,8 @@ import (
 	"github.com/spf13/pflag"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/m2mguard/m2mguard/campaign"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -33,14 +35,16 @@ type Config struct {
 	// admin and metrics tokens (created 0700 on first run).
 	DataDir string
 
-	Log   LogConfig
-	Store StoreConfig
-	MQTT  MQTTConfig
-	Admin AdminConfig
-	Auth  AuthConfig
-	Keys  KeysConfig
-	Cache CacheConfig
-	SMS   SMSConfig
+	Log       LogConfig
+	Store     StoreConfig
+	MQTT      MQTTConfig
+	Admin     AdminConfig
+	Auth      AuthConfig
+	Keys      KeysConfig
+	Cache     CacheConfig
+	SMS       SMSConfig
+	Events    EventsConfig
+	Campaigns CampaignsConfig
 }
 
 // LogConfig is the log output (log/slog on stderr).
@@ -169,6 +173,28 @@ type SMSConfig struct {
 	OnRequest bool
 }
 
+// EventsConfig are the presence and security events for applications
+// (docs/EVENTS.md): on MQTT under $m2m/events/, and optionally to a
+// webhook.
+type EventsConfig struct {
+	MQTT        bool // publish them under $m2m/events/<sn>/<kind>
+	Queue       int  // events waiting to be published; more are dropped and counted
+	RefusalRate int  // login_refused and binding_mismatch events per second, all terminals together
+
+	WebhookURL        string // "" = no webhook
+	WebhookAuthHeader string
+	WebhookAuthValue  string
+	WebhookBatch      int           // events per POST
+	WebhookRetries    int           // of a failed POST
+	WebhookTimeout    time.Duration // per attempt
+}
+
+// CampaignsConfig bounds fleet-wide credential changes (m2mctl change
+// campaign).
+type CampaignsConfig struct {
+	MaxRate float64 // highest rate (changes started per second) a campaign may ask for
+}
+
 // The tuned mochi per-client resources (see README, "Memory per client").
 const (
 	DefaultReadBuffer       = 1024
@@ -184,6 +210,7 @@ const (
 // documented defaults of Fields are read from here.
 func Default() *Config {
 	h, ks, ng := hook.DefaultOptions(), keysvc.DefaultOptions(), netguard.DefaultOptions()
+	cp := campaign.DefaultOptions()
 	c := &Config{DataDir: "./data"}
 	c.Log = LogConfig{Format: "text", Level: "info"}
 	c.Store = StoreConfig{Type: "embedded", Vault: vaultstore.DefaultConfig()}
@@ -211,6 +238,11 @@ func Default() *Config {
 		Timeout: sms.DefaultTimeout, Backoff: sms.DefaultBackoff, MaxBackoff: sms.DefaultMaxBackoff,
 		MaxRetryAfter: sms.DefaultMaxRetryAfter, OnRequest: h.SMSOnRequest,
 	}
+	c.Events = EventsConfig{
+		MQTT: true, Queue: events.DefaultQueueSize, RefusalRate: h.RefusalEventRate,
+		WebhookBatch: events.DefaultWebhookBatch, WebhookRetries: events.DefaultWebhookRetries, WebhookTimeout: events.DefaultWebhookTimeout,
+	}
+	c.Campaigns = CampaignsConfig{MaxRate: cp.MaxRate}
 	return c
 }
 
@@ -571,6 +603,28 @@ var fields = documentDefaults([]Field{
 		value: dur(func(c *Config) *time.Duration { return &c.SMS.MaxRetryAfter })},
 	{Key: "sms.on_request", Help: "send a change by SMS when the terminal asks for it although ciphertext is possible (the new values then cross the SMS bearer in plaintext); off: SMS only when the basic key is not in sync",
 		value: boolean(func(c *Config) *bool { return &c.SMS.OnRequest })},
+
+	{Key: "events.mqtt", Help: "publish presence and security events on $m2m/events/<sn>/<kind> (docs/EVENTS.md); only applications whose subscribe reach includes a $m2m/events/ filter receive them",
+		value: boolean(func(c *Config) *bool { return &c.Events.MQTT })},
+	{Key: "events.queue", Help: "events waiting to be published; when it is full further events are dropped and counted (m2mguard_events_dropped_total)",
+		value: integer(func(c *Config) *int { return &c.Events.Queue }, 16, 1<<24)},
+	{Key: "events.refusal_rate", Help: "login_refused and binding_mismatch events per second, all terminals together (only known terminals give them); the rest are counted, not published",
+		value: integer(func(c *Config) *int { return &c.Events.RefusalRate }, 1, 1<<20)},
+	{Key: "events.webhook_url", Help: "also POST the events, in JSON batches, to this URL (http:// or https://); empty = no webhook",
+		value: str(func(c *Config) *string { return &c.Events.WebhookURL })},
+	{Key: "events.webhook_auth_header", Help: "request header for the webhook, e.g. Authorization",
+		value: str(func(c *Config) *string { return &c.Events.WebhookAuthHeader })},
+	{Key: "events.webhook_auth_value", Secret: true, Help: "value of that header",
+		value: str(func(c *Config) *string { return &c.Events.WebhookAuthValue })},
+	{Key: "events.webhook_batch", Help: "most events per webhook POST (a batch goes out when full or a second after its first event)",
+		value: integer(func(c *Config) *int { return &c.Events.WebhookBatch }, 1, 10000)},
+	{Key: "events.webhook_retries", Help: "retries of a failed webhook POST (transport errors, 429 and 5xx), with exponential back-off or the receiver's Retry-After; then the batch is dropped and counted",
+		value: integer(func(c *Config) *int { return &c.Events.WebhookRetries }, 0, 100)},
+	{Key: "events.webhook_timeout", Help: "timeout of one webhook POST",
+		value: dur(func(c *Config) *time.Duration { return &c.Events.WebhookTimeout })},
+
+	{Key: "campaigns.max_rate", Help: "highest rate, in changes started per second, a credential-change campaign may ask for (m2mctl change campaign start --rate)",
+		value: number(func(c *Config) *float64 { return &c.Campaigns.MaxRate }, 0.001, 1e6)},
 })
 
 // documentDefaults sets the documented Default of every field that has
@@ -802,7 +856,7 @@ func (c Config) Validate() error {
 	}
 	for _, section := range []func() error{
 		c.Log.validate, c.Store.validate, c.MQTT.validate, c.Admin.validate,
-		c.Auth.validate, c.Keys.validate, c.Cache.validate, c.SMS.validate,
+		c.Auth.validate, c.Keys.validate, c.Cache.validate, c.SMS.validate, c.Events.validate,
 	} {
 		if err := section(); err != nil {
 			return err
@@ -944,6 +998,16 @@ func (c SMSConfig) validate() error {
 		return bad("sms.max_backoff", "must be at least sms.backoff")
 	}
 	return nil
+}
+
+func (c EventsConfig) validate() error {
+	if c.WebhookURL != "" && !strings.HasPrefix(c.WebhookURL, "http://") && !strings.HasPrefix(c.WebhookURL, "https://") {
+		return bad("events.webhook_url", "want an http:// or https:// URL")
+	}
+	if (c.WebhookAuthHeader == "") != (c.WebhookAuthValue == "") {
+		return bad("events.webhook_auth_value", "set events.webhook_auth_header and events.webhook_auth_value together")
+	}
+	return positive(keyed{"events.webhook_timeout", c.WebhookTimeout})
 }
 
 // Reference renders the configuration reference as a Markdown table (the

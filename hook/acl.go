@@ -7,6 +7,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 
 	"github.com/m2mguard/m2mguard/codec"
+	appevents "github.com/m2mguard/m2mguard/events"
 )
 
 // OnACLCheck enforces SPEC section 4. mochi calls it with a topic filter on
@@ -19,9 +20,11 @@ import (
 //     while it may receive downlink data (withholdsDownlink), and every
 //     delivery of downlink data is checked the same way. Nothing else.
 //   - An application may publish and subscribe inside its configured reach
-//     (by default m2m/+/down/# and m2m/+/up/#), never on a $ topic: a wider
-//     filter such as "#" is refused at SUBSCRIBE, and every delivery is
-//     checked again per recipient.
+//     (by default m2m/+/down/# and m2m/+/up/#), never on a $ topic but the
+//     event topics $m2m/events/<sn>/<kind>, which it may receive (never
+//     publish) if its subscribe reach has a filter under $m2m/events/: a
+//     wider filter such as "#" is refused at SUBSCRIBE, and every
+//     delivery is checked again per recipient.
 //   - Only the platform writes on $m2m/<sn>/key.
 //
 // What a resumed session inherits is sieved by the same rules (inherit.go).
@@ -74,8 +77,12 @@ func (s *session) terminalMayPublish(topic string) bool {
 }
 
 func (s *session) appMay(topic string, write bool) bool {
+	eventTopic := false
 	if strings.HasPrefix(topic, "$") {
-		return false
+		if write || !eventReach(topic) {
+			return false
+		}
+		eventTopic = true
 	}
 	reach := s.app.Subscribe
 	if write {
@@ -83,11 +90,30 @@ func (s *session) appMay(topic string, write bool) bool {
 	}
 	wildcard := hasWildcard(topic)
 	for _, f := range reach {
+		if eventTopic && !appevents.IsFilter(f) {
+			continue // only a filter granted for events reaches them ($ filters of old records reach nothing)
+		}
 		if wildcard && filterWithin(topic, f) || !wildcard && matchTopic(f, topic) {
 			return true
 		}
 	}
 	return false
+}
+
+// eventReach reports whether an application may receive a $ topic at all:
+// a filter under $m2m/events/ (on SUBSCRIBE), or an event topic name,
+// $m2m/events/<sn>/<kind> (per recipient). Nothing else under $ reaches
+// an application, whatever its reach says: not a terminal's key or
+// control topic, even that of a terminal called "events" (whose
+// $m2m/events/key a filter $m2m/events/# covers; its key messages are
+// written to its connection, never published, and this refuses them
+// anyway).
+func eventReach(topic string) bool {
+	if hasWildcard(topic) {
+		return appevents.IsFilter(topic)
+	}
+	_, _, ok := appevents.ParseTopic(topic)
+	return ok
 }
 
 // willAllowed reports whether the session may leave a will on topic.

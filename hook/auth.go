@@ -12,6 +12,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -97,8 +98,13 @@ func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
 	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
+	known := false                   // the record was found: refusals are events for applications too
 	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
-		h.refused(sn, addr, reason, attrs...)
+		if known {
+			h.refusedKnown(sn, addr, reason, attrs...)
+		} else {
+			h.refused(sn, addr, reason, attrs...)
+		}
 		if d := h.throttle.Fail(sn, addr, now); d > 0 {
 			time.Sleep(d)
 		}
@@ -136,6 +142,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		h.refused(sn, addr, reasonUnavailable, "err", err.Error())
 		return nil, packets.ErrServerUnavailable
 	}
+	known = true
 	// 3. The binding sn ↔ IMEI ↔ IMSI.
 	imeiChanged, imsiChanged := l.IMEI != t.IMEI, l.IMSI != t.IMSI
 	if imeiChanged || imsiChanged {
@@ -148,6 +155,9 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		}
 		h.metrics.binding.WithLabelValues(changed).Inc()
 		h.event(slog.LevelWarn, "binding_mismatch", "sn", sn, "remote", addr, "changed", changed)
+		e := h.sink.event(events.BindingMismatch, sn)
+		e.Reason = changed
+		h.sink.emit(e)
 		l.Verify(dummyUp)
 		return fail(reasonBinding, packets.ErrBadUsernameOrPassword, "changed", changed)
 	}
@@ -168,7 +178,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	// only genuine logins fill the guard), before any side effect.
 	switch first, err := h.claim(ctx, sn, l.TS, l.Nonce, now); {
 	case err != nil:
-		h.refused(sn, addr, reasonGuardDown, "err", err.Error())
+		h.refusedKnown(sn, addr, reasonGuardDown, "err", err.Error())
 		return nil, packets.ErrServerUnavailable
 	case !first:
 		h.metrics.replays.WithLabelValues("login").Inc()
@@ -179,10 +189,10 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		committed, err := h.reg.CommitChange(ctx, sn, rid)
 		switch {
 		case errors.Is(err, keysvc.ErrInactive): // disabled since the record was cached
-			h.refused(sn, addr, reasonDisabled)
+			h.refusedKnown(sn, addr, reasonDisabled)
 			return nil, packets.ErrNotAuthorized
 		case err != nil:
-			h.refused(sn, addr, reasonUnavailable, "err", err.Error())
+			h.refusedKnown(sn, addr, reasonUnavailable, "err", err.Error())
 			return nil, packets.ErrServerUnavailable
 		}
 		h.changes.committed(sn, rid, "login")
@@ -195,7 +205,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 10. Active.
 	if t.Status != keysvc.StatusActive {
-		h.refused(sn, addr, reasonDisabled)
+		h.refusedKnown(sn, addr, reasonDisabled)
 		return nil, packets.ErrNotAuthorized
 	}
 

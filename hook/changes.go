@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms"
 )
@@ -105,6 +106,8 @@ type changeLink struct {
 	claim func(ctx context.Context, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
 	// event logs a security event (hook.go).
 	event func(level slog.Level, name string, attrs ...any)
+	// emit hands an event to the applications' event sink (appevents.go).
+	emit func(e events.Event)
 	// crew runs the SMS sends, which the hook's Stop ends and waits for.
 	crew *crew
 }
@@ -138,7 +141,7 @@ func newChangeDesk(opts Options, m *metrics, link changeLink) *changeDesk {
 		now: opts.Now, rand: opts.Rand,
 		changes: m.changes, replays: m.replays,
 		link:  link,
-		watch: changeWatch{deadlines: map[string]time.Time{}},
+		watch: changeWatch{deadlines: map[string]watched{}},
 	}
 }
 
@@ -172,7 +175,15 @@ func (d *changeDesk) start(ctx context.Context, sn string, what codec.What, oper
 	} else {
 		d.started(sn, ch)
 	}
-	if online && ok && d.deliver(c, t, ch, mode) {
+	if !online {
+		// A login in progress read the record before this change and may
+		// have registered its connection since: look again (the login
+		// looks for this change too once established: startedDuringLogin).
+		if c, online = d.link.online(sn); online {
+			mode, ok = d.chooseMode(c.s, t, codec.ModeCipher)
+		}
+	}
+	if online && ok && c.s.startSent.Swap(uint64(ch.RID)) != uint64(ch.RID) && d.deliver(c, t, ch, mode) {
 		ch.Delivered = true // the caller sees what the store now holds
 	}
 	return ch, nil
@@ -248,7 +259,9 @@ func (d *changeDesk) deliverPending(c termConn) {
 	t, ch := s.loginRecord, s.loginPending
 	s.loginRecord, s.loginPending = nil, nil
 	if ch == nil {
-		return
+		if t, ch = d.startedDuringLogin(s.sn); ch == nil || s.startSent.Swap(uint64(ch.RID)) == uint64(ch.RID) {
+			return
+		}
 	}
 	if ch.Delivered && ch.Mode == codec.ModeSMS {
 		// The SMS went out already: say again that it did, do not send it again.
@@ -263,6 +276,25 @@ func (d *changeDesk) deliverPending(c termConn) {
 	d.deliver(c, t, ch, mode)
 }
 
+// startedDuringLogin returns the record and pending change of terminal sn
+// if a change was started on this broker while the login that established
+// its session was in progress: the login read the record before the
+// change, and the start may have found no connection to send it on (mochi
+// had not registered it yet). Only a terminal with a change this broker
+// watches costs a store read.
+func (d *changeDesk) startedDuringLogin(sn string) (*keysvc.Terminal, *keysvc.Change) {
+	if !d.watch.has(sn) {
+		return nil, nil
+	}
+	ctx, cancel := d.storeCtx()
+	defer cancel()
+	t, err := d.reg.Get(ctx, sn)
+	if err != nil || t.Pending == nil || t.Pending.Delivered || t.Pending.Expired(d.now()) {
+		return nil, nil
+	}
+	return t, t.Pending
+}
+
 // deliver sends the new values of ch to the connected terminal by mode. It
 // reports whether they were delivered already (a cfg); an SMS goes out in
 // the background and is recorded when the gateway takes it.
@@ -275,8 +307,17 @@ func (d *changeDesk) deliver(c termConn, t *keysvc.Terminal, ch *keysvc.Change, 
 			d.failed(s.sn, ch.RID, "wrap", err)
 			return false
 		}
+		// Recorded before it goes out: the terminal's ack can commit the
+		// change as soon as the cfg arrives, and a delivery recorded after
+		// that would find no change pending (a failure counted for a change
+		// that succeeded, no change_delivered event or one after its
+		// change_committed). If the store cannot record it, the cfg waits
+		// for the next login, as an ack could not commit now either.
+		if !d.markDelivered(s.sn, ch.RID, mode) {
+			return false
+		}
 		d.link.sendKey(c, d.sign(s, t.Creds.Down, codec.Control{Kind: codec.KindCfg, RID: ch.RID, Wrapped: wrapped}))
-		return d.markDelivered(s.sn, ch.RID, mode)
+		return true
 	}
 	d.link.sendKey(c, d.sign(s, t.Creds.Down, codec.Control{Kind: codec.KindAcc, RID: ch.RID}))
 	msg := codec.SMS{SN: s.sn, RID: ch.RID, Params: params}
@@ -352,6 +393,7 @@ func (d *changeDesk) markDelivered(sn string, rid codec.ID, mode codec.Mode) boo
 	}
 	d.changes.WithLabelValues("delivered", string(mode)).Inc()
 	d.link.event(slog.LevelInfo, "change_delivered", "sn", sn, "rid", rid.String(), "mode", string(mode))
+	d.emit(events.ChangeDelivered, sn, rid, func(e *events.Event) { e.Mode = string(mode) })
 	return true
 }
 
@@ -540,16 +582,35 @@ func (d *changeDesk) refuse(c termConn, t *keysvc.Terminal, reason string, code 
 
 // started records a change that started; attrs are added to its event.
 func (d *changeDesk) started(sn string, ch *keysvc.Change, attrs ...any) {
-	d.watch.watch(sn, ch.Deadline)
+	d.watch.watch(sn, ch.RID, ch.Deadline)
 	d.changes.WithLabelValues("started", ch.Origin).Inc()
 	d.link.event(slog.LevelInfo, "change_started", append([]any{"sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
 		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC()}, attrs...)...)
+	d.emit(events.ChangeStarted, sn, ch.RID, func(e *events.Event) {
+		e.What, e.Mode, e.Origin = string(ch.What), string(ch.Mode), ch.Origin
+	})
 }
 
 func (d *changeDesk) committed(sn string, rid codec.ID, by string) {
 	d.watch.forget(sn)
 	d.changes.WithLabelValues("committed", by).Inc()
 	d.link.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", by)
+	d.emit(events.ChangeCommitted, sn, rid, func(e *events.Event) { e.Reason = by })
+}
+
+// emit hands a change event for applications to the link: kind, sn and
+// rid, and what fill sets. Change events are rare: the closure costs
+// nothing that matters.
+func (d *changeDesk) emit(kind events.Kind, sn string, rid codec.ID, fill func(*events.Event)) {
+	if d.link.emit == nil {
+		return
+	}
+	e := events.New(kind, sn, d.now())
+	e.RID = rid.String()
+	if fill != nil {
+		fill(&e)
+	}
+	d.link.emit(e)
 }
 
 func (d *changeDesk) failed(sn string, rid codec.ID, step string, err error, attrs ...any) {
@@ -572,14 +633,15 @@ func (d *changeDesk) sweep() {
 // expireDue drops the watched changes past their deadline, keeping the
 // old values, and records each expiry.
 func (d *changeDesk) expireDue(ctx context.Context) {
-	for _, sn := range d.watch.due(d.now()) {
-		dropped, err := d.reg.ExpireChange(ctx, sn)
+	for _, c := range d.watch.due(d.now()) {
+		dropped, err := d.reg.ExpireChange(ctx, c.sn)
 		switch {
 		case err != nil && !errors.Is(err, keysvc.ErrNotFound):
-			d.failed(sn, 0, "expire", err)
+			d.failed(c.sn, c.rid, "expire", err)
 		case dropped:
 			d.changes.WithLabelValues("expired", "").Inc()
-			d.link.event(slog.LevelInfo, "change_expired", "sn", sn)
+			d.link.event(slog.LevelInfo, "change_expired", "sn", c.sn, "rid", c.rid.String())
+			d.emit(events.ChangeExpired, c.sn, c.rid, nil)
 		}
 	}
 }
@@ -589,13 +651,27 @@ func (d *changeDesk) expireDue(ctx context.Context) {
 // lazily and silently).
 type changeWatch struct {
 	mu        sync.Mutex
-	deadlines map[string]time.Time
+	deadlines map[string]watched // by sn
 }
 
-func (w *changeWatch) watch(sn string, deadline time.Time) {
+// watched is a change whose deadline is watched.
+type watched struct {
+	sn       string
+	rid      codec.ID
+	deadline time.Time
+}
+
+func (w *changeWatch) watch(sn string, rid codec.ID, deadline time.Time) {
 	w.mu.Lock()
-	w.deadlines[sn] = deadline
+	w.deadlines[sn] = watched{sn, rid, deadline}
 	w.mu.Unlock()
+}
+
+func (w *changeWatch) has(sn string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, ok := w.deadlines[sn]
+	return ok
 }
 
 func (w *changeWatch) forget(sn string) {
@@ -604,13 +680,13 @@ func (w *changeWatch) forget(sn string) {
 	w.mu.Unlock()
 }
 
-func (w *changeWatch) due(now time.Time) []string {
+func (w *changeWatch) due(now time.Time) []watched {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	var out []string
-	for sn, d := range w.deadlines {
-		if !now.Before(d) {
-			out = append(out, sn)
+	var out []watched
+	for sn, c := range w.deadlines {
+		if !now.Before(c.deadline) {
+			out = append(out, c)
 			delete(w.deadlines, sn)
 		}
 	}

@@ -1,10 +1,12 @@
 package hook_test
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -325,5 +327,60 @@ func TestSMSRetryHonoursRetryAfter(t *testing.T) {
 	a := gw.Arrivals()
 	if gap := a[1].Sub(a[0]); gap < 2*time.Second {
 		t.Fatalf("asked again %v after a 429 with Retry-After 2 s", gap)
+	}
+}
+
+// midLoginRegistry runs during once, for terminal sn, right after a login
+// has read the terminal's record (Lookup) and before the login goes on.
+type midLoginRegistry struct {
+	hook.Registry
+	sn     string
+	during func()
+	once   sync.Once
+}
+
+func (r *midLoginRegistry) Lookup(ctx context.Context, sn string) (*keysvc.Terminal, error) {
+	t, err := r.Registry.Lookup(ctx, sn)
+	if sn == r.sn {
+		r.once.Do(r.during)
+	}
+	return t, err
+}
+
+// TestChangeStartedDuringLoginIsDelivered: an operator's change started
+// while a login of the terminal is in progress (its record read without
+// the change, its connection not registered with mochi yet, so the start
+// finds it offline) goes out on that connection, not only at the next
+// login: a campaign that resumes while the fleet logs back in after a
+// restart starts changes in this window.
+func TestChangeStartedDuringLoginIsDelivered(t *testing.T) {
+	reg := &midLoginRegistry{}
+	e := newEnv(t, func(o *hook.Options) { reg.Registry, o.Registry = o.Registry, reg })
+	term := e.register("MIDLOGIN1", codec.HS256)
+	var started *keysvc.Change
+	reg.sn, reg.during = term.sn, func() {
+		var err error
+		if started, err = e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd); err != nil {
+			t.Error(err)
+		}
+	}
+	c, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, true), true)
+	if code != 0 {
+		t.Fatalf("login refused: 0x%02x", code)
+	}
+	if started == nil || started.Delivered {
+		t.Fatalf("the change was not started during the login, or found the terminal online: %+v", started)
+	}
+	c.subscribe("$m2m/"+term.sn+"/key", 0)
+	var gotCfg bool
+	for i := 0; i < 2 && !gotCfg; i++ { // sk and cfg, in either order
+		f := keyMessage(t, c, term)
+		gotCfg = f[1] == "cfg" && f[4] == started.RID.String()
+	}
+	if !gotCfg {
+		t.Fatal("no cfg on the connection whose login was in progress when the change started")
+	}
+	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || !rec.Pending.Delivered {
+		t.Fatal("the change is not recorded as delivered")
 	}
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/lastseen"
 	"github.com/m2mguard/m2mguard/replay"
@@ -125,6 +126,19 @@ type Options struct {
 	// Metrics count every one.
 	EventRate int
 
+	// Events receives the presence and security events of terminals for
+	// applications (package events, docs/EVENTS.md); nil = none. The hook
+	// calls it on login paths and read goroutines: it must not block
+	// (events.Queue drops what it cannot take).
+	Events events.Sink
+	// RefusalEventRate caps the login_refused and binding_mismatch events
+	// handed to Events at this many per second, all terminals together.
+	// They are emitted only for known terminals (an unknown serial number
+	// or a login refused before its record is read gives none), but anyone
+	// who knows serial numbers can fail logins at will; the rest are
+	// counted in m2mguard_events_total{result="suppressed"}.
+	RefusalEventRate int
+
 	Now        func() time.Time      // nil = time.Now
 	Rand       io.Reader             // nil = crypto/rand.Reader
 	Logger     *slog.Logger          // security events; nil = slog.Default()
@@ -157,7 +171,8 @@ type Hook struct {
 	writer   *writer     // every write to a client and end of a connection (writes.go)
 	revoked  revocations
 	events   *eventLimiter
-	crew     *crew // owns every goroutine of the hook; Stop stops it (lifecycle.go)
+	sink     appEvents // events for applications (appevents.go)
+	crew     *crew     // owns every goroutine of the hook; Stop stops it (lifecycle.go)
 }
 
 // DefaultOptions returns the value New gives each zero number and
@@ -177,6 +192,7 @@ func DefaultOptions() Options {
 		WriteTimeout:        10 * time.Second,
 		DisconnectTimeout:   500 * time.Millisecond,
 		EventRate:           20,
+		RefusalEventRate:    20,
 	}
 }
 
@@ -197,6 +213,7 @@ func New(opts Options) (*Hook, error) {
 	orDefault(&opts.WriteTimeout, def.WriteTimeout)
 	orDefault(&opts.DisconnectTimeout, def.DisconnectTimeout)
 	orDefault(&opts.EventRate, def.EventRate)
+	orDefault(&opts.RefusalEventRate, def.RefusalEventRate)
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -238,6 +255,7 @@ func New(opts Options) (*Hook, error) {
 		return nil, fmt.Errorf("hook: metrics: %w", err)
 	}
 	h.metrics = m
+	h.sink = newAppEvents(opts.Events, opts.RefusalEventRate, m.appEvents, opts.Now)
 	h.changes = newChangeDesk(opts, m, changeLink{
 		online:     h.online,
 		sendKey:    func(c termConn, payload []byte) { h.writer.sendKey(c.cl, c.s, payload) },
@@ -245,6 +263,7 @@ func New(opts Options) (*Hook, error) {
 		revoke:     h.Revoke,
 		claim:      h.claim,
 		event:      h.event,
+		emit:       h.sink.emit,
 		crew:       h.crew,
 	})
 	if err := registerGuardGauges(registerer, opts.Throttler, opts.ReplayGuard); err != nil {
@@ -331,7 +350,7 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// on the record it had read before; Revoke may not have seen the
 		// session, which was not registered yet.
 		h.sessions.Delete(cl)
-		h.refused(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
+		h.refusedKnown(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
 		return h.refuse(cl, packets.ErrNotAuthorized)
 	}
 	h.pending.add(cl, s)
@@ -379,6 +398,7 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if s.kind != kindTerminal {
 		return
 	}
+	h.sink.emit(h.sink.event(events.Connected, s.sn))
 	if !s.exp.IsZero() {
 		d := s.exp.Sub(h.opts.Now())
 		s.timer = time.AfterFunc(d, func() {
@@ -428,6 +448,11 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.pending.remove(cl)
 	case stateEstablished:
 		h.metrics.sessionsOf(s.kind).Dec()
+		if s.kind == kindTerminal {
+			e := h.sink.event(events.Disconnected, s.sn)
+			e.Reason = disconnectReason(cl, s, err)
+			h.sink.emit(e)
+		}
 	}
 	if s.timer != nil {
 		s.timer.Stop()

@@ -17,6 +17,7 @@ type metrics struct {
 	storeLatency     *prometheus.HistogramVec // op
 	sessions         *prometheus.GaugeVec     // kind
 	changes          *prometheus.CounterVec   // event, detail
+	appEvents        *prometheus.CounterVec   // kind, result: events for applications (appevents.go)
 
 	// Children resolved once for the per-login path: WithLabelValues
 	// hashes and locks on every call.
@@ -79,6 +80,10 @@ func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
 			Name: "m2mguard_changes_total",
 			Help: "Credential changes by event (started, delivered, committed, expired, refused, failed) and detail (origin, mode, by, reason or step).",
 		}, []string{"event", "detail"}),
+		appEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "m2mguard_events_total",
+			Help: "Presence and security events for applications (docs/EVENTS.md) by kind and result: emitted (handed to the event queue) or suppressed (over events.refusal_rate).",
+		}, []string{"kind", "result"}),
 		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "m2mguard_sessions", Help: "Authenticated connections by kind.",
 		}, []string{"kind"}),
@@ -87,7 +92,7 @@ func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
 	m.lookupLatency = m.storeLatency.WithLabelValues("lookup")
 	m.terminals = m.sessions.WithLabelValues(kindTerminal.String())
 	m.applications = m.sessions.WithLabelValues(kindApp.String())
-	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions, m.changes}
+	cs := []prometheus.Collector{m.logins, m.binding, m.replays, m.throttled, m.keysIssued, m.envelopeFailures, m.storeLatency, m.sessions, m.changes, m.appEvents}
 	if c, ok := reg.(cacheStatser); ok {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "m2mguard_cache_hit_ratio", Help: "Share of terminal lookups served fresh from the key service cache.",

@@ -62,6 +62,9 @@ type session struct {
 	// ending is set once the hook has decided to end the connection: later
 	// control messages and envelopes are dropped unanswered and unlogged.
 	ending atomic.Bool
+	// endReason is the reason the hook ended the session for (markEnding),
+	// reported in the disconnected event; nil if it did not end it.
+	endReason atomic.Pointer[string]
 
 	// Key-topic messages wait in keyq (at most maxKeyQueue) until the
 	// terminal has subscribed to $m2m/<sn>/key, then a writer goroutine,
@@ -81,6 +84,10 @@ type session struct {
 	// the session is established (then nil).
 	loginRecord  *keysvc.Terminal
 	loginPending *keysvc.Change
+	// startSent is the rid of the last operator's change sent on this
+	// connection by changeDesk.start or startedDuringLogin: both may find
+	// a change started while the login was in progress, the first sends it.
+	startSent atomic.Uint64
 
 	upWindow  codec.Window  // uplink anti-replay; only the read goroutine touches it
 	upTop     atomic.Uint64 // upWindow.Top(), for Sessions

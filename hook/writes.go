@@ -181,6 +181,7 @@ func (w *writer) markEndingBy(s *session, reason, operator string) bool {
 	if !s.ending.CompareAndSwap(false, true) {
 		return false
 	}
+	s.endReason.Store(&reason)
 	level := slog.LevelWarn
 	switch reason {
 	case "credentials-changed", "key-expired", "administrative", RevokeDisabled, RevokeDeleted, RevokeRekeyed:

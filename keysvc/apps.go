@@ -12,6 +12,8 @@ import (
 	"sync"
 
 	"golang.org/x/crypto/argon2"
+
+	"github.com/m2mguard/m2mguard/events"
 )
 
 // ErrBadCredentials is returned by VerifyApp for an unknown application or
@@ -157,8 +159,8 @@ func (s *Service) dummyPHC() *phc {
 type AddAppRequest struct {
 	Name      string   // 1-64 of [A-Za-z0-9._-]
 	Password  []byte   // 12-128 bytes; stored only as an argon2id hash
-	Subscribe []string // topic filters; nil = DefaultAppSubscribe
-	Publish   []string // topic filters; nil = DefaultAppPublish
+	Subscribe []string // topic filters; nil = DefaultAppSubscribe; the only $ filters allowed are under events.TopicPrefix
+	Publish   []string // topic filters; nil = DefaultAppPublish; no $ filter
 }
 
 // ValidateAppName reports whether name may name an application: 1-64
@@ -232,6 +234,19 @@ func (s *Service) AddApp(ctx context.Context, r AddAppRequest) (*App, error) {
 	for _, f := range append(append([]string(nil), r.Subscribe...), r.Publish...) {
 		if !validFilter(f) {
 			return nil, fmt.Errorf("keysvc: add app %s: %w: bad topic filter %q", r.Name, ErrInvalid, f)
+		}
+	}
+	// $ topics are the platform's. The one exception, granted
+	// deliberately: subscribing to the event topics (package events).
+	for _, f := range r.Subscribe {
+		if strings.HasPrefix(f, "$") && !events.IsFilter(f) {
+			return nil, fmt.Errorf("keysvc: add app %s: %w: bad topic filter %q: the only $ topics an application may subscribe to are the events under %s",
+				r.Name, ErrInvalid, f, events.TopicPrefix)
+		}
+	}
+	for _, f := range r.Publish {
+		if strings.HasPrefix(f, "$") {
+			return nil, fmt.Errorf("keysvc: add app %s: %w: bad topic filter %q: an application may not publish on $ topics", r.Name, ErrInvalid, f)
 		}
 	}
 	names, err := s.store.ListApps(ctx)

@@ -179,6 +179,9 @@ type Store interface {
 	// ListApps returns the names of all applications, sorted.
 	ListApps(ctx context.Context) ([]string, error)
 
+	// Campaigns of credential changes (campaign.go).
+	CampaignStore
+
 	// Close releases the store. Operations after Close fail.
 	Close() error
 }

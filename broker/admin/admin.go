@@ -20,6 +20,11 @@
 //	POST   /v1/apps                          add or replace an application
 //	GET    /v1/apps/{name}                   one application (no password)
 //	DELETE /v1/apps/{name}                   remove
+//	POST   /v1/campaigns                     start a fleet-wide credential change
+//	GET    /v1/campaigns                     every campaign and its progress
+//	GET    /v1/campaigns/{id}                one campaign: state, cursor, counts by outcome
+//	POST   /v1/campaigns/{id}/cancel         no more changes start; those started go on
+//	GET    /v1/campaigns/{id}/terminals?outcome=&after=&limit=   its terminals by outcome, paged
 //	GET    /v1/reports/{kind}?before=&since= expiring, never-seen, not-seen: NDJSON stream of rows
 //	GET    /v1/whoami                        the name and role of the token
 //
@@ -115,6 +120,7 @@ type Options struct {
 	Operators    []Operator            // named tokens (ParseOperators); their hashes and names unique, none "admin"
 	MetricsToken string                // bearer token for /metrics only (every operator's works there too); "" = none
 	LastSeen     LastSeen              // last logins, shown with terminals and in reports; nil = none
+	Campaigns    Campaigns             // nil = no /v1/campaigns endpoints
 	Gatherer     prometheus.Gatherer   // served on /metrics; nil = no /metrics
 	Registerer   prometheus.Registerer // gets the API's request metrics (the broker: its registry); nil = none
 	BrokerURL    string                // written into provisioning bundles
@@ -215,6 +221,13 @@ func New(opts Options) (http.Handler, error) {
 	change("DELETE /v1/apps/{name}", a.removeApp)
 	read("GET /v1/reports/{kind}", a.report)
 	read("GET /v1/whoami", a.whoami)
+	if opts.Campaigns != nil {
+		change("POST /v1/campaigns", a.startCampaign)
+		read("GET /v1/campaigns", a.listCampaigns)
+		read("GET /v1/campaigns/{id}", a.getCampaign)
+		change("POST /v1/campaigns/{id}/cancel", a.cancelCampaign)
+		read("GET /v1/campaigns/{id}/terminals", a.campaignTerminals)
+	}
 	// Any other method or path: 403 for a read-only operator if it is
 	// not a GET, else 404.
 	handle("/", a.require(false, func(w http.ResponseWriter, r *http.Request) {
@@ -377,6 +390,10 @@ func subjectOf(r *http.Request) string {
 		return "application " + r.PathValue("name")
 	case strings.HasPrefix(r.URL.Path, "/v1/apps"):
 		return "application"
+	case r.PathValue("id") != "" && strings.HasPrefix(r.URL.Path, "/v1/campaigns"):
+		return "campaign " + r.PathValue("id")
+	case strings.HasPrefix(r.URL.Path, "/v1/campaigns"):
+		return "campaign"
 	default:
 		return "terminal"
 	}
@@ -408,7 +425,12 @@ func reason(err, sentinel error) string {
 // decode reads a JSON body of at most 64 KiB into v, refusing unknown
 // fields.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	return decodeLimited(w, r, v, 64<<10)
+}
+
+// decodeLimited is decode for a body of at most limit bytes.
+func decodeLimited(w http.ResponseWriter, r *http.Request, v any, limit int64) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var mbe *http.MaxBytesError

@@ -379,3 +379,56 @@ func bundleRecord(t *testing.T, b *adminapi.Bundle) *client.Record {
 }
 
 func hexDecode(dst []byte, s string) (int, error) { return hex.Decode(dst, []byte(s)) }
+
+// TestCampaignsEndpoints: /v1/campaigns checks its input, maps the
+// runner's refusals (rate above campaigns.max_rate, a second running
+// campaign) and reports progress and the terminals by outcome; a
+// read-only operator may follow a campaign, not start or cancel one.
+func TestCampaignsEndpoints(t *testing.T) {
+	e := newEnv(t)
+	e = serve(t, e.b, admin.Options{Terminals: e.b.Service(), Apps: e.b.Service(), Sessions: e.b.Hook(), Campaigns: e.b.Campaigns(),
+		Operators: operators(t)})
+	e.register(t1)
+	e.register(adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518570", IMSI: "460020084678120"})
+	list := adminapi.CampaignRequest{Select: "list", SNs: []string{"T2"}, What: "pwd", Rate: 50}
+	e.run([]step{
+		{name: "no token", method: "POST", path: "/v1/campaigns", body: list, tok: "-", status: 401},
+		{name: "bad what", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "everything"}, status: 400, field: "what"},
+		{name: "bad select", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "some", What: "pwd"}, status: 400, field: "select"},
+		{name: "list without sns", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "list", What: "pwd"}, status: 400, field: "sns"},
+		{name: "status without status", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "status", What: "pwd"}, status: 400, field: "status"},
+		{name: "bad date", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "expiring", Before: "soon", What: "pwd"}, status: 400, field: "before"},
+		{name: "rate above max", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "pwd", Rate: 1e5}, status: 400, field: "rate", want: "campaigns.max_rate"},
+		{name: "bad id", method: "GET", path: "/v1/campaigns/xyz", status: 400, field: "id"},
+		{name: "unknown id", method: "GET", path: "/v1/campaigns/0123456789abcdef", status: 404},
+		{name: "bad outcome", method: "GET", path: "/v1/campaigns/0123456789abcdef/terminals?outcome=lost", status: 400, field: "outcome"},
+	})
+	ctx := context.Background()
+	c, err := e.api.StartCampaign(ctx, list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); c.State != "done" && c.State != "tracking"; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("campaign %+v", c)
+		}
+		if c, err = e.api.Campaign(ctx, c.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.Handled != 1 || c.Counts.Waiting != 1 || c.ListSize != 1 {
+		t.Fatalf("campaign %+v", c)
+	}
+	e.run([]step{
+		{name: "terminals", method: "GET", path: "/v1/campaigns/" + c.ID + "/terminals?outcome=waiting", status: 200, want: `"sn": "T2"`, not: "T1"},
+		{name: "the change", method: "GET", path: "/v1/terminals/T2/changes", status: 200, want: `"origin": "operator"`},
+		{name: "list", method: "GET", path: "/v1/campaigns", status: 200, want: c.ID},
+		{name: "viewer reads", method: "GET", path: "/v1/campaigns/" + c.ID, tok: viewerToken, status: 200, want: c.ID},
+		{name: "viewer's terminals", method: "GET", path: "/v1/campaigns/" + c.ID + "/terminals", tok: viewerToken, status: 200, want: `"sn": "T2"`},
+		{name: "viewer may not cancel", method: "POST", path: "/v1/campaigns/" + c.ID + "/cancel", tok: viewerToken, status: 403},
+		{name: "viewer may not start", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk"}, tok: viewerToken, status: 403},
+		{name: "cancel", method: "POST", path: "/v1/campaigns/" + c.ID + "/cancel", tok: aliceToken, status: 200, want: `"state": "cancelled"`},
+		{name: "second campaign", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk", Rate: 1}, status: 201},
+		{name: "third while one runs", method: "POST", path: "/v1/campaigns", body: adminapi.CampaignRequest{Select: "all", What: "bk", Rate: 1}, status: 409},
+	})
+}

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"encoding/hex"
+	"time"
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/keysvc"
@@ -58,4 +59,24 @@ func bundleOf(t *keysvc.Terminal, brokerURL string) adminapi.Bundle {
 
 func appView(a *keysvc.App) adminapi.App {
 	return adminapi.App{Name: a.Name, Subscribe: a.Subscribe, Publish: a.Publish, Created: a.Created}
+}
+
+func campaignView(c *keysvc.Campaign) adminapi.Campaign {
+	v := adminapi.Campaign{ID: c.ID, Select: c.Selection.Kind, Status: string(c.Selection.Status), ListSize: len(c.Selection.SNs),
+		What: string(c.What), Rate: c.Rate, State: string(c.State), Cursor: c.Cursor, Handled: c.Counts.Handled(),
+		Counts: adminapi.Counts{Waiting: c.Counts.Waiting, Delivered: c.Counts.Delivered, Committed: c.Counts.Committed,
+			Expired: c.Counts.Expired, Busy: c.Counts.Busy, Inactive: c.Counts.Inactive, Failed: c.Counts.Failed},
+		Created: c.Created, Updated: c.Updated, Finished: c.Finished}
+	if !c.Selection.Before.IsZero() {
+		v.Before = c.Selection.Before.UTC().Format(time.RFC3339)
+	}
+	return v
+}
+
+func campaignTerminalView(it keysvc.CampaignItem) adminapi.CampaignTerminal {
+	v := adminapi.CampaignTerminal{SN: it.SN, Outcome: string(it.Outcome), Deadline: it.Deadline, Reason: it.Reason, Updated: it.Updated}
+	if it.RID != 0 && it.Outcome != keysvc.OutcomeStarting { // an intent's RID is not a change of the campaign
+		v.RID = it.RID.String()
+	}
+	return v
 }

@@ -587,7 +587,7 @@ func (p *progressBar) finish() {
 }
 
 func changeCmd(o *options) *cobra.Command {
-	cmd := &cobra.Command{Use: "change", Short: "Start a credential change of a terminal, or show the pending one"}
+	cmd := &cobra.Command{Use: "change", Short: "Start a credential change of a terminal or of many (campaign), or show the pending one"}
 	var what string
 	start := &cobra.Command{
 		Use:   "start SN --what pwd|bk|all",
@@ -640,7 +640,7 @@ shown: only the change's id, mode and deadline.`,
 			return printChange(cmd.OutOrStdout(), o, sn, ch)
 		},
 	}
-	cmd.AddCommand(start, status)
+	cmd.AddCommand(start, status, campaignCmd(o))
 	return cmd
 }
 
@@ -733,6 +733,11 @@ broker assigns one). No NAME may be another application's followed by '-' ("dash
 "dash-east"): such a name is refused (exit 5). By default it may subscribe to m2m/+/up/#
 and publish to m2m/+/down/#.
 
+--subscribe '$m2m/events/#' (or a narrower filter under $m2m/events/) lets it read the
+terminals' presence and security events (docs/EVENTS.md): connects, disconnects, refused
+logins, binding mismatches, credential changes. That is the broker's security log per
+terminal: grant it like read access to the log. No other $ topic may be granted.
+
 Without --password-file the broker generates a password and this command prints it
 once (or give it in $M2MCTL_APP_PASSWORD).`,
 		Args: cobra.ExactArgs(1),
@@ -769,7 +774,7 @@ once (or give it in $M2MCTL_APP_PASSWORD).`,
 		},
 	}
 	add.Flags().StringVar(&pwFile, "password-file", "", "file holding the password (12-128 bytes) [$M2MCTL_APP_PASSWORD]")
-	add.Flags().StringSliceVar(&req.Subscribe, "subscribe", nil, "topic filters it may subscribe to (default m2m/+/up/#)")
+	add.Flags().StringSliceVar(&req.Subscribe, "subscribe", nil, "topic filters it may subscribe to (default m2m/+/up/#; '$m2m/events/#' for the terminals' events)")
 	add.Flags().StringSliceVar(&req.Publish, "publish", nil, "topic filters it may publish to (default m2m/+/down/#)")
 	remove := &cobra.Command{
 		Use:   "remove NAME",

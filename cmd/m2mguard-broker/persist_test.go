@@ -35,7 +35,7 @@ func TestSessionsSurviveRestart(t *testing.T) {
 			t.Parallel()
 			work := t.TempDir()
 			p := startBinary(t, bin, work)
-			term := newRawTerminal(t, p.register(t, work, "S1"))
+			term := newPahoTerminal(t, p.register(t, work, "S1"))
 			appPW := p.addApp(t, work, "dash")
 
 			c, ks1 := term.login(t, p.mqtt)
@@ -99,8 +99,8 @@ func TestSessionExpiryAcrossRestart(t *testing.T) {
 	work := t.TempDir()
 	args := []string{"--mqtt-session-expiry", expiry.String()}
 	p := startBinary(t, bin, work, args...)
-	old := newRawTerminal(t, p.register(t, work, "S1"))
-	recent := newRawTerminal(t, p.register(t, work, "S2"))
+	old := newPahoTerminal(t, p.register(t, work, "S1"))
+	recent := newPahoTerminal(t, p.register(t, work, "S2"))
 	appPW := p.addApp(t, work, "dash")
 
 	c, _ := old.login(t, p.mqtt)
@@ -133,11 +133,11 @@ func TestSessionExpiryAcrossRestart(t *testing.T) {
 	}
 }
 
-// rawTerminal is an M2M1 terminal on a bare paho client (MQTT 3.1.1,
+// pahoTerminal is an M2M1 terminal on a bare paho client (MQTT 3.1.1,
 // persistent session), which keeps every message it receives: the
 // reference client would hold at most 64 messages arriving before its
 // session key.
-type rawTerminal struct {
+type pahoTerminal struct {
 	sn       string
 	id       codec.Identity
 	up, bk   []byte
@@ -145,13 +145,13 @@ type rawTerminal struct {
 	messages chan paho.Message
 }
 
-func newRawTerminal(t *testing.T, b adminapi.Bundle) *rawTerminal {
+func newPahoTerminal(t *testing.T, b adminapi.Bundle) *pahoTerminal {
 	t.Helper()
 	bk, err := hex.DecodeString(b.BK)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &rawTerminal{sn: b.SN, id: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, up: []byte(b.Up), bk: bk, bkexp: b.BKExp,
+	return &pahoTerminal{sn: b.SN, id: codec.Identity{SN: b.SN, IMEI: b.IMEI, IMSI: b.IMSI}, up: []byte(b.Up), bk: bk, bkexp: b.BKExp,
 		messages: make(chan paho.Message, 1024)}
 }
 
@@ -167,7 +167,7 @@ func (s pahoSession) present() bool { return s.sessionPresent }
 // login connects with a fresh login token asking for a session key,
 // subscribes to the key topic and returns the connection and the session
 // key. Messages of the session that arrive before the key are kept.
-func (term *rawTerminal) login(t *testing.T, addr string) (paho.Client, []byte) {
+func (term *pahoTerminal) login(t *testing.T, addr string) (paho.Client, []byte) {
 	t.Helper()
 	var n [8]byte
 	rand.Read(n[:])
@@ -217,7 +217,7 @@ func (term *rawTerminal) login(t *testing.T, addr string) (paho.Client, []byte) 
 	}
 }
 
-func (term *rawTerminal) subscribe(t *testing.T, c paho.Client, filter string) {
+func (term *pahoTerminal) subscribe(t *testing.T, c paho.Client, filter string) {
 	t.Helper()
 	if r := term.trySubscribe(t, c, filter); r >= 0x80 {
 		t.Fatalf("subscribe %s: 0x%02x", filter, r)
@@ -225,7 +225,7 @@ func (term *rawTerminal) subscribe(t *testing.T, c paho.Client, filter string) {
 }
 
 // trySubscribe returns the SUBACK code.
-func (term *rawTerminal) trySubscribe(t *testing.T, c paho.Client, filter string) byte {
+func (term *pahoTerminal) trySubscribe(t *testing.T, c paho.Client, filter string) byte {
 	t.Helper()
 	tok := c.Subscribe(filter, 1, nil)
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
@@ -234,7 +234,7 @@ func (term *rawTerminal) trySubscribe(t *testing.T, c paho.Client, filter string
 	return tok.(*paho.SubscribeToken).Result()[filter]
 }
 
-func (term *rawTerminal) next(t *testing.T) paho.Message {
+func (term *pahoTerminal) next(t *testing.T) paho.Message {
 	t.Helper()
 	select {
 	case m := <-term.messages:
@@ -247,7 +247,7 @@ func (term *rawTerminal) next(t *testing.T) paho.Message {
 
 // downlinks reads n messages on topic and opens them with the session key
 // ks (other messages are put back).
-func (term *rawTerminal) downlinks(t *testing.T, ks []byte, topic string, n int) []string {
+func (term *pahoTerminal) downlinks(t *testing.T, ks []byte, topic string, n int) []string {
 	t.Helper()
 	aead, err := codec.NewAEAD(ks)
 	if err != nil {

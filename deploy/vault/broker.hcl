@@ -25,6 +25,28 @@ path "secret/metadata/m2mguard/apps" {
   capabilities = ["list"]
 }
 
+# Campaigns of credential changes (m2mctl change campaign): the campaign, its
+# list of serial numbers and one item per terminal handled. Read, create,
+# update and list; never deleted by the broker.
+path "secret/data/m2mguard/campaigns/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/m2mguard/campaign-lists/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/m2mguard/campaign-items/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/metadata/m2mguard/campaigns/*" {
+  capabilities = ["list", "read"]
+}
+path "secret/metadata/m2mguard/campaigns" {
+  capabilities = ["list"]
+}
+path "secret/metadata/m2mguard/campaign-items/*" {
+  capabilities = ["list", "read"]
+}
+
 # Optional: session keys from Transit, so every issue is in Vault's audit log.
 path "transit/datakey/plaintext/m2mguard-session" {
   capabilities = ["update"]

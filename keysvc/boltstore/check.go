@@ -23,7 +23,7 @@ const (
 // gets its key check and an empty head; a file from before the head is
 // upgraded; any other is verified, and resealed if reseal is its code.
 func (s *Store) init(tx *bolt.Tx, reseal string) error {
-	for _, b := range [][]byte{bucketTerminals, bucketApps, bucketMeta} {
+	for _, b := range [][]byte{bucketTerminals, bucketApps, bucketMeta, bucketCampaigns, bucketCampaignLists, bucketCampaignItems} {
 		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 			return err
 		}

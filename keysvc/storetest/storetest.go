@@ -75,6 +75,7 @@ func Run(t *testing.T, open func(t *testing.T) keysvc.Store, opts Options) {
 	t.Run("ConcurrentCommit", func(t *testing.T) { testConcurrentCommit(t, openT(t), sn) })
 	t.Run("ChangeStateMachine", func(t *testing.T) { testChange(t, openT(t), sn) })
 	t.Run("Apps", func(t *testing.T) { testApps(t, openT(t), prefix) })
+	t.Run("Campaigns", func(t *testing.T) { testCampaigns(t, openT(t), sn, opts.Reopen) })
 	t.Run("RestartMidChange", func(t *testing.T) {
 		if opts.Reopen == nil {
 			t.Skip("no Reopen hook")
@@ -698,4 +699,167 @@ func testForbidden(t *testing.T, s keysvc.Store, forbidden func(t *testing.T) ke
 	_, err := f.GetTerminal(ctx, id)
 	wantErr(t, "get with a forbidden token", err, keysvc.ErrForbidden)
 	wantErr(t, "create with a forbidden token", f.CreateTerminal(ctx, Terminal(sn())), keysvc.ErrForbidden)
+}
+
+// campaignDiff names the fields in which two campaigns differ ("" if none;
+// Version and Updated are not compared).
+func campaignDiff(a, b *keysvc.Campaign) string {
+	var d []string
+	add := func(ok bool, f string) {
+		if !ok {
+			d = append(d, f)
+		}
+	}
+	add(a.ID == b.ID, "id")
+	add(a.Selection.Kind == b.Selection.Kind && a.Selection.Before.Equal(b.Selection.Before) &&
+		a.Selection.Status == b.Selection.Status && slices.Equal(a.Selection.SNs, b.Selection.SNs), "selection")
+	add(a.What == b.What && a.Rate == b.Rate, "what/rate")
+	add(a.State == b.State && a.Cursor == b.Cursor, "state/cursor")
+	add(a.Counts == b.Counts, "counts")
+	add(a.Created.Equal(b.Created) && a.Finished.Equal(b.Finished), "created/finished")
+	return strings.Join(d, ", ")
+}
+
+func testCampaigns(t *testing.T, s keysvc.Store, sn func() string, reopen func(t *testing.T) keysvc.Store) {
+	ctx := context.Background()
+	svc := newService(t, s, NewClock(t0))
+
+	// Validation, through the Service.
+	for _, tc := range []struct {
+		name string
+		req  keysvc.CampaignRequest
+	}{
+		{"bad what", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectAll}, What: "keys", Rate: 1}},
+		{"zero rate", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectAll}, What: codec.WhatPwd}},
+		{"no kind", keysvc.CampaignRequest{What: codec.WhatPwd, Rate: 1}},
+		{"expiring without date", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectExpiring}, What: codec.WhatPwd, Rate: 1}},
+		{"bad status", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectStatus, Status: "gone"}, What: codec.WhatPwd, Rate: 1}},
+		{"empty list", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectList}, What: codec.WhatPwd, Rate: 1}},
+		{"bad sn in list", keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectList, SNs: []string{"A1", "a/b"}}, What: codec.WhatPwd, Rate: 1}},
+	} {
+		_, err := svc.CreateCampaign(ctx, tc.req)
+		wantErr(t, "create campaign, "+tc.name, err, keysvc.ErrInvalid)
+	}
+
+	// A list selection is stored sorted and without duplicates.
+	a, b, c := sn(), sn(), sn()
+	camp, err := svc.CreateCampaign(ctx, keysvc.CampaignRequest{
+		Selection: keysvc.Selection{Kind: keysvc.SelectList, SNs: []string{c, a, b, a}}, What: codec.WhatPwd, Rate: 2.5})
+	must(t, "create campaign", err)
+	if camp.State != keysvc.CampaignRunning || keysvc.ValidateCampaignID(camp.ID) != nil || camp.Version == 0 {
+		t.Fatalf("created campaign: state %q, id %q, version %d", camp.State, camp.ID, camp.Version)
+	}
+	if !slices.Equal(camp.Selection.SNs, []string{a, b, c}) {
+		t.Fatalf("list selection stored as %v, want %v", camp.Selection.SNs, []string{a, b, c})
+	}
+	got, err := s.GetCampaign(ctx, camp.ID)
+	must(t, "get campaign", err)
+	if d := campaignDiff(got, camp); d != "" || got.Version != camp.Version {
+		t.Fatalf("campaign round trip changed %s (version %d, want %d)", d, got.Version, camp.Version)
+	}
+	wantErr(t, "create again", s.CreateCampaign(ctx, camp.Clone()), keysvc.ErrExists)
+	_, err = s.GetCampaign(ctx, "0123456789abcdef")
+	wantErr(t, "get missing campaign", err, keysvc.ErrNotFound)
+
+	// Check-and-set; the selection is not rewritten by an update.
+	upd := got.Clone()
+	upd.State, upd.Cursor = keysvc.CampaignTracking, b
+	upd.Counts.Add(keysvc.OutcomeCommitted, 2)
+	upd.Counts.Add(keysvc.OutcomeWaiting, 1)
+	upd.Finished = t0.Add(time.Hour)
+	upd.Selection.SNs = nil
+	must(t, "update campaign", s.UpdateCampaign(ctx, upd))
+	if upd.Version == got.Version {
+		t.Fatal("update did not change the version")
+	}
+	stale := got.Clone()
+	wantErr(t, "update from a stale version", s.UpdateCampaign(ctx, stale), keysvc.ErrConflict)
+	gone := got.Clone()
+	gone.ID = "fedcba9876543210"
+	wantErr(t, "update missing", s.UpdateCampaign(ctx, gone), keysvc.ErrNotFound)
+	got, err = s.GetCampaign(ctx, camp.ID)
+	must(t, "get updated campaign", err)
+	want := upd.Clone()
+	want.Selection.SNs = []string{a, b, c}
+	if d := campaignDiff(got, want); d != "" {
+		t.Fatalf("updated campaign differs in %s", d)
+	}
+
+	// Other selections round-trip too.
+	exp, err := svc.CreateCampaign(ctx, keysvc.CampaignRequest{
+		Selection: keysvc.Selection{Kind: keysvc.SelectExpiring, Before: t0.Add(48 * time.Hour)}, What: codec.WhatAll, Rate: 100})
+	must(t, "create expiring campaign", err)
+	st, err := svc.CreateCampaign(ctx, keysvc.CampaignRequest{
+		Selection: keysvc.Selection{Kind: keysvc.SelectStatus, Status: keysvc.StatusDisabled}, What: codec.WhatBK, Rate: 1})
+	must(t, "create status campaign", err)
+	for _, x := range []*keysvc.Campaign{exp, st} {
+		got, err := s.GetCampaign(ctx, x.ID)
+		must(t, "get campaign", err)
+		if d := campaignDiff(got, x); d != "" {
+			t.Fatalf("campaign round trip changed %s", d)
+		}
+	}
+	ids, err := s.ListCampaigns(ctx)
+	must(t, "list campaigns", err)
+	for _, id := range []string{camp.ID, exp.ID, st.ID} {
+		if !slices.Contains(ids, id) {
+			t.Fatalf("list campaigns: %v lacks %s", ids, id)
+		}
+	}
+	if !slices.IsSorted(ids) {
+		t.Fatalf("list campaigns: %v not sorted", ids)
+	}
+
+	// Items: created and replaced by serial number, listed in order, paged.
+	deadline := t0.Add(24 * time.Hour)
+	items := []keysvc.CampaignItem{
+		{SN: c, Outcome: keysvc.OutcomeWaiting, RID: 0x0123456789abcdef, Deadline: deadline, Updated: t0},
+		{SN: a, Outcome: keysvc.OutcomeBusy, Updated: t0},
+		{SN: b, Outcome: keysvc.OutcomeFailed, Reason: "deleted", Updated: t0},
+	}
+	must(t, "put items", s.PutCampaignItems(ctx, camp.ID, items))
+	items[0].Outcome, items[0].Updated = keysvc.OutcomeCommitted, t0.Add(time.Minute)
+	must(t, "replace item", s.PutCampaignItems(ctx, camp.ID, items[:1]))
+	all, err := s.ListCampaignItems(ctx, camp.ID, "", 0)
+	must(t, "list items", err)
+	wantItems := []keysvc.CampaignItem{items[1], items[2], items[0]}
+	if len(all) != len(wantItems) {
+		t.Fatalf("list items: %d items, want %d", len(all), len(wantItems))
+	}
+	for i := range all {
+		g, w := all[i], wantItems[i]
+		if g.SN != w.SN || g.Outcome != w.Outcome || g.RID != w.RID || !g.Deadline.Equal(w.Deadline) ||
+			g.Reason != w.Reason || !g.Updated.Equal(w.Updated) {
+			t.Fatalf("item %d: %+v, want %+v", i, g, w)
+		}
+	}
+	page, err := s.ListCampaignItems(ctx, camp.ID, a, 1)
+	must(t, "list items after", err)
+	if len(page) != 1 || page[0].SN != b {
+		t.Fatalf("list items after %s, limit 1: %+v", a, page)
+	}
+	none, err := s.ListCampaignItems(ctx, exp.ID, "", 0)
+	must(t, "list items of a campaign without any", err)
+	if len(none) != 0 {
+		t.Fatalf("items of a new campaign: %d", len(none))
+	}
+	wantErr(t, "put items of a missing campaign", s.PutCampaignItems(ctx, "0123456789abcdef", items[:1]), keysvc.ErrNotFound)
+	_, err = s.ListCampaignItems(ctx, "0123456789abcdef", "", 0)
+	wantErr(t, "list items of a missing campaign", err, keysvc.ErrNotFound)
+
+	if reopen == nil {
+		return
+	}
+	s2 := reopen(t)
+	t.Cleanup(func() { s2.Close() })
+	got, err = s2.GetCampaign(ctx, camp.ID)
+	must(t, "get campaign after restart", err)
+	if d := campaignDiff(got, want); d != "" {
+		t.Fatalf("campaign changed in the restart: %s", d)
+	}
+	all, err = s2.ListCampaignItems(ctx, camp.ID, "", 0)
+	must(t, "list items after restart", err)
+	if len(all) != 3 || all[2].Outcome != keysvc.OutcomeCommitted {
+		t.Fatalf("items after restart: %+v", all)
+	}
 }
