@@ -153,7 +153,15 @@ func TestACLDoesNotAllocate(t *testing.T) {
 		{appCl, "m2m/A00MS8011390002S/down/cmd", true},
 	}
 	for _, c := range checks {
-		if allocs := testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) }); allocs != 0 {
+		// AllocsPerRun counts the whole process's allocations: the broker's
+		// own goroutines (its $SYS ticker, a client's read loop) may
+		// allocate during one measurement. The least of three is the
+		// check's: an OnACLCheck that allocates does so in every one.
+		allocs := testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) })
+		for i := 0; i < 2 && allocs != 0; i++ {
+			allocs = min(allocs, testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) }))
+		}
+		if allocs != 0 {
 			t.Errorf("OnACLCheck(%q, write=%v) allocates %.0f times", c.topic, c.write, allocs)
 		}
 	}
