@@ -19,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	vault "github.com/hashicorp/vault/api"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.yaml.in/yaml/v3"
 
@@ -196,51 +195,16 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 	conn.Close()
 }
 
-// operatorAppRole does what README "Vault layout and policies" tells the
-// operator: the broker policy, an AppRole role, its role_id in a file and a
-// response-wrapped secret_id in another. It returns the two paths.
+// operatorAppRole sets up the broker's AppRole with the shipped broker
+// policy, as README "Vault layout and policies" says, and returns the
+// role_id file and the wrapped secret_id file.
 func operatorAppRole(t *testing.T, v *vaulttest.Server, dir string) (roleIDFile, wrappedFile string) {
 	t.Helper()
-	root := v.Client(t)
-	ctx := t.Context()
 	policy, err := os.ReadFile("../deploy/vault/broker.hcl")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := root.Sys().PutPolicyWithContext(ctx, "m2mguard-broker", string(policy)); err != nil {
-		t.Fatal(err)
-	}
-	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := root.Logical().WriteWithContext(ctx, "auth/approle/role/m2mguard-broker", map[string]any{
-		"token_policies": "m2mguard-broker", "token_ttl": "1h", "token_max_ttl": "24h"}); err != nil {
-		t.Fatal(err)
-	}
-	id, err := root.Logical().ReadWithContext(ctx, "auth/approle/role/m2mguard-broker/role-id")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wrapping, err := root.Clone()
-	if err != nil {
-		t.Fatal(err)
-	}
-	wrapping.SetToken(root.Token())
-	wrapping.SetWrappingLookupFunc(func(string, string) string { return "5m" })
-	sec, err := wrapping.Logical().WriteWithContext(ctx, "auth/approle/role/m2mguard-broker/secret-id", nil)
-	if err != nil || sec.WrapInfo == nil {
-		t.Fatalf("wrapped secret_id: %v", err)
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	roleIDFile, wrappedFile = filepath.Join(dir, "role_id"), filepath.Join(dir, "secret_id.wrapped")
-	for f, v := range map[string]string{roleIDFile: id.Data["role_id"].(string), wrappedFile: sec.WrapInfo.Token} {
-		if err := os.WriteFile(f, []byte(v+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return roleIDFile, wrappedFile
+	return v.WrappedAppRole(t, dir, "m2mguard-broker", string(policy))
 }
 
 // connectBytes is a terminal's MQTT 3.1.1 CONNECT with a fresh login token
