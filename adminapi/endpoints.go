@@ -288,13 +288,24 @@ func (c *Client) PendingChange(ctx context.Context, sn string) (*Change, error) 
 	return &ch, nil
 }
 
-// Sessions lists the connected, authenticated clients, sorted by ClientID.
+// Sessions lists the connected, authenticated clients, sorted by ClientID
+// (in fleet mode, of every broker; SessionList also has the warnings).
 func (c *Client) Sessions(ctx context.Context) ([]Session, error) {
+	l, err := c.SessionList(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return l.Sessions, nil
+}
+
+// SessionList is Sessions with the warnings of a fleet's list: brokers
+// that did not answer, or the fleet unreachable.
+func (c *Client) SessionList(ctx context.Context) (*SessionList, error) {
 	var l SessionList
 	if err := c.do(ctx, http.MethodGet, "/v1/sessions", nil, &l); err != nil {
 		return nil, err
 	}
-	return l.Sessions, nil
+	return &l, nil
 }
 
 // Disconnect ends the connection of a client (ErrNotFound if none is

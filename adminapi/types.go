@@ -134,11 +134,17 @@ type Session struct {
 	KeyExpires time.Time `json:"key_expires,omitzero"`   // when the platform ends the session
 	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`   // highest uplink envelope accepted
 	DownSeq    uint64    `json:"downlink_seq,omitempty"` // last downlink envelope sealed
+	Since      time.Time `json:"since,omitzero"`         // when the session was established
+	Broker     string    `json:"broker,omitempty"`       // the broker holding it (fleet mode)
 }
 
 // SessionList is the answer of GET /v1/sessions, sorted by ClientID.
 type SessionList struct {
 	Sessions []Session `json:"sessions"`
+	// Warnings say why the list may be incomplete, in fleet mode: a
+	// broker that did not answer (its sessions are missing), or the fleet
+	// unreachable (the list holds the answering broker's alone).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // AppRequest is the body of POST /v1/apps. An empty Password is generated

@@ -37,6 +37,8 @@ import (
 	"github.com/m2mguard/m2mguard/campaign"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/events"
+	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
@@ -63,6 +65,11 @@ type Broker struct {
 	lastSeen *lastseen.Table
 	server   *mqtt.Server
 	registry *prometheus.Registry
+
+	// fleet mode (cluster.*): the embedded NATS node, the fleet, the link
+	node  *fleet.Node
+	fleet *fleet.Fleet
+	link  *fleetlink.Link
 
 	events    *events.Queue    // presence and security events for applications
 	webhook   *events.Webhook  // nil without events.webhook_url
@@ -139,23 +146,28 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.openStore(ctx); err != nil {
 		return nil, err
 	}
+	if cfg.Cluster.Enabled() {
+		if err := b.joinFleet(ctx); err != nil {
+			return nil, err
+		}
+	}
 	sopts := serviceOptions(cfg)
 	sopts.Store, sopts.SessionKeys = b.store, b.sessionKeys()
+	if b.link != nil {
+		sopts.OnWrite = b.link.OnWrite // the other brokers drop the record from their caches
+	}
 	b.svc, err = keysvc.New(sopts)
 	if err != nil {
 		return nil, err
 	}
 	b.registerCacheMetrics()
 
-	// The nonces of accepted logins and control messages outlive a
-	// restart, whatever the store (SPEC section 3, step 6).
-	b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
-	if err != nil {
+	// The terminals' last logins, kept in memory and written to data_dir
+	// every few seconds (a kill -9 loses the last interval). (data_dir may
+	// not exist yet: in fleet mode no replay file creates it.)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, &ConfigError{Key: "data_dir", Err: err}
 	}
-
-	// The terminals' last logins, kept in memory and written to data_dir
-	// every few seconds (a kill -9 loses the last interval).
 	b.lastSeen, err = lastseen.Open(filepath.Join(cfg.DataDir, LastSeenFile), lastseen.Options{Logger: logger.With("component", "lastseen")})
 	if err != nil {
 		return nil, &ConfigError{Key: "data_dir", Err: err}
@@ -168,9 +180,25 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	hopts := hookOptions(cfg)
 	hopts.Registry, hopts.Server = b.svc, b.server
-	hopts.ReplayGuard, hopts.Registerer = b.replay, b.registry
+	hopts.Registerer = b.registry
 	hopts.LastSeen = b.lastSeen
 	hopts.Logger = logger.With("component", "hook")
+	if b.fleet != nil {
+		// The fleet's state: claims once per fleet, failures counted
+		// fleet-wide, the session directory, the change book.
+		hopts.ReplayGuard = b.fleet
+		hopts.Throttler = b.fleet.Throttler(hook.NewThrottleTable(hopts.Throttle))
+		hopts.Directory, hopts.ChangeBook = b.link.Directory(), b.link.ChangeBook()
+		hopts.ClaimTimeout = cfg.Cluster.ClaimTimeout + time.Second // the fleet's retries, and a margin
+	} else {
+		// The nonces of accepted logins and control messages outlive a
+		// restart, whatever the store (SPEC section 3, step 6).
+		b.replay, err = replay.Open(filepath.Join(cfg.DataDir, "replay"), replay.Options{Logger: logger.With("component", "replay")})
+		if err != nil {
+			return nil, &ConfigError{Key: "data_dir", Err: err}
+		}
+		hopts.ReplayGuard = b.replay
+	}
 	// The SMS metrics exist (at 0) without a gateway too: dashboards and
 	// alerts need not know whether one is configured.
 	smsMetrics, err := smsmetrics.New(b.registry)
@@ -186,9 +214,22 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	// and, if configured, POSTed to a webhook; the campaign runner follows
 	// the change events. The runner starts changes through the hook, which
 	// exists only below: it is called through b.hook once started.
-	b.campaigns, err = campaign.New(campaignOptions(cfg, b.svc, campaign.StarterFunc(func(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+	copts := campaignOptions(cfg, b.svc, campaign.StarterFunc(func(ctx context.Context, sn string, what codec.What) (*keysvc.Change, error) {
+		if b.link != nil { // on the broker holding the terminal's session
+			return b.link.Sessions().StartChangeBy(ctx, sn, what, "campaign")
+		}
 		return b.hook.StartChangeBy(ctx, sn, what, "campaign") // its change_started events say who started them
-	}), logger.With("component", "campaign")))
+	}), logger.With("component", "campaign"))
+	if b.link != nil {
+		// One broker of the fleet at a time walks the campaigns.
+		if copts.Lease, err = b.link.CampaignLease(); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+		// A campaign created through another broker is found by the
+		// holder's periodic check of the store: every 10 s, not a minute.
+		copts.CheckEvery = fleetCampaignCheck
+	}
+	b.campaigns, err = campaign.New(copts)
 	if err != nil {
 		return nil, err
 	}
@@ -214,17 +255,31 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			return nil, err
 		}
 	}
+	if b.link != nil {
+		if err := b.link.Attach(b.hook, b.svc); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+	}
 	if err := b.addListeners(); err != nil {
 		return nil, err
 	}
 	if err := b.server.Serve(); err != nil {
 		return nil, err
 	}
+	if b.link != nil && b.sessions != nil {
+		// Sessions restored from the store whose client logged in on
+		// another broker while this one was down live there now.
+		b.link.DiscardMoved(ctx, offlineClients(b.server))
+	}
 	b.campaigns.Start()
 	if err := b.startAdmin(); err != nil {
 		return nil, err
 	}
-	logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
+	if b.fleet != nil {
+		logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL(), "fleet", true, "broker_id", cfg.Cluster.BrokerID)
+	} else {
+		logger.Info("broker started", "store", cfg.Store.Type, "public_url", b.PublicURL())
+	}
 	return b, nil
 }
 
@@ -257,6 +312,11 @@ func hookOptions(cfg *Config) hook.Options {
 		},
 	}
 }
+
+// fleetCampaignCheck is how often, in fleet mode, the holder of the
+// campaigns' lease looks for campaigns created through other brokers (and
+// for changes past their deadline).
+const fleetCampaignCheck = 10 * time.Second
 
 // campaignOptions are the campaign runner's options that cfg sets.
 func campaignOptions(cfg *Config, keys campaign.Keys, starter campaign.Starter, logger *slog.Logger) campaign.Options {
@@ -691,8 +751,12 @@ func (b *Broker) startAdmin() error {
 	if err != nil {
 		return err
 	}
+	var sessions admin.Sessions = b.hook
+	if b.link != nil {
+		sessions = b.link.Sessions() // every broker's sessions; calls reach the broker holding one
+	}
 	h, err := admin.New(admin.Options{
-		Terminals: b.svc, Apps: b.svc, Sessions: b.hook, Campaigns: b.campaigns, Token: token, Operators: ops, MetricsToken: metricsToken,
+		Terminals: b.svc, Apps: b.svc, Sessions: sessions, Campaigns: b.campaigns, Token: token, Operators: ops, MetricsToken: metricsToken,
 		LastSeen: b.lastSeen, Gatherer: b.registry, Registerer: b.registry, BrokerURL: b.PublicURL(), Logger: b.log.With("component", "admin"),
 	})
 	if err != nil {
@@ -830,6 +894,13 @@ func (b *Broker) Addr(id string) string {
 // /metrics to the metrics and admin tokens).
 func (b *Broker) Registry() *prometheus.Registry { return b.registry }
 
+// Fleet returns the broker's fleet, nil unless in fleet mode.
+func (b *Broker) Fleet() *fleet.Fleet { return b.fleet }
+
+// FleetLink returns the broker's part in its fleet, nil unless in fleet
+// mode.
+func (b *Broker) FleetLink() *fleetlink.Link { return b.link }
+
 // Service returns the key service.
 func (b *Broker) Service() *keysvc.Service { return b.svc }
 
@@ -847,8 +918,9 @@ func (b *Broker) Server() *mqtt.Server { return b.server }
 
 // Close stops the admin API, disconnects every client, stops mochi (which
 // records the clients' disconnects in the session store, then flushes and
-// closes it), closes the replay guard, writes the last logins and closes
-// the store. It is safe to call more than once.
+// closes it), leaves the fleet (its link, its connection, its embedded NATS
+// node), closes the replay guard, writes the last logins and closes the
+// store. It is safe to call more than once.
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
@@ -880,6 +952,9 @@ func (b *Broker) Close() error {
 				errs = append(errs, fmt.Errorf("session store: %w", err))
 			}
 		}
+		if err := b.leaveFleet(); err != nil {
+			errs = append(errs, err)
+		}
 		if b.replay != nil {
 			if err := b.replay.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("replay guard: %w", err))
@@ -898,4 +973,16 @@ func (b *Broker) Close() error {
 		b.closeErr = errors.Join(errs...)
 	})
 	return b.closeErr
+}
+
+// offlineClients returns the ClientIDs of the server's sessions without a
+// connection (at start: the ones restored from the session store).
+func offlineClients(s *mqtt.Server) []string {
+	var ids []string
+	for id, cl := range s.Clients.GetAll() {
+		if cl.Closed() {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/campaign"
 	"github.com/m2mguard/m2mguard/events"
+	"github.com/m2mguard/m2mguard/fleet"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -45,6 +47,9 @@ type Config struct {
 	SMS       SMSConfig
 	Events    EventsConfig
 	Campaigns CampaignsConfig
+	// Cluster is fleet mode: off unless it names NATS servers or an
+	// embedded NATS node.
+	Cluster ClusterConfig
 }
 
 // LogConfig is the log output (log/slog on stderr).
@@ -195,6 +200,57 @@ type CampaignsConfig struct {
 	MaxRate float64 // highest rate (changes started per second) a campaign may ask for
 }
 
+// ClusterConfig is fleet mode: several brokers in front of one Vault that
+// share their security state (replay claims, failure counts, the session
+// directory, events) on NATS JetStream, through package fleet. It is on
+// when NATSURLs names servers or EmbeddedNATS runs a node in the broker.
+type ClusterConfig struct {
+	// BrokerID names this broker in the fleet; "" = the host name (its
+	// characters outside [A-Za-z0-9_-] as '-').
+	BrokerID string
+	// NATSURLs are the servers of an external NATS cluster (nats:// or
+	// tls://); with EmbeddedNATS the broker connects to its own node.
+	NATSURLs []string
+	// Credentials of the broker's NATS connection; with EmbeddedNATS the
+	// node requires the same (user and password, or token).
+	NATSUser         string
+	NATSPassword     string
+	NATSPasswordFile string
+	NATSTokenFile    string
+	NATSNKeyFile     string // an NKey user seed (SU...)
+	NATSCredsFile    string // a NATS .creds file
+	// TLS of the broker's NATS connection (required off loopback).
+	NATSCA, NATSCert, NATSKey string
+
+	// EmbeddedNATS runs a NATS node with JetStream in the broker; the
+	// nodes of the fleet's brokers, routed to each other, are the
+	// cluster (no other service).
+	EmbeddedNATS bool
+	Embedded     EmbeddedNATSConfig
+
+	Replicas     int           // of the fleet's buckets and stream; 0 = 3 (1 for a single node)
+	ClaimTimeout time.Duration // a replay claim's retries through a leader election
+	Heartbeat    time.Duration // liveness renewal; a broker silent for 3 × it is gone
+}
+
+// EmbeddedNATSConfig is the NATS node of cluster.embedded_nats.
+type EmbeddedNATSConfig struct {
+	Listen        string   // client listener (the broker's own connection)
+	ClusterListen string   // route listener, for the other nodes
+	Routes        []string // the nodes' route URLs (nats-route://host:port), this one's may be among them
+	ClusterName   string
+	StoreDir      string // "" = <data_dir>/nats
+	// Routes' credentials and mutual TLS (both required off loopback).
+	RouteUser         string
+	RoutePassword     string
+	RoutePasswordFile string
+	TLSCert, TLSKey   string
+	TLSCA             string
+}
+
+// Enabled reports whether fleet mode is on.
+func (c ClusterConfig) Enabled() bool { return c.EmbeddedNATS || len(c.NATSURLs) > 0 }
+
 // The tuned mochi per-client resources (see README, "Memory per client").
 const (
 	DefaultReadBuffer       = 1024
@@ -243,6 +299,10 @@ func Default() *Config {
 		WebhookBatch: events.DefaultWebhookBatch, WebhookRetries: events.DefaultWebhookRetries, WebhookTimeout: events.DefaultWebhookTimeout,
 	}
 	c.Campaigns = CampaignsConfig{MaxRate: cp.MaxRate}
+	c.Cluster = ClusterConfig{
+		ClaimTimeout: fleet.DefaultClaimTimeout, Heartbeat: fleet.DefaultHeartbeat,
+		Embedded: EmbeddedNATSConfig{Listen: "127.0.0.1:4222", ClusterListen: "127.0.0.1:6222", ClusterName: "m2mguard"},
+	}
 	return c
 }
 
@@ -392,6 +452,23 @@ func addr(p func(*Config) *string) access {
 			return nil
 		},
 		get: func(c *Config) string { return *p(c) },
+	}
+}
+
+// list is a comma-separated list; empty items are dropped.
+func list(p func(*Config) *[]string) access {
+	return access{
+		set: func(c *Config, v string) error {
+			var out []string
+			for _, item := range strings.Split(v, ",") {
+				if item = strings.TrimSpace(item); item != "" {
+					out = append(out, item)
+				}
+			}
+			*p(c) = out
+			return nil
+		},
+		get: func(c *Config) string { return strings.Join(*p(c), ",") },
 	}
 }
 
@@ -625,6 +702,58 @@ var fields = documentDefaults([]Field{
 
 	{Key: "campaigns.max_rate", Help: "highest rate, in changes started per second, a credential-change campaign may ask for (m2mctl change campaign start --rate)",
 		value: number(func(c *Config) *float64 { return &c.Campaigns.MaxRate }, 0.001, 1e6)},
+	{Key: "cluster.broker_id", Default: "the host name", Help: "fleet mode: this broker's id in the fleet, unique, 1-64 of [A-Za-z0-9_-]",
+		value: str(func(c *Config) *string { return &c.Cluster.BrokerID })},
+	{Key: "cluster.nats_urls", Help: "fleet mode with an external NATS cluster (JetStream): its servers, comma-separated (nats://host:4222, tls://host:4222); off loopback TLS and credentials are required",
+		value: list(func(c *Config) *[]string { return &c.Cluster.NATSURLs })},
+	{Key: "cluster.nats_user", Help: "NATS user of the broker's connection (with cluster.embedded_nats its node requires it)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSUser })},
+	{Key: "cluster.nats_password", Secret: true, Help: "its password (prefer nats_password_file)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSPassword })},
+	{Key: "cluster.nats_password_file", Help: "file holding that password",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSPasswordFile })},
+	{Key: "cluster.nats_token_file", Help: "file holding a NATS token, instead of a user (with cluster.embedded_nats its node requires it)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSTokenFile })},
+	{Key: "cluster.nats_nkey_file", Help: "file holding an NKey user seed (SU...), instead of a user (external NATS)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSNKeyFile })},
+	{Key: "cluster.nats_creds_file", Help: "NATS .creds file (user JWT and seed), instead of a user (external NATS)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSCredsFile })},
+	{Key: "cluster.nats_ca", Help: "PEM file to verify the NATS servers' TLS certificates",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSCA })},
+	{Key: "cluster.nats_cert", Help: "client certificate (PEM) of the broker's NATS connection, for servers that verify clients",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSCert })},
+	{Key: "cluster.nats_key", Help: "its key (PEM)",
+		value: str(func(c *Config) *string { return &c.Cluster.NATSKey })},
+	{Key: "cluster.embedded_nats", Help: "fleet mode without another service: run a NATS node with JetStream in this broker; the nodes of the fleet's brokers, routed to each other (cluster.embedded.routes), are the cluster",
+		value: boolean(func(c *Config) *bool { return &c.Cluster.EmbeddedNATS })},
+	{Key: "cluster.embedded.listen", Help: "the embedded node's client listener, for this broker's own connection (keep it on loopback)",
+		value: addr(func(c *Config) *string { return &c.Cluster.Embedded.Listen })},
+	{Key: "cluster.embedded.cluster_listen", Help: "the embedded node's route listener, which the other nodes dial; off loopback it needs route credentials and mutual TLS",
+		value: addr(func(c *Config) *string { return &c.Cluster.Embedded.ClusterListen })},
+	{Key: "cluster.embedded.routes", Help: "route URLs of the fleet's nodes, comma-separated (nats-route://host:6222; this node's own may be among them, so every broker can have the same list)",
+		value: list(func(c *Config) *[]string { return &c.Cluster.Embedded.Routes })},
+	{Key: "cluster.embedded.cluster_name", Help: "NATS cluster name, the same on every node",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.ClusterName })},
+	{Key: "cluster.embedded.store_dir", Default: "<data_dir>/nats", Help: "the embedded node's JetStream files",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.StoreDir })},
+	{Key: "cluster.embedded.route_user", Help: "user the nodes' routes authenticate with, both ways",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.RouteUser })},
+	{Key: "cluster.embedded.route_password", Secret: true, Help: "its password (prefer route_password_file)",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.RoutePassword })},
+	{Key: "cluster.embedded.route_password_file", Help: "file holding that password",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.RoutePasswordFile })},
+	{Key: "cluster.embedded.tls_cert", Help: "certificate (PEM) of the routes' mutual TLS",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.TLSCert })},
+	{Key: "cluster.embedded.tls_key", Help: "its key (PEM)",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.TLSKey })},
+	{Key: "cluster.embedded.tls_ca", Help: "CA (PEM) that signs the nodes' route certificates",
+		value: str(func(c *Config) *string { return &c.Cluster.Embedded.TLSCA })},
+	{Key: "cluster.replicas", Help: "replicas of the fleet's buckets and stream: 0 = 3 (1 on a single node); a claim survives the loss of a minority of them",
+		value: integer(func(c *Config) *int { return &c.Cluster.Replicas }, 0, 5)},
+	{Key: "cluster.claim_timeout", Help: "how long a replay claim retries while JetStream elects a leader; then the login is refused (MQTT 5 0x88) and the terminal tries again",
+		value: dur(func(c *Config) *time.Duration { return &c.Cluster.ClaimTimeout })},
+	{Key: "cluster.heartbeat", Help: "how often a broker renews its liveness in the fleet; one silent for 3 heartbeats is gone (its sessions are removed from the directory), the same on every broker",
+		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Heartbeat })},
 })
 
 // documentDefaults sets the documented Default of every field that has
@@ -830,8 +959,9 @@ func readBounded(path string) ([]byte, error) {
 // Derive fills in the settings that follow from others when they are
 // left empty: the files in data_dir (store.embedded.file,
 // store.embedded.master_key_file, admin.token_file,
-// admin.metrics_token_file, mqtt.persistence_file) and mqtt.persistence
-// (on). Resolve and Start call it before Validate.
+// admin.metrics_token_file, mqtt.persistence_file), mqtt.persistence (on)
+// and, in fleet mode, cluster.embedded.store_dir and cluster.broker_id (the
+// host name). Resolve and Start call it before Validate.
 func (c *Config) Derive() {
 	inDataDir := func(file *string, name string) {
 		if *file == "" {
@@ -846,6 +976,28 @@ func (c *Config) Derive() {
 		c.MQTT.Persistence = "on"
 	}
 	inDataDir(&c.Admin.MetricsTokenFile, "metrics.token")
+	if c.Cluster.Enabled() {
+		inDataDir(&c.Cluster.Embedded.StoreDir, "nats")
+		if c.Cluster.BrokerID == "" {
+			c.Cluster.BrokerID = hostBrokerID()
+		}
+	}
+}
+
+// hostBrokerID is the host name as a broker id: its characters outside
+// [A-Za-z0-9_-] as '-', at most 64.
+func hostBrokerID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		return ""
+	}
+	id := []byte(host)
+	for i, ch := range id {
+		if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '_' || ch == '-') {
+			id[i] = '-'
+		}
+	}
+	return string(id[:min(len(id), 64)])
 }
 
 // Validate checks the keys and their combinations, section by section,
@@ -857,6 +1009,7 @@ func (c Config) Validate() error {
 	for _, section := range []func() error{
 		c.Log.validate, c.Store.validate, c.MQTT.validate, c.Admin.validate,
 		c.Auth.validate, c.Keys.validate, c.Cache.validate, c.SMS.validate, c.Events.validate,
+		c.Auth.validate, c.Keys.validate, c.Cache.validate, c.SMS.validate, c.validateCluster,
 	} {
 		if err := section(); err != nil {
 			return err
@@ -1009,6 +1162,67 @@ func (c EventsConfig) validate() error {
 	}
 	return positive(keyed{"events.webhook_timeout", c.WebhookTimeout})
 }
+
+// validateCluster checks fleet mode: Vault as the store (the brokers share
+// it), a broker id, and credentials and TLS that go together.
+func (c Config) validateCluster() error {
+	cl := c.Cluster
+	if err := positive(keyed{"cluster.claim_timeout", cl.ClaimTimeout}, keyed{"cluster.heartbeat", cl.Heartbeat}); err != nil {
+		return err
+	}
+	if !cl.Enabled() {
+		if len(cl.Embedded.Routes) > 0 {
+			return bad("cluster.embedded.routes", "set cluster.embedded_nats too (routes are the embedded node's)")
+		}
+		return nil
+	}
+	if c.Store.Type != "vault" {
+		return bad("store.type", "fleet mode (cluster.nats_urls or cluster.embedded_nats) needs store.type vault: the brokers of a fleet share one Vault, an embedded store is one broker's")
+	}
+	if cl.BrokerID == "" {
+		return bad("cluster.broker_id", "no host name to default to: set one")
+	}
+	if !brokerIDRE.MatchString(cl.BrokerID) {
+		return bad("cluster.broker_id", "want 1 to 64 of [A-Za-z0-9_-]")
+	}
+	kinds := 0
+	for _, set := range []bool{cl.NATSUser != "" || cl.NATSPassword != "" || cl.NATSPasswordFile != "", cl.NATSTokenFile != "",
+		cl.NATSNKeyFile != "", cl.NATSCredsFile != ""} {
+		if set {
+			kinds++
+		}
+	}
+	if kinds > 1 {
+		return bad("cluster.nats_user", "one kind of NATS credentials: a user and password, a token file, an nkey file or a creds file")
+	}
+	if (cl.NATSPassword != "" || cl.NATSPasswordFile != "") && cl.NATSUser == "" {
+		return bad("cluster.nats_user", "set together with cluster.nats_password or cluster.nats_password_file")
+	}
+	if (cl.NATSCert == "") != (cl.NATSKey == "") {
+		return bad("cluster.nats_cert", "set together with cluster.nats_key")
+	}
+	if cl.EmbeddedNATS {
+		if cl.NATSNKeyFile != "" || cl.NATSCredsFile != "" {
+			return bad("cluster.nats_nkey_file", "the embedded node knows users and passwords, or a token: not nkeys or creds files")
+		}
+		e := cl.Embedded
+		if e.Listen == "" {
+			return bad("cluster.embedded.listen", "the broker connects to its node there: must not be off")
+		}
+		if len(e.Routes) > 0 && e.ClusterListen == "" {
+			return bad("cluster.embedded.cluster_listen", "routes need a route listener")
+		}
+		if (e.TLSCert == "") != (e.TLSKey == "") {
+			return bad("cluster.embedded.tls_cert", "set together with cluster.embedded.tls_key")
+		}
+		if (e.RoutePassword != "" || e.RoutePasswordFile != "") && e.RouteUser == "" {
+			return bad("cluster.embedded.route_user", "set together with cluster.embedded.route_password")
+		}
+	}
+	return nil
+}
+
+var brokerIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 // Reference renders the configuration reference as a Markdown table (the
 // README's, and what `m2mguard-broker --help` prints as text).

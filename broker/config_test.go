@@ -13,6 +13,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
 )
 
@@ -136,6 +138,9 @@ store:
 	}
 }
 
+// vaultYAML is a valid Vault store, for the cases that need one.
+const vaultYAML = "store: {type: vault, vault: {address: \"http://127.0.0.1:8200\", token: t}}\n"
+
 func TestConfigErrorsNameTheKey(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -173,6 +178,17 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"no application rate per address", "", nil, []string{"--auth-app-rate-per-addr", "0"}, "auth.app_rate_per_addr", "flag", "0.001"},
 		{"no failure refill", "auth.app_failure_refill: 0s\n", nil, nil, "auth.app_failure_refill", "", "positive"},
 		{"throttle max below base", "auth: {throttle_base: 1m, throttle_max: 1s}\n", nil, nil, "auth.throttle_max", "", "throttle_base"},
+		// Fleet mode (issue 15).
+		{"fleet on the embedded store", "cluster: {embedded_nats: true, broker_id: b1}\n", nil, nil, "store.type", "", "needs store.type vault"},
+		{"fleet on the embedded store, external NATS", "", map[string]string{"M2MGUARD_CLUSTER_NATS_URLS": "nats://127.0.0.1:4222"}, []string{"--cluster-broker-id", "b1"}, "store.type", "", "needs store.type vault"},
+		{"routes without an embedded node", "cluster.embedded.routes: nats-route://10.0.0.2:6222\n", nil, nil, "cluster.embedded.routes", "", "embedded_nats"},
+		{"bad broker id", vaultYAML + "cluster: {embedded_nats: true, broker_id: \"a b\"}\n", nil, nil, "cluster.broker_id", "", "A-Za-z0-9"},
+		{"two kinds of NATS credentials", vaultYAML + "cluster: {nats_urls: \"nats://127.0.0.1:4222\", broker_id: b1, nats_user: u, nats_password: p, nats_token_file: t}\n", nil, nil, "cluster.nats_user", "", "one kind"},
+		{"NATS password without user", vaultYAML + "cluster: {nats_urls: \"nats://127.0.0.1:4222\", broker_id: b1, nats_password: p}\n", nil, nil, "cluster.nats_user", "", "together"},
+		{"embedded node with a creds file", vaultYAML + "cluster: {embedded_nats: true, broker_id: b1, nats_creds_file: c}\n", nil, nil, "cluster.nats_nkey_file", "", "not nkeys"},
+		{"embedded routes without a route listener", vaultYAML + "cluster: {embedded_nats: true, broker_id: b1, embedded: {cluster_listen: \"\", routes: \"nats-route://127.0.0.1:6222\"}}\n", nil, nil, "cluster.embedded.cluster_listen", "", "route listener"},
+		{"route password without user", vaultYAML + "cluster: {embedded_nats: true, broker_id: b1, embedded: {route_password: p}}\n", nil, nil, "cluster.embedded.route_user", "", "together"},
+		{"claim timeout zero", vaultYAML + "cluster: {embedded_nats: true, broker_id: b1, claim_timeout: 0s}\n", nil, nil, "cluster.claim_timeout", "", "positive"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := resolve(t, tc.yaml, tc.env, tc.args...)
@@ -294,7 +310,9 @@ func pflagWith(args ...string) *pflag.FlagSet {
 func TestDocumentedEnvVarsExist(t *testing.T) {
 	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
 		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
-		haproxytest.EnvInstall: true}
+		haproxytest.EnvInstall: true,
+		// Not variables: the fleet's NATS buckets (README, "Fleet mode").
+		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}
@@ -310,5 +328,30 @@ func TestDocumentedEnvVarsExist(t *testing.T) {
 				t.Errorf("%s mentions %s, which is no configuration variable", file, v)
 			}
 		}
+	}
+}
+
+// TestConfigFleetDefaults: fleet mode derives the broker id from the host
+// name and the embedded node's store from data_dir; routes and NATS URLs
+// are comma-separated lists.
+func TestConfigFleetDefaults(t *testing.T) {
+	cfg, err := resolve(t, vaultYAML+"data_dir: /var/lib/m2mguard\ncluster:\n  embedded_nats: true\n  nats_user: m2mguard\n  nats_password: pw\n",
+		map[string]string{"M2MGUARD_CLUSTER_EMBEDDED_ROUTES": "nats-route://10.0.0.1:6222,nats-route://10.0.0.2:6222"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cfg.Cluster
+	if !c.Enabled() || c.Embedded.StoreDir != filepath.Join("/var/lib/m2mguard", "nats") || len(c.Embedded.Routes) != 2 {
+		t.Errorf("cluster = %+v", c)
+	}
+	if host, err := os.Hostname(); err == nil && host != "" && c.BrokerID == "" {
+		t.Errorf("broker id not derived from the host name %q", host)
+	}
+	off, err := resolve(t, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if off.Cluster.Enabled() || off.Cluster.BrokerID != "" || off.Cluster.Embedded.StoreDir != "" {
+		t.Errorf("single broker: cluster = %+v", off.Cluster)
 	}
 }

@@ -34,6 +34,7 @@ type Event struct {
 	App      string    `json:"app,omitempty"`       // the application concerned
 	ClientID string    `json:"client_id,omitempty"` // the session concerned
 	Reason   string    `json:"reason,omitempty"`    // why, for the log: "disabled", "deleted", "commit"
+	Operator string    `json:"operator,omitempty"`  // the admin operator who asked for it (a name), for the log
 	Seq      uint64    `json:"-"`                   // the stream sequence, set on delivery
 }
 

@@ -53,7 +53,10 @@ type Change struct {
 	// Watch was called or after this broker was cut off from the fleet,
 	// and every current entry follows. The broker may have been swept as
 	// gone meanwhile: re-register its live sessions that are missing.
-	Resync   bool
+	Resync bool
+	// Current marks the end of the entries that follow a Resync: from
+	// here on, changes as they happen.
+	Current  bool
 	ClientID string
 	Entry    Entry  // the new entry; zero when Deleted
 	Deleted  bool   // the session was unregistered (or swept)
@@ -212,8 +215,8 @@ func (d *Directory) Sweep(ctx context.Context) (int, error) {
 }
 
 // Watch calls fn with every change of the directory, in order, starting
-// with a Resync and every current entry; after this broker was cut off
-// from the fleet it does the same again. fn runs on one goroutine per
+// with a Resync, every current entry and a Current; after this broker was
+// cut off from the fleet it does the same again. fn runs on one goroutine per
 // Watch and must not block for long. stop ends the watch and waits; Close
 // does it too.
 func (d *Directory) Watch(fn func(Change)) (stop func(), err error) {
@@ -267,7 +270,8 @@ func (d *Directory) watchOnce(ctx context.Context, fn func(Change), resync chan 
 				return
 			}
 			if kve == nil {
-				continue // the end of the initial values
+				fn(Change{Current: true}) // the end of the initial values
+				continue
 			}
 			c := Change{Epoch: kve.Revision()}
 			if id, err := UnescapeKey(kve.Key()); err == nil {

@@ -159,6 +159,25 @@ func (f *Fleet) Available() bool { return f.avail.Load() }
 // lifetime is the Fleet's: do not close it).
 func (f *Fleet) Conn() *nats.Conn { return f.nc }
 
+// KeyValue creates (or binds) a KV bucket of the integration's own, with
+// the fleet's replicas and file storage, history 1 and values of at most 4
+// KiB; ttl 0 keeps keys until they are deleted. It retries through a
+// leader election until ctx ends (5 s without a deadline).
+func (f *Fleet) KeyValue(ctx context.Context, name, description string, ttl time.Duration) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	err := retry(ctx, func(ctx context.Context) (err error) {
+		kv, err = f.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: name, Description: description, History: 1, TTL: ttl,
+			Storage: jetstream.FileStorage, Replicas: f.replicas, MaxValueSize: 4096,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("fleet: bucket %s: %w", name, err)
+	}
+	return kv, nil
+}
+
 // setAvailable records the availability and logs a state change once,
 // with its reason: fleet_unavailable (warning) or fleet_available.
 func (f *Fleet) setAvailable(ok bool, reason string) {
@@ -202,7 +221,7 @@ func (f *Fleet) createAssets(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("fleet: create jetstream assets with %d replicas: %w (%w)", replicas, err, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
@@ -220,14 +239,18 @@ func apiCode(err error) jetstream.ErrorCode {
 	return 0
 }
 
+// createAssetsWith creates or updates every asset, each request bounded
+// by assetTimeout: when brokers start together, JetStream may drop the
+// answer to one of several identical creates, and a short attempt gets
+// it (or "exists, updated") at the next.
 func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
 	var err error
 	kv := func(name, desc string, maxAge time.Duration) jetstream.KeyValue {
 		if err != nil {
 			return nil
 		}
+		cctx, cancel := context.WithTimeout(ctx, assetTimeout)
+		defer cancel()
 		var b jetstream.KeyValue
 		b, err = f.js.CreateOrUpdateKeyValue(cctx, jetstream.KeyValueConfig{
 			Bucket: name, Description: desc, History: 1, TTL: maxAge,
@@ -245,6 +268,8 @@ func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
 	if err != nil {
 		return err
 	}
+	cctx, cancel := context.WithTimeout(ctx, assetTimeout)
+	defer cancel()
 	_, err = f.js.CreateOrUpdateStream(cctx, jetstream.StreamConfig{
 		Name: EventStream, Description: "m2mguard events between brokers", Subjects: []string{EventSubjects},
 		Storage: jetstream.FileStorage, Replicas: replicas, MaxAge: EventMaxAge,
@@ -255,6 +280,9 @@ func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
 	}
 	return nil
 }
+
+// assetTimeout bounds one request that creates or updates an asset.
+const assetTimeout = 2 * time.Second
 
 // goRun runs fn in a goroutine that Close waits for; fn must return when
 // f.ctx ends.

@@ -154,8 +154,8 @@ func TestDirectoryEpochsAndTakeover(t *testing.T) {
 		return nil
 	})
 	mu.Lock()
-	if !seen[0].Resync {
-		t.Errorf("the watch did not start with a resync: %+v", seen[0])
+	if !seen[0].Resync || !slices.ContainsFunc(seen, func(c Change) bool { return c.Current }) {
+		t.Errorf("the watch did not start with a resync and end its initial entries with a current: %+v", seen)
 	}
 	// In order between resyncs (a slow heartbeat under load may restart
 	// the watch, which then replays the current entries).
@@ -163,6 +163,9 @@ func TestDirectoryEpochsAndTakeover(t *testing.T) {
 	for _, ch := range seen[1:] {
 		if ch.Resync {
 			epochs = nil
+			continue
+		}
+		if ch.Current {
 			continue
 		}
 		if len(epochs) > 0 && ch.Epoch <= epochs[len(epochs)-1] {

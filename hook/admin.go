@@ -23,6 +23,8 @@ type SessionInfo struct {
 	KeyExpires time.Time `json:"key_expires,omitzero"`   // when the platform ends the session
 	UplinkSeq  uint64    `json:"uplink_seq,omitempty"`   // highest uplink envelope accepted
 	DownSeq    uint64    `json:"downlink_seq,omitempty"` // last downlink envelope sealed
+	Since      time.Time `json:"since,omitzero"`         // when the session was established
+	Broker     string    `json:"broker,omitempty"`       // the broker holding it, in a fleet
 }
 
 // ErrNoSession: no connected client has that ClientID.
@@ -37,24 +39,29 @@ func (h *Hook) Sessions() []SessionInfo {
 		if s.state.Load() != stateEstablished {
 			return true
 		}
-		info := SessionInfo{
-			ClientID: cl.ID, Kind: s.kind.String(), Remote: cl.Net.Remote,
-			Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey(),
-		}
-		if s.kind == kindTerminal {
-			info.SN = s.sn
-			if s.hasKey() {
-				info.SID, info.KeyExpires = s.sid.String(), s.exp.UTC()
-				info.UplinkSeq, info.DownSeq = s.upTop.Load(), s.downSeq.Load()
-			}
-		} else {
-			info.App = s.app.Name
-		}
-		out = append(out, info)
+		out = append(out, h.info(cl, s))
 		return true
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].ClientID < out[j].ClientID })
 	return out
+}
+
+// info describes an established session.
+func (h *Hook) info(cl *mqtt.Client, s *session) SessionInfo {
+	info := SessionInfo{
+		ClientID: cl.ID, Kind: s.kind.String(), Remote: cl.Net.Remote,
+		Protocol: cl.Properties.ProtocolVersion, SessionKey: s.hasKey(), Since: s.since.UTC(),
+	}
+	if s.kind == kindTerminal {
+		info.SN = s.sn
+		if s.hasKey() {
+			info.SID, info.KeyExpires = s.sid.String(), s.exp.UTC()
+			info.UplinkSeq, info.DownSeq = s.upTop.Load(), s.downSeq.Load()
+		}
+	} else {
+		info.App = s.app.Name
+	}
+	return info
 }
 
 // Disconnect ends the connection of clientID (MQTT 5: DISCONNECT 0x98

@@ -176,7 +176,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 6. The nonce is claimed once, atomically: after the digest (so that
 	// only genuine logins fill the guard), before any side effect.
-	switch first, err := h.claim(ctx, sn, l.TS, l.Nonce, now); {
+	switch first, err := h.claim(sn, l.TS, l.Nonce, now); {
 	case err != nil:
 		h.refusedKnown(sn, addr, reasonGuardDown, "err", err.Error())
 		return nil, packets.ErrServerUnavailable

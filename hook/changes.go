@@ -103,7 +103,7 @@ type changeLink struct {
 	revoke func(sn, reason string) int
 	// claim claims the nonce of a control message, as for a login
 	// (guard.go).
-	claim func(ctx context.Context, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
+	claim func(sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error)
 	// event logs a security event (hook.go).
 	event func(level slog.Level, name string, attrs ...any)
 	// emit hands an event to the applications' event sink (appevents.go).
@@ -129,12 +129,13 @@ type changeDesk struct {
 	replays *prometheus.CounterVec // m2mguard_replays_total{kind}
 
 	link  changeLink
-	watch changeWatch
+	book  ChangeBook  // deadlines and SMS sends (state.go)
+	watch changeWatch // the changes this broker started, until their deadline
 }
 
 // newChangeDesk returns the desk of a hook with opts (defaults filled in).
 func newChangeDesk(opts Options, m *metrics, link changeLink) *changeDesk {
-	return &changeDesk{
+	d := &changeDesk{
 		reg: opts.Registry, sms: opts.SMS, smsOnRequest: opts.SMSOnRequest,
 		renewBefore: opts.RenewBefore, smsRetry: opts.SMSRetry, skew: opts.Skew,
 		maxRefusals: opts.MaxControlRefusals, storeTimeout: opts.StoreTimeout,
@@ -143,6 +144,12 @@ func newChangeDesk(opts Options, m *metrics, link changeLink) *changeDesk {
 		link:  link,
 		watch: changeWatch{deadlines: map[string]watched{}},
 	}
+	d.book = opts.ChangeBook
+	d.watch.shared = d.book != nil
+	if d.book == nil {
+		d.book = &localBook{&d.watch} // a single broker's book is its watch
+	}
+	return d
 }
 
 // storeCtx bounds one round of registry calls.
@@ -283,7 +290,7 @@ func (d *changeDesk) deliverPending(c termConn) {
 // had not registered it yet). Only a terminal with a change this broker
 // watches costs a store read.
 func (d *changeDesk) startedDuringLogin(sn string) (*keysvc.Terminal, *keysvc.Change) {
-	if !d.watch.has(sn) {
+	if !d.watch.has(sn, d.now()) {
 		return nil, nil
 	}
 	ctx, cancel := d.storeCtx()
@@ -344,14 +351,26 @@ func changeParams(ch *keysvc.Change) codec.Params {
 
 // sendSMS hands the text to the gateway, retrying with back-off while the
 // change is pending and before its deadline, until the hook stops. The
-// text is a secret: it is never logged.
+// text is a secret: it is never logged. The change book knows of the send
+// while it runs; one the hook's stop cuts short is left to the fleet.
 func (d *changeDesk) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time, text string) {
 	life := d.link.crew.ctx
 	wait := d.smsRetry
+	d.book.SMSStarted(sn, rid, deadline)
+	ended := true
+	defer func() {
+		if ended {
+			d.book.SMSEnded(sn, rid)
+		}
+	}()
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(life, 30*time.Second)
 		err := d.sms.Send(ctx, msisdn, text)
 		cancel()
+		if life.Err() != nil {
+			ended = false // stopped mid-send: another broker finishes it
+			return
+		}
 		if err == nil {
 			d.markDelivered(sn, rid, codec.ModeSMS)
 			return
@@ -367,6 +386,7 @@ func (d *changeDesk) sendSMS(sn, msisdn string, rid codec.ID, deadline time.Time
 		}
 		select {
 		case <-life.Done():
+			ended = false
 			return
 		case <-time.After(pause):
 		}
@@ -456,7 +476,7 @@ func (d *changeDesk) fresh(ctx context.Context, c termConn, t *keysvc.Terminal, 
 		d.refuse(c, t, "skew", codec.CodeSkew)
 		return false
 	}
-	switch first, err := d.link.claim(ctx, c.s.sn, msg.TS, msg.Nonce, now); {
+	switch first, err := d.link.claim(c.s.sn, msg.TS, msg.Nonce, now); {
 	case err != nil:
 		d.failed(c.s.sn, msg.RID, "replay-guard", err, "kind", string(msg.Kind))
 		return false
@@ -583,6 +603,7 @@ func (d *changeDesk) refuse(c termConn, t *keysvc.Terminal, reason string, code 
 // started records a change that started; attrs are added to its event.
 func (d *changeDesk) started(sn string, ch *keysvc.Change, attrs ...any) {
 	d.watch.watch(sn, ch.RID, ch.Deadline)
+	d.book.Watch(sn, ch.RID, ch.Deadline)
 	d.changes.WithLabelValues("started", ch.Origin).Inc()
 	d.link.event(slog.LevelInfo, "change_started", append([]any{"sn", sn, "rid", ch.RID.String(), "what", string(ch.What),
 		"mode", string(ch.Mode), "origin", ch.Origin, "deadline", ch.Deadline.UTC()}, attrs...)...)
@@ -593,6 +614,7 @@ func (d *changeDesk) started(sn string, ch *keysvc.Change, attrs ...any) {
 
 func (d *changeDesk) committed(sn string, rid codec.ID, by string) {
 	d.watch.forget(sn)
+	d.book.Forget(sn)
 	d.changes.WithLabelValues("committed", by).Inc()
 	d.link.event(slog.LevelInfo, "change_committed", "sn", sn, "rid", rid.String(), "by", by)
 	d.emit(events.ChangeCommitted, sn, rid, func(e *events.Event) { e.Reason = by })
@@ -620,7 +642,10 @@ func (d *changeDesk) failed(sn string, rid codec.ID, step string, err error, att
 
 // forget stops watching the change of sn (an operator revoked the
 // terminal: the key service cancels the change).
-func (d *changeDesk) forget(sn string) { d.watch.forget(sn) }
+func (d *changeDesk) forget(sn string) {
+	d.watch.forget(sn)
+	d.book.Forget(sn)
+}
 
 // sweep runs expireDue within one store timeout; the hook's housekeeping
 // calls it every minute.
@@ -633,25 +658,26 @@ func (d *changeDesk) sweep() {
 // expireDue drops the watched changes past their deadline, keeping the
 // old values, and records each expiry.
 func (d *changeDesk) expireDue(ctx context.Context) {
-	for _, c := range d.watch.due(d.now()) {
-		dropped, err := d.reg.ExpireChange(ctx, c.sn)
+	for _, c := range d.book.Due(d.now()) {
+		dropped, err := d.reg.ExpireChange(ctx, c.SN)
 		switch {
 		case err != nil && !errors.Is(err, keysvc.ErrNotFound):
-			d.failed(c.sn, c.rid, "expire", err)
+			d.failed(c.SN, c.RID, "expire", err)
 		case dropped:
 			d.changes.WithLabelValues("expired", "").Inc()
-			d.link.event(slog.LevelInfo, "change_expired", "sn", c.sn, "rid", c.rid.String())
-			d.emit(events.ChangeExpired, c.sn, c.rid, nil)
+			d.link.event(slog.LevelInfo, "change_expired", "sn", c.SN, "rid", c.RID.String())
+			d.emit(events.ChangeExpired, c.SN, c.RID, nil)
 		}
 	}
 }
 
 // changeWatch remembers the deadlines of the changes this node started, so
 // that their expiry is recorded (the key service drops an expired change
-// lazily and silently).
+// lazily and silently): the local ChangeBook's.
 type changeWatch struct {
 	mu        sync.Mutex
 	deadlines map[string]watched // by sn
+	shared    bool               // a fleet's book records the expiries: has drops passed deadlines
 }
 
 // watched is a change whose deadline is watched.
@@ -667,10 +693,17 @@ func (w *changeWatch) watch(sn string, rid codec.ID, deadline time.Time) {
 	w.mu.Unlock()
 }
 
-func (w *changeWatch) has(sn string) bool {
+// has reports whether sn has a watched change whose deadline has not
+// passed at now; one past it is dropped (with a fleet's book, another
+// broker may be the one that records its expiry).
+func (w *changeWatch) has(sn string, now time.Time) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	_, ok := w.deadlines[sn]
+	c, ok := w.deadlines[sn]
+	if ok && !now.Before(c.deadline) && w.shared {
+		delete(w.deadlines, sn)
+		return false
+	}
 	return ok
 }
 
@@ -680,13 +713,13 @@ func (w *changeWatch) forget(sn string) {
 	w.mu.Unlock()
 }
 
-func (w *changeWatch) due(now time.Time) []watched {
+func (w *changeWatch) due(now time.Time) []DueChange {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	var out []watched
+	var out []DueChange
 	for sn, c := range w.deadlines {
 		if !now.Before(c.deadline) {
-			out = append(out, c)
+			out = append(out, DueChange{SN: c.sn, RID: c.rid})
 			delete(w.deadlines, sn)
 		}
 	}

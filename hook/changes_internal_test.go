@@ -2,7 +2,6 @@ package hook
 
 import (
 	"bytes"
-	"context"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -51,7 +50,7 @@ func TestChangeDeskWorksThroughItsLink(t *testing.T) {
 		},
 		endSession: func(termConn, string, packets.Code) { t.Error("endSession called") },
 		revoke:     func(string, string) int { t.Error("revoke called"); return 0 },
-		claim: func(context.Context, string, uint32, codec.ID, time.Time) (bool, error) {
+		claim: func(string, uint32, codec.ID, time.Time) (bool, error) {
 			t.Error("claim called")
 			return false, nil
 		},

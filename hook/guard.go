@@ -32,12 +32,16 @@ const claimMargin = time.Minute
 // claim claims the nonce of a message stamped ts, after its digest has
 // verified and before anything acts on it. The claim lasts as long as the
 // message could pass the skew check: until max(ts, now) + Skew, and a
-// margin.
-func (h *Hook) claim(ctx context.Context, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error) {
+// margin. It has a deadline of its own, Options.ClaimTimeout, apart from
+// the store calls around it: a fleet's claim may wait out a leader
+// election.
+func (h *Hook) claim(sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error) {
 	from := time.Unix(int64(ts), 0)
 	if now.After(from) {
 		from = now
 	}
+	ctx, cancel := context.WithTimeout(h.crew.ctx, h.opts.ClaimTimeout)
+	defer cancel()
 	return h.replay.Claim(ctx, sn, uint64(nonce), from.Add(h.opts.Skew+claimMargin))
 }
 

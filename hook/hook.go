@@ -22,6 +22,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -84,6 +85,12 @@ type Options struct {
 	// are authenticated; the zero value keeps it on half the CPUs.
 	Apps AppLimitOptions
 
+	// ClaimTimeout bounds one replay claim (ReplayGuard.Claim) of a login
+	// or control message, apart from StoreTimeout: a fleet's claim retries
+	// through a JetStream leader election (fleet.Options.ClaimTimeout, 2
+	// s) and must not run out of the login's store budget meanwhile.
+	ClaimTimeout time.Duration
+
 	// ReplayGuard remembers the nonces of accepted logins and control
 	// messages; nil = one in memory (replay.NewMemory), lost at a restart.
 	// A broker that restarts within the skew window needs one that
@@ -93,6 +100,12 @@ type Options struct {
 	// Throttler counts login failures; nil = the hook's bounded table,
 	// configured by Throttle.
 	Throttler Throttler
+	// Directory is told of every session that starts and ends, for a
+	// fleet of brokers (see SessionDirectory); nil = none.
+	Directory SessionDirectory
+	// ChangeBook keeps the deadlines of pending changes and the SMS sends
+	// in progress (see ChangeBook); nil = in memory, this broker's own.
+	ChangeBook ChangeBook
 	// LastSeen records every accepted terminal login (when, from where,
 	// MQTT version, session key): a *lastseen.Table, or a fleet's shared
 	// state. It is called on the login path and must not block; nil = none.
@@ -170,6 +183,7 @@ type Hook struct {
 	changes  *changeDesk // credential changes (changes.go)
 	writer   *writer     // every write to a client and end of a connection (writes.go)
 	revoked  revocations
+	seq      atomic.Uint64 // the last session's SessionRef.Seq
 	events   *eventLimiter
 	sink     appEvents // events for applications (appevents.go)
 	crew     *crew     // owns every goroutine of the hook; Stop stops it (lifecycle.go)
@@ -185,6 +199,7 @@ func DefaultOptions() Options {
 		Grace:               7 * 24 * time.Hour,
 		SessionLifetime:     24 * time.Hour,
 		StoreTimeout:        2 * time.Second,
+		ClaimTimeout:        3 * time.Second,
 		Throttle:            DefaultThrottleOptions(),
 		Apps:                DefaultAppLimitOptions(),
 		MaxEnvelopeFailures: 3,
@@ -206,6 +221,7 @@ func New(opts Options) (*Hook, error) {
 	orDefault(&opts.Grace, def.Grace)
 	orDefault(&opts.SessionLifetime, def.SessionLifetime)
 	orDefault(&opts.StoreTimeout, def.StoreTimeout)
+	orDefault(&opts.ClaimTimeout, def.ClaimTimeout)
 	orDefault(&opts.RenewBefore, opts.Grace)
 	orDefault(&opts.SMSRetry, def.SMSRetry)
 	orDefault(&opts.MaxEnvelopeFailures, def.MaxEnvelopeFailures)
@@ -344,6 +360,7 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if s == nil {
 		return h.refuse(cl, code)
 	}
+	s.seq = h.seq.Add(1)
 	h.sessions.Store(cl, s)
 	if s.kind == kindTerminal && h.revoked.since(s.sn, s.revokeSeq) {
 		// An operator revoked the terminal while this login was deciding
@@ -390,11 +407,22 @@ func (h *Hook) endTakenOver(cl *mqtt.Client) {
 // session at the key's exp.
 func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	s := h.session(cl)
-	if s == nil || !s.state.CompareAndSwap(statePending, stateEstablished) {
+	if s == nil {
+		return
+	}
+	// since is written before the state says established: Sessions reads
+	// it once it sees the state (the atomic orders the two).
+	if s.state.Load() == statePending {
+		s.since = h.opts.Now()
+	}
+	if !s.state.CompareAndSwap(statePending, stateEstablished) {
 		return // the housekeeping sweep found its connection closed already
 	}
 	h.pending.remove(cl)
 	h.metrics.sessionsOf(s.kind).Inc()
+	if h.opts.Directory != nil {
+		h.opts.Directory.SessionStarted(SessionRef{cl.ID, s.seq}, h.info(cl, s))
+	}
 	if s.kind != kindTerminal {
 		return
 	}
@@ -448,6 +476,9 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.pending.remove(cl)
 	case stateEstablished:
 		h.metrics.sessionsOf(s.kind).Dec()
+		if h.opts.Directory != nil {
+			h.opts.Directory.SessionEnded(SessionRef{cl.ID, s.seq})
+		}
 		if s.kind == kindTerminal {
 			e := h.sink.event(events.Disconnected, s.sn)
 			e.Reason = disconnectReason(cl, s, err)
@@ -457,7 +488,15 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if s.timer != nil {
 		s.timer.Stop()
 	}
-	if !cl.IsTakenOver() {
+	switch {
+	case cl.IsTakenOver():
+	case s.takenOver.Load():
+		// A login on another broker took the session over: its MQTT
+		// session is not kept here (mochi keeps a persistent one).
+		if !expire {
+			h.discardSession(cl)
+		}
+	default:
 		h.returnParked(cl, s)
 		if !expire {
 			h.offline.Store(cl.ID, s.identityOnly())

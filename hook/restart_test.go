@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -250,6 +251,83 @@ func TestRestoredSessionOfDeletedTerminal(t *testing.T) {
 			}
 			if !strings.Contains(e.logs.String(), "restored_session_orphaned") {
 				t.Error("no restored_session_orphaned event")
+			}
+		})
+	}
+}
+
+// refRecorder is a SessionDirectory that remembers the last session
+// started per ClientID, as a fleet's directory would.
+type refRecorder struct {
+	mu   sync.Mutex
+	refs map[string]hook.SessionRef
+}
+
+func (r *refRecorder) SessionStarted(ref hook.SessionRef, _ hook.SessionInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.refs == nil {
+		r.refs = map[string]hook.SessionRef{}
+	}
+	r.refs[ref.ClientID] = ref
+}
+
+func (r *refRecorder) SessionEnded(hook.SessionRef) {}
+
+func (r *refRecorder) ref(clientID string) (hook.SessionRef, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ref, ok := r.refs[clientID]
+	return ref, ok
+}
+
+// TestTakenOverSessionNotRestored (fleet mode with a session store): a
+// login on another broker of the fleet takes a terminal's persistent
+// session over (Hook.TakenOver, as package fleetlink calls it), whether
+// the session here is live or offline; the hook discards it, with what
+// was queued for it. A restart must not bring it back from the store: the
+// terminal's session lives on the other broker, and a stale copy here
+// would collect downlink for it until it expired. Before the fix the
+// discarded session stayed in the store and came back at the restart.
+func TestTakenOverSessionNotRestored(t *testing.T) {
+	for _, st := range storageHooks(t) {
+		t.Run(st.name, func(t *testing.T) {
+			dir := &refRecorder{}
+			tune := func(o *hook.Options) { st.add(o); o.Directory = dir }
+			e := newEnv(t, tune)
+			live := e.register("A00MS8011390002S", codec.HS256)
+			offline := e.register("B00MS8011390002S", codec.HS256)
+			var conns []*v5Client
+			for _, term := range []specTerminal{live, offline} {
+				c, _ := loginWithKey(t, e, term, false)
+				if rc := c.subscribe("m2m/"+term.sn+"/down/#", 1); rc >= 0x80 {
+					t.Fatalf("subscribe: 0x%02x", rc)
+				}
+				conns = append(conns, c)
+			}
+			conns[1].conn.Close()
+			e.awaitOffline(offline.sn)
+
+			ref, ok := dir.ref(live.sn)
+			if !ok {
+				t.Fatal("the directory was not told of the live session")
+			}
+			if !e.hook.TakenOver(ref) {
+				t.Fatal("the live session was not taken over")
+			}
+			if !e.hook.TakenOver(hook.SessionRef{ClientID: offline.sn}) {
+				t.Fatal("the offline session was not discarded")
+			}
+			for _, term := range []specTerminal{live, offline} {
+				testwait.For(t, 10*time.Second, term.sn+"'s session discarded", func() bool { _, ok := e.server.Clients.Get(term.sn); return !ok })
+			}
+
+			e.stop()
+			e.start(e.svc.Store(), nil, tune)
+			for _, term := range []specTerminal{live, offline} {
+				if _, ok := e.server.Clients.Get(term.sn); ok {
+					t.Errorf("%s's session, taken over by another broker, was restored from the store", term.sn)
+				}
 			}
 		})
 	}

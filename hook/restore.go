@@ -33,9 +33,12 @@ import (
 //   - What the hook changes in a session behind mochi's back, which mochi
 //     does not report to storage hooks: messages and subscriptions the
 //     sieve drops from a resumed session, downlink held back from a keyless
-//     terminal (parked). The hook tells Options.Storage, so that the store
-//     holds the session as the hook left it: parked downlink survives a
-//     restart there and reaches the next session with a key.
+//     terminal (parked), a session discarded because a login on another
+//     broker of a fleet took it over (Hook.TakenOver). The hook tells
+//     Options.Storage, so that the store holds the session as the hook
+//     left it: parked downlink survives a restart there and reaches the
+//     next session with a key, and a taken-over session does not come
+//     back.
 //
 // Nothing else is restored, by design: session keys are never stored, so
 // the login that resumes a session gets a new key and the queued downlink
@@ -49,6 +52,10 @@ type Storage interface {
 	OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int)
 	OnQosDropped(cl *mqtt.Client, pk packets.Packet)
 	OnUnsubscribed(cl *mqtt.Client, pk packets.Packet)
+	// OnClientExpired: the hook discarded cl's session (taken over by a
+	// login on another broker of a fleet, Hook.TakenOver): it must not
+	// come back at a restart.
+	OnClientExpired(cl *mqtt.Client)
 }
 
 // restoreRetry is how long a restored session whose identity could not be

@@ -51,6 +51,12 @@ type session struct {
 
 	revokeSeq uint64 // revocations.current() before the login read the record
 
+	seq   uint64    // unique in the hook: SessionRef.Seq
+	since time.Time // when the session was established (its CONNACK out)
+	// takenOver is set when a login on another broker of the fleet took
+	// the session over: its MQTT session is discarded, not kept offline.
+	takenOver atomic.Bool
+
 	sid    codec.ID
 	exp    time.Time
 	bkSync bool // bkd matched a valid bk at this login: ciphertext changes are possible

@@ -184,7 +184,7 @@ func (w *writer) markEndingBy(s *session, reason, operator string) bool {
 	s.endReason.Store(&reason)
 	level := slog.LevelWarn
 	switch reason {
-	case "credentials-changed", "key-expired", "administrative", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
+	case "credentials-changed", "key-expired", "administrative", "taken-over", RevokeDisabled, RevokeDeleted, RevokeRekeyed:
 		level = slog.LevelInfo
 	}
 	who, name := "sn", s.sn

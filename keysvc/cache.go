@@ -37,7 +37,7 @@ type CacheStats struct {
 	Stale       uint64 // served a stale entry because the store was unavailable
 	FailClosed  uint64 // refused because the store was unavailable and nothing usable was cached
 	Evictions   uint64 // entries dropped to respect MaxEntries
-	Invalidated uint64 // entries dropped by a local write
+	Invalidated uint64 // entries dropped by a write (this Service's, or another broker's through Invalidate)
 }
 
 const cacheShards = 64
@@ -204,6 +204,20 @@ func (c *cache) drop(sn string) {
 		delete(sh.gen, sn) // nobody holds the old gen: keep the map small
 	}
 	sh.mu.Unlock()
+}
+
+// dropAll forgets every entry and voids every fill in flight.
+func (c *cache) dropAll() {
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.Lock()
+		c.invalidated.Add(uint64(len(sh.m)))
+		clear(sh.m)
+		for sn := range sh.flights {
+			sh.gen[sn]++
+		}
+		sh.mu.Unlock()
+	}
 }
 
 func (c *cache) stats() CacheStats {

@@ -48,7 +48,7 @@ func (s *Service) StartChange(ctx context.Context, sn string, r ChangeRequest) (
 	default:
 		return nil, fmt.Errorf("keysvc: start change %s: %w: unknown origin", safeSN(sn), ErrInvalid)
 	}
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpChangeStart, func(t *Terminal) error {
 		if t.Status != StatusActive {
 			return ErrInactive
 		}
@@ -92,7 +92,7 @@ func (s *Service) StartChange(ctx context.Context, sn string, r ChangeRequest) (
 // ErrInactive for a disabled terminal: nothing commits while an operator
 // has it disabled (disabling cancels the pending change anyway).
 func (s *Service) CommitChange(ctx context.Context, sn string, rid codec.ID) (*Terminal, error) {
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpCommit, func(t *Terminal) error {
 		if t.Status != StatusActive {
 			return ErrInactive
 		}
@@ -128,7 +128,7 @@ func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID, mo
 	if mode != codec.ModeCipher && mode != codec.ModeSMS {
 		return nil, fmt.Errorf("keysvc: mark delivered %s: %w: mode must be cipher or sms", safeSN(sn), ErrInvalid)
 	}
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpDelivered, func(t *Terminal) error {
 		if t.Status != StatusActive {
 			return ErrInactive
 		}
@@ -157,7 +157,7 @@ func (s *Service) MarkDelivered(ctx context.Context, sn string, rid codec.ID, mo
 // deadline, keeping the old values, and reports whether it did.
 func (s *Service) ExpireChange(ctx context.Context, sn string) (bool, error) {
 	dropped := false
-	_, err := s.update(ctx, sn, func(t *Terminal) error {
+	_, err := s.update(ctx, sn, OpExpire, func(t *Terminal) error {
 		dropped = dropExpired(t, s.now1())
 		if !dropped {
 			return errSkip

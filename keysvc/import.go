@@ -240,6 +240,7 @@ func (s *Service) Import(ctx context.Context, r io.Reader, opts ImportOptions) (
 			switch err := errs[j]; {
 			case err == nil:
 				rep.Created++
+				s.written(p.t.SN, OpRegister)
 				if opts.Created != nil && failed == nil {
 					if err := opts.Created(p.t); err != nil {
 						failed, failedLine = err, p.line

@@ -30,7 +30,31 @@ type Options struct {
 	// AppHash sets the argon2id cost of new application passwords; zero
 	// fields take the defaults of AppHashParams.
 	AppHash AppHashParams
+	// OnWrite, if set, is called after every write of a terminal record
+	// (see Write), once the store has taken it and this Service's cache
+	// has dropped the entry: the brokers of a fleet drop each other's
+	// entries with it (Invalidate). It runs on the writer's goroutine, a
+	// login's too: it must be bounded. nil = nobody is told.
+	OnWrite func(Write)
 }
+
+// Write names a write of a terminal record, for Options.OnWrite.
+type Write struct {
+	SN string
+	Op string // one of the Op constants
+}
+
+// The operations of a Write.
+const (
+	OpRegister    = "register"     // Register, or a row of Import
+	OpStatus      = "status"       // SetStatus, Disable
+	OpRekey       = "rekey"        // Rekey
+	OpDelete      = "delete"       // Delete
+	OpChangeStart = "change-start" // StartChange
+	OpCommit      = "commit"       // CommitChange (also one that only dropped an expired change)
+	OpDelivered   = "delivered"    // MarkDelivered
+	OpExpire      = "expire"       // ExpireChange
+)
 
 // DefaultOptions returns the value New gives each zero field of Options
 // that has a default (PasswordLifetime and KeyLifetime have none: zero
@@ -51,6 +75,7 @@ type Service struct {
 	keys     SessionKeySource
 	appHash  AppHashParams
 	dummy    dummyHash
+	onWrite  func(Write)
 }
 
 // New returns a Service on opts.Store.
@@ -61,7 +86,7 @@ func New(opts Options) (*Service, error) {
 	s := &Service{
 		store: opts.Store, now: opts.Now, rand: opts.Rand,
 		deadline: opts.ChangeDeadline, pwdLife: opts.PasswordLifetime, keyLife: opts.KeyLifetime,
-		keys: opts.SessionKeys, appHash: opts.AppHash.withDefaults(),
+		keys: opts.SessionKeys, appHash: opts.AppHash.withDefaults(), onWrite: opts.OnWrite,
 	}
 	if s.now == nil {
 		s.now = time.Now
@@ -84,6 +109,23 @@ func (s *Service) Store() Store { return s.store }
 
 // CacheStats returns the read cache counters.
 func (s *Service) CacheStats() CacheStats { return s.cache.stats() }
+
+// Invalidate drops the cached record of sn, and voids a fill of it in
+// flight: another writer (another broker of a fleet) changed it. The next
+// Lookup reads the store.
+func (s *Service) Invalidate(sn string) { s.cache.drop(sn) }
+
+// InvalidateAll drops every cached record: this broker may have missed
+// other writers' invalidations (it was cut off from its fleet).
+func (s *Service) InvalidateAll() { s.cache.dropAll() }
+
+// written drops sn's cache entry and tells Options.OnWrite.
+func (s *Service) written(sn, op string) {
+	s.cache.drop(sn)
+	if s.onWrite != nil {
+		s.onWrite(Write{SN: sn, Op: op})
+	}
+}
 
 // now1 is the clock at second precision, UTC: what records hold.
 func (s *Service) now1() time.Time { return s.now().UTC().Truncate(time.Second) }
@@ -243,7 +285,7 @@ func (s *Service) Register(ctx context.Context, r RegisterRequest) (*Terminal, e
 	if err := s.store.CreateTerminal(ctx, t); err != nil {
 		return nil, fmt.Errorf("keysvc: register %s: %w", t.SN, err)
 	}
-	s.cache.drop(t.SN) // a negative entry may be cached
+	s.written(t.SN, OpRegister) // a negative entry may be cached
 	return t, nil
 }
 
@@ -340,7 +382,7 @@ func (s *Service) SetStatus(ctx context.Context, sn string, st Status) (*Termina
 	if st != StatusActive {
 		return nil, fmt.Errorf("keysvc: set status %s: %w: want active or disabled", safeSN(sn), ErrInvalid)
 	}
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpStatus, func(t *Terminal) error {
 		if t.Status == st {
 			return errSkip
 		}
@@ -360,7 +402,7 @@ func (s *Service) SetStatus(ctx context.Context, sn string, st Status) (*Termina
 // cancelled (nil if none). Disabling a disabled terminal changes nothing.
 func (s *Service) Disable(ctx context.Context, sn string) (*Terminal, *Change, error) {
 	var cancelled *Change
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpStatus, func(t *Terminal) error {
 		cancelled = t.Pending
 		if t.Status == StatusDisabled && t.Pending == nil {
 			return errSkip
@@ -382,7 +424,7 @@ func (s *Service) Disable(ctx context.Context, sn string) (*Terminal, *Change, e
 // genuine device, enable. The status is left as it is. The returned record
 // carries the new secrets: show them once.
 func (s *Service) Rekey(ctx context.Context, sn string) (*Terminal, error) {
-	t, err := s.update(ctx, sn, func(t *Terminal) error {
+	t, err := s.update(ctx, sn, OpRekey, func(t *Terminal) error {
 		t.Pending = nil
 		return s.newCreds(&t.Creds, codec.WhatAll, s.now1())
 	})
@@ -399,6 +441,7 @@ func (s *Service) Delete(ctx context.Context, sn string) error {
 	if err != nil {
 		return fmt.Errorf("keysvc: delete %s: %w", safeSN(sn), err)
 	}
+	s.written(sn, OpDelete)
 	return nil
 }
 
@@ -440,9 +483,9 @@ const maxAttempts = 8
 
 // update is the one read-modify-write path: load sn from the store, clone,
 // apply fn, write back with check-and-set, retry fn on a lost race, and
-// drop the cache entry. fn may run several times and must not have side
+// drop the cache entry; a write is reported as op (Options.OnWrite). fn may run several times and must not have side
 // effects outside the record.
-func (s *Service) update(ctx context.Context, sn string, fn func(*Terminal) error) (*Terminal, error) {
+func (s *Service) update(ctx context.Context, sn, op string, fn func(*Terminal) error) (*Terminal, error) {
 	defer s.cache.drop(sn)
 	for range maxAttempts {
 		cur, err := s.store.GetTerminal(ctx, sn)
@@ -468,6 +511,7 @@ func (s *Service) update(ctx context.Context, sn string, fn func(*Terminal) erro
 		if err != nil {
 			return nil, err
 		}
+		s.written(sn, op)
 		if then.err != nil {
 			return t, then.err
 		}

@@ -14,8 +14,8 @@
 //	POST   /v1/terminals/import              CSV body; NDJSON stream of progress, then the report
 //	POST   /v1/terminals/{sn}/changes        start a credential change {"what":"pwd|bk|all"}
 //	GET    /v1/terminals/{sn}/changes        the pending change (metadata only)
-//	GET    /v1/sessions                      connected clients
-//	DELETE /v1/sessions/{client_id}          disconnect one
+//	GET    /v1/sessions                      connected clients (in fleet mode: of every broker)
+//	DELETE /v1/sessions/{client_id}          disconnect one (in fleet mode: on the broker holding it)
 //	GET    /v1/apps                          application names
 //	POST   /v1/apps                          add or replace an application
 //	GET    /v1/apps/{name}                   one application (no password)
@@ -35,7 +35,8 @@
 //
 // Errors are JSON {"error": "...", "field": "..."}: 400 bad input, 401 no
 // or wrong token, 403 a read-only operator's change, 404 not found, 409
-// exists or busy, 503 store unavailable. The JSON types are package
+// exists or busy, 503 store unavailable (or, in fleet mode, the broker
+// holding the session did not answer). The JSON types are package
 // adminapi's, which also has the typed client.
 //
 // Every request is counted in m2mguard_admin_requests_total{route,status}
@@ -95,8 +96,11 @@ type Apps interface {
 // Sessions is what the handlers reach on the broker's live connections:
 // the session list, a disconnect, the end of a terminal's sessions after
 // it was disabled, deleted or rekeyed, and credential changes (delivered
-// at once to an online terminal). The broker passes its *hook.Hook.
-// Each action names the operator who asked for it, for the hook's events.
+// at once to an online terminal). The broker passes its *hook.Hook, or in
+// fleet mode the fleet's (package fleetlink), whose calls reach the
+// broker that holds the session; an error wrapping ErrBrokerUnreachable
+// names a broker that did not answer. Each action names the operator who
+// asked for it, for the hook's events.
 type Sessions interface {
 	Sessions() []hook.SessionInfo
 	DisconnectBy(clientID, operator string) error
@@ -110,6 +114,20 @@ type LastSeen interface {
 	Get(sn string) (lastseen.Entry, bool)
 	Forget(sn string)
 }
+
+// FleetSessions is implemented by the Sessions of a fleet: the session
+// list of every broker, with warnings that name the brokers that did not
+// answer (their sessions are missing) or say that the fleet is
+// unreachable (the list is this broker's alone). GET /v1/sessions uses it
+// when Options.Sessions has it.
+type FleetSessions interface {
+	FleetSessions(ctx context.Context) (sessions []hook.SessionInfo, warnings []string)
+}
+
+// ErrBrokerUnreachable is wrapped by the errors of Sessions calls that
+// another broker of the fleet did not answer (it holds the session and is
+// gone, or slow); the error's text names it. The API answers 503.
+var ErrBrokerUnreachable = errors.New("a broker of the fleet did not answer")
 
 // Options configure the API.
 type Options struct {
@@ -358,6 +376,8 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 		status, body.Message = http.StatusNotFound, subject+" not found"
 	case errors.Is(err, hook.ErrNoSession):
 		status, body.Message = http.StatusNotFound, "no connected client "+r.PathValue("id")
+	case errors.Is(err, ErrBrokerUnreachable):
+		status, body.Message = http.StatusServiceUnavailable, err.Error()
 	case errors.Is(err, keysvc.ErrExists):
 		status, body.Message = http.StatusConflict, subject+" already exists"
 		if msg := err.Error(); !strings.HasSuffix(msg, keysvc.ErrExists.Error()) {
@@ -785,8 +805,19 @@ func (a *api) now() time.Time {
 }
 
 func (a *api) sessions(w http.ResponseWriter, r *http.Request) {
-	infos := a.opts.Sessions.Sessions()
-	out := adminapi.SessionList{Sessions: make([]adminapi.Session, 0, len(infos))}
+	var infos []hook.SessionInfo
+	var warnings []string
+	if fs, ok := a.opts.Sessions.(FleetSessions); ok {
+		ctx, cancel := a.ctx(r)
+		defer cancel()
+		infos, warnings = fs.FleetSessions(ctx)
+		for _, w := range warnings {
+			a.log.Warn("session list incomplete", "warning", w)
+		}
+	} else {
+		infos = a.opts.Sessions.Sessions()
+	}
+	out := adminapi.SessionList{Sessions: make([]adminapi.Session, 0, len(infos)), Warnings: warnings}
 	for _, s := range infos {
 		// A conversion, not a copy field by field: a field added to one
 		// type and not to the other does not compile.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/internal/stats"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -44,6 +45,13 @@ type BrokerConfig struct {
 
 	WritesPending int // mochi Capabilities.MaximumClientWritesPending
 	NetBuf        int // mochi ClientNetReadBufferSize and ClientNetWriteBufferSize
+
+	// Fleet mode (hook mode): the NATS servers of the fleet (`m2m-bench
+	// nats`), empty = a single broker; the password of its user; this
+	// broker's id in the fleet.
+	NATSURLs     []string
+	NATSPassword string
+	BrokerID     string
 }
 
 // Broker is a running benchmark broker.
@@ -54,6 +62,7 @@ type Broker struct {
 	Svc    *keysvc.Service // nil in allow mode
 	store  keysvc.Store
 	replay *replay.Guard // nil unless BrokerConfig.ReplayDir
+	fleet  *benchFleet   // nil unless BrokerConfig.NATSURLs
 }
 
 // mochiOptions returns the mochi options every benchmark broker runs with.
@@ -97,20 +106,28 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 			return nil, err
 		}
 		b.store = store
-		b.Svc, err = keysvc.New(keysvc.Options{Store: store, Cache: keysvc.CacheOptions{TTL: cfg.CacheTTL, MaxEntries: 1_000_000}})
+		sopts := keysvc.Options{Store: store, Cache: keysvc.CacheOptions{TTL: cfg.CacheTTL, MaxEntries: 1_000_000}}
+		if len(cfg.NATSURLs) > 0 {
+			if b.fleet, err = openFleet(ctx, cfg); err != nil {
+				store.Close()
+				return nil, err
+			}
+			sopts.OnWrite = b.fleet.link.OnWrite
+		}
+		b.Svc, err = keysvc.New(sopts)
 		if err != nil {
-			store.Close()
+			b.closeStore()
 			return nil, err
 		}
-		if cfg.Prewarm {
+		if cfg.Prewarm && b.fleet == nil { // in fleet mode: once the link has synced (it drops the cache)
 			if err := prewarm(ctx, b.Svc); err != nil {
-				store.Close()
+				b.closeStore()
 				return nil, err
 			}
 		}
 		if cfg.ReplayDir != "" {
 			if b.replay, err = replay.Open(cfg.ReplayDir, replay.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}); err != nil {
-				store.Close()
+				b.closeStore()
 				return nil, err
 			}
 		}
@@ -118,14 +135,18 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 		if b.replay != nil {
 			guard = b.replay
 		}
-		b.Hook, err = hook.New(hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard,
+		hopts := hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard,
 			Registerer: prometheus.NewRegistry(),
 			// Every login is recorded, as in the broker (whose table also
 			// writes the changes to a file, off the login path).
 			LastSeen: lastseen.NewMemory(),
 			// The hook's security events are formatted as in production,
 			// then discarded.
-			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+		if b.fleet != nil {
+			b.fleet.wire(&hopts)
+		}
+		b.Hook, err = hook.New(hopts)
 		if err != nil {
 			b.closeStore()
 			return nil, err
@@ -133,6 +154,18 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 		if err := b.Server.AddHook(b.Hook, nil); err != nil {
 			b.closeStore()
 			return nil, err
+		}
+		if b.fleet != nil {
+			if err := b.fleet.attach(ctx, b.Hook, b.Svc); err != nil {
+				b.closeStore()
+				return nil, err
+			}
+			if cfg.Prewarm {
+				if err := prewarm(ctx, b.Svc); err != nil {
+					b.closeStore()
+					return nil, err
+				}
+			}
 		}
 	default:
 		return nil, fmt.Errorf("unknown mode %q (allow or hook)", cfg.Mode)
@@ -177,8 +210,11 @@ func prewarm(ctx context.Context, svc *keysvc.Service) error {
 	}
 }
 
-// closeStore closes the replay guard and the store.
+// closeStore leaves the fleet and closes the replay guard and the store.
 func (b *Broker) closeStore() {
+	if b.fleet != nil {
+		b.fleet.close()
+	}
 	if b.replay != nil {
 		b.replay.Close()
 	}
@@ -213,6 +249,15 @@ func (b *Broker) Mem() MemReport {
 	runtime.ReadMemStats(&m)
 	return MemReport{HeapAlloc: m.HeapAlloc, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys,
 		Goroutines: runtime.NumGoroutine(), Clients: b.Server.Clients.Len()}
+}
+
+// Claims returns the latencies of the fleet's replay claims since the
+// last call (zero outside fleet mode).
+func (b *Broker) Claims() stats.Latency {
+	if b.fleet == nil {
+		return stats.Latency{}
+	}
+	return b.fleet.claims.take()
 }
 
 // CacheStats returns the key service's cache counters (zero in allow mode).

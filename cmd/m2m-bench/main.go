@@ -35,6 +35,7 @@ Subcommands:
   run    drive N terminals against a broker: connect storm, then steady publish load
   suite  run allow-all / hook on bolt / hook on Vault / plaintext vs encrypted,
          interleaved and repeated, and write BENCHMARKS.md and a JSON result
+  nats   run a NATS cluster with JetStream for fleet-mode brokers (serve --nats-urls)
 
 Run 'm2m-bench <subcommand> --help' for its flags.
 `
@@ -60,6 +61,8 @@ func main() {
 		err = cmdRun(ctx, os.Args[2:])
 	case "suite":
 		err = cmdSuite(ctx, os.Args[2:])
+	case "nats":
+		err = cmdNATS(ctx, os.Args[2:], os.Stdin, os.Stdout)
 	default:
 		fmt.Fprintf(os.Stderr, "m2m-bench: unknown subcommand %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
@@ -124,10 +127,16 @@ func addBrokerFlags(fs *flag.FlagSet, c *BrokerConfig) {
 	fs.BoolVar(&c.Prewarm, "prewarm", true, "look every terminal up before listening (warm cache)")
 	fs.IntVar(&c.WritesPending, "writes-pending", 256, "mochi Capabilities.MaximumClientWritesPending (mochi's default 8192 costs ~89 KiB per idle client)")
 	fs.IntVar(&c.NetBuf, "netbuf", 2048, "mochi ClientNetReadBufferSize and ClientNetWriteBufferSize")
+	fs.Func("nats-urls", "hook mode: fleet mode on these NATS servers (comma-separated; `m2m-bench nats`), password from $"+envNATSPassword, func(v string) error {
+		c.NATSURLs = strings.Split(v, ",")
+		return nil
+	})
+	fs.StringVar(&c.BrokerID, "broker-id", "bench-broker", "fleet mode: this broker's id in the fleet")
 }
 
 func finishBrokerFlags(c *BrokerConfig) error {
 	c.VaultToken = os.Getenv("VAULT_TOKEN")
+	c.NATSPassword = os.Getenv(envNATSPassword)
 	if c.Mode == "hook" && c.Store == "bolt" {
 		key, err := boltstore.LoadOrCreateMasterKey("", c.BoltPath+".key")
 		if err != nil {
@@ -152,7 +161,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"  cpu    CPU time (user + system) the broker process has used, the garbage collector's share\n"+
 		"         of it (the runtime's estimate), both in ns, and the number of GC cycles\n"+
 		"  profile-start FILE  start a CPU profile of the broker into FILE\n"+
-		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)")
+		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)\n"+
+		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -216,6 +226,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(b.CacheStats())
 			case "cpu":
 				enc.Encode(cpuReport())
+			case "claims":
+				enc.Encode(b.Claims())
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}

@@ -23,7 +23,10 @@ func renderMarkdown(r *SuiteResult) string {
 			rs = append(rs, fmt.Sprintf("%.3f", x))
 		}
 		met := "yes"
-		if !q.Met {
+		switch {
+		case strings.HasPrefix(q.Target, "("): // no target
+			met = ""
+		case !q.Met:
 			met = "**no**"
 		}
 		w("| %s | **%.3f** | %s | %s | %s |\n", q.Name, q.Value, strings.Join(rs, ", "), q.Target, met)
@@ -53,6 +56,19 @@ func renderMarkdown(r *SuiteResult) string {
 		w("| %s | %.0f | %.2f / %.2f / %.2f | %.0f (%.0f), %.0f | %.3f | %s | %.1f KiB | %.1f KiB | %d |\n",
 			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.BrokerCPU, m.BrokerGC, m.ClientCPU, m.RTTP50, pub,
 			m.HeapPerConn/1024, m.StackPerConn/1024, m.Failed)
+	}
+	fleetTable := false
+	for _, m := range r.Summaries {
+		if m.NATSCPU > 0 {
+			if !fleetTable {
+				w("\nFleet mode (replay claims timed in the broker, around the hook's `ReplayGuard.Claim`; the NATS cluster's CPU is\n")
+				w("its process's, 3 nodes, during the storm):\n\n")
+				w("| scenario | claim p50 / p99 ms, sequential CONNECTs | claim p50 / p99 ms, in the storm | broker CPU / connect µs | NATS cluster CPU / connect µs |\n")
+				w("|---|---|---|---|---|\n")
+				fleetTable = true
+			}
+			w("| %s | %.2f / %.2f | %.2f / %.2f | %.0f | %.0f |\n", m.Scenario, m.ClaimSeqP50, m.ClaimSeqP99, m.ClaimStormP50, m.ClaimStormP99, m.BrokerCPU, m.NATSCPU)
+		}
 	}
 	w("\nScenarios:\n\n")
 	for _, sc := range s.Scenarios {

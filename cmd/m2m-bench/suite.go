@@ -36,6 +36,7 @@ type Scenario struct {
 	Store      string `json:"-"`
 	Kind       string `json:"-"`
 	SessionKey bool   `json:"-"`
+	Fleet      bool   `json:"-"` // fleet mode, on the suite's NATS cluster (`m2m-bench nats`)
 }
 
 // The scenarios of BENCHMARKS.md. Each broker runs in a child process of its own
@@ -48,6 +49,8 @@ var allScenarios = []Scenario{
 	{Name: "bolt", Broker: "mochi + m2mguard hook, embedded store; reference client, session key, sealed data", Mode: "hook", Store: "bolt", Kind: "terminal", SessionKey: true},
 	{Name: "vault", Broker: "mochi + m2mguard hook, Vault (warm cache); reference client, session key, sealed data", Mode: "hook", Store: "vault", Kind: "terminal", SessionKey: true},
 	{Name: "bolt-plain", Broker: "mochi + m2mguard hook, embedded store; reference client, no session key, plaintext data", Mode: "hook", Store: "bolt", Kind: "terminal"},
+	{Name: "vault-m2m1-fleet", Broker: "vault-m2m1 in fleet mode: replay claims, throttle, session directory and change book on a 3-node NATS JetStream cluster (another process); bare paho clients with an M2M1 login asking for a session key", Mode: "hook", Store: "vault", Kind: "m2m1", SessionKey: true, Fleet: true},
+	{Name: "vault-fleet", Broker: "vault in fleet mode (as vault-m2m1-fleet); reference client, session key, sealed data", Mode: "hook", Store: "vault", Kind: "terminal", SessionKey: true, Fleet: true},
 }
 
 // RoundResult is one scenario's run in one round.
@@ -65,6 +68,12 @@ type RoundResult struct {
 	BrokerCPUPerConn float64 `json:"broker_cpu_us_per_conn"`
 	BrokerGCPerConn  float64 `json:"broker_gc_us_per_conn"` // the garbage collector's share of it
 	StormGCs         uint32  `json:"storm_gc_cycles"`       // GC cycles the broker ran during the storm
+	// Fleet mode: the replay claims of the sequential CONNECTs and of
+	// the storm, and the CPU time of the NATS cluster (3 nodes, one
+	// process) during the storm, per connected client, in microseconds.
+	ClaimsSequential *stats.Latency `json:"claims_sequential,omitempty"`
+	ClaimsStorm      *stats.Latency `json:"claims_storm,omitempty"`
+	NATSCPUPerConn   float64        `json:"nats_cpu_us_per_conn,omitempty"`
 }
 
 // Summary is a scenario's medians over the rounds.
@@ -85,6 +94,13 @@ type Summary struct {
 	BrokerGC     float64 `json:"broker_gc_us_per_conn"`  // the garbage collector's share of BrokerCPU
 	ClientCPU    float64 `json:"client_cpu_us_per_conn"` // the load generator, during the storm
 	Failed       int     `json:"connect_failures"`       // over all rounds
+	// Fleet mode: medians of the claim latencies (ms) and of the NATS
+	// cluster's CPU per connect (µs).
+	ClaimSeqP50   float64 `json:"claim_sequential_p50_ms,omitempty"`
+	ClaimSeqP99   float64 `json:"claim_sequential_p99_ms,omitempty"`
+	ClaimStormP50 float64 `json:"claim_storm_p50_ms,omitempty"`
+	ClaimStormP99 float64 `json:"claim_storm_p99_ms,omitempty"`
+	NATSCPU       float64 `json:"nats_cpu_us_per_conn,omitempty"`
 }
 
 // Ratio is a target of BENCHMARKS.md: the median over the rounds of the ratio
@@ -181,6 +197,8 @@ func cmdSuite(ctx context.Context, args []string) error {
 		"  bolt-m2m1, vault-m2m1  the hook, driven by the baseline's bare paho client with an M2M1 login\n"+
 		"              and session key: the broker's cost without the reference client's own\n"+
 		"  bolt-m2m1-nokey  the same without a session key: the login alone\n"+
+		"  vault-m2m1-fleet, vault-fleet  vault-m2m1 and vault in fleet mode, on a 3-node NATS cluster in a\n"+
+		"              process of its own (m2m-bench nats): claim latency, the cluster's CPU per connect\n"+
 		"Each broker runs in a child process (m2m-bench serve) with the same GOGC/GOMEMLIMIT and mochi\n"+
 		"options; this process drives the clients. Each storm also records the CPU time the broker and\n"+
 		"this process used (the broker's capacity: connects per second of its CPU). Then it measures the\n"+
@@ -198,7 +216,7 @@ func cmdSuite(ctx context.Context, args []string) error {
 	fs.IntVar(&s.NetBuf, "netbuf", 2048, "mochi client read and write buffer sizes, every broker")
 	fs.StringVar(&s.GOGC, "gogc", "100", "GOGC of every broker process and of this one")
 	fs.StringVar(&s.GOMEMLIMIT, "gomemlimit", "off", "GOMEMLIMIT of every broker process and of this one")
-	only := fs.String("scenarios", "allow,bolt-m2m1,bolt-m2m1-nokey,vault-m2m1,bolt,vault,bolt-plain", "scenarios to run (comma-separated)")
+	only := fs.String("scenarios", "allow,bolt-m2m1,bolt-m2m1-nokey,vault-m2m1,bolt,vault,bolt-plain,vault-m2m1-fleet,vault-fleet", "scenarios to run (comma-separated)")
 	fs.StringVar(&s.ProfileDir, "profile-dir", "", "write a CPU profile of each broker during each storm here (<scenario>-r<round>.pprof)")
 	mdPath := fs.String("md", "BENCHMARKS.md", "Markdown report to write (empty: none)")
 	jsonPath := fs.String("json", "", "JSON result file (empty: stdout)")
@@ -320,12 +338,26 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 		}
 	}
 
+	var nats *natsChild
+	for _, sc := range s.Scenarios {
+		if sc.Fleet && nats == nil {
+			pw := make([]byte, 18)
+			rand.Read(pw)
+			env = append(env, envNATSPassword+"="+base64.RawURLEncoding.EncodeToString(pw))
+			logf("starting a 3-node NATS cluster for the fleet scenarios")
+			if nats, err = startNATS(ctx, env); err != nil {
+				return err
+			}
+			defer nats.stop()
+		}
+	}
+
 	for r := range s.Rounds {
 		n := len(s.Scenarios)
 		for k := range n {
 			sc := s.Scenarios[(k+r)%n] // rotate the order from round to round
 			logf("round %d/%d: %s", r+1, s.Rounds, sc.Name)
-			rr, err := runScenario(ctx, sc, r+1, s, dur, terms, env, boltPath, vaultAddr, appPassword)
+			rr, err := runScenario(ctx, sc, r+1, s, dur, terms, env, boltPath, vaultAddr, appPassword, nats)
 			if err != nil {
 				return fmt.Errorf("round %d %s: %w", r+1, sc.Name, err)
 			}
@@ -410,7 +442,7 @@ type child struct {
 	addr  string
 }
 
-func startChild(ctx context.Context, sc Scenario, s SuiteSettings, env []string, boltPath, vaultAddr string) (*child, error) {
+func startChild(ctx context.Context, sc Scenario, round int, s SuiteSettings, env []string, boltPath, vaultAddr string, nats *natsChild) (*child, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -419,6 +451,11 @@ func startChild(ctx context.Context, sc Scenario, s SuiteSettings, env []string,
 		"--cache-ttl", "1h", "--prewarm", "--writes-pending", fmt.Sprint(s.WritesPending), "--netbuf", fmt.Sprint(s.NetBuf)}
 	if sc.Store == "" {
 		args[4] = "bolt"
+	}
+	if sc.Fleet {
+		// A broker id per round: the directory forgets the last round's
+		// broker only after its heartbeats lapse.
+		args = append(args, "--nats-urls", strings.Join(nats.urls, ","), "--broker-id", fmt.Sprintf("bench-%s-r%d", sc.Name, round))
 	}
 	cmd := exec.CommandContext(ctx, exe, args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -488,8 +525,8 @@ func (c *child) stop() error {
 	}
 }
 
-func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, dur time.Duration, terms []*Terminal, env []string, boltPath, vaultAddr, appPassword string) (*RoundResult, error) {
-	c, err := startChild(ctx, sc, s, env, boltPath, vaultAddr)
+func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, dur time.Duration, terms []*Terminal, env []string, boltPath, vaultAddr, appPassword string, nats *natsChild) (*RoundResult, error) {
+	c, err := startChild(ctx, sc, round, s, env, boltPath, vaultAddr, nats)
 	if err != nil {
 		return nil, err
 	}
@@ -499,7 +536,8 @@ func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, d
 		return nil, err
 	}
 	var askErr error
-	var cpu0, cpu1 CPUReport
+	var cpu0, cpu1, natsCPU0, natsCPU1 CPUReport
+	var claimsSeq, claimsStorm stats.Latency
 	cfg := LoadConfig{Addr: c.addr, Kind: sc.Kind, SessionKey: sc.SessionKey, Terminals: terms, N: s.N,
 		Concurrency: s.Concurrency, RTTSamples: s.RTTSamples, Publishers: s.Publishers, Duration: dur,
 		QoS: byte(s.QoS), PayloadSize: s.Payload, Progress: os.Stderr,
@@ -508,10 +546,16 @@ func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, d
 				askErr = c.do("profile-start " + filepath.Join(s.ProfileDir, fmt.Sprintf("%s-r%d.pprof", sc.Name, round)))
 			}
 			askErr = errors.Join(askErr, c.ask("cpu", &cpu0))
+			if sc.Fleet {
+				askErr = errors.Join(askErr, c.ask("claims", &claimsSeq), nats.ask("cpu", &natsCPU0))
+			}
 		},
 		AfterConnect: func() {
 			// CPU first: "mem" runs two full GCs.
 			askErr = errors.Join(askErr, c.ask("cpu", &cpu1))
+			if sc.Fleet {
+				askErr = errors.Join(askErr, nats.ask("cpu", &natsCPU1), c.ask("claims", &claimsStorm))
+			}
 			if s.ProfileDir != "" {
 				askErr = errors.Join(askErr, c.do("profile-stop"))
 			}
@@ -539,6 +583,12 @@ func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, d
 		rr.BrokerCPUPerConn = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e3 / float64(n)
 		rr.BrokerGCPerConn = float64(cpu1.GCNs-cpu0.GCNs) / 1e3 / float64(n)
 		rr.StormGCs = cpu1.NumGC - cpu0.NumGC
+		if sc.Fleet {
+			rr.ClaimsSequential, rr.ClaimsStorm = &claimsSeq, &claimsStorm
+			rr.NATSCPUPerConn = float64(natsCPU1.CPUNs-natsCPU0.CPUNs) / 1e3 / float64(n)
+			logf("%s: claims sequential p50 %.2f ms p99 %.2f ms (%d); in the storm p50 %.2f ms p99 %.2f ms (%d); NATS cluster CPU per connect %.0f µs",
+				sc.Name, claimsSeq.P50, claimsSeq.P99, claimsSeq.N, claimsStorm.P50, claimsStorm.P99, claimsStorm.N, rr.NATSCPUPerConn)
+		}
 	}
 	logf("%s: heap %.0f B/conn, stacks %.0f B/conn (%d clients on the broker); storm CPU per connect: broker %.0f µs (GC %.0f µs, %d cycles), clients %.0f µs",
 		sc.Name, rr.HeapPerCon, rr.StackPerCn, rr.MemLoaded.Clients, rr.BrokerCPUPerConn, rr.BrokerGCPerConn, rr.StormGCs, rr.Load.Connect.ClientCPUPerConn)
@@ -549,6 +599,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 	var out []Summary
 	for _, sc := range scs {
 		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, bgc, ccpu []float64
+		var cs50, cs99, cm50, cm99, ncpu []float64
 		sm := Summary{Scenario: sc.Name}
 		for _, r := range rounds {
 			if r.Scenario != sc.Name {
@@ -562,6 +613,11 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 			bcpu, ccpu = append(bcpu, r.BrokerCPUPerConn), append(ccpu, l.Connect.ClientCPUPerConn)
 			bgc = append(bgc, r.BrokerGCPerConn)
 			sm.Failed += l.Connect.Failed
+			if r.ClaimsStorm != nil {
+				cs50, cs99 = append(cs50, r.ClaimsSequential.P50), append(cs99, r.ClaimsSequential.P99)
+				cm50, cm99 = append(cm50, r.ClaimsStorm.P50), append(cm99, r.ClaimsStorm.P99)
+				ncpu = append(ncpu, r.NATSCPUPerConn)
+			}
 			if l.Publish != nil {
 				mps, e50 = append(mps, l.Publish.PerSec), append(e50, l.Publish.EndToEnd.P50)
 				e95, e99 = append(e95, l.Publish.EndToEnd.P95), append(e99, l.Publish.EndToEnd.P99)
@@ -571,6 +627,11 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = stats.Median(rtt), stats.Median(mps), stats.Median(e50), stats.Median(e95), stats.Median(e99)
 		sm.HeapPerConn, sm.StackPerConn = stats.Median(heap), stats.Median(stack)
 		sm.BrokerCPU, sm.BrokerGC, sm.ClientCPU = stats.Median(bcpu), stats.Median(bgc), stats.Median(ccpu)
+		if len(ncpu) > 0 {
+			sm.ClaimSeqP50, sm.ClaimSeqP99 = stats.Median(cs50), stats.Median(cs99)
+			sm.ClaimStormP50, sm.ClaimStormP99 = stats.Median(cm50), stats.Median(cm99)
+			sm.NATSCPU = stats.Median(ncpu)
+		}
 		out = append(out, sm)
 	}
 	return out
@@ -618,6 +679,9 @@ func ratios(rounds []RoundResult, n int) []Ratio {
 		{"publish throughput end to end, encrypted / plaintext (same hook broker)", "bolt", "bolt-plain", msgs, ">= 0.8", 0.8, 0},
 		{"heap per connected terminal, hook on bolt / allow-all", "bolt", "allow", heap, "<= 1.2", 0, 1.2},
 		{"heap per connected terminal, hook on Vault / allow-all", "vault", "allow", heap, "<= 1.2", 0, 1.2},
+		{"fleet mode: connect rate, reference client (session key), Vault warm: fleet mode / single broker", "vault-fleet", "vault", connect, "(for information)", 0, 0},
+		{"fleet mode: connect rate, same bare paho client (M2M1 login + session key), Vault warm: fleet mode / single broker", "vault-m2m1-fleet", "vault-m2m1", connect, "(for information)", 0, 0},
+		{"fleet mode: broker capacity, same bare paho client (connects per broker CPU-second; the NATS cluster's CPU not counted): fleet mode / single broker", "vault-m2m1-fleet", "vault-m2m1", capacity, "(for information)", 0, 0},
 	}
 	var out []Ratio
 	for _, d := range defs {

@@ -664,24 +664,36 @@ func sessionCmd(o *options) *cobra.Command {
 	cmd := &cobra.Command{Use: "session", Short: "List connected clients, or disconnect one"}
 	list := &cobra.Command{
 		Use:   "list",
-		Short: "List the connected, authenticated clients (terminals and applications)",
+		Short: "List the connected, authenticated clients (terminals and applications; in fleet mode of every broker, with a BROKER column)",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
 				return err
 			}
-			ss, err := c.Sessions(cmd.Context())
+			out, err := c.SessionList(cmd.Context())
 			if err != nil {
 				return err
 			}
-			out := adminapi.SessionList{Sessions: ss}
 			w := cmd.OutOrStdout()
 			if o.output == "json" {
 				return printJSON(w, out)
 			}
+			for _, warning := range out.Warnings {
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning:", warning)
+			}
+			fleet := false // a fleet's list names the broker of each session
+			for _, s := range out.Sessions {
+				fleet = fleet || s.Broker != ""
+			}
 			tw := table(w)
+			if fleet {
+				fmt.Fprint(tw, "BROKER\t")
+			}
 			fmt.Fprintln(tw, "CLIENT ID\tKIND\tREMOTE\tMQTT\tSESSION KEY\tSID\tKEY EXPIRES\tUP SEQ\tDOWN SEQ")
 			for _, s := range out.Sessions {
+				if fleet {
+					fmt.Fprintf(tw, "%s\t", dash(s.Broker))
+				}
 				mqttv := "3.1.1"
 				if s.Protocol == 5 {
 					mqttv = "5"
