@@ -19,6 +19,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 const (
@@ -243,7 +244,7 @@ func TestSessionsAndApps(t *testing.T) {
 		}
 		return ss
 	}
-	if !waitFor(func() bool { return len(listed()) == 1 }) {
+	if !testwait.Until(10*time.Second, func() bool { return len(listed()) == 1 }) {
 		t.Fatalf("sessions: %+v", listed())
 	}
 	if s := listed()[0]; s.ClientID != "dash-a/b" || s.Kind != "application" || s.App != "dash" || s.Protocol != 4 {
@@ -252,7 +253,7 @@ func TestSessionsAndApps(t *testing.T) {
 	if err := c.Disconnect(ctx, "dash-a/b"); err != nil { // a "/" in a ClientID stays in its path segment
 		t.Fatal(err)
 	}
-	if !waitFor(func() bool { return len(listed()) == 0 && !mc.IsConnected() }) {
+	if !testwait.Until(10*time.Second, func() bool { return len(listed()) == 0 && !mc.IsConnected() }) {
 		t.Fatalf("still connected: %+v", listed())
 	}
 	// ClientIDs the server would clean out of a path reach the endpoint too.
@@ -383,17 +384,5 @@ func TestStandardLibraryOnly(t *testing.T) {
 	}
 	if deps := strings.Fields(string(out)); !slices.Equal(deps, []string{"github.com/m2mguard/m2mguard/adminapi"}) {
 		t.Fatalf("adminapi links %v, want the standard library only", deps)
-	}
-}
-
-// waitFor polls cond every 10 ms for up to 10 s.
-func waitFor(cond func() bool) bool {
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
 	}
 }

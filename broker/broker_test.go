@@ -22,6 +22,7 @@ import (
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -39,12 +40,29 @@ func testConfig(t *testing.T) *broker.Config {
 func start(t *testing.T, cfg *broker.Config) (*broker.Broker, *syncbuf.Buffer) {
 	t.Helper()
 	logs := &syncbuf.Buffer{}
-	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	b, err := broker.Start(t.Context(), cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
 	return b, logs
+}
+
+// addApp registers an application on b with the cheapest argon2id costs
+// (1 pass, 1 MiB) instead of the production ones (2 passes, 19 MiB): a
+// login is verified with the costs its stored hash names, and at the
+// production costs each one takes about half a second of CPU under the
+// race detector. The tests that use it are about listeners, routing and
+// reach, not the hash (hook.TestAppLoginFloodBounded is).
+func addApp(t *testing.T, b *broker.Broker, name string, password []byte) {
+	t.Helper()
+	svc, err := keysvc.New(keysvc.Options{Store: b.Service().Store(), AppHash: keysvc.AppHashParams{Time: 1, Memory: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.AddApp(t.Context(), keysvc.AddAppRequest{Name: name, Password: password}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // login opens a raw MQTT 3.1.1 connection as terminal tm and returns it
@@ -85,6 +103,7 @@ func login(t testing.TB, addr string, tm *keysvc.Terminal) net.Conn {
 }
 
 func TestStartFirstRunCreatesDataDir(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	b, logs := start(t, cfg)
 
@@ -112,7 +131,7 @@ func TestStartFirstRunCreatesDataDir(t *testing.T) {
 	}
 
 	// A terminal registered in the service logs in over the TCP listener.
-	tm, err := b.Service().Register(context.Background(), keysvc.RegisterRequest{SN: "A1", IMEI: "354494040518570", IMSI: "460020084678120"})
+	tm, err := b.Service().Register(t.Context(), keysvc.RegisterRequest{SN: "A1", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +147,7 @@ func TestStartFirstRunCreatesDataDir(t *testing.T) {
 	// Second run: same key, same token, the terminal is still there.
 	cfg2 := *cfg
 	b2, _ := start(t, &cfg2)
-	if _, err := b2.Service().Get(context.Background(), "A1"); err != nil {
+	if _, err := b2.Service().Get(t.Context(), "A1"); err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
 	tok2, _ := os.ReadFile(filepath.Join(cfg.DataDir, "admin.token"))
@@ -138,6 +157,7 @@ func TestStartFirstRunCreatesDataDir(t *testing.T) {
 }
 
 func TestStartErrorsNameTheKey(t *testing.T) {
+	t.Parallel()
 	taken, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -157,7 +177,7 @@ func TestStartErrorsNameTheKey(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig(t)
 			tc.tune(cfg)
-			_, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			_, err := broker.Start(t.Context(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 			ce, ok := err.(*broker.ConfigError)
 			if !ok || ce.Key != tc.key {
 				t.Fatalf("err = %v, want a ConfigError on %s", err, tc.key)
@@ -167,18 +187,20 @@ func TestStartErrorsNameTheKey(t *testing.T) {
 }
 
 func TestRunStopsOnCancel(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	logs := &syncbuf.Buffer{}
 	go func() { done <- broker.Run(ctx, cfg, slog.New(slog.NewTextHandler(logs, nil))) }()
-	for !strings.Contains(logs.String(), "broker started") {
+	testwait.For(t, 10*time.Second, "the broker started", func() bool {
 		select {
 		case err := <-done:
-			t.Fatalf("Run: %v", err)
-		case <-time.After(10 * time.Millisecond):
+			t.Fatalf("Run returned before it was cancelled: %v", err)
+		default:
 		}
-	}
+		return strings.Contains(logs.String(), "broker started")
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("Run: %v", err)
@@ -239,7 +261,7 @@ func measureIdle(t *testing.T, n, read, write, writesQueue int) float64 {
 	// Every connection comes from 127.0.0.1: the per-address guard would
 	// close those past its limit.
 	cfg.MQTT.MaxConnsPerAddr = max(cfg.MQTT.MaxConnsPerAddr, n+1)
-	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	b, err := broker.Start(t.Context(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,12 +271,12 @@ func measureIdle(t *testing.T, n, read, write, writesQueue int) float64 {
 	for i := range n {
 		fmt.Fprintf(&csv, "M%d,35449404%07d,46002%07d,,hs256\n", i, i, i)
 	}
-	if _, err := b.Service().Import(context.Background(), strings.NewReader(csv.String()), keysvc.ImportOptions{}); err != nil {
+	if _, err := b.Service().Import(t.Context(), strings.NewReader(csv.String()), keysvc.ImportOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	terms := make([]*keysvc.Terminal, n)
 	for i := range n {
-		if terms[i], err = b.Service().Get(context.Background(), fmt.Sprintf("M%d", i)); err != nil {
+		if terms[i], err = b.Service().Get(t.Context(), fmt.Sprintf("M%d", i)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -312,6 +334,7 @@ func TestSessionExpiryReachesMochi(t *testing.T) {
 // from that address is refused as throttled (MQTT 5: 0x8A) before any
 // verification; the in-flight gauge is served.
 func TestAppBudgetsReachTheHook(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	cfg.Auth.AppFailuresPerAddr = 1
 	cfg.Auth.AppFailureRefill = time.Hour

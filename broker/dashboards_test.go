@@ -3,7 +3,6 @@ package broker_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/json"
@@ -25,6 +24,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms/smstest"
@@ -63,6 +63,7 @@ var promDuration = regexp.MustCompile(`^([0-9]+(ms|s|m|h|d|w|y))+$`)
 // `promtool test rules`. Without promtool the promtool parts skip, except
 // under CI=true (.ci/run installs it: Debian package prometheus).
 func TestAlertRules(t *testing.T) {
+	t.Parallel()
 	data, err := os.ReadFile(alertsFile)
 	if err != nil {
 		t.Fatal(err)
@@ -123,6 +124,7 @@ func TestAlertRules(t *testing.T) {
 // metrics token and requires every metric name that alerts.yml and the
 // Grafana dashboard use to be there.
 func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
@@ -140,7 +142,7 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 		t.Fatalf("the broker did not log in with the unwrapped secret_id:\n%s", logs)
 	}
 
-	ctx := context.Background()
+	ctx := t.Context()
 	tm, err := b.Service().Register(ctx, keysvc.RegisterRequest{SN: "DASH1", IMEI: "354494040518570", IMSI: "460020084678120", MSISDN: "+8613800000001"})
 	if err != nil {
 		t.Fatal(err)
@@ -173,6 +175,11 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The bad envelope is counted once the broker has read it: wait for
+	// that, not for the steps above to have taken long enough.
+	testwait.For(t, 10*time.Second, "m2mguard_envelope_failures_total exported", func() bool {
+		return scrapeNames(t, b, cfg)["m2mguard_envelope_failures_total"]
+	})
 	scraped := scrapeNames(t, b, cfg)
 	used := usedMetricNames(t)
 	var missing []string
@@ -277,8 +284,7 @@ func scrapeNames(t *testing.T, b *broker.Broker, cfg *broker.Config) map[string]
 		t.Fatal(err)
 	}
 	var names map[string]bool
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testwait.Until(10*time.Second, func() bool {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+b.Addr("admin")+"/metrics", nil)
 		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
 		resp, err := http.DefaultClient.Do(req)
@@ -301,11 +307,9 @@ func scrapeNames(t *testing.T, b *broker.Broker, cfg *broker.Config) map[string]
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("/metrics with the metrics token: HTTP %d", resp.StatusCode)
 		}
-		if names["m2mguard_envelope_failures_total"] || time.Now().After(deadline) {
-			return names
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return names["m2mguard_envelope_failures_total"]
+	})
+	return names
 }
 
 // metricName matches the metric names the files may use: ours, the Go and

@@ -3,7 +3,6 @@ package broker_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -28,18 +27,9 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
-
-// checkFor polls cond until it is true or fails t after timeout.
-func checkFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %s", timeout, what)
-		}
-	}
-}
 
 // isTimeout reports whether err is a read deadline passing (gorilla turns
 // it into an error of its own that only says Timeout()).
@@ -246,7 +236,9 @@ func appConnect(t *testing.T, s io.ReadWriter, clientID, app string, password []
 // per-address limit as the TCP listener's, and every one of them must send
 // its CONNECT in time.
 func TestWebSocketListenerGuarded(t *testing.T) {
+	t.Parallel()
 	t.Run("limits shared across listeners", func(t *testing.T) {
+		t.Parallel()
 		const limit = 8
 		cfg := testConfig(t)
 		cfg.MQTT.WS = "127.0.0.1:0"
@@ -278,7 +270,7 @@ func TestWebSocketListenerGuarded(t *testing.T) {
 		if _, err := c.Read(make([]byte, 1)); isTimeout(err) {
 			t.Fatal("a TCP connection beyond the per-address limit, counted over all listeners, was kept")
 		}
-		checkFor(t, 10*time.Second, "m2mguard_connections_refused_total{limit=per-addr} 5 and m2mguard_connections_open 8", func() bool {
+		testwait.For(t, 10*time.Second, "m2mguard_connections_refused_total{limit=per-addr} 5 and m2mguard_connections_open 8", func() bool {
 			return metricValue(t, b, "m2mguard_connections_refused_total", "per-addr") == 5 && metricValue(t, b, "m2mguard_connections_open", "") == limit
 		})
 	})
@@ -286,6 +278,7 @@ func TestWebSocketListenerGuarded(t *testing.T) {
 	certFile, keyFile, pool := tlsFiles(t)
 	for _, tr := range []transport{{id: "ws"}, {id: "wss", pool: pool}} {
 		t.Run("connect deadline "+tr.id, func(t *testing.T) {
+			t.Parallel()
 			cfg := testConfig(t)
 			cfg.MQTT.WS = "127.0.0.1:0"
 			if tr.id == "wss" {
@@ -294,9 +287,7 @@ func TestWebSocketListenerGuarded(t *testing.T) {
 			cfg.MQTT.ConnectTimeout = 300 * time.Millisecond
 			b, _ := start(t, cfg)
 			pw := []byte("watch-password-0123")
-			if _, err := b.Service().AddApp(context.Background(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-				t.Fatal(err)
-			}
+			addApp(t, b, "watch", pw)
 			// One client logs in over the WebSocket in time; three only
 			// open the WebSocket.
 			loggedIn, err := tr.dial(b)
@@ -381,9 +372,11 @@ func TestWebSocketListenerMeasure(t *testing.T) {
 // M2MGUARD_MEASURE=1 runs it with the default write timeout (10 s) instead
 // of 300 ms.
 func TestNonReadingSubscriberDropped(t *testing.T) {
+	t.Parallel()
 	certFile, keyFile, pool := tlsFiles(t)
 	for _, tr := range []transport{{id: "tcp"}, {id: "tls", pool: pool}, {id: "ws"}, {id: "wss", pool: pool}} {
 		t.Run(tr.id, func(t *testing.T) {
+			t.Parallel()
 			cfg := testConfig(t)
 			cfg.MQTT.WS = "127.0.0.1:0"
 			if tr.pool != nil { // tls, and the WebSocket listener as wss
@@ -393,12 +386,10 @@ func TestNonReadingSubscriberDropped(t *testing.T) {
 				cfg.MQTT.WriteTimeout = 300 * time.Millisecond
 			}
 			b, _ := start(t, cfg)
-			ctx := context.Background()
+			ctx := t.Context()
 			pw := []byte("dash-password-0123")
 			for _, name := range []string{"dash", "watch"} {
-				if _, err := b.Service().AddApp(ctx, keysvc.AddAppRequest{Name: name, Password: pw}); err != nil {
-					t.Fatal(err)
-				}
+				addApp(t, b, name, pw)
 			}
 			tm, err := b.Service().Register(ctx, keysvc.RegisterRequest{SN: "A1", IMEI: "354494040518570", IMSI: "460020084678120"})
 			if err != nil {
@@ -490,6 +481,7 @@ func TestNonReadingSubscriberDropped(t *testing.T) {
 // needs the metrics token (generated 0600 in the data directory) or the
 // admin token; /healthz stays open and says nothing internal.
 func TestMetricsNeedToken(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	b, logs := start(t, cfg)
 	// A refused login, so that m2mguard_logins_total has a reason label.

@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -16,7 +15,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
-	"github.com/m2mguard/m2mguard/keysvc"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 const shippedHAProxyCfg = "../deploy/haproxy/haproxy.cfg"
@@ -57,6 +56,7 @@ func shippedHAProxy(t *testing.T) string {
 // path and the brokers' host names replaced by loopback addresses (so
 // that the check resolves no name).
 func TestHAProxyConfigValid(t *testing.T) {
+	t.Parallel()
 	pem, _ := haproxyPEM(t)
 	cfg := haproxytest.Derive(t, shippedHAProxy(t),
 		"/etc/haproxy/certs/mqtt.pem", pem,
@@ -102,8 +102,8 @@ func freePort(t *testing.T) string {
 //   - HAProxy's health checks (LOCAL) are accepted, and a PROXY header
 //     sent to a broker directly from an untrusted address is refused.
 func TestHAProxyFleet(t *testing.T) {
+	t.Parallel()
 	haproxytest.Binary(t) // skip early, before starting brokers, if there is none
-	ctx := context.Background()
 	pw := []byte("fleet-password-0123")
 	brokers := make([]*broker.Broker, 3)
 	for i := range brokers {
@@ -113,9 +113,7 @@ func TestHAProxyFleet(t *testing.T) {
 		cfg.Auth.AppFailureRefill = time.Hour
 		cfg.Auth.AppRatePerAddr = 1000 // the test logs in often from two addresses
 		b, _ := start(t, cfg)
-		if _, err := b.Service().AddApp(ctx, keysvc.AddAppRequest{Name: "fleet", Password: pw}); err != nil {
-			t.Fatal(err)
-		}
+		addApp(t, b, "fleet", pw)
 		brokers[i] = b
 	}
 	pem, tlsConf := haproxyPEM(t)
@@ -139,7 +137,7 @@ func TestHAProxyFleet(t *testing.T) {
 		"maxconn 100000", "maxconn 1000", // HAProxy raises the FD limit to fit maxconn; a test machine's is lower
 	)
 	hp := haproxytest.Start(t, cfg)
-	checkFor(t, 15*time.Second, "HAProxy listening", func() bool {
+	testwait.For(t, 15*time.Second, "HAProxy listening", func() bool {
 		c, err := net.Dial("tcp", mqttAddr)
 		if err == nil {
 			c.Close()
@@ -193,7 +191,7 @@ func TestHAProxyFleet(t *testing.T) {
 				}
 				landed[id][i], used[i] = true, true
 				c.Close()
-				checkFor(t, 10*time.Second, id+"'s session ended", func() bool { j, _ := session(id); return j < 0 })
+				testwait.For(t, 10*time.Second, id+"'s session ended", func() bool { j, _ := session(id); return j < 0 })
 			}
 		}
 		for id, on := range landed {
@@ -240,13 +238,13 @@ func TestHAProxyFleet(t *testing.T) {
 				t.Fatalf("%s: session on broker %d from %q, want 127.0.0.4", url, i, remote)
 			}
 			c.Close()
-			checkFor(t, 10*time.Second, "the WebSocket session ended", func() bool { j, _ := session("fleet-ws"); return j < 0 })
+			testwait.For(t, 10*time.Second, "the WebSocket session ended", func() bool { j, _ := session("fleet-ws"); return j < 0 })
 		}
 	})
 
 	t.Run("health checks accepted, untrusted header refused", func(t *testing.T) {
 		for i, b := range brokers {
-			checkFor(t, 15*time.Second, fmt.Sprintf("broker %d: HAProxy's health checks", i+1), func() bool {
+			testwait.For(t, 15*time.Second, fmt.Sprintf("broker %d: HAProxy's health checks", i+1), func() bool {
 				return metricValue(t, b, "m2mguard_proxy_local_connections_total", "") >= 3
 			})
 			if n := metricValue(t, b, "m2mguard_proxy_headers_refused_total", "invalid"); n != 0 {
@@ -261,7 +259,7 @@ func TestHAProxyFleet(t *testing.T) {
 		if !refusedAtOnce(c) {
 			t.Fatal("a broker answered a PROXY header sent directly from an untrusted address")
 		}
-		checkFor(t, 10*time.Second, "the refusal counted", func() bool {
+		testwait.For(t, 10*time.Second, "the refusal counted", func() bool {
 			return metricValue(t, b, "m2mguard_proxy_headers_refused_total", "untrusted") == 1
 		})
 	})

@@ -2,7 +2,6 @@ package broker_test
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -23,9 +23,10 @@ import (
 // CONNECT nor a clean shutdown with clients connected logs a WARN. (Live
 // broker, raw MQTT connections.)
 func TestRefusedLoginAndShutdownLogNoWarnNoise(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	b, logs := start(t, cfg)
-	ctx := context.Background()
+	ctx := t.Context()
 	var terms []*keysvc.Terminal
 	for _, sn := range []string{"LOG1", "LOG2", "LOG3"} {
 		tm, err := b.Service().Register(ctx, keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"})
@@ -65,7 +66,7 @@ func TestRefusedLoginAndShutdownLogNoWarnNoise(t *testing.T) {
 	}
 	probe.Close()
 
-	checkFor(t, 10*time.Second, "mochi's report of both connections", func() bool {
+	testwait.For(t, 10*time.Second, "mochi's report of both connections", func() bool {
 		s := logs.String()
 		return strings.Contains(s, "bad username or password") && strings.Contains(s, "read connection: EOF")
 	})
@@ -105,6 +106,7 @@ func TestMochiLogKeepsRealWarnings(t *testing.T) {
 // info level ("mqtt listener" with its bound address); mochi's own
 // "attached listener" is a debug line.
 func TestListenersLoggedOnce(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	cfg.MQTT.WS = "127.0.0.1:0"
 	_, logs := start(t, cfg)

@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"context"
 	"errors"
 	"io"
 	"io/fs"
@@ -18,6 +17,7 @@ import (
 // another master key does not open it (a start-up error naming the key);
 // mqtt.persistence off creates no file.
 func TestSessionStoreKeyAndOff(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig(t)
 	b, _ := start(t, cfg)
 	b.Close()
@@ -27,7 +27,7 @@ func TestSessionStoreKeyAndOff(t *testing.T) {
 	other := filepath.Join(t.TempDir(), "other.key")
 	cfg.Store.Embedded.MasterKeyFile = other
 	cfg.Store.Embedded.File = filepath.Join(t.TempDir(), "m2mguard.db")
-	_, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	_, err := broker.Start(t.Context(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	var ce *broker.ConfigError
 	if !errors.As(err, &ce) || ce.Key != "mqtt.persistence_file" || !strings.Contains(err.Error(), other) {
 		t.Fatalf("start with another master key: %v, want an error on mqtt.persistence_file naming the key", err)

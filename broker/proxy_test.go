@@ -2,7 +2,6 @@ package broker_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -149,6 +149,7 @@ func refusedAtOnce(c net.Conn) bool {
 // from a trusted proxy starts with a PROXY v2 header and the broker keys
 // everything on the client address it names.
 func TestProxyProtocolClientAddress(t *testing.T) {
+	t.Parallel()
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	cfg.Auth.AppFailuresPerAddr = 1
 	cfg.Auth.AppFailureRefill = time.Hour
@@ -156,7 +157,7 @@ func TestProxyProtocolClientAddress(t *testing.T) {
 	addr := b.Addr("tcp")
 
 	t.Run("session list and log show the client", func(t *testing.T) {
-		tm, err := b.Service().Register(context.Background(), keysvc.RegisterRequest{SN: "PX1", IMEI: "354494040518570", IMSI: "460020084678120"})
+		tm, err := b.Service().Register(t.Context(), keysvc.RegisterRequest{SN: "PX1", IMEI: "354494040518570", IMSI: "460020084678120"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -164,7 +165,7 @@ func TestProxyProtocolClientAddress(t *testing.T) {
 		if code := connackCode(t, c); code != 0 {
 			t.Fatalf("login through the proxy: CONNACK code %d", code)
 		}
-		checkFor(t, 10*time.Second, "the session of PX1", func() bool { return len(b.Hook().Sessions()) == 1 })
+		testwait.For(t, 10*time.Second, "the session of PX1", func() bool { return len(b.Hook().Sessions()) == 1 })
 		if got := b.Hook().Sessions()[0].Remote; got != "127.0.0.2:40001" {
 			t.Fatalf("session list: remote %q, want the client's 127.0.0.2:40001", got)
 		}
@@ -193,6 +194,7 @@ func TestProxyProtocolClientAddress(t *testing.T) {
 // TestProxyProtocolPerAddrLimit: the per-address connection limit counts
 // the client address a trusted proxy names, not the proxy's.
 func TestProxyProtocolPerAddrLimit(t *testing.T) {
+	t.Parallel()
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	cfg.MQTT.MaxConnsPerAddr = 2
 	cfg.MQTT.ConnectTimeout = time.Minute // whatever closes below is a refusal
@@ -201,7 +203,7 @@ func TestProxyProtocolPerAddrLimit(t *testing.T) {
 	for i := range 2 {
 		dialFrom(t, "127.0.0.1", addr, proxyV2(t, fmt.Sprintf("127.0.0.2:%d", 43000+i), addr))
 	}
-	checkFor(t, 10*time.Second, "two connections of 127.0.0.2 open", func() bool {
+	testwait.For(t, 10*time.Second, "two connections of 127.0.0.2 open", func() bool {
 		return metricValue(t, b, "m2mguard_connections_open", "") == 2
 	})
 	if c := dialFrom(t, "127.0.0.1", addr, proxyV2(t, "127.0.0.2:43002", addr)); !refusedAtOnce(c) {
@@ -216,7 +218,7 @@ func TestProxyProtocolPerAddrLimit(t *testing.T) {
 			t.Fatalf("connection %d of 127.0.0.3 through the proxy was closed: %v", i+1, err)
 		}
 	}
-	checkFor(t, 10*time.Second, "one per-addr refusal", func() bool {
+	testwait.For(t, 10*time.Second, "one per-addr refusal", func() bool {
 		return metricValue(t, b, "m2mguard_connections_refused_total", "per-addr") == 1
 	})
 }
@@ -226,10 +228,11 @@ func TestProxyProtocolPerAddrLimit(t *testing.T) {
 // answer, counted, logged at debug); so is a connection from a trusted
 // proxy without one. A plain client from an untrusted address is served.
 func TestProxyProtocolUntrustedRefused(t *testing.T) {
+	t.Parallel()
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	b, logs := start(t, cfg)
 	addr := b.Addr("tcp")
-	tm, err := b.Service().Register(context.Background(), keysvc.RegisterRequest{SN: "PX2", IMEI: "354494040518570", IMSI: "460020084678120"})
+	tm, err := b.Service().Register(t.Context(), keysvc.RegisterRequest{SN: "PX2", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,7 +247,7 @@ func TestProxyProtocolUntrustedRefused(t *testing.T) {
 	if c := dialFrom(t, "127.0.0.1", addr, terminalConnect(t, tm)); !refusedAtOnce(c) {
 		t.Fatal("a connection from the trusted proxy without a PROXY header was answered")
 	}
-	checkFor(t, 10*time.Second, "the refusals counted", func() bool {
+	testwait.For(t, 10*time.Second, "the refusals counted", func() bool {
 		return metricValue(t, b, "m2mguard_proxy_headers_refused_total", "untrusted") == 2 &&
 			metricValue(t, b, "m2mguard_proxy_headers_refused_total", "invalid") == 1
 	})
@@ -264,7 +267,7 @@ func TestProxyProtocolUntrustedRefused(t *testing.T) {
 	if code := connackCode(t, c); code != 0 {
 		t.Fatalf("direct login from 127.0.0.2: CONNACK code %d", code)
 	}
-	checkFor(t, 10*time.Second, "the direct session", func() bool { return len(b.Hook().Sessions()) == 1 })
+	testwait.For(t, 10*time.Second, "the direct session", func() bool { return len(b.Hook().Sessions()) == 1 })
 	if got := b.Hook().Sessions()[0].Remote; !strings.HasPrefix(got, "127.0.0.2:") {
 		t.Fatalf("direct session: remote %q", got)
 	}
@@ -274,6 +277,7 @@ func TestProxyProtocolUntrustedRefused(t *testing.T) {
 // health check) is accepted as the proxy's own connection: no refusal, no
 // session, closed when the proxy closes it or at the CONNECT deadline.
 func TestProxyProtocolLocalCommand(t *testing.T) {
+	t.Parallel()
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	cfg.MQTT.ConnectTimeout = 300 * time.Millisecond
 	b, _ := start(t, cfg)
@@ -290,7 +294,7 @@ func TestProxyProtocolLocalCommand(t *testing.T) {
 	if !refusedAtOnce(idle) {
 		t.Fatal("an idle LOCAL connection outlived the CONNECT deadline")
 	}
-	checkFor(t, 10*time.Second, "every health-check connection closed", func() bool {
+	testwait.For(t, 10*time.Second, "every health-check connection closed", func() bool {
 		return metricValue(t, b, "m2mguard_connections_open", "") == 0
 	})
 	if n := metricValue(t, b, "m2mguard_proxy_headers_refused_total", "invalid"); n != 0 {
@@ -304,13 +308,12 @@ func TestProxyProtocolLocalCommand(t *testing.T) {
 // TestProxyProtocolWebSocket: the PROXY header precedes the HTTP upgrade
 // of a WebSocket connection; the session shows the client's address.
 func TestProxyProtocolWebSocket(t *testing.T) {
+	t.Parallel()
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	cfg.MQTT.WS = "127.0.0.1:0"
 	b, _ := start(t, cfg)
 	pw := []byte("watch-password-0123")
-	if _, err := b.Service().AddApp(context.Background(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-		t.Fatal(err)
-	}
+	addApp(t, b, "watch", pw)
 	ws := b.Addr("ws")
 	d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 10 * time.Second,
 		NetDial: func(network, a string) (net.Conn, error) {
@@ -358,14 +361,13 @@ func TestProxyProtocolTrustedConfig(t *testing.T) {
 // termination) puts the header before the TLS handshake; the broker's TLS
 // listener reads it first and the session shows the client's address.
 func TestProxyProtocolTLSPassthrough(t *testing.T) {
+	t.Parallel()
 	certFile, keyFile, pool := tlsFiles(t)
 	cfg := proxiedConfig(t, "127.0.0.1/32")
 	cfg.MQTT.TLS, cfg.MQTT.TLSCert, cfg.MQTT.TLSKey = "127.0.0.1:0", certFile, keyFile
 	b, _ := start(t, cfg)
 	pw := []byte("watch-password-0123")
-	if _, err := b.Service().AddApp(context.Background(), keysvc.AddAppRequest{Name: "watch", Password: pw}); err != nil {
-		t.Fatal(err)
-	}
+	addApp(t, b, "watch", pw)
 	raw := dialFrom(t, "127.0.0.1", b.Addr("tls"), proxyV2(t, "127.0.0.5:47000", b.Addr("tls")))
 	c := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
 	appConnect(t, c, "watch-1", "watch", pw, "m2m/+/up/#")

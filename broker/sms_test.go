@@ -1,13 +1,13 @@
 package broker_test
 
 import (
-	"context"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms"
 	"github.com/m2mguard/m2mguard/sms/smstest"
@@ -20,6 +20,7 @@ import (
 // one send and one retry, and no log line of the broker, at debug level,
 // carries the text of the SMS (the new passwords).
 func TestSMSChangeHonoursRetryAfter(t *testing.T) {
+	t.Parallel()
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -32,7 +33,7 @@ func TestSMSChangeHonoursRetryAfter(t *testing.T) {
 	cfg.SMS.Backoff, cfg.SMS.MaxBackoff = 10*time.Millisecond, 20*time.Millisecond
 	b, logs := start(t, cfg)
 
-	ctx := context.Background()
+	ctx := t.Context()
 	tm, err := b.Service().Register(ctx, keysvc.RegisterRequest{SN: "SMS1", IMEI: "354494040518570", IMSI: "460020084678120", MSISDN: "+8613800000009"})
 	if err != nil {
 		t.Fatal(err)
@@ -43,12 +44,10 @@ func TestSMSChangeHonoursRetryAfter(t *testing.T) {
 	c := login(t, b.Addr("tcp"), tm) // no bkd: the change goes by SMS
 	defer c.Close()
 
-	deadline := time.Now().Add(20 * time.Second)
-	for len(gw.Messages()) == 0 || seriesValue(t, b.Registry(), "m2mguard_sms_sends_total", sms.ResultSent) < 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("no SMS sent (%d attempts)", gw.Sends())
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !testwait.Until(20*time.Second, func() bool {
+		return len(gw.Messages()) > 0 && seriesValue(t, b.Registry(), "m2mguard_sms_sends_total", sms.ResultSent) >= 1
+	}) {
+		t.Fatalf("no SMS sent (%d attempts)", gw.Sends())
 	}
 	at, msgs := gw.Arrivals(), gw.Messages()
 	if len(at) != 2 || len(msgs) != 1 || msgs[0].To != "+8613800000009" {

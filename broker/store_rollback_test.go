@@ -2,7 +2,6 @@ package broker_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -94,7 +93,8 @@ func rawRecord(t *testing.T, path, sn string, v []byte) []byte {
 // error that says what happened and what to do, instead of letting the
 // terminal in with its leaked password.
 func TestEmbeddedStoreRollbackRefused(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	cfg := testConfig(t)
 	dbFile := filepath.Join(cfg.DataDir, "m2mguard.db")
 

@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -22,6 +21,7 @@ import (
 // in to a real Vault through its Kubernetes auth method, under the shipped
 // broker policy, and a terminal registered there logs in over MQTT.
 func TestBrokerKubernetesAuth(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "0d8c4b9e-1f2a-4e6b-8c3d-5a7b9c1d3e5f"}
 	tr := vaulttest.StartTokenReview(t)
@@ -54,7 +54,7 @@ func TestBrokerKubernetesAuth(t *testing.T) {
 	if tr.Reviews() == 0 {
 		t.Fatal("Vault never asked the TokenReview API")
 	}
-	tm, err := b.Service().Register(context.Background(), keysvc.RegisterRequest{SN: "KUBE1", IMEI: "354494040518570", IMSI: "460020084678120"})
+	tm, err := b.Service().Register(t.Context(), keysvc.RegisterRequest{SN: "KUBE1", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatalf("register on Vault: %v", err)
 	}
@@ -67,6 +67,7 @@ func TestBrokerKubernetesAuth(t *testing.T) {
 // start needs a fresh one, and if none of its starts used it, someone else
 // did.
 func TestBrokerWrappingTokenOnlyOnce(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	cfg := testConfig(t)
 	cfg.Store.Type = "vault"
@@ -82,7 +83,7 @@ func TestBrokerWrappingTokenOnlyOnce(t *testing.T) {
 	}
 
 	again := *cfg
-	_, err := broker.Start(context.Background(), &again, nil)
+	_, err := broker.Start(t.Context(), &again, nil)
 	if !errors.Is(err, vaultstore.ErrWrappingToken) || !errors.Is(err, keysvc.ErrForbidden) ||
 		!strings.Contains(err.Error(), "already unwrapped") || !strings.Contains(err.Error(), "fresh wrapping token into "+cfg.Store.Vault.AppRoleWrappingTokenFile) {
 		t.Fatalf("second start with the same wrapping token: got %v", err)

@@ -345,6 +345,7 @@ func (d *data) none(t *testing.T) {
 }
 
 type rig struct {
+	t     *testing.T
 	p     *platform
 	c     *Client
 	store CredentialStore
@@ -362,7 +363,7 @@ func newRig(t *testing.T, alg codec.Alg, rec *Record, mod func(*Config)) *rig {
 	if rec == nil {
 		rec = &Record{Current: testCreds()}
 	}
-	r := &rig{p: p, store: NewMemStore(rec), ev: newEvents(), data: newData(), clock: newClock(1764316800), rand: &nonces{}}
+	r := &rig{t: t, p: p, store: NewMemStore(rec), ev: newEvents(), data: newData(), clock: newClock(1764316800), rand: &nonces{}}
 	cfg := Config{
 		Brokers: []string{p.url()}, Identity: testID, Alg: alg, Store: r.store,
 		Now: r.clock.Now, Rand: r.rand, OnEvent: r.ev.on, OnData: r.data.on,
@@ -387,7 +388,7 @@ func newRig(t *testing.T, alg codec.Alg, rec *Record, mod func(*Config)) *rig {
 func (r *rig) connect() chan error {
 	ch := make(chan error, 1)
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(r.t.Context(), 20*time.Second)
 		defer cancel()
 		ch <- r.c.Connect(ctx)
 	}()

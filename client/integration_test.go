@@ -23,6 +23,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/boltstore"
 	"github.com/m2mguard/m2mguard/sms"
@@ -82,13 +83,10 @@ func (e *platformEnv) start() {
 		e.t.Fatal(err)
 	}
 	var ln net.Listener
-	for i := 0; i < 50; i++ { // the port may linger for a moment after a restart
-		if ln, err = net.Listen("tcp", e.addr); err == nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
+	if !testwait.Until(5*time.Second, func() bool { // the port may linger for a moment after a restart
+		ln, err = net.Listen("tcp", e.addr)
+		return err == nil
+	}) {
 		e.t.Fatal(err)
 	}
 	if err := srv.AddListener(listeners.NewNet("tcp", ln)); err != nil {
@@ -128,7 +126,7 @@ func (e *platformEnv) register(sn string, msisdn ...string) *keysvc.Terminal {
 	if len(msisdn) > 0 {
 		req.MSISDN = msisdn[0]
 	}
-	term, err := e.svc.Register(context.Background(), req)
+	term, err := e.svc.Register(e.t.Context(), req)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -205,7 +203,7 @@ func (e *platformEnv) newClient(term *keysvc.Terminal, rec *client.Record, sessi
 
 func connect(t *testing.T, c *client.Client) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
 	if err := c.Connect(ctx); err != nil {
 		t.Fatal(err)
@@ -237,12 +235,13 @@ func nextData(t *testing.T, ch chan string) string {
 // First login, session key, data both ways, a broker restart, and a
 // session ended by the platform at exp: each new login gets a new key.
 func TestHookLife(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, func(o *hook.Options) { o.SessionLifetime = time.Hour })
 	term := e.register("LIFE0001")
 	c, ev, data := e.newClient(term, nil, true)
 	connect(t, c)
 	k1 := ev.wait(t, client.EventSessionKey)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := c.Publish(ctx, "temp", []byte(`{"t":21.5}`), 1); err != nil {
 		t.Fatal(err)
 	}
@@ -276,6 +275,7 @@ func TestHookLife(t *testing.T) {
 }
 
 func TestHookSessionEnd(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, func(o *hook.Options) { o.SessionLifetime = 2 * time.Second })
 	term := e.register("EXP00001")
 	c, ev, _ := e.newClient(term, nil, true)
@@ -286,7 +286,7 @@ func TestHookSessionEnd(t *testing.T) {
 	if k1.SID == k2.SID {
 		t.Fatal("same key in the next session")
 	}
-	if err := c.Publish(context.Background(), "x", []byte("y"), 1); err != nil {
+	if err := c.Publish(t.Context(), "x", []byte("y"), 1); err != nil {
 		t.Fatal(err)
 	}
 	if m := e.nextUp(t); m[1] != "y" {
@@ -295,12 +295,13 @@ func TestHookSessionEnd(t *testing.T) {
 }
 
 func TestHookRefused(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("REFU0001")
 	bad := credsOf(term.Creds)
 	bad.Up = []byte("WrongPassword123")
 	c, _, _ := e.newClient(term, &client.Record{Current: bad}, false)
-	err := c.Connect(context.Background())
+	err := c.Connect(t.Context())
 	var re *client.RefusedError
 	if !errors.Is(err, client.ErrRefused) || !errors.As(err, &re) || re.Code != 0x05 {
 		t.Fatalf("got %v", err)
@@ -311,9 +312,10 @@ func TestHookRefused(t *testing.T) {
 // holds the new values as pending; its next login with the new password
 // commits the change on the platform, and locally.
 func TestHookLostAckRecoveredByLogin(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("LOST0001")
-	ch, err := e.svc.StartChange(context.Background(), term.SN, keysvc.ChangeRequest{What: codec.WhatAll, Mode: codec.ModeCipher})
+	ch, err := e.svc.StartChange(t.Context(), term.SN, keysvc.ChangeRequest{What: codec.WhatAll, Mode: codec.ModeCipher})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,7 +328,7 @@ func TestHookLostAckRecoveredByLogin(t *testing.T) {
 		t.Fatalf("committed %s", got.RID)
 	}
 	ev.wait(t, client.EventSessionKey) // under the new bk
-	now, err := e.svc.Get(context.Background(), term.SN)
+	now, err := e.svc.Get(t.Context(), term.SN)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,6 +343,7 @@ func TestHookLostAckRecoveredByLogin(t *testing.T) {
 // New values the platform never had (the change was dropped): the login
 // with them is refused and the client falls back to the current ones.
 func TestHookFallback(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("FALL0001")
 	rec := &client.Record{Current: credsOf(term.Creds), Pending: &client.Pending{RID: 0x99, Mode: codec.ModeCipher,
@@ -367,7 +370,7 @@ func TestHookFallback(t *testing.T) {
 // current credentials and nothing pending.
 func (e *platformEnv) checkInSync(t *testing.T, c *client.Client, sn string) {
 	t.Helper()
-	pt, err := e.svc.Get(context.Background(), sn)
+	pt, err := e.svc.Get(t.Context(), sn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -385,12 +388,13 @@ func (e *platformEnv) checkInSync(t *testing.T, c *client.Client, sn string) {
 // platform closes, the terminal logs in with the new values and gets a
 // session key under the new basic key.
 func TestHookCipherChange(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("CIPH0001")
 	c, ev, data := e.newClient(term, nil, true)
 	connect(t, c)
 	k1 := ev.wait(t, client.EventSessionKey)
-	rid, err := c.RequestChange(context.Background(), codec.WhatAll, codec.ModeCipher)
+	rid, err := c.RequestChange(t.Context(), codec.WhatAll, codec.ModeCipher)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -412,6 +416,7 @@ func TestHookCipherChange(t *testing.T) {
 // A change by SMS through the test gateway: chg (sms), acc, the SMS from
 // the platform's number, ack, done, new login.
 func TestHookSMSChange(t *testing.T) {
+	t.Parallel()
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -425,7 +430,7 @@ func TestHookSMSChange(t *testing.T) {
 		cfg.PlatformNumber = gw.From()
 	})
 	connect(t, c)
-	rid, err := c.RequestChange(context.Background(), codec.WhatPwd, codec.ModeSMS)
+	rid, err := c.RequestChange(t.Context(), codec.WhatPwd, codec.ModeSMS)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,12 +447,13 @@ func TestHookSMSChange(t *testing.T) {
 // A platform-initiated change for an offline terminal goes out after its
 // next login.
 func TestHookPlatformInitiated(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("PLAT0001")
 	e.mu.Lock()
 	h := e.hook
 	e.mu.Unlock()
-	ch, err := h.StartChange(context.Background(), term.SN, codec.WhatBK)
+	ch, err := h.StartChange(t.Context(), term.SN, codec.WhatBK)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -477,18 +483,19 @@ func (f failingStore) SavePending(p client.Pending) error {
 // platform holds the pending change, nobody acked. The terminal restarts
 // and its login with the new password commits the change on both sides.
 func TestHookKillBetweenCfgAndAck(t *testing.T) {
+	t.Parallel()
 	e := newPlatformEnv(t, nil)
 	term := e.register("KILL0001")
 	store := client.NewMemStore(&client.Record{Current: credsOf(term.Creds)})
 	c, ev, _ := e.newClient(term, nil, true, func(cfg *client.Config) { cfg.Store = failingStore{store} })
 	connect(t, c)
-	go c.RequestChange(context.Background(), codec.WhatPwd, codec.ModeCipher)
+	go c.RequestChange(t.Context(), codec.WhatPwd, codec.ModeCipher)
 	ev.wait(t, client.EventError) // storing "failed": no ack
 	c.Close()
 	if rec, _ := store.Load(); rec.Pending == nil {
 		t.Fatal("nothing pending in the store")
 	}
-	if pt, _ := e.svc.Get(context.Background(), term.SN); pt.Pending == nil {
+	if pt, _ := e.svc.Get(t.Context(), term.SN); pt.Pending == nil {
 		t.Fatal("nothing pending on the platform")
 	}
 	// The terminal after the reboot.

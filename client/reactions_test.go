@@ -2,7 +2,6 @@ package client
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"errors"
 	"net"
@@ -46,6 +45,7 @@ func connectKeyed(t *testing.T, r *rig) (ks []byte) {
 // Every forged, tampered or misplaced downlink message is dropped, counted
 // by reason, and has no effect.
 func TestDropped(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.HS256, nil, func(c *Config) { c.SessionKey = true })
 	ks := connectKeyed(t, r)
 	aead, _ := codec.NewAEAD(ks)
@@ -136,9 +136,10 @@ func mustWrapSK(t *testing.T, bk []byte, sid codec.ID) string {
 // A fresh token on every connection attempt, automatic reconnections
 // included; a new session gets a new key and uplink seq starts at 1 again.
 func TestReconnectFreshLoginAndKey(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.MD5, nil, func(c *Config) { c.SessionKey = true })
 	ks := connectKeyed(t, r)
-	ctx := context.Background()
+	ctx := t.Context()
 	for i := 0; i < 2; i++ {
 		if err := r.c.Publish(ctx, "temp", []byte("x"), 1); err != nil {
 			t.Fatal(err)
@@ -182,7 +183,9 @@ func TestReconnectFreshLoginAndKey(t *testing.T) {
 }
 
 func TestConnectErrors(t *testing.T) {
+	t.Parallel()
 	t.Run("refused", func(t *testing.T) {
+		t.Parallel()
 		r := newRig(t, codec.HS256, nil, nil)
 		r.p.gate.setRefuse(func([]byte) bool { return true })
 		err := waitErr(t, r.connect())
@@ -204,7 +207,7 @@ func TestConnectErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		err = c.Connect(context.Background())
+		err = c.Connect(t.Context())
 		if !errors.Is(err, ErrUnreachable) || errors.Is(err, ErrRefused) {
 			t.Fatalf("got %v", err)
 		}
@@ -213,7 +216,7 @@ func TestConnectErrors(t *testing.T) {
 		c, _ := New(Config{Brokers: []string{"tcp://127.0.0.1:1"}, Identity: testID, Alg: codec.HS256,
 			Store: NewMemStore(&Record{Current: testCreds()})})
 		defer c.Close()
-		if err := c.Publish(context.Background(), "x", nil, 0); !errors.Is(err, ErrNotConnected) {
+		if err := c.Publish(t.Context(), "x", nil, 0); !errors.Is(err, ErrNotConnected) {
 			t.Fatalf("got %v", err)
 		}
 	})
@@ -247,6 +250,7 @@ func TestConfigErrors(t *testing.T) {
 // err bk-mismatch: an event, plaintext refused by default, and with
 // AutoBKChange a chg for the basic key.
 func TestErrBKMismatch(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.HS256, nil, func(c *Config) { c.SessionKey = true; c.AutoBKChange = codec.ModeSMS })
 	done := r.connect()
 	r.p.waitSub(codec.KeyTopic(testID.SN))
@@ -261,7 +265,7 @@ func TestErrBKMismatch(t *testing.T) {
 	if chg.Kind != codec.KindChg || chg.What != codec.WhatBK || chg.Mode != codec.ModeSMS || !chg.Verify(testID, r.p.creds.Up) {
 		t.Fatalf("chg %+v", chg)
 	}
-	if err := r.c.Publish(context.Background(), "t", []byte("x"), 0); !errors.Is(err, ErrNoSessionKey) {
+	if err := r.c.Publish(t.Context(), "t", []byte("x"), 0); !errors.Is(err, ErrNoSessionKey) {
 		t.Fatalf("publish: %v", err)
 	}
 	// The platform answers busy: RequestChange reports it.
@@ -270,13 +274,14 @@ func TestErrBKMismatch(t *testing.T) {
 }
 
 func TestRequestChangeBusy(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.MD5, nil, nil)
 	if err := waitErr(t, r.connect()); err != nil {
 		t.Fatal(err)
 	}
 	res := make(chan error, 1)
 	go func() {
-		_, err := r.c.RequestChange(context.Background(), codec.WhatPwd, codec.ModeCipher)
+		_, err := r.c.RequestChange(t.Context(), codec.WhatPwd, codec.ModeCipher)
 		res <- err
 	}()
 	r.p.nextCtl()
@@ -291,6 +296,7 @@ func TestRequestChangeBusy(t *testing.T) {
 // before the ack, ack signed with the new up, done verified with the new
 // down, then a login with the new values when the platform closes.
 func TestPlatformInitiatedCipherChange(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.HS256, nil, nil)
 	if err := waitErr(t, r.connect()); err != nil {
 		t.Fatal(err)
@@ -321,6 +327,7 @@ func TestPlatformInitiatedCipherChange(t *testing.T) {
 // The SMS path: acc, then the SMS from the platform's number through the
 // test gateway; SMS from another number or for another rid are ignored.
 func TestSMSChange(t *testing.T) {
+	t.Parallel()
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -345,7 +352,7 @@ func TestSMSChange(t *testing.T) {
 	}
 	res := make(chan codec.ID, 1)
 	go func() {
-		rid, err := r.c.RequestChange(context.Background(), codec.WhatAll, codec.ModeSMS)
+		rid, err := r.c.RequestChange(t.Context(), codec.WhatAll, codec.ModeSMS)
 		if err != nil {
 			t.Error(err)
 		}
@@ -364,13 +371,13 @@ func TestSMSChange(t *testing.T) {
 		t.Fatalf("reason %s", ev.Reason)
 	}
 	sender := &sms.HTTPSender{URL: gw.URL() + "/send"}
-	if err := sender.Send(context.Background(), msisdn, text(0x67)); err != nil { // another rid
+	if err := sender.Send(t.Context(), msisdn, text(0x67)); err != nil { // another rid
 		t.Fatal(err)
 	}
 	if ev := r.ev.wait(t, EventDropped); ev.Reason != "sms-rid" {
 		t.Fatalf("reason %s", ev.Reason)
 	}
-	if err := sender.Send(context.Background(), msisdn, text(0x66)); err != nil {
+	if err := sender.Send(t.Context(), msisdn, text(0x66)); err != nil {
 		t.Fatal(err)
 	}
 	ack := r.p.nextCtl()
@@ -397,6 +404,7 @@ func pendingRecord(p codec.Params) *Record {
 // first; the broker refuses it, so the current one is used; the ack is sent
 // again and unknown-rid discards the change.
 func TestPendingRefusedFallsBack(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.HS256, pendingRecord(newPwdParams), nil)
 	r.p.gate.setRefuse(func(pw []byte) bool {
 		l, err := codec.ParseLogin(testID.SN, testID.Username(), pw)
@@ -425,6 +433,7 @@ func TestPendingRefusedFallsBack(t *testing.T) {
 // A lost ack: the login with the pending new up is accepted (the platform
 // commits on it) and the client commits too.
 func TestLoginWithPendingCommits(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.MD5, pendingRecord(newPwdParams), nil)
 	if err := waitErr(t, r.connect()); err != nil {
 		t.Fatal(err)
@@ -445,7 +454,9 @@ func TestLoginWithPendingCommits(t *testing.T) {
 // A lost done for a basic-key change: the login carries the new bkd, the
 // platform (which committed) answers with a session key under the new bk.
 func TestPendingBKProbe(t *testing.T) {
+	t.Parallel()
 	t.Run("committed", func(t *testing.T) {
+		t.Parallel()
 		r := newRig(t, codec.HS256, pendingRecord(newBKParams), nil)
 		done := r.connect()
 		r.p.waitSub(codec.KeyTopic(testID.SN))
@@ -486,6 +497,7 @@ func TestPendingBKProbe(t *testing.T) {
 // A pending password change whose commit the client missed: any message
 // that only the new downlink password verifies commits it.
 func TestNewDownCommits(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.HS256, pendingRecord(newPwdParams), nil)
 	r.p.gate.setRefuse(func(pw []byte) bool {
 		l, _ := codec.ParseLogin(testID.SN, testID.Username(), pw)
@@ -505,11 +517,12 @@ func TestNewDownCommits(t *testing.T) {
 
 // Plain sessions: data both ways without envelopes.
 func TestPlaintextSession(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, codec.MD5, nil, nil)
 	if err := waitErr(t, r.connect()); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.c.Publish(context.Background(), "a/b", []byte("hello"), 1); err != nil {
+	if err := r.c.Publish(t.Context(), "a/b", []byte("hello"), 1); err != nil {
 		t.Fatal(err)
 	}
 	if m := r.p.nextUp(); m.topic != codec.UpTopic(testID.SN, "a/b") || string(m.payload) != "hello" {
@@ -519,7 +532,7 @@ func TestPlaintextSession(t *testing.T) {
 	if d := r.data.next(t); d.topic != "x/y" || string(d.payload) != "cmd" {
 		t.Fatalf("got %s %q", d.topic, d.payload)
 	}
-	if err := r.c.Publish(context.Background(), "a/#", nil, 0); err == nil {
+	if err := r.c.Publish(t.Context(), "a/#", nil, 0); err == nil {
 		t.Fatal("wildcard accepted")
 	}
 }

@@ -18,6 +18,7 @@ import (
 // never has to hold them. Before that, every message past the 64th was
 // dropped by the client (held-overflow), acknowledged and lost.
 func TestQueuedDownlinkBeyondHeldLimit(t *testing.T) {
+	t.Parallel()
 	const queued = 200
 	e := newPlatformEnv(t, func(o *hook.Options) { o.SessionLifetime = time.Hour })
 	term := e.register("HELD0001")

@@ -52,6 +52,7 @@ func selfSigned(t *testing.T) (tls.Certificate, *x509.CertPool) {
 
 // TLS and WebSocket broker URLs work, with the same login.
 func TestTransports(t *testing.T) {
+	t.Parallel()
 	cert, pool := selfSigned(t)
 	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	// Every listener is bound before the broker serves (mochi's own
@@ -73,7 +74,7 @@ func TestTransports(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 			defer cancel()
 			if err := c.Connect(ctx); err != nil {
 				t.Fatal(err)

@@ -2,7 +2,6 @@ package client
 
 import (
 	"bytes"
-	"context"
 	"encoding/hex"
 	"testing"
 	"time"
@@ -52,6 +51,7 @@ func TestVectorsLogin(t *testing.T) {
 // the sk vector, the uplink envelope vector (seq 1), the downlink envelope
 // vector, chg, cfg, ack and done.
 func TestVectorsSession(t *testing.T) {
+	t.Parallel()
 	vs := loadVectors(t)
 	for _, alg := range []codec.Alg{codec.MD5, codec.HS256} {
 		t.Run(alg.String(), func(t *testing.T) {
@@ -71,7 +71,7 @@ func TestVectorsSession(t *testing.T) {
 			if ev.SID != 0xfedcba9876543210 {
 				t.Errorf("sid %s", ev.SID)
 			}
-			ctx := context.Background()
+			ctx := t.Context()
 			if err := r.c.Publish(ctx, "temp", []byte(v.UplinkEnvelope.Plaintext), 1); err != nil {
 				t.Fatal(err)
 			}

@@ -15,17 +15,8 @@ import (
 	"time"
 
 	"github.com/m2mguard/m2mguard/events"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
-
-// waitFor polls cond until it holds or 10 s pass.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal(what)
-		}
-	}
-}
 
 func TestEventJSON(t *testing.T) {
 	at := time.Date(2026, 12, 1, 6, 0, 0, 123456789, time.FixedZone("CET", 3600))
@@ -133,7 +124,7 @@ func TestQueueDropsWhenFull(t *testing.T) {
 		q.Emit(events.New(events.Connected, fmt.Sprintf("T%d", i), time.Now()))
 	}
 	close(release)
-	waitFor(t, "the queued events were not handled", func() bool { return q.Stats().Emitted+q.Stats().Dropped == 20 })
+	testwait.For(t, 10*time.Second, "the queued events were not handled", func() bool { return q.Stats().Emitted+q.Stats().Dropped == 20 })
 	q.Close()
 	st := q.Stats()
 	if st.Dropped < 15 || st.Emitted < 4 || st.Emitted > 5 {
@@ -227,7 +218,7 @@ func TestWebhookRetriesAndBatches(t *testing.T) {
 		want = append(want, sn)
 		w.Emit(events.New(events.Connected, sn, time.Now()))
 	}
-	waitFor(t, "the webhook did not deliver every event", func() bool { return len(srv.received()) == len(want) })
+	testwait.For(t, 10*time.Second, "the webhook did not deliver every event", func() bool { return len(srv.received()) == len(want) })
 	if got := srv.received(); !slices.Equal(got, want) {
 		t.Fatalf("received %v, want %v", got, want)
 	}
@@ -266,9 +257,9 @@ func TestWebhookRefusedBatchIsDropped(t *testing.T) {
 	}
 	defer w.Close()
 	w.Emit(events.New(events.Connected, "R1", time.Now()))
-	waitFor(t, "the refused batch was not counted", func() bool { return w.Stats().Failed == 1 })
+	testwait.For(t, 10*time.Second, "the refused batch was not counted", func() bool { return w.Stats().Failed == 1 })
 	w.Emit(events.New(events.Connected, "R2", time.Now()))
-	waitFor(t, "the next batch was not delivered", func() bool { return w.Stats().Sent == 1 })
+	testwait.For(t, 10*time.Second, "the next batch was not delivered", func() bool { return w.Stats().Sent == 1 })
 	if st := w.Stats(); st.Retries != 0 || st.Posts != 2 {
 		t.Fatalf("stats %+v", st)
 	}

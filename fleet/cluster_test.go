@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 // Credentials of the test clusters' client and route listeners.
@@ -32,19 +34,16 @@ func testLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-// checkFor polls fn every interval until it returns nil or timeout passes,
-// as nats-server's own tests do.
-func checkFor(t testing.TB, timeout, interval time.Duration, fn func() error) {
+// checkFor polls fn until it returns nil, as nats-server's own tests do,
+// and fails t with fn's last error if timeout passes first. The pause
+// between polls is testwait's back-off; the interval argument is no longer
+// used.
+func checkFor(t testing.TB, timeout, _ time.Duration, fn func() error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
 	var err error
-	for time.Now().Before(deadline) {
-		if err = fn(); err == nil {
-			return
-		}
-		time.Sleep(interval)
+	if !testwait.Until(timeout, func() bool { err = fn(); return err == nil }) {
+		t.Fatalf("condition not met within %s: %v", timeout, err)
 	}
-	t.Fatalf("condition not met within %s: %v", timeout, err)
 }
 
 // freePorts returns n ports free on loopback, below the kernel's

@@ -191,7 +191,9 @@ func TestDirectoryEpochsAndTakeover(t *testing.T) {
 func TestDirectorySweepDeadBroker(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 3, nil)
-	sweepy := func(o *Options) { o.SweepEvery = 200 * time.Millisecond }
+	// Each sweep must finish within SweepEvery: 200 ms was too short for
+	// a sweep on a loaded machine, with clusters of other tests running.
+	sweepy := func(o *Options) { o.SweepEvery = time.Second }
 	a, b := c.open("a", 0, sweepy), c.open("b", 1, sweepy)
 	dead := c.open("dead", 2, nil)
 	ctx := context.Background()

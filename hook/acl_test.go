@@ -9,6 +9,7 @@ import (
 )
 
 func TestTerminalACL(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	a := e.register("TERMA", codec.HS256)
 	e.register("TERMB", codec.HS256)
@@ -63,6 +64,7 @@ func TestTerminalACL(t *testing.T) {
 // TestApplicationACL: the default reach, wildcard filters refused beyond it,
 // and $m2m topics out of reach whatever the filter.
 func TestApplicationACL(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.register("TERMA", codec.HS256)
 	pw := e.addApp("dash")
@@ -110,6 +112,7 @@ func TestApplicationACL(t *testing.T) {
 // TestKeyTrafficNeverReachesApplications: an application subscribed as
 // widely as it may gets terminal data, never key-topic messages.
 func TestKeyTrafficNeverReachesApplications(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("TERMA", codec.HS256)
 	pw := e.addApp("dash")
@@ -124,6 +127,7 @@ func TestKeyTrafficNeverReachesApplications(t *testing.T) {
 // TestRetainedStaysWithItsTerminal: a retained downlink for one terminal is
 // not delivered to another terminal subscribing later.
 func TestRetainedStaysWithItsTerminal(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	a := e.register("TERMA", codec.HS256)
 	b := e.register("TERMB", codec.HS256)
@@ -146,6 +150,7 @@ func TestRetainedStaysWithItsTerminal(t *testing.T) {
 // TestWillToForbiddenTopic: a will on another terminal's topic is never
 // published (mochi does not run the ACL on wills).
 func TestWillToForbiddenTopic(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	a := e.register("TERMA", codec.HS256)
 	e.register("TERMB", codec.HS256)

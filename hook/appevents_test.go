@@ -11,6 +11,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -99,7 +100,7 @@ func TestRefusalEventsOnlyForKnownTerminalsCapped(t *testing.T) {
 	c.conn.Close()
 	waitUntil := func(kind events.Kind) {
 		t.Helper()
-		if !pollUntil(liveness, func() bool { return len(sink.of(kind)) == 1 }) {
+		if !testwait.Until(liveness, func() bool { return len(sink.of(kind)) == 1 }) {
 			t.Fatalf("no %s event", kind)
 		}
 	}
@@ -172,7 +173,7 @@ func TestChangeDeliveredBeforeCommitted(t *testing.T) {
 		t.Fatal(err)
 	}
 	var kinds []events.Kind
-	pollUntil(liveness, func() bool {
+	testwait.Until(liveness, func() bool {
 		kinds = nil
 		sink.mu.Lock()
 		for _, ev := range sink.got {

@@ -22,6 +22,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -118,7 +119,7 @@ func TestAppLoginFloodBounded(t *testing.T) {
 
 	// A genuine application from a fresh address gets in once the flood has
 	// stopped (the global rate budget refills).
-	appIn := pollFor(10*time.Second, func() bool {
+	appIn := testwait.Until(10*time.Second, func() bool {
 		d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
 		code, _, err := connectV5(d, e.addr, "dash-1", "dash", appPassword)
 		return err == nil && code == 0
@@ -162,6 +163,7 @@ func TestAppLoginFloodBounded(t *testing.T) {
 // is looked up, with the same answer for a known and an unknown name:
 // MQTT 5 0x89 (server busy), 3.1.1 0x05; the reason is "busy".
 func TestAppBusyRefusal(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) {
 		o.Apps = hook.AppLimitOptions{RatePerAddr: 0.001, BurstPerAddr: 1} // one verification per address
 	})
@@ -190,6 +192,7 @@ func TestAppBusyRefusal(t *testing.T) {
 // its verification logs at most 64 bytes of the name it claimed, not the
 // 64 KiB a CONNECT may carry.
 func TestAppRefusalLogClipsName(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) {
 		o.Apps = hook.AppLimitOptions{RatePerAddr: 0.001, BurstPerAddr: 1}
 	})
@@ -360,18 +363,6 @@ func percentile(sorted []time.Duration, p int) time.Duration {
 		return 0
 	}
 	return sorted[min(len(sorted)-1, (len(sorted)*p)/100)].Round(10 * time.Microsecond)
-}
-
-// pollFor calls cond until it is true or timeout has passed.
-func pollFor(timeout time.Duration, cond func() bool) bool {
-	for deadline := time.Now().Add(timeout); ; time.Sleep(20 * time.Millisecond) {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-	}
 }
 
 func envInt(t *testing.T, name string, def int) int {

@@ -17,6 +17,7 @@ import (
 // TestOversizeFields: fields beyond the bounds of SPEC section 8 are
 // refused before any cryptography, and the broker stays up.
 func TestOversizeFields(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	long := append([]byte("M2M1.hs256.00.1764316800.0123456789abcdef.."), bytes.Repeat([]byte("a"), 200)...)
@@ -50,6 +51,7 @@ func TestOversizeFields(t *testing.T) {
 // bad one is refused. M2MGUARD_FLOOD_SECONDS runs it for longer at full
 // speed (the documented run: 30 s).
 func TestBadConnectFlood(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	bad := term

@@ -2,7 +2,6 @@ package hook
 
 import (
 	"bytes"
-	"context"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -37,7 +36,7 @@ func TestChangeDeskWorksThroughItsLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx := t.Context()
 	const sn = "A00MS8011390002S"
 	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms"
 	"github.com/m2mguard/m2mguard/sms/smstest"
@@ -58,8 +59,10 @@ func expectClosed(t *testing.T, c *v5Client) {
 // cfg, ack with the new values, done signed with the new down, the
 // connection closed, the new values in and the old ones out.
 func TestTerminalCipherChange(t *testing.T) {
+	t.Parallel()
 	for _, what := range []string{"pwd", "bk", "all"} {
 		t.Run(what, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			term := e.register("A00MS8011390002S", codec.HS256)
 			c, _ := loginWithKey(t, e, term, true)
@@ -94,6 +97,7 @@ func TestTerminalCipherChange(t *testing.T) {
 // TestTerminalSMSChange: without a basic key in sync the platform answers
 // acc and sends the new values by SMS through the gateway.
 func TestTerminalSMSChange(t *testing.T) {
+	t.Parallel()
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -113,13 +117,14 @@ func TestTerminalSMSChange(t *testing.T) {
 	}
 	rid := f[4]
 	var text string
-	for deadline := time.Now().Add(5 * time.Second); text == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+	testwait.For(t, 5*time.Second, "the SMS to 8613800000001", func() bool {
 		for _, m := range gw.Messages() {
 			if m.To == "8613800000001" {
 				text = m.Text
 			}
 		}
-	}
+		return text != ""
+	})
 	params, err := term.smsText(text, rid)
 	if err != nil {
 		t.Fatalf("sms: %v", err)
@@ -130,7 +135,7 @@ func TestTerminalSMSChange(t *testing.T) {
 	if f := keyMessage(t, c, next); f[1] != "done" {
 		t.Fatalf("got %v, want done", f)
 	}
-	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil || string(rec.Creds.Up) != next.up {
+	if rec, _ := e.svc.Get(t.Context(), term.sn); rec.Pending != nil || string(rec.Creds.Up) != next.up {
 		t.Fatal("change not committed")
 	}
 }
@@ -138,6 +143,7 @@ func TestTerminalSMSChange(t *testing.T) {
 // TestChangeErrors: busy, no-channel, replay, skew and a bad digest are
 // answered with err messages signed with the downlink password.
 func TestChangeErrors(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	plain := e.register("PLAIN1", codec.HS256)
@@ -180,10 +186,11 @@ func TestChangeErrors(t *testing.T) {
 // TestPlatformChangeOnlineAndOffline: an operator's change reaches an
 // online terminal at once, and an offline one after its next login.
 func TestPlatformChangeOnlineAndOffline(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	c, _ := loginWithKey(t, e, term, true)
-	ch, err := e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd)
+	ch, err := e.hook.StartChange(t.Context(), term.sn, codec.WhatPwd)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,11 +202,11 @@ func TestPlatformChangeOnlineAndOffline(t *testing.T) {
 	}
 
 	off := e.register("OFFLINE1", codec.HS256)
-	ch2, err := e.hook.StartChange(context.Background(), off.sn, codec.WhatAll)
+	ch2, err := e.hook.StartChange(t.Context(), off.sn, codec.WhatAll)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec, _ := e.svc.Get(context.Background(), off.sn); rec.Pending == nil || rec.Pending.Delivered {
+	if rec, _ := e.svc.Get(t.Context(), off.sn); rec.Pending == nil || rec.Pending.Delivered {
 		t.Fatal("offline terminal: change should wait undelivered")
 	}
 	oc, _ := dialV5(t, e.addr, off.sn, off.username(), e.login(off, true), true)
@@ -218,6 +225,7 @@ func TestPlatformChangeOnlineAndOffline(t *testing.T) {
 // sender's timeout, is retried; the change stays pending and undelivered
 // meanwhile and goes out when the gateway is back.
 func TestSMSGatewayFaults(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name    string
 		fault   func(gw *smstest.Server)
@@ -234,6 +242,7 @@ func TestSMSGatewayFaults(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			gw, err := smstest.Start("127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
@@ -248,23 +257,17 @@ func TestSMSGatewayFaults(t *testing.T) {
 			if f := keyMessage(t, c, term); f[1] != "acc" {
 				t.Fatalf("got %v, want acc", f)
 			}
-			for deadline := time.Now().Add(5 * time.Second); !strings.Contains(e.logs.String(), `"step":"sms-send"`); time.Sleep(10 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					t.Fatal("no failed sms-send recorded")
-				}
-			}
-			if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
+			testwait.For(t, 5*time.Second, "a failed sms-send recorded", func() bool {
+				return strings.Contains(e.logs.String(), `"step":"sms-send"`)
+			})
+			if rec, _ := e.svc.Get(t.Context(), term.sn); rec.Pending == nil || rec.Pending.Delivered {
 				t.Fatal("pending change lost or marked delivered while the gateway fails")
 			}
 			tc.recover(gw)
-			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil && rec.Pending.Delivered && rec.Pending.Mode == codec.ModeSMS {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("change not delivered by SMS after the gateway recovered")
-				}
-			}
+			testwait.For(t, 10*time.Second, "the change delivered by SMS after the gateway recovered", func() bool {
+				rec, _ := e.svc.Get(t.Context(), term.sn)
+				return rec.Pending != nil && rec.Pending.Delivered && rec.Pending.Mode == codec.ModeSMS
+			})
 			if len(gw.Messages()) == 0 {
 				t.Fatal("delivered, but the gateway recorded no SMS")
 			}
@@ -275,17 +278,18 @@ func TestSMSGatewayFaults(t *testing.T) {
 // TestChangeExpires: past its deadline a change is dropped, recorded, and
 // the old values stay valid.
 func TestChangeExpires(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
-	if _, err := e.hook.StartChange(context.Background(), term.sn, codec.WhatPwd); err != nil {
+	if _, err := e.hook.StartChange(t.Context(), term.sn, codec.WhatPwd); err != nil {
 		t.Fatal(err)
 	}
 	e.clock.advance(25 * time.Hour)
-	e.hook.ExpireChanges(context.Background())
+	e.hook.ExpireChanges(t.Context())
 	if !strings.Contains(e.logs.String(), `"event":"change_expired"`) {
 		t.Fatal("expiry not recorded")
 	}
-	if rec, _ := e.svc.Get(context.Background(), term.sn); rec.Pending != nil {
+	if rec, _ := e.svc.Get(t.Context(), term.sn); rec.Pending != nil {
 		t.Fatal("expired change still pending")
 	}
 	if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != 0 {
@@ -302,6 +306,7 @@ func newSender(url string) *sms.HTTPSender {
 // again before that pause is over, although the hook's own retry back-off
 // is shorter.
 func TestSMSRetryHonoursRetryAfter(t *testing.T) {
+	t.Parallel()
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -318,11 +323,7 @@ func TestSMSRetryHonoursRetryAfter(t *testing.T) {
 	if f := keyMessage(t, c, term); f[1] != "acc" {
 		t.Fatalf("got %v, want acc", f)
 	}
-	for deadline := time.Now().Add(10 * time.Second); len(gw.Arrivals()) < 2; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the SMS was not sent again")
-		}
-	}
+	testwait.For(t, 10*time.Second, "the SMS sent again", func() bool { return len(gw.Arrivals()) >= 2 })
 	a := gw.Arrivals()
 	if gap := a[1].Sub(a[0]); gap < 2*time.Second {
 		t.Fatalf("asked again %v after a 429 with Retry-After 2 s", gap)

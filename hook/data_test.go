@@ -43,8 +43,10 @@ func loginWithKey(t *testing.T, e *env, term specTerminal, clean bool) (*v5Clien
 }
 
 func TestSessionKeyAfterSubscribe(t *testing.T) {
+	t.Parallel()
 	for _, alg := range []codec.Alg{codec.MD5, codec.HS256} {
 		t.Run(alg.String(), func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			loginWithKey(t, e, e.register("A00MS8011390002S", alg), true)
 			if got := e.counter("m2mguard_session_keys_issued_total"); got != 1 {
@@ -62,11 +64,12 @@ func TestSessionKeyAfterSubscribe(t *testing.T) {
 // TestSessionKeyPersistentSession: a terminal subscribed in an earlier
 // persistent session gets its new key as soon as it logs in again.
 func TestSessionKeyPersistentSession(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	c, ks1 := loginWithKey(t, e, term, false)
 	c.conn.Close()
-	time.Sleep(50 * time.Millisecond) // let the broker see the close
+	e.awaitOffline(term.sn)
 	c2, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, true), false)
 	if code != 0 {
 		t.Fatalf("second login: 0x%02x", code)
@@ -82,6 +85,7 @@ func TestSessionKeyPersistentSession(t *testing.T) {
 }
 
 func TestBasicKeyMismatch(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	wrong := term
@@ -105,6 +109,7 @@ func TestBasicKeyMismatch(t *testing.T) {
 // replayed and tampered ones are dropped; downlink plaintext from an
 // application reaches the terminal sealed under its session key.
 func TestEnvelopes(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	appPW := e.addApp("dash")
@@ -170,6 +175,7 @@ func TestEnvelopes(t *testing.T) {
 // TestQueuedDownlinkSealedForNextSession: a message queued while the
 // terminal is offline is sealed under the key of the session that gets it.
 func TestQueuedDownlinkSealedForNextSession(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	appPW := e.addApp("dash")
@@ -208,6 +214,7 @@ func TestQueuedDownlinkSealedForNextSession(t *testing.T) {
 // TestRepeatedTamperingEndsSession: MaxEnvelopeFailures bad envelopes end
 // the session.
 func TestRepeatedTamperingEndsSession(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	c, ks := loginWithKey(t, e, term, true)
@@ -225,6 +232,7 @@ func TestRepeatedTamperingEndsSession(t *testing.T) {
 // TestRequireEncryption: a terminal whose record demands encryption cannot
 // publish plaintext data without a session key.
 func TestRequireEncryption(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.RequireEncryption = true })
 	c, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true)

@@ -1,17 +1,18 @@
 package hook_test
 
 import (
-	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
@@ -98,9 +99,13 @@ type faultStats struct {
 // both modes) with injected faults — lost cfg, ack or done, the broker
 // killed before or after the ack, deadline expiry, SMS gateway failures —
 // and after each one requires that the terminal logs in with the values it
-// holds and that store and terminal agree. M2MGUARD_FAULT_SEED and
-// M2MGUARD_FAULT_ATTEMPTS override the seed and the count.
+// holds and that store and terminal agree. The attempts run in
+// faultShards shards side by side, each with a broker, store, gateway and
+// terminal of its own and a seed of its own (the base seed plus the
+// shard's number, in the shard's name). M2MGUARD_FAULT_SEED and
+// M2MGUARD_FAULT_ATTEMPTS override the base seed and the total count.
 func TestRandomizedChangesWithFaults(t *testing.T) {
+	t.Parallel()
 	seed, attempts := uint64(20261128), 1000
 	if s, err := strconv.ParseUint(os.Getenv("M2MGUARD_FAULT_SEED"), 10, 64); err == nil {
 		seed = s
@@ -108,6 +113,49 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("M2MGUARD_FAULT_ATTEMPTS")); err == nil {
 		attempts = n
 	}
+	var mu sync.Mutex
+	total := faultStats{faults: map[string]int{}}
+	t.Run("shards", func(t *testing.T) { // returns when every shard has
+		for k := range faultShards {
+			n := attempts / faultShards
+			if k < attempts%faultShards {
+				n++
+			}
+			t.Run(fmt.Sprintf("seed-%d", seed+uint64(k)), func(t *testing.T) {
+				t.Parallel()
+				st := randomizedChanges(t, seed+uint64(k), n)
+				mu.Lock()
+				defer mu.Unlock()
+				total.add(st)
+			})
+		}
+	})
+	t.Logf("seeds %d to %d: %d attempts, %d logins, %d lockouts, %d disagreements, %d changes committed and confirmed by done; faults %s",
+		seed, seed+faultShards-1, total.attempts, total.logins, total.lockouts, total.disagreements, total.commits, fmtFaults(total.faults))
+	if total.commits == 0 {
+		t.Fatal("no change completed: the test exercised nothing")
+	}
+}
+
+// faultShards is the number of shards TestRandomizedChangesWithFaults
+// splits its attempts into.
+const faultShards = 4
+
+func (s *faultStats) add(o faultStats) {
+	s.attempts += o.attempts
+	s.logins += o.logins
+	s.lockouts += o.lockouts
+	s.disagreements += o.disagreements
+	s.commits += o.commits
+	for k, v := range o.faults {
+		s.faults[k] += v
+	}
+}
+
+// randomizedChanges runs attempts change attempts of
+// TestRandomizedChangesWithFaults with seed on a broker of its own, and
+// fails t at a lockout or a disagreement.
+func randomizedChanges(t *testing.T, seed uint64, attempts int) faultStats {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	// quiet is how long a silent platform means "nothing more is coming";
 	// the platform answers on loopback within a millisecond.
@@ -151,7 +199,7 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 		case 1:
 			c.publish("$m2m/"+h.cur.sn+"/ctl", h.cur.chg(what, "sms", e.ts(), nonce()), 1)
 		default:
-			e.hook.StartChange(context.Background(), h.cur.sn, codec.What(what)) // busy is fine
+			e.hook.StartChange(t.Context(), h.cur.sn, codec.What(what)) // busy is fine
 		}
 
 		// React to what the platform sends, with the fault.
@@ -187,13 +235,14 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 				// Wait for the SMS of rid; one that came in an earlier attempt
 				// was lost then (the platform sends it once) and stays lost.
 				lost := false
-				for deadline := time.Now().Add(3 * time.Second); params == "" && !lost && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				testwait.Until(3*time.Second, func() bool {
 					for j, m := range gw.Messages() {
 						if p, err := h.cur.smsText(m.Text, rid); err == nil {
 							params, lost = p, j < smsSeen
 						}
 					}
-				}
+					return params != "" || lost
+				})
 				smsSeen = len(gw.Messages())
 				if lost {
 					params = ""
@@ -224,7 +273,7 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 				done = true
 			case "expire":
 				e.clock.advance(25 * time.Hour)
-				e.hook.ExpireChanges(context.Background())
+				e.hook.ExpireChanges(t.Context())
 				done = true
 			case "kill-after-ack":
 				c.publish("$m2m/"+h.cur.sn+"/ctl", h.cur.ack(next, rid, bkChanged, e.ts(), nonce()), 0)
@@ -244,7 +293,7 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 		}
 		st.logins++
 		c.conn.Close()
-		rec, err := e.svc.Get(context.Background(), h.cur.sn)
+		rec, err := e.svc.Get(t.Context(), h.cur.sn)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -254,7 +303,7 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 		}
 		if rec.Pending != nil && rng.IntN(4) == 0 {
 			e.clock.advance(25 * time.Hour) // let stale changes expire now and then
-			e.hook.ExpireChanges(context.Background())
+			e.hook.ExpireChanges(t.Context())
 		}
 	}
 	t.Logf("seed %d: %d attempts, %d logins, %d lockouts, %d disagreements, %d changes committed and confirmed by done; faults %s",
@@ -262,9 +311,7 @@ func TestRandomizedChangesWithFaults(t *testing.T) {
 	if st.lockouts != 0 || st.disagreements != 0 {
 		t.Fatalf("%d lockouts, %d disagreements", st.lockouts, st.disagreements)
 	}
-	if st.commits == 0 {
-		t.Fatal("no change completed: the test exercised nothing")
-	}
+	return st
 }
 
 func fmtFaults(m map[string]int) string {

@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"log/slog"
@@ -61,12 +60,13 @@ func newEnvWith(t *testing.T, tuneSvc func(*keysvc.Options), tune func(*hook.Opt
 	return newEnvOn(t, embedded(t), tuneSvc, tune)
 }
 
-// embedded opens a fresh embedded store in the test's temporary folder.
+// embedded opens a fresh embedded store in the test's temporary folder,
+// without an fsync per commit (no test here crashes the machine).
 func embedded(t testing.TB) keysvc.Store {
 	t.Helper()
 	key := make([]byte, 32)
 	rand.Read(key)
-	store, err := boltstore.Open(filepath.Join(t.TempDir(), "m2mguard.db"), boltstore.Options{MasterKey: key})
+	store, err := boltstore.Open(filepath.Join(t.TempDir(), "m2mguard.db"), boltstore.Options{MasterKey: key, NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +231,7 @@ func (e *env) register(sn string, alg codec.Alg, tune ...func(*keysvc.RegisterRe
 	for _, f := range tune {
 		f(&req)
 	}
-	term, err := e.svc.Register(context.Background(), req)
+	term, err := e.svc.Register(e.t.Context(), req)
 	if err != nil {
 		e.t.Fatalf("register %s: %v", sn, err)
 	}
@@ -276,7 +276,7 @@ func (e *env) pahoConnect(clientID, username string, password []byte, clean bool
 func (e *env) addApp(name string) []byte {
 	e.t.Helper()
 	pw := []byte("app-password-" + name)
-	if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: name, Password: pw}); err != nil {
+	if _, err := e.svc.AddApp(e.t.Context(), keysvc.AddAppRequest{Name: name, Password: pw}); err != nil {
 		e.t.Fatalf("add app: %v", err)
 	}
 	e.secrets = append(e.secrets, pw)

@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -27,12 +27,14 @@ import (
 // another terminal's data queued in it; it is refused as a wrong password
 // is, and dash keeps its session and its data.
 func TestAppClientIDTakeover(t *testing.T) {
+	t.Parallel()
 	for _, live := range []bool{true, false} {
 		name := "dash offline"
 		if live {
 			name = "dash online"
 		}
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			termA := e.register("TERMA", codec.HS256)
 			dashPW := e.addApp("dash")
@@ -51,7 +53,7 @@ func TestAppClientIDTakeover(t *testing.T) {
 				if rc := ca.publish("m2m/TERMA/up/temp", []byte("for-dash"), 1); rc != 0 {
 					t.Fatalf("terminal publish: 0x%02x", rc)
 				}
-				awaitCond(t, "TERMA's message queued for dash-1", func() bool { return e.queued("dash-1") == 1 })
+				testwait.For(t, 10*time.Second, "TERMA's message queued for dash-1", func() bool { return e.queued("dash-1") == 1 })
 			}
 
 			thief, code := dialV5(t, e.addr, "dash-1", "narrow", narrowPW, false)
@@ -90,6 +92,7 @@ func TestAppClientIDTakeover(t *testing.T) {
 // both protocol versions; ClientIDs that are serial numbers stay the
 // terminals'.
 func TestAppClientIDRule(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	pws := map[string][]byte{}
 	for _, name := range []string{"dash", "dash.east", "fleet_ops", "narrow"} {
@@ -138,12 +141,14 @@ func TestAppClientIDRule(t *testing.T) {
 // while it was online). When it resumes the session it receives only what
 // its new reach allows, and the subscription beyond it is gone.
 func TestInheritedStateOutsideReach(t *testing.T) {
+	t.Parallel()
 	for _, live := range []bool{false, true} {
 		name := "queued while offline"
 		if live {
 			name = "unacknowledged while online"
 		}
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			termA := e.register("TERMA", codec.HS256)
 			termB := e.register("TERMB", codec.HS256)
@@ -173,10 +178,10 @@ func TestInheritedStateOutsideReach(t *testing.T) {
 					}
 				}
 			}
-			awaitCond(t, "two messages in dash-1's session", func() bool { return e.queued("dash-1") == 2 })
+			testwait.For(t, 10*time.Second, "two messages in dash-1's session", func() bool { return e.queued("dash-1") == 2 })
 
 			// The operator narrows dash to terminal B.
-			if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: "dash", Password: pw,
+			if _, err := e.svc.AddApp(t.Context(), keysvc.AddAppRequest{Name: "dash", Password: pw,
 				Subscribe: []string{"m2m/TERMB/up/#"}}); err != nil {
 				t.Fatal(err)
 			}
@@ -218,6 +223,7 @@ func TestInheritedStateOutsideReach(t *testing.T) {
 // after a restart the session that comes back from the store is sieved
 // again when it is resumed.
 func TestInheritedStateOutsideReachAfterRestart(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "mochi.bolt")
 	var store boltWithIDs
 	withStore := func(o *hook.Options) {
@@ -242,8 +248,8 @@ func TestInheritedStateOutsideReachAfterRestart(t *testing.T) {
 			t.Fatalf("%s publish: 0x%02x", term.sn, rc)
 		}
 	}
-	awaitCond(t, "two messages in dash-1's session", func() bool { return e.queued("dash-1") == 2 })
-	if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: "dash", Password: pw,
+	testwait.For(t, 10*time.Second, "two messages in dash-1's session", func() bool { return e.queued("dash-1") == 2 })
+	if _, err := e.svc.AddApp(t.Context(), keysvc.AddAppRequest{Name: "dash", Password: pw,
 		Subscribe: []string{"m2m/TERMB/up/#"}}); err != nil {
 		t.Fatal(err)
 	}
@@ -318,6 +324,7 @@ func (b boltWithIDs) StoredInflightMessages() ([]storage.Message, error) {
 // the downlink is refused. The queued message waits, and the next login
 // with a session key receives it sealed.
 func TestKeylessTerminalGetsNoPlaintextDownlink(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name     string
 		login    func(e *env, term specTerminal) []byte
@@ -332,6 +339,7 @@ func TestKeylessTerminalGetsNoPlaintextDownlink(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.RequireEncryption = true })
 			down := "m2m/" + term.sn + "/down/cmd"
@@ -347,7 +355,7 @@ func TestKeylessTerminalGetsNoPlaintextDownlink(t *testing.T) {
 			if rc := app.publish(down, []byte("queued"), 1); rc != 0 {
 				t.Fatalf("application publish: 0x%02x", rc)
 			}
-			awaitCond(t, "the downlink queued", func() bool { return e.queued(term.sn) == 1 })
+			testwait.For(t, 10*time.Second, "the downlink queued", func() bool { return e.queued(term.sn) == 1 })
 
 			// The keyless login succeeds (SPEC section 5)...
 			k, code := dialV5(t, e.addr, term.sn, term.username(), tc.login(e, term), false)
@@ -415,7 +423,7 @@ func TestKeylessTerminalGetsNoPlaintextDownlink(t *testing.T) {
 func (e *env) addAppReach(name string, subscribe []string) []byte {
 	e.t.Helper()
 	pw := []byte("app-password-" + name)
-	if _, err := e.svc.AddApp(context.Background(), keysvc.AddAppRequest{Name: name, Password: pw, Subscribe: subscribe}); err != nil {
+	if _, err := e.svc.AddApp(e.t.Context(), keysvc.AddAppRequest{Name: name, Password: pw, Subscribe: subscribe}); err != nil {
 		e.t.Fatalf("add app: %v", err)
 	}
 	e.secrets = append(e.secrets, pw)
@@ -426,7 +434,7 @@ func (e *env) addAppReach(name string, subscribe []string) []byte {
 // that messages for its persistent session are queued.
 func (e *env) awaitOffline(clientID string) {
 	e.t.Helper()
-	awaitCond(e.t, clientID+" offline", func() bool {
+	testwait.For(e.t, 10*time.Second, clientID+" offline", func() bool {
 		for _, s := range e.hook.Sessions() {
 			if s.ClientID == clientID {
 				return false
@@ -443,14 +451,4 @@ func (e *env) queued(clientID string) int {
 		return 0
 	}
 	return cl.State.Inflight.Len()
-}
-
-// awaitCond polls cond until it holds, failing the test after 10 s.
-func awaitCond(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
 }

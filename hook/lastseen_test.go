@@ -1,13 +1,14 @@
 package hook_test
 
 import (
-	"context"
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/lastseen"
 )
 
@@ -15,6 +16,7 @@ import (
 // the book with its address, MQTT version and session key; refused logins
 // and applications are not.
 func TestLastSeenRecordsAcceptedLogins(t *testing.T) {
+	t.Parallel()
 	book := lastseen.NewMemory()
 	e := newEnv(t, func(o *hook.Options) { o.LastSeen = book })
 	term := e.register("A00MS8011390002S", codec.HS256)
@@ -57,13 +59,14 @@ func TestLastSeenRecordsAcceptedLogins(t *testing.T) {
 // TestOperatorInEvents: sessions an operator ends and changes an operator
 // starts name the operator in their security events.
 func TestOperatorInEvents(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A1", codec.HS256)
 	if _, code := e.pahoConnect(term.sn, term.username(), e.login(term, false), true, nil); code != 0 {
 		t.Fatalf("login: %d", code)
 	}
-	awaitCond(t, "the session", func() bool { return len(e.hook.Sessions()) == 1 })
-	if _, err := e.hook.StartChangeBy(context.Background(), term.sn, codec.WhatPwd, "alice"); err != nil {
+	testwait.For(t, 10*time.Second, "the session", func() bool { return len(e.hook.Sessions()) == 1 })
+	if _, err := e.hook.StartChangeBy(t.Context(), term.sn, codec.WhatPwd, "alice"); err != nil {
 		t.Fatal(err)
 	}
 	if n := e.hook.RevokeBy(term.sn, hook.RevokeDisabled, "bob"); n != 1 {

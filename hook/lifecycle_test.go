@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -11,19 +10,21 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
 // TestExpiredInsideGrace: a login after up expired but inside the grace
 // period succeeds, and a change of the passwords is started at once.
 func TestExpiredInsideGrace(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	e.clock.advance(passwordLifetime + 24*time.Hour)
 	if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != 0 {
 		t.Fatalf("login inside the grace period: 0x%02x", code)
 	}
-	rec, err := e.svc.Get(context.Background(), term.sn)
+	rec, err := e.svc.Get(t.Context(), term.sn)
 	if err != nil || rec.Pending == nil || rec.Pending.What != codec.WhatPwd || rec.Pending.Origin != keysvc.OriginExpiry {
 		t.Fatalf("no password change started (%v)", err)
 	}
@@ -31,6 +32,7 @@ func TestExpiredInsideGrace(t *testing.T) {
 
 // TestBasicKeyExpired: bkd matches but bk has expired: err bk-expired.
 func TestBasicKeyExpired(t *testing.T) {
+	t.Parallel()
 	e := newEnvWith(t, func(o *keysvc.Options) { o.KeyLifetime = time.Hour }, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	e.clock.advance(2 * time.Hour)
@@ -51,6 +53,7 @@ func TestBasicKeyExpired(t *testing.T) {
 // TestSessionEndsAtExp: the platform closes the connection when the
 // session key's life ends (MQTT 5: DISCONNECT 0xA0 maximum connect time).
 func TestSessionEndsAtExp(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) { o.SessionLifetime = 300 * time.Millisecond })
 	term := e.register("A00MS8011390002S", codec.HS256)
 	c, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, true), true)
@@ -71,6 +74,7 @@ func TestSessionEndsAtExp(t *testing.T) {
 // login with flag 01, sk, an uplink envelope to an application, a downlink
 // envelope back.
 func TestMQTT311DataFlow(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	appPW := e.addApp("dash")
@@ -149,7 +153,15 @@ func TestACLDoesNotAllocate(t *testing.T) {
 		{appCl, "m2m/A00MS8011390002S/down/cmd", true},
 	}
 	for _, c := range checks {
-		if allocs := testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) }); allocs != 0 {
+		// AllocsPerRun counts the whole process's allocations: the broker's
+		// own goroutines (its $SYS ticker, a client's read loop) may
+		// allocate during one measurement. The least of three is the
+		// check's: an OnACLCheck that allocates does so in every one.
+		allocs := testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) })
+		for i := 0; i < 2 && allocs != 0; i++ {
+			allocs = min(allocs, testing.AllocsPerRun(100, func() { e.hook.OnACLCheck(c.cl, c.topic, c.write) }))
+		}
+		if allocs != 0 {
 			t.Errorf("OnACLCheck(%q, write=%v) allocates %.0f times", c.topic, c.write, allocs)
 		}
 	}
@@ -158,6 +170,7 @@ func TestACLDoesNotAllocate(t *testing.T) {
 // TestLogScanFindsLeaks is the negative control of the secret scan that
 // runs after every test of this package.
 func TestLogScanFindsLeaks(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	if e.leaks() != 0 {
@@ -171,6 +184,7 @@ func TestLogScanFindsLeaks(t *testing.T) {
 }
 
 func TestSessionsAndDisconnect(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	pw := e.addApp("dash")
@@ -178,7 +192,7 @@ func TestSessionsAndDisconnect(t *testing.T) {
 	dialV5(t, e.addr, "dash-1", "dash", pw, true)
 	// A session is listed once established, just after its CONNACK is out.
 	var got []hook.SessionInfo
-	pollUntil(liveness, func() bool { got = e.hook.Sessions(); return len(got) == 2 })
+	testwait.Until(liveness, func() bool { got = e.hook.Sessions(); return len(got) == 2 })
 	if len(got) != 2 || got[0].SN != term.sn || !got[0].SessionKey || got[0].SID == "" || got[1].App != "dash" {
 		t.Fatalf("sessions: %+v", got)
 	}

@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -19,8 +18,10 @@ const (
 )
 
 func TestLoginAccepted(t *testing.T) {
+	t.Parallel()
 	for _, alg := range []codec.Alg{codec.MD5, codec.HS256} {
 		t.Run(alg.String(), func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			term := e.register("A00MS8011390002S", alg)
 			if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != 0 {
@@ -42,6 +43,7 @@ func TestLoginAccepted(t *testing.T) {
 // TestLoginRefusals covers every refusal of SPEC section 3, under both
 // protocol versions: the CONNACK code, the reason in the metrics and log.
 func TestLoginRefusals(t *testing.T) {
+	t.Parallel()
 	type attempt struct {
 		clientID, username string
 		password           []byte
@@ -85,7 +87,7 @@ func TestLoginRefusals(t *testing.T) {
 			return attempt{term.sn, term.username(), e.login(term, false)}
 		}},
 		{"disabled", "disabled", v5NotAuthorized, func(e *env, term specTerminal) attempt {
-			if _, err := e.svc.SetStatus(context.Background(), term.sn, keysvc.StatusDisabled); err != nil {
+			if _, err := e.svc.SetStatus(t.Context(), term.sn, keysvc.StatusDisabled); err != nil {
 				e.t.Fatal(err)
 			}
 			return attempt{term.sn, term.username(), e.login(term, false)}
@@ -100,6 +102,7 @@ func TestLoginRefusals(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, nil)
 			term := e.register("A00MS8011390002S", codec.HS256)
 			a := tc.make(e, term)
@@ -121,6 +124,7 @@ func TestLoginRefusals(t *testing.T) {
 }
 
 func TestReplayedLogin(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	pw := e.login(term, false)
@@ -139,6 +143,7 @@ func TestReplayedLogin(t *testing.T) {
 
 // TestBindingEventNamesTheChange: the log says which of IMEI and IMSI changed.
 func TestBindingEventNamesTheChange(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	moved := term
@@ -156,6 +161,7 @@ func TestBindingEventNamesTheChange(t *testing.T) {
 // refused with 0x8A even with the right password; the same terminal from
 // another address still gets in.
 func TestThrottle(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	bad := term
@@ -177,9 +183,10 @@ func TestThrottle(t *testing.T) {
 // TestPendingPasswordCommits: a login with the pending new up commits the
 // change (its ack was lost), and the old up stops working.
 func TestPendingPasswordCommits(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
-	ctx := context.Background()
+	ctx := t.Context()
 	ch, err := e.svc.StartChange(ctx, term.sn, keysvc.ChangeRequest{What: codec.WhatPwd, Mode: codec.ModeCipher})
 	if err != nil {
 		t.Fatal(err)
@@ -207,6 +214,7 @@ func TestPendingPasswordCommits(t *testing.T) {
 // and another terminal's credentials under it are refused, so the session
 // of the terminal is never taken over.
 func TestClientIDBoundToSN(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	a := e.register("TERMA", codec.HS256)
 	b := e.register("TERMB", codec.HS256)

@@ -68,6 +68,7 @@ func (r *restartable) restart() {
 // CONNECT is refused when replayed inside the skew window after the broker
 // restarted (SECURITY.md, attacks tried).
 func TestLoginReplayAfterRestart(t *testing.T) {
+	t.Parallel()
 	e := newRestartable(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	captured := e.login(term, true)
@@ -97,6 +98,7 @@ func TestLoginReplayAfterRestart(t *testing.T) {
 // A change of the basic key leaves up as it is, so both messages still
 // carry a valid digest after the commit.
 func TestControlReplayAfterRestart(t *testing.T) {
+	t.Parallel()
 	e := newRestartable(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	ctl := "$m2m/" + term.sn + "/ctl"
@@ -143,6 +145,7 @@ func TestControlReplayAfterRestart(t *testing.T) {
 // on separate connections at the same moment: exactly one is accepted in
 // every round (the replay check and the record of the nonce are one step).
 func TestConcurrentLoginCopiesOneAccepted(t *testing.T) {
+	t.Parallel()
 	const rounds, copies = 100, 2
 	e := newEnv(t, func(o *hook.Options) { o.Throttle.Free = 1 << 20 }) // the losers' refusals must not throttle the address
 	term := e.register("A00MS8011390002S", codec.HS256)
@@ -225,6 +228,7 @@ func connectBytes(clientID, username string, password []byte) []byte {
 // being unavailable (0x88) under its own reason, and a control message is
 // not acted on.
 func TestReplayGuardDownFailsClosed(t *testing.T) {
+	t.Parallel()
 	var down atomic.Bool
 	e := newEnv(t, func(o *hook.Options) {
 		o.ReplayGuard = switchGuard{&down, replay.NewMemory(replay.Options{Now: o.Now})}

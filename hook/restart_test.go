@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"crypto/rand"
 	"path/filepath"
 	"slices"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/sessionstore"
 )
@@ -67,8 +67,10 @@ func storageHooks(t *testing.T) []struct {
 // hook knew nothing of the restored sessions: the per-recipient ACL refused
 // every message for them and nothing was queued.
 func TestRestoredSessionsReceiveQueuedMessages(t *testing.T) {
+	t.Parallel()
 	for _, st := range storageHooks(t) {
 		t.Run(st.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, st.add)
 			term := e.register("A00MS8011390002S", codec.HS256)
 			other := e.register("B00MS8011390002S", codec.HS256)
@@ -97,12 +99,12 @@ func TestRestoredSessionsReceiveQueuedMessages(t *testing.T) {
 					t.Fatalf("application publish: 0x%02x", rc)
 				}
 			}
-			awaitCond(t, "3 downlinks queued for the terminal's restored session", func() bool { return e.queued(term.sn) == 3 })
+			testwait.For(t, 10*time.Second, "3 downlinks queued for the terminal's restored session", func() bool { return e.queued(term.sn) == 3 })
 			tc, _ := dialV5(t, e.addr, other.sn, other.username(), e.login(other, false), true)
 			if rc := tc.publish("m2m/"+other.sn+"/up/temp", []byte("21.5"), 1); rc != 0 {
 				t.Fatalf("terminal publish: 0x%02x", rc)
 			}
-			awaitCond(t, "the uplink queued for the application's restored session", func() bool { return e.queued("dash-7") == 1 })
+			testwait.For(t, 10*time.Second, "the uplink queued for the application's restored session", func() bool { return e.queued("dash-7") == 1 })
 
 			// The terminal resumes with a new session key: the queued
 			// downlink arrives sealed under it.
@@ -138,8 +140,10 @@ func TestRestoredSessionsReceiveQueuedMessages(t *testing.T) {
 // store had lost it at the keyless login's takeover and nothing gave it
 // back.
 func TestParkedDownlinkSurvivesRestart(t *testing.T) {
+	t.Parallel()
 	for _, st := range storageHooks(t) {
 		t.Run(st.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, st.add)
 			term := e.register("A00MS8011390002S", codec.HS256, func(r *keysvc.RegisterRequest) { r.RequireEncryption = true })
 			down := "m2m/" + term.sn + "/down/cmd"
@@ -154,7 +158,7 @@ func TestParkedDownlinkSurvivesRestart(t *testing.T) {
 			if rc := app.publish(down, []byte("queued"), 1); rc != 0 {
 				t.Fatalf("application publish: 0x%02x", rc)
 			}
-			awaitCond(t, "the downlink queued", func() bool { return e.queued(term.sn) == 1 })
+			testwait.For(t, 10*time.Second, "the downlink queued", func() bool { return e.queued(term.sn) == 1 })
 			k, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), false)
 			if code != 0 {
 				t.Fatalf("keyless login: CONNACK 0x%02x", code)
@@ -220,8 +224,10 @@ func receiveSealed(t *testing.T, e *env, term specTerminal, c *v5Client, topic s
 // broker was down leaves a restored session that belongs to nobody:
 // nothing is queued for it.
 func TestRestoredSessionOfDeletedTerminal(t *testing.T) {
+	t.Parallel()
 	for _, st := range storageHooks(t) {
 		t.Run(st.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t, st.add)
 			term := e.register("A00MS8011390002S", codec.HS256)
 			c, _ := loginWithKey(t, e, term, false)
@@ -231,7 +237,7 @@ func TestRestoredSessionOfDeletedTerminal(t *testing.T) {
 			c.conn.Close()
 			e.awaitOffline(term.sn)
 			e.stop()
-			if err := e.svc.Delete(context.Background(), term.sn); err != nil {
+			if err := e.svc.Delete(t.Context(), term.sn); err != nil {
 				t.Fatal(err)
 			}
 			e.start(e.svc.Store(), nil, st.add)
@@ -313,7 +319,7 @@ func TestTakenOverSessionNotRestored(t *testing.T) {
 				t.Fatal("the offline session was not discarded")
 			}
 			for _, term := range []specTerminal{live, offline} {
-				awaitCond(t, term.sn+"'s session discarded", func() bool { _, ok := e.server.Clients.Get(term.sn); return !ok })
+				testwait.For(t, 10*time.Second, term.sn+"'s session discarded", func() bool { _, ok := e.server.Clients.Get(term.sn); return !ok })
 			}
 
 			e.stop()

@@ -32,6 +32,7 @@ func (r *heldLookup) Lookup(ctx context.Context, sn string) (*keysvc.Terminal, e
 // Revoke looked for sessions, is refused (MQTT 5 0x87) instead of
 // surviving the revocation.
 func TestRevokeRefusesALoginInFlight(t *testing.T) {
+	t.Parallel()
 	held := &heldLookup{reached: make(chan struct{}), release: make(chan struct{})}
 	e := newEnv(t, func(o *hook.Options) { held.Registry = o.Registry; o.Registry = held })
 	term := e.register("A00MS8011390002S", codec.HS256)
@@ -42,7 +43,7 @@ func TestRevokeRefusesALoginInFlight(t *testing.T) {
 		codes <- code
 	}()
 	<-reached
-	if _, _, err := e.svc.Disable(context.Background(), term.sn); err != nil {
+	if _, _, err := e.svc.Disable(t.Context(), term.sn); err != nil {
 		t.Fatal(err)
 	}
 	if n := e.hook.Revoke(term.sn, hook.RevokeDisabled); n != 0 {
@@ -56,7 +57,7 @@ func TestRevokeRefusesALoginInFlight(t *testing.T) {
 		t.Fatal("a session of the revoked terminal is registered")
 	}
 	// Enabled again, it logs in.
-	if _, err := e.svc.SetStatus(context.Background(), term.sn, keysvc.StatusActive); err != nil {
+	if _, err := e.svc.SetStatus(t.Context(), term.sn, keysvc.StatusActive); err != nil {
 		t.Fatal(err)
 	}
 	if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(term, false), true); code != 0 {

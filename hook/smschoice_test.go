@@ -14,6 +14,7 @@ import (
 // new values in ciphertext (cfg) and nothing crosses the SMS bearer in
 // plaintext — unless an operator policy explicitly honours such requests.
 func TestSMSNotChosenWhenCipherPossible(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name     string
 		policy   bool
@@ -23,6 +24,7 @@ func TestSMSNotChosenWhenCipherPossible(t *testing.T) {
 		{"operator allows SMS on request", true, "acc"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			gw, err := smstest.Start("127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)

@@ -1,7 +1,6 @@
 package hook_test
 
 import (
-	"context"
 	"crypto/rand"
 	"os"
 	"path/filepath"
@@ -34,7 +33,9 @@ func backends() []backend {
 				if current != nil {
 					current.Close() // one process at a time holds the file
 				}
-				s, err := boltstore.Open(path, boltstore.Options{MasterKey: key})
+				// NoSync: a broker these tests kill is a process, whose writes
+				// the OS keeps; only a crash of the machine needs the fsync.
+				s, err := boltstore.Open(path, boltstore.Options{MasterKey: key, NoSync: true})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -52,7 +53,7 @@ func backends() []backend {
 			}
 			token := v.TokenWithPolicy(t, "m2mguard-broker", string(policy))
 			open := func() keysvc.Store {
-				s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: token})
+				s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: token})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -88,9 +89,12 @@ func requestChange(t *testing.T, e *env, c *v5Client, term specTerminal, what st
 // TestChangesOnBothStores runs the credential-change paths of SPEC
 // section 7 against the embedded store and against a real Vault.
 func TestChangesOnBothStores(t *testing.T) {
+	t.Parallel()
 	for _, b := range backends() {
 		t.Run(b.name, func(t *testing.T) {
+			t.Parallel()
 			t.Run("CipherChangeAndAck", func(t *testing.T) {
+				t.Parallel()
 				store, _ := b.open(t)
 				e := newEnvOn(t, store, nil, nil)
 				term := e.register("A00MS8011390002S", codec.MD5)
@@ -105,6 +109,7 @@ func TestChangesOnBothStores(t *testing.T) {
 				}
 			})
 			t.Run("AckLostLoginCommits", func(t *testing.T) {
+				t.Parallel()
 				store, _ := b.open(t)
 				e := newEnvOn(t, store, nil, nil)
 				term := e.register("A00MS8011390002S", codec.HS256)
@@ -114,7 +119,7 @@ func TestChangesOnBothStores(t *testing.T) {
 				if _, code := dialV5(t, e.addr, term.sn, term.username(), e.login(next, false), true); code != 0 {
 					t.Fatalf("login with the pending values: 0x%02x", code)
 				}
-				rec, err := e.svc.Get(context.Background(), term.sn)
+				rec, err := e.svc.Get(t.Context(), term.sn)
 				if err != nil || rec.Pending != nil || string(rec.Creds.Up) != next.up {
 					t.Fatalf("not committed by the login (%v)", err)
 				}
@@ -124,8 +129,10 @@ func TestChangesOnBothStores(t *testing.T) {
 				}
 			})
 			t.Run("BrokerKilledBetweenCfgAndAck", func(t *testing.T) {
+				t.Parallel()
 				for _, resume := range []string{"new values", "old values"} {
 					t.Run(resume, func(t *testing.T) {
+						t.Parallel()
 						store, again := b.open(t)
 						e := newEnvOn(t, store, nil, nil)
 						term := e.register("A00MS8011390002S", codec.HS256)
@@ -158,7 +165,7 @@ func TestChangesOnBothStores(t *testing.T) {
 								t.Fatalf("got %v, want done", f)
 							}
 						}
-						rec, err := e.svc.Get(context.Background(), term.sn)
+						rec, err := e.svc.Get(t.Context(), term.sn)
 						if err != nil || rec.Pending != nil || string(rec.Creds.Up) != next.up {
 							t.Fatalf("store and terminal disagree after the restart (%v)", err)
 						}
@@ -174,6 +181,7 @@ func TestChangesOnBothStores(t *testing.T) {
 // succeed (the commit is idempotent), the store holds one committed change,
 // and the terminal is never locked out.
 func TestTwoBrokersRaceToCommit(t *testing.T) {
+	t.Parallel()
 	b := backends()[1]
 	for round := 0; round < 5; round++ {
 		store, again := b.open(t)
@@ -203,7 +211,7 @@ func TestTwoBrokersRaceToCommit(t *testing.T) {
 		if f := keyMessage(t, c, next); f[1] != "done" {
 			t.Fatalf("round %d: ack on the first broker: got %v, want done", round, f)
 		}
-		rec, err := other.svc.Get(context.Background(), term.sn)
+		rec, err := other.svc.Get(t.Context(), term.sn)
 		if err != nil || rec.Pending != nil || rec.LastCommitted.String() != rid || string(rec.Creds.Up) != next.up {
 			t.Fatalf("round %d: store not committed once with the new values (%v)", round, err)
 		}

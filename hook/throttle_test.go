@@ -33,6 +33,9 @@ func TestThrottleFloodBounded(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("M2MGUARD_THROTTLE_FLOOD")); err == nil && n > 0 {
 		flood, maxEntries, documented = n, 0, true // 0: the default, 100,000
 	}
+	if !documented {
+		t.Parallel() // the documented run measures rates: alone
+	}
 	e := newEnv(t, func(o *hook.Options) {
 		o.Throttle = hook.ThrottleOptions{Free: free, Base: time.Hour, MaxEntries: maxEntries}
 		if documented {

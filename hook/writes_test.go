@@ -20,27 +20,13 @@ import (
 
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/hook"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 // liveness is how long a login or an admin call may take in these tests
 // before it counts as hung: generous, so that a loaded machine never fails
 // them, and far below "until the broker restarts".
 const liveness = 15 * time.Second
-
-// pollUntil calls cond every few milliseconds until it holds or timeout
-// has passed, and reports whether it held.
-func pollUntil(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // within runs f in a goroutine and reports whether it returned within
 // timeout. f must not call t.Fatal: on a hang it outlives the test's
@@ -200,6 +186,7 @@ func garbageControl(sn string) packets.Packet {
 // goes; the genuine terminal's login with the same sn (a takeover of a
 // wedged connection) completes.
 func TestNonReadingSessionCannotWedgeLoginOrAdmin(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name      string
 		withKey   bool // the attacker's login asks for a session key
@@ -237,6 +224,7 @@ func TestNonReadingSessionCannotWedgeLoginOrAdmin(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name+"/admin disconnect", func(t *testing.T) {
+			t.Parallel()
 			e, term := start(t, tc.tune, tc.setup)
 			wedge(t, e, term, tc.withKey, tc.subscribe, encode(t, tc.packet(term.sn)))
 			var err error
@@ -248,14 +236,13 @@ func TestNonReadingSessionCannotWedgeLoginOrAdmin(t *testing.T) {
 			if err != nil && !errors.Is(err, hook.ErrNoSession) { // ErrNoSession: the hook ended it already
 				t.Fatalf("Hook.Disconnect: %v", err)
 			}
-			if !pollUntil(liveness, func() bool {
+			testwait.For(t, liveness, "the wedged session gone after Hook.Disconnect", func() bool {
 				cl, ok := e.server.Clients.Get(term.sn)
 				return !hasSession(e.hook, term.sn) && (!ok || cl.Closed())
-			}) {
-				t.Fatal("the wedged session is still there after Hook.Disconnect")
-			}
+			})
 		})
 		t.Run(tc.name+"/takeover", func(t *testing.T) {
+			t.Parallel()
 			e, term := start(t, tc.tune, tc.setup)
 			wedge(t, e, term, tc.withKey, tc.subscribe, encode(t, tc.packet(term.sn)))
 			start := time.Now()
@@ -298,11 +285,11 @@ func TestUnsubscribedControlFloodBounded(t *testing.T) {
 
 	// Wait until the broker has handled the flood: the session ended, or
 	// every message was refused.
-	closed := pollUntil(liveness, func() bool {
+	closed := testwait.Until(liveness, func() bool {
 		cl, ok := e.server.Clients.Get(term.sn)
 		return !ok || cl.Closed()
 	})
-	pollUntil(liveness, func() bool {
+	testwait.Until(liveness, func() bool {
 		return closed || e.counter("m2mguard_changes_total", "event", "refused") >= float64(sent)
 	})
 	refused := e.counter("m2mguard_changes_total", "event", "refused")
@@ -330,6 +317,7 @@ func TestUnsubscribedControlFloodBounded(t *testing.T) {
 // written (mochi then never calls OnDisconnect), leave no session behind:
 // none listed, the gauge back to 0, no client entry for clean sessions.
 func TestResetBeforeConnackLeavesNoSession(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	term := e.register("A00MS8011390002S", codec.HS256)
 	resetAfterConnect := func(clean bool) {
@@ -370,10 +358,10 @@ func TestResetBeforeConnackLeavesNoSession(t *testing.T) {
 		attempts += phase.attempts
 		// Let the hook see every CONNECT that reached it (a reset may also
 		// beat mochi's read of the CONNECT: then the hook never sees it).
-		if !pollUntil(liveness, func() bool { return seen() == float64(attempts) }) {
+		if !testwait.Until(liveness, func() bool { return seen() == float64(attempts) }) {
 			t.Logf("the hook saw %v of %d CONNECTs", seen(), attempts)
 		}
-		if !pollUntil(liveness, func() bool { return settled(phase.clean) }) {
+		if !testwait.Until(liveness, func() bool { return settled(phase.clean) }) {
 			_, ok := e.server.Clients.Get(term.sn)
 			t.Fatalf("after %d logins reset before their CONNACK (clean=%v): %d sessions listed, gauge %v, client entry kept: %v",
 				phase.attempts, phase.clean, len(e.hook.Sessions()), e.gauge("m2mguard_sessions"), ok)
@@ -396,6 +384,7 @@ func TestResetBeforeConnackLeavesNoSession(t *testing.T) {
 // an events_suppressed summary with the number left out; the metric
 // counts every refusal.
 func TestRefusalEventsRateLimited(t *testing.T) {
+	t.Parallel()
 	const rate, attempts = 5, 300
 	e := newEnv(t, func(o *hook.Options) { o.EventRate = rate })
 	term := e.register("A00MS8011390002S", codec.HS256)
@@ -432,7 +421,7 @@ func TestRefusalEventsRateLimited(t *testing.T) {
 		return events, suppressed
 	}
 	var events, suppressed int
-	if !pollUntil(liveness, func() bool { events, suppressed = logged(); return events+suppressed == attempts }) {
+	if !testwait.Until(liveness, func() bool { events, suppressed = logged(); return events+suppressed == attempts }) {
 		t.Fatalf("%d login_refused events logged and %d reported suppressed, want %d in all", events, suppressed, attempts)
 	}
 	limit := rate + rate*int(elapsed/time.Second+1) // the burst, then rate per second begun
@@ -447,6 +436,7 @@ func TestRefusalEventsRateLimited(t *testing.T) {
 // operator starts) is dropped after WriteTimeout; the operator's call
 // returns at once.
 func TestStalledKeyWriteDropsClient(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(o *hook.Options) { o.WriteTimeout = 300 * time.Millisecond })
 	term := e.register("A00MS8011390002S", codec.HS256)
 	app, code := dialV5(t, e.addr, "dash-1", "dash", e.addApp("dash"), true)
@@ -468,12 +458,10 @@ func TestStalledKeyWriteDropsClient(t *testing.T) {
 	if err != nil {
 		t.Fatalf("StartChange: %v", err)
 	}
-	if !pollUntil(liveness, func() bool {
+	testwait.For(t, liveness, "a terminal that does not read its key message disconnected", func() bool {
 		cl, ok := e.server.Clients.Get(term.sn)
 		return !ok || cl.Closed()
-	}) {
-		t.Fatal("a terminal that does not read its key message is still connected")
-	}
+	})
 	if !strings.Contains(e.logs.String(), `"reason":"key-write-stalled"`) {
 		t.Fatal("no session_ended event with reason key-write-stalled")
 	}
@@ -510,7 +498,7 @@ func TestControlFloodWithRelogins(t *testing.T) {
 		sent += n
 		c.conn.Close()
 	}
-	if !pollUntil(liveness, func() bool { return len(e.hook.Sessions()) == 0 }) {
+	if !testwait.Until(liveness, func() bool { return len(e.hook.Sessions()) == 0 }) {
 		t.Errorf("%d sessions left", len(e.hook.Sessions()))
 	}
 	runtime.GC()

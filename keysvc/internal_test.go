@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 func TestNewPasswordNoBias(t *testing.T) {
@@ -130,11 +132,11 @@ func TestCacheDedupAndDropInFlight(t *testing.T) {
 			}
 		})
 	}
-	for f.calls.Load() == 0 {
-		time.Sleep(time.Millisecond)
-	}
-	time.Sleep(10 * time.Millisecond) // let the others queue on the flight
-	c.drop("A")                       // a local write while the fetch runs
+	testwait.For(t, 10*time.Second, "the fetch started", func() bool { return f.calls.Load() > 0 })
+	// Not observable from here (they wait on the flight's channel): give
+	// the others the moment they need to join the flight.
+	time.Sleep(10 * time.Millisecond)
+	c.drop("A") // a local write while the fetch runs
 	close(f.gate)
 	wg.Wait()
 	if n := f.calls.Load(); n != 1 {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/netguard"
 )
 
@@ -53,16 +54,6 @@ func closedWithin(c net.Conn, wait time.Duration) bool {
 	return err != nil && !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// waitFor polls cond until it is true or fails t after a generous timeout.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
-}
-
 func TestSlowLorisClosed(t *testing.T) {
 	l := listen(t, netguard.New(netguard.Options{ConnectTimeout: 100 * time.Millisecond}))
 	go serve(l)
@@ -102,7 +93,7 @@ func TestPerAddrLimit(t *testing.T) {
 	}
 	// A slot is freed when a connection closes.
 	conns[0].Close()
-	waitFor(t, "the closed connection's slot", func() bool { return g.Stats().Open == 3 })
+	testwait.For(t, 10*time.Second, "the closed connection's slot", func() bool { return g.Stats().Open == 3 })
 	again := dial(t, l.Addr().String())
 	if closedWithin(again, 100*time.Millisecond) {
 		t.Fatal("a freed slot was not reused")
@@ -135,14 +126,14 @@ func TestLimitsSharedAcrossListeners(t *testing.T) {
 			go serve(b)
 			dial(t, a.Addr().String())
 			dial(t, b.Addr().String())
-			waitFor(t, "two open connections", func() bool { return g.Stats().Open == 2 })
+			testwait.For(t, 10*time.Second, "two open connections", func() bool { return g.Stats().Open == 2 })
 			if !closedWithin(dial(t, a.Addr().String()), 5*time.Second) || !closedWithin(dial(t, b.Addr().String()), 5*time.Second) {
 				t.Fatal("a third connection was kept on one of the listeners")
 			}
 			// OnRefuse runs after the refused socket is closed: wait for it.
 			refused := func() string { mu.Lock(); defer mu.Unlock(); return fmt.Sprint(reasons) }
 			want := fmt.Sprint([]string{tc.reason, tc.reason})
-			waitFor(t, "two refusals "+tc.reason, func() bool { return refused() == want })
+			testwait.For(t, 10*time.Second, "two refusals "+tc.reason, func() bool { return refused() == want })
 		})
 	}
 }

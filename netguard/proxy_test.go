@@ -14,6 +14,7 @@ import (
 
 	proxyproto "github.com/pires/go-proxyproto"
 
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/netguard"
 )
 
@@ -187,7 +188,7 @@ func TestProxyHeaderRefused(t *testing.T) {
 			if !closedWithin(c, 5*time.Second) {
 				t.Fatal("the refused connection is still open")
 			}
-			waitFor(t, "the slot released", func() bool { return g.Stats().Open == 0 })
+			testwait.For(t, 10*time.Second, "the slot released", func() bool { return g.Stats().Open == 0 })
 			mu.Lock()
 			defer mu.Unlock()
 			want := []string{}
@@ -216,7 +217,7 @@ func TestProxyLocalIsTheProxys(t *testing.T) {
 	l := listen(t, g)
 	ch := acceptor(t, l, 1)
 	first := dialFrom(t, "127.0.0.1", l.Addr().String(), local)
-	waitFor(t, "the LOCAL connection counted", func() bool { return g.Stats().ProxyLocal == 1 })
+	testwait.For(t, 10*time.Second, "the LOCAL connection counted", func() bool { return g.Stats().ProxyLocal == 1 })
 	// The proxy's own address is counted: a second LOCAL connection is over
 	// MaxPerAddr 1 while the first is open.
 	second := dialFrom(t, "127.0.0.1", l.Addr().String(), local)
@@ -246,7 +247,7 @@ func TestProxyPerAddrCountsClient(t *testing.T) {
 	ch := acceptor(t, l, 1)
 	for i, client := range []string{"127.0.0.2:1", "127.0.0.3:1", "127.0.0.4:1"} {
 		dialFrom(t, "127.0.0.1", l.Addr().String(), header(t, 2, client))
-		waitFor(t, "the connection counted", func() bool { return g.Stats().Open == i+1 })
+		testwait.For(t, 10*time.Second, "the connection counted", func() bool { return g.Stats().Open == i+1 })
 	}
 	over := dialFrom(t, "127.0.0.1", l.Addr().String(), header(t, 2, "127.0.0.3:2"))
 	if s := next(t, ch); !errors.Is(s.err, netguard.ErrRefused) || s.remote != "127.0.0.3:2" {
@@ -255,7 +256,7 @@ func TestProxyPerAddrCountsClient(t *testing.T) {
 	if !closedWithin(over, 5*time.Second) {
 		t.Fatal("the connection over the client's limit is open")
 	}
-	waitFor(t, "three open", func() bool { return g.Stats().Open == 3 })
+	testwait.For(t, 10*time.Second, "three open", func() bool { return g.Stats().Open == 3 })
 	mu.Lock()
 	defer mu.Unlock()
 	if fmt.Sprint(reasons) != "[127.0.0.3 per-addr]" || g.Stats().RefusedPerAddr != 1 {
@@ -273,7 +274,7 @@ func TestSilentProxyDoesNotBlockAccept(t *testing.T) {
 	for range 8 {
 		dialFrom(t, "127.0.0.1", l.Addr().String(), nil) // silent
 	}
-	waitFor(t, "the silent connections accepted", func() bool { return g.Stats().Open == 8 })
+	testwait.For(t, 10*time.Second, "the silent connections accepted", func() bool { return g.Stats().Open == 8 })
 	dialFrom(t, "127.0.0.1", l.Addr().String(), append(header(t, 2, "127.0.0.2:7"), 'x'))
 	if s := next(t, ch); s.remote != "127.0.0.2:7" || string(s.data) != "x" {
 		t.Fatalf("served %+v behind 8 silent proxy connections", s)
@@ -442,14 +443,14 @@ func TestCloseEndsPendingHandshakes(t *testing.T) {
 	for range 3 {
 		dialFrom(t, "127.0.0.1", l.Addr().String(), nil) // silent
 	}
-	waitFor(t, "three pending connections", func() bool { return g.Stats().Open == 3 })
+	testwait.For(t, 10*time.Second, "three pending connections", func() bool { return g.Stats().Open == 3 })
 	l.Close()
 	for range 3 {
 		if s := next(t, ch); s.err == nil {
 			t.Fatalf("served %+v after Close", s)
 		}
 	}
-	waitFor(t, "the slots released", func() bool { return g.Stats().Open == 0 })
+	testwait.For(t, 10*time.Second, "the slots released", func() bool { return g.Stats().Open == 0 })
 	if st := g.Stats(); st.RefusedProxyInvalid != 0 {
 		t.Fatalf("connections closed by the listener counted as refused: %+v", st)
 	}

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 // clock is a settable test clock.
@@ -28,16 +30,6 @@ func (c *clock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
 func (c *clock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
-
-// checkFor polls cond until it holds or 10 s have passed.
-func checkFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after 10 s: %s", what)
-		}
-	}
-}
 
 // guards returns a memory and a file guard on c.
 func guards(t *testing.T, c *clock) map[string]*Guard {
@@ -324,7 +316,7 @@ func TestExpiredWindowsDropped(t *testing.T) {
 		t.Fatalf("Len %d, %d records on disk; want 1000", g.Len(), len(readDir(t, dir)))
 	}
 	c.advance(2 * time.Minute)
-	checkFor(t, "expired claims dropped and their file removed", func() bool {
+	testwait.For(t, 10*time.Second, "expired claims dropped and their file removed", func() bool {
 		files, _ := filepath.Glob(filepath.Join(dir, filePrefix+"*"))
 		return g.Len() == 0 && len(files) == 0
 	})

@@ -39,6 +39,7 @@ func TestSMSBodyNeverLogged(t *testing.T) {
 		smsChild()
 		return
 	}
+	t.Parallel()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSMSBodyNeverLogged$", "-test.v")
 	cmd.Env = append(os.Environ(), "M2MGUARD_SMS_CHILD=1")
 	out, err := cmd.CombinedOutput()

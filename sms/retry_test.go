@@ -25,6 +25,7 @@ import (
 // shorter. Only lower bounds on the waits are asserted: a timer never
 // fires early, however loaded the machine.
 func TestSMSRetryAfterHonoured(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name       string
 		code       int
@@ -36,6 +37,7 @@ func TestSMSRetryAfterHonoured(t *testing.T) {
 		{"503 date", http.StatusServiceUnavailable, func() string { return time.Now().Add(2 * time.Second).UTC().Format(http.TimeFormat) }, time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			gw, err := smstest.Start("127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
@@ -44,7 +46,7 @@ func TestSMSRetryAfterHonoured(t *testing.T) {
 			gw.FailNextWith(1, tc.code)
 			gw.RetryAfter(tc.retryAfter())
 			s := sms.HTTPSender{URL: gw.URL() + "/send", Retries: 2, Backoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
-			if err := s.Send(context.Background(), "+8613800000001", "M2M1.acc.secret"); err != nil {
+			if err := s.Send(t.Context(), "+8613800000001", "M2M1.acc.secret"); err != nil {
 				t.Fatalf("send: %v", err)
 			}
 			at := gw.Arrivals()
@@ -81,7 +83,7 @@ func TestSMSRetryAfterBeyondWhatTheSendMayWait(t *testing.T) {
 			defer gw.Close()
 			gw.FailNextWith(1, http.StatusTooManyRequests)
 			gw.RetryAfter(tc.retryAfter)
-			ctx := context.Background()
+			ctx := t.Context()
 			if tc.ctxTimeout > 0 {
 				var cancel context.CancelFunc
 				ctx, cancel = context.WithTimeout(ctx, tc.ctxTimeout)
@@ -138,7 +140,7 @@ func TestSMSRetriesAgainstGateway(t *testing.T) {
 	logs := &syncbuf.Buffer{}
 	s := sms.HTTPSender{URL: gw.URL() + "/send", Retries: 4, Backoff: 40 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
 		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	if err := s.Send(context.Background(), "+8613800000001", "M2M1.acc.secret"); err != nil {
+	if err := s.Send(t.Context(), "+8613800000001", "M2M1.acc.secret"); err != nil {
 		t.Fatal(err)
 	}
 	var waits []time.Duration
@@ -191,7 +193,7 @@ func TestSMSMetrics(t *testing.T) {
 	}
 	defer gw.Close()
 	s := sms.HTTPSender{URL: gw.URL() + "/send", Retries: 1, Backoff: time.Millisecond, Observer: m}
-	send := func() error { return s.Send(context.Background(), "+8613800000001", "M2M1.acc.secret") }
+	send := func() error { return s.Send(t.Context(), "+8613800000001", "M2M1.acc.secret") }
 	send()                                      // sent
 	gw.FailNext(1)                              //
 	send()                                      // sent after a retry

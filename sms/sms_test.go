@@ -1,7 +1,6 @@
 package sms_test
 
 import (
-	"context"
 	"errors"
 	"net/http"
 	"strings"
@@ -51,7 +50,7 @@ func TestHTTPSender(t *testing.T) {
 			s := tc.sender
 			s.URL = gw.URL() + "/send"
 			s.Backoff, s.MaxBackoff = time.Millisecond, 2*time.Millisecond
-			err = s.Send(context.Background(), "+8613800000001", "M2M1.cfg.secret")
+			err = s.Send(t.Context(), "+8613800000001", "M2M1.cfg.secret")
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err %v", err)
 			}
@@ -87,7 +86,7 @@ func TestHTTPSenderTimeout(t *testing.T) {
 	defer gw.Close()
 	gw.Delay(5 * time.Second)
 	s := sms.HTTPSender{URL: gw.URL() + "/send", Timeout: 50 * time.Millisecond, Retries: 1, Backoff: time.Millisecond}
-	if err := s.Send(context.Background(), "1", "x"); err == nil {
+	if err := s.Send(t.Context(), "1", "x"); err == nil {
 		t.Fatal("no timeout")
 	}
 	if gw.Sends() != 2 {
@@ -99,7 +98,7 @@ func TestHTTPSenderTimeout(t *testing.T) {
 }
 
 func TestHTTPSenderNoURL(t *testing.T) {
-	if err := (&sms.HTTPSender{}).Send(context.Background(), "1", "x"); !errors.Is(err, sms.ErrNoURL) {
+	if err := (&sms.HTTPSender{}).Send(t.Context(), "1", "x"); !errors.Is(err, sms.ErrNoURL) {
 		t.Fatal(err)
 	}
 }

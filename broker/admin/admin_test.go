@@ -44,7 +44,7 @@ func newEnv(t *testing.T) *env {
 	cfg := broker.Default()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.MQTT.TCP, cfg.MQTT.WS, cfg.Admin.Listen = "127.0.0.1:0", "", ""
-	b, err := broker.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	b, err := broker.Start(t.Context(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,6 +149,7 @@ func (e *env) run(steps []step) {
 var t1 = adminapi.RegisterRequest{SN: "T1", IMEI: "354494040518570", IMSI: "460020084678120"}
 
 func TestTerminalsEndpoints(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	status, body := e.call(token, "POST", "/v1/terminals", t1)
 	if status != http.StatusCreated {
@@ -196,6 +197,7 @@ func TestTerminalsEndpoints(t *testing.T) {
 }
 
 func TestChangesEndpoints(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	e.register(t1)
 	e.run([]step{
@@ -210,6 +212,7 @@ func TestChangesEndpoints(t *testing.T) {
 }
 
 func TestImportStreamsReport(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	csv := "sn,imei,imsi,msisdn,alg\n" +
 		"I1,354494040518570,460020084678120,,\n" +
@@ -248,6 +251,7 @@ func TestImportStreamsReport(t *testing.T) {
 }
 
 func TestSessionsAndApps(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	b := e.register(t1)
 
@@ -283,6 +287,7 @@ func TestSessionsAndApps(t *testing.T) {
 // answer (the unauthenticated /healthz included) carries the store's
 // internal error: it goes to the broker's log.
 func TestStoreUnavailable(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	e.b.Service().Store().Close()
 	e.run([]step{
@@ -299,6 +304,7 @@ func TestStoreUnavailable(t *testing.T) {
 // may name files, addresses or the layers it went through, goes to the
 // log only.
 func TestInternalErrorsNotEchoed(t *testing.T) {
+	t.Parallel()
 	const secret = "keysvc: boltstore: open /var/lib/secret-path: entropy source failed"
 	e := newEnv(t)
 	broken := serve(t, e.b, admin.Options{Terminals: e.b.Service(), Apps: e.b.Service(), Sessions: e.b.Hook(),
@@ -311,7 +317,7 @@ func TestInternalErrorsNotEchoed(t *testing.T) {
 	// A real store does not fail half-way through an import on demand: a
 	// registry that stores the first batch, then fails, does.
 	failing := serve(t, e.b, admin.Options{Terminals: failingImport{e.b.Service(), secret}, Apps: e.b.Service(), Sessions: e.b.Hook()})
-	rep, err := failing.api.ImportTerminals(context.Background(), strings.NewReader("sn,imei,imsi\nF1,354494040518570,460020084678120\n"), nil)
+	rep, err := failing.api.ImportTerminals(t.Context(), strings.NewReader("sn,imei,imsi\nF1,354494040518570,460020084678120\n"), nil)
 	if !errors.Is(err, adminapi.ErrImportStopped) || rep == nil || rep.Created != 1 {
 		t.Fatalf("import = %+v, %v; want the report of 1 created and ErrImportStopped", rep, err)
 	}
@@ -335,7 +341,7 @@ func (f failingImport) Import(ctx context.Context, r io.Reader, opts keysvc.Impo
 // register registers req with the client.
 func (e *env) register(req adminapi.RegisterRequest) *adminapi.Bundle {
 	e.t.Helper()
-	b, err := e.api.Register(context.Background(), req)
+	b, err := e.api.Register(e.t.Context(), req)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -351,7 +357,7 @@ func connect(t *testing.T, addr string, b *adminapi.Bundle) *client.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	if err := c.Connect(ctx); err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 // unknown ones, with and without a token, even raw CONNECT requests —
 // creates no label value of its own.
 func TestAdminRequestMetricsBounded(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	if status, body := e.call(token, "POST", "/v1/terminals", t1); status != http.StatusCreated {
 		t.Fatalf("register: %d %s", status, body)

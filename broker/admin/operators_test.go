@@ -44,6 +44,7 @@ func newOperatorsEnv(t *testing.T) (*env, *syncbuf.Buffer) {
 }
 
 func TestParseOperators(t *testing.T) {
+	t.Parallel()
 	hash := strings.Repeat("ab", 32)
 	for _, tc := range []struct {
 		name, file, err string
@@ -109,6 +110,7 @@ func FuzzParseOperators(f *testing.F) {
 // what a full operator reads. The admin token and a full named token are
 // not refused.
 func TestReadOnlyOperatorForbidden(t *testing.T) {
+	t.Parallel()
 	e, logs := newOperatorsEnv(t)
 	e.register(t1)
 	changes := []struct{ method, path, body string }{
@@ -176,6 +178,7 @@ func TestReadOnlyOperatorForbidden(t *testing.T) {
 
 // TestOperatorInAuditLines: every change names the operator who made it.
 func TestOperatorInAuditLines(t *testing.T) {
+	t.Parallel()
 	e, logs := newOperatorsEnv(t)
 	alice, err := adminapi.New(e.srv.URL, aliceToken, &adminapi.Options{HTTPClient: e.srv.Client()})
 	if err != nil {
@@ -253,6 +256,7 @@ func jsonLines(t *testing.T, s string) []map[string]any {
 // TestReports: the three reports over a registry of several pages, with
 // last logins from the broker's table.
 func TestReports(t *testing.T) {
+	t.Parallel()
 	e, _ := newOperatorsEnv(t)
 	ctx := t.Context()
 	svc := e.b.Service()
@@ -322,6 +326,7 @@ func TestReports(t *testing.T) {
 // stored is streamed, once; rejected rows have none, and without the flag
 // no secret is in the answer.
 func TestImportReturnsCreds(t *testing.T) {
+	t.Parallel()
 	e, logs := newOperatorsEnv(t)
 	ctx := t.Context()
 	const rows = "sn,imei,imsi,up,down\n" +

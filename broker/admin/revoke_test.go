@@ -8,23 +8,12 @@ import (
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
-
-// waitFor polls cond every 10 ms until it holds or timeout passes.
-func waitFor(timeout time.Duration, cond func() bool) bool {
-	for deadline := time.Now().Add(timeout); ; time.Sleep(10 * time.Millisecond) {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-	}
-}
 
 func (e *env) listed(clientID string) bool {
 	e.t.Helper()
-	ss, err := e.api.Sessions(context.Background())
+	ss, err := e.api.Sessions(e.t.Context())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -41,7 +30,7 @@ func dial(t *testing.T, addr string, b *adminapi.Bundle, sessionKey bool) *clien
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	if err := c.Connect(ctx); err != nil {
 		t.Fatal(err)
@@ -55,6 +44,7 @@ func dial(t *testing.T, addr string, b *adminapi.Bundle, sessionKey bool) *clien
 // and in plaintext, which otherwise never ends — and its logins are
 // refused afterwards.
 func TestDisableAndDeleteEndLiveSessions(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name       string
 		sessionKey bool
@@ -68,19 +58,16 @@ func TestDisableAndDeleteEndLiveSessions(t *testing.T) {
 		{"delete in plaintext", false, "DELETE", "/v1/terminals/T1", 204},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			e := newEnv(t)
 			b := e.register(t1)
 			c := dial(t, e.b.Addr("tcp"), b, tc.sessionKey)
-			if !waitFor(5*time.Second, func() bool { return e.listed("T1") }) {
-				t.Fatal("session not listed")
-			}
+			testwait.For(t, 5*time.Second, "the session listed", func() bool { return e.listed("T1") })
 			if status, body := e.call(token, tc.method, tc.path, nil); status != tc.status {
 				t.Fatalf("%s %s: %d %s", tc.method, tc.path, status, body)
 			}
-			if !waitFor(2*time.Second, func() bool { return !e.listed("T1") }) {
-				t.Fatal("the live session survived: still listed 2 s later")
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			testwait.For(t, 2*time.Second, "the live session ended (no longer listed)", func() bool { return !e.listed("T1") })
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 			defer cancel()
 			if err := c.Publish(ctx, "temp", []byte("after"), 1); err == nil {
 				t.Fatal("the terminal still publishes")
@@ -95,14 +82,13 @@ func TestDisableAndDeleteEndLiveSessions(t *testing.T) {
 // a change cannot start while disabled; after enable the genuine device
 // logs in with the values it always had.
 func TestNoChangeForDisabledTerminal(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	b := e.register(t1)
 	// The attacker's session: the reference client, which answers a cfg
 	// with an ack on its own.
 	dial(t, e.b.Addr("tcp"), b, true)
-	if !waitFor(5*time.Second, func() bool { return e.listed("T1") }) {
-		t.Fatal("session not listed")
-	}
+	testwait.For(t, 5*time.Second, "the session listed", func() bool { return e.listed("T1") })
 	// A change pending for another, offline terminal is cancelled by the disable.
 	b2 := e.register(adminapi.RegisterRequest{SN: "T2", IMEI: "354494040518571", IMSI: "460020084678121"})
 	e.run([]step{
@@ -114,7 +100,10 @@ func TestNoChangeForDisabledTerminal(t *testing.T) {
 		{name: "nothing pending", method: "GET", path: "/v1/terminals/T1/changes", status: 404},
 	})
 	// Give a wrongly delivered cfg the time to be acked and committed.
-	waitFor(time.Second, func() bool { return false })
+	testwait.Never(t, time.Second, "a change committed for the disabled T1", func() bool {
+		rec, err := e.b.Service().Get(t.Context(), "T1")
+		return err == nil && rec.LastCommitted != 0
+	})
 	e.run([]step{
 		{name: "enable T1", method: "POST", path: "/v1/terminals/T1/enable", status: 200, not: `"last_committed"`},
 		{name: "enable T2", method: "POST", path: "/v1/terminals/T2/enable", status: 200},
@@ -129,14 +118,13 @@ func TestNoChangeForDisabledTerminal(t *testing.T) {
 // into the device, enable — locks the holder of the old values out and
 // lets the device in with the new ones.
 func TestRekeyRotatesOutOfBand(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	old := e.register(t1)
 	dial(t, e.b.Addr("tcp"), old, true) // the attacker's copy
 	e.run([]step{{name: "disable", method: "POST", path: "/v1/terminals/T1/disable", status: 200}})
-	if !waitFor(2*time.Second, func() bool { return !e.listed("T1") }) {
-		t.Fatal("session survived the disable")
-	}
-	fresh, err := e.api.RekeyTerminal(context.Background(), "T1")
+	testwait.For(t, 2*time.Second, "the session ended by the disable", func() bool { return !e.listed("T1") })
+	fresh, err := e.api.RekeyTerminal(t.Context(), "T1")
 	if err != nil || fresh.Up == old.Up || fresh.Down == old.Down || fresh.BK == old.BK {
 		t.Fatalf("rekey: %v", err)
 	}
@@ -151,7 +139,7 @@ func TestRekeyRotatesOutOfBand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
 	defer cancel()
 	if err := c.Connect(ctx); err == nil {
 		t.Fatal("the old values still log in")

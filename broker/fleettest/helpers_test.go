@@ -23,6 +23,7 @@ import (
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
@@ -235,16 +236,11 @@ func closedWithin(c net.Conn, d time.Duration) bool {
 	}
 }
 
-// checkFor polls cond every 10 ms until it is true or timeout passes.
+// checkFor polls cond until it is true or fails t when timeout passes
+// (testwait.For).
 func checkFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, timeout, what, cond)
 }
 
 // holds reports which members hold a live session of clientID, by their

@@ -32,6 +32,7 @@ func testBroker(t testing.TB, mode string, terms []*Terminal) *Broker {
 // TestRunLoad drives a few clients of every kind through a connect storm and
 // a short publish load. It checks counts, never times.
 func TestRunLoad(t *testing.T) {
+	t.Parallel()
 	terms := genTerminals(4)
 	tests := []struct {
 		name, mode, kind string
@@ -45,6 +46,7 @@ func TestRunLoad(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
 			b := testBroker(t, tt.mode, terms)
 			cfg := LoadConfig{Addr: b.Addr, Kind: tt.kind, SessionKey: tt.sessionKey, Terminals: terms, N: len(terms),
 				Concurrency: 2, RTTSamples: 2, Publishers: 2, QoS: 1, PayloadSize: 32}
@@ -58,7 +60,7 @@ func TestRunLoad(t *testing.T) {
 			var before bool
 			cfg.BeforeStorm = func() { before = true }
 			cfg.AfterConnect = func() { mem = b.Mem() }
-			res, err := RunLoad(context.Background(), cfg)
+			res, err := RunLoad(t.Context(), cfg)
 			if err != nil {
 				t.Fatal(err)
 			}

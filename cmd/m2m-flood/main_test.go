@@ -4,54 +4,79 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/internal/stats"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
+
+// TestMain runs 4 parallel tests per CPU at a time, not go test's default
+// of one: the scenarios of TestSuiteProducesFigures wait for broker
+// processes of their own (attack, cool-down, shutdown).
+func TestMain(m *testing.M) {
+	testwait.SetParallel(4)
+	os.Exit(m.Run())
+}
 
 // TestSuiteProducesFigures builds the broker, runs every scenario for about
 // a second with small numbers and checks that each produced its figures.
 // It asserts nothing about the figures themselves: the suite must run
-// against the vulnerable broker and the fixed one alike.
+// against the vulnerable broker and the fixed one alike. Each scenario runs
+// a broker process of its own, so the scenarios run side by side, one
+// m2m-flood run each, on the binary built once.
 func TestSuiteProducesFigures(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the broker binary")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	var out, errb bytes.Buffer
-	code := run(ctx, []string{"--json", "--seconds", "1", "--cooldown", "0.5", "--connect-timeout", "1",
-		"--app-workers", "4", "--throttle-workers", "2", "--ws-conns", "20", "--ws-grace", "0.5",
-		"--phantoms", "20", "--wedge-timeout", "2", "--genuine-interval", "50ms"}, &out, &errb)
-	if code != exitOK {
-		t.Fatalf("exit %d\n%s", code, errb.String())
-	}
-	var res struct {
-		Results []struct {
-			Scenario      string         `json:"scenario"`
-			AttackSeconds float64        `json:"attack_seconds"`
-			RSS           RSS            `json:"rss"`
-			Genuine       *LoginStats    `json:"genuine_during"`
-			GenuineAfter  *LoginStats    `json:"genuine_after"`
-			Detail        map[string]any `json:"detail"`
-			Checks        []Check        `json:"checks"`
-			Shutdown      string         `json:"shutdown"`
-			Error         string         `json:"error"`
-		} `json:"results"`
-	}
-	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
-		t.Fatalf("JSON: %v\n%s", err, out.String())
+	t.Parallel()
+	bin, err := buildBroker(t.Context(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
 	}
 	// Each scenario's figure that shows the attack took place.
 	ran := map[string]string{"app": "attempts", "wedge": "sent", "throttle": "attempts", "ws": "conns", "control": "sent", "phantom": "reset"}
 	genuine := map[string]bool{"app": true, "throttle": true}
-	if len(res.Results) != len(ran) {
-		t.Fatalf("%d results, want %d", len(res.Results), len(ran))
+	if names := scenarioNames(); len(names) != len(ran) {
+		t.Fatalf("scenarios %v, want the %d of ran", names, len(ran))
 	}
-	for _, r := range res.Results {
-		t.Run(r.Scenario, func(t *testing.T) {
+	for _, name := range scenarioNames() {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			if ran[name] == "" {
+				t.Fatalf("scenario %s: no figure to check", name)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+			defer cancel()
+			var out, errb bytes.Buffer
+			code := run(ctx, []string{"--json", "--broker", bin, "--scenario", name, "--seconds", "1", "--cooldown", "0.5", "--connect-timeout", "1",
+				"--app-workers", "4", "--throttle-workers", "2", "--ws-conns", "20", "--ws-grace", "0.5",
+				"--phantoms", "20", "--wedge-timeout", "2", "--genuine-interval", "50ms"}, &out, &errb)
+			if code != exitOK {
+				t.Fatalf("exit %d\n%s", code, errb.String())
+			}
+			var res struct {
+				Results []struct {
+					Scenario      string         `json:"scenario"`
+					AttackSeconds float64        `json:"attack_seconds"`
+					RSS           RSS            `json:"rss"`
+					Genuine       *LoginStats    `json:"genuine_during"`
+					GenuineAfter  *LoginStats    `json:"genuine_after"`
+					Detail        map[string]any `json:"detail"`
+					Checks        []Check        `json:"checks"`
+					Shutdown      string         `json:"shutdown"`
+					Error         string         `json:"error"`
+				} `json:"results"`
+			}
+			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+				t.Fatalf("JSON: %v\n%s", err, out.String())
+			}
+			if len(res.Results) != 1 || res.Results[0].Scenario != name {
+				t.Fatalf("%d results, want the one of %s", len(res.Results), name)
+			}
+			r := res.Results[0]
 			if r.Error != "" || r.Shutdown == "" || r.AttackSeconds <= 0 || len(r.Checks) == 0 {
 				t.Fatalf("error %q, shutdown %q, %.1f s, %d checks", r.Error, r.Shutdown, r.AttackSeconds, len(r.Checks))
 			}
@@ -118,10 +143,10 @@ func TestParseFlags(t *testing.T) {
 		}
 	}
 	var out, errb bytes.Buffer
-	if code := run(context.Background(), []string{"--scenario", "nope"}, &out, &errb); code != exitUsage {
+	if code := run(t.Context(), []string{"--scenario", "nope"}, &out, &errb); code != exitUsage {
 		t.Errorf("bad scenario: exit %d", code)
 	}
-	if code := run(context.Background(), []string{"-h"}, &out, &errb); code != exitOK || !strings.Contains(errb.String(), "Scenarios: app, wedge") {
+	if code := run(t.Context(), []string{"-h"}, &out, &errb); code != exitOK || !strings.Contains(errb.String(), "Scenarios: app, wedge") {
 		t.Errorf("-h: exit %d\n%s", code, errb.String())
 	}
 }

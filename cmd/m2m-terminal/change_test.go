@@ -13,6 +13,7 @@ import (
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
@@ -60,12 +61,8 @@ func TestConnectPrintsChangeInOrder(t *testing.T) {
 	}()
 	waitOut := func(what string, n int) {
 		t.Helper()
-		deadline := time.Now().Add(15 * time.Second)
-		for strings.Count(out.String(), what) < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("no %q in the output:\n%s\nstderr: %s", what, out.String(), errb.String())
-			}
-			time.Sleep(20 * time.Millisecond)
+		if !testwait.Until(15*time.Second, func() bool { return strings.Count(out.String(), what) >= n }) {
+			t.Fatalf("no %q in the output:\n%s\nstderr: %s", what, out.String(), errb.String())
 		}
 	}
 	waitOut("session-key", 1)

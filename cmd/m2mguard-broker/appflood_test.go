@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
@@ -25,6 +24,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 // TestAppLoginFloodBinary is the documented run of the application login
@@ -54,10 +54,7 @@ func TestAppLoginFloodBinary(t *testing.T) {
 	dir := t.TempDir()
 	bin := os.Getenv("M2MGUARD_APPFLOOD_BIN")
 	if bin == "" {
-		bin = filepath.Join(dir, "m2mguard-broker")
-		if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-			t.Fatalf("go build: %v\n%s", err, out)
-		}
+		bin = buildBinary(t)
 	}
 	work := filepath.Join(dir, "work")
 	os.Mkdir(work, 0o755)
@@ -80,24 +77,21 @@ func TestAppLoginFloodBinary(t *testing.T) {
 		<-exited
 	})
 	base := "http://" + adminAddr
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if resp, err := http.Get(base + "/healthz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				break
-			}
+	testwait.For(t, 30*time.Second, "the broker healthy", func() bool {
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the broker did not become healthy")
-		}
-	}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
 	api := adminClient(t, base, work)
-	term, err := api.Register(context.Background(), adminapi.RegisterRequest{SN: "A00MS8011390002S", IMEI: "354494040518570", IMSI: "460020084678120"})
+	term, err := api.Register(t.Context(), adminapi.RegisterRequest{SN: "A00MS8011390002S", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	appPassword := "dashboard-password-0001"
-	if _, err := api.AddApp(context.Background(), adminapi.AppRequest{Name: "dash", Password: appPassword}); err != nil {
+	if _, err := api.AddApp(t.Context(), adminapi.AppRequest{Name: "dash", Password: appPassword}); err != nil {
 		t.Fatal(err)
 	}
 

@@ -15,18 +15,8 @@ import (
 	"time"
 
 	"github.com/m2mguard/m2mguard/adminapi"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
-
-// waitFor polls cond every 100 ms until it holds or timeout passes, then
-// fails with what.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(100 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %s", timeout, what)
-		}
-	}
-}
 
 // importFleet registers the terminals of csv through the admin API.
 func importFleet(t *testing.T, api *adminapi.Client, csv []byte, n int) {
@@ -62,6 +52,7 @@ func TestCampaignOverFleetBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary and runs 1,000 terminals")
 	}
+	t.Parallel()
 	n := atoiEnv(t, "M2MGUARD_CAMPAIGN_TERMINALS", 1000)
 	bin := buildBinary(t)
 	ctl := buildCtl(t, bin)
@@ -96,14 +87,14 @@ func TestCampaignOverFleetBinary(t *testing.T) {
 		t.Fatalf("no campaign id in %s", out)
 	}
 	camp := campaignOf(t, api, string(id[1]))
-	waitFor(t, 5*time.Minute, "the campaign did not handle the fleet", func() bool {
+	testwait.For(t, 5*time.Minute, "the campaign did not handle the fleet", func() bool {
 		camp = campaignOf(t, api, camp.ID)
 		return camp.Handled == n && camp.Counts.Committed == len(online)
 	})
 	t.Logf("campaign over %d terminals: every one handled and %d committed in %v (rate %g per second)",
 		n, camp.Counts.Committed, time.Since(start).Round(time.Millisecond), camp.Rate)
 	// Outcomes are written every second: wait for the state to settle.
-	waitFor(t, 10*time.Second, "the campaign is not tracking its waiting changes", func() bool {
+	testwait.For(t, 10*time.Second, "the campaign is not tracking its waiting changes", func() bool {
 		camp = campaignOf(t, api, camp.ID)
 		return camp.State == "tracking"
 	})
@@ -198,6 +189,7 @@ func TestCampaignResumesAfterKillBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	const n = 300
 	bin := buildBinary(t)
 	work := filepath.Join(t.TempDir(), "work")
@@ -213,7 +205,7 @@ func TestCampaignResumesAfterKillBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Minute, "the campaign did not get a third of the way", func() bool {
+	testwait.For(t, time.Minute, "the campaign did not get a third of the way", func() bool {
 		return campaignOf(t, api, camp.ID).Handled >= n/3
 	})
 	p1.kill(t)
@@ -224,18 +216,17 @@ func TestCampaignResumesAfterKillBinary(t *testing.T) {
 	p2 := startBinary(t, bin, work, "--mqtt-max-conns-per-addr", "100000")
 	f.moveTo(p2.mqtt)
 	api = adminClient(t, p2.admin, work)
-	deadline := time.Now().Add(2 * time.Minute)
-	for camp = campaignOf(t, api, camp.ID); camp.Counts.Committed != n || camp.State != "done"; camp = campaignOf(t, api, camp.ID) {
-		if time.Now().After(deadline) {
-			var open []string
-			for ct, err := range api.AllCampaignTerminals(ctx, camp.ID, "") {
-				if err == nil && ct.Outcome != "committed" {
-					open = append(open, fmt.Sprintf("%+v\n%s\n%s", ct, grepLines(p1.logs.String(), "sn="+ct.SN+" "), grepLines(p2.logs.String(), "sn="+ct.SN+" ")))
-				}
+	if !testwait.Until(2*time.Minute, func() bool {
+		camp = campaignOf(t, api, camp.ID)
+		return camp.Counts.Committed == n && camp.State == "done"
+	}) {
+		var open []string
+		for ct, err := range api.AllCampaignTerminals(ctx, camp.ID, "") {
+			if err == nil && ct.Outcome != "committed" {
+				open = append(open, fmt.Sprintf("%+v\n%s\n%s", ct, grepLines(p1.logs.String(), "sn="+ct.SN+" "), grepLines(p2.logs.String(), "sn="+ct.SN+" ")))
 			}
-			t.Fatalf("the resumed campaign did not commit every change: %+v\n%s", camp, strings.Join(open, "\n"))
 		}
-		time.Sleep(100 * time.Millisecond)
+		t.Fatalf("the resumed campaign did not commit every change: %+v\n%s", camp, strings.Join(open, "\n"))
 	}
 	if want := (adminapi.Counts{Committed: n}); camp.Counts != want || camp.Handled != n {
 		t.Fatalf("counts %+v (handled %d), want %+v", camp.Counts, camp.Handled, want)

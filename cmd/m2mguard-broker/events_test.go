@@ -19,6 +19,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/events"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 // eventLog collects the events an application or a webhook receives.
@@ -88,6 +89,7 @@ func TestPresenceEventsToSubscribedAppBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	const (
 		hookAuth  = "Bearer hook-secret-3f9a1c"
 		hookQuery = "key=query-secret-77d2e0"
@@ -180,7 +182,7 @@ func TestPresenceEventsToSubscribedAppBinary(t *testing.T) {
 
 	wait := func(what string, n int) {
 		t.Helper()
-		waitFor(t, 30*time.Second, what, func() bool { return len(seen.of(sn)) >= n })
+		testwait.For(t, 30*time.Second, what, func() bool { return len(seen.of(sn)) >= n })
 	}
 
 	// 1. The terminal logs in: connected. It may not subscribe to events.
@@ -242,7 +244,7 @@ func TestPresenceEventsToSubscribedAppBinary(t *testing.T) {
 	if _, err := api.StartChange(ctx, sn, "pwd"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "the change was not committed", func() bool { return rt.committed.Load() == 1 })
+	testwait.For(t, 30*time.Second, "the change was not committed", func() bool { return rt.committed.Load() == 1 })
 	wait("no disconnected event after the change", 10)
 
 	want := []string{"connected", "login_refused:bad-digest", "binding_mismatch:imei", "login_refused:binding-mismatch",
@@ -272,7 +274,7 @@ func TestPresenceEventsToSubscribedAppBinary(t *testing.T) {
 	}
 
 	// The webhook: the same events after its retries.
-	waitFor(t, 30*time.Second, "the webhook did not receive every event", func() bool { return len(hooked.of(sn)) >= len(want) })
+	testwait.For(t, 30*time.Second, "the webhook did not receive every event", func() bool { return len(hooked.of(sn)) >= len(want) })
 	hookedAll, bodies := hooked.all()
 	if !slices.Equal(kindsOf(hookedAll), want) {
 		t.Fatalf("the webhook received %v, want %v", kindsOf(hookedAll), want)

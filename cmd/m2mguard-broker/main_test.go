@@ -21,6 +21,7 @@ import (
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
 func lookup(env map[string]string) func(string) (string, bool) {
@@ -77,20 +78,15 @@ func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "m2mguard-broker")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	work := filepath.Join(dir, "work")
-	os.Mkdir(work, 0o755)
+	t.Parallel()
+	bin := buildBinary(t)
+	work := t.TempDir()
 	mqttAddr, adminAddr, wsAddr := freePort(t), freePort(t), freePort(t)
 	cmd := exec.Command(bin, "--mqtt-tcp", mqttAddr, "--mqtt-ws", wsAddr, "--log-level", "debug")
 	cmd.Dir = work
 	cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+adminAddr)
-	var logs bytes.Buffer
-	cmd.Stderr = &logs
+	logs := &syncbuf.Buffer{} // written by the process's stderr copier, read here
+	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -105,19 +101,23 @@ func TestSmoke(t *testing.T) {
 
 	// Wait for /healthz.
 	base := "http://" + adminAddr
-	for {
-		resp, err := http.Get(base + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				break
-			}
-		}
+	var exitErr error
+	died := false
+	if !testwait.Until(60*time.Second, func() bool {
 		select {
-		case err := <-exited:
-			t.Fatalf("broker exited: %v\n%s", err, logs.String())
-		case <-time.After(50 * time.Millisecond):
+		case exitErr = <-exited:
+			died = true
+			return true
+		default:
 		}
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}) || died {
+		t.Fatalf("broker not healthy within 60 s (exited: %v %v)\n%s", died, exitErr, logs.String())
 	}
 
 	tok, err := os.ReadFile(filepath.Join(work, "data", "admin.token"))
@@ -130,7 +130,7 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	api := adminClient(t, base, work)
-	b, err := api.Register(context.Background(), adminapi.RegisterRequest{SN: "S1", IMEI: "354494040518570", IMSI: "460020084678120"})
+	b, err := api.Register(t.Context(), adminapi.RegisterRequest{SN: "S1", IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil || b.BrokerURL != "tcp://"+mqttAddr {
 		t.Fatalf("register: %v %+v", err, b)
 	}
@@ -149,7 +149,7 @@ func TestSmoke(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 		if err := c.Connect(ctx); err != nil {
 			t.Fatalf("%s: %v\n%s", url, err, logs.String())
 		}
@@ -169,23 +169,21 @@ func TestSmoke(t *testing.T) {
 
 	// An operator changes every credential of the connected terminal; the
 	// client applies, acknowledges and reconnects with the new values.
-	if _, err := api.StartChange(context.Background(), "S1", "all"); err != nil {
+	if _, err := api.StartChange(t.Context(), "S1", "all"); err != nil {
 		t.Fatalf("change start: %v", err)
 	}
 	var after *client.Record
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if after, _ = store.Load(); after.Pending == nil && string(after.Current.Up) != b.Up {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the change did not complete\n%s", logs.String())
-		}
+	if !testwait.Until(30*time.Second, func() bool {
+		after, _ = store.Load()
+		return after.Pending == nil && string(after.Current.Up) != b.Up
+	}) {
+		t.Fatalf("the change did not complete\n%s", logs.String())
 	}
 	last.Close()
 	// A wrong password is refused (and logged, without the password).
 	bad, _ := client.New(client.Config{Brokers: []string{b.BrokerURL}, Identity: rec.Identity, Alg: rec.Alg,
 		Store: client.NewMemStore(rec), CleanSession: true}) // the old values, void now
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	if err := bad.Connect(ctx); !errors.Is(err, client.ErrRefused) {
 		t.Fatalf("old password after the change: %v, want refused", err)
 	}
@@ -200,7 +198,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	metrics, err := scraper.Metrics(context.Background())
+	metrics, err := scraper.Metrics(t.Context())
 	if err != nil || !strings.Contains(string(metrics), "m2mguard_logins_total") {
 		t.Fatalf("/metrics with the metrics token: %v %.200s", err, metrics)
 	}

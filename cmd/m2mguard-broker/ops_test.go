@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/csv"
 	"encoding/json"
 	"errors"
@@ -25,6 +24,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/m2mguard/m2mguard/adminapi"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
 
@@ -81,22 +81,12 @@ func (p *process) runCtl(t *testing.T, ctl, work string, args ...string) (int, s
 // broker's /metrics, read with the admin token.
 func (p *process) metric(t *testing.T, work, sample string) float64 {
 	t.Helper()
-	m, err := adminClient(t, p.admin, work).Metrics(context.Background())
+	m, err := adminClient(t, p.admin, work).Metrics(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
 	v, _ := m.Value(sample)
 	return v
-}
-
-// poll waits for cond, failing the test after 20 s.
-func poll(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within 20 s: %s", what)
-		}
-	}
 }
 
 // TestLastSeenBinary: a terminal's last accepted login (time, address,
@@ -107,13 +97,14 @@ func TestLastSeenBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	bin := buildBinary(t)
 	work := t.TempDir()
 	p := startBinary(t, bin, work)
 	b := p.register(t, work, "S1")
 	p.register(t, work, "S2")
 	api := adminClient(t, p.admin, work)
-	ctx := context.Background()
+	ctx := t.Context()
 	if got, _ := api.GetTerminal(ctx, "S1"); got.LastSeen != nil {
 		t.Fatalf("last seen before any login: %+v", got.LastSeen)
 	}
@@ -148,7 +139,7 @@ func TestLastSeenBinary(t *testing.T) {
 		t.Fatalf("second login: %d", code)
 	}
 	second, _ := api.GetTerminal(ctx, "S1")
-	poll(t, "a flush of the last-seen table", func() bool {
+	testwait.For(t, 20*time.Second, "a flush of the last-seen table", func() bool {
 		return p.metric(t, work, `m2mguard_last_seen_flushes_total{result="ok"}`) > flushed
 	})
 	p.kill(t)
@@ -175,6 +166,7 @@ func TestReportsBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	bin := buildBinary(t)
 	work := t.TempDir()
 	p := startBinary(t, bin, work, "--keys-password-lifetime", "720h", "--keys-key-lifetime", "2160h")
@@ -190,7 +182,7 @@ func TestReportsBinary(t *testing.T) {
 	report := func(q adminapi.ReportQuery) string {
 		t.Helper()
 		var sns []string
-		done, err := api.Report(context.Background(), q, func(r adminapi.ReportRow) error {
+		done, err := api.Report(t.Context(), q, func(r adminapi.ReportRow) error {
 			sns = append(sns, r.SN+"("+strings.Join(r.Expiring, ",")+")")
 			return nil
 		}, nil)
@@ -270,6 +262,7 @@ func TestNamedOperatorsBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	bin := buildBinary(t)
 	work := t.TempDir()
 	const viewer, alice = "viewer-token-for-the-binary-0123456789", "alice-token-for-the-binary-0123456789"
@@ -278,7 +271,7 @@ func TestNamedOperatorsBinary(t *testing.T) {
 		adminapi.OperatorLine("alice", adminapi.RoleFull, alice)+"\n"), 0o644)
 	p := startBinary(t, bin, work, "--admin-tokens-file", tokens, "--log-format", "json")
 	b := p.register(t, work, "S1")
-	ctx := context.Background()
+	ctx := t.Context()
 	for _, c := range readOnlyChanges {
 		req, _ := http.NewRequest(c.method, p.admin+c.path, strings.NewReader(c.body))
 		req.Header.Set("Authorization", "Bearer "+viewer)
@@ -315,7 +308,7 @@ func TestNamedOperatorsBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	var audit, ended map[string]any
-	poll(t, "the audit line and the session_ended event", func() bool {
+	testwait.For(t, 20*time.Second, "the audit line and the session_ended event", func() bool {
 		for _, ev := range jsonLogLines(p.logs.String()) {
 			switch {
 			case ev["msg"] == "terminal disabled":
@@ -418,6 +411,7 @@ func TestVaultInventoryBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	v := vaulttest.Start(t)
 	calls := startVaultCalls(t, v.Addr)
 	bin := buildBinary(t)
@@ -480,7 +474,7 @@ func TestVaultInventoryBinary(t *testing.T) {
 	api := adminClient(t, p.admin, work)
 	pages, seen := 0, 0
 	for after := ""; ; pages++ {
-		page, err := api.ListTerminals(context.Background(), after, 25)
+		page, err := api.ListTerminals(t.Context(), after, 25)
 		if err != nil {
 			t.Fatal(err)
 		}

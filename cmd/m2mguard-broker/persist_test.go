@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -29,9 +28,11 @@ func TestSessionsSurviveRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	bin := buildBinary(t)
 	for _, stop := range []string{"SIGKILL", "SIGTERM"} {
 		t.Run(stop, func(t *testing.T) {
+			t.Parallel()
 			work := t.TempDir()
 			p := startBinary(t, bin, work)
 			term := newPahoTerminal(t, p.register(t, work, "S1"))
@@ -92,6 +93,7 @@ func TestSessionExpiryAcrossRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	const expiry = 4 * time.Second
 	bin := buildBinary(t)
 	work := t.TempDir()
@@ -295,7 +297,7 @@ func publishQoS1(t *testing.T, c paho.Client, topic, payload string, retain bool
 // generated password.
 func (p *process) addApp(t *testing.T, work, name string) string {
 	t.Helper()
-	a, err := adminClient(t, p.admin, work).AddApp(context.Background(), adminapi.AppRequest{Name: name})
+	a, err := adminClient(t, p.admin, work).AddApp(t.Context(), adminapi.AppRequest{Name: name})
 	if err != nil || a.Password == "" {
 		t.Fatalf("add app: %v", err)
 	}

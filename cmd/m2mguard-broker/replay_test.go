@@ -1,14 +1,15 @@
 package main
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,16 +19,48 @@ import (
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
-// buildBinary builds the broker into a temporary directory.
+// brokerBinary is the broker built once for the tests of this process
+// that run it (TestMain removes it).
+var brokerBinary struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+// buildBinary returns the broker binary, built at the first call: the tests
+// that run it share the one build.
 func buildBinary(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "m2mguard-broker")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	b := &brokerBinary
+	b.once.Do(func() {
+		if b.dir, b.err = os.MkdirTemp("", "m2mguard-broker-test-"); b.err != nil {
+			return
+		}
+		b.path = filepath.Join(b.dir, "m2mguard-broker")
+		if out, err := exec.Command("go", "build", "-o", b.path, ".").CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return bin
+	return b.path
+}
+
+// TestMain runs 4 parallel tests per CPU at a time, not go test's default
+// of one (most of the tests wait for broker processes), and removes the
+// binary they built.
+func TestMain(m *testing.M) {
+	testwait.SetParallel(4)
+	code := m.Run()
+	if brokerBinary.dir != "" {
+		os.RemoveAll(brokerBinary.dir)
+	}
+	os.Exit(code)
 }
 
 // process is a broker binary running in a work directory.
@@ -60,23 +93,29 @@ func startBinary(t *testing.T, bin, work string, args ...string) *process {
 			<-p.exited
 		}
 	})
-	for deadline := time.Now().Add(60 * time.Second); ; {
-		resp, err := http.Get(p.admin + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return p
-			}
-		}
+	var exitErr error
+	exited := false
+	healthy := testwait.Until(60*time.Second, func() bool {
 		select {
-		case err := <-p.exited:
-			t.Fatalf("broker exited: %v\n%s", err, p.logs.String())
-		case <-time.After(50 * time.Millisecond):
+		case exitErr = <-p.exited:
+			exited = true
+			return true
+		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("broker not healthy after 60 s\n%s", p.logs.String())
+		resp, err := http.Get(p.admin + "/healthz")
+		if err != nil {
+			return false
 		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	switch {
+	case exited:
+		t.Fatalf("broker exited: %v\n%s", exitErr, p.logs.String())
+	case !healthy:
+		t.Fatalf("broker not healthy after 60 s\n%s", p.logs.String())
 	}
+	return p
 }
 
 // kill ends the broker with SIGKILL: nothing is flushed or closed.
@@ -93,7 +132,7 @@ func (p *process) kill(t *testing.T) {
 // register adds a terminal over the admin API and returns its bundle.
 func (p *process) register(t *testing.T, work, sn string) adminapi.Bundle {
 	t.Helper()
-	b, err := adminClient(t, p.admin, work).Register(context.Background(), adminapi.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"})
+	b, err := adminClient(t, p.admin, work).Register(t.Context(), adminapi.RegisterRequest{SN: sn, IMEI: "354494040518570", IMSI: "460020084678120"})
 	if err != nil {
 		t.Fatalf("register: %v", err)
 	}
@@ -155,6 +194,7 @@ func TestLoginReplayAfterKill(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	bin := buildBinary(t)
 	work := t.TempDir()
 	p := startBinary(t, bin, work)
@@ -174,10 +214,8 @@ func TestLoginReplayAfterKill(t *testing.T) {
 		t.Fatalf("token replayed after kill -9 and restart: CONNACK %d, want %d", code, v3NotAuthorized)
 	}
 	// The child's log reaches p.logs through a pipe: poll for the line.
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(p.logs.String(), "reason=replay"); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no refusal with reason replay in the log\n%s", p.logs.String())
-		}
+	if !testwait.Until(10*time.Second, func() bool { return strings.Contains(p.logs.String(), "reason=replay") }) {
+		t.Fatalf("no refusal with reason replay in the log\n%s", p.logs.String())
 	}
 	if code := connect(t, p.mqtt, b.SN, username, loginToken(t, b)); code != 0 {
 		t.Fatalf("fresh login after the restart: %d", code)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/m2mguard/m2mguard/adminapi"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/sms/smstest"
 )
@@ -27,6 +28,7 @@ func TestProductionVaultAuthAndSMSBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	v := vaulttest.Start(t)
 	gw, err := smstest.Start("127.0.0.1:0")
 	if err != nil {
@@ -65,7 +67,7 @@ func TestProductionVaultAuthAndSMSBinary(t *testing.T) {
 	if code := connect(t, p.mqtt, b.SN, b.IMEI+":"+b.IMSI, loginToken(t, *b)); code != 0 {
 		t.Fatalf("login: CONNACK %d", code)
 	}
-	poll(t, "the SMS sent", func() bool { return p.metric(t, work, `m2mguard_sms_sends_total{result="sent"}`) >= 1 })
+	testwait.For(t, 20*time.Second, "the SMS sent", func() bool { return p.metric(t, work, `m2mguard_sms_sends_total{result="sent"}`) >= 1 })
 	at, msgs := gw.Arrivals(), gw.Messages()
 	if len(at) != 2 || len(msgs) != 1 || msgs[0].To != b.MSISDN {
 		t.Fatalf("%d attempts, %d messages; want 2 and 1 to the terminal", len(at), len(msgs))
@@ -128,6 +130,7 @@ func TestKubernetesAuthBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
+	t.Parallel()
 	v := vaulttest.Start(t)
 	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "0d8c4b9e-1f2a-4e6b-8c3d-5a7b9c1d3e5f"}
 	tr := vaulttest.StartTokenReview(t)

@@ -155,7 +155,8 @@ func openInternal(t *testing.T) *Store {
 // through its own bbolt handle) is found by Verify; a write refuses to go
 // on without a head.
 func TestVerifyWhileOpen(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	s := openInternal(t)
 	tm := sampleTerminal(false)
 	if err := s.CreateTerminal(ctx, tm); err != nil {

@@ -2,7 +2,6 @@ package boltstore_test
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -40,7 +39,8 @@ func rolledBack(t *testing.T) string {
 }
 
 func TestReseal(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	path := rolledBack(t)
 
 	_, _, err := openLogged(path, "")
@@ -98,6 +98,7 @@ func TestReseal(t *testing.T) {
 // TestResealRefusesWrongKey: a file none of whose records opens under the
 // master key is not resealed under it.
 func TestResealRefusesWrongKey(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "m2mguard.db")
 	other := bytes.Repeat([]byte{0x11}, boltstore.MasterKeySize)
 	s, err := boltstore.Open(path, boltstore.Options{MasterKey: other, NoSync: true})
@@ -121,7 +122,8 @@ func TestResealRefusesWrongKey(t *testing.T) {
 // TestUpgradeFromFormat1: a store written before the integrity head opens,
 // says so in the log, keeps every record, and is checked from then on.
 func TestUpgradeFromFormat1(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "m2mguard.db")
 	fixtureV1(t, path)
 	s, log, err := openLogged(path, "")
@@ -171,7 +173,8 @@ func TestUpgradeFromFormat1(t *testing.T) {
 // stale updates, deletes and app writes (failing ones included), the head
 // always matches a full recount, and the file reopens.
 func TestHeadFollowsEveryWrite(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "m2mguard.db")
 	s := openAt(t, path)
 	defer func() { s.Close() }()
@@ -214,7 +217,8 @@ func TestHeadFollowsEveryWrite(t *testing.T) {
 
 // TestHeadConcurrentWriters: concurrent writers keep the head exact.
 func TestHeadConcurrentWriters(t *testing.T) {
-	ctx := context.Background()
+	t.Parallel()
+	ctx := t.Context()
 	s := openAt(t, filepath.Join(t.TempDir(), "m2mguard.db"))
 	defer s.Close()
 	var wg sync.WaitGroup

@@ -81,7 +81,7 @@ func withStore(t *testing.T, path string, fn func(s *boltstore.Store)) {
 func create(t *testing.T, s *boltstore.Store, sns ...string) {
 	t.Helper()
 	for _, sn := range sns {
-		if err := s.CreateTerminal(context.Background(), storetest.Terminal(sn)); err != nil {
+		if err := s.CreateTerminal(t.Context(), storetest.Terminal(sn)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -91,7 +91,7 @@ func create(t *testing.T, s *boltstore.Store, sns ...string) {
 // to a terminal whose credentials leaked.
 func disable(t *testing.T, s *boltstore.Store, sn string) {
 	t.Helper()
-	ctx := context.Background()
+	ctx := t.Context()
 	tm, err := s.GetTerminal(ctx, sn)
 	if err != nil {
 		t.Fatal(err)
@@ -107,7 +107,7 @@ func disable(t *testing.T, s *boltstore.Store, sn string) {
 
 func putApp(t *testing.T, s *boltstore.Store, name, hash string) {
 	t.Helper()
-	if err := s.PutApp(context.Background(), &keysvc.App{Name: name, PasswordHash: hash}); err != nil {
+	if err := s.PutApp(t.Context(), &keysvc.App{Name: name, PasswordHash: hash}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -141,6 +141,7 @@ func fixtureV1(t *testing.T, path string) {
 // change gone), re-inserts deleted ones, moves one to another key or rolls
 // back the integrity head. Open must refuse the file with ErrTampered.
 func TestEmbeddedStoreRollbackDetected(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		// tamper builds a store at path through the API and then changes
@@ -164,7 +165,7 @@ func TestEmbeddedStoreRollbackDetected(t *testing.T) {
 			withStore(t, path, func(s *boltstore.Store) { create(t, s, "A1", "B1") })
 			old := raw.get(t, "terminals", "A1")
 			withStore(t, path, func(s *boltstore.Store) {
-				if err := s.DeleteTerminal(context.Background(), "A1"); err != nil {
+				if err := s.DeleteTerminal(t.Context(), "A1"); err != nil {
 					t.Fatal(err)
 				}
 			})
@@ -198,7 +199,7 @@ func TestEmbeddedStoreRollbackDetected(t *testing.T) {
 			withStore(t, path, func(s *boltstore.Store) { putApp(t, s, "app1", "$old") })
 			old := raw.get(t, "apps", "app1")
 			withStore(t, path, func(s *boltstore.Store) {
-				if err := s.DeleteApp(context.Background(), "app1"); err != nil {
+				if err := s.DeleteApp(t.Context(), "app1"); err != nil {
 					t.Fatal(err)
 				}
 			})
@@ -229,13 +230,13 @@ func TestEmbeddedStoreRollbackDetected(t *testing.T) {
 			fixtureV1(t, path)
 			old := raw.get(t, "terminals", "V1B")
 			withStore(t, path, func(s *boltstore.Store) {
-				tm, err := s.GetTerminal(context.Background(), "V1B")
+				tm, err := s.GetTerminal(t.Context(), "V1B")
 				if err != nil {
 					t.Fatal(err)
 				}
 				tm = tm.Clone()
 				tm.Status = keysvc.StatusActive
-				if err := s.UpdateTerminal(context.Background(), tm); err != nil {
+				if err := s.UpdateTerminal(t.Context(), tm); err != nil {
 					t.Fatal(err)
 				}
 			})
@@ -289,6 +290,7 @@ func describe(s *boltstore.Store) string {
 // of the whole file taken earlier is consistent, and without an anchor
 // outside the file (the master key is constant) it opens fine.
 func TestWholeFileRollbackNotDetected(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "m2mguard.db")
 	withStore(t, path, func(s *boltstore.Store) { create(t, s, "A1") })
 	old, err := os.ReadFile(path)
@@ -300,7 +302,7 @@ func TestWholeFileRollbackNotDetected(t *testing.T) {
 		t.Fatal(err)
 	}
 	withStore(t, path, func(s *boltstore.Store) {
-		tm, err := s.GetTerminal(context.Background(), "A1")
+		tm, err := s.GetTerminal(t.Context(), "A1")
 		if err != nil || tm.Status != keysvc.StatusActive {
 			t.Fatalf("whole-file copy: %v, %v", tm, err)
 		}

@@ -2,7 +2,6 @@ package boltstore_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
 	"errors"
 	"os"
@@ -27,6 +26,7 @@ func openAt(t testing.TB, path string) *boltstore.Store {
 }
 
 func TestConformance(t *testing.T) {
+	t.Parallel()
 	// Each subtest gets its own file; the hooks act on the subtest's store.
 	current := map[*testing.T]*boltstore.Store{}
 	open := func(t *testing.T) keysvc.Store {
@@ -53,9 +53,10 @@ func TestConformance(t *testing.T) {
 }
 
 func TestWrongMasterKey(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "db")
 	s := openAt(t, path)
-	if err := s.CreateTerminal(context.Background(), storetest.Terminal("A1")); err != nil {
+	if err := s.CreateTerminal(t.Context(), storetest.Terminal("A1")); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -72,10 +73,11 @@ func TestWrongMasterKey(t *testing.T) {
 }
 
 func TestEncryptedAtRest(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "db")
 	s := openAt(t, path)
 	rec := storetest.Terminal("PlainSN1")
-	if err := s.CreateTerminal(context.Background(), rec); err != nil {
+	if err := s.CreateTerminal(t.Context(), rec); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -93,7 +95,7 @@ func TestEncryptedAtRest(t *testing.T) {
 func TestClosedIsUnavailable(t *testing.T) {
 	s := openAt(t, filepath.Join(t.TempDir(), "db"))
 	s.Close()
-	ctx := context.Background()
+	ctx := t.Context()
 	_, err := s.GetTerminal(ctx, "A1")
 	if !errors.Is(err, keysvc.ErrUnavailable) {
 		t.Fatalf("get on a closed store: %v", err)

@@ -25,6 +25,7 @@ func TestStoreFileUnwritable(t *testing.T) {
 		unwritableChild()
 		return
 	}
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "m2mguard.db")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestStoreFileUnwritable$", "-test.count=1")
 	cmd.Env = append(os.Environ(), "M2MGUARD_FSIZE_CHILD="+path)
@@ -43,7 +44,7 @@ func TestStoreFileUnwritable(t *testing.T) {
 	// store takes writes again.
 	s := openAt(t, path)
 	defer s.Close()
-	ctx := context.Background()
+	ctx := t.Context()
 	names, err := s.ListTerminals(ctx, "", 0)
 	if err != nil || len(names) != written {
 		t.Fatalf("after the disk filled: %d records readable (%v), want %d", len(names), err, written)

@@ -1,7 +1,6 @@
 package vaultstore_test
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/http"
@@ -16,6 +15,7 @@ import (
 
 	vault "github.com/hashicorp/vault/api"
 
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -60,25 +60,13 @@ func (p *countingProxy) count(path string) int {
 	return p.paths[path]
 }
 
-// checkFor polls cond every 50 ms until it holds or timeout passes.
-func checkFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %v: %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // appRole enables AppRole on the dev Vault, writes the broker policy and a
 // role "broker" with the given parameters, and returns the root client and
 // the role_id.
 func appRole(t *testing.T, v *vaulttest.Server, role map[string]any) (*vault.Client, string) {
 	t.Helper()
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
 		t.Fatal(err)
 	}
@@ -100,14 +88,19 @@ func appRole(t *testing.T, v *vaulttest.Server, role map[string]any) (*vault.Cli
 // renewable) must not make the store log in again and again: it logs in
 // again after two thirds of the token's TTL, and keeps working.
 func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root, roleID := appRole(t, v, map[string]any{"token_type": "batch", "token_ttl": "3s", "token_max_ttl": "3s"})
-	secretID, err := root.Logical().WriteWithContext(context.Background(), "auth/approle/role/broker/secret-id", nil)
+	secretID, err := root.Logical().WriteWithContext(t.Context(), "auth/approle/role/broker/secret-id", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := startCountingProxy(t, v.Addr)
-	s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: p.addr, AppRole: &vaultstore.AppRole{
+	m, err := vaultstore.NewMetrics(newRegistry(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: p.addr, Metrics: m, AppRole: &vaultstore.AppRole{
 		RoleID: roleID, SecretID: []byte(secretID.Data["secret_id"].(string))}})
 	if err != nil {
 		t.Fatal(err)
@@ -119,8 +112,12 @@ func TestAppRoleBatchTokenNoLoginStorm(t *testing.T) {
 	if n := p.count("/v1/auth/approle/login"); n > 1 {
 		t.Fatalf("%d logins within a second of a 3 s batch token; want 1", n)
 	}
-	checkFor(t, 20*time.Second, "a login again before the batch token expires", func() bool { return p.count("/v1/auth/approle/login") >= 2 })
-	if err := s.CreateTerminal(context.Background(), newTerminal("BATCH1")); err != nil {
+	// The second login done, its token in use (counted after it is set;
+	// the proxy counts the request, before the answer).
+	testwait.For(t, 20*time.Second, "a login again before the batch token expires", func() bool {
+		return counter(t, m, "m2mguard_vault_logins_total", "approle", "success") >= 2
+	})
+	if err := s.CreateTerminal(t.Context(), newTerminal("BATCH1")); err != nil {
 		t.Fatalf("after the new login: %v", err)
 	}
 	if n := p.count("/v1/auth/approle/login"); n > 4 {
@@ -139,7 +136,7 @@ func wrappedSecretID(t *testing.T, root *vault.Client, path string) string {
 	}
 	c.SetToken(root.Token())
 	c.SetWrappingLookupFunc(func(operation, p string) string { return "5m" })
-	sec, err := c.Logical().WriteWithContext(context.Background(), path, nil)
+	sec, err := c.Logical().WriteWithContext(t.Context(), path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,9 +154,10 @@ func wrappedSecretID(t *testing.T, root *vault.Client, path string) string {
 // means; a wrapping token of anything but a secret_id is refused without
 // being used up.
 func TestAppRoleWrappedSecretID(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root, roleID := appRole(t, v, map[string]any{"token_ttl": "2s", "token_max_ttl": "3s"})
-	ctx := context.Background()
+	ctx := t.Context()
 	wt := wrappedSecretID(t, root, "auth/approle/role/broker/secret-id")
 
 	logs := &strings.Builder{}
@@ -177,7 +175,7 @@ func TestAppRoleWrappedSecretID(t *testing.T) {
 	if err := s.CreateTerminal(ctx, newTerminal("WRAP1")); err != nil {
 		t.Fatalf("create: %v", err)
 	}
-	checkFor(t, 20*time.Second, "a second AppRole login (max TTL 3 s) with the unwrapped secret_id",
+	testwait.For(t, 20*time.Second, "a second AppRole login (max TTL 3 s) with the unwrapped secret_id",
 		func() bool { return counter(t, m, "m2mguard_vault_logins_total", "approle", "success") >= 2 })
 	if _, err := s.GetTerminal(ctx, "WRAP1"); err != nil {
 		t.Fatalf("after the new login: %v", err)
@@ -221,7 +219,7 @@ func wrappedRead(t *testing.T, root *vault.Client, path string) string {
 	}
 	c.SetToken(root.Token())
 	c.SetWrappingLookupFunc(func(operation, p string) string { return "5m" })
-	sec, err := c.Logical().ReadWithContext(context.Background(), path)
+	sec, err := c.Logical().ReadWithContext(t.Context(), path)
 	if err != nil || sec == nil || sec.WrapInfo == nil {
 		t.Fatalf("wrapped read of %s: %v", path, err)
 	}
@@ -235,8 +233,9 @@ func wrappedRead(t *testing.T, root *vault.Client, path string) string {
 // its max TTL. A token the TokenReview API does not know is refused with
 // ErrForbidden.
 func TestKubernetesAuth(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	sa := vaulttest.ServiceAccount{Namespace: "iot", Name: "m2mguard", UID: "5b2e6d1c-7a8f-4c3e-9d10-2f4a6b8c0e12"}
 	tr := vaulttest.StartTokenReview(t)
 	jwt := tr.Issue(t, sa)
@@ -262,7 +261,7 @@ func TestKubernetesAuth(t *testing.T) {
 	if tr.Reviews() < 1 {
 		t.Fatal("Vault never asked the TokenReview API")
 	}
-	checkFor(t, 20*time.Second, "a second Kubernetes login (max TTL 3 s)",
+	testwait.For(t, 20*time.Second, "a second Kubernetes login (max TTL 3 s)",
 		func() bool { return counter(t, m, "m2mguard_vault_logins_total", "kubernetes", "success") >= 2 })
 	if _, err := s.GetTerminal(ctx, "KUBE1"); err != nil {
 		t.Fatalf("after the new login: %v", err)
@@ -291,9 +290,10 @@ func TestKubernetesAuth(t *testing.T) {
 // stopped), the token's remaining TTL and failed requests show in the
 // metrics.
 func TestTokenRenewalMetrics(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().PutPolicyWithContext(ctx, "m2mguard-broker", brokerPolicy(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -317,12 +317,12 @@ func TestTokenRenewalMetrics(t *testing.T) {
 	if ttl := counter(t, m, "m2mguard_vault_token_ttl_seconds"); ttl <= 0 || ttl > 3 {
 		t.Fatalf("token ttl %v, want within (0, 3]", ttl)
 	}
-	checkFor(t, 20*time.Second, "a renewal", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "success") >= 1 })
+	testwait.For(t, 20*time.Second, "a renewal", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "success") >= 1 })
 	if f := counter(t, m, "m2mguard_vault_token_renewals_total", "failure"); f != 0 {
 		t.Fatalf("renewal failures %v before Vault stopped", f)
 	}
 	v.Stop()
-	checkFor(t, 20*time.Second, "a failed renewal counted", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "failure") >= 1 })
+	testwait.For(t, 20*time.Second, "a failed renewal counted", func() bool { return counter(t, m, "m2mguard_vault_token_renewals_total", "failure") >= 1 })
 	if _, err := s.GetTerminal(ctx, "T1"); !errors.Is(err, keysvc.ErrUnavailable) {
 		t.Fatalf("get with Vault stopped: %v", err)
 	}
@@ -336,9 +336,10 @@ func TestTokenRenewalMetrics(t *testing.T) {
 // operator flow of deploy/vault/README.md), and the broker starts with such
 // a wrapping token under the shipped broker policy.
 func TestOrchestratorPolicy(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
 		t.Fatal(err)
 	}

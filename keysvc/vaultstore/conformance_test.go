@@ -1,7 +1,6 @@
 package vaultstore_test
 
 import (
-	"context"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 // against a real Vault dev server, under the shipped least-privilege broker
 // policy. Each subtest gets its own server, so Stop can stop it.
 func TestConformance(t *testing.T) {
+	t.Parallel()
 	var mu sync.Mutex
 	servers := map[*testing.T]*vaulttest.Server{}
 	tokens := map[*testing.T]string{}
@@ -28,7 +28,7 @@ func TestConformance(t *testing.T) {
 			servers[t] = v
 			tokens[t] = v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t))
 		}
-		s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: tokens[t], Timeout: 3 * time.Second})
+		s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: tokens[t], Timeout: 3 * time.Second})
 		if err != nil {
 			t.Fatalf("open: %v", err)
 		}
@@ -45,7 +45,7 @@ func TestConformance(t *testing.T) {
 		Forbidden: func(t *testing.T) keysvc.Store {
 			v := server(t)
 			token := v.TokenWithPolicy(t, "lookup-only", `path "auth/token/lookup-self" { capabilities = ["read"] }`)
-			s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: token})
+			s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: token})
 			if err != nil {
 				t.Fatalf("open with the restricted token: %v", err)
 			}

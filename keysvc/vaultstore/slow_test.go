@@ -1,7 +1,6 @@
 package vaultstore_test
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -68,10 +67,14 @@ func (p *slowProxy) serve(c net.Conn, target string) {
 // service keeps serving known terminals from its cache (stale, inside
 // MaxStale) and refuses unknown ones.
 func TestSlowVault(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	p := startSlowProxy(t, v.Addr[len("http://"):])
-	s, err := vaultstore.Open(context.Background(), vaultstore.Options{
-		Address: "http://" + p.ln.Addr().String(), Token: v.Token, Timeout: 300 * time.Millisecond})
+	// The timeout is well below the slow Vault's 2 s and well above what a
+	// healthy call takes on a loaded machine, where several Vault servers
+	// start side by side (300 ms was not).
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{
+		Address: "http://" + p.ln.Addr().String(), Token: v.Token, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +85,7 @@ func TestSlowVault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx := t.Context()
 	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: "SLOW1", IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +121,7 @@ func TestSlowVault(t *testing.T) {
 // token is a decision of the security team, not an outage (only
 // ErrUnavailable is bridged by the cache).
 func TestTokenRevokedMidRun(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	token := v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t))
 	s := openStore(t, v, token)
@@ -127,7 +131,7 @@ func TestTokenRevokedMidRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
+	ctx := t.Context()
 	if _, err := svc.Register(ctx, keysvc.RegisterRequest{SN: "REVOKED1", IMEI: "354494040518570", IMSI: "460020084678120"}); err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package vaultstore_test
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -14,6 +13,7 @@ import (
 	vault "github.com/hashicorp/vault/api"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -32,7 +32,7 @@ func brokerPolicy(t *testing.T) string {
 
 func openStore(t *testing.T, v *vaulttest.Server, token string) *vaultstore.Store {
 	t.Helper()
-	s, err := vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: token, Timeout: 3 * time.Second})
+	s, err := vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: token, Timeout: 3 * time.Second})
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -52,9 +52,10 @@ func newTerminal(sn string) *keysvc.Terminal {
 }
 
 func TestUnderBrokerPolicy(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	s := openStore(t, v, v.TokenWithPolicy(t, "m2mguard-broker", brokerPolicy(t)))
-	ctx := context.Background()
+	ctx := t.Context()
 
 	term := newTerminal("T1")
 	if err := s.CreateTerminal(ctx, term); err != nil {
@@ -119,10 +120,11 @@ func TestUnderBrokerPolicy(t *testing.T) {
 
 // TestForbidden: a token without the policy gets ErrForbidden naming the path.
 func TestForbidden(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	token := v.TokenWithPolicy(t, "lookup-only", `path "auth/token/lookup-self" { capabilities = ["read"] }`)
 	s := openStore(t, v, token)
-	_, err := s.GetTerminal(context.Background(), "T1")
+	_, err := s.GetTerminal(t.Context(), "T1")
 	if !errors.Is(err, keysvc.ErrForbidden) || !strings.Contains(err.Error(), "m2mguard/terminals/T1") {
 		t.Fatalf("got %v, want ErrForbidden naming the path", err)
 	}
@@ -130,7 +132,7 @@ func TestForbidden(t *testing.T) {
 		t.Fatal("error carries the token")
 	}
 	// A token that is not valid at all is refused at Open.
-	_, err = vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: "not-a-token"})
+	_, err = vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: "not-a-token"})
 	if !errors.Is(err, keysvc.ErrForbidden) {
 		t.Fatalf("open with a bad token: got %v, want ErrForbidden", err)
 	}
@@ -138,14 +140,15 @@ func TestForbidden(t *testing.T) {
 
 // TestUnavailable: a stopped Vault gives ErrUnavailable, not a hang.
 func TestUnavailable(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	s := openStore(t, v, v.Token)
 	v.Stop()
-	_, err := s.GetTerminal(context.Background(), "T1")
+	_, err := s.GetTerminal(t.Context(), "T1")
 	if !errors.Is(err, keysvc.ErrUnavailable) {
 		t.Fatalf("got %v, want ErrUnavailable", err)
 	}
-	_, err = vaultstore.Open(context.Background(), vaultstore.Options{Address: v.Addr, Token: v.Token})
+	_, err = vaultstore.Open(t.Context(), vaultstore.Options{Address: v.Addr, Token: v.Token})
 	if !errors.Is(err, keysvc.ErrUnavailable) {
 		t.Fatalf("open against a stopped vault: got %v, want ErrUnavailable", err)
 	}
@@ -154,9 +157,10 @@ func TestUnavailable(t *testing.T) {
 // TestAppRoleRelogin: with AppRole, the store logs in again when its token
 // reaches its max TTL, and keeps working.
 func TestAppRoleRelogin(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().EnableAuthWithOptionsWithContext(ctx, "approle", &vault.EnableAuthOptions{Type: "approle"}); err != nil {
 		t.Fatal(err)
 	}
@@ -188,24 +192,18 @@ func TestAppRoleRelogin(t *testing.T) {
 	}
 	// Well past the first token's max TTL, the store still works: it
 	// logged in again. Poll instead of asserting a time.
-	deadline := time.Now().Add(20 * time.Second)
+	// The sleep is the point: 4 s is past the first token's max TTL (3 s).
 	time.Sleep(4 * time.Second)
-	for {
-		_, err := s.GetTerminal(ctx, "T2")
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after the first token expired: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testwait.Until(16*time.Second, func() bool { _, err = s.GetTerminal(ctx, "T2"); return err == nil }) {
+		t.Fatalf("after the first token expired: %v", err)
 	}
 }
 
 func TestTransitSessionKeys(t *testing.T) {
+	t.Parallel()
 	v := vaulttest.Start(t)
 	root := v.Client(t)
-	ctx := context.Background()
+	ctx := t.Context()
 	if err := root.Sys().MountWithContext(ctx, "transit", &vault.MountInput{Type: "transit"}); err != nil {
 		t.Fatal(err)
 	}

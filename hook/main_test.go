@@ -1,0 +1,15 @@
+package hook_test
+
+import (
+	"os"
+	"testing"
+
+	"github.com/m2mguard/m2mguard/internal/testwait"
+)
+
+// TestMain runs 4 parallel tests per CPU at a time, not go test's default
+// of one: most of them wait for brokers of their own (logins, timeouts, quiet periods).
+func TestMain(m *testing.M) {
+	testwait.SetParallel(4)
+	os.Exit(m.Run())
+}
