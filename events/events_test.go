@@ -236,7 +236,7 @@ func TestWebhookRetriesAndBatches(t *testing.T) {
 	srv.mu.Unlock()
 	// The webhook counts a batch once its POST has returned: after the
 	// server has it.
-	waitFor(t, "the webhook did not count every event sent", func() bool { return w.Stats().Sent == 7 })
+	testwait.For(t, 10*time.Second, "the webhook did not count every event sent", func() bool { return w.Stats().Sent == 7 })
 	st := w.Stats()
 	if st.Sent != 7 || st.Retries != 2 || st.Failed != 0 || st.Dropped != 0 {
 		t.Fatalf("stats %+v", st)
