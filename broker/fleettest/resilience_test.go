@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"github.com/m2mguard/m2mguard/internal/testwait"
 	"io"
 	"net"
 	"path/filepath"
@@ -272,7 +273,12 @@ func TestFleetChangeWorkOncePerFleet(t *testing.T) {
 	mode := fleetMode(t, 3)
 	f := startFleet(t, v, 3, func(i int, cfg *broker.Config) {
 		mode(i, cfg)
-		cfg.Keys.ChangeDeadline = 6 * time.Second
+		// Long enough that A's first failed send leaves time for its retry
+		// (the hook waits 5 s, SMSRetry): a send whose next attempt would
+		// fall past the deadline ends, and there is nothing to take over.
+		// With 6 s, a first attempt later than 1 s after the start (a busy
+		// machine) ended the send and failed the test.
+		cfg.Keys.ChangeDeadline = 12 * time.Second
 		cfg.SMS.URL = gw.URL() + "/send"
 		cfg.SMS.Retries = 0
 	})
@@ -312,12 +318,15 @@ func TestFleetChangeWorkOncePerFleet(t *testing.T) {
 
 	// The lease holder among B and C does the work, once.
 	rest := []*member{B, C}
-	checkFor(t, 15*time.Second, "the SMS sent again by the broker holding the lease", func() bool {
+	if !testwait.Until(15*time.Second, func() bool {
 		for _, m := range rest {
 			m.b.FleetLink().SweepChanges()
 		}
 		return len(gw.Messages()) > sent
-	})
+	}) {
+		t.Fatalf("not within 15 s: the SMS sent again by the broker holding the lease (gateway: %d attempts, %d messages)\nA:\n%s\nB:\n%s\nC:\n%s",
+			gw.Sends(), len(gw.Messages()), fleetLines(A.logs.String()), fleetLines(B.logs.String()), fleetLines(C.logs.String()))
+	}
 	checkFor(t, 10*time.Second, "the change marked delivered", func() bool {
 		rec, err := B.b.Service().Get(ctx, texting.SN)
 		return err == nil && rec.Pending != nil && rec.Pending.Delivered
@@ -343,4 +352,16 @@ func TestFleetChangeWorkOncePerFleet(t *testing.T) {
 	if rec, err := B.b.Service().Get(ctx, expiring.SN); err != nil || rec.Pending != nil {
 		t.Errorf("the expired change is still pending: %v", err)
 	}
+}
+
+// fleetLines returns the lines of a broker's log about fleet work, leases
+// and SMS sends, for a failure message.
+func fleetLines(logs string) string {
+	var out []string
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "fleet") || strings.Contains(l, "lease") || strings.Contains(l, "sms") || strings.Contains(l, "SMS") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
