@@ -178,7 +178,7 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"no application rate per address", "", nil, []string{"--auth-app-rate-per-addr", "0"}, "auth.app_rate_per_addr", "flag", "0.001"},
 		{"no failure refill", "auth.app_failure_refill: 0s\n", nil, nil, "auth.app_failure_refill", "", "positive"},
 		{"throttle max below base", "auth: {throttle_base: 1m, throttle_max: 1s}\n", nil, nil, "auth.throttle_max", "", "throttle_base"},
-		// Fleet mode (issue 15).
+		// Fleet mode (README, "Fleet mode").
 		{"fleet on the embedded store", "cluster: {embedded_nats: true, broker_id: b1}\n", nil, nil, "store.type", "", "needs store.type vault"},
 		{"fleet on the embedded store, external NATS", "", map[string]string{"M2MGUARD_CLUSTER_NATS_URLS": "nats://127.0.0.1:4222"}, []string{"--cluster-broker-id", "b1"}, "store.type", "", "needs store.type vault"},
 		{"routes without an embedded node", "cluster.embedded.routes: nats-route://10.0.0.2:6222\n", nil, nil, "cluster.embedded.routes", "", "embedded_nats"},

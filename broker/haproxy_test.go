@@ -85,7 +85,7 @@ func freePort(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// TestHAProxyFleet (issue 16) runs HAProxy on a copy of the shipped
+// TestHAProxyFleet (README, "Load balancing") runs HAProxy on a copy of the shipped
 // configuration (same frontends, hash rules, checks and PROXY v2; only
 // addresses, the certificate path, maxconn and a shorter check interval
 // changed)

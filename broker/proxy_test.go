@@ -142,7 +142,7 @@ func refusedAtOnce(c net.Conn) bool {
 	return n == 0 && err != nil && !isTimeout(err)
 }
 
-// TestProxyProtocolClientAddress (issue 16): behind a load balancer every
+// TestProxyProtocolClientAddress (README, "Load balancing"): behind a load balancer every
 // connection came from the balancer's address, so one client's failed
 // logins throttled every other client behind it, and the session list and
 // logs named the balancer. With mqtt.proxy_protocol_trusted, a connection

@@ -110,7 +110,8 @@ func liveKeyService(t testing.TB) (*keysvc.Service, *keysvc.Terminal) {
 	return svc, term
 }
 
-// TestFleetLoginTokenReplayRefused reproduces issue 15's first finding on
+// TestFleetLoginTokenReplayRefused reproduces the first fleet-mode attack of
+// SECURITY.md on
 // two live brokers sharing one key service: a terminal's login token,
 // accepted on A, is captured and replayed on B. With the per-broker replay
 // guards of today B accepts it; with the fleet's claims B refuses it. It

@@ -14,7 +14,7 @@ import (
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
 
-// TestFleet runs issue 15's findings against three brokers on one Vault,
+// TestFleet runs the fleet-mode attacks of SECURITY.md against three brokers on one Vault,
 // from outside: MQTT logins on raw sockets and the client library, and the
 // admin API. The subtests share the fleet and run in parallel, each with
 // terminals of its own.

@@ -23,7 +23,7 @@ import (
 	"github.com/m2mguard/m2mguard/keysvc"
 )
 
-// Fleet mode in the benchmark (issue 15): the hook broker's replay
+// Fleet mode in the benchmark (README, "Fleet mode"): the hook broker's replay
 // claims, throttle, session directory and change book on NATS JetStream,
 // wired as broker.Start wires them, against a NATS cluster of three nodes
 // in a process of its own (`m2m-bench nats`), so that the broker's CPU and

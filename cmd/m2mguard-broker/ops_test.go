@@ -28,7 +28,8 @@ import (
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
 
-// Issue 20, operating a fleet: each item against the broker binary.
+// Operating a fleet (README): last seen, reports, named operators and the
+// Vault inventory, each against the broker binary.
 
 // m2mctl's exit codes the tests expect.
 const (

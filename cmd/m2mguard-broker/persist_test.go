@@ -17,7 +17,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 )
 
-// TestSessionsSurviveRestart (issue 17): a terminal with a persistent
+// TestSessionsSurviveRestart (README, "Sessions across restarts"): a terminal with a persistent
 // session subscribes to its downlink and goes offline; an application
 // publishes 100 QoS 1 downlinks and a retained one; the broker is killed
 // with SIGKILL (or stopped with SIGTERM) right after the last PUBACK and

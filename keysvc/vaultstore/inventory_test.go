@@ -111,8 +111,8 @@ func measureN(t *testing.T, def int) int {
 	return def
 }
 
-// TestVaultInventoryAtScale is the regression test of issue 20's
-// "inventory at scale on Vault": it imports a fleet into the real dev Vault
+// TestVaultInventoryAtScale is the regression test of the inventory at
+// scale on Vault (README, the Vault inventory figures): it imports a fleet into the real dev Vault
 // through a counting proxy, then pages through it as GET /v1/terminals does
 // (keysvc.Service.List, 100 a page). An import must write concurrently
 // (more than one PUT in flight, within the store's bound), and paging must
