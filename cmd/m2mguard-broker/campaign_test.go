@@ -248,8 +248,14 @@ func TestCampaignResumesAfterKillBinary(t *testing.T) {
 	}
 	for _, rt := range terms {
 		sn := rt.id.SN
-		if started[sn] != 1 {
-			t.Errorf("%s: %d changes started over both runs, want 1", sn, started[sn])
+		// A change the kill caught between its store write and its log
+		// line has no change_started line; the second run then finds it
+		// in the terminal's record and logs that instead of starting one.
+		lines := grepLines(after, "sn="+sn+" ")
+		recognised := strings.Contains(lines, "the change pending is the campaign's") ||
+			strings.Contains(lines, "the change was committed before the restart")
+		if got := started[sn]; got != 1 && (got != 0 || !recognised) {
+			t.Errorf("%s: %d changes started over both runs, want 1", sn, got)
 		}
 		if d := rt.distinctChanges(); d != 1 {
 			t.Errorf("%s: %d different changes delivered, want 1", sn, d)
