@@ -1,14 +1,19 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/internal/testwait"
@@ -21,8 +26,10 @@ import (
 // secret_id written by the operator (the shipped broker policy), with an
 // SMS gateway that first answers 429 Retry-After: 1. A credential change
 // that must go by SMS waits that second and arrives once; /metrics shows
-// the AppRole login, the token's time to live and the retry; no log line
-// carries the wrapping token or the SMS text. Started again with the same
+// the AppRole login, the token's time to live and the retry; every metric
+// the shipped dashboard and alert rules use is exported once the broker has
+// seen what they watch; no log line carries the wrapping token or the SMS
+// text. Started again with the same
 // wrapping token, the binary refuses to start and names the file.
 func TestProductionVaultAuthAndSMSBinary(t *testing.T) {
 	if testing.Short() {
@@ -89,6 +96,8 @@ func TestProductionVaultAuthAndSMSBinary(t *testing.T) {
 			t.Errorf("/metrics: %s = %v (present %v)", sample, got, ok)
 		}
 	}
+	dashboardMetricsExported(t, p, work, api)
+
 	token, _ := os.ReadFile(wrapped)
 	for _, secret := range []string{strings.TrimSpace(string(token)), msgs[0].Text, b.Up} {
 		if strings.Contains(p.logs.String(), secret) {
@@ -156,4 +165,105 @@ func TestKubernetesAuthBinary(t *testing.T) {
 	if code := connect(t, p.mqtt, b.SN, b.IMEI+":"+b.IMSI, loginToken(t, b)); code != 0 {
 		t.Fatalf("login of a terminal stored through Kubernetes auth: CONNACK %d", code)
 	}
+}
+
+// usedMetric matches the metric names deploy's dashboard and alert rules
+// may name: ours and the Go and process collectors'.
+var usedMetric = regexp.MustCompile(`\b(m2mguard_[a-z0-9_]+|process_[a-z0-9_]+|go_[a-z0-9_]+)\b`)
+
+// dashboardMetricsExported gives the broker p the activity the shipped
+// Grafana dashboard and Prometheus alert rules watch (a login with a
+// session key and an envelope that does not open, a wrong password, a
+// moved SIM, a replayed login; the change and SMS send of the caller),
+// scrapes /metrics with the metrics token, as Prometheus does, and
+// requires every metric name the two files mention to be there.
+func dashboardMetricsExported(t *testing.T, p *process, work string, api *adminapi.Client) {
+	t.Helper()
+	terms, csv := rawTerminalCSV(t, "D", 1)
+	importFleet(t, api, csv, 1)
+	c, err := terms[0].login(p.mqtt)
+	if err != nil {
+		t.Fatalf("login with a session key: %v", err)
+	}
+	defer c.conn.Close()
+	if err := c.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, ProtocolVersion: 4,
+		TopicName: "m2m/" + terms[0].id.SN + "/up/temp", Payload: []byte("not an envelope")}); err != nil {
+		t.Fatal(err)
+	}
+	d := p.register(t, work, "DASH2")
+	wrong, moved := d, d
+	wrong.Up = "wrong-password-0"
+	moved.IMSI = "460020084678999"
+	if code := connect(t, p.mqtt, wrong.SN, wrong.IMEI+":"+wrong.IMSI, loginToken(t, wrong)); code == 0 {
+		t.Fatal("a wrong password got in")
+	}
+	if code := connect(t, p.mqtt, moved.SN, moved.IMEI+":"+moved.IMSI, loginToken(t, moved)); code == 0 {
+		t.Fatal("a moved SIM got in")
+	}
+	captured := loginToken(t, d)
+	if code := connect(t, p.mqtt, d.SN, d.IMEI+":"+d.IMSI, captured); code != 0 {
+		t.Fatalf("login: CONNACK %d", code)
+	}
+	if code := connect(t, p.mqtt, d.SN, d.IMEI+":"+d.IMSI, captured); code == 0 {
+		t.Fatal("a replayed login got in")
+	}
+
+	var used []string
+	for _, f := range []string{"../../deploy/grafana/m2mguard.json", "../../deploy/prometheus/alerts.yml"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		used = append(used, usedMetric.FindAllString(string(data), -1)...)
+	}
+	slices.Sort(used)
+	used = slices.Compact(used)
+	token, err := os.ReadFile(filepath.Join(work, "data", "metrics.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var missing []string
+	testwait.Until(20*time.Second, func() bool { // the envelope failure is counted asynchronously
+		names := scrapeNames(t, p.admin, strings.TrimSpace(string(token)))
+		missing = missing[:0]
+		for _, name := range used {
+			if !names[name] {
+				missing = append(missing, name)
+			}
+		}
+		return len(missing) == 0
+	})
+	if len(missing) > 0 {
+		t.Fatalf("the dashboard and alert rules use metrics the broker binary does not export: %v", missing)
+	}
+	t.Logf("%d metric names used by the dashboard and alert rules, all exported by the binary", len(used))
+}
+
+// scrapeNames reads base's /metrics with token and returns the names of
+// every series (a histogram's as _bucket, _sum and _count).
+func scrapeNames(t *testing.T, base, token string) map[string]bool {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/metrics with the metrics token: HTTP %d", resp.StatusCode)
+	}
+	names := map[string]bool{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		if i := strings.IndexAny(line, "{ "); i > 0 {
+			names[line[:i]] = true
+		}
+	}
+	return names
 }
