@@ -35,6 +35,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -363,44 +365,71 @@ func (r *Runner) Items(ctx context.Context, id string, outcome keysvc.Outcome, a
 	limit = max(1, min(limit, itemPage))
 	var out []keysvc.CampaignItem
 	for range 10 {
-		page, err := r.keys.CampaignItems(ctx, id, after, itemPage)
+		stored, err := r.keys.CampaignItems(ctx, id, after, itemPage)
 		if err != nil {
 			return nil, "", err
 		}
-		r.overlay(id, page)
+		last := len(stored) < itemPage // the store has nothing after this page
+		page := r.overlay(id, after, stored, last)
 		for i, it := range page {
 			if outcome == "" || it.Outcome == outcome {
 				out = append(out, it)
 				if len(out) == limit {
-					if i == len(page)-1 && len(page) < itemPage {
+					if i == len(page)-1 && last {
 						return out, "", nil
 					}
 					return out, it.SN, nil
 				}
 			}
 		}
-		if len(page) < itemPage {
+		if last {
 			return out, "", nil
 		}
-		after = page[len(page)-1].SN
+		after = stored[len(stored)-1].SN
 	}
 	return out, after, nil
 }
 
-// overlay replaces stored items of campaign id by their newer state in
-// memory (outcomes not written yet).
-func (r *Runner) overlay(id string, page []keysvc.CampaignItem) {
+// overlay returns a page of campaign id's items as they are now: the
+// stored page, with the items of its range (after the SN after, up to the
+// page's last one, or to the end if last) that changed in memory since
+// they were written, or were never written yet, in their newer state, in
+// serial-number order.
+func (r *Runner) overlay(id, after string, page []keysvc.CampaignItem, last bool) []keysvc.CampaignItem {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a, ok := r.active[id]
 	if !ok {
-		return
+		return page
 	}
-	for i := range page {
-		if it, ok := a.dirty[page[i].SN]; ok {
-			page[i] = it
-		} else if tr, ok := a.tracking[page[i].SN]; ok {
-			page[i] = tr.item
+	inRange := func(sn string) bool {
+		return sn > after && (last || (len(page) > 0 && sn <= page[len(page)-1].SN))
+	}
+	newer := map[string]keysvc.CampaignItem{}
+	for sn, tr := range a.tracking {
+		if inRange(sn) {
+			newer[sn] = tr.item
 		}
 	}
+	for sn, it := range a.dirty {
+		if inRange(sn) {
+			newer[sn] = it
+		}
+	}
+	if len(newer) == 0 {
+		return page
+	}
+	out := make([]keysvc.CampaignItem, 0, len(page)+len(newer))
+	for _, it := range page {
+		if n, ok := newer[it.SN]; ok {
+			it = n
+			delete(newer, it.SN)
+		}
+		out = append(out, it)
+	}
+	for _, it := range newer {
+		out = append(out, it) // not written yet
+	}
+	slices.SortFunc(out, func(x, y keysvc.CampaignItem) int { return strings.Compare(x.SN, y.SN) })
+	return out
 }

@@ -314,3 +314,40 @@ func TestCampaignExpiryWithoutEvent(t *testing.T) {
 		t.Fatalf("counts %+v", stored.Counts)
 	}
 }
+
+// TestItemsBeforeTheyAreWritten: a campaign's counts live in memory and
+// its items are written every FlushEvery; the items the counts count are
+// listed at once, also before they are written. Before, a list campaign
+// reported done with one failed terminal while Items returned nothing
+// (seen with a caller polling every millisecond).
+func TestItemsBeforeTheyAreWritten(t *testing.T) {
+	ctx := t.Context()
+	svc := newService(t, t.TempDir())
+	register(t, svc, 3)
+	r, err := campaign.New(campaign.Options{Keys: svc, Starter: &starter{svc: svc}, MaxRate: 1000, FlushEvery: time.Hour,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Start()
+	defer r.Close()
+	if err := svc.Delete(ctx, "T01"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := r.Create(ctx, keysvc.CampaignRequest{Selection: keysvc.Selection{Kind: keysvc.SelectList, SNs: []string{"T00", "T01", "T02"}},
+		What: codec.WhatPwd, Rate: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := waitCampaign(t, r, c.ID, "three terminals handled", func(c *keysvc.Campaign) bool { return c.Counts.Handled() == 3 })
+	items, next, err := r.Items(ctx, c.ID, "", "", 10)
+	if err != nil || next != "" || len(items) != 3 || items[0].SN != "T00" || items[1].SN != "T01" || items[1].Reason != "deleted" || items[2].SN != "T02" {
+		t.Fatalf("counts %+v; items %+v (next %q, %v)", got.Counts, items, next, err)
+	}
+	if failed, _, _ := r.Items(ctx, c.ID, keysvc.OutcomeFailed, "", 10); len(failed) != 1 || failed[0].SN != "T01" {
+		t.Fatalf("failed items %+v", failed)
+	}
+	if page, next, _ := r.Items(ctx, c.ID, "", "T00", 1); len(page) != 1 || page[0].SN != "T01" || next != "T01" {
+		t.Fatalf("a page of one after T0: %+v, next %q", page, next)
+	}
+}
