@@ -51,7 +51,13 @@ func UnescapeKey(k string) (string, error) {
 	if k == "" {
 		return "", fmt.Errorf("%w: empty", ErrKey)
 	}
+	if len(k) > 3*MaxKeyInput { // longer than any escaped key: not parsed
+		return "", fmt.Errorf("%w: too long", ErrKey)
+	}
 	if plainKey(k) {
+		if len(k) > MaxKeyInput {
+			return "", fmt.Errorf("%w: too long", ErrKey)
+		}
 		return k, nil
 	}
 	var b strings.Builder
