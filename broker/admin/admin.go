@@ -56,6 +56,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -550,21 +551,29 @@ func (a *api) get(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, a.terminalView(t))
 }
 
-func (a *api) list(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	after := q.Get("after")
+// pageParams reads the paging of a listing by serial number: after (a
+// serial number, or "" for the start) and limit (1 to 1000, default 100).
+func pageParams(q url.Values) (after string, limit int, err error) {
+	after = q.Get("after")
 	if after != "" && codec.ValidateSN(after) != nil {
-		a.fail(w, r, badField("after", "want a serial number (1 to 16 of [A-Za-z0-9])"))
-		return
+		return "", 0, badField("after", "want a serial number (1 to 16 of [A-Za-z0-9])")
 	}
-	limit := 100
+	limit = 100
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > 1000 {
-			a.fail(w, r, badField("limit", "want 1 to 1000"))
-			return
+			return "", 0, badField("limit", "want 1 to 1000")
 		}
 		limit = n
+	}
+	return after, limit, nil
+}
+
+func (a *api) list(w http.ResponseWriter, r *http.Request) {
+	after, limit, err := pageParams(r.URL.Query())
+	if err != nil {
+		a.fail(w, r, err)
+		return
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strconv"
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/campaign"
@@ -174,19 +173,10 @@ func (a *api) campaignTerminals(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, badField("outcome", "want waiting, delivered, committed, expired, busy, inactive, failed or starting"))
 		return
 	}
-	after := q.Get("after")
-	if after != "" && codec.ValidateSN(after) != nil {
-		a.fail(w, r, badField("after", "want a serial number (1 to 16 of [A-Za-z0-9])"))
+	after, limit, err := pageParams(q)
+	if err != nil {
+		a.fail(w, r, err)
 		return
-	}
-	limit := 100
-	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > 1000 {
-			a.fail(w, r, badField("limit", "want 1 to 1000"))
-			return
-		}
-		limit = n
 	}
 	ctx, cancel := a.ctx(r)
 	defer cancel()
