@@ -155,6 +155,15 @@ func mediaType(resp *http.Response) string {
 
 // do sends a call with the admin token and in as its JSON body (nil =
 // none), and decodes the JSON answer into out (nil = discard it).
+// call sends in (nil: no body) to path and returns the JSON answer as a T.
+func call[T any](ctx context.Context, c *Client, method, path string, in any) (*T, error) {
+	var out T
+	if err := c.do(ctx, method, path, in, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	r := request{method: method, path: path, token: c.token, accept: contentJSON}
 	if in != nil {

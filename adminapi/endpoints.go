@@ -20,21 +20,13 @@ import (
 // ever holds its secrets. ErrConflict if the serial number exists,
 // ErrBadRequest for bad input (Error.Field names it).
 func (c *Client) Register(ctx context.Context, r RegisterRequest) (*Bundle, error) {
-	var b Bundle
-	if err := c.do(ctx, http.MethodPost, "/v1/terminals", r, &b); err != nil {
-		return nil, err
-	}
-	return &b, nil
+	return call[Bundle](ctx, c, http.MethodPost, "/v1/terminals", r)
 }
 
 // GetTerminal returns a terminal's record, without secrets (ErrNotFound
 // if there is none).
 func (c *Client) GetTerminal(ctx context.Context, sn string) (*Terminal, error) {
-	var t Terminal
-	if err := c.do(ctx, http.MethodGet, "/v1/terminals/"+seg(sn), nil, &t); err != nil {
-		return nil, err
-	}
-	return &t, nil
+	return call[Terminal](ctx, c, http.MethodGet, "/v1/terminals/"+seg(sn), nil)
 }
 
 // ListTerminals returns one page of terminals sorted by serial number:
@@ -53,11 +45,7 @@ func (c *Client) ListTerminals(ctx context.Context, after string, limit int) (*T
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
-	var l TerminalList
-	if err := c.do(ctx, http.MethodGet, path, nil, &l); err != nil {
-		return nil, err
-	}
-	return &l, nil
+	return call[TerminalList](ctx, c, http.MethodGet, path, nil)
 }
 
 // AllTerminals iterates over every terminal, fetching pages of pageSize
@@ -109,11 +97,7 @@ func (c *Client) EnableTerminal(ctx context.Context, sn string) (*Terminal, erro
 }
 
 func (c *Client) terminalAction(ctx context.Context, sn, action string) (*Terminal, error) {
-	var t Terminal
-	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/"+action, nil, &t); err != nil {
-		return nil, err
-	}
-	return &t, nil
+	return call[Terminal](ctx, c, http.MethodPost, "/v1/terminals/"+seg(sn)+"/"+action, nil)
 }
 
 // RekeyTerminal replaces every credential of a terminal out of band
@@ -121,11 +105,7 @@ func (c *Client) terminalAction(ctx context.Context, sn, action string) (*Termin
 // cancelled, its status is kept) and returns the new provisioning bundle,
 // once.
 func (c *Client) RekeyTerminal(ctx context.Context, sn string) (*Bundle, error) {
-	var b Bundle
-	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/rekey", nil, &b); err != nil {
-		return nil, err
-	}
-	return &b, nil
+	return call[Bundle](ctx, c, http.MethodPost, "/v1/terminals/"+seg(sn)+"/rekey", nil)
 }
 
 // DeleteTerminal deletes a terminal and ends its live sessions.
@@ -258,11 +238,7 @@ func (c *Client) Report(ctx context.Context, q ReportQuery, row func(ReportRow) 
 // WhoAmI returns the name and role of the client's token (GET
 // /v1/whoami).
 func (c *Client) WhoAmI(ctx context.Context) (*Operator, error) {
-	var o Operator
-	if err := c.do(ctx, http.MethodGet, "/v1/whoami", nil, &o); err != nil {
-		return nil, err
-	}
-	return &o, nil
+	return call[Operator](ctx, c, http.MethodGet, "/v1/whoami", nil)
 }
 
 // StartChange starts a platform-initiated credential change of a terminal:
@@ -270,22 +246,14 @@ func (c *Client) WhoAmI(ctx context.Context) (*Operator, error) {
 // the terminal is online, else after its next login. ErrConflict if a
 // change is pending or the terminal is disabled.
 func (c *Client) StartChange(ctx context.Context, sn, what string) (*Change, error) {
-	var ch Change
-	if err := c.do(ctx, http.MethodPost, "/v1/terminals/"+seg(sn)+"/changes", ChangeRequest{What: what}, &ch); err != nil {
-		return nil, err
-	}
-	return &ch, nil
+	return call[Change](ctx, c, http.MethodPost, "/v1/terminals/"+seg(sn)+"/changes", ChangeRequest{What: what})
 }
 
 // PendingChange returns the pending change of a terminal (its metadata,
 // never its new values); ErrNotFound if none is pending (the message
 // names the last committed one) or there is no such terminal.
 func (c *Client) PendingChange(ctx context.Context, sn string) (*Change, error) {
-	var ch Change
-	if err := c.do(ctx, http.MethodGet, "/v1/terminals/"+seg(sn)+"/changes", nil, &ch); err != nil {
-		return nil, err
-	}
-	return &ch, nil
+	return call[Change](ctx, c, http.MethodGet, "/v1/terminals/"+seg(sn)+"/changes", nil)
 }
 
 // Sessions lists the connected, authenticated clients, sorted by ClientID
@@ -301,11 +269,7 @@ func (c *Client) Sessions(ctx context.Context) ([]Session, error) {
 // SessionList is Sessions with the warnings of a fleet's list: brokers
 // that did not answer, or the fleet unreachable.
 func (c *Client) SessionList(ctx context.Context) (*SessionList, error) {
-	var l SessionList
-	if err := c.do(ctx, http.MethodGet, "/v1/sessions", nil, &l); err != nil {
-		return nil, err
-	}
-	return &l, nil
+	return call[SessionList](ctx, c, http.MethodGet, "/v1/sessions", nil)
 }
 
 // Disconnect ends the connection of a client (ErrNotFound if none is
@@ -326,22 +290,14 @@ func (c *Client) Apps(ctx context.Context) ([]string, error) {
 
 // GetApp returns an application, without its password.
 func (c *Client) GetApp(ctx context.Context, name string) (*App, error) {
-	var a App
-	if err := c.do(ctx, http.MethodGet, "/v1/apps/"+seg(name), nil, &a); err != nil {
-		return nil, err
-	}
-	return &a, nil
+	return call[App](ctx, c, http.MethodGet, "/v1/apps/"+seg(name), nil)
 }
 
 // AddApp adds or replaces an application. Without r.Password the broker
 // generates one and returns it in App.Password, once. ErrConflict if the
 // name overlaps another application's ("dash" and "dash-east").
 func (c *Client) AddApp(ctx context.Context, r AppRequest) (*App, error) {
-	var a App
-	if err := c.do(ctx, http.MethodPost, "/v1/apps", r, &a); err != nil {
-		return nil, err
-	}
-	return &a, nil
+	return call[App](ctx, c, http.MethodPost, "/v1/apps", r)
 }
 
 // RemoveApp removes an application (its connected clients keep their
@@ -391,20 +347,12 @@ func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
 // ErrConflict if another campaign is still starting changes,
 // ErrBadRequest for a bad selection or a rate above the broker's maximum.
 func (c *Client) StartCampaign(ctx context.Context, r CampaignRequest) (*Campaign, error) {
-	var out Campaign
-	if err := c.do(ctx, http.MethodPost, "/v1/campaigns", r, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[Campaign](ctx, c, http.MethodPost, "/v1/campaigns", r)
 }
 
 // Campaign returns a campaign and its progress.
 func (c *Client) Campaign(ctx context.Context, id string) (*Campaign, error) {
-	var out Campaign
-	if err := c.do(ctx, http.MethodGet, "/v1/campaigns/"+seg(id), nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[Campaign](ctx, c, http.MethodGet, "/v1/campaigns/"+seg(id), nil)
 }
 
 // Campaigns lists every campaign, sorted by id.
@@ -419,11 +367,7 @@ func (c *Client) Campaigns(ctx context.Context) ([]Campaign, error) {
 // CancelCampaign stops a campaign from starting more changes; those
 // started go on and are counted. ErrConflict if it is done already.
 func (c *Client) CancelCampaign(ctx context.Context, id string) (*Campaign, error) {
-	var out Campaign
-	if err := c.do(ctx, http.MethodPost, "/v1/campaigns/"+seg(id)+"/cancel", nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[Campaign](ctx, c, http.MethodPost, "/v1/campaigns/"+seg(id)+"/cancel", nil)
 }
 
 // CampaignTerminals returns one page of the terminals a campaign handled,
@@ -444,11 +388,7 @@ func (c *Client) CampaignTerminals(ctx context.Context, id, outcome, after strin
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
-	var l CampaignTerminalList
-	if err := c.do(ctx, http.MethodGet, path, nil, &l); err != nil {
-		return nil, err
-	}
-	return &l, nil
+	return call[CampaignTerminalList](ctx, c, http.MethodGet, path, nil)
 }
 
 // AllCampaignTerminals iterates over the terminals of a campaign with
