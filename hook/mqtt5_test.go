@@ -4,12 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"io"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/internal/rawmqtt"
 )
 
 // v5Client is a minimal MQTT 5 client built on mochi's packet codec, for
@@ -114,37 +115,7 @@ func (c *v5Client) read() packets.Packet {
 // closed the connection, a timeout error when nothing came).
 func (c *v5Client) tryRead(wait time.Duration) (packets.Packet, error) {
 	c.conn.SetReadDeadline(time.Now().Add(wait))
-	b, err := c.r.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(b); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.r)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	fh.Remaining = n
-	body := make([]byte, n)
-	if _, err := io.ReadFull(c.r, body); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: 5}
-	switch fh.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(body)
-	case packets.Suback:
-		err = pk.SubackDecode(body)
-	case packets.Puback:
-		err = pk.PubackDecode(body)
-	case packets.Publish:
-		err = pk.PublishDecode(body)
-	case packets.Disconnect:
-		err = pk.DisconnectDecode(body)
-	}
-	return pk, err
+	return rawmqtt.Read(c.r, 5, 0)
 }
 
 // subscribe returns the SUBACK reason code of one filter.

@@ -13,6 +13,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/rawmqtt"
 )
 
 // controlScenario: a terminal with valid credentials logs in, never
@@ -42,7 +43,7 @@ func garbageBatch(topic string, n int, mixed bool) ([]byte, int, error) {
 			qos = 1
 		}
 		pk := publishPacket(topic, garbage, qos, uint16(i+1))
-		if err := encode(&buf, &pk); err != nil {
+		if err := rawmqtt.Encode(&buf, &pk); err != nil {
 			return nil, 0, err
 		}
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/sys/unix"
+
+	"github.com/m2mguard/m2mguard/internal/rawmqtt"
 )
 
 // maxInbound bounds the packets the suite reads from the broker.
@@ -88,25 +90,10 @@ func subscribePacket(filter string, id uint16) packets.Packet {
 	}
 }
 
-// encode appends pk to buf.
-func encode(buf *bytes.Buffer, pk *packets.Packet) error {
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		return pk.ConnectEncode(buf)
-	case packets.Publish:
-		return pk.PublishEncode(buf)
-	case packets.Subscribe:
-		return pk.SubscribeEncode(buf)
-	case packets.Disconnect:
-		return pk.DisconnectEncode(buf)
-	}
-	return fmt.Errorf("encode: packet type %d not supported", pk.FixedHeader.Type)
-}
-
 // write sends pk, giving up after timeout.
 func (c *mqttConn) write(pk packets.Packet, timeout time.Duration) error {
 	c.buf.Reset()
-	if err := encode(&c.buf, &pk); err != nil {
+	if err := rawmqtt.Encode(&c.buf, &pk); err != nil {
 		return err
 	}
 	return c.writeRaw(c.buf.Bytes(), timeout)
@@ -128,40 +115,7 @@ func (c *mqttConn) read(timeout time.Duration) (packets.Packet, error) {
 	} else {
 		c.conn.SetReadDeadline(time.Time{})
 	}
-	b, err := c.r.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(b); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.r)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	if n > maxInbound {
-		return packets.Packet{}, fmt.Errorf("packet of %d bytes from the broker", n)
-	}
-	fh.Remaining = n
-	body := make([]byte, n)
-	if _, err := io.ReadFull(c.r, body); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: 5}
-	switch fh.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(body)
-	case packets.Suback:
-		err = pk.SubackDecode(body)
-	case packets.Puback:
-		err = pk.PubackDecode(body)
-	case packets.Publish:
-		err = pk.PublishDecode(body)
-	case packets.Disconnect:
-		err = pk.DisconnectDecode(body)
-	}
-	return pk, err
+	return rawmqtt.Read(c.r, 5, maxInbound)
 }
 
 // errNoConnack: the broker answered the CONNECT with another packet.

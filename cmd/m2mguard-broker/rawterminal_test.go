@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/rawmqtt"
 )
 
 // rawTerminal is a terminal on a raw MQTT 3.1.1 connection, one goroutine
@@ -109,24 +109,11 @@ type rawConn struct {
 
 func (c *rawConn) write(pk packets.Packet) error {
 	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		err = pk.ConnectEncode(&buf)
-	case packets.Subscribe:
-		err = pk.SubscribeEncode(&buf)
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
-	}
-	if err != nil {
+	if err := rawmqtt.Encode(&buf, &pk); err != nil {
 		return err
 	}
 	c.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	_, err = c.conn.Write(buf.Bytes())
+	_, err := c.conn.Write(buf.Bytes())
 	return err
 }
 
@@ -136,36 +123,7 @@ func (c *rawConn) read(timeout time.Duration) (packets.Packet, error) {
 	} else {
 		c.conn.SetReadDeadline(time.Time{})
 	}
-	b, err := c.r.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	var fh packets.FixedHeader
-	if err := fh.Decode(b); err != nil {
-		return packets.Packet{}, err
-	}
-	n, _, err := packets.DecodeLength(c.r)
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	if n > 1<<16 {
-		return packets.Packet{}, fmt.Errorf("packet of %d bytes", n)
-	}
-	fh.Remaining = n
-	body := make([]byte, n)
-	if _, err := io.ReadFull(c.r, body); err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{FixedHeader: fh, ProtocolVersion: 4}
-	switch fh.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(body)
-	case packets.Suback:
-		err = pk.SubackDecode(body)
-	case packets.Publish:
-		err = pk.PublishDecode(body)
-	}
-	return pk, err
+	return rawmqtt.Read(c.r, 4, 1<<16)
 }
 
 // errRefused: the broker refused the login.
