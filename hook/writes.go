@@ -131,9 +131,11 @@ func (w *writer) writeKey(cl *mqtt.Client, s *session, payload []byte) {
 	}
 }
 
-// write writes pk to cl from a writer goroutine. If the write has not
-// returned after WriteTimeout, the client is not reading: the connection
-// is closed, which ends the write.
+// write writes pk to cl from a writer goroutine: a key-topic message, or
+// downlink a resumed session queued for its key (releaseAfterKey), which
+// belongs to the key's delivery. If the write has not returned after
+// WriteTimeout, the client is not reading: the session ends
+// (key-write-stalled) and the connection is closed, which ends the write.
 func (w *writer) write(cl *mqtt.Client, s *session, pk packets.Packet) error {
 	stalled := time.AfterFunc(w.writeTimeout, func() {
 		w.markEnding(s, "key-write-stalled")
