@@ -14,6 +14,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
@@ -74,17 +75,6 @@ func TestHAProxyConfigValid(t *testing.T) {
 	}
 }
 
-// freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // TestHAProxyFleet (README, "Load balancing") runs HAProxy on a copy of the shipped
 // configuration (same frontends, hash rules, checks and PROXY v2; only
 // addresses, the certificate path, maxconn and a shorter check interval
@@ -117,7 +107,7 @@ func TestHAProxyFleet(t *testing.T) {
 		brokers[i] = b
 	}
 	pem, tlsConf := haproxyPEM(t)
-	mqttAddr, mqttsAddr, wsAddr, wssAddr := freePort(t), freePort(t), freePort(t), freePort(t)
+	mqttAddr, mqttsAddr, wsAddr, wssAddr := freeport.Addr(t), freeport.Addr(t), freeport.Addr(t), freeport.Addr(t)
 	cfg := haproxytest.Derive(t, shippedHAProxy(t),
 		"bind :1883\n", "bind "+mqttAddr+"\n",
 		"bind :8883 ssl", "bind "+mqttsAddr+" ssl",

@@ -5,16 +5,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	mrand "math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
@@ -46,44 +44,6 @@ func checkFor(t testing.TB, timeout, _ time.Duration, fn func() error) {
 	}
 }
 
-// freePorts returns n ports free on loopback, below the kernel's
-// ephemeral range, so that no outgoing connection (NATS clients, routes,
-// paho) takes one while its node is down for a restart, and never the
-// same port twice in this process.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	lo, hi := 20000, 32000
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		var eLo, eHi int
-		if _, err := fmt.Sscan(string(b), &eLo, &eHi); err == nil && eLo > 2048 {
-			hi = min(hi, eLo)
-			lo = min(lo, hi/2)
-		}
-	}
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	var ports []int
-	for len(ports) < n {
-		p := lo + mrand.IntN(hi-lo)
-		if portsTaken[p] {
-			continue
-		}
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			continue
-		}
-		_ = l.Close()
-		portsTaken[p] = true
-		ports = append(ports, p)
-	}
-	return ports
-}
-
-var (
-	portsMu    sync.Mutex
-	portsTaken = map[int]bool{}
-)
-
 // cluster is a NATS cluster of embedded nodes with JetStream, in the test
 // process, on fixed loopback ports so that a node restarts as itself.
 type cluster struct {
@@ -97,7 +57,7 @@ type cluster struct {
 // change each node's options.
 func newCluster(t testing.TB, n int, mod func(i int, o *NodeOptions)) *cluster {
 	t.Helper()
-	ports := freePorts(t, 2*n)
+	ports := freeport.Ports(t, 2*n)
 	c := &cluster{t: t, opts: make([]NodeOptions, n), nodes: make([]*Node, n)}
 	var routes []string
 	if n > 1 {

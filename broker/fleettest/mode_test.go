@@ -2,13 +2,11 @@ package fleettest
 
 import (
 	"fmt"
-	mrand "math/rand/v2"
-	"net"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/m2mguard/m2mguard/broker"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 )
 
 // fleetEnabled: the brokers run in fleet mode.
@@ -25,7 +23,7 @@ const (
 // fleetMode configures n brokers in fleet mode, each with an embedded NATS
 // node routed to the others' (a 3-node JetStream cluster), on loopback.
 func fleetMode(t *testing.T, n int) func(i int, cfg *broker.Config) {
-	ports := freePorts(t, n)
+	ports := freeport.Ports(t, n)
 	var routes []string
 	for _, p := range ports {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
@@ -42,32 +40,3 @@ func fleetMode(t *testing.T, n int) func(i int, cfg *broker.Config) {
 		c.Heartbeat = 500 * time.Millisecond
 	}
 }
-
-// freePorts returns n ports free on loopback, below the kernel's
-// ephemeral range (so that no outgoing connection takes one while its
-// node is down), never the same twice in this process.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	var ports []int
-	for len(ports) < n {
-		p := 20000 + mrand.IntN(12000)
-		if portsTaken[p] {
-			continue
-		}
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			continue
-		}
-		l.Close()
-		portsTaken[p] = true
-		ports = append(ports, p)
-	}
-	return ports
-}
-
-var (
-	portsMu    sync.Mutex
-	portsTaken = map[int]bool{}
-)

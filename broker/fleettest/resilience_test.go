@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 	"io"
 	"net"
@@ -35,7 +36,7 @@ import (
 // broker leaves its fleet faster while NATS is up.
 func natsCluster(t *testing.T) (nodes []*fleet.Node, restart func(i int)) {
 	t.Helper()
-	ports := freePorts(t, 6)
+	ports := freeport.Ports(t, 6)
 	var routes []string
 	for i := range 3 {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[3+i]))

@@ -24,6 +24,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
@@ -63,7 +64,7 @@ func TestAppLoginFloodBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	mqttAddr, adminAddr := freePort(t), freePort(t)
+	mqttAddr, adminAddr := freeport.Addr(t), freeport.Addr(t)
 	cmd := exec.Command(bin, "--mqtt-tcp", mqttAddr, "--mqtt-ws", "off", "--admin-listen", adminAddr)
 	cmd.Dir = work
 	cmd.Stderr = logFile

@@ -20,6 +20,7 @@ import (
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
@@ -57,16 +58,6 @@ func TestUsageAndConfigErrors(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // TestSmoke builds the binary, runs it in an empty directory with no
 // configuration (only free ports), registers a terminal over the admin API,
 // connects it, changes all its credentials while it is connected, refuses a
@@ -81,7 +72,7 @@ func TestSmoke(t *testing.T) {
 	t.Parallel()
 	bin := buildBinary(t)
 	work := t.TempDir()
-	mqttAddr, adminAddr, wsAddr := freePort(t), freePort(t), freePort(t)
+	mqttAddr, adminAddr, wsAddr := freeport.Addr(t), freeport.Addr(t), freeport.Addr(t)
 	cmd := exec.Command(bin, "--mqtt-tcp", mqttAddr, "--mqtt-ws", wsAddr, "--log-level", "debug")
 	cmd.Dir = work
 	cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+adminAddr)

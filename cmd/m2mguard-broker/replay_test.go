@@ -18,6 +18,7 @@ import (
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
@@ -76,8 +77,8 @@ type process struct {
 // for /healthz.
 func startBinary(t *testing.T, bin, work string, args ...string) *process {
 	t.Helper()
-	p := &process{logs: &syncbuf.Buffer{}, exited: make(chan error, 1), mqtt: freePort(t)}
-	adminAddr := freePort(t)
+	p := &process{logs: &syncbuf.Buffer{}, exited: make(chan error, 1), mqtt: freeport.Addr(t)}
+	adminAddr := freeport.Addr(t)
 	p.admin = "http://" + adminAddr
 	p.cmd = exec.Command(bin, append([]string{"--mqtt-tcp", p.mqtt, "--mqtt-ws", "", "--log-level", "debug"}, args...)...)
 	p.cmd.Dir = work

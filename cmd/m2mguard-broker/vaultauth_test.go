@@ -16,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/m2mguard/m2mguard/adminapi"
+	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/sms/smstest"
@@ -120,9 +121,9 @@ func startFailing(t *testing.T, bin, work string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, append([]string{"--mqtt-tcp", freePort(t), "--mqtt-ws", ""}, args...)...)
+	cmd := exec.CommandContext(ctx, bin, append([]string{"--mqtt-tcp", freeport.Addr(t), "--mqtt-ws", ""}, args...)...)
 	cmd.Dir = work
-	cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+freePort(t))
+	cmd.Env = append(os.Environ(), "M2MGUARD_ADMIN_LISTEN="+freeport.Addr(t))
 	out, err := cmd.CombinedOutput()
 	if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 1 {
 		t.Fatalf("want exit status 1, got %v:\n%s", err, out)
