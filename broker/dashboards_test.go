@@ -154,6 +154,12 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 		t.Fatalf("login with a session key: CONNACK %d", code)
 	}
 	publishRaw(t, conn, "m2m/DASH1/up/temp", []byte("not an envelope"))
+	// The bad envelope is counted once the broker has read it: wait for
+	// that before the replayed login below takes this session over (and
+	// closes it, maybe before its PUBLISH was read).
+	testwait.For(t, 10*time.Second, "m2mguard_envelope_failures_total exported", func() bool {
+		return scrapeNames(t, b, cfg)["m2mguard_envelope_failures_total"]
+	})
 	// A wrong password; a moved SIM; a replayed login.
 	if _, code := dialConnect(t, addr, connectBytes(t, tm, []byte("wrong-password-0"), tm.IMSI, false)); code == 0 {
 		t.Fatal("a wrong password got in")
@@ -175,11 +181,6 @@ func TestDashboardsAndAlertsUseLiveMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The bad envelope is counted once the broker has read it: wait for
-	// that, not for the steps above to have taken long enough.
-	testwait.For(t, 10*time.Second, "m2mguard_envelope_failures_total exported", func() bool {
-		return scrapeNames(t, b, cfg)["m2mguard_envelope_failures_total"]
-	})
 	scraped := scrapeNames(t, b, cfg)
 	used := usedMetricNames(t)
 	var missing []string

@@ -15,7 +15,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,6 +23,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/m2mguard/m2mguard/internal/freeport"
 )
 
 // EnvBinary is the variable that names the vault binary.
@@ -122,10 +123,11 @@ func Start(ctx context.Context, bin string, opts Options) (*Server, error) {
 }
 
 func start(ctx context.Context, bin string, opts Options) (*Server, error) {
-	port, err := freePort()
+	ports, err := freeport.Pick(1) // below the ephemeral range: no client's outgoing connection takes it first
 	if err != nil {
 		return nil, err
 	}
+	port := ports[0]
 	token := make([]byte, 16)
 	if _, err := rand.Read(token); err != nil {
 		return nil, err
@@ -158,15 +160,6 @@ func start(ctx context.Context, bin string, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("devvault: %w (server log: %s)", err, s.LogPath)
 	}
 	return s, nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // waitHealthy polls /v1/sys/health until it answers 200.

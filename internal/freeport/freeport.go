@@ -1,6 +1,6 @@
-// Package freeport picks loopback ports for tests that must name a port
-// before the process that listens on it starts (a broker binary, a NATS
-// node restarted on its port). The ports lie below the kernel's ephemeral
+// Package freeport picks loopback ports for tests and test servers that
+// must name a port before the process that listens on it starts (a broker
+// binary, a dev Vault, a NATS node restarted on its port). The ports lie below the kernel's ephemeral
 // range, so that no outgoing connection of this or another test process
 // takes one in the meantime, and none is handed out twice by a process.
 package freeport
@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"sync"
-	"testing"
 )
 
 var (
@@ -19,9 +18,31 @@ var (
 	taken = map[int]bool{}
 )
 
-// Ports returns n ports free on loopback a moment ago.
-func Ports(t testing.TB, n int) []int {
+// T is what Ports and Addr need of a test (testing.TB has it).
+type T interface {
+	Helper()
+	Fatalf(format string, args ...any)
+}
+
+// Ports returns n ports free on loopback a moment ago; the test fails if
+// there are none.
+func Ports(t T, n int) []int {
 	t.Helper()
+	ports, err := Pick(n)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return ports
+}
+
+// Addr returns "127.0.0.1:port" of one such port.
+func Addr(t T) string {
+	t.Helper()
+	return fmt.Sprintf("127.0.0.1:%d", Ports(t, 1)[0])
+}
+
+// Pick returns n ports free on loopback a moment ago.
+func Pick(n int) ([]int, error) {
 	lo, hi := 20000, 32000
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
 		var eLo, eHi int
@@ -35,7 +56,7 @@ func Ports(t testing.TB, n int) []int {
 	var ports []int
 	for tries := 0; len(ports) < n; tries++ {
 		if tries > 100*n {
-			t.Fatalf("freeport: no free port in [%d, %d) after %d tries", lo, hi, tries)
+			return nil, fmt.Errorf("freeport: no free port in [%d, %d) after %d tries", lo, hi, tries)
 		}
 		p := lo + rand.IntN(hi-lo)
 		if taken[p] {
@@ -49,11 +70,5 @@ func Ports(t testing.TB, n int) []int {
 		taken[p] = true
 		ports = append(ports, p)
 	}
-	return ports
-}
-
-// Addr returns "127.0.0.1:port" of one such port.
-func Addr(t testing.TB) string {
-	t.Helper()
-	return fmt.Sprintf("127.0.0.1:%d", Ports(t, 1)[0])
+	return ports, nil
 }
