@@ -129,8 +129,8 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		return nil, packets.ErrBanned
 	}
 	// 2. The terminal exists.
-	ctx, cancel := h.ctx()
-	defer cancel()
+	ctx := newDeadline(context.Background(), h.opts.StoreTimeout)
+	defer ctx.release()
 	start := time.Now()
 	t, err := h.reg.Lookup(ctx, sn)
 	h.metrics.lookupLatency.Observe(time.Since(start).Seconds())

@@ -40,8 +40,8 @@ func (h *Hook) claim(sn string, ts uint32, nonce codec.ID, now time.Time) (bool,
 	if now.After(from) {
 		from = now
 	}
-	ctx, cancel := context.WithTimeout(h.crew.ctx, h.opts.ClaimTimeout)
-	defer cancel()
+	ctx := newDeadline(h.crew.ctx, h.opts.ClaimTimeout)
+	defer ctx.release()
 	return h.replay.Claim(ctx, sn, uint64(nonce), from.Add(h.opts.Skew+claimMargin))
 }
 
