@@ -2,6 +2,7 @@ package hook
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"time"
 
@@ -72,7 +73,7 @@ func (a *appEvents) emit(e events.Event) {
 // refusedKnown records the refusal of a login of a terminal whose record
 // was found: the log event and metric of refused, and the login_refused
 // event for applications.
-func (h *Hook) refusedKnown(sn, addr, reason string, attrs ...any) {
+func (h *Hook) refusedKnown(sn, addr, reason string, attrs ...slog.Attr) {
 	h.refused(sn, addr, reason, attrs...)
 	e := h.sink.event(events.LoginRefused, sn)
 	e.Reason = reason

@@ -324,19 +324,62 @@ func (h *Hook) session(cl *mqtt.Client) *session {
 // for a source position nobody asked for, once per login. Events an
 // attacker can trigger in bulk are capped (floodEvents).
 func (h *Hook) event(level slog.Level, name string, attrs ...any) {
-	ctx := context.Background()
-	hd := h.log.Handler()
-	if !hd.Enabled(ctx, level) {
+	r, ok := h.eventRecord(level, name)
+	if !ok {
 		return
+	}
+	r.Add(attrs...)
+	_ = h.log.Handler().Handle(context.Background(), r)
+}
+
+// eventAttrs is event for the per-login events (login_accepted,
+// login_refused): typed attributes cost no allocation where the key-value
+// pairs of event cost one per string value, and none is built for an
+// event the cap drops.
+func (h *Hook) eventAttrs(level slog.Level, name string, attrs ...slog.Attr) {
+	r, ok := h.eventRecord(level, name)
+	if !ok {
+		return
+	}
+	r.AddAttrs(attrs...)
+	_ = h.log.Handler().Handle(context.Background(), r)
+}
+
+// eventRecord starts the record of an event, if the handler takes the
+// level and the event's cap allows it.
+func (h *Hook) eventRecord(level slog.Level, name string) (slog.Record, bool) {
+	if !h.log.Handler().Enabled(context.Background(), level) {
+		return slog.Record{}, false
 	}
 	now := time.Now()
 	if !h.events.allow(name, now) {
-		return
+		return slog.Record{}, false
 	}
-	r := slog.NewRecord(now, level, "m2mguard "+name, 0)
+	r := slog.NewRecord(now, level, eventMessage(name), 0)
 	r.AddAttrs(slog.String("event", name))
-	r.Add(attrs...)
-	_ = hd.Handle(ctx, r)
+	return r, true
+}
+
+// eventMessages are the messages of the hook's events, "m2mguard " and the
+// name, made once.
+var eventMessages = func() map[string]string {
+	m := map[string]string{}
+	for _, name := range []string{
+		"login_accepted", "login_refused", "binding_mismatch", "will_refused", "session_ended",
+		"session_abandoned", "control_refused", "envelope_refused", "events_suppressed",
+		"basic_key_refused", "session_key_failed", "key_message_failed", "key_delivery_failed",
+	} {
+		m[name] = "m2mguard " + name
+	}
+	return m
+}()
+
+// eventMessage is the record message of an event.
+func eventMessage(name string) string {
+	if m, ok := eventMessages[name]; ok {
+		return m
+	}
+	return "m2mguard " + name
 }
 
 // refuse answers a CONNECT with the CONNACK code and closes the
@@ -367,7 +410,7 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// on the record it had read before; Revoke may not have seen the
 		// session, which was not registered yet.
 		h.sessions.Delete(cl)
-		h.refusedKnown(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
+		h.refusedKnown(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, slog.Bool("revoked", true))
 		return h.refuse(cl, packets.ErrNotAuthorized)
 	}
 	h.pending.add(cl, s)
