@@ -1,7 +1,6 @@
 package hook
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -44,14 +43,15 @@ var dummyUp = []byte("m2mguard-dummy-password")
 // session, or nil and the CONNACK code of the refusal.
 func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packets.Code) {
 	clientID := pk.Connect.ClientIdentifier
-	username := string(pk.Connect.Username)
 	addr := remoteHost(cl.Net.Remote)
 	// ClientIDs that are valid serial numbers belong to terminals: nobody
 	// else can take over a terminal's session (mochi lets a new connection
-	// take over any ClientID).
+	// take over any ClientID). A terminal's username (IMEI:IMSI, at most 32
+	// bytes) does not outlive authTerminal: its string is on the stack.
 	if codec.ValidateSN(clientID) == nil {
-		return h.authTerminal(cl, clientID, username, pk.Connect.Password, addr)
+		return h.authTerminal(cl, clientID, string(pk.Connect.Username), pk.Connect.Password, addr)
 	}
+	username := string(pk.Connect.Username)
 	if !pk.Connect.UsernameFlag || username == "" {
 		h.refused("", addr, reasonAnonymous, slog.String("client_id", clientID))
 		return nil, packets.ErrBadUsernameOrPassword
@@ -131,7 +131,9 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		return nil, packets.ErrBanned
 	}
 	// 2. The terminal exists.
-	ctx := newDeadline(context.Background(), h.opts.StoreTimeout)
+	dl := new(loginDeadlines)
+	ctx := &dl.store
+	ctx.start(context.Background(), h.opts.StoreTimeout)
 	defer ctx.release()
 	start := time.Now()
 	t, err := h.reg.Lookup(ctx, sn)
@@ -178,7 +180,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 6. The nonce is claimed once, atomically: after the digest (so that
 	// only genuine logins fill the guard), before any side effect.
-	switch first, err := h.claim(sn, l.TS, l.Nonce, now); {
+	switch first, err := h.claimWithin(&dl.claim, sn, l.TS, l.Nonce, now); {
 	case err != nil:
 		h.refusedKnown(sn, addr, reasonGuardDown, slog.String("err", err.Error()))
 		return nil, packets.ErrServerUnavailable
@@ -258,7 +260,7 @@ func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd
 		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
 		return
 	}
-	s.keyq = append(s.keyq, payload) // sent once the key topic is subscribed
+	s.keyq = append(s.keyqFirst[:0], payload) // sent once the key topic is subscribed
 	if msg.Kind == codec.KindErr {
 		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
 	}
@@ -272,18 +274,19 @@ func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal
 	if err != nil {
 		return err
 	}
-	defer clear(ks)
 	var sid [8]byte
 	if _, err := h.opts.Rand.Read(sid[:]); err != nil {
+		clear(ks)
 		return err
 	}
 	s.sid = codec.ID(uint64(sid[0])<<56 | uint64(sid[1])<<48 | uint64(sid[2])<<40 | uint64(sid[3])<<32 |
 		uint64(sid[4])<<24 | uint64(sid[5])<<16 | uint64(sid[6])<<8 | uint64(sid[7]))
 	wrapped, err := codec.WrapSessionKey(t.Creds.BK, s.sn, s.sid, ks, h.opts.Rand)
 	if err != nil {
+		clear(ks)
 		return err
 	}
-	s.key = bytes.Clone(ks) // WrapSessionKey checked its length: aead() cannot fail
+	s.key = ks // fresh from the registry, now the session's; WrapSessionKey checked its length: aead() cannot fail
 	s.exp = now.Add(h.opts.SessionLifetime)
 	msg.Kind, msg.Exp, msg.SID, msg.Wrapped = codec.KindSK, uint32(s.exp.Unix()), s.sid, wrapped
 	h.metrics.keysIssued.Inc()

@@ -32,8 +32,20 @@ type deadlineCtx struct {
 
 // newDeadline returns a context that ends at now+d or when parent ends.
 func newDeadline(parent context.Context, d time.Duration) *deadlineCtx {
-	return &deadlineCtx{parent: parent, at: time.Now().Add(d)}
+	c := new(deadlineCtx)
+	c.start(parent, d)
+	return c
 }
+
+// start makes the zero c a context that ends at now+d or when parent ends.
+func (c *deadlineCtx) start(parent context.Context, d time.Duration) {
+	c.parent, c.at = parent, time.Now().Add(d)
+}
+
+// loginDeadlines are the two deadlines of a terminal login in one
+// allocation: its registry calls' (Options.StoreTimeout) and its replay
+// claim's (Options.ClaimTimeout, started with the claim).
+type loginDeadlines struct{ store, claim deadlineCtx }
 
 // Deadline returns the earlier of its own deadline and the parent's.
 func (c *deadlineCtx) Deadline() (time.Time, bool) {

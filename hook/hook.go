@@ -47,7 +47,7 @@ type Registry interface {
 	StartChange(ctx context.Context, sn string, req keysvc.ChangeRequest) (*keysvc.Change, error)
 	MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*keysvc.Terminal, error)
 	ExpireChange(ctx context.Context, sn string) (bool, error)
-	NewSessionKey(ctx context.Context, sn string) ([]byte, error)
+	NewSessionKey(ctx context.Context, sn string) ([]byte, error) // a fresh key, the caller's: the session keeps it
 	VerifyApp(ctx context.Context, name string, password []byte) (*keysvc.App, error)
 	GetApp(ctx context.Context, name string) (*keysvc.App, error) // the reach of a session restored after a restart
 }
