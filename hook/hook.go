@@ -391,8 +391,23 @@ func (h *Hook) refuse(cl *mqtt.Client, code packets.Code) error {
 	if err := h.server.SendConnack(cl, code, false, nil); err != nil {
 		return fmt.Errorf("hook: connack: %w", err)
 	}
+	if err, ok := refusalErrors[code]; ok {
+		return err
+	}
 	return code
 }
+
+// refusalErrors are the CONNACK codes of refusals as error values, made
+// once: a packets.Code (a string and a byte) costs an allocation each time
+// it becomes an error.
+var refusalErrors = func() map[packets.Code]error {
+	m := map[packets.Code]error{}
+	for _, c := range []packets.Code{packets.ErrBadUsernameOrPassword, packets.ErrNotAuthorized, packets.ErrBanned,
+		packets.ErrServerUnavailable, packets.ErrServerBusy} {
+		m[c] = c
+	}
+	return m
+}()
 
 // OnConnect authenticates the client. It runs before
 // OnConnectAuthenticate so that it can choose the CONNACK code of a
