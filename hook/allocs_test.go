@@ -19,7 +19,7 @@ import (
 // service's cache, the in-memory replay guard and throttle, a last-seen
 // table, events formatted as JSON. An accepted login with a session key
 // was 52 allocations before the login path was trimmed; the refusal of a
-// wrong digest 19. Each allocation is garbage the broker collects per
+// wrong digest 18. Each allocation is garbage the broker collects per
 // connect: raise a budget only with a reason.
 const (
 	loginAllocBudget   = 15

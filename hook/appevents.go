@@ -102,14 +102,25 @@ func disconnectReason(cl *mqtt.Client, s *session, err error) string {
 	}
 	cause := cl.StopCause()
 	switch {
-	case errors.Is(cause, packets.ErrServerShuttingDown), errors.Is(err, packets.ErrServerShuttingDown):
+	case errors.Is(cause, errShuttingDown), errors.Is(err, errShuttingDown):
 		return disconnectShutdown
-	case err == nil && errors.Is(cause, packets.CodeDisconnect):
+	case err == nil && errors.Is(cause, errClientDisconnect):
 		return disconnectClient
 	}
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
+	if err != nil && errors.As(err, &ne) && ne.Timeout() {
 		return disconnectKeepalive
 	}
 	return disconnectLost
 }
+
+// The codes disconnectReason looks for, as error values made once (a
+// packets.Code costs an allocation each time it becomes an error).
+var (
+	errShuttingDown     error = packets.ErrServerShuttingDown
+	errClientDisconnect error = packets.CodeDisconnect
+)
+
+// enabled reports whether events go anywhere: without a sink, OnDisconnect
+// need not work out a reason nobody reads.
+func (a *appEvents) enabled() bool { return a.sink != nil }

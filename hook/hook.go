@@ -537,7 +537,7 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		if h.opts.Directory != nil {
 			h.opts.Directory.SessionEnded(SessionRef{cl.ID, s.seq})
 		}
-		if s.kind == kindTerminal {
+		if s.kind == kindTerminal && h.sink.enabled() {
 			e := h.sink.event(events.Disconnected, s.sn)
 			e.Reason = disconnectReason(cl, s, err)
 			h.sink.emit(e)
