@@ -30,13 +30,6 @@ type deadlineCtx struct {
 	stopParent func() bool // Done's context.AfterFunc on the parent, once made
 }
 
-// newDeadline returns a context that ends at now+d or when parent ends.
-func newDeadline(parent context.Context, d time.Duration) *deadlineCtx {
-	c := new(deadlineCtx)
-	c.start(parent, d)
-	return c
-}
-
 // start makes the zero c a context that ends at now+d or when parent ends.
 func (c *deadlineCtx) start(parent context.Context, d time.Duration) {
 	c.parent, c.at = parent, time.Now().Add(d)

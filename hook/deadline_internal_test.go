@@ -9,7 +9,14 @@ import (
 
 type ctxKey struct{}
 
-// recv reports whether ch is closed within a generous wait (a condition,
+// newDeadline returns a started deadlineCtx.
+func newDeadline(parent context.Context, d time.Duration) *deadlineCtx {
+	c := new(deadlineCtx)
+	c.start(parent, d)
+	return c
+}
+
+// closedSoon reports whether ch is closed within a generous wait (a condition,
 // not a sleep: it returns as soon as the channel closes).
 func closedSoon(ch <-chan struct{}) bool {
 	select {
@@ -37,16 +44,18 @@ func TestDeadlineCtx(t *testing.T) {
 	t.Parallel()
 	t.Run("deadline closes Done", func(t *testing.T) {
 		t.Parallel()
-		c := newDeadline(context.Background(), 20*time.Millisecond)
+		parent, cancel := context.WithCancel(context.Background()) // like the crew's
+		defer cancel()
+		c := newDeadline(parent, 20*time.Millisecond)
 		defer c.release()
-		if c.Err() != nil {
-			t.Fatalf("Err before the deadline: %v", c.Err())
+		if c.Err() != nil || context.Cause(c) != nil {
+			t.Fatalf("Err before the deadline: %v (cause %v)", c.Err(), context.Cause(c))
 		}
 		if !closedSoon(c.Done()) {
 			t.Fatal("Done not closed after the deadline")
 		}
-		if !errors.Is(c.Err(), context.DeadlineExceeded) {
-			t.Fatalf("Err = %v, want DeadlineExceeded", c.Err())
+		if !errors.Is(c.Err(), context.DeadlineExceeded) || !errors.Is(context.Cause(c), context.DeadlineExceeded) {
+			t.Fatalf("Err = %v, cause %v, want DeadlineExceeded", c.Err(), context.Cause(c))
 		}
 	})
 	t.Run("Err past the deadline closes Done", func(t *testing.T) {
