@@ -1,6 +1,7 @@
 package codec
 
 import (
+	"crypto/sha256"
 	"strconv"
 )
 
@@ -336,9 +337,11 @@ func (c *Control) Sign(id Identity, pwd []byte) ([]byte, error) {
 	if c.Kind == KindAcc {
 		c.Mode = ModeSMS // acc always announces the SMS mode
 	}
-	prefix := c.appendPrefix(make([]byte, 0, 128+len(c.Wrapped)))
-	c.Digest = string(appendDigest(nil, c.Alg, pwd, id, id.SN, c.Kind.Topic(id.SN), prefix, c.TS))
-	return append(prefix, c.Digest...), nil
+	prefix := c.appendPrefix(make([]byte, 0, 128+len(c.Wrapped)+2*sha256.Size))
+	var hexBuf [2 * sha256.Size]byte
+	digest := appendDigest(hexBuf[:0], c.Alg, pwd, id, id.SN, c.Kind.Topic(id.SN), prefix, c.TS)
+	c.Digest = string(digest)
+	return append(prefix, digest...), nil
 }
 
 // Verify reports, in constant time, whether the digest verifies for the
@@ -355,6 +358,6 @@ func validWrapped(s string) bool {
 	if len(s) > MaxControlLen {
 		return false
 	}
-	b, ok := decodeB64([]byte(s))
-	return ok && len(b) >= gcmNonceSize+gcmTagSize
+	n, ok := checkB64(s)
+	return ok && n >= gcmNonceSize+gcmTagSize
 }

@@ -14,4 +14,9 @@
 // decimal without leading zeros, unpadded base64url) and returns an *Error
 // naming the field and the reason, never the value. Whatever parses
 // re-encodes to the same bytes. Digests are compared in constant time.
+//
+// The broker runs ParseLogin and Login.Verify on every CONNECT: verifying
+// allocates nothing (HMAC-SHA256 is computed with sha256.Sum256 on a stack
+// buffer, hmacSHA256, which its tests compare with crypto/hmac), and an sk
+// message costs six allocations (TestCodecAllocs, TestDigestAllocs).
 package codec

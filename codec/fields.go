@@ -68,7 +68,10 @@ func (a Alg) valid() bool { return a == MD5 || a == HS256 }
 type ID uint64
 
 // String returns the 16 hex digits.
-func (id ID) String() string { return string(id.appendTo(nil)) }
+func (id ID) String() string {
+	var buf [16]byte
+	return string(id.appendTo(buf[:0]))
+}
 
 func (id ID) appendTo(dst []byte) []byte {
 	const digits = "0123456789abcdef"

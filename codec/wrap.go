@@ -6,6 +6,8 @@ import (
 	"encoding/base64"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 )
 
 const (
@@ -19,10 +21,8 @@ var b64 = base64.RawURLEncoding.Strict()
 // package alone it refuses '\r' and '\n' (which the decoder skips), so that
 // only one spelling of a value parses.
 func decodeB64(s []byte) ([]byte, bool) {
-	for _, c := range s {
-		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
-			return nil, false
-		}
+	if !b64Chars(s) {
+		return nil, false
 	}
 	out := make([]byte, b64.DecodedLen(len(s)))
 	n, err := b64.Decode(out, s)
@@ -30,6 +30,57 @@ func decodeB64(s []byte) ([]byte, bool) {
 		return nil, false
 	}
 	return out[:n], true
+}
+
+func b64Chars[T string | []byte](s T) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// b64Chunk is how many base64 characters checkB64 and encodeB64 handle at
+// a time: whole groups of 4, so that each chunk decodes on its own.
+const b64Chunk = 64
+
+// checkB64 reports whether s is canonical unpadded base64url, as
+// decodeB64 decides it, and how many bytes it decodes to, without
+// allocating: it decodes s a chunk at a time into the stack.
+func checkB64(s string) (int, bool) {
+	if !b64Chars(s) {
+		return 0, false
+	}
+	var in [b64Chunk]byte
+	var out [b64Chunk / 4 * 3]byte
+	n := 0
+	for len(s) > 0 {
+		k := copy(in[:], s)
+		m, err := b64.Decode(out[:], in[:k])
+		if err != nil {
+			return 0, false
+		}
+		n += m
+		s = s[k:]
+	}
+	return n, true
+}
+
+// encodeB64 is b64.EncodeToString with one allocation, the string's,
+// where EncodeToString makes a buffer and then the string.
+func encodeB64(src []byte) string {
+	var sb strings.Builder
+	sb.Grow(b64.EncodedLen(len(src)))
+	var out [b64Chunk]byte
+	for len(src) > 0 {
+		n := min(len(src), b64Chunk/4*3)
+		b64.Encode(out[:], src[:n])
+		sb.Write(out[:b64.EncodedLen(n)])
+		src = src[n:]
+	}
+	return sb.String()
 }
 
 // NewAEAD returns AES-256-GCM under a 32-byte key. Create it once per key
@@ -49,16 +100,26 @@ func NewAEAD(key []byte) (cipher.AEAD, error) {
 // nonce12, plaintext, aad)) with a nonce read from rand (crypto/rand.Reader
 // in production; a fixed reader reproduces the test vectors).
 func Wrap(key, plaintext, aad []byte, rand io.Reader) (string, error) {
+	return wrap(key, plaintext, rand, len(aad), func(dst []byte) []byte { return append(dst, aad...) })
+}
+
+// wrap is Wrap with the aad written by appendAAD (at most aadLen bytes)
+// into the buffer of the sealed bytes, after them, so that one allocation
+// serves both: Seal fills exactly nonce, ciphertext and tag, and the aad
+// is only read.
+func wrap(key, plaintext []byte, rand io.Reader, aadLen int, appendAAD func([]byte) []byte) (string, error) {
 	aead, err := NewAEAD(key)
 	if err != nil {
 		return "", err
 	}
-	buf := make([]byte, gcmNonceSize, gcmNonceSize+len(plaintext)+gcmTagSize)
+	sealedLen := gcmNonceSize + len(plaintext) + gcmTagSize
+	buf := make([]byte, gcmNonceSize, sealedLen+aadLen)
+	aad := appendAAD(buf[sealedLen:sealedLen])
 	if _, err := io.ReadFull(rand, buf); err != nil {
 		return "", fmt.Errorf("m2m1: wrap nonce: %w", err)
 	}
 	sealed := aead.Seal(buf, buf[:gcmNonceSize], plaintext, aad)
-	return b64.EncodeToString(sealed), nil
+	return encodeB64(sealed), nil
 }
 
 // Unwrap reverses Wrap. It fails with ErrDecrypt if the key or aad is
@@ -83,13 +144,29 @@ func Unwrap(key []byte, wrapped string, aad []byte) ([]byte, error) {
 }
 
 // sessionKeyAAD is "M2M1.sk." + sn + "." + sid.
-func sessionKeyAAD(sn string, sid ID) []byte {
-	return sid.appendTo([]byte("M2M1.sk." + sn + "."))
-}
+func sessionKeyAAD(sn string, sid ID) []byte { return appendIDAAD(nil, "sk", sn, sid) }
 
 // changeAAD is "M2M1.cfg." + sn + "." + rid.
-func changeAAD(sn string, rid ID) []byte {
-	return rid.appendTo([]byte("M2M1.cfg." + sn + "."))
+func changeAAD(sn string, rid ID) []byte { return appendIDAAD(nil, "cfg", sn, rid) }
+
+// appendIDAAD appends "M2M1." + label + "." + sn + "." + id, the aad of a
+// value wrapped for one terminal's message, of idAADLen bytes.
+func appendIDAAD(dst []byte, label, sn string, id ID) []byte {
+	dst = slices.Grow(dst, idAADLen(label, sn))
+	dst = append(dst, Version...)
+	dst = append(dst, '.')
+	dst = append(dst, label...)
+	dst = append(dst, '.')
+	dst = append(dst, sn...)
+	dst = append(dst, '.')
+	return id.appendTo(dst)
+}
+
+func idAADLen(label, sn string) int { return len(Version) + 1 + len(label) + 1 + len(sn) + 1 + 16 }
+
+// wrapForID wraps plaintext under key with the aad of appendIDAAD.
+func wrapForID(key, plaintext []byte, label, sn string, id ID, rand io.Reader) (string, error) {
+	return wrap(key, plaintext, rand, idAADLen(label, sn), func(dst []byte) []byte { return appendIDAAD(dst, label, sn, id) })
 }
 
 // WrapSessionKey wraps the session key ks under the basic key bk for the
@@ -98,7 +175,7 @@ func WrapSessionKey(bk []byte, sn string, sid ID, ks []byte, rand io.Reader) (st
 	if len(ks) != SessionKeySize {
 		return "", &Error{Field: "ks", Reason: "want 32 bytes", Err: ErrKey}
 	}
-	return Wrap(bk, ks, sessionKeyAAD(sn, sid), rand)
+	return wrapForID(bk, ks, "sk", sn, sid, rand)
 }
 
 // UnwrapSessionKey returns the session key of an sk message.
@@ -121,7 +198,7 @@ func WrapParams(bk []byte, sn string, rid ID, p Params, rand io.Reader) (string,
 		return "", err
 	}
 	defer clear(text)
-	return Wrap(bk, text, changeAAD(sn, rid), rand)
+	return wrapForID(bk, text, "cfg", sn, rid, rand)
 }
 
 // UnwrapParams returns the new credentials of a cfg message.

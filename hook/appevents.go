@@ -2,6 +2,7 @@ package hook
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"time"
 
@@ -72,7 +73,7 @@ func (a *appEvents) emit(e events.Event) {
 // refusedKnown records the refusal of a login of a terminal whose record
 // was found: the log event and metric of refused, and the login_refused
 // event for applications.
-func (h *Hook) refusedKnown(sn, addr, reason string, attrs ...any) {
+func (h *Hook) refusedKnown(sn, addr, reason string, attrs ...slog.Attr) {
 	h.refused(sn, addr, reason, attrs...)
 	e := h.sink.event(events.LoginRefused, sn)
 	e.Reason = reason
@@ -101,14 +102,25 @@ func disconnectReason(cl *mqtt.Client, s *session, err error) string {
 	}
 	cause := cl.StopCause()
 	switch {
-	case errors.Is(cause, packets.ErrServerShuttingDown), errors.Is(err, packets.ErrServerShuttingDown):
+	case errors.Is(cause, errShuttingDown), errors.Is(err, errShuttingDown):
 		return disconnectShutdown
-	case err == nil && errors.Is(cause, packets.CodeDisconnect):
+	case err == nil && errors.Is(cause, errClientDisconnect):
 		return disconnectClient
 	}
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
+	if err != nil && errors.As(err, &ne) && ne.Timeout() {
 		return disconnectKeepalive
 	}
 	return disconnectLost
 }
+
+// The codes disconnectReason looks for, as error values made once (a
+// packets.Code costs an allocation each time it becomes an error).
+var (
+	errShuttingDown     error = packets.ErrServerShuttingDown
+	errClientDisconnect error = packets.CodeDisconnect
+)
+
+// enabled reports whether events go anywhere: without a sink, OnDisconnect
+// need not work out a reason nobody reads.
+func (a *appEvents) enabled() bool { return a.sink != nil }

@@ -1,7 +1,6 @@
 package hook
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -44,16 +43,17 @@ var dummyUp = []byte("m2mguard-dummy-password")
 // session, or nil and the CONNACK code of the refusal.
 func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packets.Code) {
 	clientID := pk.Connect.ClientIdentifier
-	username := string(pk.Connect.Username)
 	addr := remoteHost(cl.Net.Remote)
 	// ClientIDs that are valid serial numbers belong to terminals: nobody
 	// else can take over a terminal's session (mochi lets a new connection
-	// take over any ClientID).
+	// take over any ClientID). A terminal's username (IMEI:IMSI, at most 32
+	// bytes) does not outlive authTerminal: its string is on the stack.
 	if codec.ValidateSN(clientID) == nil {
-		return h.authTerminal(cl, clientID, username, pk.Connect.Password, addr)
+		return h.authTerminal(cl, clientID, string(pk.Connect.Username), pk.Connect.Password, addr)
 	}
+	username := string(pk.Connect.Username)
 	if !pk.Connect.UsernameFlag || username == "" {
-		h.refused("", addr, reasonAnonymous, "client_id", clientID)
+		h.refused("", addr, reasonAnonymous, slog.String("client_id", clientID))
 		return nil, packets.ErrBadUsernameOrPassword
 	}
 	if !keysvc.AppOwnsClientID(username, clientID) {
@@ -69,7 +69,7 @@ func (h *Hook) authenticate(cl *mqtt.Client, pk packets.Packet) (*session, packe
 // the refusal is decided on the two names alone, before any password
 // work, so it tells nothing about the application or its password.
 func (h *Hook) refuseForeignClientID(app, clientID, addr string) (*session, packets.Code) {
-	h.refused("", addr, reasonForeignID, "app", clip(app), "client_id", clip(clientID))
+	h.refused("", addr, reasonForeignID, slog.String("app", clip(app)), slog.String("client_id", clip(clientID)))
 	return nil, packets.ErrBadUsernameOrPassword
 }
 
@@ -90,16 +90,18 @@ func remoteHost(remote string) string {
 }
 
 // refused records a refusal: a security event and the metric.
-func (h *Hook) refused(sn, addr, reason string, attrs ...any) {
-	h.metrics.logins.WithLabelValues("refused", reason).Inc()
-	h.event(slog.LevelWarn, "login_refused", append([]any{"sn", sn, "remote", addr, "reason", reason}, attrs...)...)
+func (h *Hook) refused(sn, addr, reason string, attrs ...slog.Attr) {
+	h.metrics.refusedFor(reason).Inc()
+	all := make([]slog.Attr, 0, 5) // on the stack for up to two attrs
+	all = append(all, slog.String("sn", sn), slog.String("remote", addr), slog.String("reason", reason))
+	h.eventAttrs(slog.LevelWarn, "login_refused", append(all, attrs...)...)
 }
 
 func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byte, addr string) (*session, packets.Code) {
 	now := h.opts.Now()
 	revokeSeq := h.revoked.current() // before the record is read: see OnConnect
 	known := false                   // the record was found: refusals are events for applications too
-	fail := func(reason string, code packets.Code, attrs ...any) (*session, packets.Code) {
+	fail := func(reason string, code packets.Code, attrs ...slog.Attr) (*session, packets.Code) {
 		if known {
 			h.refusedKnown(sn, addr, reason, attrs...)
 		} else {
@@ -119,7 +121,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		if errors.As(err, &cerr) {
 			field = cerr.Field
 		}
-		return fail(reasonMalformed, packets.ErrBadUsernameOrPassword, "field", field)
+		return fail(reasonMalformed, packets.ErrBadUsernameOrPassword, slog.String("field", field))
 	}
 	// 8 (checked before the digest, so that the answer to a throttled
 	// address never says whether its guess was right).
@@ -129,8 +131,10 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		return nil, packets.ErrBanned
 	}
 	// 2. The terminal exists.
-	ctx, cancel := h.ctx()
-	defer cancel()
+	dl := new(loginDeadlines)
+	ctx := &dl.store
+	ctx.start(context.Background(), h.opts.StoreTimeout)
+	defer ctx.release()
 	start := time.Now()
 	t, err := h.reg.Lookup(ctx, sn)
 	h.metrics.lookupLatency.Observe(time.Since(start).Seconds())
@@ -139,7 +143,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		l.Verify(dummyUp) // same work as for a known terminal
 		return fail(reasonUnknown, packets.ErrBadUsernameOrPassword)
 	case err != nil:
-		h.refused(sn, addr, reasonUnavailable, "err", err.Error())
+		h.refused(sn, addr, reasonUnavailable, slog.String("err", err.Error()))
 		return nil, packets.ErrServerUnavailable
 	}
 	known = true
@@ -159,11 +163,11 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 		e.Reason = changed
 		h.sink.emit(e)
 		l.Verify(dummyUp)
-		return fail(reasonBinding, packets.ErrBadUsernameOrPassword, "changed", changed)
+		return fail(reasonBinding, packets.ErrBadUsernameOrPassword, slog.String("changed", changed))
 	}
 	// 4. No downgrade.
 	if l.Alg != t.Alg {
-		return fail(reasonAlg, packets.ErrBadUsernameOrPassword, "alg", l.Alg.String())
+		return fail(reasonAlg, packets.ErrBadUsernameOrPassword, slog.String("alg", l.Alg.String()))
 	}
 	// 5. Clock skew.
 	if d := now.Sub(time.Unix(int64(l.TS), 0)); d > h.opts.Skew || d < -h.opts.Skew {
@@ -176,9 +180,9 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	// 6. The nonce is claimed once, atomically: after the digest (so that
 	// only genuine logins fill the guard), before any side effect.
-	switch first, err := h.claim(sn, l.TS, l.Nonce, now); {
+	switch first, err := h.claimWithin(&dl.claim, sn, l.TS, l.Nonce, now); {
 	case err != nil:
-		h.refusedKnown(sn, addr, reasonGuardDown, "err", err.Error())
+		h.refusedKnown(sn, addr, reasonGuardDown, slog.String("err", err.Error()))
 		return nil, packets.ErrServerUnavailable
 	case !first:
 		h.metrics.replays.WithLabelValues("login").Inc()
@@ -192,7 +196,7 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 			h.refusedKnown(sn, addr, reasonDisabled)
 			return nil, packets.ErrNotAuthorized
 		case err != nil:
-			h.refusedKnown(sn, addr, reasonUnavailable, "err", err.Error())
+			h.refusedKnown(sn, addr, reasonUnavailable, slog.String("err", err.Error()))
 			return nil, packets.ErrServerUnavailable
 		}
 		h.changes.committed(sn, rid, "login")
@@ -220,12 +224,14 @@ func (h *Hook) authTerminal(cl *mqtt.Client, sn, username string, password []byt
 	}
 	h.restrictTerminal(cl, s)
 	h.metrics.accepted.Inc()
+	protocol := slog.Uint64("protocol", uint64(cl.Properties.ProtocolVersion))
 	if s.hasKey() {
-		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
-			"session_key", true, "sid", s.sid.String(), "key_exp", s.exp.Unix(), "protocol", cl.Properties.ProtocolVersion)
+		h.eventAttrs(slog.LevelInfo, "login_accepted", slog.String("sn", sn), slog.String("remote", addr),
+			slog.String("alg", t.Alg.String()), slog.Bool("session_key", true), slog.String("sid", s.sid.String()),
+			slog.Int64("key_exp", s.exp.Unix()), protocol)
 	} else {
-		h.event(slog.LevelInfo, "login_accepted", "sn", sn, "remote", addr, "alg", t.Alg.String(),
-			"session_key", false, "protocol", cl.Properties.ProtocolVersion)
+		h.eventAttrs(slog.LevelInfo, "login_accepted", slog.String("sn", sn), slog.String("remote", addr),
+			slog.String("alg", t.Alg.String()), slog.Bool("session_key", false), protocol)
 	}
 	return s, packets.CodeSuccess
 }
@@ -254,7 +260,7 @@ func (h *Hook) issueKey(ctx context.Context, s *session, t *keysvc.Terminal, bkd
 		h.event(slog.LevelError, "key_message_failed", "sn", s.sn, "err", err.Error())
 		return
 	}
-	s.keyq = append(s.keyq, payload) // sent once the key topic is subscribed
+	s.keyq = append(s.keyqFirst[:0], payload) // sent once the key topic is subscribed
 	if msg.Kind == codec.KindErr {
 		h.event(slog.LevelWarn, "basic_key_refused", "sn", s.sn, "code", string(msg.Code))
 	}
@@ -268,18 +274,19 @@ func (h *Hook) newSessionKey(ctx context.Context, s *session, t *keysvc.Terminal
 	if err != nil {
 		return err
 	}
-	defer clear(ks)
 	var sid [8]byte
 	if _, err := h.opts.Rand.Read(sid[:]); err != nil {
+		clear(ks)
 		return err
 	}
 	s.sid = codec.ID(uint64(sid[0])<<56 | uint64(sid[1])<<48 | uint64(sid[2])<<40 | uint64(sid[3])<<32 |
 		uint64(sid[4])<<24 | uint64(sid[5])<<16 | uint64(sid[6])<<8 | uint64(sid[7]))
 	wrapped, err := codec.WrapSessionKey(t.Creds.BK, s.sn, s.sid, ks, h.opts.Rand)
 	if err != nil {
+		clear(ks)
 		return err
 	}
-	s.key = bytes.Clone(ks) // WrapSessionKey checked its length: aead() cannot fail
+	s.key = ks // fresh from the registry, now the session's; WrapSessionKey checked its length: aead() cannot fail
 	s.exp = now.Add(h.opts.SessionLifetime)
 	msg.Kind, msg.Exp, msg.SID, msg.Wrapped = codec.KindSK, uint32(s.exp.Unix()), s.sid, wrapped
 	h.metrics.keysIssued.Inc()
@@ -302,7 +309,7 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	id := "app:" + name
 	if h.throttle.Blocked(id, addr, now) {
 		h.metrics.throttled.Inc()
-		h.refused("", addr, reasonThrottled, "app", clip(name))
+		h.refused("", addr, reasonThrottled, slog.String("app", clip(name)))
 		return nil, packets.ErrBanned
 	}
 	// The budgets of the argon2id verification, decided before the name is
@@ -312,10 +319,10 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	case limitNone:
 	case limitFailuresPerAddr:
 		h.metrics.throttled.Inc()
-		h.refused("", addr, reasonThrottled, "app", clip(name), "limit", string(limit))
+		h.refused("", addr, reasonThrottled, slog.String("app", clip(name)), slog.String("limit", string(limit)))
 		return nil, packets.ErrBanned
 	default:
-		h.refused("", addr, reasonBusy, "app", clip(name), "limit", string(limit))
+		h.refused("", addr, reasonBusy, slog.String("app", clip(name)), slog.String("limit", string(limit)))
 		return nil, packets.ErrServerBusy
 	}
 	ctx, cancel := h.ctx()
@@ -323,10 +330,10 @@ func (h *Hook) authApp(cl *mqtt.Client, name string, password []byte, addr strin
 	app, err := h.verifyApp(ctx, slot, name, password)
 	if err != nil {
 		if errors.Is(err, keysvc.ErrUnavailable) {
-			h.refused("", addr, reasonUnavailable, "app", clip(name), "err", err.Error())
+			h.refused("", addr, reasonUnavailable, slog.String("app", clip(name)), slog.String("err", err.Error()))
 			return nil, packets.ErrServerUnavailable
 		}
-		h.refused("", addr, reasonBadApp, "app", clip(name))
+		h.refused("", addr, reasonBadApp, slog.String("app", clip(name)))
 		if d := h.throttle.Fail(id, addr, now); d > 0 {
 			time.Sleep(d)
 		}

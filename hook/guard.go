@@ -36,12 +36,18 @@ const claimMargin = time.Minute
 // the store calls around it: a fleet's claim may wait out a leader
 // election.
 func (h *Hook) claim(sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error) {
+	return h.claimWithin(new(deadlineCtx), sn, ts, nonce, now)
+}
+
+// claimWithin is claim with the zero deadline ctx to start, a login's
+// (loginDeadlines).
+func (h *Hook) claimWithin(ctx *deadlineCtx, sn string, ts uint32, nonce codec.ID, now time.Time) (bool, error) {
 	from := time.Unix(int64(ts), 0)
 	if now.After(from) {
 		from = now
 	}
-	ctx, cancel := context.WithTimeout(h.crew.ctx, h.opts.ClaimTimeout)
-	defer cancel()
+	ctx.start(h.crew.ctx, h.opts.ClaimTimeout)
+	defer ctx.release()
 	return h.replay.Claim(ctx, sn, uint64(nonce), from.Add(h.opts.Skew+claimMargin))
 }
 

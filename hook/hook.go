@@ -47,7 +47,7 @@ type Registry interface {
 	StartChange(ctx context.Context, sn string, req keysvc.ChangeRequest) (*keysvc.Change, error)
 	MarkDelivered(ctx context.Context, sn string, rid codec.ID, mode codec.Mode) (*keysvc.Terminal, error)
 	ExpireChange(ctx context.Context, sn string) (bool, error)
-	NewSessionKey(ctx context.Context, sn string) ([]byte, error)
+	NewSessionKey(ctx context.Context, sn string) ([]byte, error) // a fresh key, the caller's: the session keeps it
 	VerifyApp(ctx context.Context, name string, password []byte) (*keysvc.App, error)
 	GetApp(ctx context.Context, name string) (*keysvc.App, error) // the reach of a session restored after a restart
 }
@@ -324,19 +324,62 @@ func (h *Hook) session(cl *mqtt.Client) *session {
 // for a source position nobody asked for, once per login. Events an
 // attacker can trigger in bulk are capped (floodEvents).
 func (h *Hook) event(level slog.Level, name string, attrs ...any) {
-	ctx := context.Background()
-	hd := h.log.Handler()
-	if !hd.Enabled(ctx, level) {
+	r, ok := h.eventRecord(level, name)
+	if !ok {
 		return
+	}
+	r.Add(attrs...)
+	_ = h.log.Handler().Handle(context.Background(), r)
+}
+
+// eventAttrs is event for the per-login events (login_accepted,
+// login_refused): typed attributes cost no allocation where the key-value
+// pairs of event cost one per string value, and none is built for an
+// event the cap drops.
+func (h *Hook) eventAttrs(level slog.Level, name string, attrs ...slog.Attr) {
+	r, ok := h.eventRecord(level, name)
+	if !ok {
+		return
+	}
+	r.AddAttrs(attrs...)
+	_ = h.log.Handler().Handle(context.Background(), r)
+}
+
+// eventRecord starts the record of an event, if the handler takes the
+// level and the event's cap allows it.
+func (h *Hook) eventRecord(level slog.Level, name string) (slog.Record, bool) {
+	if !h.log.Handler().Enabled(context.Background(), level) {
+		return slog.Record{}, false
 	}
 	now := time.Now()
 	if !h.events.allow(name, now) {
-		return
+		return slog.Record{}, false
 	}
-	r := slog.NewRecord(now, level, "m2mguard "+name, 0)
+	r := slog.NewRecord(now, level, eventMessage(name), 0)
 	r.AddAttrs(slog.String("event", name))
-	r.Add(attrs...)
-	_ = hd.Handle(ctx, r)
+	return r, true
+}
+
+// eventMessages are the messages of the hook's events, "m2mguard " and the
+// name, made once.
+var eventMessages = func() map[string]string {
+	m := map[string]string{}
+	for _, name := range []string{
+		"login_accepted", "login_refused", "binding_mismatch", "will_refused", "session_ended",
+		"session_abandoned", "control_refused", "envelope_refused", "events_suppressed",
+		"basic_key_refused", "session_key_failed", "key_message_failed", "key_delivery_failed",
+	} {
+		m[name] = "m2mguard " + name
+	}
+	return m
+}()
+
+// eventMessage is the record message of an event.
+func eventMessage(name string) string {
+	if m, ok := eventMessages[name]; ok {
+		return m
+	}
+	return "m2mguard " + name
 }
 
 // refuse answers a CONNECT with the CONNACK code and closes the
@@ -348,8 +391,23 @@ func (h *Hook) refuse(cl *mqtt.Client, code packets.Code) error {
 	if err := h.server.SendConnack(cl, code, false, nil); err != nil {
 		return fmt.Errorf("hook: connack: %w", err)
 	}
+	if err, ok := refusalErrors[code]; ok {
+		return err
+	}
 	return code
 }
+
+// refusalErrors are the CONNACK codes of refusals as error values, made
+// once: a packets.Code (a string and a byte) costs an allocation each time
+// it becomes an error.
+var refusalErrors = func() map[packets.Code]error {
+	m := map[packets.Code]error{}
+	for _, c := range []packets.Code{packets.ErrBadUsernameOrPassword, packets.ErrNotAuthorized, packets.ErrBanned,
+		packets.ErrServerUnavailable, packets.ErrServerBusy} {
+		m[c] = c
+	}
+	return m
+}()
 
 // OnConnect authenticates the client. It runs before
 // OnConnectAuthenticate so that it can choose the CONNACK code of a
@@ -367,7 +425,7 @@ func (h *Hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// on the record it had read before; Revoke may not have seen the
 		// session, which was not registered yet.
 		h.sessions.Delete(cl)
-		h.refusedKnown(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, "revoked", true)
+		h.refusedKnown(s.sn, remoteHost(cl.Net.Remote), reasonDisabled, slog.Bool("revoked", true))
 		return h.refuse(cl, packets.ErrNotAuthorized)
 	}
 	h.pending.add(cl, s)
@@ -479,7 +537,7 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		if h.opts.Directory != nil {
 			h.opts.Directory.SessionEnded(SessionRef{cl.ID, s.seq})
 		}
-		if s.kind == kindTerminal {
+		if s.kind == kindTerminal && h.sink.enabled() {
 			e := h.sink.event(events.Disconnected, s.sn)
 			e.Reason = disconnectReason(cl, s, err)
 			h.sink.emit(e)

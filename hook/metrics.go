@@ -21,10 +21,26 @@ type metrics struct {
 
 	// Children resolved once for the per-login path: WithLabelValues
 	// hashes and locks on every call.
-	accepted      prometheus.Counter  // logins{result="accepted"}
-	lookupLatency prometheus.Observer // store_latency{op="lookup"}
-	terminals     prometheus.Gauge    // sessions{kind="terminal"}
-	applications  prometheus.Gauge    // sessions{kind="application"}
+	accepted      prometheus.Counter            // logins{result="accepted"}
+	lookupLatency prometheus.Observer           // store_latency{op="lookup"}
+	terminals     prometheus.Gauge              // sessions{kind="terminal"}
+	applications  prometheus.Gauge              // sessions{kind="application"}
+	refused       map[string]prometheus.Counter // logins{result="refused"} by reason; read-only once built
+}
+
+// refusalReasons are the reason labels of refused logins.
+var refusalReasons = []string{
+	reasonMalformed, reasonUnknown, reasonBinding, reasonAlg, reasonSkew, reasonReplay, reasonDigest,
+	reasonThrottled, reasonExpired, reasonDisabled, reasonUnavailable, reasonGuardDown, reasonBadApp,
+	reasonAnonymous, reasonForeignID, reasonBusy,
+}
+
+// refusedFor is the counter of logins refused for reason.
+func (m *metrics) refusedFor(reason string) prometheus.Counter {
+	if c, ok := m.refused[reason]; ok {
+		return c
+	}
+	return m.logins.WithLabelValues("refused", reason)
 }
 
 // sessionsOf is the sessions gauge of one kind of client.
@@ -89,6 +105,10 @@ func newMetrics(r prometheus.Registerer, reg Registry) (*metrics, error) {
 		}, []string{"kind"}),
 	}
 	m.accepted = m.logins.WithLabelValues("accepted", "")
+	m.refused = make(map[string]prometheus.Counter, len(refusalReasons))
+	for _, r := range refusalReasons {
+		m.refused[r] = m.logins.WithLabelValues("refused", r)
+	}
 	m.lookupLatency = m.storeLatency.WithLabelValues("lookup")
 	m.terminals = m.sessions.WithLabelValues(kindTerminal.String())
 	m.applications = m.sessions.WithLabelValues(kindApp.String())

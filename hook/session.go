@@ -82,6 +82,7 @@ type session struct {
 	subscribed bool
 	writing    bool // a writer goroutine drains keyq
 	keyq       [][]byte
+	keyqFirst  [1][]byte // keyq's array for the login's sk or err: no allocation of its own
 	closeCode  *packets.Code
 	closeAfter atomic.Bool
 	ctlRefused atomic.Int32 // control messages of this session refused
@@ -121,6 +122,10 @@ type session struct {
 }
 
 func newTerminalSession(t *keysvc.Terminal) *session {
+	// One string holds both topics, $m2m/<sn>/key then m2m/<sn>/down/#:
+	// one allocation a login instead of two.
+	topics := "$m2m/" + t.SN + "/key" + "m2m/" + t.SN + "/down/#"
+	key := len("$m2m/") + len(t.SN) + len("/key")
 	return &session{
 		kind:       kindTerminal,
 		sn:         t.SN,
@@ -128,8 +133,8 @@ func newTerminalSession(t *keysvc.Terminal) *session {
 		alg:        t.Alg,
 		down:       t.Creds.Down,
 		requireEnc: t.RequireEncryption,
-		keyTopic:   codec.KeyTopic(t.SN),
-		downFilter: "m2m/" + t.SN + "/down/#",
+		keyTopic:   topics[:key],
+		downFilter: topics[key:],
 	}
 }
 

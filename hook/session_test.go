@@ -3,6 +3,9 @@ package hook
 import (
 	"sync"
 	"testing"
+
+	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/keysvc"
 )
 
 // TestSessionAEADBuiltOnce: the AEAD of a session key is built on first
@@ -29,5 +32,16 @@ func TestSessionAEADBuiltOnce(t *testing.T) {
 	}
 	if (&session{}).hasKey() {
 		t.Error("a session without a key reports one")
+	}
+}
+
+// TestTerminalSessionTopics: the two topics cut from one string are the
+// codec's key topic and down filter.
+func TestTerminalSessionTopics(t *testing.T) {
+	for _, sn := range []string{"A", "A00MS8011390002S"} {
+		s := newTerminalSession(&keysvc.Terminal{SN: sn})
+		if s.keyTopic != codec.KeyTopic(sn) || s.downFilter != codec.DownTopic(sn, "#") {
+			t.Errorf("sn %s: topics %q and %q, want %q and %q", sn, s.keyTopic, s.downFilter, codec.KeyTopic(sn), codec.DownTopic(sn, "#"))
+		}
 	}
 }

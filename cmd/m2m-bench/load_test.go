@@ -168,6 +168,27 @@ func BenchmarkHookLogin(b *testing.B) {
 	benchHookLogin(b, testBroker(b, "hook", terms), terms[0])
 }
 
+// BenchmarkHookRefusal measures the hook's whole handling of a refused
+// terminal CONNECT (see benchHookRefusal), to set against
+// BenchmarkHookLogin: a wrong digest and an unknown serial number (each
+// from a fresh address, so that the throttle never steps in), and a login
+// from an address the throttle refuses.
+func BenchmarkHookRefusal(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		kind loginKind
+	}{
+		{"bad-digest", loginBadDigest},
+		{"unknown-sn", loginUnknownSN},
+		{"throttled", loginThrottled},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			terms := genTerminals(1)
+			benchHookRefusal(b, testBroker(b, "hook", terms), terms[0], c.kind)
+		})
+	}
+}
+
 // BenchmarkHookLoginReplayGuard is BenchmarkHookLogin with each replay
 // guard: the hook's default in memory, and the file guard the broker runs
 // (replay.Open: one write(2) per accepted login, fsync every second).

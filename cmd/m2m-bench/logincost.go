@@ -46,26 +46,59 @@ func startLocalBroker(ctx context.Context, dir, mode string, terms []*Terminal, 
 	return StartBroker(ctx, cfg)
 }
 
-// discardConn is a net.Conn (addresses from a net.Pipe) whose writes
-// vanish: what the hook writes to a terminal (its sk message) is encoded
-// by mochi but sent nowhere.
+// discardConn is a net.Conn (from a net.Pipe) whose writes vanish: what
+// the hook writes to a terminal (its sk message) is encoded by mochi but
+// sent nowhere. Its remote address is a TCP one, as a broker's listener
+// gives them (a pipe's "pipe" has no port: the hook would spend an error
+// value on it that no real connection costs).
 type discardConn struct{ net.Conn }
 
 func (discardConn) Write(p []byte) (int, error) { return len(p), nil }
 
+func (discardConn) RemoteAddr() net.Addr {
+	return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 40000}
+}
+
+// loginKind is the CONNECT a login benchmark sends.
+type loginKind int
+
+const (
+	loginAccepted  loginKind = iota // a genuine login asking for a session key
+	loginBadDigest                  // the same with one digit of its digest changed, from a fresh address
+	loginUnknownSN                  // a genuine-looking login of a serial number the store does not hold, from a fresh address
+	loginThrottled                  // a bad digest from an address the throttle refuses already
+)
+
 // benchLogins calls connect once per iteration of b with mochi's own client
 // type for t (on a discardConn: the hook, not sockets, is measured) and a
-// CONNECT carrying a fresh login token that asks for a session key. The
-// tokens (each with a fresh nonce) are signed in batches outside the timed
-// region.
-func benchLogins(b *testing.B, br *Broker, t *Terminal, connect func(*mqtt.Client, packets.Packet)) {
+// CONNECT of the given kind, each with a fresh nonce. The tokens and
+// addresses are made in batches outside the timed region.
+func benchLogins(b *testing.B, br *Broker, t *Terminal, kind loginKind, connect func(*mqtt.Client, packets.Packet)) {
 	conn, peer := net.Pipe()
 	defer peer.Close()
 	defer conn.Close()
+	if kind == loginUnknownSN {
+		unknown := *t
+		unknown.ID.SN = "UNKNOWN" + t.ID.SN[len("UNKNOWN"):]
+		t = &unknown
+	}
 	cl := br.Server.NewClient(discardConn{conn}, "bench", t.ID.SN, false)
 	cl.Properties.ProtocolVersion = 4
 	user := []byte(t.ID.Username())
+	if kind == loginThrottled {
+		// Fail from this address until the throttle refuses it.
+		for range 8 {
+			pw, err := loginPassword(t, true)
+			if err != nil {
+				b.Fatal(err)
+			}
+			_ = br.Hook.OnConnect(cl, packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
+				UsernameFlag: true, Username: user, PasswordFlag: true, Password: badDigest(pw)}})
+		}
+	}
 	var tokens [][]byte
+	var remotes []string
+	addrs := 0
 	b.ReportAllocs()
 	for b.Loop() {
 		if len(tokens) == 0 {
@@ -75,14 +108,39 @@ func benchLogins(b *testing.B, br *Broker, t *Terminal, connect func(*mqtt.Clien
 				if err != nil {
 					b.Fatal(err)
 				}
-				tokens = append(tokens, []byte(pw))
+				tok := []byte(pw)
+				if kind == loginBadDigest || kind == loginThrottled {
+					tok = badDigest(pw)
+				}
+				tokens = append(tokens, tok)
+				if kind == loginBadDigest || kind == loginUnknownSN {
+					// A fresh (sn, address) pair each time: the throttle
+					// never gets to refuse one.
+					addrs++
+					remotes = append(remotes, fmt.Sprintf("10.%d.%d.%d:40000", addrs>>16&0xff, addrs>>8&0xff, addrs&0xff))
+				}
 			}
 			b.StartTimer()
+		}
+		if len(remotes) > 0 {
+			cl.Net.Remote, remotes = remotes[0], remotes[1:]
 		}
 		connect(cl, packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: t.ID.SN,
 			UsernameFlag: true, Username: user, PasswordFlag: true, Password: tokens[0]}})
 		tokens = tokens[1:]
 	}
+}
+
+// badDigest returns the token pw with the last digit of its digest
+// changed.
+func badDigest(pw string) []byte {
+	tok := []byte(pw)
+	if tok[len(tok)-1] == '0' {
+		tok[len(tok)-1] = '1'
+	} else {
+		tok[len(tok)-1] = '0'
+	}
+	return tok
 }
 
 // benchHookLogin measures everything the hook does for one accepted CONNECT
@@ -91,11 +149,23 @@ func benchLogins(b *testing.B, br *Broker, t *Terminal, connect func(*mqtt.Clien
 // and its signed sk message, metrics, the login_accepted event) and
 // OnDisconnect.
 func benchHookLogin(b *testing.B, br *Broker, t *Terminal) {
-	benchLogins(b, br, t, func(cl *mqtt.Client, pk packets.Packet) {
+	benchLogins(b, br, t, loginAccepted, func(cl *mqtt.Client, pk packets.Packet) {
 		if err := br.Hook.OnConnect(cl, pk); err != nil {
 			b.Fatalf("login refused: %v", err)
 		}
 		br.Hook.OnDisconnect(cl, nil, true)
+	})
+}
+
+// benchHookRefusal measures everything the hook does for one refused
+// CONNECT of the given kind: hook.OnConnect up to the refusal, its
+// metrics and login_refused event, the throttle's count, and the CONNACK
+// it has mochi write (to the discardConn).
+func benchHookRefusal(b *testing.B, br *Broker, t *Terminal, kind loginKind) {
+	benchLogins(b, br, t, kind, func(cl *mqtt.Client, pk packets.Packet) {
+		if err := br.Hook.OnConnect(cl, pk); err == nil {
+			b.Fatal("login accepted")
+		}
 	})
 }
 
@@ -113,7 +183,7 @@ func benchHookConnection(b *testing.B, br *Broker, t *Terminal) {
 		Filters: packets.Subscriptions{{Filter: keyTopic}, {Filter: downFilter}}}
 	connack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}}
 	suback := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}}
-	benchLogins(b, br, t, func(cl *mqtt.Client, pk packets.Packet) {
+	benchLogins(b, br, t, loginAccepted, func(cl *mqtt.Client, pk packets.Packet) {
 		if err := h.OnConnect(cl, pk); err != nil || !h.OnConnectAuthenticate(cl, pk) {
 			b.Fatalf("login refused: %v", err)
 		}
