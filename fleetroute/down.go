@@ -179,9 +179,9 @@ type drainState struct {
 	acked chan struct{} // a downlink acknowledged (OnQosComplete)
 }
 
-// NewDownlinks creates (or updates) the stream, subscribes to the kicks
-// and returns the hook, to be added to the server with AddHook. It retries
-// through a leader election until ctx ends.
+// NewDownlinks creates (or updates) the stream and returns the hook, to be
+// added to the server with AddHook; Start then subscribes to the kicks. It
+// retries through a leader election until ctx ends.
 func NewDownlinks(ctx context.Context, o DownlinkOptions) (*Downlinks, error) {
 	if o.Fleet == nil || o.Server == nil || o.Ready == nil {
 		return nil, errors.New("fleetroute: DownlinkOptions.Fleet, Server and Ready are required")
@@ -223,16 +223,27 @@ func NewDownlinks(ctx context.Context, o DownlinkOptions) (*Downlinks, error) {
 		return nil, fmt.Errorf("fleetroute: stream %s: %w", DownlinkStream, err)
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
-	d.sub, err = d.nc.Subscribe(DownlinkKick, func(msg *nats.Msg) {
+	return d, nil
+}
+
+// Start subscribes to the kicks of the fleet: call it once the server
+// serves and Ready can answer.
+func (d *Downlinks) Start() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed || d.sub != nil {
+		return nil
+	}
+	sub, err := d.nc.Subscribe(DownlinkKick, func(msg *nats.Msg) {
 		if len(msg.Data) > 0 && len(msg.Data) <= fleet.MaxKeyInput {
 			d.Wake(string(msg.Data))
 		}
 	})
 	if err != nil {
-		d.cancel()
-		return nil, fmt.Errorf("fleetroute: subscribe %s: %w", DownlinkKick, err)
+		return fmt.Errorf("fleetroute: subscribe %s: %w", DownlinkKick, err)
 	}
-	return d, nil
+	d.sub = sub
+	return nil
 }
 
 // downRetry runs fn until it succeeds or ctx ends, each attempt bounded
@@ -276,8 +287,12 @@ func (d *Downlinks) Close() error {
 		return nil
 	}
 	d.closed = true
+	sub := d.sub
 	d.mu.Unlock()
-	err := d.sub.Unsubscribe()
+	var err error
+	if sub != nil {
+		err = sub.Unsubscribe()
+	}
 	d.cancel()
 	d.wg.Wait()
 	if err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrBadSubscription) {

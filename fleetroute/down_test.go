@@ -84,6 +84,9 @@ func startDownBroker(t *testing.T, node *fleet.Node, id string, tune func(*fleet
 	if err := b.srv.Serve(); err != nil {
 		t.Fatal(err)
 	}
+	if err := b.d.Start(); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { b.srv.Close() }) // stops the hooks: Downlinks.Stop
 	return b
 }
