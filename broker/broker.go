@@ -204,7 +204,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		if err != nil {
 			return nil, fmt.Errorf("fleet: %w", err)
 		}
-		hopts.OnDownlinkReady = b.downlinks.Wake
+		hopts.OnDownlinkReady, hopts.OnDownlinksDiscarded = b.downlinks.Wake, b.downlinks.Requeue
 	} else {
 		// The nonces of accepted logins and control messages outlive a
 		// restart, whatever the store (SPEC section 3, step 6).

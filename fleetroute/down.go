@@ -75,7 +75,8 @@ type DownlinkOptions struct {
 // application may not publish: nothing it refuses reaches the stream) and
 // before the session store (which then never journals a downlink that
 // this broker does not deliver itself). Create it with NewDownlinks; the
-// m2mguard hook's Options.OnDownlinkReady is its Wake.
+// m2mguard hook's Options.OnDownlinkReady is its Wake and
+// Options.OnDownlinksDiscarded its Requeue.
 //
 // # Publish side
 //
@@ -141,9 +142,11 @@ type DownlinkOptions struct {
 //
 // A terminal that moves to another broker receives there what waits in
 // the stream. What its old broker had already put into the old MQTT
-// session and not seen acknowledged is lost with that session (the
-// takeover discards it), as are messages a drain on the old broker
-// injects in the moment between the new login and the takeover.
+// session and not seen acknowledged (or withheld from it) goes back into
+// the stream when the takeover discards that session (Requeue, from the
+// hook's Options.OnDownlinksDiscarded): behind what waits already, so
+// out of order, and perhaps a second time. Only a broker that dies with
+// such messages in its session loses them with it.
 // Retained downlinks are retained by the broker that delivers them.
 //
 // # Security
@@ -423,6 +426,37 @@ func (d *Downlinks) Wake(sn string) {
 	go d.drainLoop(sn, st)
 }
 
+// Requeue puts back into the stream the downlinks of a terminal's MQTT
+// session that this broker discards because the terminal moved to another
+// broker (the m2mguard hook's Options.OnDownlinksDiscarded), and kicks the
+// fleet. It does not block: the appends run on a goroutine Close waits
+// for. They go behind what waits already, so they may reach the terminal
+// after newer downlinks, and perhaps a second time (the old broker had
+// written them, unacknowledged).
+func (d *Downlinks) Requeue(sn string, msgs []packets.Packet) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		d.m.failures.WithLabelValues("requeue").Add(float64(len(msgs)))
+		return
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		for _, pk := range msgs {
+			if err := d.append(sn, pk); err != nil {
+				d.m.failures.WithLabelValues("requeue").Inc()
+				d.log.Warn("m2mguard downlink_lost", "event", "downlink_lost", "sn", sn, "reason", "requeue failed", "error", err)
+				continue
+			}
+			d.m.requeued.Inc()
+		}
+		if err := d.nc.Publish(DownlinkKick, []byte(sn)); err != nil {
+			d.m.failures.WithLabelValues("kick").Inc()
+		}
+	}()
+}
+
 // OnQosComplete lets a drain waiting for acknowledgements go on.
 func (d *Downlinks) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	d.mu.Lock()
@@ -549,8 +583,8 @@ func decodeDownlink(sn string, h nats.Header) (topic string, qos byte, retain bo
 
 // downMetrics are the downlink routing's series.
 type downMetrics struct {
-	appended, delivered, dropped prometheus.Counter
-	failures                     *prometheus.CounterVec
+	appended, delivered, dropped, requeued prometheus.Counter
+	failures                               *prometheus.CounterVec
 }
 
 func newDownMetrics(reg prometheus.Registerer) (*downMetrics, error) {
@@ -561,15 +595,17 @@ func newDownMetrics(reg prometheus.Registerer) (*downMetrics, error) {
 			Help: "Downlinks from the fleet's stream delivered into a terminal's session on this broker."}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "m2mguard_fleet_route_downlinks_dropped_total",
 			Help: "Oldest downlinks dropped from a terminal's full queue (cluster.downlink_queue) by this broker's appends."}),
+		requeued: prometheus.NewCounter(prometheus.CounterOpts{Name: "m2mguard_fleet_route_downlinks_requeued_total",
+			Help: "Downlinks of a moved terminal's discarded MQTT session put back into the fleet's stream."}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "m2mguard_fleet_route_downlinks_failures_total",
-			Help: "Downlink routing failures by op: append (refused to the application), too_large, kick, read, deliver, delete, invalid, stalled."},
+			Help: "Downlink routing failures by op: append (refused to the application), too_large, kick, read, deliver, delete, invalid, stalled, requeue (lost)."},
 			[]string{"op"}),
 	}
-	for _, op := range []string{"append", "too_large", "kick", "read", "deliver", "delete", "invalid", "stalled"} {
+	for _, op := range []string{"append", "too_large", "kick", "read", "deliver", "delete", "invalid", "stalled", "requeue"} {
 		m.failures.WithLabelValues(op)
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.appended, m.delivered, m.dropped, m.failures} {
+		for _, c := range []prometheus.Collector{m.appended, m.delivered, m.dropped, m.requeued, m.failures} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("fleetroute: metrics: %w", err)
 			}

@@ -292,3 +292,32 @@ func counter(t *testing.T, reg *prometheus.Registry, name string, labels ...stri
 	t.Fatalf("no series %s%v", name, labels)
 	return 0
 }
+
+// TestRequeueAfterMove: the downlinks a broker discards with a moved
+// terminal's MQTT session go back into the stream, in the order given,
+// and reach the terminal on its new broker.
+func TestRequeueAfterMove(t *testing.T) {
+	t.Parallel()
+	node := natsNode(t)
+	b1 := startDownBroker(t, node, "b1", nil)
+	b2 := startDownBroker(t, node, "b2", nil)
+	const sn = "DOWNREQ1"
+	in := &inbox{}
+	term := connect(t, b2.addr, sn, in.handler)
+	if tok := term.Subscribe("m2m/"+sn+"/down/#", 1, nil); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	var msgs []packets.Packet
+	for _, p := range []string{"old-1", "old-2"} {
+		msgs = append(msgs, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+			TopicName: "m2m/" + sn + "/down/cmd", Payload: []byte(p)})
+	}
+	b1.d.Requeue(sn, msgs)
+	testwait.For(t, 10*time.Second, "the requeued downlinks on b2", func() bool { return len(in.got()) >= 2 })
+	if got := in.got(); strings.Join(got, ",") != "old-1,old-2" {
+		t.Fatalf("received %v", got)
+	}
+	if got := counter(t, b1.reg, "m2mguard_fleet_route_downlinks_requeued_total"); got != 2 {
+		t.Errorf("requeued %v, want 2", got)
+	}
+}

@@ -1,7 +1,13 @@
 package hook
 
 import (
+	"cmp"
+	"slices"
+
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/m2mguard/m2mguard/codec"
 )
 
 // Downlink readiness, for whatever delivers downlink data from outside
@@ -57,4 +63,33 @@ func (h *Hook) downlinkMaybeReady(cl *mqtt.Client, s *session) {
 	if h.opts.OnDownlinkReady != nil && h.downlinkReady(cl, s) {
 		h.opts.OnDownlinkReady(s.sn)
 	}
+}
+
+// handDownlinks gives Options.OnDownlinksDiscarded the downlink data of
+// cl's MQTT session, which is about to be discarded because its terminal
+// moved to another broker: the messages in flight and parked (withheld
+// from cl or waiting for its key), oldest first. Each session is handed
+// once: OnDisconnect of a taken-over connection, or TakenOver of an
+// offline session.
+func (h *Hook) handDownlinks(cl *mqtt.Client, parked []packets.Packet) {
+	if h.opts.OnDownlinksDiscarded == nil || codec.ValidateSN(cl.ID) != nil {
+		return
+	}
+	msgs := slices.Clone(parked)
+	for _, m := range cl.State.Inflight.GetAll(false) {
+		if m.FixedHeader.Type != packets.Publish {
+			continue
+		}
+		if kind, sn := codec.ParseTopic(m.TopicName); kind == codec.TopicDown && sn == cl.ID {
+			msgs = append(msgs, m)
+		}
+	}
+	if len(msgs) == 0 {
+		return
+	}
+	// mochi's packet ids wrap and its Created has seconds: both order.
+	slices.SortStableFunc(msgs, func(a, b packets.Packet) int {
+		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.PacketID, b.PacketID))
+	})
+	h.opts.OnDownlinksDiscarded(cl.ID, msgs)
 }

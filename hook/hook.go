@@ -122,6 +122,13 @@ type Options struct {
 	// tree (a fleet's downlink routing). It runs on connection and writer
 	// goroutines and must not block; nil = none.
 	OnDownlinkReady func(sn string)
+	// OnDownlinksDiscarded receives the downlink data of a terminal's
+	// MQTT session that the hook discards because a login on another
+	// broker took the session over (TakenOver): the messages in flight
+	// to it, unacknowledged, and those it withheld, in plaintext, oldest
+	// first, so that a fleet can put them back on the terminal's way. It
+	// must not block; nil = they are lost with the session.
+	OnDownlinksDiscarded func(sn string, msgs []packets.Packet)
 
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended.
@@ -513,9 +520,11 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	case cl.IsTakenOver():
 	case s.takenOver.Load():
 		// A login on another broker took the session over: its MQTT
-		// session is not kept here (mochi keeps a persistent one).
+		// session is not kept here (mochi keeps a persistent one). Its
+		// downlink data, withheld or in flight, goes the terminal's way.
+		h.handDownlinks(cl, s.takeParked())
 		if !expire {
-			h.discardSession(cl)
+			h.discardSession(cl, false)
 		}
 	default:
 		h.returnParked(cl, s)
