@@ -443,11 +443,14 @@ func (d *Downlinks) Requeue(sn string, msgs []packets.Packet) {
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
-		for _, pk := range msgs {
+		for i, pk := range msgs {
 			if err := d.append(sn, pk); err != nil {
-				d.m.failures.WithLabelValues("requeue").Inc()
-				d.log.Warn("m2mguard downlink_lost", "event", "downlink_lost", "sn", sn, "reason", "requeue failed", "error", err)
-				continue
+				// JetStream did not take it in AppendTimeout: nor would
+				// it take the rest (Close waits for this goroutine).
+				d.m.failures.WithLabelValues("requeue").Add(float64(len(msgs) - i))
+				d.log.Warn("m2mguard downlink_lost", "event", "downlink_lost", "sn", sn, "reason", "requeue failed",
+					"messages", len(msgs)-i, "error", err)
+				break
 			}
 			d.m.requeued.Inc()
 		}
