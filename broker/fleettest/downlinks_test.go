@@ -49,6 +49,12 @@ func TestFleetDownlinks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The applications log in one after another: their logins (argon2id)
+	// are bounded per address (auth.app_concurrency_per_addr).
+	pubs := make([]paho.Client, 3)
+	for i := range pubs {
+		pubs[i] = appClient(t, B, fmt.Sprintf("downapp-%d", i+1), app.Password)
+	}
 
 	// Live: the terminal holds its session on C, the application publishes
 	// through B.
@@ -58,7 +64,7 @@ func TestFleetDownlinks(t *testing.T) {
 		wire := newWireTap(t, C.b.Addr("tcp"), tm)
 		term, data := referenceTerminal(t, tm, wire.addr)
 		checkFor(t, 5*time.Second, "C's session ready for downlinks", func() bool { return C.b.Hook().DownlinkReady(tm.SN) })
-		pub := appClient(t, B, "downapp-1", app.Password)
+		pub := pubs[0]
 		publishQoS1(t, pub, "m2m/FLEETDOWN1/down/cmd", "open-the-valve")
 		got := data.await(t, 1)
 		if got[0] != "cmd open-the-valve" {
@@ -84,7 +90,7 @@ func TestFleetDownlinks(t *testing.T) {
 		checkFor(t, 5*time.Second, "the terminal offline", func() bool { return !C.b.Hook().DownlinkReady(tm.SN) })
 
 		dropped := metric(t, B, "m2mguard_fleet_route_downlinks_dropped_total")
-		pub := appClient(t, B, "downapp-2", app.Password)
+		pub := pubs[1]
 		const n = downlinkQueue + 3
 		for i := range n {
 			publishQoS1(t, pub, "m2m/FLEETDOWN2/down/cfg", fmt.Sprintf("v%d", i))
@@ -119,7 +125,7 @@ func TestFleetDownlinks(t *testing.T) {
 		t.Parallel()
 		tm := f.register(t, 1, "FLEETDOWN3")
 		appended := metric(t, B, "m2mguard_fleet_route_downlinks_appended_total")
-		pub := appClient(t, B, "downapp-3", app.Password)
+		pub := pubs[2]
 		tok := pub.Publish("m2m/FLEETDOWN3/down/cmd", 1, false, "not-yours")
 		checkFor(t, 5*time.Second, "the application disconnected", func() bool { return !pub.IsConnectionOpen() })
 		if tok.WaitTimeout(100*time.Millisecond) && tok.Error() == nil {
