@@ -135,7 +135,12 @@ type DownlinkOptions struct {
 // broker has put it into the terminal's MQTT session; a broker that fails
 // between injecting and deleting delivers it again. Per terminal at most
 // Queue messages wait: an append to a full queue deletes the oldest
-// (m2mguard_fleet_route_downlinks_dropped_total) and keeps the newest. A
+// (m2mguard_fleet_route_downlinks_dropped_total) and keeps the newest. The
+// count is exact on a single NATS server; in a JetStream cluster an append
+// right behind the previous one may pass JetStream's check of the full
+// subject before that one is applied, and JetStream then drops the oldest
+// itself, uncounted (seen: one in eight appends to a full queue, under
+// load): the metric is a lower bound there, the bound itself holds. A
 // message waits at most MaxAge (mqtt.session_expiry). A terminal that
 // subscribes to its downlinks at QoS 0 receives them at QoS 0: at most
 // once from its broker's session on.
@@ -215,7 +220,8 @@ func NewDownlinks(ctx context.Context, o DownlinkOptions) (*Downlinks, error) {
 		Subjects: []string{DownlinkPrefix + "*"}, Retention: jetstream.LimitsPolicy, Storage: jetstream.FileStorage,
 		Replicas: o.Fleet.Replicas(), MaxAge: o.MaxAge, MaxMsgsPerSubject: int64(o.Queue),
 		// Full queues refuse the append, which then deletes the oldest
-		// itself: each drop is counted (DiscardOld would drop silently).
+		// itself: each drop is counted (DiscardOld would drop silently),
+		// but for JetStream's own in a cluster's race (see Downlinks).
 		Discard: jetstream.DiscardNew, DiscardNewPerSubject: true,
 	}
 	err = downRetry(ctx, func(ctx context.Context) (err error) {

@@ -98,8 +98,11 @@ func TestFleetDownlinks(t *testing.T) {
 		if got := subjectCount(t, B, tm.SN); got != downlinkQueue {
 			t.Fatalf("%d downlinks stored for the offline terminal, want downlink_queue %d", got, downlinkQueue)
 		}
-		if got := metric(t, B, "m2mguard_fleet_route_downlinks_dropped_total") - dropped; got != n-downlinkQueue {
-			t.Errorf("dropped %v, want %d", got, n-downlinkQueue)
+		// A lower bound in a JetStream cluster: an append right behind
+		// the previous one may find JetStream dropping the oldest itself
+		// (fleetroute.Downlinks, "Guarantees").
+		if got := metric(t, B, "m2mguard_fleet_route_downlinks_dropped_total") - dropped; got < 1 || got > n-downlinkQueue {
+			t.Errorf("dropped %v, want 1 to %d", got, n-downlinkQueue)
 		}
 
 		wire := newWireTap(t, A.b.Addr("tcp"), tm)
