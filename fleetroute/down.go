@@ -139,7 +139,7 @@ type DownlinkOptions struct {
 // count is exact on a single NATS server; in a JetStream cluster an append
 // right behind the previous one may pass JetStream's check of the full
 // subject before that one is applied, and JetStream then drops the oldest
-// itself, uncounted (seen: one in eight appends to a full queue, under
+// itself, uncounted (seen: once in twelve appends to a full queue, under
 // load): the metric is a lower bound there, the bound itself holds. A
 // message waits at most MaxAge (mqtt.session_expiry). A terminal that
 // subscribes to its downlinks at QoS 0 receives them at QoS 0: at most
