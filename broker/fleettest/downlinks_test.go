@@ -56,6 +56,27 @@ func TestFleetDownlinks(t *testing.T) {
 		pubs[i] = appClient(t, B, fmt.Sprintf("downapp-%d", i+1), app.Password)
 	}
 
+	// A downlink to a terminal outside the application's publish reach is
+	// refused by the m2mguard hook's ACL (3.1.1, QoS 1: the connection
+	// ends) and never reaches the stream. (Not in parallel: it counts
+	// B's appends.)
+	t.Run("OutsideReachNotStored", func(t *testing.T) {
+		tm := f.register(t, 1, "FLEETDOWN3")
+		appended := metric(t, B, "m2mguard_fleet_route_downlinks_appended_total")
+		pub := pubs[2]
+		tok := pub.Publish("m2m/FLEETDOWN3/down/cmd", 1, false, "not-yours")
+		checkFor(t, 5*time.Second, "the application disconnected", func() bool { return !pub.IsConnectionOpen() })
+		if tok.WaitTimeout(100*time.Millisecond) && tok.Error() == nil {
+			t.Error("a downlink outside the application's reach was acknowledged")
+		}
+		if n := subjectCount(t, B, tm.SN); n != 0 {
+			t.Errorf("%d downlinks stored for a terminal outside the application's reach", n)
+		}
+		if got := metric(t, B, "m2mguard_fleet_route_downlinks_appended_total"); got != appended {
+			t.Errorf("appended went from %v to %v", appended, got)
+		}
+	})
+
 	// Live: the terminal holds its session on C, the application publishes
 	// through B.
 	t.Run("AcrossBrokers", func(t *testing.T) {
@@ -93,7 +114,7 @@ func TestFleetDownlinks(t *testing.T) {
 		pub := pubs[1]
 		const n = downlinkQueue + 3
 		for i := range n {
-			publishQoS1(t, pub, "m2m/FLEETDOWN2/down/cfg", fmt.Sprintf("v%d", i))
+			publishQoS1(t, pub, "m2m/FLEETDOWN2/down/cfg", fmt.Sprintf("set-point-value-%d", i))
 		}
 		if got := subjectCount(t, B, tm.SN); got != downlinkQueue {
 			t.Fatalf("%d downlinks stored for the offline terminal, want downlink_queue %d", got, downlinkQueue)
@@ -110,37 +131,17 @@ func TestFleetDownlinks(t *testing.T) {
 		got := data.await(t, downlinkQueue)
 		var want []string
 		for i := n - downlinkQueue; i < n; i++ {
-			want = append(want, fmt.Sprintf("cfg v%d", i))
+			want = append(want, fmt.Sprintf("cfg set-point-value-%d", i))
 		}
 		if strings.Join(got, ",") != strings.Join(want, ",") {
 			t.Fatalf("the terminal on A received %v, want %v", got, want)
 		}
 		for i := n - downlinkQueue; i < n; i++ {
-			wire.checkSealed(t, "m2m/FLEETDOWN2/down/cfg", fmt.Sprintf("v%d", i))
+			wire.checkSealed(t, "m2m/FLEETDOWN2/down/cfg", fmt.Sprintf("set-point-value-%d", i))
 		}
 		checkFor(t, 5*time.Second, "the terminal's subject empty", func() bool { return subjectCount(t, A, tm.SN) == 0 })
 	})
 
-	// A downlink to a terminal outside the application's publish reach is
-	// refused by the m2mguard hook's ACL (3.1.1, QoS 1: the connection
-	// ends) and never reaches the stream.
-	t.Run("OutsideReachNotStored", func(t *testing.T) {
-		t.Parallel()
-		tm := f.register(t, 1, "FLEETDOWN3")
-		appended := metric(t, B, "m2mguard_fleet_route_downlinks_appended_total")
-		pub := pubs[2]
-		tok := pub.Publish("m2m/FLEETDOWN3/down/cmd", 1, false, "not-yours")
-		checkFor(t, 5*time.Second, "the application disconnected", func() bool { return !pub.IsConnectionOpen() })
-		if tok.WaitTimeout(100*time.Millisecond) && tok.Error() == nil {
-			t.Error("a downlink outside the application's reach was acknowledged")
-		}
-		if n := subjectCount(t, B, tm.SN); n != 0 {
-			t.Errorf("%d downlinks stored for a terminal outside the application's reach", n)
-		}
-		if got := metric(t, B, "m2mguard_fleet_route_downlinks_appended_total"); got != appended {
-			t.Errorf("appended went from %v to %v", appended, got)
-		}
-	})
 }
 
 // downData collects what a reference terminal's OnData receives: "sub
