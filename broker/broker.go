@@ -39,6 +39,7 @@ import (
 	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/fleet"
 	"github.com/m2mguard/m2mguard/fleetlink"
+	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/mochifix"
 	"github.com/m2mguard/m2mguard/keysvc"
@@ -70,6 +71,8 @@ type Broker struct {
 	node  *fleet.Node
 	fleet *fleet.Fleet
 	link  *fleetlink.Link
+	// downlinks routes the applications' downlinks through the fleet
+	downlinks *fleetroute.Downlinks
 
 	events    *events.Queue    // presence and security events for applications
 	webhook   *events.Webhook  // nil without events.webhook_url
@@ -190,6 +193,18 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		hopts.Throttler = b.fleet.Throttler(hook.NewThrottleTable(hopts.Throttle))
 		hopts.Directory, hopts.ChangeBook = b.link.Directory(), b.link.ChangeBook()
 		hopts.ClaimTimeout = cfg.Cluster.ClaimTimeout + time.Second // the fleet's retries, and a margin
+		// Downlinks reach the terminal's broker through the fleet's
+		// stream, and wait there while it is offline: the hook says when
+		// a terminal's session is ready for them (it exists below).
+		b.downlinks, err = fleetroute.NewDownlinks(ctx, fleetroute.DownlinkOptions{
+			Fleet: b.fleet, Server: b.server, Ready: func(sn string) bool { return b.hook.DownlinkReady(sn) },
+			Queue: cfg.Cluster.DownlinkQueue, MaxAge: cfg.MQTT.SessionExpiry, AppendTimeout: cfg.Cluster.ClaimTimeout + time.Second,
+			Logger: logger.With("component", "fleet"), Registerer: b.registry,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+		hopts.OnDownlinkReady, hopts.OnDownlinksDiscarded = b.downlinks.Wake, b.downlinks.Requeue
 	} else {
 		// The nonces of accepted logins and control messages outlive a
 		// restart, whatever the store (SPEC section 3, step 6).
@@ -248,7 +263,15 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	if err := b.server.AddHook(b.hook, nil); err != nil {
 		return nil, err
 	}
-	// The session store after it: it must see uplinks as the hook opened
+	// The fleet's downlink routing after it (the hook's ACL has refused
+	// what an application may not publish) and before the session store,
+	// which then never journals a downlink this broker does not deliver.
+	if b.downlinks != nil {
+		if err := b.server.AddHook(b.downlinks, nil); err != nil {
+			return nil, err
+		}
+	}
+	// The session store after them: it must see uplinks as the hook opened
 	// them and never a packet the hook dropped. Serve restores the sessions.
 	if b.sessions != nil {
 		if err := b.server.AddHook(b.sessions, nil); err != nil {
@@ -265,6 +288,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	if err := b.server.Serve(); err != nil {
 		return nil, err
+	}
+	if b.downlinks != nil {
+		if err := b.downlinks.Start(); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
 	}
 	if b.link != nil && b.sessions != nil {
 		// Sessions restored from the store whose client logged in on
@@ -935,6 +963,11 @@ func (b *Broker) Close() error {
 		}
 		if b.campaigns != nil {
 			b.campaigns.Close() // writes its progress to the store, which is still open
+		}
+		if b.downlinks != nil { // its drains inject into mochi: they stop first
+			if err := b.downlinks.Close(); err != nil {
+				errs = append(errs, err)
+			}
 		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {

@@ -22,6 +22,7 @@ import (
 	"github.com/m2mguard/m2mguard/campaign"
 	"github.com/m2mguard/m2mguard/events"
 	"github.com/m2mguard/m2mguard/fleet"
+	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/keysvc"
 	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
@@ -231,6 +232,9 @@ type ClusterConfig struct {
 	Replicas     int           // of the fleet's buckets and stream; 0 = 3 (1 for a single node)
 	ClaimTimeout time.Duration // a replay claim's retries through a leader election
 	Heartbeat    time.Duration // liveness renewal; a broker silent for 3 × it is gone
+	// DownlinkQueue bounds the downlinks waiting in the fleet's stream for
+	// one terminal (package fleetroute); the oldest are dropped.
+	DownlinkQueue int
 }
 
 // EmbeddedNATSConfig is the NATS node of cluster.embedded_nats.
@@ -301,7 +305,8 @@ func Default() *Config {
 	c.Campaigns = CampaignsConfig{MaxRate: cp.MaxRate}
 	c.Cluster = ClusterConfig{
 		ClaimTimeout: fleet.DefaultClaimTimeout, Heartbeat: fleet.DefaultHeartbeat,
-		Embedded: EmbeddedNATSConfig{Listen: "127.0.0.1:4222", ClusterListen: "127.0.0.1:6222", ClusterName: "m2mguard"},
+		DownlinkQueue: fleetroute.DefaultDownlinkQueue,
+		Embedded:      EmbeddedNATSConfig{Listen: "127.0.0.1:4222", ClusterListen: "127.0.0.1:6222", ClusterName: "m2mguard"},
 	}
 	return c
 }
@@ -754,6 +759,8 @@ var fields = documentDefaults([]Field{
 		value: dur(func(c *Config) *time.Duration { return &c.Cluster.ClaimTimeout })},
 	{Key: "cluster.heartbeat", Help: "how often a broker renews its liveness in the fleet; one silent for 3 heartbeats is gone (its sessions are removed from the directory), the same on every broker",
 		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Heartbeat })},
+	{Key: "cluster.downlink_queue", Help: "fleet mode: downlinks waiting in JetStream for one terminal (offline, or on its way to another broker), at most; an application's downlink to a full queue drops the oldest (m2mguard_fleet_route_downlinks_dropped_total); each waits at most mqtt.session_expiry",
+		value: integer(func(c *Config) *int { return &c.Cluster.DownlinkQueue }, 1, 1000000)},
 })
 
 // documentDefaults sets the documented Default of every field that has

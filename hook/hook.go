@@ -116,6 +116,19 @@ type Options struct {
 	// which mochi does not report, so that a restart restores a session
 	// as the hook left it (restore.go). nil = no storage hook.
 	Storage Storage
+	// OnDownlinkReady is called with a terminal's sn whenever its session
+	// on this broker may have become ready to receive downlink data
+	// (DownlinkReady, downready.go), for a deliverer outside mochi's topic
+	// tree (a fleet's downlink routing). It runs on connection and writer
+	// goroutines and must not block; nil = none.
+	OnDownlinkReady func(sn string)
+	// OnDownlinksDiscarded receives the downlink data of a terminal's
+	// MQTT session that the hook discards because a login on another
+	// broker took the session over (TakenOver): the messages in flight
+	// to it, unacknowledged, and those it withheld, in plaintext, oldest
+	// first, so that a fleet can put them back on the terminal's way. It
+	// must not block; nil = they are lost with the session.
+	OnDownlinksDiscarded func(sn string, msgs []packets.Packet)
 
 	// MaxEnvelopeFailures is how many envelopes of one session may fail
 	// before the session is ended.
@@ -260,7 +273,11 @@ func New(opts Options) (*Hook, error) {
 	}
 	h.writer = &writer{crew: h.crew, server: h.server, event: h.event,
 		writeTimeout: opts.WriteTimeout, disconnectTimeout: opts.DisconnectTimeout}
-	h.writer.afterKey = h.releaseAfterKey
+	h.writer.afterKey = func(cl *mqtt.Client, s *session) {
+		s.keyWritten.Store(true)
+		h.releaseAfterKey(cl, s) // what the session inherited goes first
+		h.downlinkMaybeReady(cl, s)
+	}
 	registerer := opts.Registerer
 	if registerer == nil {
 		r := prometheus.NewRegistry()
@@ -495,19 +512,30 @@ func (h *Hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		h.writer.keySubscribed(cl, s)
 	}
 	h.changes.deliverPending(termConn{cl, s})
+	h.downlinkMaybeReady(cl, s) // a resumed session subscribed already (a keyless one is ready now)
 }
 
 // OnSubscribed delivers the waiting key message once the terminal has
-// subscribed to its key topic.
+// subscribed to its key topic, and tells Options.OnDownlinkReady of a
+// granted subscription to downlink data.
 func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
 	s := h.session(cl)
 	if s == nil || s.kind != kindTerminal {
 		return
 	}
+	down := false
 	for i, f := range pk.Filters {
-		if f.Filter == s.keyTopic && i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			h.writer.keySubscribed(cl, s)
+		if i >= len(reasonCodes) || reasonCodes[i] >= 0x80 {
+			continue
 		}
+		if f.Filter == s.keyTopic {
+			h.writer.keySubscribed(cl, s)
+		} else if filterWithin(f.Filter, s.downFilter) {
+			down = true
+		}
+	}
+	if down {
+		h.downlinkMaybeReady(cl, s)
 	}
 }
 
@@ -550,9 +578,11 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	case cl.IsTakenOver():
 	case s.takenOver.Load():
 		// A login on another broker took the session over: its MQTT
-		// session is not kept here (mochi keeps a persistent one).
+		// session is not kept here (mochi keeps a persistent one). Its
+		// downlink data, withheld or in flight, goes the terminal's way.
+		h.handDownlinks(cl, s.takeParked())
 		if !expire {
-			h.discardSession(cl)
+			h.discardSession(cl, false)
 		}
 	default:
 		h.returnParked(cl, s)

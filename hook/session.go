@@ -86,6 +86,10 @@ type session struct {
 	closeCode  *packets.Code
 	closeAfter atomic.Bool
 	ctlRefused atomic.Int32 // control messages of this session refused
+	// keyWritten is set once the writer has written the session's first
+	// key message: with a session key, its sk (queued first at login).
+	// Downlink data is ready for it from then on (downready.go).
+	keyWritten atomic.Bool
 
 	// The record and pending change seen at login, for deliverPending once
 	// the session is established (then nil).

@@ -62,7 +62,7 @@ func (h *Hook) TakenOver(ref SessionRef) bool {
 		if s := h.session(cl); s != nil && s.state.Load() != stateEnded {
 			return false // OnDisconnect has not run yet for it; it will find it taken over
 		}
-		h.discardSession(cl)
+		h.discardSession(cl, true)
 		return true
 	}
 	s := h.session(cl)
@@ -78,8 +78,12 @@ func (h *Hook) TakenOver(ref SessionRef) bool {
 // discardSession drops the MQTT session of cl, whose connection is gone,
 // unless a new connection has taken it meanwhile, from mochi and from the
 // storage hook (Options.Storage), so that a restart does not restore it.
-func (h *Hook) discardSession(cl *mqtt.Client) {
+// With hand, its downlink data goes to Options.OnDownlinksDiscarded first.
+func (h *Hook) discardSession(cl *mqtt.Client, hand bool) {
 	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur == cl {
+		if hand {
+			h.handDownlinks(cl, nil)
+		}
 		cl.ClearInflights()
 		h.server.UnsubscribeClient(cl)
 		h.server.Clients.Delete(cl.ID)
