@@ -15,6 +15,7 @@ import (
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/fleet"
 	"github.com/m2mguard/m2mguard/fleetlink"
+	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
 )
 
@@ -312,7 +313,8 @@ func TestDocumentedEnvVarsExist(t *testing.T) {
 		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
 		haproxytest.EnvInstall: true,
 		// Not variables: the fleet's NATS buckets (README, "Fleet mode").
-		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true}
+		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true,
+		fleetroute.UplinkStream: true, fleetroute.RetainedStream: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}

@@ -89,8 +89,13 @@
 // # Security
 //
 // Uplinks cross NATS and rest in JetStream in plaintext (as applications
-// receive them). NATS's TLS and authentication protect them on the wire
-// and fleet's rules (package fleet) for who may use the m2mguard.>
-// subjects apply; at rest only JetStream's own encryption (an external
-// cluster's jetstream.cipher, or the embedded node's) protects them.
+// receive them), for MaxAge. NATS's TLS and authentication protect them
+// on the wire, and only the brokers' NATS user may use the m2mguard.>
+// subjects (package fleet): whoever may read m2mguard.up.> reads every
+// terminal's data, whoever may publish there injects data as if a
+// terminal had sent it. At rest only JetStream's own encryption protects
+// them (an external cluster's jetstream cipher; the embedded node has no
+// such option: put its store on an encrypted volume). The receiving
+// broker injects only uplink topics and mochi applies each recipient's
+// ACL to them.
 package fleetroute
