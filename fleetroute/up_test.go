@@ -46,10 +46,18 @@ type routed struct {
 	up   *Uplinks
 	reg  *prometheus.Registry
 	addr string
+	once sync.Once
 }
 
 // startRouted opens broker id's fleet on node and starts its server.
 func startRouted(t *testing.T, node *fleet.Node, id string, mod func(*UplinkOptions)) *routed {
+	t.Helper()
+	return startRoutedThen(t, node, id, mod, nil)
+}
+
+// startRoutedThen is startRouted calling beforeStart between the server's
+// Serve and the start of Uplinks.
+func startRoutedThen(t *testing.T, node *fleet.Node, id string, mod func(*UplinkOptions), beforeStart func(*mqtt.Server)) *routed {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
@@ -82,14 +90,24 @@ func startRouted(t *testing.T, node *fleet.Node, id string, mod func(*UplinkOpti
 		t.Fatal(err)
 	}
 	r.addr = l.Address()
+	if beforeStart != nil {
+		beforeStart(r.srv)
+	}
 	if err := r.up.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		r.up.Close() // before the server, as the broker does
-		r.srv.Close()
-	})
+	t.Cleanup(r.stop)
 	return r
+}
+
+// stop closes Uplinks, then the server (as the broker does), then the
+// fleet connection; a second call does nothing.
+func (r *routed) stop() {
+	r.once.Do(func() {
+		r.up.Close()
+		r.srv.Close()
+		r.f.Close()
+	})
 }
 
 // inbox collects what a paho client receives, by topic and payload.
@@ -328,4 +346,60 @@ func TestRefusedWhenStreamUnavailable(t *testing.T) {
 	if got := testutil.ToFloat64(A.up.m.refused); got != 2 {
 		t.Errorf("refused %v, want 2", got)
 	}
+}
+
+// TestConsumerResumesAfterRestart: a broker that stops and starts again
+// (the same broker id, so the same durable consumer) receives the uplinks
+// published while it was down, and not again those it had injected and
+// acknowledged before.
+func TestConsumerResumesAfterRestart(t *testing.T) {
+	t.Parallel()
+	node := startNode(t)
+	A := startRouted(t, node, "a", nil)
+	var mu sync.Mutex
+	got := map[string]int{}
+	record := func(srv *mqtt.Server) {
+		err := srv.Subscribe("m2m/+/up/#", 1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+			mu.Lock()
+			got[string(pk.Payload)]++
+			mu.Unlock()
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	count := func(p string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return got[p]
+	}
+	B := startRoutedThen(t, node, "b", nil, record)
+	pub := publisher(t, A.addr, "T5")
+	for i := range 10 {
+		publish(t, pub, "m2m/T5/up/t", 1, false, fmt.Sprint("before-", i))
+	}
+	testwait.For(t, 10*time.Second, "B injects the first ten", func() bool { return count("before-9") == 1 })
+	B.stop()
+	for i := range 10 {
+		publish(t, pub, "m2m/T5/up/t", 1, false, fmt.Sprint("while-down-", i))
+	}
+	startRoutedThen(t, node, "b", nil, record)
+	testwait.For(t, 10*time.Second, "B, back, injects what was published while it was down", func() bool {
+		for i := range 10 {
+			if count(fmt.Sprint("while-down-", i)) != 1 {
+				return false
+			}
+		}
+		return true
+	})
+	testwait.Never(t, 300*time.Millisecond, "B injects an uplink again", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, n := range got {
+			if n > 1 {
+				return true
+			}
+		}
+		return false
+	})
 }
