@@ -83,8 +83,10 @@
 // not once per fleet. MQTT 5 properties of a publish (user properties,
 // content type, message expiry, response topic) are not carried: an
 // application on another broker receives topic, payload, QoS and retain
-// flag. A message larger than NATS's max_payload (1 MiB by default) cannot
-// be routed: at QoS 1 and 2 it is refused.
+// flag. A message larger than NATS's max_payload (1 MiB by default, less
+// the subject and headers) is delivered on its own broker only, counted
+// as a too-large failure: refusing it would have its client send it again
+// forever. Keep mqtt.max_packet_size below max_payload.
 //
 // # Security
 //

@@ -37,6 +37,10 @@ const (
 	upRetryFirstPause = 20 * time.Millisecond
 )
 
+// ErrTooLarge is wrapped by the error of an uplink larger than the NATS
+// server accepts (its max_payload, 1 MiB by default, headers included).
+var ErrTooLarge = errors.New("fleetroute: message too large for NATS")
+
 // Defaults of UplinkOptions.
 const (
 	DefaultUplinkMaxAge      = time.Hour
@@ -275,10 +279,10 @@ func (u *Uplinks) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 		return pk, nil
 	}
 	err := u.forward(pk, "publish", pk.FixedHeader.Qos > 0)
-	if err == nil || pk.FixedHeader.Qos == 0 || errors.Is(err, ErrSubject) {
-		// A topic no subject can carry is delivered on this broker
-		// only (counted): refusing it would have the client retry it
-		// forever.
+	if err == nil || pk.FixedHeader.Qos == 0 || errors.Is(err, ErrSubject) || errors.Is(err, ErrTooLarge) {
+		// A topic no subject can carry, or a message larger than NATS
+		// carries, is delivered on this broker only (counted): refusing
+		// it would have the client send it again forever.
 		return pk, nil
 	}
 	u.m.refused.Inc()
@@ -319,6 +323,10 @@ func (u *Uplinks) forward(pk packets.Packet, kind string, wait bool) error {
 	if err != nil {
 		u.m.failures.WithLabelValues("topic").Inc()
 		return err
+	}
+	if limit := u.nc.MaxPayload(); limit > 0 && int64(len(pk.Payload)+len(subj)+256) > limit {
+		u.m.failures.WithLabelValues("too-large").Inc()
+		return fmt.Errorf("%w: %d bytes", ErrTooLarge, len(pk.Payload))
 	}
 	msg := u.message(subj, pk, kind)
 	var ret *nats.Msg
@@ -502,12 +510,12 @@ func newUpMetrics(reg prometheus.Registerer) (*upMetrics, error) {
 		refused: prometheus.NewCounter(prometheus.CounterOpts{Name: "m2mguard_fleet_route_uplinks_refused_total",
 			Help: "QoS 1 and 2 uplinks refused (client disconnected unacknowledged) because the fleet's stream did not store them in time."}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "m2mguard_fleet_route_uplinks_failures_total",
-			Help: "Uplink routing failures by stage: forward, topic (no subject can carry it: delivered locally only), decode, inject, retained-load."}, []string{"stage"}),
+			Help: "Uplink routing failures by stage: forward, topic (no subject can carry it) and too-large (over NATS's max_payload): both delivered locally only, decode, inject, retained-load."}, []string{"stage"}),
 	}
 	for _, k := range []string{"publish", "will"} {
 		m.forwarded.WithLabelValues(k)
 	}
-	for _, s := range []string{"forward", "topic", "decode", "inject", "retained-load"} {
+	for _, s := range []string{"forward", "topic", "too-large", "decode", "inject", "retained-load"} {
 		m.failures.WithLabelValues(s)
 	}
 	if reg != nil {

@@ -403,3 +403,27 @@ func TestConsumerResumesAfterRestart(t *testing.T) {
 		return false
 	})
 }
+
+// TestTooLargeStaysLocal: an uplink larger than NATS carries is
+// acknowledged and delivered on its own broker only, and counted; it is
+// not refused (its client would send it again forever).
+func TestTooLargeStaysLocal(t *testing.T) {
+	t.Parallel()
+	node := startNode(t)
+	A := startRouted(t, node, "a", nil)
+	B := startRouted(t, node, "b", nil)
+	onA := subscribe(t, A.addr, "app-a", "m2m/+/up/#")
+	onB := subscribe(t, B.addr, "app-b", "m2m/+/up/#")
+	pub := publisher(t, A.addr, "T6")
+	big := string(bytes.Repeat([]byte("x"), 1<<20+1))
+	publish(t, pub, "m2m/T6/up/big", 1, false, big) // acknowledged: publish fails the test otherwise
+	publish(t, pub, "m2m/T6/up/small", 1, false, "after")
+	testwait.For(t, 10*time.Second, "B gets the small uplink after it", func() bool { return onB.count("m2m/T6/up/small", "after") == 1 })
+	testwait.For(t, 10*time.Second, "A's subscriber gets the large uplink", func() bool { return onA.count("m2m/T6/up/big", big) == 1 })
+	if onA.count("m2m/T6/up/big", big) != 1 || onB.count("m2m/T6/up/big", big) != 0 {
+		t.Errorf("the large uplink: A got %d, B %d; want 1 and 0", onA.count("m2m/T6/up/big", big), onB.count("m2m/T6/up/big", big))
+	}
+	if got := testutil.ToFloat64(A.up.m.failures.WithLabelValues("too-large")); got != 1 {
+		t.Errorf("too-large failures %v, want 1", got)
+	}
+}
