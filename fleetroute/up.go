@@ -35,6 +35,11 @@ const (
 	upHdrRetain       = "M2M-Retain"        // "1" if retained
 	upHdrWill         = "M2M-Will"          // "1" for a will (for the log and metrics)
 	upRetryFirstPause = 20 * time.Millisecond
+	// upAckWait is how long JetStream waits for a broker's acknowledgement
+	// before it delivers a message again: injection takes microseconds, so
+	// this is about messages (or acknowledgements) lost when the
+	// consumer's leader moves.
+	upAckWait = 10 * time.Second
 )
 
 // ErrTooLarge is wrapped by the error of an uplink larger than the NATS
@@ -168,7 +173,7 @@ func (u *Uplinks) createAssets(ctx context.Context) error {
 	cc := jetstream.ConsumerConfig{
 		Durable: uplinkConsumer + u.id, Description: "m2mguard uplinks for broker " + u.id,
 		DeliverPolicy: jetstream.DeliverNewPolicy, AckPolicy: jetstream.AckExplicitPolicy,
-		AckWait: 30 * time.Second, MaxAckPending: u.opts.MaxAckPending, InactiveThreshold: u.opts.MaxAge,
+		AckWait: upAckWait, MaxAckPending: u.opts.MaxAckPending, InactiveThreshold: u.opts.MaxAge,
 		FilterSubject: UplinkPrefix + ">",
 	}
 	err := upRetry(ctx, func(ctx context.Context) (err error) {

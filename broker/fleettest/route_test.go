@@ -49,13 +49,13 @@ func (b *appInbox) total() int {
 	return b.n
 }
 
-// matching counts the distinct messages whose key has prefix and the
-// deliveries beyond the first of each.
-func (b *appInbox) matching(prefix string) (distinct, dups int) {
+// matching counts the distinct messages whose topic and payload contain
+// part and the deliveries beyond the first of each.
+func (b *appInbox) matching(part string) (distinct, dups int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for k, n := range b.got {
-		if strings.HasPrefix(k, prefix) {
+		if strings.Contains(k, part) {
 			distinct++
 			dups += n - 1
 		}
@@ -277,21 +277,25 @@ func TestFleetUplinks(t *testing.T) {
 		}
 		checkFor(t, 120*time.Second, "half of the uplinks acknowledged", func() bool { return sent.Load() >= int64(total/2) })
 		t.Logf("restarting A after %d uplinks acknowledged", sent.Load())
+		restartAt := time.Now()
 		f.restart(t, 0)
+		t.Logf("A restarted in %v", time.Since(restartAt).Round(time.Millisecond))
 		wg.Wait()
 		close(errs)
 		for err := range errs {
 			t.Fatal(err)
 		}
 		elapsed := time.Since(start)
+		sentAll := time.Now()
 		if !testwait.Until(60*time.Second, func() bool {
-			n, _ := onB.matching("m2m/ROUTE")
+			n, _ := onB.matching("/up/data ")
 			return n >= total
 		}) {
-			n, _ := onB.matching("m2m/ROUTE")
+			n, _ := onB.matching("/up/data ")
 			t.Fatalf("B's application received %d of %d uplinks; B's mochi dropped %d messages (outbound queues full)", n, total, atomic.LoadInt64(&B.b.Server().Info.MessagesDropped))
 		}
-		distinct, dups := onB.matching("m2m/ROUTE")
+		t.Logf("B's application had every uplink %v after the last was acknowledged", time.Since(sentAll).Round(time.Millisecond))
+		distinct, dups := onB.matching("/up/data ")
 		for _, tr := range terms {
 			for i := range per {
 				if onB.count("m2m/"+tr.sn+"/up/data", fmt.Sprintf("%s-%d", tr.sn, i)) == 0 {
@@ -305,8 +309,12 @@ func TestFleetUplinks(t *testing.T) {
 		// acknowledgement did not come (A stopped with it in flight, or
 		// a refusal while JetStream elected a leader): the routing itself
 		// delivers each stored message once to B.
-		if dups > int(retried.Load()) || dups > 4 {
-			t.Errorf("%d duplicates at B after %d uplinks sent again, want at most min(that, 4)", dups, retried.Load())
+		// Besides, B's consumer delivers again what it injected but
+		// whose acknowledgement was lost when A's NATS node (perhaps the
+		// consumer's leader) stopped: the acknowledgements in flight at
+		// that moment, a handful.
+		if bound := int(retried.Load()) + 16; dups > bound {
+			t.Errorf("%d duplicates at B after %d uplinks sent again, want at most %d", dups, retried.Load(), bound)
 		}
 		if distinct != total {
 			t.Errorf("%d distinct uplinks at B, want %d", distinct, total)
