@@ -72,7 +72,9 @@
 // delivers what it had not acknowledged and what was published meanwhile
 // (within MaxAge, and MaxBytes: the oldest messages go first); a few
 // messages injected but not yet acknowledged when it stopped may come
-// twice. Injection is in the stream's order, so the uplinks of one
+// twice. So may the few whose acknowledgement was in flight when a NATS
+// node stopped that led the broker's consumer: JetStream delivers them
+// again after 10 s (the consumer's AckWait). Injection is in the stream's order, so the uplinks of one
 // terminal arrive in the order its broker stored them. A consumer unused
 // for MaxAge (its broker gone) is removed by JetStream; a broker first
 // created, or back after that, receives only new messages.
