@@ -774,7 +774,7 @@ var fields = documentDefaults([]Field{
 		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Heartbeat })},
 	{Key: "cluster.uplinks.max_age", Help: "fleet mode routes uplinks, wills and retained uplinks to the applications on every broker through a JetStream stream: how long it keeps a message for a broker that is down (and how long a gone broker's consumer is kept)",
 		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Uplinks.MaxAge })},
-	{Key: "cluster.uplinks.max_bytes", Help: "bound of that stream in bytes, on each replica (the oldest messages go first)",
+	{Key: "cluster.uplinks.max_bytes", Help: "bound of that stream in bytes, reserved on each replica's NATS node (the oldest messages go first; an embedded node stores at most 1 GiB in all)",
 		value: integer(func(c *Config) *int { return &c.Cluster.Uplinks.MaxBytes }, 1<<20, 1<<40)},
 	{Key: "cluster.uplinks.retained_max_bytes", Help: "bound of the stream of retained uplinks (the last retained uplink of every topic, loaded by a broker at start) in bytes",
 		value: integer(func(c *Config) *int { return &c.Cluster.Uplinks.RetainedMaxBytes }, 1<<20, 1<<40)},

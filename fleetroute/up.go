@@ -49,8 +49,8 @@ var ErrTooLarge = errors.New("fleetroute: message too large for NATS")
 // Defaults of UplinkOptions.
 const (
 	DefaultUplinkMaxAge      = time.Hour
-	DefaultUplinkMaxBytes    = 512 << 20
-	DefaultRetainedMaxBytes  = 64 << 20
+	DefaultUplinkMaxBytes    = 128 << 20
+	DefaultRetainedMaxBytes  = 16 << 20
 	DefaultUplinkAckTimeout  = 3 * time.Second
 	DefaultUplinkMaxPending  = 1024
 	defaultRetainedLoadLimit = 30 * time.Second
@@ -62,9 +62,11 @@ type UplinkOptions struct {
 	Fleet  *fleet.Fleet  // the broker's open fleet: its connection, broker id and replicas
 	Server *mqtt.Server  // the broker's mochi server, with InlineClient on
 	MaxAge time.Duration // how long the uplink stream keeps a message; also the consumer's InactiveThreshold. 0 = 1 h
-	// MaxBytes bounds the uplink stream (the oldest go first); 0 = 512 MiB.
+	// MaxBytes bounds the uplink stream (the oldest go first); 0 = 128
+	// MiB. JetStream reserves it on each replica's node (an embedded
+	// node stores 1 GiB).
 	MaxBytes int64
-	// RetainedMaxBytes bounds the retained stream; 0 = 64 MiB.
+	// RetainedMaxBytes bounds the retained stream; 0 = 16 MiB.
 	RetainedMaxBytes int64
 	// AckTimeout bounds the wait for JetStream's acknowledgement of a
 	// QoS 1 or 2 uplink, retries through a leader election included; then
