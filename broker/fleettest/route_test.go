@@ -215,9 +215,11 @@ func TestFleetUplinks(t *testing.T) {
 			c  *client.Client
 		}
 		var terms []*term
-		for i, sn := range []string{"ROUTEA1", "ROUTEA2", "ROUTEC1", "ROUTEC2"} {
+		// Eight terminals publishing at once: each waits for its PUBACK,
+		// which waits for JetStream's replicated acknowledgement.
+		for i, sn := range []string{"ROUTEA1", "ROUTEA2", "ROUTEA3", "ROUTEA4", "ROUTEC1", "ROUTEC2", "ROUTEC3", "ROUTEC4"} {
 			m := A
-			if i >= 2 {
+			if i >= 4 {
 				m = C
 			}
 			tm := f.register(t, 0, sn)
