@@ -73,6 +73,9 @@ type Broker struct {
 	link  *fleetlink.Link
 	// downlinks routes the applications' downlinks through the fleet
 	downlinks *fleetroute.Downlinks
+	// uplinks routes the uplinks of this broker's clients to the other
+	// brokers' applications and theirs to this broker's
+	uplinks *fleetroute.Uplinks
 
 	events    *events.Queue    // presence and security events for applications
 	webhook   *events.Webhook  // nil without events.webhook_url
@@ -283,6 +286,21 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 			return nil, fmt.Errorf("fleet: %w", err)
 		}
 	}
+	// Uplinks fleet-wide, after both: it forwards what the hook opened and
+	// let through, never a packet the hook dropped.
+	if b.fleet != nil {
+		u := cfg.Cluster.Uplinks
+		b.uplinks, err = fleetroute.NewUplinks(ctx, fleetroute.UplinkOptions{Fleet: b.fleet, Server: b.server,
+			MaxAge: u.MaxAge, MaxBytes: int64(u.MaxBytes), RetainedMaxBytes: int64(u.RetainedMaxBytes),
+			AckTimeout: u.AckTimeout, MaxAckPending: u.MaxAckPending,
+			Logger: logger.With("component", "fleet"), Registerer: b.registry})
+		if err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
+		if err := b.server.AddHook(b.uplinks, nil); err != nil {
+			return nil, err
+		}
+	}
 	if err := b.addListeners(); err != nil {
 		return nil, err
 	}
@@ -298,6 +316,13 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		// Sessions restored from the store whose client logged in on
 		// another broker while this one was down live there now.
 		b.link.DiscardMoved(ctx, offlineClients(b.server))
+	}
+	if b.uplinks != nil {
+		// The fleet's retained uplinks over those the session store
+		// restored, then the other brokers' uplinks.
+		if err := b.uplinks.Start(ctx); err != nil {
+			return nil, fmt.Errorf("fleet: %w", err)
+		}
 	}
 	b.campaigns.Start()
 	if err := b.startAdmin(); err != nil {
@@ -944,7 +969,8 @@ func (b *Broker) Campaigns() *campaign.Runner { return b.campaigns }
 // Server returns the mochi server.
 func (b *Broker) Server() *mqtt.Server { return b.server }
 
-// Close stops the admin API, disconnects every client, stops mochi (which
+// Close stops the admin API, stops injecting the fleet's uplinks,
+// disconnects every client, stops mochi (which
 // records the clients' disconnects in the session store, then flushes and
 // closes it), leaves the fleet (its link, its connection, its embedded NATS
 // node), closes the replay guard, writes the last logins and closes the
@@ -968,6 +994,11 @@ func (b *Broker) Close() error {
 			if err := b.downlinks.Close(); err != nil {
 				errs = append(errs, err)
 			}
+		}
+		if b.uplinks != nil {
+			// No other broker's uplink is injected from now on; what is
+			// not acknowledged is delivered again after the restart.
+			b.uplinks.Close()
 		}
 		if b.server != nil {
 			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {

@@ -235,6 +235,20 @@ type ClusterConfig struct {
 	// DownlinkQueue bounds the downlinks waiting in the fleet's stream for
 	// one terminal (package fleetroute); the oldest are dropped.
 	DownlinkQueue int
+
+	// Uplinks routes uplinks between the fleet's brokers (package
+	// fleetroute).
+	Uplinks UplinksConfig
+}
+
+// UplinksConfig is cluster.uplinks: the streams that carry uplinks, wills
+// and retained uplinks from broker to broker (fleetroute.UplinkOptions).
+type UplinksConfig struct {
+	MaxAge           time.Duration // the uplink stream keeps a message this long; a broker's consumer unused this long is removed
+	MaxBytes         int           // bound of the uplink stream (the oldest go first)
+	RetainedMaxBytes int           // bound of the retained stream
+	AckTimeout       time.Duration // a QoS 1/2 uplink waits this long for JetStream, then is refused
+	MaxAckPending    int           // messages a broker's consumer has in hand unacknowledged
 }
 
 // EmbeddedNATSConfig is the NATS node of cluster.embedded_nats.
@@ -307,6 +321,9 @@ func Default() *Config {
 		ClaimTimeout: fleet.DefaultClaimTimeout, Heartbeat: fleet.DefaultHeartbeat,
 		DownlinkQueue: fleetroute.DefaultDownlinkQueue,
 		Embedded:      EmbeddedNATSConfig{Listen: "127.0.0.1:4222", ClusterListen: "127.0.0.1:6222", ClusterName: "m2mguard"},
+		Uplinks: UplinksConfig{MaxAge: fleetroute.DefaultUplinkMaxAge, MaxBytes: fleetroute.DefaultUplinkMaxBytes,
+			RetainedMaxBytes: fleetroute.DefaultRetainedMaxBytes, AckTimeout: fleetroute.DefaultUplinkAckTimeout,
+			MaxAckPending: fleetroute.DefaultUplinkMaxPending},
 	}
 	return c
 }
@@ -761,6 +778,16 @@ var fields = documentDefaults([]Field{
 		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Heartbeat })},
 	{Key: "cluster.downlink_queue", Help: "fleet mode: downlinks waiting in JetStream for one terminal (offline, or on its way to another broker), at most; an application's downlink to a full queue drops the oldest (m2mguard_fleet_route_downlinks_dropped_total); each waits at most mqtt.session_expiry",
 		value: integer(func(c *Config) *int { return &c.Cluster.DownlinkQueue }, 1, 1000000)},
+	{Key: "cluster.uplinks.max_age", Help: "fleet mode routes uplinks, wills and retained uplinks to the applications on every broker through a JetStream stream: how long it keeps a message for a broker that is down (and how long a gone broker's consumer is kept)",
+		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Uplinks.MaxAge })},
+	{Key: "cluster.uplinks.max_bytes", Help: "bound of that stream in bytes, reserved on each replica's NATS node (the oldest messages go first; an embedded node stores at most 1 GiB in all)",
+		value: integer(func(c *Config) *int { return &c.Cluster.Uplinks.MaxBytes }, 1<<20, 1<<40)},
+	{Key: "cluster.uplinks.retained_max_bytes", Help: "bound of the stream of retained uplinks (the last retained uplink of every topic, loaded by a broker at start) in bytes",
+		value: integer(func(c *Config) *int { return &c.Cluster.Uplinks.RetainedMaxBytes }, 1<<20, 1<<40)},
+	{Key: "cluster.uplinks.ack_timeout", Help: "how long a QoS 1 or 2 uplink waits for JetStream to store it before the broker acknowledges it; then the publish is refused (the client is disconnected unacknowledged and sends it again)",
+		value: dur(func(c *Config) *time.Duration { return &c.Cluster.Uplinks.AckTimeout })},
+	{Key: "cluster.uplinks.max_ack_pending", Help: "uplinks of other brokers a broker has in hand, injected or about to be, and not yet acknowledged to JetStream",
+		value: integer(func(c *Config) *int { return &c.Cluster.Uplinks.MaxAckPending }, 1, 1<<20)},
 })
 
 // documentDefaults sets the documented Default of every field that has
@@ -1174,7 +1201,8 @@ func (c EventsConfig) validate() error {
 // it), a broker id, and credentials and TLS that go together.
 func (c Config) validateCluster() error {
 	cl := c.Cluster
-	if err := positive(keyed{"cluster.claim_timeout", cl.ClaimTimeout}, keyed{"cluster.heartbeat", cl.Heartbeat}); err != nil {
+	if err := positive(keyed{"cluster.claim_timeout", cl.ClaimTimeout}, keyed{"cluster.heartbeat", cl.Heartbeat},
+		keyed{"cluster.uplinks.max_age", cl.Uplinks.MaxAge}, keyed{"cluster.uplinks.ack_timeout", cl.Uplinks.AckTimeout}); err != nil {
 		return err
 	}
 	if !cl.Enabled() {

@@ -313,7 +313,8 @@ func TestDocumentedEnvVarsExist(t *testing.T) {
 		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
 		haproxytest.EnvInstall: true,
 		// Not variables: the fleet's NATS buckets (README, "Fleet mode").
-		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true, fleetroute.DownlinkStream: true}
+		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true, fleetroute.DownlinkStream: true,
+		fleetroute.UplinkStream: true, fleetroute.RetainedStream: true}
 	for _, f := range broker.Fields() {
 		known[f.Env()] = true
 	}
