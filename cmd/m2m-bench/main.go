@@ -5,6 +5,7 @@
 //	m2m-bench serve --mode hook --store bolt ...       a benchmark broker (a child of suite)
 //	m2m-bench run   --addr host:port --kind terminal   connect storm + publish load against a broker
 //	m2m-bench suite --n 10000 --rounds 3               everything, interleaved; writes BENCHMARKS.md
+//	m2m-bench storm --n 19000 --sources 4              idle fleet, broker killed and restarted, all reconnect at once
 //
 // Progress goes to stderr; results are JSON on stdout (or --out).
 // Run `m2m-bench <subcommand> --help` for the flags.
@@ -36,6 +37,9 @@ Subcommands:
   suite  run allow-all / hook on bolt / hook on Vault / plaintext vs encrypted,
          interleaved and repeated, and write BENCHMARKS.md and a JSON result
   nats   run a NATS cluster with JetStream for fleet-mode brokers (serve --nats-urls)
+  storm  the reconnect storm: N idle terminals, the broker killed and restarted, all reconnect
+         at once; allow-all / hook on bolt / hook on Vault (cold cache); writes a BENCHMARKS.md section
+  storm-load  one load process of the storm (a child of storm)
 
 Run 'm2m-bench <subcommand> --help' for its flags.
 `
@@ -63,6 +67,10 @@ func main() {
 		err = cmdSuite(ctx, os.Args[2:])
 	case "nats":
 		err = cmdNATS(ctx, os.Args[2:], os.Stdin, os.Stdout)
+	case "storm":
+		err = cmdStorm(ctx, os.Args[2:])
+	case "storm-load":
+		err = cmdStormLoad(ctx, os.Args[2:], os.Stdin, os.Stdout)
 	default:
 		fmt.Fprintf(os.Stderr, "m2m-bench: unknown subcommand %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
@@ -77,7 +85,8 @@ func main() {
 }
 
 // raiseFileLimit lifts the soft open-file limit to the hard one: 10,000
-// connections need 10,000 descriptors on each side.
+// connections need 10,000 descriptors on each side. The hard limit itself
+// is the machine's (storm's checkStormLimits says when N exceeds it).
 func raiseFileLimit() {
 	var rl syscall.Rlimit
 	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl) == nil && rl.Cur < rl.Max {
