@@ -53,6 +53,8 @@ type StormSettings struct {
 	StormConcurrency   int        `json:"storm_concurrency"`   // in the storm; 0 = every terminal at once
 	Idle               string     `json:"idle"`
 	Deadline           string     `json:"deadline"` // per phase: terminals not connected by then count as never
+	Outage             bool       `json:"outage_storm"`
+	CacheTTL           string     `json:"cache_ttl"`
 	WritesPending      int        `json:"mochi_max_client_writes_pending"`
 	NetBuf             int        `json:"mochi_client_net_buffers"`
 	GOGC               string     `json:"gogc"`
@@ -69,6 +71,7 @@ type StormPhase struct {
 	Never          int           `json:"never"`
 	FailedAttempts int           `json:"failed_attempts"`
 	Seconds        float64       `json:"seconds"`          // until the last terminal was connected
+	LoadCPU        float64       `json:"load_cpu_seconds"` // CPU of the load processes in the phase
 	PerSec         float64       `json:"connects_per_sec"` // connected / seconds
 	Login          stats.Latency `json:"login"`            // one successful attempt: TCP connect to ready
 	Ready          stats.Latency `json:"ready"`            // start of the phase to ready, retries included
@@ -84,7 +87,7 @@ func summarizePhase(p PhaseResult) StormPhase {
 		return ds
 	}
 	s := StormPhase{Terminals: p.Terminals, Connected: p.Connected, Never: p.Never, FailedAttempts: p.FailedAttempts,
-		Seconds: p.Seconds, Login: stats.Summarize(toDur(p.LoginMS)), Ready: stats.Summarize(toDur(p.ReadyMS)), Errors: p.Errors}
+		Seconds: p.Seconds, LoadCPU: p.CPUSeconds, Login: stats.Summarize(toDur(p.LoginMS)), Ready: stats.Summarize(toDur(p.ReadyMS)), Errors: p.Errors}
 	if p.Seconds > 0 {
 		s.PerSec = float64(p.Connected) / p.Seconds
 	}
@@ -122,22 +125,32 @@ type StormRun struct {
 	RSSPerTerm    float64   `json:"rss_per_terminal_bytes"`  // idle, (RSS idle - before) / connected
 	// RSSPerTermAfter is the restarted broker's RSS growth per terminal
 	// after the storm: the storm's peak buffers included.
-	RSSPerTermAfter float64     `json:"rss_per_terminal_after_storm_bytes"`
-	LostSeconds     float64     `json:"lost_seconds"` // from the kill until every load process saw all its connections closed
-	Storm           StormPhase  `json:"storm"`
-	BrokerCPU       float64     `json:"broker_cpu_seconds"`        // the restarted broker, during the storm
-	BrokerCPUPer    float64     `json:"broker_cpu_us_per_connect"` // BrokerCPU per connected terminal
-	BrokerCPUShare  float64     `json:"broker_cpu_cores"`          // BrokerCPU / storm seconds
-	Store           *StormStore `json:"store,omitempty"`           // hook modes
-	RestartSeconds  float64     `json:"broker_restart_seconds"`    // start of the new child until it listened
-	BrokerStartCPU  float64     `json:"broker_start_cpu_seconds"`  // CPU of the new child before the storm
-	StormWallClock  float64     `json:"storm_wall_clock_seconds"`  // the commands sent to the last answer
-	CoordinatorNote string      `json:"note,omitempty"`
+	RSSPerTermAfter float64 `json:"rss_per_terminal_after_storm_bytes"`
+	LostSeconds     float64 `json:"lost_seconds"`           // from the kill until every load process saw all its connections closed
+	RestartSeconds  float64 `json:"broker_restart_seconds"` // start of the new child until it listened
+	BrokerStartCPU  float64 `json:"broker_start_cpu_seconds"`
+	// Restart is the storm after the restart: a cold cache.
+	Restart StormOutcome `json:"restart_storm"`
+	// Outage (--outage) is a second storm on the same broker: every
+	// terminal's connection cut by the load processes (a network outage),
+	// the broker and its warm cache still up.
+	Outage *StormOutcome `json:"outage_storm,omitempty"`
+}
+
+// StormOutcome is one storm of one mode.
+type StormOutcome struct {
+	Clients        StormPhase  `json:"clients"`
+	BrokerCPU      float64     `json:"broker_cpu_seconds"`        // during the storm
+	BrokerCPUPer   float64     `json:"broker_cpu_us_per_connect"` // BrokerCPU per connected terminal
+	BrokerCPUShare float64     `json:"broker_cpu_cores"`          // BrokerCPU / storm seconds
+	Store          *StormStore `json:"store,omitempty"`           // hook modes
+	WallClock      float64     `json:"wall_clock_seconds"`        // the commands sent to the last answer
 }
 
 // StormRatio compares a hook mode with allow-all in one round.
 type StormRatio struct {
 	Mode  string  `json:"mode"`
+	Storm string  `json:"storm"` // restart or outage
 	Round int     `json:"round"`
 	Rate  float64 `json:"rate_ratio"` // (N / seconds until all connected) hook / allow-all
 	// ExtraFailed is the hook's failed attempts plus never-connected
@@ -245,13 +258,15 @@ func cmdStorm(ctx context.Context, args []string) error {
 	fs.IntVar(&s.NetBuf, "netbuf", 2048, "mochi client read and write buffer sizes, every broker")
 	fs.StringVar(&s.GOGC, "gogc", "100", "GOGC of every child process")
 	fs.StringVar(&s.GOMEMLIMIT, "gomemlimit", "off", "GOMEMLIMIT of every child process")
+	fs.BoolVar(&s.Outage, "outage", true, "after the restart storm, a second one: every connection cut by the load processes, the broker and its warm cache up")
+	cacheTTL := fs.Duration("cache-ttl", 5*time.Minute, "keysvc read cache TTL of the brokers (keysvc's default is 30s: a record older than that is read again)")
 	modes := fs.String("modes", "allow,bolt,vault", "modes to run (comma-separated: allow, bolt, vault)")
 	mdPath := fs.String("md", "BENCHMARKS.md", "Markdown report whose storm section to write or replace (empty: none)")
 	jsonPath := fs.String("json", "", "JSON result file (empty: stdout)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	s.Idle, s.Deadline = idle.String(), deadline.String()
+	s.Idle, s.Deadline, s.CacheTTL = idle.String(), deadline.String(), cacheTTL.String()
 	for _, name := range strings.Split(*modes, ",") {
 		found := false
 		for _, m := range stormModes {
@@ -391,7 +406,7 @@ type stormPlan struct {
 // cache (no prewarm: a restarted broker has none).
 func (sp *stormPlan) broker(ctx context.Context, m Scenario, listen string) (*child, error) {
 	ss := SuiteSettings{WritesPending: sp.s.WritesPending, NetBuf: sp.s.NetBuf}
-	return startChild(ctx, m, 0, ss, sp.env, sp.boltPath, sp.vaultAddr, nil, "--listen", listen, "--prewarm=false")
+	return startChild(ctx, m, 0, ss, sp.env, sp.boltPath, sp.vaultAddr, nil, "--listen", listen, "--prewarm=false", "--cache-ttl", sp.s.CacheTTL)
 }
 
 // loaders starts the load processes for the broker at addr.
@@ -540,15 +555,68 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 	}
 	killed = false
 	run.RestartSeconds = time.Since(t1).Seconds()
-	var cpu0, cpu1 CPUReport
-	var cache0, cache1 keysvc.CacheStats
-	if err := errors.Join(b.ask("mem", &run.MemStormBase), b.ask("cpu", &cpu0), b.ask("cache", &cache0)); err != nil {
+	var cpu0 CPUReport
+	if err := errors.Join(b.ask("mem", &run.MemStormBase), b.ask("cpu", &cpu0)); err != nil {
 		return nil, err
 	}
 	run.BrokerStartCPU = float64(cpu0.CPUNs) / 1e9
 
-	// 4. Everyone at once. The broker's cache counters are read every
-	// second meanwhile (hook modes).
+	// 4. Everyone at once, the cache cold.
+	if run.Restart, err = sp.storm(b, ls, m, "restart"); err != nil {
+		return nil, err
+	}
+	if err := b.ask("mem", &run.MemAfterStorm); err != nil {
+		return nil, err
+	}
+	if c := run.Restart.Clients.Connected; c > 0 {
+		run.RSSPerTermAfter = (float64(run.MemAfterStorm.RSS) - float64(run.MemStormBase.RSS)) / float64(c)
+	}
+	if !sp.s.Outage {
+		return run, nil
+	}
+
+	// 5. A network outage: every connection cut, the broker up, its
+	// cache warm; everyone at once again.
+	for _, l := range ls {
+		if err := l.do("drop"); err != nil {
+			return nil, fmt.Errorf("drop: %w", err)
+		}
+	}
+	t2 := time.Now()
+	for {
+		var mem MemReport
+		if err := b.ask("mem", &mem); err != nil {
+			return nil, err
+		}
+		if mem.Clients <= run.MemStormBase.Clients {
+			break
+		}
+		if time.Since(t2) > time.Minute {
+			return nil, fmt.Errorf("the broker still has %d clients a minute after every connection was cut", mem.Clients)
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	o, err := sp.storm(b, ls, m, "outage")
+	if err != nil {
+		return nil, err
+	}
+	run.Outage = &o
+	return run, nil
+}
+
+// storm re-dials every terminal of ls at once against the broker b and
+// reads b's CPU time and cache counters around it (every second, too).
+func (sp *stormPlan) storm(b *child, ls []*child, m Scenario, name string) (StormOutcome, error) {
+	var out StormOutcome
+	var cpu0, cpu1 CPUReport
+	var cache0, cache1 keysvc.CacheStats
+	if err := errors.Join(b.ask("cpu", &cpu0), b.ask("cache", &cache0)); err != nil {
+		return out, err
+	}
 	stopPoll := make(chan struct{})
 	var perSec []uint64
 	var pollErr error
@@ -577,20 +645,19 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 	close(stopPoll)
 	pollWG.Wait()
 	if err = errors.Join(err, pollErr); err != nil {
-		return nil, fmt.Errorf("storm: %w", err)
+		return out, fmt.Errorf("%s storm: %w", name, err)
 	}
-	if err := errors.Join(b.ask("cpu", &cpu1), b.ask("cache", &cache1), b.ask("mem", &run.MemAfterStorm)); err != nil {
-		return nil, err
+	if err := errors.Join(b.ask("cpu", &cpu1), b.ask("cache", &cache1)); err != nil {
+		return out, err
 	}
-	run.Storm = summarizePhase(storm)
-	run.StormWallClock = wall
-	run.BrokerCPU = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e9
+	out.Clients = summarizePhase(storm)
+	out.WallClock = wall
+	out.BrokerCPU = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e9
 	if storm.Connected > 0 {
-		run.BrokerCPUPer = run.BrokerCPU * 1e6 / float64(storm.Connected)
-		run.RSSPerTermAfter = (float64(run.MemAfterStorm.RSS) - float64(run.MemStormBase.RSS)) / float64(storm.Connected)
+		out.BrokerCPUPer = out.BrokerCPU * 1e6 / float64(storm.Connected)
 	}
 	if storm.Seconds > 0 {
-		run.BrokerCPUShare = run.BrokerCPU / storm.Seconds
+		out.BrokerCPUShare = out.BrokerCPU / storm.Seconds
 	}
 	if m.Mode == "hook" {
 		st := &StormStore{Reads: cache1.Misses - cache0.Misses, Hits: cache1.Hits - cache0.Hits,
@@ -605,19 +672,20 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 		if len(perSec) == 0 { // a storm shorter than a second
 			st.PeakReadsPerSec = st.ReadsPerSec
 		}
-		run.Store = st
+		out.Store = st
 	}
-	logf("%s: storm: %d/%d connected in %.2fs (%.0f/s), %d failed attempts, %d never; login p50 %.1f ms p99 %.1f ms; broker CPU %.2fs (%.0f µs/connect)",
-		m.Name, storm.Connected, storm.Terminals, storm.Seconds, run.Storm.PerSec, storm.FailedAttempts, storm.Never,
-		run.Storm.Login.P50, run.Storm.Login.P99, run.BrokerCPU, run.BrokerCPUPer)
-	if run.Store != nil {
-		logf("%s: store reads %d (%.0f/s, peak %.0f/s), cache hits %d, coalesced %d", m.Name, run.Store.Reads,
-			run.Store.ReadsPerSec, run.Store.PeakReadsPerSec, run.Store.Hits, run.Store.Coalesced)
+	logf("%s: %s storm: %d/%d connected in %.2fs (%.0f/s), %d failed attempts, %d never; login p50 %.1f ms p99 %.1f ms; broker CPU %.2fs (%.0f µs/connect), load processes %.2fs",
+		m.Name, name, storm.Connected, storm.Terminals, storm.Seconds, out.Clients.PerSec, storm.FailedAttempts, storm.Never,
+		out.Clients.Login.P50, out.Clients.Login.P99, out.BrokerCPU, out.BrokerCPUPer, storm.CPUSeconds)
+	if out.Store != nil {
+		logf("%s: %s storm: store reads %d (%.0f/s, peak %.0f/s), cache hits %d, coalesced %d", m.Name, name, out.Store.Reads,
+			out.Store.ReadsPerSec, out.Store.PeakReadsPerSec, out.Store.Hits, out.Store.Coalesced)
 	}
-	return run, nil
+	return out, nil
 }
 
-// stormRatios compares every hook run with the allow-all run of its round.
+// stormRatios compares every hook run with the allow-all run of its
+// round, storm by storm.
 func stormRatios(runs []StormRun) []StormRatio {
 	var out []StormRatio
 	for _, a := range runs {
@@ -628,13 +696,20 @@ func stormRatios(runs []StormRun) []StormRatio {
 			if h.Round != a.Round || h.Mode == "allow" {
 				continue
 			}
-			r := StormRatio{Mode: h.Mode, Round: h.Round, Rate: stats.Ratio(h.Storm.PerSec, a.Storm.PerSec),
-				ExtraFailed: h.Storm.FailedAttempts + h.Storm.Never - a.Storm.FailedAttempts - a.Storm.Never}
-			r.Met = r.Rate >= 0.9 && r.ExtraFailed <= 0
-			out = append(out, r)
+			out = append(out, stormRatio(h.Mode, "restart", h.Round, h.Restart, a.Restart))
+			if h.Outage != nil && a.Outage != nil {
+				out = append(out, stormRatio(h.Mode, "outage", h.Round, *h.Outage, *a.Outage))
+			}
 		}
 	}
 	return out
+}
+
+func stormRatio(mode, storm string, round int, h, a StormOutcome) StormRatio {
+	r := StormRatio{Mode: mode, Storm: storm, Round: round, Rate: stats.Ratio(h.Clients.PerSec, a.Clients.PerSec),
+		ExtraFailed: h.Clients.FailedAttempts + h.Clients.Never - a.Clients.FailedAttempts - a.Clients.Never}
+	r.Met = r.Rate >= 0.9 && r.ExtraFailed <= 0
+	return r
 }
 
 // The markers around the storm's section of BENCHMARKS.md: a new run
@@ -680,12 +755,12 @@ func renderStorm(r *StormResult) string {
 	w("terminal, so one broker process here holds at most about %d), ephemeral ports %s per source address.\n", int(s.NoFile)-brokerFDReserve, s.PortRange)
 	w("`storm` refuses at once an N that does not fit and says which limit to raise and how. Load average: %s.\n\n", r.Load)
 
-	w("| mode | round | until all connected s | rate /s | rate / allow-all | login p50 / p99 ms | ready p50 / p99 ms | failed attempts | never connected | broker CPU s (µs / connect, cores) | store reads (/s, peak /s) | cache hits, coalesced |\n")
-	w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-	for _, x := range r.Runs {
+	w("| mode | round | storm | until all connected s | rate /s | rate / allow-all | login p50 / p99 ms | ready p50 / p99 ms | failed attempts | never connected | broker CPU s (µs / connect, cores) | load processes CPU s | store reads (/s, peak /s) | cache hits, coalesced |\n")
+	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	row := func(x StormRun, name string, o StormOutcome) {
 		ratio := "—"
 		for _, q := range r.Ratios {
-			if q.Mode == x.Mode && q.Round == x.Round {
+			if q.Mode == x.Mode && q.Round == x.Round && q.Storm == name {
 				ratio = fmt.Sprintf("%.3f", q.Rate)
 				if !q.Met {
 					ratio = "**" + ratio + "**"
@@ -693,14 +768,20 @@ func renderStorm(r *StormResult) string {
 			}
 		}
 		reads, absorbed := "—", "—"
-		if x.Store != nil {
-			reads = fmt.Sprintf("%d (%.0f, %.0f)", x.Store.Reads, x.Store.ReadsPerSec, x.Store.PeakReadsPerSec)
-			absorbed = fmt.Sprintf("%d, %d", x.Store.Hits, x.Store.Coalesced)
+		if o.Store != nil {
+			reads = fmt.Sprintf("%d (%.0f, %.0f)", o.Store.Reads, o.Store.ReadsPerSec, o.Store.PeakReadsPerSec)
+			absorbed = fmt.Sprintf("%d, %d", o.Store.Hits, o.Store.Coalesced)
 		}
-		w("| %s | %d | %.2f | %.0f | %s | %.1f / %.1f | %.1f / %.1f | %d | %d | %.2f (%.0f, %.2f) | %s | %s |\n",
-			x.Mode, x.Round, x.Storm.Seconds, x.Storm.PerSec, ratio, x.Storm.Login.P50, x.Storm.Login.P99,
-			x.Storm.Ready.P50, x.Storm.Ready.P99, x.Storm.FailedAttempts, x.Storm.Never,
-			x.BrokerCPU, x.BrokerCPUPer, x.BrokerCPUShare, reads, absorbed)
+		c := o.Clients
+		w("| %s | %d | %s | %.2f | %.0f | %s | %.1f / %.1f | %.1f / %.1f | %d | %d | %.2f (%.0f, %.2f) | %.2f | %s | %s |\n",
+			x.Mode, x.Round, name, c.Seconds, c.PerSec, ratio, c.Login.P50, c.Login.P99, c.Ready.P50, c.Ready.P99,
+			c.FailedAttempts, c.Never, o.BrokerCPU, o.BrokerCPUPer, o.BrokerCPUShare, c.LoadCPU, reads, absorbed)
+	}
+	for _, x := range r.Runs {
+		row(x, "restart", x.Restart)
+		if x.Outage != nil {
+			row(x, "outage", *x.Outage)
+		}
 	}
 	w("\nMemory of the broker (after two full GCs; per terminal = growth / connected):\n\n")
 	w("| mode | round | idle: clients | idle: RSS MiB | idle: RSS / terminal | idle: heap / terminal | after the storm: RSS MiB | RSS / terminal | first connect: s, failed attempts |\n")
@@ -716,7 +797,7 @@ func renderStorm(r *StormResult) string {
 		if !q.Met {
 			met = "**not met**"
 		}
-		w("- %s, round %d: rate ratio %.3f, extra failures %d: %s.\n", q.Mode, q.Round, q.Rate, q.ExtraFailed, met)
+		w("- %s, %s storm, round %d: rate ratio %.3f, extra failures %d: %s.\n", q.Mode, q.Storm, q.Round, q.Rate, q.ExtraFailed, met)
 	}
 	w("\nHow it runs:\n\n")
 	w("- Each mode: a broker child (`m2m-bench serve`, GOGC=%s, GOMEMLIMIT=%s, mochi writes pending %d, buffers %d) and\n", s.GOGC, s.GOMEMLIMIT, s.WritesPending, s.NetBuf)
@@ -737,7 +818,15 @@ func renderStorm(r *StormResult) string {
 	w("  *until all connected* is from the start of the storm to the last terminal ready; *login* is one successful attempt\n")
 	w("  (TCP connect to ready), *ready* is the start of the storm to ready, retries included; a terminal not connected\n")
 	w("  within %s counts as never connected.\n", s.Deadline)
+	if s.Outage {
+		w("- The outage storm follows on the same broker: every load process cuts all its connections (closes the sockets\n")
+		w("  under paho, no DISCONNECT: a network outage), the tool waits until the broker has dropped them all, and every\n")
+		w("  terminal re-dials at once again; the broker's cache is warm (records read in the restart storm, TTL %s).\n", s.CacheTTL)
+	}
 	w("- Broker CPU: user + system of the restarted broker from just before the storm to its end; cores = CPU s / storm s.\n")
+	w("  Load processes CPU: the same for all load processes together. On a 2-core machine the\n")
+	w("  wall-clock time is shared by both: the broker's CPU per connect is its cost, the time until all connected is the\n")
+	w("  machine's.\n")
 	w("- Store reads: keysvc cache misses (each one read of the store: Vault's KV or the embedded file) during the storm, and\n")
 	w("  their count in each second (the broker's counters read every second). Cache hits and coalesced lookups (waiting\n")
 	w("  for another lookup's read of the same terminal) are the lookups the cache kept off the store.\n")

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -39,6 +40,8 @@ type PhaseResult struct {
 	// reset, timed out, not authorized); each is retried at once.
 	FailedAttempts int     `json:"failed_attempts"`
 	Seconds        float64 `json:"seconds"` // from the start of the phase to the last terminal connected
+	// CPUSeconds is the CPU time the load process used in the phase.
+	CPUSeconds float64 `json:"cpu_seconds"`
 	// LoginMS is the duration of every successful attempt (TCP connect
 	// to ready: CONNACK, SUBACKs and the key message) in ms.
 	LoginMS []float64 `json:"login_ms,omitempty"`
@@ -55,6 +58,7 @@ func (p *PhaseResult) merge(o PhaseResult) {
 	p.Never += o.Never
 	p.FailedAttempts += o.FailedAttempts
 	p.Seconds = max(p.Seconds, o.Seconds)
+	p.CPUSeconds += o.CPUSeconds
 	p.LoginMS = append(p.LoginMS, o.LoginMS...)
 	p.ReadyMS = append(p.ReadyMS, o.ReadyMS...)
 	for _, e := range o.Errors {
@@ -74,14 +78,40 @@ type stormLoader struct {
 
 	mu    sync.Mutex
 	conns []*plainConn // by terminal; nil until connected
+	socks []net.Conn   // by terminal: the socket under its paho client (drop)
 }
 
-// tune sets terminal i's source address.
+// tune makes terminal i's paho client dial from its source address and
+// keeps the socket, so that drop can cut it.
 func (l *stormLoader) tune(i int) func(*paho.ClientOptions) {
-	src := l.sources[i%len(l.sources)]
+	d := &net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: l.sources[i%len(l.sources)]}}
 	return func(o *paho.ClientOptions) {
-		o.SetDialer(&net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: src}})
+		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ paho.ClientOptions) (net.Conn, error) {
+			c, err := d.Dial("tcp", uri.Host)
+			if err == nil {
+				l.mu.Lock()
+				l.socks[i] = c
+				l.mu.Unlock()
+			}
+			return c, err
+		})
 	}
+}
+
+// drop closes every terminal's socket under its paho client, without a
+// DISCONNECT: a network outage, as both ends see it.
+func (l *stormLoader) drop() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for i, c := range l.socks {
+		if c != nil {
+			c.Close()
+			l.socks[i] = nil
+			n++
+		}
+	}
+	return n
 }
 
 // run connects every terminal that is not connected, with at most
@@ -109,6 +139,7 @@ func (l *stormLoader) run(ctx context.Context, concurrency int, deadline time.Du
 	ready := make([]time.Duration, len(l.terms))
 	var next atomic.Int64
 	var wg sync.WaitGroup
+	cpu0 := processCPU()
 	start := time.Now()
 	end := start.Add(deadline)
 	for range concurrency {
@@ -145,6 +176,7 @@ func (l *stormLoader) run(ctx context.Context, concurrency int, deadline time.Du
 		})
 	}
 	wg.Wait()
+	res.CPUSeconds = (processCPU() - cpu0).Seconds()
 	res.FailedAttempts = int(failed.Load())
 	res.Errors = errs.errs
 	for _, i := range todo {
@@ -221,6 +253,7 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 		"  connect C D    connect every terminal not connected, C attempts in flight (0 = all at once),\n"+
 		"                 each retried at once after a failure, for at most D (a Go duration)\n"+
 		"  open           how many connections are still open\n"+
+		"  drop           close every terminal's socket under paho, without DISCONNECT (a network outage)\n"+
 		"  close          disconnect every terminal\n"+
 		"It disconnects every terminal and exits when stdin ends.")
 	addr := fs.String("addr", "127.0.0.1:1883", "broker host:port")
@@ -258,6 +291,7 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 	l := &stormLoader{addr: *addr, terms: terms[*from : *from+*count], sources: srcs,
 		m2m1: *kind == "m2m1", sessionKey: *kind == "m2m1" && *sessionKey}
 	l.conns = make([]*plainConn, len(l.terms))
+	l.socks = make([]net.Conn, len(l.terms))
 	defer l.closeAll()
 	enc := json.NewEncoder(out)
 	enc.Encode(map[string]int{"terminals": len(l.terms)})
@@ -272,6 +306,9 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 				continue
 			}
 			enc.Encode(l.run(ctx, c, d))
+		case "drop":
+			l.drop()
+			enc.Encode(answer(nil))
 		case "open":
 			enc.Encode(map[string]int{"open": l.open()})
 		case "close":
