@@ -144,6 +144,10 @@ func connectPlain(ctx context.Context, addr string, t *Terminal, m2m1, sessionKe
 	}
 	pc := paho.NewClient(o)
 	if err := wait(ctx, pc.Connect()); err != nil {
+		// ctx may end first: without this, paho would go on
+		// connecting, and a late CONNACK would leave a client behind
+		// that takes the terminal's session over from its next attempt.
+		pc.Disconnect(0)
 		return nil, err
 	}
 	key := make(chan struct{})

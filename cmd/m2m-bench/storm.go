@@ -53,6 +53,7 @@ type StormSettings struct {
 	StormConcurrency   int        `json:"storm_concurrency"`   // in the storm; 0 = every terminal at once
 	Idle               string     `json:"idle"`
 	Deadline           string     `json:"deadline"` // per phase: terminals not connected by then count as never
+	AttemptTimeout     string     `json:"attempt_timeout"`
 	Outage             bool       `json:"outage_storm"`
 	CacheTTL           string     `json:"cache_ttl"`
 	WritesPending      int        `json:"mochi_max_client_writes_pending"`
@@ -253,6 +254,7 @@ func cmdStorm(ctx context.Context, args []string) error {
 	fs.IntVar(&s.ConnectConcurrency, "concurrency", 256, "attempts in flight while the fleet first connects")
 	fs.IntVar(&s.StormConcurrency, "storm-concurrency", 0, "attempts in flight in the storm (0: every terminal at once)")
 	idle := fs.Duration("idle", 10*time.Second, "idle time between the first connect and the memory reading")
+	attempt := fs.Duration("attempt-timeout", 30*time.Second, "a terminal's TCP connect timeout, and its CONNACK timeout (paho's ConnectTimeout), per attempt")
 	deadline := fs.Duration("deadline", 3*time.Minute, "per phase: a terminal not connected by then counts as never connected")
 	fs.IntVar(&s.WritesPending, "writes-pending", 256, "mochi Capabilities.MaximumClientWritesPending, every broker")
 	fs.IntVar(&s.NetBuf, "netbuf", 2048, "mochi client read and write buffer sizes, every broker")
@@ -266,7 +268,7 @@ func cmdStorm(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	s.Idle, s.Deadline, s.CacheTTL = idle.String(), deadline.String(), cacheTTL.String()
+	s.Idle, s.Deadline, s.CacheTTL, s.AttemptTimeout = idle.String(), deadline.String(), cacheTTL.String(), attempt.String()
 	for _, name := range strings.Split(*modes, ",") {
 		found := false
 		for _, m := range stormModes {
@@ -416,7 +418,7 @@ func (sp *stormPlan) loaders(ctx context.Context, m Scenario, addr string) ([]*c
 	for from := 0; from < sp.s.N; from += per {
 		c, err := startProc(ctx, sp.env, "storm-load", "--addr", addr, "--terminals", sp.csvPath,
 			"--from", fmt.Sprint(from), "--count", fmt.Sprint(min(per, sp.s.N-from)),
-			"--sources", loopbackSources(sp.s.Sources), "--kind", m.Kind, fmt.Sprintf("--session-key=%v", m.SessionKey))
+			"--sources", loopbackSources(sp.s.Sources), "--kind", m.Kind, "--attempt-timeout", sp.s.AttemptTimeout, fmt.Sprintf("--session-key=%v", m.SessionKey))
 		if err == nil {
 			var hello struct{ Terminals int }
 			if err = c.read(&hello); err != nil {
@@ -524,26 +526,8 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 	if err := b.kill(); err != nil {
 		return nil, fmt.Errorf("kill the broker: %w", err)
 	}
-	for {
-		open := 0
-		for _, l := range ls {
-			var a struct{ Open int }
-			if err := l.ask("open", &a); err != nil {
-				return nil, err
-			}
-			open += a.Open
-		}
-		if open == 0 {
-			break
-		}
-		if time.Since(t0) > time.Minute {
-			return nil, fmt.Errorf("%d connections still open a minute after the broker was killed", open)
-		}
-		select {
-		case <-time.After(50 * time.Millisecond):
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if err := waitClosed(ctx, ls); err != nil {
+		return nil, fmt.Errorf("after the kill: %w", err)
 	}
 	run.LostSeconds = time.Since(t0).Seconds()
 
@@ -582,6 +566,9 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 			return nil, fmt.Errorf("drop: %w", err)
 		}
 	}
+	if err := waitClosed(ctx, ls); err != nil {
+		return nil, fmt.Errorf("after the cut: %w", err)
+	}
 	t2 := time.Now()
 	for {
 		var mem MemReport
@@ -606,6 +593,32 @@ func (sp *stormPlan) run(ctx context.Context, m Scenario) (*StormRun, error) {
 	}
 	run.Outage = &o
 	return run, nil
+}
+
+// waitClosed waits until no load process has a connection open.
+func waitClosed(ctx context.Context, ls []*child) error {
+	t0 := time.Now()
+	for {
+		open := 0
+		for _, l := range ls {
+			var a struct{ Open int }
+			if err := l.ask("open", &a); err != nil {
+				return err
+			}
+			open += a.Open
+		}
+		if open == 0 {
+			return nil
+		}
+		if time.Since(t0) > time.Minute {
+			return fmt.Errorf("%d connections still open after a minute", open)
+		}
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // storm re-dials every terminal of ls at once against the broker b and
@@ -677,6 +690,9 @@ func (sp *stormPlan) storm(b *child, ls []*child, m Scenario, name string) (Stor
 	logf("%s: %s storm: %d/%d connected in %.2fs (%.0f/s), %d failed attempts, %d never; login p50 %.1f ms p99 %.1f ms; broker CPU %.2fs (%.0f µs/connect), load processes %.2fs",
 		m.Name, name, storm.Connected, storm.Terminals, storm.Seconds, out.Clients.PerSec, storm.FailedAttempts, storm.Never,
 		out.Clients.Login.P50, out.Clients.Login.P99, out.BrokerCPU, out.BrokerCPUPer, storm.CPUSeconds)
+	for _, e := range storm.Errors[:min(3, len(storm.Errors))] {
+		logf("%s: %s storm: failed attempt: %s", m.Name, name, e)
+	}
 	if out.Store != nil {
 		logf("%s: %s storm: store reads %d (%.0f/s, peak %.0f/s), cache hits %d, coalesced %d", m.Name, name, out.Store.Reads,
 			out.Store.ReadsPerSec, out.Store.PeakReadsPerSec, out.Store.Hits, out.Store.Coalesced)
@@ -817,7 +833,8 @@ func renderStorm(r *StormResult) string {
 	w("  real terminals add jitter and backoff, which only spread the load). Each terminal logs in with a fresh M2M1 token.\n")
 	w("  *until all connected* is from the start of the storm to the last terminal ready; *login* is one successful attempt\n")
 	w("  (TCP connect to ready), *ready* is the start of the storm to ready, retries included; a terminal not connected\n")
-	w("  within %s counts as never connected.\n", s.Deadline)
+	w("  within %s counts as never connected. An attempt fails when TCP does not connect, or CONNACK does not come, within\n", s.Deadline)
+	w("  %s each (paho's `ConnectTimeout`), or when the broker refuses it; the terminal then tries again at once.\n", s.AttemptTimeout)
 	if s.Outage {
 		w("- The outage storm follows on the same broker: every load process cuts all its connections (closes the sockets\n")
 		w("  under paho, no DISCONNECT: a network outage), the tool waits until the broker has dropped them all, and every\n")

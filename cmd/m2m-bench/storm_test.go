@@ -41,7 +41,7 @@ func TestStorm(t *testing.T) {
 	var s StormSettings
 	s.N, s.Sources, s.Loaders, s.Rounds, s.ConnectConcurrency = n, 2, 2, 1, 32
 	s.WritesPending, s.NetBuf, s.GOGC, s.GOMEMLIMIT = 256, 2048, "100", "off"
-	s.Outage, s.CacheTTL = true, "5m0s"
+	s.Outage, s.CacheTTL, s.AttemptTimeout = true, "5m0s", "30s"
 	for _, name := range strings.Split(modes, ",") {
 		for _, m := range stormModes {
 			if m.Name == name {

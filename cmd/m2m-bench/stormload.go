@@ -24,10 +24,6 @@ import (
 // ephemeral port range: about 28,000 connections to one broker port),
 // and answers the storm's commands on stdin.
 
-// stormAttemptTimeout bounds one connection attempt: TCP, CONNECT,
-// CONNACK, two SUBSCRIBEs and, with a session key, the key message.
-const stormAttemptTimeout = 15 * time.Second
-
 // PhaseResult is what one load process saw in one phase (the first
 // connect, or the reconnect storm) for its terminals.
 type PhaseResult struct {
@@ -75,6 +71,10 @@ type stormLoader struct {
 	sources    []net.IP
 	m2m1       bool // an M2M1 login (else no credentials: the allow-all baseline)
 	sessionKey bool
+	// timeout bounds the TCP connect and, apart, the wait for CONNACK
+	// (paho's ConnectTimeout); the whole attempt, SUBACKs and key message
+	// included, gets twice that and 5 s.
+	timeout time.Duration
 
 	mu    sync.Mutex
 	conns []*plainConn // by terminal; nil until connected
@@ -84,8 +84,9 @@ type stormLoader struct {
 // tune makes terminal i's paho client dial from its source address and
 // keeps the socket, so that drop can cut it.
 func (l *stormLoader) tune(i int) func(*paho.ClientOptions) {
-	d := &net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: l.sources[i%len(l.sources)]}}
+	d := &net.Dialer{Timeout: l.timeout, LocalAddr: &net.TCPAddr{IP: l.sources[i%len(l.sources)]}}
 	return func(o *paho.ClientOptions) {
+		o.SetConnectTimeout(l.timeout)
 		o.SetCustomOpenConnectionFn(func(uri *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 			c, err := d.Dial("tcp", uri.Host)
 			if err == nil {
@@ -98,15 +99,19 @@ func (l *stormLoader) tune(i int) func(*paho.ClientOptions) {
 	}
 }
 
-// drop closes every terminal's socket under its paho client, without a
-// DISCONNECT: a network outage, as both ends see it.
+// drop cuts every terminal's socket under its paho client, without a
+// DISCONNECT: a network outage, as both ends see it. It shuts the
+// reading side down (RST on close) rather than closing the socket: paho
+// takes a read on a socket closed under it for its own disconnect, and an
+// end of stream for a lost connection, which it then closes.
 func (l *stormLoader) drop() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := 0
 	for i, c := range l.socks {
-		if c != nil {
-			c.Close()
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+			tc.CloseRead()
 			l.socks[i] = nil
 			n++
 		}
@@ -152,7 +157,7 @@ func (l *stormLoader) run(ctx context.Context, concurrency int, deadline time.Du
 				i := todo[k]
 				t := l.terms[i]
 				for time.Now().Before(end) && ctx.Err() == nil {
-					until := time.Now().Add(stormAttemptTimeout)
+					until := time.Now().Add(2*l.timeout + 5*time.Second)
 					if until.After(end) {
 						until = end
 					}
@@ -263,6 +268,7 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 	sources := fs.String("sources", "127.0.0.1", "source addresses, comma-separated (every 127.0.0.x is local on Linux)")
 	kind := fs.String("kind", "m2m1", "m2m1 (bare paho with an M2M1 login) or plain (no credentials, for an allow-all broker)")
 	sessionKey := fs.Bool("session-key", true, "m2m1: ask for a session key and wait for the key message")
+	timeout := fs.Duration("attempt-timeout", 30*time.Second, "TCP connect timeout, and CONNACK timeout, of one attempt")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -289,7 +295,7 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 		return fmt.Errorf("terminals %d..%d asked, the CSV has %d", *from, *from+*count-1, len(terms))
 	}
 	l := &stormLoader{addr: *addr, terms: terms[*from : *from+*count], sources: srcs,
-		m2m1: *kind == "m2m1", sessionKey: *kind == "m2m1" && *sessionKey}
+		m2m1: *kind == "m2m1", sessionKey: *kind == "m2m1" && *sessionKey, timeout: *timeout}
 	l.conns = make([]*plainConn, len(l.terms))
 	l.socks = make([]net.Conn, len(l.terms))
 	defer l.closeAll()
