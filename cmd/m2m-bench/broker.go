@@ -254,6 +254,16 @@ func (b *Broker) Mem() MemReport {
 		Goroutines: runtime.NumGoroutine(), Clients: b.Server.Clients.Len(), RSS: processRSS()}
 }
 
+// openFiles counts this process's open file descriptors (-1 where /proc
+// has none).
+func openFiles() int {
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(es) - 1 // ReadDir's own
+}
+
 // processRSS returns this process's resident set size in bytes (VmRSS of
 // /proc/self/status), 0 if it cannot be read.
 func processRSS() uint64 {

@@ -159,7 +159,8 @@ func finishBrokerFlags(c *BrokerConfig) error {
 // cmdServe runs a broker until stdin ends. It prints {"addr": ...} on
 // stdout once it listens, then answers one JSON line per command line on
 // stdin: "mem" (memory after a full GC), "cache" (cache counters), "cpu"
-// (the process's CPU time), "profile-start FILE" and "profile-stop".
+// (the process's CPU time), "fds" (open descriptors), "profile-start FILE"
+// and "profile-stop".
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
 	var cpuprof string
@@ -171,7 +172,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"         of it (the runtime's estimate), both in ns, and the number of GC cycles\n"+
 		"  profile-start FILE  start a CPU profile of the broker into FILE\n"+
 		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)\n"+
-		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)")
+		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)\n"+
+		"  fds    open file descriptors of the broker process")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -237,6 +239,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(cpuReport())
 			case "claims":
 				enc.Encode(b.Claims())
+			case "fds":
+				enc.Encode(map[string]int{"fds": openFiles()})
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}

@@ -146,6 +146,9 @@ type StormOutcome struct {
 	BrokerCPUShare float64     `json:"broker_cpu_cores"`          // BrokerCPU / storm seconds
 	Store          *StormStore `json:"store,omitempty"`           // hook modes
 	WallClock      float64     `json:"wall_clock_seconds"`        // the commands sent to the last answer
+	// PeakFDs is the most open descriptors the broker had at one of its
+	// readings, every second of the storm (its limit: Settings.NoFile).
+	PeakFDs int `json:"broker_peak_fds"`
 }
 
 // StormRatio compares a hook mode with allow-all in one round.
@@ -637,35 +640,43 @@ func (sp *stormPlan) storm(b *child, ls []*child, m Scenario, name string) (Stor
 	var perSec []uint64
 	var pollErr error
 	var pollWG sync.WaitGroup
-	if m.Mode == "hook" {
-		pollWG.Go(func() {
-			tk := time.NewTicker(time.Second)
-			defer tk.Stop()
-			last := cache0.Misses
-			for {
-				select {
-				case <-tk.C:
-					var c keysvc.CacheStats
-					if pollErr = b.ask("cache", &c); pollErr != nil {
-						return
-					}
-					perSec = append(perSec, c.Misses-last)
-					last = c.Misses
-				case <-stopPoll:
+	pollWG.Go(func() {
+		tk := time.NewTicker(time.Second)
+		defer tk.Stop()
+		last := cache0.Misses
+		for {
+			select {
+			case <-tk.C:
+				var f struct{ FDs int }
+				if pollErr = b.ask("fds", &f); pollErr != nil {
 					return
 				}
+				out.PeakFDs = max(out.PeakFDs, f.FDs)
+				if m.Mode != "hook" {
+					continue
+				}
+				var c keysvc.CacheStats
+				if pollErr = b.ask("cache", &c); pollErr != nil {
+					return
+				}
+				perSec = append(perSec, c.Misses-last)
+				last = c.Misses
+			case <-stopPoll:
+				return
 			}
-		})
-	}
+		}
+	})
 	storm, wall, err := phase(ls, sp.s.StormConcurrency, sp.deadline)
 	close(stopPoll)
 	pollWG.Wait()
 	if err = errors.Join(err, pollErr); err != nil {
 		return out, fmt.Errorf("%s storm: %w", name, err)
 	}
-	if err := errors.Join(b.ask("cpu", &cpu1), b.ask("cache", &cache1)); err != nil {
+	var fds struct{ FDs int }
+	if err := errors.Join(b.ask("cpu", &cpu1), b.ask("cache", &cache1), b.ask("fds", &fds)); err != nil {
 		return out, err
 	}
+	out.PeakFDs = max(out.PeakFDs, fds.FDs)
 	out.Clients = summarizePhase(storm)
 	out.WallClock = wall
 	out.BrokerCPU = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e9
@@ -690,9 +701,9 @@ func (sp *stormPlan) storm(b *child, ls []*child, m Scenario, name string) (Stor
 		}
 		out.Store = st
 	}
-	logf("%s: %s storm: %d/%d connected in %.2fs (%.0f/s), %d failed attempts, %d never; login p50 %.1f ms p99 %.1f ms; broker CPU %.2fs (%.0f µs/connect), load processes %.2fs",
+	logf("%s: %s storm: %d/%d connected in %.2fs (%.0f/s), %d failed attempts, %d never; login p50 %.1f ms p99 %.1f ms; broker CPU %.2fs (%.0f µs/connect, peak %d open files), load processes %.2fs",
 		m.Name, name, storm.Connected, storm.Terminals, storm.Seconds, out.Clients.PerSec, storm.FailedAttempts, storm.Never,
-		out.Clients.Login.P50, out.Clients.Login.P99, out.BrokerCPU, out.BrokerCPUPer, storm.CPUSeconds)
+		out.Clients.Login.P50, out.Clients.Login.P99, out.BrokerCPU, out.BrokerCPUPer, out.PeakFDs, storm.CPUSeconds)
 	for _, e := range storm.Errors[:min(3, len(storm.Errors))] {
 		logf("%s: %s storm: failed attempt: %s", m.Name, name, e)
 	}
@@ -775,8 +786,8 @@ func renderStorm(r *StormResult) string {
 	w("terminal, so one broker process here holds at most about %d), ephemeral ports %s per source address.\n", int(s.NoFile)-brokerFDReserve, s.PortRange)
 	w("`storm` refuses at once an N that does not fit and says which limit to raise and how. Load average: %s.\n\n", r.Load)
 
-	w("| mode | round | storm | until all connected s | rate /s | rate / allow-all | login p50 / p99 ms | ready p50 / p99 ms | failed attempts | never connected | broker CPU s (µs / connect, cores) | load processes CPU s | store reads (/s, peak /s) | cache hits, coalesced |\n")
-	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	w("| mode | round | storm | until all connected s | rate /s | rate / allow-all | login p50 / p99 ms | ready p50 / p99 ms | failed attempts | never connected | broker CPU s (µs / connect, cores) | load processes CPU s | broker peak open files | store reads (/s, peak /s) | cache hits, coalesced |\n")
+	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	row := func(x StormRun, name string, o StormOutcome) {
 		ratio := "—"
 		for _, q := range r.Ratios {
@@ -793,9 +804,9 @@ func renderStorm(r *StormResult) string {
 			absorbed = fmt.Sprintf("%d, %d", o.Store.Hits, o.Store.Coalesced)
 		}
 		c := o.Clients
-		w("| %s | %d | %s | %.2f | %.0f | %s | %.1f / %.1f | %.1f / %.1f | %d | %d | %.2f (%.0f, %.2f) | %.2f | %s | %s |\n",
+		w("| %s | %d | %s | %.2f | %.0f | %s | %.1f / %.1f | %.1f / %.1f | %d | %d | %.2f (%.0f, %.2f) | %.2f | %d | %s | %s |\n",
 			x.Mode, x.Round, name, c.Seconds, c.PerSec, ratio, c.Login.P50, c.Login.P99, c.Ready.P50, c.Ready.P99,
-			c.FailedAttempts, c.Never, o.BrokerCPU, o.BrokerCPUPer, o.BrokerCPUShare, c.LoadCPU, reads, absorbed)
+			c.FailedAttempts, c.Never, o.BrokerCPU, o.BrokerCPUPer, o.BrokerCPUShare, c.LoadCPU, o.PeakFDs, reads, absorbed)
 	}
 	for _, x := range r.Runs {
 		row(x, "restart", x.Restart)

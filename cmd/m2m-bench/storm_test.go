@@ -66,6 +66,9 @@ func TestStorm(t *testing.T) {
 		phases := map[string]StormPhase{"first connect": r.First}
 		for name, o := range storms {
 			phases[name] = o.Clients
+			if o.PeakFDs < n {
+				t.Errorf("%s %s: broker peak open files %d, want >= %d", r.Mode, name, o.PeakFDs, n)
+			}
 			if o.BrokerCPU <= 0 {
 				t.Errorf("%s %s: broker CPU in the storm %v s", r.Mode, name, o.BrokerCPU)
 			}
