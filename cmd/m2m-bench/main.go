@@ -293,6 +293,9 @@ func cmdRun(ctx context.Context, args []string) error {
 		}
 		defer prof.stop()
 	}
+	if err := checkLoadFiles(cfg.N, fileLimit()); err != nil {
+		return err
+	}
 	cfg.QoS = byte(*qos)
 	cfg.AppPassword = os.Getenv("M2MBENCH_APP_PASSWORD")
 	cfg.Progress = os.Stderr

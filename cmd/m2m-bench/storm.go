@@ -34,7 +34,11 @@ var selfEnv []string
 
 // brokerFDReserve is what a broker process holds besides its terminals'
 // connections: listener, store, Vault and NATS connections, pipes.
-const brokerFDReserve = 200
+// loadFDReserve is the same for a load generator.
+const (
+	brokerFDReserve = 200
+	loadFDReserve   = 50
+)
 
 // stormModes are the storm's broker set-ups.
 var stormModes = []Scenario{
@@ -225,6 +229,17 @@ func checkStormLimits(n, loaders, sources int, nofile uint64, portLo, portHi int
 		return fmt.Errorf("%w: --n %d from --sources %d puts %d connections on each source address, "+
 			"more than its ephemeral ports allow (%d..%d, %d usable): use --sources %d or more",
 			errLimit, n, sources, per, portLo, portHi, usable, (n+usable-1)/usable)
+	}
+	return nil
+}
+
+// checkLoadFiles says whether a load generator (run, storm-load) can
+// hold n client connections under the open-file limit nofile.
+func checkLoadFiles(n int, nofile uint64) error {
+	if need := uint64(n + loadFDReserve); need > nofile {
+		return fmt.Errorf("%w: %d clients need about %d open files in this load process, but RLIMIT_NOFILE is %d here "+
+			"(already raised to the hard limit): split them over processes (storm --loaders), or raise the hard limit "+
+			"(`ulimit -Hn %d` as root, with CAP_SYS_RESOURCE)", errLimit, n, need, nofile, need)
 	}
 	return nil
 }

@@ -158,6 +158,16 @@ func TestStormLimits(t *testing.T) {
 	}
 }
 
+func TestLoadLimits(t *testing.T) {
+	if err := checkLoadFiles(19000, 20000); err != nil {
+		t.Fatal(err)
+	}
+	err := checkLoadFiles(25000, 20000)
+	if !errors.Is(err, errLimit) || !strings.Contains(err.Error(), "RLIMIT_NOFILE is 20000") || !strings.Contains(err.Error(), "--loaders") {
+		t.Fatalf("got %v", err)
+	}
+}
+
 func TestParseConnectArgs(t *testing.T) {
 	if c, d, err := parseConnectArgs("0 3m0s"); err != nil || c != 0 || d != 3*time.Minute {
 		t.Fatalf("got %d %v %v", c, d, err)

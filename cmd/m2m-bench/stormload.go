@@ -294,6 +294,9 @@ func cmdStormLoad(ctx context.Context, args []string, in io.Reader, out io.Write
 	if *from < 0 || *count < 0 || *from+*count > len(terms) {
 		return fmt.Errorf("terminals %d..%d asked, the CSV has %d", *from, *from+*count-1, len(terms))
 	}
+	if err := checkLoadFiles(*count, fileLimit()); err != nil {
+		return err
+	}
 	l := &stormLoader{addr: *addr, terms: terms[*from : *from+*count], sources: srcs,
 		m2m1: *kind == "m2m1", sessionKey: *kind == "m2m1" && *sessionKey, timeout: *timeout}
 	l.conns = make([]*plainConn, len(l.terms))
