@@ -38,6 +38,7 @@ type CacheStats struct {
 	FailClosed  uint64 // refused because the store was unavailable and nothing usable was cached
 	Evictions   uint64 // entries dropped to respect MaxEntries
 	Invalidated uint64 // entries dropped by a write (this Service's, or another broker's through Invalidate)
+	Coalesced   uint64 // lookups that waited for another lookup's store read of the same sn instead of reading it again
 }
 
 const cacheShards = 64
@@ -71,7 +72,7 @@ type cache struct {
 	now      func() time.Time
 	load     func(ctx context.Context, sn string) (*Terminal, error)
 
-	misses, stale, failClosed, evictions, invalidated atomic.Uint64
+	misses, stale, failClosed, evictions, invalidated, coalesced atomic.Uint64
 }
 
 func newCache(o CacheOptions, now func() time.Time, load func(context.Context, string) (*Terminal, error)) *cache {
@@ -142,6 +143,7 @@ func (c *cache) refresh(ctx context.Context, sh *cacheShard, sn string, old cach
 	gen := sh.gen[sn]
 	sh.mu.Unlock()
 	if running {
+		c.coalesced.Add(1)
 		select {
 		case <-f.done:
 		case <-ctx.Done():
@@ -223,7 +225,7 @@ func (c *cache) dropAll() {
 func (c *cache) stats() CacheStats {
 	s := CacheStats{
 		Misses: c.misses.Load(), Stale: c.stale.Load(), FailClosed: c.failClosed.Load(),
-		Evictions: c.evictions.Load(), Invalidated: c.invalidated.Load(),
+		Evictions: c.evictions.Load(), Invalidated: c.invalidated.Load(), Coalesced: c.coalesced.Load(),
 	}
 	for i := range c.shards {
 		s.Hits += c.shards[i].hits.Load()

@@ -142,6 +142,9 @@ func TestCacheDedupAndDropInFlight(t *testing.T) {
 	if n := f.calls.Load(); n != 1 {
 		t.Fatalf("%d concurrent refetches reached the store, want 1", n)
 	}
+	if s := c.stats(); s.Coalesced != 9 || s.Misses != 1 {
+		t.Fatalf("stats %+v: want 9 lookups coalesced into 1 miss", s)
+	}
 	f.gate = nil
 	if _, err := c.get(ctx, "A"); err != nil {
 		t.Fatal(err)

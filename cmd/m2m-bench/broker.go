@@ -6,7 +6,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"runtime"
+	"strings"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -239,6 +241,7 @@ type MemReport struct {
 	Sys        uint64 `json:"sys"`
 	Goroutines int    `json:"goroutines"`
 	Clients    int    `json:"clients"`
+	RSS        uint64 `json:"rss"` // resident set size of the process (VmRSS), 0 where /proc has none
 }
 
 // Mem runs two full GCs and reads the memory statistics.
@@ -248,7 +251,34 @@ func (b *Broker) Mem() MemReport {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return MemReport{HeapAlloc: m.HeapAlloc, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys,
-		Goroutines: runtime.NumGoroutine(), Clients: b.Server.Clients.Len()}
+		Goroutines: runtime.NumGoroutine(), Clients: b.Server.Clients.Len(), RSS: processRSS()}
+}
+
+// openFiles counts this process's open file descriptors (-1 where /proc
+// has none).
+func openFiles() int {
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(es) - 1 // ReadDir's own
+}
+
+// processRSS returns this process's resident set size in bytes (VmRSS of
+// /proc/self/status), 0 if it cannot be read.
+func processRSS() uint64 {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			var kb uint64
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+			return kb << 10
+		}
+	}
+	return 0
 }
 
 // Claims returns the latencies of the fleet's replay claims since the

@@ -128,9 +128,13 @@ func pahoOptions(addr, clientID string) *paho.ClientOptions {
 // no credentials (for the allow-all baseline); with m2m1 it logs in with an
 // M2M1 token (with sessionKey: flag 01 and the bkd, then it waits for the
 // platform's key message, which it does not unwrap). It measures the
-// broker's cost without the reference client's own.
-func connectPlain(ctx context.Context, addr string, t *Terminal, m2m1, sessionKey bool) (benchConn, error) {
+// broker's cost without the reference client's own. tune, if any, changes
+// the paho options last (the storm's source address and lost handler).
+func connectPlain(ctx context.Context, addr string, t *Terminal, m2m1, sessionKey bool, tune ...func(*paho.ClientOptions)) (benchConn, error) {
 	o := pahoOptions(addr, t.ID.SN)
+	for _, f := range tune {
+		f(o)
+	}
 	if m2m1 {
 		pw, err := loginPassword(t, sessionKey)
 		if err != nil {
@@ -140,6 +144,10 @@ func connectPlain(ctx context.Context, addr string, t *Terminal, m2m1, sessionKe
 	}
 	pc := paho.NewClient(o)
 	if err := wait(ctx, pc.Connect()); err != nil {
+		// ctx may end first: without this, paho would go on
+		// connecting, and a late CONNACK would leave a client behind
+		// that takes the terminal's session over from its next attempt.
+		pc.Disconnect(0)
 		return nil, err
 	}
 	key := make(chan struct{})

@@ -243,6 +243,10 @@ func TestServeCommands(t *testing.T) {
 	if c0.CPUNs <= 0 || c1.CPUNs <= c0.CPUNs {
 		t.Errorf("cpu answers %d then %d, want positive and growing", c0.CPUNs, c1.CPUNs)
 	}
+	var fds struct{ FDs int }
+	if ask("fds", &fds); fds.FDs < 3 {
+		t.Errorf("fds answered %d, want >= 3 (stdin, stdout, stderr)", fds.FDs)
+	}
 	prof := filepath.Join(t.TempDir(), "storm.pprof")
 	var ok map[string]any
 	for _, cmd := range []string{"profile-start " + prof, "profile-stop", "profile-stop"} {

@@ -5,6 +5,7 @@
 //	m2m-bench serve --mode hook --store bolt ...       a benchmark broker (a child of suite)
 //	m2m-bench run   --addr host:port --kind terminal   connect storm + publish load against a broker
 //	m2m-bench suite --n 10000 --rounds 3               everything, interleaved; writes BENCHMARKS.md
+//	m2m-bench storm --n 19000 --sources 4              idle fleet, broker killed and restarted, all reconnect at once
 //
 // Progress goes to stderr; results are JSON on stdout (or --out).
 // Run `m2m-bench <subcommand> --help` for the flags.
@@ -36,6 +37,9 @@ Subcommands:
   suite  run allow-all / hook on bolt / hook on Vault / plaintext vs encrypted,
          interleaved and repeated, and write BENCHMARKS.md and a JSON result
   nats   run a NATS cluster with JetStream for fleet-mode brokers (serve --nats-urls)
+  storm  the reconnect storm: N idle terminals, the broker killed and restarted, all reconnect
+         at once; allow-all / hook on bolt / hook on Vault (cold cache); writes a BENCHMARKS.md section
+  storm-load  one load process of the storm (a child of storm)
 
 Run 'm2m-bench <subcommand> --help' for its flags.
 `
@@ -63,6 +67,10 @@ func main() {
 		err = cmdSuite(ctx, os.Args[2:])
 	case "nats":
 		err = cmdNATS(ctx, os.Args[2:], os.Stdin, os.Stdout)
+	case "storm":
+		err = cmdStorm(ctx, os.Args[2:])
+	case "storm-load":
+		err = cmdStormLoad(ctx, os.Args[2:], os.Stdin, os.Stdout)
 	default:
 		fmt.Fprintf(os.Stderr, "m2m-bench: unknown subcommand %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
@@ -77,7 +85,8 @@ func main() {
 }
 
 // raiseFileLimit lifts the soft open-file limit to the hard one: 10,000
-// connections need 10,000 descriptors on each side.
+// connections need 10,000 descriptors on each side. The hard limit itself
+// is the machine's (storm's checkStormLimits says when N exceeds it).
 func raiseFileLimit() {
 	var rl syscall.Rlimit
 	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl) == nil && rl.Cur < rl.Max {
@@ -150,7 +159,8 @@ func finishBrokerFlags(c *BrokerConfig) error {
 // cmdServe runs a broker until stdin ends. It prints {"addr": ...} on
 // stdout once it listens, then answers one JSON line per command line on
 // stdin: "mem" (memory after a full GC), "cache" (cache counters), "cpu"
-// (the process's CPU time), "profile-start FILE" and "profile-stop".
+// (the process's CPU time), "fds" (open descriptors), "profile-start FILE"
+// and "profile-stop".
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
 	var cpuprof string
@@ -162,7 +172,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"         of it (the runtime's estimate), both in ns, and the number of GC cycles\n"+
 		"  profile-start FILE  start a CPU profile of the broker into FILE\n"+
 		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)\n"+
-		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)")
+		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)\n"+
+		"  fds    open file descriptors of the broker process")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -228,6 +239,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(cpuReport())
 			case "claims":
 				enc.Encode(b.Claims())
+			case "fds":
+				enc.Encode(map[string]int{"fds": openFiles()})
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}
@@ -279,6 +292,9 @@ func cmdRun(ctx context.Context, args []string) error {
 			return err
 		}
 		defer prof.stop()
+	}
+	if err := checkLoadFiles(cfg.N, fileLimit()); err != nil {
+		return err
 	}
 	cfg.QoS = byte(*qos)
 	cfg.AppPassword = os.Getenv("M2MBENCH_APP_PASSWORD")

@@ -223,6 +223,11 @@ func cmdSuite(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// The broker child and this process (the clients) each hold one
+	// descriptor per terminal.
+	if err := checkBrokerFiles(s.N, fileLimit()); err != nil {
+		return err
+	}
 	s.Duration = dur.String()
 	s.CacheTTL = "1h (every terminal looked up once before the broker listens)"
 	for _, name := range strings.Split(*only, ",") {
@@ -442,11 +447,9 @@ type child struct {
 	addr  string
 }
 
-func startChild(ctx context.Context, sc Scenario, round int, s SuiteSettings, env []string, boltPath, vaultAddr string, nats *natsChild) (*child, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
+// startChild starts a broker child for sc; extra flags of serve follow the
+// suite's (a later flag wins).
+func startChild(ctx context.Context, sc Scenario, round int, s SuiteSettings, env []string, boltPath, vaultAddr string, nats *natsChild, extra ...string) (*child, error) {
 	args := []string{"serve", "--mode", sc.Mode, "--store", sc.Store, "--bolt", boltPath, "--vault-addr", vaultAddr,
 		"--cache-ttl", "1h", "--prewarm", "--writes-pending", fmt.Sprint(s.WritesPending), "--netbuf", fmt.Sprint(s.NetBuf)}
 	if sc.Store == "" {
@@ -457,8 +460,29 @@ func startChild(ctx context.Context, sc Scenario, round int, s SuiteSettings, en
 		// broker only after its heartbeats lapse.
 		args = append(args, "--nats-urls", strings.Join(nats.urls, ","), "--broker-id", fmt.Sprintf("bench-%s-r%d", sc.Name, round))
 	}
+	c, err := startProc(ctx, env, append(args, extra...)...)
+	if err != nil {
+		return nil, err
+	}
+	var hello struct{ Addr string }
+	if err := c.read(&hello); err != nil {
+		c.stop()
+		return nil, fmt.Errorf("broker child: %w", err)
+	}
+	c.addr = hello.Addr
+	return c, nil
+}
+
+// startProc starts this program again with args (a subcommand and its
+// flags) and env added to this process's environment; its stdin and
+// stdout are the child's command channel, its stderr goes to ours.
+func startProc(ctx context.Context, env []string, args ...string) (*child, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
 	cmd := exec.CommandContext(ctx, exe, args...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd.Env = append(append(os.Environ(), selfEnv...), env...)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -471,14 +495,7 @@ func startChild(ctx context.Context, sc Scenario, round int, s SuiteSettings, en
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	c := &child{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}
-	var hello struct{ Addr string }
-	if err := c.read(&hello); err != nil {
-		c.stop()
-		return nil, fmt.Errorf("broker child: %w", err)
-	}
-	c.addr = hello.Addr
-	return c, nil
+	return &child{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}, nil
 }
 
 func (c *child) read(v any) error {
@@ -508,6 +525,17 @@ func (c *child) do(cmd string) error {
 	if a.Error != "" {
 		return fmt.Errorf("%s: %s", cmd, a.Error)
 	}
+	return nil
+}
+
+// kill ends the child at once (SIGKILL: no clean shutdown, as a crash or
+// an OOM kill would) and waits for it.
+func (c *child) kill() error {
+	c.stdin.Close()
+	if err := c.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return err
+	}
+	c.cmd.Wait() // the kill's "signal: killed"
 	return nil
 }
 
