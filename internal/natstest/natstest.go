@@ -1,0 +1,71 @@
+// Package natstest makes the JetStream clusters of this project's tests
+// elect their Raft leaders within 2 to 4 s instead of 4 to 9 s. Import
+// it only from tests, and call FastRaft in TestMain, before any NATS
+// server starts.
+//
+// nats-server times its Raft groups (the JetStream meta group, every
+// replicated stream and KV bucket) with package variables and offers no
+// option for them; its own test suite shortens them in an init function
+// (server/jetstream_helpers_test.go: elections after 1.5 to 3.5 s, a
+// 50 ms heartbeat, quorum lost after 5 s). FastRaft sets the same
+// variables, reached by go:linkname, to values near those: a follower
+// that hears no heartbeat for 2 to 4 s campaigns (not 4 to 9 s), leaders
+// send heartbeats every 100 ms (not 1 s), and a leader steps down 5 s
+// after it lost its quorum (not 10 s). The election timeout stays above
+// nats-server's tests' 1.5 s: a test process under the race detector on a
+// loaded machine can stall a follower that long, and a needless election
+// fails a claim that a test expects to pass. Every election, failover and
+// quorum loss still happens, through nats-server's own code: only the
+// waiting before it is shorter. A nats-server release that
+// renames a variable fails the tests' link, loudly; production binaries
+// never import this package. M2MGUARD_NATS_RAFT=default keeps nats-server's
+// own timers (to compare, or to run a test as production times it).
+package natstest
+
+import (
+	"os"
+	"sync"
+	"time"
+	_ "unsafe" // go:linkname
+
+	_ "github.com/nats-io/nats-server/v2/server" // the variables below
+)
+
+//go:linkname minElectionTimeout github.com/nats-io/nats-server/v2/server.minElectionTimeout
+var minElectionTimeout time.Duration
+
+//go:linkname maxElectionTimeout github.com/nats-io/nats-server/v2/server.maxElectionTimeout
+var maxElectionTimeout time.Duration
+
+//go:linkname hbInterval github.com/nats-io/nats-server/v2/server.hbInterval
+var hbInterval time.Duration
+
+//go:linkname lostQuorumInterval github.com/nats-io/nats-server/v2/server.lostQuorumInterval
+var lostQuorumInterval time.Duration
+
+//go:linkname lostQuorumCheck github.com/nats-io/nats-server/v2/server.lostQuorumCheck
+var lostQuorumCheck time.Duration
+
+var once sync.Once
+
+// FastRaft shortens nats-server's Raft timers for this test process,
+// unless M2MGUARD_NATS_RAFT is "default". Call it before the first NATS
+// server starts (TestMain); later calls do nothing.
+func FastRaft() {
+	once.Do(func() {
+		if os.Getenv("M2MGUARD_NATS_RAFT") == "default" {
+			return
+		}
+		hbInterval = 100 * time.Millisecond
+		minElectionTimeout = 2 * time.Second
+		maxElectionTimeout = 4 * time.Second
+		lostQuorumInterval = 5 * time.Second
+		lostQuorumCheck = 4 * hbInterval
+	})
+}
+
+// Timers returns the Raft timers in force: heartbeat, election timeout
+// range and lost-quorum interval.
+func Timers() (hb, minElection, maxElection, lostQuorum time.Duration) {
+	return hbInterval, minElectionTimeout, maxElectionTimeout, lostQuorumInterval
+}
