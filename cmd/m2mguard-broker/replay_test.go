@@ -23,17 +23,19 @@ import (
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
-// brokerBinary is the broker built once for the tests of this process
-// that run it (TestMain removes it).
+// brokerBinary is the broker, with m2mctl beside it, built once for the
+// tests of this process that run them (TestMain removes them).
 var brokerBinary struct {
 	once sync.Once
 	dir  string
-	path string
+	path string // the broker
+	ctl  string // m2mctl
 	err  error
 }
 
-// buildBinary returns the broker binary, built at the first call: the tests
-// that run it share the one build.
+// buildBinary returns the broker binary, built at the first call together
+// with m2mctl (one go build: the two link side by side): the tests that
+// run them share the one build.
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	b := &brokerBinary
@@ -41,8 +43,8 @@ func buildBinary(t *testing.T) string {
 		if b.dir, b.err = os.MkdirTemp("", "m2mguard-broker-test-"); b.err != nil {
 			return
 		}
-		b.path = filepath.Join(b.dir, "m2mguard-broker")
-		if out, err := exec.Command("go", "build", "-o", b.path, ".").CombinedOutput(); err != nil {
+		b.path, b.ctl = filepath.Join(b.dir, "m2mguard-broker"), filepath.Join(b.dir, "m2mctl")
+		if out, err := exec.Command("go", "build", "-o", b.dir+string(filepath.Separator), ".", "../m2mctl").CombinedOutput(); err != nil {
 			b.err = fmt.Errorf("go build: %v\n%s", err, out)
 		}
 	})
