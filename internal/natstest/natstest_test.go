@@ -14,8 +14,8 @@ func TestFastRaft(t *testing.T) {
 		t.Fatalf("nats-server's defaults changed or were not reached: hb %v, election %v-%v, lost quorum %v", hb, minE, maxE, lq)
 	}
 	FastRaft()
-	if os.Getenv("M2MGUARD_NATS_RAFT") == "default" {
-		t.Skip("M2MGUARD_NATS_RAFT=default")
+	if os.Getenv(EnvRaft) == "default" {
+		t.Skip(EnvRaft + "=default")
 	}
 	hb, minE, maxE, lq = Timers()
 	if hb != 100*time.Millisecond || minE != 2*time.Second || maxE != 4*time.Second || lq != 5*time.Second {
