@@ -28,13 +28,17 @@ var lostQuorumCheck time.Duration
 // own Raft timers.
 const EnvRaft = "M2MGUARD_NATS_RAFT"
 
-var once sync.Once
+var (
+	once     sync.Once
+	defaults [4]time.Duration // the timers before FastRaft
+)
 
 // FastRaft shortens nats-server's Raft timers for this test process,
 // unless M2MGUARD_NATS_RAFT is "default". Call it before the first NATS
 // server starts (TestMain); later calls do nothing.
 func FastRaft() {
 	once.Do(func() {
+		defaults = [4]time.Duration{hbInterval, minElectionTimeout, maxElectionTimeout, lostQuorumInterval}
 		if os.Getenv(EnvRaft) == "default" {
 			return
 		}
@@ -44,6 +48,13 @@ func FastRaft() {
 		lostQuorumInterval = 5 * time.Second
 		lostQuorumCheck = 4 * hbInterval
 	})
+}
+
+// Defaults returns the timers FastRaft found (nats-server's own), zero
+// before its first call: heartbeat, election timeout range and lost-quorum
+// interval.
+func Defaults() (hb, minElection, maxElection, lostQuorum time.Duration) {
+	return defaults[0], defaults[1], defaults[2], defaults[3]
 }
 
 // Timers returns the Raft timers in force: heartbeat, election timeout
