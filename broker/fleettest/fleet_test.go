@@ -17,10 +17,8 @@ import (
 // TestFleet runs the fleet-mode attacks of SECURITY.md against three brokers on one Vault,
 // from outside: MQTT logins on raw sockets and the client library, and the
 // admin API. The subtests share the fleet and run in parallel, each with
-// terminals of its own. The test runs beside the package's other tests,
-// each on a Vault and a fleet of its own.
+// terminals of its own.
 func TestFleet(t *testing.T) {
-	t.Parallel()
 	v := vaulttest.Start(t)
 	f := startFleet(t, v, 3, fleetMode(t, 3))
 	A, B, C := f.members[0], f.members[1], f.members[2]
