@@ -17,6 +17,7 @@ import (
 	"github.com/m2mguard/m2mguard/fleetlink"
 	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/internal/haproxytest"
+	"github.com/m2mguard/m2mguard/internal/natstest"
 )
 
 // resolve runs the layers with a YAML file (if yaml != ""), env and args.
@@ -311,7 +312,7 @@ func pflagWith(args ...string) *pflag.FlagSet {
 func TestDocumentedEnvVarsExist(t *testing.T) {
 	known := map[string]bool{broker.EnvConfig: true, "M2MGUARD_MASTER_KEY": true,
 		"M2MGUARD_VAULT_BIN": true, "M2MGUARD_MEASURE": true, "M2MGUARD_MEASURE_N": true,
-		haproxytest.EnvInstall: true,
+		haproxytest.EnvInstall: true, natstest.EnvRaft: true,
 		// Not variables: the fleet's NATS buckets (README, "Fleet mode").
 		fleet.ReplayBucket: true, fleetlink.ChangeBucket: true, fleetroute.DownlinkStream: true,
 		fleetroute.UplinkStream: true, fleetroute.RetainedStream: true}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/m2mguard/m2mguard/internal/stats"
+	"github.com/m2mguard/m2mguard/internal/testbin"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
@@ -32,8 +33,13 @@ func TestSuiteProducesFigures(t *testing.T) {
 		t.Skip("builds and runs the broker binary")
 	}
 	t.Parallel()
-	bin, err := buildBroker(t.Context(), t.TempDir())
-	if err != nil {
+	// buildBroker, into testbin's directory: shared with the other test
+	// packages that run the broker, relinked only when the code changed.
+	var bin string
+	if err := testbin.Locked(func(dir string) (err error) {
+		bin, err = buildBroker(t.Context(), dir)
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	// Each scenario's figure that shows the attack took place.

@@ -50,14 +50,13 @@ func connectKept(t *testing.T, addr string, b adminapi.Bundle) paho.Client {
 	return c
 }
 
-// buildCtl builds m2mctl beside bin.
+// buildCtl returns m2mctl, built with the broker bin (buildBinary).
 func buildCtl(t *testing.T, bin string) string {
 	t.Helper()
-	ctl := filepath.Join(filepath.Dir(bin), "m2mctl")
-	if out, err := exec.Command("go", "build", "-o", ctl, "../m2mctl").CombinedOutput(); err != nil {
-		t.Fatalf("go build m2mctl: %v\n%s", err, out)
+	if bin != buildBinary(t) {
+		t.Fatalf("buildCtl: %s is not the broker buildBinary built", bin)
 	}
-	return ctl
+	return brokerBinary.ctl
 }
 
 // runCtl runs m2mctl against the broker p with the admin token of work and

@@ -3,7 +3,6 @@ package main
 import (
 	"crypto/rand"
 	"encoding/binary"
-	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,30 +19,30 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/internal/freeport"
 	"github.com/m2mguard/m2mguard/internal/syncbuf"
+	"github.com/m2mguard/m2mguard/internal/testbin"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 )
 
-// brokerBinary is the broker built once for the tests of this process
-// that run it (TestMain removes it).
+// brokerBinary is the broker, with m2mctl beside it, built once for the
+// tests of this process that run them.
 var brokerBinary struct {
 	once sync.Once
-	dir  string
-	path string
+	path string // the broker
+	ctl  string // m2mctl
 	err  error
 }
 
-// buildBinary returns the broker binary, built at the first call: the tests
-// that run it share the one build.
+// buildBinary returns the broker binary, built at the first call together
+// with m2mctl (one go build into testbin's directory, shared with the other
+// test packages that run the broker, and relinked only when the code
+// changed).
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	b := &brokerBinary
 	b.once.Do(func() {
-		if b.dir, b.err = os.MkdirTemp("", "m2mguard-broker-test-"); b.err != nil {
-			return
-		}
-		b.path = filepath.Join(b.dir, "m2mguard-broker")
-		if out, err := exec.Command("go", "build", "-o", b.path, ".").CombinedOutput(); err != nil {
-			b.err = fmt.Errorf("go build: %v\n%s", err, out)
+		var bins []string
+		if bins, b.err = testbin.Commands("github.com/m2mguard/m2mguard/cmd/m2mguard-broker", "github.com/m2mguard/m2mguard/cmd/m2mctl"); b.err == nil {
+			b.path, b.ctl = bins[0], bins[1]
 		}
 	})
 	if b.err != nil {
@@ -53,15 +52,10 @@ func buildBinary(t *testing.T) string {
 }
 
 // TestMain runs 4 parallel tests per CPU at a time, not go test's default
-// of one (most of the tests wait for broker processes), and removes the
-// binary they built.
+// of one (most of the tests wait for broker processes).
 func TestMain(m *testing.M) {
 	testwait.SetParallel(4)
-	code := m.Run()
-	if brokerBinary.dir != "" {
-		os.RemoveAll(brokerBinary.dir)
-	}
-	os.Exit(code)
+	os.Exit(m.Run())
 }
 
 // process is a broker binary running in a work directory.
