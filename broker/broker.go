@@ -472,7 +472,7 @@ func (b *Broker) openStore(ctx context.Context) error {
 			return err
 		}
 		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
-			Logger: b.log.With("component", "vault"), Metrics: metrics}
+			MaxConns: v.MaxConns, Logger: b.log.With("component", "vault"), Metrics: metrics}
 		auth := vaultstore.MethodToken
 		switch {
 		case v.UsesKubernetes():
