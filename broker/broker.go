@@ -472,7 +472,7 @@ func (b *Broker) openStore(ctx context.Context) error {
 			return err
 		}
 		opts := vaultstore.Options{Address: v.Address, Mount: v.Mount, Prefix: v.Prefix, Timeout: v.Timeout, CACert: v.CACert,
-			Logger: b.log.With("component", "vault"), Metrics: metrics}
+			MaxConns: v.MaxConns, Logger: b.log.With("component", "vault"), Metrics: metrics}
 		auth := vaultstore.MethodToken
 		switch {
 		case v.UsesKubernetes():
@@ -670,6 +670,7 @@ func (b *Broker) addListeners() error {
 	gopts.OnWriteTimeout = func(addr string) {
 		netlog.Debug("connection closed: write timed out (the client does not read)", "remote", addr)
 	}
+	gopts.OnAcceptError = acceptErrorLogger(netlog, acceptWarnEvery, time.Now)
 	b.guard = netguard.New(gopts)
 	b.registerGuardMetrics()
 	add := func(id, key, address string, listener func(net.Listener) listeners.Listener) error {
@@ -755,6 +756,33 @@ func (b *Broker) registerLastSeenMetrics() {
 	)
 }
 
+// acceptWarnEvery is the most often a warning about accept errors is
+// logged: out of descriptors, the guard retries up to once a second per
+// listener (m2mguard_accept_errors_total counts every error).
+const acceptWarnEvery = 10 * time.Second
+
+// acceptErrorLogger returns the guard's OnAcceptError: a warning at most
+// every interval (by the clock now), saying how many errors it stands for.
+func acceptErrorLogger(log *slog.Logger, every time.Duration, now func() time.Time) func(error, time.Duration) {
+	var mu sync.Mutex
+	var last time.Time
+	var since int // errors not logged yet
+	return func(err error, delay time.Duration) {
+		mu.Lock()
+		since++
+		t := now()
+		if !last.IsZero() && t.Sub(last) < every {
+			mu.Unlock()
+			return
+		}
+		n := since
+		last, since = t, 0
+		mu.Unlock()
+		log.Warn("accepting MQTT connections failed; retrying (out of file descriptors? raise the open-file limit, ulimit -n)",
+			"err", err, "retry_in", delay, "errors", n)
+	}
+}
+
 // registerGuardMetrics exports the guard's counters on the registry.
 func (b *Broker) registerGuardMetrics() {
 	g := b.guard
@@ -768,6 +796,9 @@ func (b *Broker) registerGuardMetrics() {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_connections_refused_total",
 			Help: "MQTT connections closed at once by a connection limit, by limit.", ConstLabels: prometheus.Labels{"limit": netguard.ReasonTotal}},
 			func() float64 { return float64(g.Stats().RefusedTotal) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_accept_errors_total",
+			Help: "Temporary errors accepting MQTT connections (the process or system out of file descriptors or memory), each retried after a pause."},
+			func() float64 { return float64(g.Stats().AcceptErrors) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "m2mguard_write_timeouts_total",
 			Help: "MQTT connections closed because a write to the client did not finish within mqtt.write_timeout."},
 			func() float64 { return float64(g.Stats().WriteTimeouts) }),

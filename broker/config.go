@@ -564,6 +564,8 @@ var fields = documentDefaults([]Field{
 		value: str(func(c *Config) *string { return &c.Store.Vault.CACert })},
 	{Key: "store.vault.timeout", Help: "per-request timeout",
 		value: dur(func(c *Config) *time.Duration { return &c.Store.Vault.Timeout })},
+	{Key: "store.vault.max_conns", Help: "connections to Vault, open or idle: requests beyond them wait for one (within the timeout) instead of each opening its own, a file descriptor apiece, in a storm of cache misses",
+		value: integer(func(c *Config) *int { return &c.Store.Vault.MaxConns }, 1, 1<<16)},
 	{Key: "store.vault.approle.mount", Help: "AppRole auth mount",
 		value: str(func(c *Config) *string { return &c.Store.Vault.AppRoleMount })},
 	{Key: "store.vault.approle.role_id", Help: "AppRole role_id (AppRole is used when a role_id is set)",

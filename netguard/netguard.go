@@ -20,6 +20,13 @@
 //     address the header names, and the per-address limit counts that
 //     address. A PROXY header from any other address is refused. See
 //     proxy.go.
+//
+// Accept also outlives a temporary accept error: mochi's listener loop
+// ends on any error Accept returns, so that a process out of file
+// descriptors (EMFILE) would never accept again. The guard's Accept
+// retries instead, backing off from 5 ms to 1 s (as net/http.Server does),
+// and returns only when the listener is closed or the error is permanent.
+// See accept.go.
 package netguard
 
 import (
@@ -87,6 +94,12 @@ type Options struct {
 	// OnWriteTimeout, if set, is called for every connection closed
 	// because a write did not finish within WriteTimeout.
 	OnWriteTimeout func(addr string)
+	// OnAcceptError, if set, is called for every temporary accept error
+	// (EMFILE and the like: see Temporary) with the time Accept now waits
+	// before it tries again. It is called from Accept: it must not block,
+	// and should rate-limit any log line, for in a flood it is called up
+	// to once a second per listener, continuously.
+	OnAcceptError func(err error, delay time.Duration)
 }
 
 // Stats are a Guard's counters.
@@ -100,6 +113,8 @@ type Stats struct {
 	ProxyLocal            int64 // trusted proxies' own connections (LOCAL command: health checks)
 	RefusedProxyUntrusted int64 // connections refused for a PROXY header from an untrusted address
 	RefusedProxyInvalid   int64 // trusted proxies' connections refused for a missing or invalid header
+
+	AcceptErrors int64 // temporary accept errors (out of file descriptors, ...), each retried after a pause
 }
 
 // Guard holds the limits and the counts of every listener it wraps.
@@ -117,6 +132,7 @@ type Guard struct {
 	proxyLocal     atomic.Int64
 	refusedProxyU  atomic.Int64
 	refusedProxyI  atomic.Int64
+	acceptErrors   atomic.Int64
 }
 
 // New returns a Guard with opts.
@@ -139,7 +155,7 @@ func (g *Guard) Options() Options { return g.opts }
 
 // Wrap returns l guarded by g. Close the returned listener to close l.
 func (g *Guard) Wrap(l net.Listener) *Listener {
-	return &Listener{Listener: l, g: g}
+	return &Listener{Listener: l, g: g, done: make(chan struct{})}
 }
 
 // Stats returns the counters.
@@ -149,7 +165,8 @@ func (g *Guard) Stats() Stats {
 	g.mu.Unlock()
 	return Stats{Open: open, RefusedPerAddr: g.refusedPerAddr.Load(), RefusedTotal: g.refusedTotal.Load(),
 		WriteTimeouts: g.writeTimeouts.Load(), Proxied: g.proxied.Load(), ProxyLocal: g.proxyLocal.Load(),
-		RefusedProxyUntrusted: g.refusedProxyU.Load(), RefusedProxyInvalid: g.refusedProxyI.Load()}
+		RefusedProxyUntrusted: g.refusedProxyU.Load(), RefusedProxyInvalid: g.refusedProxyI.Load(),
+		AcceptErrors: g.acceptErrors.Load()}
 }
 
 // admit takes a slot for a connection from ip, or says which limit it is
@@ -219,6 +236,7 @@ type Listener struct {
 	mu      sync.Mutex
 	closed  bool
 	pending map[*conn]struct{} // connections whose PROXY header is still to be read
+	done    chan struct{}      // closed by Close: ends an Accept's pause after an error
 }
 
 // Close closes the listener and the connections it accepted whose PROXY
@@ -228,6 +246,9 @@ type Listener struct {
 func (l *Listener) Close() error {
 	err := l.Listener.Close()
 	l.mu.Lock()
+	if !l.closed {
+		close(l.done)
+	}
 	l.closed = true
 	pending := l.pending
 	l.pending = nil
@@ -259,7 +280,9 @@ func (l *Listener) untrack(c *conn) {
 }
 
 // Accept returns the next connection within the limits, with the CONNECT
-// deadline set. Connections over a limit are closed without a byte.
+// deadline set. Connections over a limit are closed without a byte. After
+// a temporary error (Temporary) it pauses and tries again; it returns an
+// error only once l is closed (net.ErrClosed) or for a permanent one.
 //
 // Accept reads nothing: a PROXY header is read by the connection itself,
 // on its first Read, Write, RemoteAddr or LocalAddr (mochi and net/http
@@ -268,11 +291,16 @@ func (l *Listener) untrack(c *conn) {
 // names the client, a trusted proxy's connection counts against MaxConns
 // only.
 func (l *Listener) Accept() (net.Conn, error) {
+	var delay time.Duration // the pause after the last temporary error
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			return nil, err
+			if delay, err = l.backOff(err, delay); err != nil {
+				return nil, err
+			}
+			continue
 		}
+		delay = 0
 		ip := hostOf(c.RemoteAddr())
 		mode := l.g.proxyMode(c.RemoteAddr())
 		counted := ip

@@ -24,6 +24,7 @@ type Config struct {
 	TokenFile string
 	CACert    string        // PEM file to verify Vault's TLS certificate; "" = system roots
 	Timeout   time.Duration // per request
+	MaxConns  int           // connections to Vault, open or idle (Options.MaxConns)
 
 	// AppRole is used when a role_id is set (value or file), with one of
 	// the secret_id (value or file) and a response-wrapping token of it
@@ -49,12 +50,13 @@ type Config struct {
 
 // DefaultConfig returns the defaults of Config, which are also those of
 // the zero Options, AppRole, Kubernetes and TransitKeys: KV v2 mount
-// "secret", prefix "m2mguard", 5 s per request, AppRole mount "approle",
+// "secret", prefix "m2mguard", 5 s per request, DefaultMaxConns
+// connections, AppRole mount "approle",
 // Kubernetes mount "kubernetes" with the pod's service account token,
 // Transit mount "transit" and key "m2mguard-session".
 func DefaultConfig() Config {
 	return Config{
-		Mount: "secret", Prefix: "m2mguard", Timeout: 5 * time.Second,
+		Mount: "secret", Prefix: "m2mguard", Timeout: 5 * time.Second, MaxConns: DefaultMaxConns,
 		AppRoleMount:    "approle",
 		KubernetesMount: "kubernetes", KubernetesTokenFile: DefaultServiceAccountTokenFile,
 		TransitMount: "transit", TransitKey: "m2mguard-session",
@@ -86,8 +88,8 @@ func (e *ConfigError) Unwrap() error { return e.Err }
 // and a prefix, exactly one way to log in (Kubernetes auth with its mount
 // and token file, AppRole with its role_id and one secret_id or wrapping
 // token, or a token; Kubernetes or AppRole wins over a token inherited
-// from $VAULT_TOKEN), a positive timeout, and a Transit key when Transit is
-// on. Errors are *ConfigError.
+// from $VAULT_TOKEN), a positive timeout and max_conns, and a Transit
+// key when Transit is on. Errors are *ConfigError.
 func (c Config) Validate() error {
 	bad := func(key, msg string) error { return &ConfigError{Key: key, Err: errors.New(msg)} }
 	if c.Address == "" {
@@ -137,6 +139,9 @@ func (c Config) Validate() error {
 	}
 	if c.Timeout <= 0 {
 		return bad("timeout", "must be positive")
+	}
+	if c.MaxConns <= 0 {
+		return bad("max_conns", "must be positive")
 	}
 	if c.Transit && c.TransitKey == "" {
 		return bad("transit_key", "must not be empty with transit")

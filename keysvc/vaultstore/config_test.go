@@ -54,6 +54,7 @@ func TestConfigValidate(t *testing.T) {
 		{"token twice", valid(func(c *vaultstore.Config) { c.TokenFile = "/run/token" }), "token_file", "not both"},
 		{"no credentials", valid(func(c *vaultstore.Config) { c.Token = "" }), "token", "AppRole"},
 		{"no timeout", valid(func(c *vaultstore.Config) { c.Timeout = 0 }), "timeout", "positive"},
+		{"no max_conns", valid(func(c *vaultstore.Config) { c.MaxConns = 0 }), "max_conns", "positive"},
 		{"transit without key", valid(func(c *vaultstore.Config) { c.Transit, c.TransitKey = true, "" }), "transit_key", "empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

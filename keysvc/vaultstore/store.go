@@ -49,6 +49,11 @@ type Options struct {
 	// CreateTerminals (a page of the admin API's list, an import batch);
 	// 0 = DefaultParallel.
 	Parallel int
+	// MaxConns bounds the connections to Vault, open or idle: requests
+	// beyond it wait for one (within Timeout) rather than each opening
+	// its own, which in a storm of cache misses costs a file descriptor
+	// per concurrent read. 0 = DefaultMaxConns.
+	MaxConns int
 	Logger   *slog.Logger // nil = slog.Default()
 	// Metrics, if set, records logins, renewals, the token's TTL and
 	// failed requests (see NewMetrics).
@@ -108,6 +113,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		if err := cfg.ConfigureTLS(&vault.TLSConfig{CACert: opts.CACert}); err != nil {
 			return nil, fmt.Errorf("vaultstore: tls: %w", err)
 		}
+	}
+	if err := bindConns(cfg, opts.MaxConns); err != nil {
+		return nil, err
 	}
 	client, err := vault.NewClient(cfg)
 	if err != nil {
@@ -170,6 +178,28 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		s.keepAlive(bg, auth)
 	}()
 	return s, nil
+}
+
+// DefaultMaxConns is the default of Options.MaxConns (and of
+// Config.MaxConns): a few times DefaultParallel, and far fewer than one
+// per terminal logging in at once.
+const DefaultMaxConns = 64
+
+// bindConns bounds the connections of cfg's transport to Vault at n (0 =
+// DefaultMaxConns), and keeps as many idle, so that a burst of requests
+// reuses them rather than opening new ones and closing them after.
+func bindConns(cfg *vault.Config, n int) error {
+	if n <= 0 {
+		n = DefaultMaxConns
+	}
+	tr, ok := cfg.HttpClient.Transport.(*http.Transport)
+	if !ok {
+		return fmt.Errorf("vaultstore: client: unexpected transport %T", cfg.HttpClient.Transport)
+	}
+	tr.MaxConnsPerHost = n
+	tr.MaxIdleConnsPerHost = n
+	tr.MaxIdleConns = max(tr.MaxIdleConns, n)
+	return nil
 }
 
 func btoi(b bool) int {
