@@ -8,14 +8,17 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/m2mguard/m2mguard/adminapi"
 	"github.com/m2mguard/m2mguard/broker"
 	"github.com/m2mguard/m2mguard/client"
+	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/internal/testwait"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 )
@@ -46,11 +49,22 @@ func TestRouteCost(t *testing.T) {
 	downN := envInt(t, "M2MGUARD_MEASURE_DOWNLINKS", 800)
 	const k = 4 // terminals publishing (uplinks) or addressed (downlinks) at once
 
+	// mqtt.max_writes_pending 8192 (mochi's default) on every broker: with
+	// the default 256 a single broker outruns an application slowed by a
+	// busy machine and mochi drops what its queue cannot take (counted in
+	// MessagesDropped); a measurement must lose nothing.
+	const writesPending = 8192
 	v := vaulttest.Start(t)
 	mode := fleetMode(t, 3)
-	f := startFleet(t, v, 3, mode)
+	f := startFleet(t, v, 3, func(i int, cfg *broker.Config) {
+		mode(i, cfg)
+		cfg.MQTT.MaxWritesPending = writesPending
+	})
 	A, B := f.members[0], f.members[1]
-	single := startFleet(t, v, 1, func(_ int, cfg *broker.Config) { cfg.Store.Vault.Prefix = "single" })
+	single := startFleet(t, v, 1, func(_ int, cfg *broker.Config) {
+		cfg.Store.Vault.Prefix = "single"
+		cfg.MQTT.MaxWritesPending = writesPending
+	})
 	S := single.members[0]
 
 	// Terminals: k uplink publishers on A and on S; k downlink receivers
@@ -92,6 +106,19 @@ func TestRouteCost(t *testing.T) {
 		name string
 		run  func(round int) map[string]latStats
 	}
+	// lost describes what the brokers dropped, for a failure.
+	lost := func() string {
+		var out []string
+		for i, m := range append(slices.Clone(f.members), S) {
+			name := "fleet " + m.name
+			if i == len(f.members) {
+				name = "single"
+			}
+			out = append(out, fmt.Sprintf("%s: %d dropped (queue full), %d inflight dropped", name,
+				atomic.LoadInt64(&m.b.Server().Info.MessagesDropped), atomic.LoadInt64(&m.b.Server().Info.InflightDropped)))
+		}
+		return strings.Join(out, "; ")
+	}
 	uplinks := func(terms []*costTerminal, recs map[string]*latRec) func(int) map[string]latStats {
 		return func(round int) map[string]latStats {
 			for _, r := range recs {
@@ -102,7 +129,7 @@ func TestRouteCost(t *testing.T) {
 			out := map[string]latStats{}
 			for name, r := range recs {
 				if !testwait.Until(60*time.Second, func() bool { return r.distinct() >= upN }) {
-					t.Fatalf("round %d %s: %d of %d uplinks received", round, name, r.distinct(), upN)
+					t.Fatalf("round %d %s: %d of %d uplinks received (%s)", round, name, r.distinct(), upN, lost())
 				}
 				out[name] = r.stats(start)
 			}
@@ -115,7 +142,7 @@ func TestRouteCost(t *testing.T) {
 			start := time.Now()
 			runDownlinks(t, pub, terms, round, downN)
 			if !testwait.Until(60*time.Second, func() bool { return rec.distinct() >= downN }) {
-				t.Fatalf("round %d %s: %d of %d downlinks received", round, name, rec.distinct(), downN)
+				t.Fatalf("round %d %s: %d of %d downlinks received (%s)", round, name, rec.distinct(), downN, lost())
 			}
 			return map[string]latStats{name: rec.stats(start)}
 		}
@@ -129,6 +156,7 @@ func TestRouteCost(t *testing.T) {
 		{"downlinks fleet cross", downlinks("down fleet cross", pubF, downB, downRec["DB"])},
 		{"downlinks single", downlinks("down single", pubS, downS, downRec["DS"])},
 	}
+	leaders(t, f)
 	results := map[string][]latStats{}
 	for r := range rounds {
 		order := append(slices.Clone(specs[r%len(specs):]), specs[:r%len(specs)]...)
@@ -171,6 +199,45 @@ func TestRouteCost(t *testing.T) {
 		fmt.Fprintf(&tb, "| %s / %s | %.2f | %.2f | %.2f | %s |\n", p[0], p[1], med(rate), med(p50), med(p99), strings.Join(per, " · "))
 	}
 	t.Log(tb.String())
+	leaders(t, f)
+}
+
+// leaders logs which NATS node leads the routing streams and each
+// broker's uplink consumer, and which node each broker is connected to: a
+// JetStream request (a downlink drain's read and delete) costs a route
+// hop more from a broker whose node does not lead the stream.
+func leaders(t *testing.T, f *testFleet) {
+	t.Helper()
+	js, err := jetstream.New(f.members[0].b.Fleet().Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range f.members {
+		out = append(out, fmt.Sprintf("%s on node %s", m.name, m.b.Fleet().Conn().ConnectedServerName()))
+	}
+	for _, name := range []string{fleetroute.UplinkStream, fleetroute.DownlinkStream} {
+		s, err := js.Stream(t.Context(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := s.Info(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Cluster != nil {
+			out = append(out, fmt.Sprintf("%s led by %s", name, info.Cluster.Leader))
+		}
+		if name != fleetroute.UplinkStream {
+			continue
+		}
+		for c := range s.ListConsumers(t.Context()).Info() {
+			if c.Cluster != nil {
+				out = append(out, fmt.Sprintf("consumer %s led by %s", c.Name, c.Cluster.Leader))
+			}
+		}
+	}
+	t.Logf("JetStream: %s", strings.Join(out, "; "))
 }
 
 // costTerminal is a reference terminal with a session key.
