@@ -43,7 +43,10 @@ type BrokerConfig struct {
 	ReplayDir string // hook mode: the replay guard's directory (replay.Open, as the broker runs it); "" = in memory
 
 	CacheTTL time.Duration // keysvc read cache TTL; 0 = keysvc's default (30 s)
-	Prewarm  bool          // look every terminal up once before listening (a warm cache)
+	// StoreTimeout bounds one key-service call of a login (the broker's
+	// auth.store_timeout); 0 = the hook's default.
+	StoreTimeout time.Duration
+	Prewarm      bool // look every terminal up once before listening (a warm cache)
 
 	WritesPending int // mochi Capabilities.MaximumClientWritesPending
 	NetBuf        int // mochi ClientNetReadBufferSize and ClientNetWriteBufferSize
@@ -137,7 +140,7 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 		if b.replay != nil {
 			guard = b.replay
 		}
-		hopts := hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard,
+		hopts := hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard, StoreTimeout: cfg.StoreTimeout,
 			Registerer: prometheus.NewRegistry(),
 			// Every login is recorded, as in the broker (whose table also
 			// writes the changes to a file, off the login path).

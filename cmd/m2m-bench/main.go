@@ -133,6 +133,7 @@ func addBrokerFlags(fs *flag.FlagSet, c *BrokerConfig) {
 	fs.StringVar(&c.VaultAddr, "vault-addr", os.Getenv("VAULT_ADDR"), "Vault address (token from $VAULT_TOKEN)")
 	fs.StringVar(&c.VaultPfx, "vault-prefix", "", "KV prefix below secret/ (default m2mguard)")
 	fs.DurationVar(&c.CacheTTL, "cache-ttl", time.Hour, "keysvc read cache TTL")
+	fs.DurationVar(&c.StoreTimeout, "store-timeout", 0, "hook mode: timeout of one key-service call during a login (the broker's auth.store_timeout; 0 = its default, 2s)")
 	fs.BoolVar(&c.Prewarm, "prewarm", true, "look every terminal up before listening (warm cache)")
 	fs.IntVar(&c.WritesPending, "writes-pending", 256, "mochi Capabilities.MaximumClientWritesPending (mochi's default 8192 costs ~89 KiB per idle client)")
 	fs.IntVar(&c.NetBuf, "netbuf", 2048, "mochi ClientNetReadBufferSize and ClientNetWriteBufferSize")

@@ -60,6 +60,7 @@ type StormSettings struct {
 	AttemptTimeout     string     `json:"attempt_timeout"`
 	Outage             bool       `json:"outage_storm"`
 	CacheTTL           string     `json:"cache_ttl"`
+	StoreTimeout       string     `json:"store_timeout,omitempty"` // the hook's, per key-service call; "" = its default
 	WritesPending      int        `json:"mochi_max_client_writes_pending"`
 	NetBuf             int        `json:"mochi_client_net_buffers"`
 	GOGC               string     `json:"gogc"`
@@ -283,6 +284,7 @@ func cmdStorm(ctx context.Context, args []string) error {
 	fs.StringVar(&s.GOMEMLIMIT, "gomemlimit", "off", "GOMEMLIMIT of every child process")
 	fs.BoolVar(&s.Outage, "outage", true, "after the restart storm, a second one: every connection cut by the load processes, the broker and its warm cache up")
 	cacheTTL := fs.Duration("cache-ttl", 5*time.Minute, "keysvc read cache TTL of the brokers (keysvc's default is 30s: a record older than that is read again)")
+	storeTimeout := fs.Duration("store-timeout", 0, "the hook's timeout of one key-service call during a login (auth.store_timeout; 0 = its default, 2s)")
 	modes := fs.String("modes", "allow,bolt,vault", "modes to run (comma-separated: allow, bolt, vault)")
 	mdPath := fs.String("md", "BENCHMARKS.md", "Markdown report whose storm section to write or replace (empty: none)")
 	jsonPath := fs.String("json", "", "JSON result file (empty: stdout)")
@@ -290,6 +292,9 @@ func cmdStorm(ctx context.Context, args []string) error {
 		return err
 	}
 	s.Idle, s.Deadline, s.CacheTTL, s.AttemptTimeout = idle.String(), deadline.String(), cacheTTL.String(), attempt.String()
+	if *storeTimeout > 0 {
+		s.StoreTimeout = storeTimeout.String()
+	}
 	for _, name := range strings.Split(*modes, ",") {
 		found := false
 		for _, m := range stormModes {
@@ -429,7 +434,11 @@ type stormPlan struct {
 // cache (no prewarm: a restarted broker has none).
 func (sp *stormPlan) broker(ctx context.Context, m Scenario, listen string) (*child, error) {
 	ss := SuiteSettings{WritesPending: sp.s.WritesPending, NetBuf: sp.s.NetBuf}
-	return startChild(ctx, m, 0, ss, sp.env, sp.boltPath, sp.vaultAddr, nil, "--listen", listen, "--prewarm=false", "--cache-ttl", sp.s.CacheTTL)
+	args := []string{"--listen", listen, "--prewarm=false", "--cache-ttl", sp.s.CacheTTL}
+	if sp.s.StoreTimeout != "" && m.Mode == "hook" {
+		args = append(args, "--store-timeout", sp.s.StoreTimeout)
+	}
+	return startChild(ctx, m, 0, ss, sp.env, sp.boltPath, sp.vaultAddr, nil, args...)
 }
 
 // loaders starts the load processes for the broker at addr.
