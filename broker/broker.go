@@ -83,7 +83,8 @@ type Broker struct {
 
 	guard       *netguard.Guard // every MQTT listener's connections
 	listenerIDs []string
-	addrs       map[string]string // listener id -> bound address
+	tracked     []*mochifix.Listener // the TCP and TLS listeners, for Close
+	addrs       map[string]string    // listener id -> bound address
 
 	adminSrv  *http.Server
 	adminDone chan struct{} // closed when the admin server's Serve returns
@@ -678,12 +679,15 @@ func (b *Broker) addListeners() error {
 		if err != nil {
 			return &ConfigError{Key: key, Err: err}
 		}
-		if err := b.server.AddListener(listener(b.guard.Wrap(ln))); err != nil {
+		// Tracked, so that Close waits for what it accepted to reach mochi.
+		tracked := mochifix.Track(b.guard.Wrap(ln))
+		if err := b.server.AddListener(listener(tracked)); err != nil {
 			ln.Close()
 			return fmt.Errorf("listener %s: %w", id, err)
 		}
 		b.addrs[id] = ln.Addr().String()
 		b.listenerIDs = append(b.listenerIDs, id)
+		b.tracked = append(b.tracked, tracked)
 		return nil
 	}
 	if cfg.TCP != "" {
@@ -1032,7 +1036,7 @@ func (b *Broker) Close() error {
 			b.uplinks.Close()
 		}
 		if b.server != nil {
-			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second); err != nil {
+			if err := mochifix.Close(b.server, b.listenerIDs, 10*time.Second, b.tracked...); err != nil {
 				errs = append(errs, fmt.Errorf("mqtt: %w", err))
 			}
 		}

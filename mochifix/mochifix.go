@@ -29,6 +29,10 @@ var ErrTimeout = errors.New("mochifix: clients still attached after the timeout"
 // be written: a client that stops reading would block that write.
 const disconnectWait = time.Second
 
+// settleWait bounds how long Close waits for a tracked listener's
+// accepted connections to reach mochi.
+const settleWait = time.Second
+
 // disconnectAll sends every connected client a DISCONNECT (MQTT 5: 0x8B),
 // all at once, and after wait closes the sockets of those whose write has
 // not finished (closing the socket ends a write stuck on it). The
@@ -70,14 +74,20 @@ func disconnectAll(server *mqtt.Server, wait time.Duration) {
 // closed after a second), and then calls mochi's Close, which waits for
 // them; it gives up after timeout.
 //
-// listenerIDs are the IDs of the listeners added to server.
-func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration) error {
+// listenerIDs are the IDs of the listeners added to server; tracked are
+// the Listeners (Track) under them, if any: Close waits (up to a second)
+// for the connections they accepted to reach mochi before it calls
+// mochi's Close. Without them it gives those connections 20 ms.
+func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration, tracked ...*Listener) error {
 	for _, id := range listenerIDs {
 		server.Listeners.Close(id, func(string) {}) // stops accepting; mochi's Close will not call back
 	}
 	// A connection accepted just before is handed to mochi in a goroutine
 	// of its own; give it the moment it needs to register.
 	time.Sleep(20 * time.Millisecond)
+	for _, l := range tracked {
+		l.settle(settleWait)
+	}
 	disconnectAll(server, disconnectWait)
 	done := make(chan struct{})
 	go func() { server.Close(); close(done) }()

@@ -31,7 +31,8 @@ func TestCloseWithClientsLeaving(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := srv.AddListener(listeners.NewNet("t", ln)); err != nil {
+		tracked := mochifix.Track(ln)
+		if err := srv.AddListener(listeners.NewNet("t", tracked)); err != nil {
 			t.Fatal(err)
 		}
 		go srv.Serve()
@@ -45,7 +46,7 @@ func TestCloseWithClientsLeaving(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 		done := make(chan error, 1)
-		go func() { done <- mochifix.Close(srv, []string{"t"}, 10*time.Second) }()
+		go func() { done <- mochifix.Close(srv, []string{"t"}, 10*time.Second, tracked) }()
 		select {
 		case err := <-done:
 			if err != nil {

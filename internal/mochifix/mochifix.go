@@ -4,6 +4,7 @@
 package mochifix
 
 import (
+	"net"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -15,6 +16,12 @@ import (
 var ErrTimeout = mochifix.ErrTimeout
 
 // Close is mochifix.Close.
-func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration) error {
-	return mochifix.Close(server, listenerIDs, timeout)
+func Close(server *mqtt.Server, listenerIDs []string, timeout time.Duration, tracked ...*Listener) error {
+	return mochifix.Close(server, listenerIDs, timeout, tracked...)
 }
+
+// Track is mochifix.Track.
+func Track(ln net.Listener) *Listener { return mochifix.Track(ln) }
+
+// Listener is mochifix.Listener.
+type Listener = mochifix.Listener
