@@ -214,6 +214,10 @@ func TestRestoreAfterCleanStop(t *testing.T) {
 	if got := receive(t, msgs, 1); got[0] != "kept-value" {
 		t.Fatalf("retained after the restart: %q", got)
 	}
+	// paho acknowledges after the handler returns: wait for the broker to
+	// have the PUBACK of the retained message before leaving (a CI run at
+	// load disconnected first and found it restored, unacknowledged).
+	testwait.For(t, 10*time.Second, "the retained message acknowledged", func() bool { return queued(b.server, "dev1") == 0 })
 	c.Disconnect(50)
 	b.stop()
 
