@@ -224,7 +224,7 @@ func NewDownlinks(ctx context.Context, o DownlinkOptions) (*Downlinks, error) {
 		// but for JetStream's own in a cluster's race (see Downlinks).
 		Discard: jetstream.DiscardNew, DiscardNewPerSubject: true,
 	}
-	err = downRetry(ctx, func(ctx context.Context) (err error) {
+	err = retry(ctx, time.Second, func(ctx context.Context) (err error) {
 		d.stream, err = d.js.CreateOrUpdateStream(ctx, cfg)
 		return err
 	})
@@ -253,26 +253,6 @@ func (d *Downlinks) Start() error {
 	}
 	d.sub = sub
 	return nil
-}
-
-// downRetry runs fn until it succeeds or ctx ends, each attempt bounded
-// by a second (a request lost with a failed leader is sent again).
-func downRetry(ctx context.Context, fn func(ctx context.Context) error) error {
-	pause := 20 * time.Millisecond
-	for {
-		actx, cancel := context.WithTimeout(ctx, time.Second)
-		err := fn(actx)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (%w)", err, ctx.Err())
-		case <-time.After(pause):
-		}
-		pause = min(2*pause, 250*time.Millisecond)
-	}
 }
 
 // ID names the hook to mochi.

@@ -25,16 +25,15 @@ import (
 
 // Names of the JetStream assets of the uplink routing.
 const (
-	UplinkStream      = "M2MGUARD_UPLINKS"  // every routed uplink, kept UplinkOptions.MaxAge
-	UplinkPrefix      = "m2mguard.up."      // its subjects: UplinkPrefix + TopicSubject
-	RetainedStream    = "M2MGUARD_RETAINED" // the last retained uplink of every topic
-	RetainedPrefix    = "m2mguard.ret."     // its subjects
-	uplinkConsumer    = "uplinks-"          // + broker id: each broker's durable consumer
-	upHdrOrigin       = "M2M-Origin"        // the broker whose client published it
-	upHdrQoS          = "M2M-QoS"           // "0", "1" or "2"
-	upHdrRetain       = "M2M-Retain"        // "1" if retained
-	upHdrWill         = "M2M-Will"          // "1" for a will (for the log and metrics)
-	upRetryFirstPause = 20 * time.Millisecond
+	UplinkStream   = "M2MGUARD_UPLINKS"  // every routed uplink, kept UplinkOptions.MaxAge
+	UplinkPrefix   = "m2mguard.up."      // its subjects: UplinkPrefix + TopicSubject
+	RetainedStream = "M2MGUARD_RETAINED" // the last retained uplink of every topic
+	RetainedPrefix = "m2mguard.ret."     // its subjects
+	uplinkConsumer = "uplinks-"          // + broker id: each broker's durable consumer
+	upHdrOrigin    = "M2M-Origin"        // the broker whose client published it
+	upHdrQoS       = "M2M-QoS"           // "0", "1" or "2"
+	upHdrRetain    = "M2M-Retain"        // "1" if retained
+	upHdrWill      = "M2M-Will"          // "1" for a will (for the log and metrics)
 	// upAckWait is how long JetStream waits for a broker's acknowledgement
 	// before it delivers a message again: injection takes microseconds, so
 	// this is about messages (or acknowledgements) lost when the
@@ -188,29 +187,15 @@ func (u *Uplinks) createAssets(ctx context.Context) error {
 	return nil
 }
 
-// upRetry runs fn with attempts of at most 2 s each, pausing between them,
-// until it succeeds or ctx ends (5 s if ctx has no deadline).
+// upRetry is retry with attempts of at most 2 s, and 5 s in all if ctx
+// has no deadline.
 func upRetry(ctx context.Context, fn func(ctx context.Context) error) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 	}
-	pause := upRetryFirstPause
-	for {
-		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		err := fn(actx)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (%w)", err, ctx.Err())
-		case <-time.After(pause):
-		}
-		pause = min(2*pause, 250*time.Millisecond)
-	}
+	return retry(ctx, 2*time.Second, fn)
 }
 
 // ID is the hook's id for mochi.
