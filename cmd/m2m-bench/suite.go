@@ -258,7 +258,7 @@ func cmdSuite(ctx context.Context, args []string) error {
 		return err
 	}
 	if *mdPath != "" {
-		if err := os.WriteFile(*mdPath, []byte(renderMarkdown(res)), 0o644); err != nil {
+		if err := writeSuiteMarkdown(*mdPath, res); err != nil {
 			return err
 		}
 		fmt.Fprintln(os.Stderr, "wrote", *mdPath)
