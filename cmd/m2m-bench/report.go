@@ -60,6 +60,10 @@ func renderMarkdown(r *SuiteResult) string {
 	w("| every hook call of one storm connection (login, session, ACL, sk message, disconnect; in process) / the same round trip | %.4f (%d ns, %d allocs, %d B) | | (for information) | |\n\n",
 		hc.ShareOfRTT, hc.NsPerOp, hc.AllocsPerOp, hc.BytesPerOp)
 
+	connackOnly := map[string]bool{}
+	for _, sc := range s.Scenarios {
+		connackOnly[sc.Name] = isConnackKind(sc.Kind)
+	}
 	w("## Medians per scenario\n\n")
 	w("| scenario | connects/s | connect p50 / p95 / p99 ms | storm CPU / connect: broker (its GC), clients µs | CONNECT RTT p50 ms | msgs/s end to end | e2e p50 / p95 / p99 ms | broker heap / conn | broker stacks / conn | failed connects |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|\n")
@@ -68,9 +72,13 @@ func renderMarkdown(r *SuiteResult) string {
 		if m.MsgsPerS > 0 {
 			pub = fmt.Sprintf("%.0f | %.2f / %.2f / %.2f", m.MsgsPerS, m.E2EP50, m.E2EP95, m.E2EP99)
 		}
-		w("| %s | %.0f | %.2f / %.2f / %.2f | %.0f (%.0f), %.0f | %.3f | %s | %.1f KiB | %.1f KiB | %d |\n",
+		mem := fmt.Sprintf("%.1f KiB | %.1f KiB", m.HeapPerConn/1024, m.StackPerConn/1024)
+		if connackOnly[m.Scenario] {
+			mem = "— | — (nobody stays connected)"
+		}
+		w("| %s | %.0f | %.2f / %.2f / %.2f | %.0f (%.0f), %.0f | %.3f | %s | %s | %d |\n",
 			m.Scenario, m.ConnectsPerS, m.ConnectP50, m.ConnectP95, m.ConnectP99, m.BrokerCPU, m.BrokerGC, m.ClientCPU, m.RTTP50, pub,
-			m.HeapPerConn/1024, m.StackPerConn/1024, m.Failed)
+			mem, m.Failed)
 	}
 	fleetTable := false
 	for _, m := range r.Summaries {
@@ -95,6 +103,19 @@ func renderMarkdown(r *SuiteResult) string {
 	w("  it is ready to send data: for the reference client, `Connect` returned (CONNACK, SUBSCRIBE `$m2m/<sn>/key` and\n")
 	w("  `m2m/<sn>/down/#`, and with a session key the `sk` message received, unwrapped and verified); the baseline's\n")
 	w("  paho client does the same CONNECT and the same two SUBSCRIBEs, without credentials. connects/s = connected / wall time.\n")
+	anyConnack := false
+	for _, v := range connackOnly {
+		anyConnack = anyConnack || v
+	}
+	if anyConnack {
+		w("- **Accept and refusal paths** (`accept-connack`, `refuse-*`): the same %d attempts, %d in flight, with a bare paho client\n", s.N, s.Concurrency)
+		w("  and an M2M1 login without a session key, each attempt timed from CONNECT to its CONNACK; an accepted one disconnects at\n")
+		w("  once (no SUBSCRIBE). connects/s counts the attempts answered as the scenario requires (accepted; refused), and the suite\n")
+		w("  checks the hook's own count of the storm's outcomes (`m2mguard_logins_total`, by reason): every answer must be the\n")
+		w("  scenario's (MQTT 3.1.1 has one CONNACK code for every refusal). `refuse-throttled`'s terminals each failed 5 times\n")
+		w("  (`hook.DefaultThrottleOptions().Free`) before the RTT samples, its broker's refusal period set to %v so that it outlasts\n", throttlePeriod)
+		w("  the storm. Their CONNECT RTT is that of the refusal; failed connects are attempts not answered as expected.\n")
+	}
 	w("- **Storm CPU**: user + system CPU time of the broker process (its answer to `cpu` on stdin, from getrusage) and of the\n")
 	w("  load generator's process, from just before the storm to its end, divided by the connected count. The broker's\n")
 	w("  **capacity** is its inverse: connects per second of broker CPU, the rate it sustains once it, not the load\n")
