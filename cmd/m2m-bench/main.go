@@ -4,7 +4,7 @@
 //	m2m-bench gen   --n 10000 --out terminals.csv      terminals with secrets, keysvc import CSV
 //	m2m-bench serve --mode hook --store bolt ...       a benchmark broker (a child of suite)
 //	m2m-bench run   --addr host:port --kind terminal   connect storm + publish load against a broker
-//	m2m-bench suite --n 10000 --rounds 3               everything, interleaved; writes BENCHMARKS.md
+//	m2m-bench suite --n 10000 --rounds 5               everything, interleaved; writes its section of BENCHMARKS.md
 //	m2m-bench storm --n 19000 --sources 4              idle fleet, broker killed and restarted, all reconnect at once
 //
 // Progress goes to stderr; results are JSON on stdout (or --out).
