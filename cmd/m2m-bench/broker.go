@@ -48,6 +48,12 @@ type BrokerConfig struct {
 	StoreTimeout time.Duration
 	Prewarm      bool // look every terminal up once before listening (a warm cache)
 
+	// ThrottlePeriod, if set, is the login throttle's first and longest
+	// refusal period (hook.ThrottleOptions Base and Max); 0 = the hook's
+	// defaults. Only its length changes: a throttled login's check is the
+	// same table lookup whatever the period.
+	ThrottlePeriod time.Duration
+
 	WritesPending int // mochi Capabilities.MaximumClientWritesPending
 	NetBuf        int // mochi ClientNetReadBufferSize and ClientNetWriteBufferSize
 
@@ -66,8 +72,9 @@ type Broker struct {
 	Hook   *hook.Hook      // nil in allow mode
 	Svc    *keysvc.Service // nil in allow mode
 	store  keysvc.Store
-	replay *replay.Guard // nil unless BrokerConfig.ReplayDir
-	fleet  *benchFleet   // nil unless BrokerConfig.NATSURLs
+	replay *replay.Guard        // nil unless BrokerConfig.ReplayDir
+	reg    *prometheus.Registry // the hook's metrics; nil in allow mode
+	fleet  *benchFleet          // nil unless BrokerConfig.NATSURLs
 }
 
 // mochiOptions returns the mochi options every benchmark broker runs with.
@@ -140,14 +147,19 @@ func StartBroker(ctx context.Context, cfg BrokerConfig) (*Broker, error) {
 		if b.replay != nil {
 			guard = b.replay
 		}
+		b.reg = prometheus.NewRegistry()
 		hopts := hook.Options{Registry: b.Svc, Server: b.Server, ReplayGuard: guard, StoreTimeout: cfg.StoreTimeout,
-			Registerer: prometheus.NewRegistry(),
+			Registerer: b.reg,
 			// Every login is recorded, as in the broker (whose table also
 			// writes the changes to a file, off the login path).
 			LastSeen: lastseen.NewMemory(),
 			// The hook's security events are formatted as in production,
 			// then discarded.
 			Logger: slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+		if cfg.ThrottlePeriod > 0 {
+			hopts.Throttle = hook.DefaultThrottleOptions()
+			hopts.Throttle.Base, hopts.Throttle.Max = cfg.ThrottlePeriod, cfg.ThrottlePeriod
+		}
 		if b.fleet != nil {
 			b.fleet.wire(&hopts)
 		}
@@ -299,4 +311,42 @@ func (b *Broker) CacheStats() keysvc.CacheStats {
 		return keysvc.CacheStats{}
 	}
 	return b.Svc.CacheStats()
+}
+
+// Logins returns the hook's login counts so far (its metric
+// m2mguard_logins_total): "accepted", and "refused/<reason>" for each
+// reason counted; nil in allow mode.
+func (b *Broker) Logins() (map[string]float64, error) {
+	if b.reg == nil {
+		return nil, nil
+	}
+	mfs, err := b.reg.Gather()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "m2mguard_logins_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var result, reason string
+			for _, l := range m.GetLabel() {
+				switch l.GetName() {
+				case "result":
+					result = l.GetValue()
+				case "reason":
+					reason = l.GetValue()
+				}
+			}
+			if v := m.GetCounter().GetValue(); v > 0 {
+				key := result
+				if reason != "" {
+					key += "/" + reason
+				}
+				out[key] += v
+			}
+		}
+	}
+	return out, nil
 }

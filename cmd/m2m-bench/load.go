@@ -13,9 +13,11 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	pahopackets "github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/codec"
+	"github.com/m2mguard/m2mguard/hook"
 	"github.com/m2mguard/m2mguard/internal/stats"
 )
 
@@ -24,7 +26,10 @@ type LoadConfig struct {
 	Addr string // broker host:port
 	// Kind of client: "plain" (bare paho, no credentials: the allow-all
 	// baseline), "m2m1" (bare paho with an M2M1 login: the broker's cost
-	// alone) or "terminal" (the reference client, client/).
+	// alone) or "terminal" (the reference client, client/); or one of the
+	// CONNACK-only kinds (connackKinds), which measure the login's answer
+	// alone: "accept-connack" and the refusals "refuse-digest",
+	// "refuse-unknown" and "refuse-throttled".
 	Kind        string
 	SessionKey  bool        // m2m1 and terminal: ask for a session key (terminal: and seal data, SPEC sections 5, 6)
 	Terminals   []*Terminal // the terminals to drive (the first N)
@@ -39,6 +44,11 @@ type LoadConfig struct {
 
 	AppUser, AppPassword string // the application subscriber's credentials ("" under allow-all)
 
+	// ThrottleFree is the broker's hook.ThrottleOptions.Free (0: the
+	// default's): refuse-throttled fails each terminal so many times
+	// before the RTT samples, which puts it in a refusal period.
+	ThrottleFree int
+
 	Progress io.Writer // progress lines; nil = none
 	// BeforeStorm, if set, runs after the RTT samples, just before the
 	// connect storm; AfterConnect, if set, runs once the storm is over,
@@ -47,7 +57,9 @@ type LoadConfig struct {
 	BeforeStorm, AfterConnect func()
 }
 
-// ConnectResult is the connect storm's outcome.
+// ConnectResult is the connect storm's outcome. For the CONNACK-only kinds
+// an attempt is "connected" when its CONNACK brought the expected answer
+// (acceptance, or the refusal), and nobody stays connected.
 type ConnectResult struct {
 	Attempted int           `json:"attempted"`
 	Connected int           `json:"connected"`
@@ -215,9 +227,128 @@ func loginPassword(t *Terminal, sessionKey bool) (string, error) {
 	return string(pw), err
 }
 
+// The CONNACK-only kinds: a bare paho client sends an M2M1 CONNECT
+// without a session key and the attempt ends at the CONNACK; an accepted
+// one disconnects at once, without subscribing, so that accepting and
+// refusing cost the client the same work.
+var connackKinds = map[string]string{
+	"accept-connack":   "", // a genuine login, accepted
+	"refuse-digest":    "bad-digest",
+	"refuse-unknown":   "unknown-terminal",
+	"refuse-throttled": "throttled",
+}
+
+// refusalReason returns the hook's refusal reason (the reason label of
+// m2mguard_logins_total) that kind's logins must get, "" for the kinds
+// whose logins are accepted.
+func refusalReason(kind string) string { return connackKinds[kind] }
+
+// isConnackKind reports whether kind is one of the CONNACK-only kinds.
+func isConnackKind(kind string) bool {
+	_, ok := connackKinds[kind]
+	return ok
+}
+
+// errAccepted is the outcome of a refusal kind's login that the broker
+// accepted.
+var errAccepted = errors.New("login accepted, a refusal expected")
+
+// unknownTerminal returns t under a serial number of the same length that
+// no store holds; its login token has the same shape as t's.
+func unknownTerminal(t *Terminal) *Terminal {
+	u := *t
+	u.ID.SN = "UNKNOWN" + t.ID.SN[len("UNKNOWN"):]
+	return &u
+}
+
+// connackOnce sends one CONNECT of kind (a CONNACK-only kind) for t with a
+// bare paho client and waits for the CONNACK. It returns nil when the
+// answer is the one kind expects: an accepted login (which it then
+// disconnects), or a refusal (paho's "not Authorized": MQTT 3.1.1 has one
+// return code for every refusal). A refusal kind's accepted login is
+// errAccepted.
+func connackOnce(ctx context.Context, addr string, t *Terminal, kind string) error {
+	refuse := kind != "accept-connack"
+	if kind == "refuse-unknown" {
+		t = unknownTerminal(t)
+	}
+	pw, err := loginPassword(t, false)
+	if err != nil {
+		return err
+	}
+	if kind == "refuse-digest" {
+		pw = string(badDigest(pw))
+	}
+	pc := paho.NewClient(pahoOptions(addr, t.ID.SN).SetUsername(t.ID.Username()).SetPassword(pw))
+	err = wait(ctx, pc.Connect())
+	switch {
+	case err == nil:
+		pc.Disconnect(0)
+		if refuse {
+			return errAccepted
+		}
+		return nil
+	case refuse && errors.Is(err, pahopackets.ErrorRefusedNotAuthorised):
+		return nil
+	}
+	// A timeout, or ctx's end: without this paho would go on, and a
+	// late CONNACK would leave a client behind.
+	pc.Disconnect(0)
+	return err
+}
+
+// primeThrottle fails the login of each of terms free times from this
+// address (wrong digests), so that each (sn, address) pair enters a
+// refusal period of the broker's throttle, then checks that one more
+// genuine login of each is refused. It returns an error unless every
+// attempt was refused.
+func primeThrottle(ctx context.Context, cfg *LoadConfig, terms []*Terminal, free int) error {
+	errs := &errList{}
+	for pass := range free + 1 {
+		kind := "refuse-digest"
+		if pass == free {
+			kind = "refuse-throttled" // a genuine token: refused only by the throttle
+		}
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range cfg.Concurrency {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					i := int(next.Add(1) - 1)
+					if i >= len(terms) || ctx.Err() != nil {
+						return
+					}
+					cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+					if err := connackOnce(cctx, cfg.Addr, terms[i], kind); err != nil {
+						errs.add("%s: attempt %d: %v", terms[i].ID.SN, pass+1, err)
+					}
+					cancel()
+				}
+			}()
+		}
+		wg.Wait()
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+	if errs.n > 0 {
+		return fmt.Errorf("throttle priming: %d attempts not refused, first: %s", errs.n, errs.errs[0])
+	}
+	cfg.progress("throttle: %d terminals failed %d times each, one more genuine login of each refused", len(terms), free)
+	return nil
+}
+
 // connectRTT measures one CONNECT→CONNACK (TCP set-up included) with a
 // bare paho client: M2M1 credentials for the terminal kind, none for plain.
 func connectRTT(ctx context.Context, cfg *LoadConfig, t *Terminal) (time.Duration, error) {
+	if isConnackKind(cfg.Kind) {
+		// The kind's own CONNECT→CONNACK, refusals included.
+		start := time.Now()
+		err := connackOnce(ctx, cfg.Addr, t, cfg.Kind)
+		return time.Since(start), err
+	}
 	o := pahoOptions(cfg.Addr, t.ID.SN)
 	if cfg.Kind != "plain" {
 		pw, err := loginPassword(t, false)
@@ -263,10 +394,10 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	if cfg.N > len(cfg.Terminals) {
 		return nil, fmt.Errorf("%d terminals asked, %d available", cfg.N, len(cfg.Terminals))
 	}
-	switch cfg.Kind {
-	case "plain", "m2m1", "terminal":
+	switch {
+	case cfg.Kind == "plain", cfg.Kind == "m2m1", cfg.Kind == "terminal", isConnackKind(cfg.Kind):
 	default:
-		return nil, fmt.Errorf("unknown kind %q (plain, m2m1 or terminal)", cfg.Kind)
+		return nil, fmt.Errorf("unknown kind %q (plain, m2m1, terminal, accept-connack, refuse-digest, refuse-unknown or refuse-throttled)", cfg.Kind)
 	}
 	if cfg.Concurrency <= 0 {
 		cfg.Concurrency = 1
@@ -274,12 +405,29 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	if cfg.PayloadSize < 8 {
 		cfg.PayloadSize = 8
 	}
+	connackOnly := isConnackKind(cfg.Kind)
+	if connackOnly {
+		cfg.SessionKey, cfg.Duration = false, 0
+	}
 	res := &LoadResult{Kind: cfg.Kind, SessionKey: cfg.SessionKey && cfg.Kind != "plain", Addr: cfg.Addr, N: cfg.N}
 	errs := &errList{}
 
+	// 0. refuse-throttled: the first N terminals into a refusal period.
+	rttTerms := len(cfg.Terminals)
+	if cfg.Kind == "refuse-throttled" {
+		free := cfg.ThrottleFree
+		if free <= 0 {
+			free = hook.DefaultThrottleOptions().Free
+		}
+		if err := primeThrottle(ctx, &cfg, cfg.Terminals[:cfg.N], free); err != nil {
+			return nil, err
+		}
+		rttTerms = cfg.N // only these are throttled
+	}
+
 	// 1. Sequential CONNECT round trips, nothing else in flight.
 	var rtts []time.Duration
-	for i := 0; i < cfg.RTTSamples && i < len(cfg.Terminals); i++ {
+	for i := 0; i < cfg.RTTSamples && i < rttTerms; i++ {
 		d, err := connectRTT(ctx, &cfg, cfg.Terminals[i])
 		if err != nil {
 			errs.add("rtt %s: %v", cfg.Terminals[i].ID.SN, err)
@@ -293,7 +441,8 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	}
 
 	// 2. The connect storm.
-	conns := make([]benchConn, cfg.N)
+	conns := make([]benchConn, cfg.N) // nil for the CONNACK-only kinds
+	ok := make([]bool, cfg.N)         // the attempt succeeded (connackOnce: the expected answer)
 	lat := make([]time.Duration, cfg.N)
 	var next, done atomic.Int64
 	var wg sync.WaitGroup
@@ -330,9 +479,12 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 				t0 := time.Now()
 				var c benchConn
 				var err error
-				if cfg.Kind == "terminal" {
+				switch {
+				case connackOnly:
+					err = connackOnce(cctx, cfg.Addr, t, cfg.Kind)
+				case cfg.Kind == "terminal":
 					c, err = connectTerminal(cctx, cfg.Addr, t, cfg.SessionKey)
-				} else {
+				default:
 					c, err = connectPlain(cctx, cfg.Addr, t, cfg.Kind == "m2m1", cfg.SessionKey)
 				}
 				lat[i] = time.Since(t0)
@@ -340,7 +492,7 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 				if err != nil {
 					errs.add("connect %s: %v", t.ID.SN, err)
 				} else {
-					conns[i] = c
+					conns[i], ok[i] = c, true
 				}
 				done.Add(1)
 			}
@@ -350,18 +502,21 @@ func RunLoad(ctx context.Context, cfg LoadConfig) (*LoadResult, error) {
 	elapsed := time.Since(start)
 	cpu := processCPU() - cpu0
 	close(stopProgress)
-	var ok []time.Duration
+	var okLat []time.Duration
 	var live []benchConn
 	for i, c := range conns {
+		if ok[i] {
+			okLat = append(okLat, lat[i])
+		}
 		if c != nil {
-			ok = append(ok, lat[i])
 			live = append(live, c)
 		}
 	}
-	res.Connect = ConnectResult{Attempted: cfg.N, Connected: len(live), Failed: cfg.N - len(live),
-		Seconds: elapsed.Seconds(), PerSec: float64(len(live)) / elapsed.Seconds(), Latency: stats.Summarize(ok)}
-	if len(live) > 0 {
-		res.Connect.ClientCPUPerConn = float64(cpu.Microseconds()) / float64(len(live))
+	n := len(okLat)
+	res.Connect = ConnectResult{Attempted: cfg.N, Connected: n, Failed: cfg.N - n,
+		Seconds: elapsed.Seconds(), PerSec: float64(n) / elapsed.Seconds(), Latency: stats.Summarize(okLat)}
+	if n > 0 {
+		res.Connect.ClientCPUPerConn = float64(cpu.Microseconds()) / float64(n)
 	}
 	cfg.progress("connect: %d connected, %d failed in %.2fs: %.0f/s, p50 %.2f ms p99 %.2f ms",
 		res.Connect.Connected, res.Connect.Failed, res.Connect.Seconds, res.Connect.PerSec, res.Connect.Latency.P50, res.Connect.Latency.P99)

@@ -4,7 +4,7 @@
 //	m2m-bench gen   --n 10000 --out terminals.csv      terminals with secrets, keysvc import CSV
 //	m2m-bench serve --mode hook --store bolt ...       a benchmark broker (a child of suite)
 //	m2m-bench run   --addr host:port --kind terminal   connect storm + publish load against a broker
-//	m2m-bench suite --n 10000 --rounds 3               everything, interleaved; writes BENCHMARKS.md
+//	m2m-bench suite --n 10000 --rounds 5               everything, interleaved; writes its section of BENCHMARKS.md
 //	m2m-bench storm --n 19000 --sources 4              idle fleet, broker killed and restarted, all reconnect at once
 //
 // Progress goes to stderr; results are JSON on stdout (or --out).
@@ -34,8 +34,8 @@ Subcommands:
   gen    write N benchmark terminals with their secrets as keysvc import CSV
   serve  run a benchmark broker (allow-all mochi, or mochi + the m2mguard hook)
   run    drive N terminals against a broker: connect storm, then steady publish load
-  suite  run allow-all / hook on bolt / hook on Vault / plaintext vs encrypted,
-         interleaved and repeated, and write BENCHMARKS.md and a JSON result
+  suite  run allow-all / hook on bolt / hook on Vault / plaintext vs encrypted / refused logins,
+         interleaved and repeated, and write BENCHMARKS.md's section and a JSON result
   nats   run a NATS cluster with JetStream for fleet-mode brokers (serve --nats-urls)
   storm  the reconnect storm: N idle terminals, the broker killed and restarted, all reconnect
          at once; allow-all / hook on bolt / hook on Vault (cold cache); writes a BENCHMARKS.md section
@@ -134,6 +134,7 @@ func addBrokerFlags(fs *flag.FlagSet, c *BrokerConfig) {
 	fs.StringVar(&c.VaultPfx, "vault-prefix", "", "KV prefix below secret/ (default m2mguard)")
 	fs.DurationVar(&c.CacheTTL, "cache-ttl", time.Hour, "keysvc read cache TTL")
 	fs.DurationVar(&c.StoreTimeout, "store-timeout", 0, "hook mode: timeout of one key-service call during a login (the broker's auth.store_timeout; 0 = its default, 2s)")
+	fs.DurationVar(&c.ThrottlePeriod, "throttle-period", 0, "hook mode: the login throttle's first and longest refusal period (0 = the hook's defaults, 1s doubling up to 15m)")
 	fs.BoolVar(&c.Prewarm, "prewarm", true, "look every terminal up before listening (warm cache)")
 	fs.IntVar(&c.WritesPending, "writes-pending", 256, "mochi Capabilities.MaximumClientWritesPending (mochi's default 8192 costs ~89 KiB per idle client)")
 	fs.IntVar(&c.NetBuf, "netbuf", 2048, "mochi ClientNetReadBufferSize and ClientNetWriteBufferSize")
@@ -160,7 +161,8 @@ func finishBrokerFlags(c *BrokerConfig) error {
 // cmdServe runs a broker until stdin ends. It prints {"addr": ...} on
 // stdout once it listens, then answers one JSON line per command line on
 // stdin: "mem" (memory after a full GC), "cache" (cache counters), "cpu"
-// (the process's CPU time), "fds" (open descriptors), "profile-start FILE"
+// (the process's CPU time), "fds" (open descriptors), "logins" (the hook's
+// login counts), "profile-start FILE"
 // and "profile-stop".
 func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	var cfg BrokerConfig
@@ -174,7 +176,8 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 		"  profile-start FILE  start a CPU profile of the broker into FILE\n"+
 		"  profile-stop        stop it (the suite profiles each storm so with --profile-dir)\n"+
 		"  claims latencies (ms) of the fleet's replay claims since the last `claims` (fleet mode)\n"+
-		"  fds    open file descriptors of the broker process")
+		"  fds    open file descriptors of the broker process\n"+
+		"  logins the hook's login counts so far (m2mguard_logins_total): {\"accepted\":n,\"refused/<reason>\":n}")
 	addBrokerFlags(fs, &cfg)
 	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the broker here")
 	memprof := fs.String("memprofile", "", "write an allocation profile of the broker here when it exits")
@@ -242,6 +245,12 @@ func cmdServe(ctx context.Context, args []string, in io.Reader, out io.Writer) e
 				enc.Encode(b.Claims())
 			case "fds":
 				enc.Encode(map[string]int{"fds": openFiles()})
+			case "logins":
+				if l, err := b.Logins(); err != nil {
+					enc.Encode(answer(err))
+				} else {
+					enc.Encode(l)
+				}
 			default:
 				enc.Encode(map[string]string{"error": "unknown command " + l})
 			}
@@ -271,7 +280,7 @@ func cmdRun(ctx context.Context, args []string) error {
 		"kind=terminal uses the reference client (client/); kind=plain uses bare paho clients without\n"+
 		"credentials (for an allow-all broker), doing the same subscriptions. Result: JSON on stdout or --out.")
 	fs.StringVar(&cfg.Addr, "addr", "127.0.0.1:1883", "broker host:port")
-	fs.StringVar(&cfg.Kind, "kind", "terminal", "terminal (reference client), m2m1 (bare paho with an M2M1 login) or plain (bare paho, no credentials)")
+	fs.StringVar(&cfg.Kind, "kind", "terminal", "terminal (reference client), m2m1 (bare paho with an M2M1 login), plain (bare paho, no credentials); or, timed from CONNECT to CONNACK only, accept-connack (a genuine login, then disconnected), refuse-digest, refuse-unknown, refuse-throttled (each terminal failed 5 times first; the broker's refusal period must outlast the run: serve --throttle-period)")
 	fs.BoolVar(&cfg.SessionKey, "session-key", true, "terminal and m2m1 kinds: ask for a session key (terminal: and send sealed payloads)")
 	file := fs.String("terminals", "terminals.csv", "terminals CSV written by 'gen'")
 	fs.IntVar(&cfg.N, "n", 1000, "terminals connected at once")

@@ -36,7 +36,7 @@ func TestRatiosRoundByRound(t *testing.T) {
 		{"heap per connected terminal, hook on bolt / allow-all", 1.15, true},
 	}
 	// capacity = 1/CPU per connect: 200/250 = 0.8 and 100/105 ≈ 0.952, median of two is their mean.
-	if r := got["broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on bolt / allow-all"]; math.Abs(r.Value-(0.8+100.0/105)/2) > 1e-9 || len(r.Rounds) != 2 || r.Met {
+	if r := got["broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on bolt, M2M1 login + session key / allow-all"]; math.Abs(r.Value-(0.8+100.0/105)/2) > 1e-9 || len(r.Rounds) != 2 || r.Met {
 		t.Errorf("capacity ratio %+v, want %v from 2 rounds, not met", r, (0.8+100.0/105)/2)
 	}
 	for _, tt := range tests {
@@ -96,6 +96,53 @@ func TestTerminalsCSVRoundTrip(t *testing.T) {
 	for _, bad := range []string{"", "sn,imei\n", csvHeader + "\nS1,356938035643809,460001234567890,,hs256,aaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbb,zz\n"} {
 		if _, err := readTerminals(bytes.NewBufferString(bad)); err == nil {
 			t.Errorf("readTerminals(%q) accepted", bad)
+		}
+	}
+}
+
+// TestRatioTargets: the capacity targets are 0.92 with a session key and
+// 0.95 without, on bolt and on Vault; each refusal path is held to 0.85
+// of the accept path, by rate and by capacity.
+func TestRatioTargets(t *testing.T) {
+	mk := func(sc string, cps, cpuUs float64) RoundResult {
+		return RoundResult{Scenario: sc, Round: 1, BrokerCPUPerConn: cpuUs, Load: &LoadResult{Connect: ConnectResult{PerSec: cps}}}
+	}
+	rounds := []RoundResult{
+		mk("allow", 1000, 100),
+		mk("bolt-m2m1", 900, 100/0.93), mk("vault-m2m1", 900, 100/0.91),
+		mk("bolt-m2m1-nokey", 900, 100/0.96), mk("vault-m2m1-nokey", 900, 100/0.94),
+		mk("accept-connack", 2000, 100),
+		mk("refuse-digest", 1720, 100/0.86), mk("refuse-unknown", 1680, 100/0.9), mk("refuse-throttled", 2400, 100/0.84),
+	}
+	got := map[string]Ratio{}
+	for _, r := range ratios(rounds, 1) {
+		got[r.Name] = r
+	}
+	tests := []struct {
+		name   string
+		want   float64
+		target string
+		met    bool
+	}{
+		{"broker capacity, same bare paho client (connects per broker CPU-second in the storm): hook on bolt, M2M1 login + session key / allow-all", 0.93, ">= 0.92", true},
+		{"broker capacity, same bare paho client: hook on Vault, warm cache, M2M1 login + session key / allow-all", 0.91, ">= 0.92", false},
+		{"broker capacity, same bare paho client: hook on bolt, M2M1 login without session key / allow-all", 0.96, ">= 0.95", true},
+		{"broker capacity, same bare paho client: hook on Vault, warm cache, M2M1 login without session key / allow-all", 0.94, ">= 0.95", false},
+		{"refusal, wrong digest / accept (accept-connack), attempts answered per second", 0.86, ">= 0.85", true},
+		{"refusal, unknown sn / accept, attempts answered per second", 0.84, ">= 0.85", false},
+		{"refusal, throttled / accept, attempts answered per second", 1.2, ">= 0.85", true},
+		{"refusal, wrong digest / accept, broker capacity (attempts answered per broker CPU-second)", 0.86, ">= 0.85", true},
+		{"refusal, unknown sn / accept, broker capacity", 0.9, ">= 0.85", true},
+		{"refusal, throttled / accept, broker capacity", 0.84, ">= 0.85", false},
+	}
+	for _, tt := range tests {
+		r, ok := got[tt.name]
+		if !ok {
+			t.Errorf("no ratio %q", tt.name)
+			continue
+		}
+		if math.Abs(r.Value-tt.want) > 1e-9 || r.Met != tt.met || r.Target != tt.target {
+			t.Errorf("%s = %v (met %v, target %s), want %v (met %v, target %s)", tt.name, r.Value, r.Met, r.Target, tt.want, tt.met, tt.target)
 		}
 	}
 }

@@ -777,22 +777,39 @@ const (
 // writeStormMarkdown writes the storm's section into path: in place of
 // the last one, else at the end.
 func writeStormMarkdown(path string, r *StormResult) error {
+	return writeSection(path, stormBegin, stormEnd, renderStorm(r), false)
+}
+
+// writeSection writes section (its markers begin and end included) into
+// the Markdown file path in place of the one there (replaceSection); a
+// missing file is created.
+func writeSection(path, begin, end, section string, atTop bool) error {
 	old, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return os.WriteFile(path, []byte(replaceStormSection(string(old), renderStorm(r))), 0o644)
+	return os.WriteFile(path, []byte(replaceSection(string(old), begin, end, section, atTop)), 0o644)
 }
 
-// replaceStormSection puts section (markers included) in place of doc's
-// storm section, or appends it.
-func replaceStormSection(doc, section string) string {
-	i := strings.Index(doc, stormBegin)
-	j := strings.Index(doc, stormEnd)
+// replaceSection puts section (markers included) in place of doc's part
+// from the marker begin to the marker end, both included; everything
+// outside them stays as it is. Without the markers, section goes at the
+// top of doc with atTop, else at its end.
+func replaceSection(doc, begin, end, section string, atTop bool) string {
+	// The line break after the end marker is doc's: kept, not doubled.
+	section = strings.TrimSuffix(section, "\n")
+	i := strings.Index(doc, begin)
+	j := strings.Index(doc, end)
 	if i >= 0 && j > i {
-		return doc[:i] + section + doc[j+len(stormEnd):]
+		return doc[:i] + section + doc[j+len(end):]
 	}
-	if doc != "" && !strings.HasSuffix(doc, "\n\n") {
+	switch {
+	case doc == "":
+		return section + "\n"
+	case atTop:
+		return section + "\n\n" + doc
+	}
+	if !strings.HasSuffix(doc, "\n\n") {
 		doc = strings.TrimRight(doc, "\n") + "\n\n"
 	}
 	return doc + section + "\n"
