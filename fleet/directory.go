@@ -125,7 +125,8 @@ func isWrongLastSeqErr(err error) bool {
 // lag another broker's Register or Unregister for a moment: JetStream
 // answers a KV read from any replica of the bucket, which gives no
 // read-after-write across connections (nats-server issue 6557). Writes
-// never rely on it: Register and Unregister check and set by epoch.
+// never rely on it: Register takes a new epoch (the bucket's revision), and
+// Unregister deletes only the epoch it is given (check and set).
 func (d *Directory) Lookup(ctx context.Context, clientID string) (Entry, bool, error) {
 	key, err := EscapeKey(clientID)
 	if err != nil {
