@@ -121,7 +121,12 @@ func isWrongLastSeqErr(err error) bool {
 	return c == jetstream.JSErrCodeStreamWrongLastSequence || c == jetstream.JSErrCodeStreamWrongLastSequenceConstant
 }
 
-// Lookup returns the session of clientID; false if there is none.
+// Lookup returns the session of clientID; false if there is none. It may
+// lag another broker's Register or Unregister for a moment: JetStream
+// answers a KV read from any replica of the bucket, which gives no
+// read-after-write across connections (nats-server issue 6557). Writes
+// never rely on it: Register takes a new epoch (the bucket's revision), and
+// Unregister deletes only the epoch it is given (check and set).
 func (d *Directory) Lookup(ctx context.Context, clientID string) (Entry, bool, error) {
 	key, err := EscapeKey(clientID)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -30,35 +31,85 @@ const housekeepingEvery = time.Second
 // waited for by stop, and ctx, which their waits select on, is cancelled
 // by stop. The hook's writers (writes.go) and change desk (changes.go)
 // start theirs through it too.
+//
+// A goroutine of the crew that has finished its function waits idleFor
+// for another before it ends: a login storm's key writes (one short job
+// per login) then run on a few goroutines whose stacks have already grown,
+// instead of a new goroutine per login. spawn never waits for one: with
+// none idle, it starts another.
 type crew struct {
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx     context.Context
+	cancel  context.CancelFunc
+	idleFor time.Duration
+	work    chan func() // unbuffered: only an idle goroutine takes from it
 
 	mu      sync.Mutex
 	stopped bool
 	wg      sync.WaitGroup
+
+	started atomic.Int64 // goroutines started (tests: reuse)
+	idle    atomic.Int32 // goroutines waiting for work
+	live    atomic.Int32 // goroutines running or waiting
 }
 
+// crewIdleFor is how long a crew goroutine waits for more work.
+const crewIdleFor = time.Second
+
 func newCrew() *crew {
-	c := &crew{}
+	c := &crew{idleFor: crewIdleFor, work: make(chan func())}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
 
-// spawn runs f in a goroutine that stop waits for, and reports false (f
-// not run) once the crew has stopped.
+// spawn runs f on a goroutine that stop waits for: an idle one of the
+// crew if there is one, else a new one. It reports false (f not run) once
+// the crew has stopped.
 func (c *crew) spawn(f func()) bool {
+	if c.ctx.Err() == nil {
+		select {
+		case c.work <- f:
+			return true
+		default:
+		}
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stopped {
 		return false
 	}
 	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		f()
-	}()
+	c.started.Add(1)
+	c.live.Add(1)
+	go c.run(f)
 	return true
+}
+
+// run runs f, then whatever spawn hands it, until it has been idle for
+// idleFor or the crew stops.
+func (c *crew) run(f func()) {
+	defer c.wg.Done()
+	defer c.live.Add(-1)
+	var idle *time.Timer
+	for {
+		f()
+		if idle == nil {
+			idle = time.NewTimer(c.idleFor)
+			defer idle.Stop()
+		} else {
+			idle.Reset(c.idleFor)
+		}
+		c.idle.Add(1)
+		select {
+		case f = <-c.work:
+			c.idle.Add(-1)
+		case <-idle.C:
+			c.idle.Add(-1)
+			return
+		case <-c.ctx.Done():
+			c.idle.Add(-1)
+			return
+		}
+	}
 }
 
 // stop cancels ctx, refuses new goroutines and waits for the running ones.
