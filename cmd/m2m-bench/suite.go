@@ -81,7 +81,10 @@ type RoundResult struct {
 	// connect storm, per connected client, in microseconds.
 	BrokerCPUPerConn float64 `json:"broker_cpu_us_per_conn"`
 	BrokerGCPerConn  float64 `json:"broker_gc_us_per_conn"` // the garbage collector's share of it
-	StormGCs         uint32  `json:"storm_gc_cycles"`       // GC cycles the broker ran during the storm
+	// BrokerFaultsPerConn is the broker's minor page faults during the
+	// storm, per connected client.
+	BrokerFaultsPerConn float64 `json:"broker_page_faults_per_conn"`
+	StormGCs            uint32  `json:"storm_gc_cycles"` // GC cycles the broker ran during the storm
 	// Fleet mode: the replay claims of the sequential CONNECTs and of
 	// the storm, and the CPU time of the NATS cluster (3 nodes, one
 	// process) during the storm, per connected client, in microseconds.
@@ -108,10 +111,11 @@ type Summary struct {
 	E2EP99       float64 `json:"e2e_p99_ms"`
 	HeapPerConn  float64 `json:"heap_per_conn_bytes"`
 	StackPerConn float64 `json:"stack_per_conn_bytes"`
-	BrokerCPU    float64 `json:"broker_cpu_us_per_conn"` // during the storm
-	BrokerGC     float64 `json:"broker_gc_us_per_conn"`  // the garbage collector's share of BrokerCPU
-	ClientCPU    float64 `json:"client_cpu_us_per_conn"` // the load generator, during the storm
-	Failed       int     `json:"connect_failures"`       // over all rounds
+	BrokerCPU    float64 `json:"broker_cpu_us_per_conn"`      // during the storm
+	BrokerGC     float64 `json:"broker_gc_us_per_conn"`       // the garbage collector's share of BrokerCPU
+	BrokerFaults float64 `json:"broker_page_faults_per_conn"` // minor page faults of the broker during the storm
+	ClientCPU    float64 `json:"client_cpu_us_per_conn"`      // the load generator, during the storm
+	Failed       int     `json:"connect_failures"`            // over all rounds
 	// Fleet mode: medians of the claim latencies (ms) and of the NATS
 	// cluster's CPU per connect (µs).
 	ClaimSeqP50   float64 `json:"claim_sequential_p50_ms,omitempty"`
@@ -183,6 +187,9 @@ type Machine struct {
 	MemGiB    float64 `json:"mem_gib"`
 	Kernel    string  `json:"kernel"`
 	GoVersion string  `json:"go"`
+	// PageFaultUs is what a first touch of a 4 KiB page of fresh memory
+	// (a minor fault) costs here, in microseconds (pageFaultCost).
+	PageFaultUs float64 `json:"page_fault_us"`
 }
 
 func machine() Machine {
@@ -203,6 +210,7 @@ func machine() Machine {
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = "Linux " + strings.TrimSpace(string(data))
 	}
+	m.PageFaultUs = pageFaultCost()
 	return m
 }
 
@@ -653,6 +661,7 @@ func runScenario(ctx context.Context, sc Scenario, round int, s SuiteSettings, d
 		}
 		rr.BrokerCPUPerConn = float64(cpu1.CPUNs-cpu0.CPUNs) / 1e3 / float64(n)
 		rr.BrokerGCPerConn = float64(cpu1.GCNs-cpu0.GCNs) / 1e3 / float64(n)
+		rr.BrokerFaultsPerConn = float64(cpu1.MinFlt-cpu0.MinFlt) / float64(n)
 		rr.StormGCs = cpu1.NumGC - cpu0.NumGC
 		if sc.Fleet {
 			rr.ClaimsSequential, rr.ClaimsStorm = &claimsSeq, &claimsStorm
@@ -712,7 +721,7 @@ func checkLogins(kind string, c ConnectResult, logins map[string]float64) error 
 func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 	var out []Summary
 	for _, sc := range scs {
-		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, bgc, ccpu []float64
+		var cps, p50, p95, p99, rtt, mps, e50, e95, e99, heap, stack, bcpu, bgc, bflt, ccpu []float64
 		var cs50, cs99, cm50, cm99, ncpu []float64
 		sm := Summary{Scenario: sc.Name}
 		for _, r := range rounds {
@@ -725,7 +734,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 			rtt = append(rtt, l.RTT.P50)
 			heap, stack = append(heap, r.HeapPerCon), append(stack, r.StackPerCn)
 			bcpu, ccpu = append(bcpu, r.BrokerCPUPerConn), append(ccpu, l.Connect.ClientCPUPerConn)
-			bgc = append(bgc, r.BrokerGCPerConn)
+			bgc, bflt = append(bgc, r.BrokerGCPerConn), append(bflt, r.BrokerFaultsPerConn)
 			sm.Failed += l.Connect.Failed
 			if r.ClaimsStorm != nil {
 				cs50, cs99 = append(cs50, r.ClaimsSequential.P50), append(cs99, r.ClaimsSequential.P99)
@@ -741,6 +750,7 @@ func summarizeRounds(rounds []RoundResult, scs []Scenario) []Summary {
 		sm.RTTP50, sm.MsgsPerS, sm.E2EP50, sm.E2EP95, sm.E2EP99 = stats.Median(rtt), stats.Median(mps), stats.Median(e50), stats.Median(e95), stats.Median(e99)
 		sm.HeapPerConn, sm.StackPerConn = stats.Median(heap), stats.Median(stack)
 		sm.BrokerCPU, sm.BrokerGC, sm.ClientCPU = stats.Median(bcpu), stats.Median(bgc), stats.Median(ccpu)
+		sm.BrokerFaults = stats.Median(bflt)
 		if len(ncpu) > 0 {
 			sm.ClaimSeqP50, sm.ClaimSeqP99 = stats.Median(cs50), stats.Median(cs99)
 			sm.ClaimStormP50, sm.ClaimStormP99 = stats.Median(cm50), stats.Median(cm99)
