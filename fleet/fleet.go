@@ -121,7 +121,10 @@ func Open(ctx context.Context, o Options) (*Fleet, error) {
 	}
 	f.avail.Store(true)
 	f.m.available.Set(1)
-	if err := f.beat(ctx); err != nil {
+	// The buckets were created at once: the stream of one may not have
+	// its subjects' interest on every node yet (no responders), for a
+	// moment.
+	if err := retry(ctx, f.beat); err != nil {
 		f.nc.Close()
 		f.cancel()
 		return nil, fmt.Errorf("fleet: first heartbeat: %w", err)
