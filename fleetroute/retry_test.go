@@ -23,7 +23,7 @@ func TestRetryAttempts(t *testing.T) {
 	}{
 		{"createRetry to 1 s", func(ctx context.Context, fn func(ctx context.Context) error) error {
 			return createRetry(ctx, time.Second, fn)
-		}, 3, firstCreateAttempt, time.Second},
+		}, 2, 250 * time.Millisecond, time.Second},
 		{"retry 300 ms", func(ctx context.Context, fn func(ctx context.Context) error) error {
 			return retry(ctx, 300*time.Millisecond, fn)
 		}, 2, 300 * time.Millisecond, 300 * time.Millisecond},
