@@ -200,13 +200,11 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 		// Downlinks reach the terminal's broker through the fleet's
 		// stream, and wait there while it is offline: the hook says when
 		// a terminal's session is ready for them (it exists below).
-		b.downlinks, err = fleetroute.NewDownlinks(ctx, fleetroute.DownlinkOptions{
-			Fleet: b.fleet, Server: b.server, Ready: func(sn string) bool { return b.hook.DownlinkReady(sn) },
-			Queue: cfg.Cluster.DownlinkQueue, MaxAge: cfg.MQTT.SessionExpiry, AppendTimeout: cfg.Cluster.ClaimTimeout + time.Second,
-			Logger: logger.With("component", "fleet"), Registerer: b.registry,
-		})
-		if err != nil {
-			return nil, fmt.Errorf("fleet: %w", err)
+		// Uplinks go through streams of their own; their hook is added
+		// below, after the session store's. Both create their streams
+		// at once.
+		if err := b.routeFleet(ctx, logger.With("component", "fleet")); err != nil {
+			return nil, err
 		}
 		hopts.OnDownlinkReady, hopts.OnDownlinksDiscarded = b.downlinks.Wake, b.downlinks.Requeue
 	} else {
@@ -289,15 +287,7 @@ func Start(ctx context.Context, cfg *Config, logger *slog.Logger) (_ *Broker, er
 	}
 	// Uplinks fleet-wide, after both: it forwards what the hook opened and
 	// let through, never a packet the hook dropped.
-	if b.fleet != nil {
-		u := cfg.Cluster.Uplinks
-		b.uplinks, err = fleetroute.NewUplinks(ctx, fleetroute.UplinkOptions{Fleet: b.fleet, Server: b.server,
-			MaxAge: u.MaxAge, MaxBytes: int64(u.MaxBytes), RetainedMaxBytes: int64(u.RetainedMaxBytes),
-			AckTimeout: u.AckTimeout, MaxAckPending: u.MaxAckPending,
-			Logger: logger.With("component", "fleet"), Registerer: b.registry})
-		if err != nil {
-			return nil, fmt.Errorf("fleet: %w", err)
-		}
+	if b.uplinks != nil {
 		if err := b.server.AddHook(b.uplinks, nil); err != nil {
 			return nil, err
 		}

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/m2mguard/m2mguard/fleet"
 	"github.com/m2mguard/m2mguard/fleetlink"
+	"github.com/m2mguard/m2mguard/fleetroute"
 )
 
 // joinFleet starts the embedded NATS node (cluster.embedded_nats), opens
@@ -65,6 +68,35 @@ func (b *Broker) joinFleet(ctx context.Context) error {
 		return fmt.Errorf("fleet: %w", err)
 	}
 	log.Info("fleet joined", "broker_id", cl.BrokerID, "replicas", f.Replicas(), "embedded_nats", cl.EmbeddedNATS)
+	return nil
+}
+
+// routeFleet creates the fleet's downlink and uplink routing
+// (b.downlinks, b.uplinks) at once: each waits for JetStream to create
+// its streams, on a fresh cluster a Raft election each. The server must
+// exist; the hooks are added by the caller, in its order.
+func (b *Broker) routeFleet(ctx context.Context, log *slog.Logger) error {
+	cfg := b.cfg
+	var derr, uerr error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		b.downlinks, derr = fleetroute.NewDownlinks(ctx, fleetroute.DownlinkOptions{
+			Fleet: b.fleet, Server: b.server, Ready: func(sn string) bool { return b.hook.DownlinkReady(sn) },
+			Queue: cfg.Cluster.DownlinkQueue, MaxAge: cfg.MQTT.SessionExpiry, AppendTimeout: cfg.Cluster.ClaimTimeout + time.Second,
+			Logger: log, Registerer: b.registry,
+		})
+	})
+	wg.Go(func() {
+		u := cfg.Cluster.Uplinks
+		b.uplinks, uerr = fleetroute.NewUplinks(ctx, fleetroute.UplinkOptions{Fleet: b.fleet, Server: b.server,
+			MaxAge: u.MaxAge, MaxBytes: int64(u.MaxBytes), RetainedMaxBytes: int64(u.RetainedMaxBytes),
+			AckTimeout: u.AckTimeout, MaxAckPending: u.MaxAckPending,
+			Logger: log, Registerer: b.registry})
+	})
+	wg.Wait()
+	if err := errors.Join(derr, uerr); err != nil {
+		return fmt.Errorf("fleet: %w", err)
+	}
 	return nil
 }
 

@@ -57,6 +57,18 @@ type cluster struct {
 // change each node's options.
 func newCluster(t testing.TB, n int, mod func(i int, o *NodeOptions)) *cluster {
 	t.Helper()
+	c := defineCluster(t, n, mod)
+	for i := range n {
+		c.start(i)
+	}
+	c.waitReady()
+	return c
+}
+
+// defineCluster is newCluster without starting a node: the test starts
+// them (start) and waits for them (waitReady).
+func defineCluster(t testing.TB, n int, mod func(i int, o *NodeOptions)) *cluster {
+	t.Helper()
 	ports := freeport.Ports(t, 2*n)
 	c := &cluster{t: t, opts: make([]NodeOptions, n), nodes: make([]*Node, n)}
 	var routes []string
@@ -89,10 +101,6 @@ func newCluster(t testing.TB, n int, mod func(i int, o *NodeOptions)) *cluster {
 		c.opts[i] = o
 	}
 	t.Cleanup(c.shutdown)
-	for i := range n {
-		c.start(i)
-	}
-	c.waitReady()
 	return c
 }
 

@@ -53,6 +53,19 @@
 // subjects is trusted as a broker: give the brokers' NATS user the
 // m2mguard.> and $KV/$JS subjects and nobody else.
 //
+// # Starting together
+//
+// The brokers of a new fleet start together and each creates the same
+// buckets and stream. JetStream answers nothing to a request it cannot
+// serve yet: any before its meta leader is elected, and an update of a
+// stream whose Raft group is still electing its first leader (another
+// broker's create came first). So Open asks every 250 ms whether
+// JetStream answers, then creates every asset at once, each with a first
+// attempt of 250 ms and longer ones after (up to 2 s, for a slow link):
+// a broker is up a moment after the cluster can serve it, not after a
+// whole attempt per unanswered request. KeyValue, and package
+// fleetroute's streams, do the same.
+//
 // # When NATS is unreachable or has no leader
 //
 // Claims fail closed. Claim retries for up to ClaimTimeout (2 s, longer

@@ -64,9 +64,10 @@ type Fleet struct {
 }
 
 // Open connects to NATS and creates (or binds) the fleet's buckets and
-// stream. It retries until ctx ends while the cluster has no JetStream
-// leader yet (brokers and embedded nodes starting together); an error
-// wrapping ErrConfig means options that cannot work.
+// stream. It waits until ctx ends while the cluster has no JetStream
+// leader yet (brokers and embedded nodes starting together: an error
+// wrapping ErrNotReady), asking every 250 ms, then creates every asset at
+// once; an error wrapping ErrConfig means options that cannot work.
 func Open(ctx context.Context, o Options) (*Fleet, error) {
 	o, err := o.withDefaults()
 	if err != nil {
@@ -121,7 +122,10 @@ func Open(ctx context.Context, o Options) (*Fleet, error) {
 	}
 	f.avail.Store(true)
 	f.m.available.Set(1)
-	if err := f.beat(ctx); err != nil {
+	// The buckets were created at once: the stream of one may not have
+	// its subjects' interest on every node yet (no responders), for a
+	// moment.
+	if err := retry(ctx, f.beat); err != nil {
 		f.nc.Close()
 		f.cancel()
 		return nil, fmt.Errorf("fleet: first heartbeat: %w", err)
@@ -162,10 +166,16 @@ func (f *Fleet) Conn() *nats.Conn { return f.nc }
 // KeyValue creates (or binds) a KV bucket of the integration's own, with
 // the fleet's replicas and file storage, history 1 and values of at most 4
 // KiB; ttl 0 keeps keys until they are deleted. It retries through a
-// leader election until ctx ends (5 s without a deadline).
+// leader election until ctx ends (5 s without a deadline), with attempts
+// that start short (as Open's: see createAsset).
 func (f *Fleet) KeyValue(ctx context.Context, name, description string, ttl time.Duration) (jetstream.KeyValue, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, opTimeout)
+		defer cancel()
+	}
 	var kv jetstream.KeyValue
-	err := retry(ctx, func(ctx context.Context) (err error) {
+	err := createAsset(ctx, transient, func(ctx context.Context) (err error) {
 		kv, err = f.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket: name, Description: description, History: 1, TTL: ttl,
 			Storage: jetstream.FileStorage, Replicas: f.replicas, MaxValueSize: 4096,
@@ -203,10 +213,19 @@ func (f *Fleet) setAvailable(ok bool, reason string) {
 // until ctx ends while JetStream has no leader or cannot place the
 // replicas yet (a cluster whose nodes are still starting). With Replicas
 // 0 it asks for 3, or 1 from a server that is not clustered.
+//
+// It first waits until JetStream answers (waitJetStream), then creates
+// the assets at once, each with attempts that start short (createAsset):
+// JetStream answers nothing to a request it cannot serve yet, and a start
+// that waited out a long attempt for each silence took seconds more than
+// the cluster needed.
 func (f *Fleet) createAssets(ctx context.Context) error {
 	replicas := f.opts.Replicas
 	if replicas == 0 {
 		replicas = 3
+	}
+	if err := f.waitJetStream(ctx); err != nil {
+		return fmt.Errorf("fleet: create jetstream assets with %d replicas: %w", replicas, err)
 	}
 	for {
 		err := f.createAssetsWith(ctx, replicas)
@@ -218,11 +237,7 @@ func (f *Fleet) createAssets(ctx context.Context) error {
 			replicas = 1 // a single server without a cluster
 			continue
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("fleet: create jetstream assets with %d replicas: %w (%w)", replicas, err, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
+		return fmt.Errorf("fleet: create jetstream assets with %d replicas: %w (%w)", replicas, err, ctx.Err())
 	}
 }
 
@@ -239,50 +254,154 @@ func apiCode(err error) jetstream.ErrorCode {
 	return 0
 }
 
-// createAssetsWith creates or updates every asset, each request bounded
-// by assetTimeout: when brokers start together, JetStream may drop the
-// answer to one of several identical creates, and a short attempt gets
-// it (or "exists, updated") at the next.
+// createAssetsWith creates or updates every asset, all at once, each
+// through createAsset. It returns when all are done, or with the first
+// error (the others are stopped): ctx's end, or replicas that a server
+// without a cluster does not support.
 func (f *Fleet) createAssetsWith(ctx context.Context, replicas int) error {
-	var err error
-	kv := func(name, desc string, maxAge time.Duration) jetstream.KeyValue {
-		if err != nil {
-			return nil
-		}
-		cctx, cancel := context.WithTimeout(ctx, assetTimeout)
-		defer cancel()
-		var b jetstream.KeyValue
-		b, err = f.js.CreateOrUpdateKeyValue(cctx, jetstream.KeyValueConfig{
-			Bucket: name, Description: desc, History: 1, TTL: maxAge,
-			Storage: jetstream.FileStorage, Replicas: replicas, MaxValueSize: 4096,
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	kvs := []struct {
+		cfg jetstream.KeyValueConfig
+		to  *jetstream.KeyValue
+	}{
+		{jetstream.KeyValueConfig{Bucket: ReplayBucket, Description: "m2mguard replay claims", TTL: f.claimTTL()}, &f.replay},
+		{jetstream.KeyValueConfig{Bucket: SessionBucket, Description: "m2mguard session directory"}, &f.sessions},
+		{jetstream.KeyValueConfig{Bucket: BrokerBucket, Description: "m2mguard broker liveness", TTL: 3 * f.opts.Heartbeat}, &f.brokers},
+		{jetstream.KeyValueConfig{Bucket: LeaseBucket, Description: "m2mguard leases"}, &f.leases},
+	}
+	errs := make(chan error, len(kvs)+1)
+	var wg sync.WaitGroup
+	for _, kv := range kvs {
+		kv.cfg.History, kv.cfg.Storage, kv.cfg.Replicas, kv.cfg.MaxValueSize = 1, jetstream.FileStorage, replicas, 4096
+		wg.Go(func() {
+			err := createAsset(ctx, placeable, func(ctx context.Context) (err error) {
+				*kv.to, err = f.js.CreateOrUpdateKeyValue(ctx, kv.cfg)
+				return err
+			})
+			if err != nil {
+				err = fmt.Errorf("fleet: bucket %s: %w", kv.cfg.Bucket, err)
+			}
+			errs <- err
+		})
+	}
+	wg.Go(func() {
+		err := createAsset(ctx, placeable, func(ctx context.Context) error {
+			_, err := f.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+				Name: EventStream, Description: "m2mguard events between brokers", Subjects: []string{EventSubjects},
+				Storage: jetstream.FileStorage, Replicas: replicas, MaxAge: EventMaxAge,
+				MaxMsgSize: maxEventSize, Discard: jetstream.DiscardOld, Duplicates: time.Minute,
+			})
+			return err
 		})
 		if err != nil {
-			err = fmt.Errorf("fleet: bucket %s: %w", name, err)
+			err = fmt.Errorf("fleet: stream %s: %w", EventStream, err)
 		}
-		return b
-	}
-	f.replay = kv(ReplayBucket, "m2mguard replay claims", f.claimTTL())
-	f.sessions = kv(SessionBucket, "m2mguard session directory", 0)
-	f.brokers = kv(BrokerBucket, "m2mguard broker liveness", 3*f.opts.Heartbeat)
-	f.leases = kv(LeaseBucket, "m2mguard leases", 0)
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, assetTimeout)
-	defer cancel()
-	_, err = f.js.CreateOrUpdateStream(cctx, jetstream.StreamConfig{
-		Name: EventStream, Description: "m2mguard events between brokers", Subjects: []string{EventSubjects},
-		Storage: jetstream.FileStorage, Replicas: replicas, MaxAge: EventMaxAge,
-		MaxMsgSize: maxEventSize, Discard: jetstream.DiscardOld, Duplicates: time.Minute,
+		errs <- err
 	})
-	if err != nil {
-		return fmt.Errorf("fleet: stream %s: %w", EventStream, err)
+	var first error
+	for range len(kvs) + 1 {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+			cancel() // the others end too: the caller retries or gives up
+		}
 	}
-	return nil
+	wg.Wait()
+	return first
 }
 
-// assetTimeout bounds one request that creates or updates an asset.
-const assetTimeout = 2 * time.Second
+// createAsset runs create (a create or update of a bucket or stream)
+// until it succeeds, fails with an error that retryable refuses, or ctx
+// ends.
+//
+// Its first attempt waits firstAssetAttempt for the answer, each next one
+// twice as long up to assetTimeout. JetStream answers an update of a
+// stream only from the stream's leader: while brokers start together, the
+// update that follows another broker's create of the same asset (Create
+// OrUpdate is an update first) reaches a Raft group still electing its
+// first leader, and is never answered. Its retry, sent a moment later, is
+// (in milliseconds); a slow link still gets the longer attempts.
+func createAsset(ctx context.Context, retryable func(error) bool, create func(ctx context.Context) error) error {
+	attempt, pause := firstAssetAttempt, 20*time.Millisecond
+	for {
+		actx, cancel := context.WithTimeout(ctx, attempt)
+		err := create(actx)
+		waited := actx.Err() != nil // the attempt's time ran out
+		cancel()
+		if err == nil || !retryable(err) || ctx.Err() != nil {
+			return err
+		}
+		if waited {
+			attempt = min(2*attempt, assetTimeout) // it waited: no pause
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 250*time.Millisecond)
+	}
+}
+
+// placeable reports an error that Open retries at an asset: any but
+// replicas that a server without a cluster refuses (a cluster whose nodes
+// are still starting cannot place the replicas yet, and says so).
+func placeable(err error) bool { return apiCode(err) != codeReplicasNotSupported }
+
+// waitJetStream waits until JetStream answers an account info request,
+// or ctx ends (an error wrapping ErrNotReady). In a cluster only the meta leader answers it, and a
+// request sent while there is none (nodes starting together, an election)
+// gets no answer at all: a new request goes out every firstAssetAttempt,
+// without dropping those in flight (each waits up to assetTimeout), so
+// the wait ends within a moment of the leader's election, and over a
+// slow link too.
+func (f *Fleet) waitJetStream(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // before wg.Wait: the requests in flight end
+	answers := make(chan error)
+	ask := func() {
+		wg.Go(func() {
+			actx, acancel := context.WithTimeout(ctx, assetTimeout)
+			defer acancel()
+			_, err := f.js.AccountInfo(actx)
+			select {
+			case answers <- err:
+			case <-ctx.Done():
+			}
+		})
+	}
+	t := time.NewTicker(firstAssetAttempt)
+	defer t.Stop()
+	ask()
+	var last error
+	for {
+		select {
+		case err := <-answers:
+			if err == nil {
+				return nil
+			}
+			last = err
+		case <-t.C:
+			ask()
+		case <-ctx.Done():
+			if last == nil {
+				return fmt.Errorf("%w: %w", ErrNotReady, ctx.Err())
+			}
+			return fmt.Errorf("%w: %w (%w)", ErrNotReady, last, ctx.Err())
+		}
+	}
+}
+
+// assetTimeout bounds one request that creates or updates an asset, or
+// asks whether JetStream answers; firstAssetAttempt is the first attempt
+// at an asset, and how often waitJetStream asks.
+const (
+	assetTimeout      = 2 * time.Second
+	firstAssetAttempt = 250 * time.Millisecond
+)
 
 // goRun runs fn in a goroutine that Close waits for; fn must return when
 // f.ctx ends.

@@ -252,7 +252,8 @@ func (n *Node) IsStreamLeader(stream string) bool {
 	return n.srv.JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream)
 }
 
-// ErrNotReady is returned by WaitJetStream when the context ends first.
+// ErrNotReady is returned by WaitJetStream, and wrapped by Open's error,
+// when the context ends before JetStream answers.
 var ErrNotReady = errors.New("fleet: jetstream not ready")
 
 // WaitJetStream waits until JetStreamReady, polling, or ctx ends.

@@ -224,7 +224,7 @@ func NewDownlinks(ctx context.Context, o DownlinkOptions) (*Downlinks, error) {
 		// but for JetStream's own in a cluster's race (see Downlinks).
 		Discard: jetstream.DiscardNew, DiscardNewPerSubject: true,
 	}
-	err = retry(ctx, time.Second, func(ctx context.Context) (err error) {
+	err = createRetry(ctx, time.Second, func(ctx context.Context) (err error) {
 		d.stream, err = d.js.CreateOrUpdateStream(ctx, cfg)
 		return err
 	})

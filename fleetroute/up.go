@@ -149,7 +149,8 @@ func NewUplinks(ctx context.Context, o UplinkOptions) (*Uplinks, error) {
 	return u, nil
 }
 
-// createAssets creates or updates both streams and the consumer.
+// createAssets creates or updates both streams, at once, then the
+// consumer.
 func (u *Uplinks) createAssets(ctx context.Context) error {
 	replicas := max(u.opts.Fleet.Replicas(), 1)
 	dup := min(max(2*u.opts.AckTimeout, 10*time.Second), u.opts.MaxAge)
@@ -162,14 +163,22 @@ func (u *Uplinks) createAssets(ctx context.Context) error {
 		Retention: jetstream.LimitsPolicy, Storage: jetstream.FileStorage, Replicas: replicas,
 		MaxMsgsPerSubject: 1, MaxBytes: u.opts.RetainedMaxBytes, Discard: jetstream.DiscardOld, Duplicates: dup,
 	}}
-	for _, sc := range streams {
-		err := upRetry(ctx, func(ctx context.Context) error {
-			_, err := u.js.CreateOrUpdateStream(ctx, sc)
-			return err
+	errs := make([]error, len(streams))
+	var wg sync.WaitGroup
+	for i, sc := range streams {
+		wg.Go(func() {
+			err := upCreate(ctx, func(ctx context.Context) error {
+				_, err := u.js.CreateOrUpdateStream(ctx, sc)
+				return err
+			})
+			if err != nil {
+				errs[i] = fmt.Errorf("fleetroute: stream %s: %w", sc.Name, err)
+			}
 		})
-		if err != nil {
-			return fmt.Errorf("fleetroute: stream %s: %w", sc.Name, err)
-		}
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
 	cc := jetstream.ConsumerConfig{
 		Durable: uplinkConsumer + u.id, Description: "m2mguard uplinks for broker " + u.id,
@@ -177,7 +186,7 @@ func (u *Uplinks) createAssets(ctx context.Context) error {
 		AckWait: upAckWait, MaxAckPending: u.opts.MaxAckPending, InactiveThreshold: u.opts.MaxAge,
 		FilterSubject: UplinkPrefix + ">",
 	}
-	err := upRetry(ctx, func(ctx context.Context) (err error) {
+	err := upCreate(ctx, func(ctx context.Context) (err error) {
 		u.cons, err = u.js.CreateOrUpdateConsumer(ctx, UplinkStream, cc)
 		return err
 	})
@@ -185,6 +194,17 @@ func (u *Uplinks) createAssets(ctx context.Context) error {
 		return fmt.Errorf("fleetroute: consumer %s: %w", cc.Durable, err)
 	}
 	return nil
+}
+
+// upCreate is createRetry with attempts of at most 2 s, and 5 s in all if
+// ctx has no deadline.
+func upCreate(ctx context.Context, fn func(ctx context.Context) error) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+	}
+	return createRetry(ctx, 2*time.Second, fn)
 }
 
 // upRetry is retry with attempts of at most 2 s, and 5 s in all if ctx
