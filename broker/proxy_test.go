@@ -203,8 +203,12 @@ func TestProxyProtocolPerAddrLimit(t *testing.T) {
 	for i := range 2 {
 		dialFrom(t, "127.0.0.1", addr, proxyV2(t, fmt.Sprintf("127.0.0.2:%d", 43000+i), addr))
 	}
+	// Open, and counted against 127.0.0.2: the guard counts a proxied
+	// connection against its client's address once it has read its
+	// header, after the accept that connections_open counts.
 	testwait.For(t, 10*time.Second, "two connections of 127.0.0.2 open", func() bool {
-		return metricValue(t, b, "m2mguard_connections_open", "") == 2
+		return metricValue(t, b, "m2mguard_connections_open", "") == 2 &&
+			metricValue(t, b, "m2mguard_connections_proxied_total", "") == 2
 	})
 	if c := dialFrom(t, "127.0.0.1", addr, proxyV2(t, "127.0.0.2:43002", addr)); !refusedAtOnce(c) {
 		t.Fatal("a third connection of 127.0.0.2 through the proxy was kept (limit 2 per address)")

@@ -137,6 +137,11 @@ func TestFleetUplinks(t *testing.T) {
 	f := startFleet(t, v, 3, func(i int, cfg *broker.Config) {
 		mode(i, cfg)
 		cfg.MQTT.TCP = fmt.Sprintf("127.0.0.1:%d", mqttPorts[i])
+		// B's application receives the whole fleet's uplinks: sized as
+		// README says, so that an application slowed down by a loaded
+		// machine is not dropped from (mochi drops what exceeds a
+		// client's outbound queue; the default 256 did under load).
+		cfg.MQTT.MaxWritesPending = 16384
 	})
 	A, B, C := f.members[0], f.members[1], f.members[2]
 
