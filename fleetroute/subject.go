@@ -76,6 +76,11 @@ func SubjectTopic(prefix, subject string) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("%w: token: %w", ErrSubject, err)
 		}
+		// A token stands for one level: an escaped "/" in it would
+		// make two, whose subject is another one.
+		if level == "" || strings.Contains(level, "/") {
+			return "", fmt.Errorf("%w: token %q is not one topic level", ErrSubject, tok)
+		}
 		b.WriteString(level)
 	}
 	return b.String(), nil

@@ -41,6 +41,7 @@ func TestSubjectTopicRefuses(t *testing.T) {
 		"m2mguard.up.__",     // '_' alone is an empty level, '__' nothing
 		"m2mguard.up.a.*",    // a wildcard token
 		"m2mguard.up.a_2e",   // lower-case hex
+		"m2mguard.up.0_2F",   // an escaped '/': two levels in one token (found by FuzzSubjectTopic)
 		"m2mguard.up." + strings.Repeat("a.", MaxSubject/2), // too long
 	} {
 		if topic, err := SubjectTopic(UplinkPrefix, s); !errors.Is(err, ErrSubject) {
