@@ -16,8 +16,6 @@ import (
 
 	"github.com/m2mguard/m2mguard/internal/stats"
 	"github.com/m2mguard/m2mguard/keysvc"
-	"github.com/m2mguard/m2mguard/keysvc/boltstore"
-	"github.com/m2mguard/m2mguard/keysvc/vaultstore"
 )
 
 // The reconnect storm: an idle fleet, the broker restarted, everyone
@@ -366,43 +364,13 @@ func runStorm(ctx context.Context, res *StormResult, idle, deadline time.Duratio
 	for _, m := range s.Modes {
 		need[m.Store] = true
 	}
-	env := []string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}
-	boltPath := filepath.Join(dir, "m2mguard.db")
-	if need["bolt"] {
-		key := make([]byte, boltstore.MasterKeySize)
-		rand.Read(key)
-		env = append(env, boltstore.EnvMasterKey+"="+base64.StdEncoding.EncodeToString(key))
-		logf("importing %d terminals into the embedded store", s.N)
-		st, err := boltstore.Open(boltPath, boltstore.Options{MasterKey: key})
-		if err != nil {
-			return err
-		}
-		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
-		st.Close()
-		if err != nil {
-			return err
-		}
+	stores, err := provisionStores(ctx, dir, csvBuf.Bytes(), s.N, appPassword, need["bolt"], need["vault"])
+	if err != nil {
+		return err
 	}
-	var vaultAddr string
-	if need["vault"] {
-		v, err := startVault(ctx, dir)
-		if err != nil {
-			return fmt.Errorf("vault mode: %w", err)
-		}
-		defer v.Stop()
-		vaultAddr = v.Addr
-		env = append(env, "VAULT_TOKEN="+v.Token)
-		logf("importing %d terminals into Vault at %s", s.N, v.Addr)
-		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, Token: v.Token})
-		if err != nil {
-			return err
-		}
-		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
-		st.Close()
-		if err != nil {
-			return err
-		}
-	}
+	defer stores.stop()
+	env := append([]string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}, stores.env...)
+	boltPath, vaultAddr := stores.boltPath, stores.vaultAddr
 	sp := stormPlan{s: s, env: env, csvPath: csvPath, boltPath: boltPath, vaultAddr: vaultAddr, idle: idle, deadline: deadline}
 	for r := range s.Rounds {
 		n := len(s.Modes)

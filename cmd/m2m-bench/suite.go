@@ -339,43 +339,13 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 	for _, sc := range s.Scenarios {
 		need[sc.Store] = true
 	}
-	env := []string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}
-	boltPath := filepath.Join(dir, "m2mguard.db")
-	if need["bolt"] {
-		key := make([]byte, boltstore.MasterKeySize)
-		rand.Read(key)
-		env = append(env, boltstore.EnvMasterKey+"="+base64.StdEncoding.EncodeToString(key))
-		logf("importing %d terminals into the embedded store", s.N)
-		st, err := boltstore.Open(boltPath, boltstore.Options{MasterKey: key})
-		if err != nil {
-			return err
-		}
-		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
-		st.Close()
-		if err != nil {
-			return err
-		}
+	stores, err := provisionStores(ctx, dir, csvBuf.Bytes(), s.N, appPassword, need["bolt"], need["vault"])
+	if err != nil {
+		return err
 	}
-	var vaultAddr string
-	if need["vault"] {
-		v, err := startVault(ctx, dir)
-		if err != nil {
-			return err
-		}
-		defer v.Stop()
-		vaultAddr = v.Addr
-		env = append(env, "VAULT_TOKEN="+v.Token)
-		logf("importing %d terminals into Vault at %s", s.N, v.Addr)
-		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, Token: v.Token})
-		if err != nil {
-			return err
-		}
-		err = provision(ctx, st, csvBuf.Bytes(), appPassword)
-		st.Close()
-		if err != nil {
-			return err
-		}
-	}
+	defer stores.stop()
+	env := append([]string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}, stores.env...)
+	boltPath, vaultAddr := stores.boltPath, stores.vaultAddr
 
 	var nats *natsChild
 	for _, sc := range s.Scenarios {
@@ -427,6 +397,57 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 // provision imports the terminals and adds the application subscriber.
 func provision(ctx context.Context, st keysvc.Store, csv []byte, appPassword string) error {
 	return provisionApp(ctx, st, csv, appName, appPassword, false)
+}
+
+// benchStores are the stores provisionStores set up for a run's brokers.
+type benchStores struct {
+	env       []string // what a broker child needs to open them (master key, Vault token)
+	boltPath  string   // the embedded store's file
+	vaultAddr string   // the dev Vault's address, "" if none
+	stop      func()   // stops the dev Vault, if any
+}
+
+// provisionStores imports csv (n terminals) and the application
+// subscriber (appPassword) into the stores a run needs: an embedded store
+// in dir (bolt) and a dev Vault it starts (vault).
+func provisionStores(ctx context.Context, dir string, csv []byte, n int, appPassword string, bolt, vault bool) (*benchStores, error) {
+	bs := &benchStores{boltPath: filepath.Join(dir, "m2mguard.db"), stop: func() {}}
+	if bolt {
+		key := make([]byte, boltstore.MasterKeySize)
+		rand.Read(key)
+		bs.env = append(bs.env, boltstore.EnvMasterKey+"="+base64.StdEncoding.EncodeToString(key))
+		logf("importing %d terminals into the embedded store", n)
+		st, err := boltstore.Open(bs.boltPath, boltstore.Options{MasterKey: key})
+		if err != nil {
+			return nil, err
+		}
+		err = provision(ctx, st, csv, appPassword)
+		st.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	if vault {
+		v, err := startVault(ctx, dir)
+		if err != nil {
+			return nil, fmt.Errorf("vault: %w", err)
+		}
+		bs.stop, bs.vaultAddr = v.Stop, v.Addr
+		bs.env = append(bs.env, "VAULT_TOKEN="+v.Token)
+		logf("importing %d terminals into Vault at %s", n, v.Addr)
+		st, err := vaultstore.Open(ctx, vaultstore.Options{Address: v.Addr, Token: v.Token})
+		if err != nil {
+			v.Stop()
+			return nil, err
+		}
+		err = provision(ctx, st, csv, appPassword)
+		st.Close()
+		if err != nil {
+			v.Stop()
+			return nil, err
+		}
+	}
+	return bs, nil
 }
 
 // provisionApp imports csv (if any) and adds the application app (if
