@@ -15,7 +15,6 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/m2mguard/m2mguard/client"
 	"github.com/m2mguard/m2mguard/fleet"
@@ -58,26 +57,7 @@ func startGuardBroker(t *testing.T, node *fleet.Node, id string, svc *keysvc.Ser
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, h := range []mqtt.Hook{b.hook, b.d} {
-		if err := b.srv.AddHook(h, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.addr = ln.Addr().String()
-	if err := b.srv.AddListener(listeners.NewNet(id, ln)); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.srv.Serve(); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.d.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.srv.Close() })
+	b.addr = serveDownlinks(t, b.srv, id, b.d, b.hook)
 	return b
 }
 

@@ -68,8 +68,17 @@ func startDownBroker(t *testing.T, node *fleet.Node, id string, tune func(*fleet
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, h := range []mqtt.Hook{new(auth.AllowHook), &readyHook{b: b}, b.d} {
-		if err := b.srv.AddHook(h, nil); err != nil {
+	b.addr = serveDownlinks(t, b.srv, id, b.d, new(auth.AllowHook), &readyHook{b: b})
+	return b
+}
+
+// serveDownlinks adds hooks and then d to srv, serves it on a loopback
+// listener named id, starts d and returns the listener's address. The
+// test's end closes srv, which stops the hooks (Downlinks.Stop).
+func serveDownlinks(t *testing.T, srv *mqtt.Server, id string, d *fleetroute.Downlinks, hooks ...mqtt.Hook) string {
+	t.Helper()
+	for _, h := range append(hooks, d) {
+		if err := srv.AddHook(h, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -77,18 +86,17 @@ func startDownBroker(t *testing.T, node *fleet.Node, id string, tune func(*fleet
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.addr = ln.Addr().String()
-	if err := b.srv.AddListener(listeners.NewNet(id, ln)); err != nil {
+	if err := srv.AddListener(listeners.NewNet(id, ln)); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.srv.Serve(); err != nil {
+	if err := srv.Serve(); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.d.Start(); err != nil {
+	if err := d.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { b.srv.Close() }) // stops the hooks: Downlinks.Stop
-	return b
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
 }
 
 // ready: the terminal sn is connected here and subscribed.
