@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +21,7 @@ import (
 	"github.com/m2mguard/m2mguard/codec"
 	"github.com/m2mguard/m2mguard/fleetroute"
 	"github.com/m2mguard/m2mguard/internal/rawmqtt"
+	"github.com/m2mguard/m2mguard/internal/tcptap"
 	"github.com/m2mguard/m2mguard/internal/vaulttest"
 	"github.com/m2mguard/m2mguard/keysvc"
 )
@@ -262,53 +262,11 @@ type sealedPk struct {
 
 func newWireTap(t *testing.T, broker string, tm *keysvc.Terminal) *wireTap {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := &wireTap{addr: ln.Addr().String(), tm: tm, down: map[string][]sealedPk{}}
-	var wg sync.WaitGroup
-	var connsMu sync.Mutex
-	var conns []net.Conn
-	t.Cleanup(func() {
-		ln.Close()
-		connsMu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		connsMu.Unlock()
-		wg.Wait()
+	w := &wireTap{tm: tm, down: map[string][]sealedPk{}}
+	w.addr = tcptap.Start(t, broker, func(dst io.Writer, src io.Reader) {
+		w.read(bufio.NewReader(io.TeeReader(src, dst)))
+		io.Copy(dst, src)
 	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s, err := net.Dial("tcp", broker)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			connsMu.Lock()
-			conns = append(conns, c, s)
-			connsMu.Unlock()
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				io.Copy(s, c)
-				s.Close()
-			}()
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				w.read(bufio.NewReader(io.TeeReader(s, c)))
-				io.Copy(c, s)
-			}()
-		}
-	}()
 	return w
 }
 
