@@ -1,10 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -346,29 +343,19 @@ func runStorm(ctx context.Context, res *StormResult, idle, deadline time.Duratio
 		return err
 	}
 	defer os.RemoveAll(dir)
-	logf("generating %d terminals", s.N)
-	terms := genTerminals(s.N)
-	var csvBuf bytes.Buffer
-	if err := writeTerminals(&csvBuf, terms); err != nil {
-		return err
-	}
-	csvPath := filepath.Join(dir, "terminals.csv")
-	if err := os.WriteFile(csvPath, csvBuf.Bytes(), 0o600); err != nil {
-		return err
-	}
-	appPw := make([]byte, 18)
-	rand.Read(appPw)
-	appPassword := base64.RawURLEncoding.EncodeToString(appPw)
-
 	need := map[string]bool{}
 	for _, m := range s.Modes {
 		need[m.Store] = true
 	}
-	stores, err := provisionStores(ctx, dir, csvBuf.Bytes(), s.N, appPassword, need["bolt"], need["vault"])
+	stores, err := provisionStores(ctx, dir, s.N, need["bolt"], need["vault"])
 	if err != nil {
 		return err
 	}
 	defer stores.stop()
+	csvPath := filepath.Join(dir, "terminals.csv") // the storm-load children's terminals
+	if err := os.WriteFile(csvPath, stores.csv, 0o600); err != nil {
+		return err
+	}
 	env := append([]string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}, stores.env...)
 	boltPath, vaultAddr := stores.boltPath, stores.vaultAddr
 	sp := stormPlan{s: s, env: env, csvPath: csvPath, boltPath: boltPath, vaultAddr: vaultAddr, idle: idle, deadline: deadline}

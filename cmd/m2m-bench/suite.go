@@ -325,27 +325,17 @@ func runSuite(ctx context.Context, res *SuiteResult, dur time.Duration) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	logf("generating %d terminals", s.N)
-	terms := genTerminals(s.N)
-	var csvBuf bytes.Buffer
-	if err := writeTerminals(&csvBuf, terms); err != nil {
-		return err
-	}
-	appPw := make([]byte, 18)
-	rand.Read(appPw)
-	appPassword := base64.RawURLEncoding.EncodeToString(appPw)
-
 	need := map[string]bool{}
 	for _, sc := range s.Scenarios {
 		need[sc.Store] = true
 	}
-	stores, err := provisionStores(ctx, dir, csvBuf.Bytes(), s.N, appPassword, need["bolt"], need["vault"])
+	stores, err := provisionStores(ctx, dir, s.N, need["bolt"], need["vault"])
 	if err != nil {
 		return err
 	}
 	defer stores.stop()
 	env := append([]string{"GOGC=" + s.GOGC, "GOMEMLIMIT=" + s.GOMEMLIMIT}, stores.env...)
-	boltPath, vaultAddr := stores.boltPath, stores.vaultAddr
+	terms, appPassword, boltPath, vaultAddr := stores.terms, stores.appPassword, stores.boltPath, stores.vaultAddr
 
 	var nats *natsChild
 	for _, sc := range s.Scenarios {
@@ -399,19 +389,34 @@ func provision(ctx context.Context, st keysvc.Store, csv []byte, appPassword str
 	return provisionApp(ctx, st, csv, appName, appPassword, false)
 }
 
-// benchStores are the stores provisionStores set up for a run's brokers.
+// benchStores are a run's terminals and the stores provisionStores set up
+// for its brokers.
 type benchStores struct {
-	env       []string // what a broker child needs to open them (master key, Vault token)
-	boltPath  string   // the embedded store's file
-	vaultAddr string   // the dev Vault's address, "" if none
-	stop      func()   // stops the dev Vault, if any
+	terms       []*Terminal
+	csv         []byte   // terms as a terminal import file
+	appPassword string   // the application subscriber's (appName)
+	env         []string // what a broker child needs to open the stores (master key, Vault token)
+	boltPath    string   // the embedded store's file
+	vaultAddr   string   // the dev Vault's address, "" if none
+	stop        func()   // stops the dev Vault, if any
 }
 
-// provisionStores imports csv (n terminals) and the application
-// subscriber (appPassword) into the stores a run needs: an embedded store
-// in dir (bolt) and a dev Vault it starts (vault).
-func provisionStores(ctx context.Context, dir string, csv []byte, n int, appPassword string, bolt, vault bool) (*benchStores, error) {
+// provisionStores generates n terminals and the application subscriber's
+// password and imports both into the stores a run needs: an embedded
+// store in dir (bolt) and a dev Vault it starts (vault).
+func provisionStores(ctx context.Context, dir string, n int, bolt, vault bool) (*benchStores, error) {
 	bs := &benchStores{boltPath: filepath.Join(dir, "m2mguard.db"), stop: func() {}}
+	logf("generating %d terminals", n)
+	bs.terms = genTerminals(n)
+	var csvBuf bytes.Buffer
+	if err := writeTerminals(&csvBuf, bs.terms); err != nil {
+		return nil, err
+	}
+	bs.csv = csvBuf.Bytes()
+	appPw := make([]byte, 18)
+	rand.Read(appPw)
+	bs.appPassword = base64.RawURLEncoding.EncodeToString(appPw)
+	csv, appPassword := bs.csv, bs.appPassword
 	if bolt {
 		key := make([]byte, boltstore.MasterKeySize)
 		rand.Read(key)
